@@ -1,0 +1,49 @@
+# Two commands for a fresh machine:
+#   make run   - set up, build the demo model repository, start the server on it
+#   make test  - set up and run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_REPO ?= demo-models
+HOST ?= 0.0.0.0
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+
+.PHONY: setup run demo test lint typecheck protos check-protos bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	# torch first and pinned: an unpinned resolve could pull a multi-GB CUDA build.
+	$(VENV)/bin/pip install --quiet torch==2.13.0
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+$(DEMO_REPO)/.built: $(VENV)/.installed
+	$(VENV)/bin/taskserve-export demo --out $(DEMO_REPO)
+	touch $@
+
+demo: $(DEMO_REPO)/.built
+
+run: demo
+	$(VENV)/bin/taskserve-server --model-repository $(DEMO_REPO) --host $(HOST) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+test: setup
+	ORT_DISABLE_TELEMETRY=1 $(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+typecheck: setup
+	$(VENV)/bin/mypy --strict clients/__init__.py
+
+protos: setup
+	$(PY) -m taskserve.clients.codegen
+
+check-protos: setup
+	$(PY) -m taskserve.clients.codegen --check
+
+clean:
+	rm -rf $(VENV) $(DEMO_REPO) .pytest_cache .mypy_cache

@@ -1,0 +1,214 @@
+"""The model configuration (``DIR/<model>/config.yaml``) as validated, frozen types.
+
+Normalize, validate, freeze: ``load_model_config`` reads the YAML, pydantic checks
+fields and ranges, ``ModelConfig`` cross-checks fields, and every error message names
+the file, the field and how to fix it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from taskserve.server.errors import ConfigError
+
+Datatype = Literal[
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+    "FP16", "FP32", "FP64", "BYTES",
+]  # fmt: skip
+
+# Tasks the server knows. "tensor" is a model served through the v2 protocol only.
+Task = Literal[
+    "tensor",
+    "text-classification",
+    "token-classification",
+    "sentence-embedding",
+    "question-answering",
+    "fill-mask",
+    "image-classification",
+    "object-detection",
+    "image-segmentation",
+    "image-text-match",
+    "text-generation",
+    "text2text-generation",
+]
+
+Platform = Literal["onnxruntime", "tensorrt"]
+ExecutionProvider = Literal["tensorrt", "cuda", "cpu"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TensorConfig(_Frozen):
+    """One input or output. ``dims`` exclude the batch dimension when max_batch_size > 0."""
+
+    name: str = Field(min_length=1)
+    datatype: Datatype
+    dims: tuple[int, ...]
+    # Inputs: value used to pad variable-length dims when requests are batched.
+    pad_value: float = 0
+    # Inputs: may be left out of a request.
+    optional: bool = False
+    # Outputs: name of the input whose padded axes this output shares; the batcher
+    # slices those axes back to each request's own length (e.g. last_hidden_state
+    # follows input_ids).
+    unpad_like: str | None = None
+
+    @model_validator(mode="after")
+    def _dims_valid(self) -> TensorConfig:
+        if any(d == 0 or d < -1 for d in self.dims):
+            raise ValueError(f"dims {list(self.dims)} of {self.name!r}: each must be a positive size or -1 (variable)")
+        return self
+
+
+class DynamicBatchingConfig(_Frozen):
+    """How the batcher groups requests. ``max_batch_size: 1`` turns batching off."""
+
+    # How long a forming batch may wait for more requests once the first arrived.
+    max_queue_delay_us: int = Field(default=0, ge=0, le=10_000_000)
+    preferred_batch_sizes: tuple[int, ...] = ()
+    # Requests waiting beyond this are refused with RESOURCE_EXHAUSTED (0: unbounded).
+    max_queue_size: int = Field(default=1024, ge=0)
+    priority_levels: int = Field(default=1, ge=1, le=16)
+    # 1 is the highest priority.
+    default_priority: int = Field(default=1, ge=1)
+    # Per-request timeout when the request sets none (0: no timeout beyond the gRPC deadline).
+    default_timeout_us: int = Field(default=0, ge=0)
+    # Optional sequence-length bucket edges: requests only share a batch within a bucket.
+    length_buckets: tuple[int, ...] = ()
+
+    @model_validator(mode="after")
+    def _levels(self) -> DynamicBatchingConfig:
+        if self.default_priority > self.priority_levels:
+            raise ValueError(
+                f"default_priority {self.default_priority} exceeds priority_levels {self.priority_levels}; "
+                "lower default_priority or raise priority_levels"
+            )
+        if list(self.length_buckets) != sorted(set(self.length_buckets)) or any(b <= 0 for b in self.length_buckets):
+            raise ValueError("length_buckets must be strictly increasing positive lengths, e.g. [16, 32, 64]")
+        return self
+
+
+class TensorRTOptions(_Frozen):
+    fp16: bool = True
+    int8: bool = False
+    # Engine and timing caches live here so restarts skip the engine build.
+    cache_dir: str | None = None
+    max_workspace_mb: int = Field(default=2048, gt=0)
+
+
+class RuntimeConfig(_Frozen):
+    """Runtime options; providers are tried in order and skipped when unavailable."""
+
+    execution_providers: tuple[ExecutionProvider, ...] = ("tensorrt", "cuda", "cpu")
+    # 0: let the server size threads so instance_count instances share the cores.
+    intra_op_threads: int = Field(default=0, ge=0)
+    inter_op_threads: int = Field(default=1, ge=1)
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
+    device_id: int = Field(default=0, ge=0)
+    tensorrt: TensorRTOptions = TensorRTOptions()
+
+
+class WarmupConfig(_Frozen):
+    """Inputs the runtime executes before the model is marked READY."""
+
+    enabled: bool = True
+    batch_sizes: tuple[int, ...] = (1,)
+    # Length used for variable dims of warm-up inputs.
+    variable_dim_size: int = Field(default=8, ge=1)
+
+
+class VersionPolicy(_Frozen):
+    """Which numbered versions to serve: the newest ``latest``, ``all`` of them, or ``specific`` ones."""
+
+    latest: int | None = Field(default=1, ge=1)
+    all: bool = False
+    specific: tuple[int, ...] = ()
+
+
+class ModelConfig(_Frozen):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    task: Task = "tensor"
+    platform: Platform = "onnxruntime"
+    # 0: the model has no batch dimension; >=1 the largest batch the batcher forms.
+    max_batch_size: int = Field(default=0, ge=0, le=65536)
+    # None: taken from the ONNX graph at load time.
+    inputs: tuple[TensorConfig, ...] | None = None
+    outputs: tuple[TensorConfig, ...] | None = None
+    dynamic_batching: DynamicBatchingConfig = DynamicBatchingConfig()
+    instance_count: int = Field(default=1, ge=1, le=64)
+    runtime: RuntimeConfig = RuntimeConfig()
+    # Class labels file, one per line, relative to the model directory.
+    labels: str | None = None
+    warmup: WarmupConfig = WarmupConfig()
+    version_policy: VersionPolicy = VersionPolicy()
+    default_model_filename: str = "model.onnx"
+    # Task-specific settings (tokenizer, pooling, image preprocessing, ...), validated by the task.
+    task_options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ModelConfig:
+        db = self.dynamic_batching
+        for size in db.preferred_batch_sizes:
+            if size < 1 or (self.max_batch_size and size > self.max_batch_size):
+                raise ValueError(
+                    f"dynamic_batching.preferred_batch_sizes entry {size} must be between 1 and "
+                    f"max_batch_size ({self.max_batch_size}); remove it or raise max_batch_size"
+                )
+        for group in ("inputs", "outputs"):
+            tensors = getattr(self, group) or ()
+            names = [t.name for t in tensors]
+            dupes = {n for n in names if names.count(n) > 1}
+            if dupes:
+                raise ValueError(f"{group} lists {sorted(dupes)} more than once; tensor names must be unique")
+        input_names = {t.name for t in self.inputs or ()}
+        for out in self.outputs or ():
+            if out.unpad_like is not None and self.inputs is not None and out.unpad_like not in input_names:
+                raise ValueError(
+                    f"output {out.name!r} has unpad_like {out.unpad_like!r}, which is not an input; "
+                    f"use one of {sorted(input_names)}"
+                )
+        return self
+
+
+def _format_validation_error(path: Path, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "value_error" and "input" in e else ""))
+    return f"{path}: invalid model configuration:\n" + "\n".join(lines)
+
+
+def parse_model_config(data: dict[str, Any], source: Path, default_name: str) -> ModelConfig:
+    """Validate a config mapping; ``source`` is only used in error messages."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    data = dict(data)
+    data.setdefault("name", default_name)
+    if data["name"] != default_name:
+        raise ConfigError(
+            f"{source}: name {data['name']!r} does not match its directory {default_name!r}; "
+            "rename the directory or remove the name field"
+        )
+    try:
+        return ModelConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(source, err)) from None
+
+
+def load_model_config(model_dir: Path) -> ModelConfig:
+    """Read and validate ``model_dir/config.yaml`` (a missing file means all defaults)."""
+    path = model_dir / "config.yaml"
+    if not path.exists():
+        return parse_model_config({}, path, model_dir.name)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_model_config(data, path, model_dir.name)
