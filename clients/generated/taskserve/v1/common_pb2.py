@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19taskserve/v1/common.proto\x12\x0ctaskserve.v1\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"6\n\x0eRequestOptions\x12\x10\n\x08priority\x18\x01 \x01(\r\x12\x12\n\ntimeout_us\x18\x02 \x01(\x04\"9\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05index\x18\x03 \x01(\x05\"K\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12%\n\x03raw\x18\x02 \x01(\x0b\x32\x16.taskserve.v1.RawImageH\x00\x42\x08\n\x06source\"I\n\x08RawImage\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x10\n\x08\x63hannels\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19taskserve/v1/common.proto\x12\x0ctaskserve.v1\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"6\n\x0eRequestOptions\x12\x10\n\x08priority\x18\x01 \x01(\r\x12\x12\n\ntimeout_us\x18\x02 \x01(\x04\"9\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05index\x18\x03 \x01(\x05\"K\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12%\n\x03raw\x18\x02 \x01(\x0b\x32\x16.taskserve.v1.RawImageH\x00\x42\x08\n\x06source\"I\n\x08RawImage\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x10\n\x08\x63hannels\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\":\n\x0e\x43lassification\x12(\n\x06labels\x18\x01 \x03(\x0b\x32\x18.taskserve.v1.LabelScore\")\n\x08ServedBy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,4 +42,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMAGE']._serialized_end=276
   _globals['_RAWIMAGE']._serialized_start=278
   _globals['_RAWIMAGE']._serialized_end=351
+  _globals['_CLASSIFICATION']._serialized_start=353
+  _globals['_CLASSIFICATION']._serialized_end=411
+  _globals['_SERVEDBY']._serialized_start=413
+  _globals['_SERVEDBY']._serialized_end=454
 # @@protoc_insertion_point(module_scope)
