@@ -1,0 +1,113 @@
+"""Executing one batch on one runtime instance, on that instance's thread.
+
+Requests cancelled or past their deadline by the time the thread picks the
+batch up are left out (never computed). Never raises: failures become
+per-request errors so the batcher's loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from taskserve.server.errors import DeadlineExceeded, RuntimeFailure, TaskServeError
+from taskserve.server.metrics import ModelMetrics
+from taskserve.server.runtimes.base import Runtime
+from taskserve.server.scheduling.base import InferResult
+from taskserve.server.scheduling.collate import collate, split
+from taskserve.server.scheduling.layout import TensorLayout
+from taskserve.server.scheduling.request_queue import PendingRequest
+
+log = logging.getLogger(__name__)
+
+Outcome = InferResult | TaskServeError | None  # None: the caller cancelled; nothing to deliver
+
+
+@dataclass(frozen=True)
+class Batch:
+    entries: tuple[PendingRequest, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(e.rows for e in self.entries)
+
+
+class Instance:
+    """One runtime and the single thread it runs on (a Runtime is not thread-safe).
+
+    ``assigned`` counts batches handed to this instance and not yet finished:
+    one executing plus at most one waiting in the executor (the prefetch slot).
+    Touched only on the event loop.
+    """
+
+    def __init__(self, index: int, runtime: Runtime, model: str) -> None:
+        self.index = index
+        self.runtime = runtime
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"taskserve-{model}-{index}")
+        self.assigned = 0
+
+
+def _expired(model: str, entry: PendingRequest) -> DeadlineExceeded:
+    return DeadlineExceeded(f"request to model {model!r} passed its deadline while queued; it was not computed")
+
+
+def execute_batch(
+    runtime: Runtime,
+    batch: Batch,
+    layout: TensorLayout,
+    clock: Callable[[], float],
+    metrics: ModelMetrics | None,
+) -> list[Outcome]:
+    """Run ``batch``; one outcome per entry, in order."""
+    now = clock()
+    outcomes: list[Outcome] = [None] * len(batch.entries)
+    live: list[int] = []
+    for i, entry in enumerate(batch.entries):
+        if entry.cancelled:
+            continue
+        if entry.expired(now):
+            outcomes[i] = _expired(layout.model, entry)
+            if metrics is not None:
+                metrics.rejected("timeout")
+            continue
+        live.append(i)
+    if not live:
+        return outcomes
+
+    entries = [batch.entries[i] for i in live]
+    start_ns = time.perf_counter_ns()
+    rows = sum(e.rows for e in entries)
+    try:
+        collated = collate([e.request.inputs for e in entries], layout)
+        wanted = [e.request.output_names for e in entries]
+        union = None if any(w is None for w in wanted) else sorted({n for w in wanted if w for n in w})
+        input_done_ns = time.perf_counter_ns()
+        outputs = runtime.infer(collated.inputs, union)
+        infer_done_ns = time.perf_counter_ns()
+        per_request = split(outputs, collated, layout, wanted)
+        end_ns = time.perf_counter_ns()
+    except Exception as err:  # noqa: BLE001 - any runtime error fails this batch only
+        if isinstance(err, TaskServeError):
+            failure: TaskServeError = err
+        else:
+            log.exception("model %r failed on a batch of %d rows", layout.model, rows)
+            failure = RuntimeFailure(f"model {layout.model!r} failed on a batch of {rows} rows: {type(err).__name__}: {err}")
+        for i in live:
+            outcomes[i] = failure
+        return outcomes
+
+    compute_ns = end_ns - start_ns
+    if metrics is not None:
+        metrics.batch_executed(
+            rows, len(entries), input_done_ns - start_ns, infer_done_ns - input_done_ns, end_ns - infer_done_ns
+        )
+    for i, outputs_i in zip(live, per_request):
+        entry = batch.entries[i]
+        queue_ns = start_ns - entry.enqueued_ns
+        if metrics is not None:
+            metrics.queued(queue_ns)
+        outcomes[i] = InferResult(outputs=outputs_i, queue_ns=queue_ns, compute_ns=compute_ns, batch_size=rows)
+    return outcomes

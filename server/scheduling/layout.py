@@ -1,0 +1,169 @@
+"""How a model's tensors are batched: which axes vary, what pads them, which
+outputs follow which input, and which requests may share a batch.
+
+Pure functions over numpy shapes; no asyncio, no threads.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from taskserve.server.errors import InvalidInput
+from taskserve.server.repository.config import ModelConfig
+from taskserve.server.runtimes.base import TensorInfo
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One input as the batcher sees it. ``dims`` exclude the batch dimension; -1 is variable."""
+
+    name: str
+    dims: tuple[int, ...]
+    pad_value: float = 0.0
+    optional: bool = False
+
+    @property
+    def variable_axes(self) -> tuple[int, ...]:
+        """Indices (into ``dims``) of the axes padded when requests differ."""
+        return tuple(i for i, d in enumerate(self.dims) if d == -1)
+
+
+@dataclass(frozen=True)
+class RequestSignature:
+    """What the queue needs to know about one request."""
+
+    rows: int
+    # Requests share a batch only when their keys are equal: same inputs, dtypes,
+    # fixed dims and length bucket.
+    key: Hashable
+    # Longest variable axis over all inputs (0 when nothing varies).
+    length: int
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """The batching-relevant view of a model's inputs and outputs."""
+
+    model: str
+    # False: the model has no batch dimension (max_batch_size 0); requests run alone, as-is.
+    batched: bool
+    # None: the model declares no inputs; requests then share a batch only when
+    # their shapes match exactly (nothing is padded).
+    inputs: Mapping[str, InputSpec] | None
+    # Output names the model produces (None: unknown, not checked).
+    output_names: frozenset[str] | None = None
+    # Output name -> input whose padded axes it shares (sliced back per request).
+    unpad_like: Mapping[str, str] | None = None
+    length_buckets: tuple[int, ...] = ()
+
+    @classmethod
+    def from_config(
+        cls,
+        config: ModelConfig,
+        runtime_inputs: Sequence[TensorInfo] | None = None,
+        runtime_outputs: Sequence[TensorInfo] | None = None,
+    ) -> TensorLayout:
+        """Prefer the config's tensor declarations; fall back to what the runtime reports."""
+        batched = config.max_batch_size > 0
+        inputs: dict[str, InputSpec] | None = None
+        if config.inputs is not None:
+            inputs = {t.name: InputSpec(t.name, t.dims, t.pad_value, t.optional) for t in config.inputs}
+        elif runtime_inputs:
+            # Runtime shapes include the batch dimension when the model batches.
+            inputs = {t.name: InputSpec(t.name, t.shape[1:] if batched else t.shape) for t in runtime_inputs}
+        output_names: frozenset[str] | None = None
+        if config.outputs is not None:
+            output_names = frozenset(t.name for t in config.outputs)
+        elif runtime_outputs:
+            output_names = frozenset(t.name for t in runtime_outputs)
+        unpad = {t.name: t.unpad_like for t in config.outputs or () if t.unpad_like is not None}
+        return cls(
+            model=config.name,
+            batched=batched,
+            inputs=inputs,
+            output_names=output_names,
+            unpad_like=unpad,
+            length_buckets=config.dynamic_batching.length_buckets,
+        )
+
+    def bucket(self, length: int) -> int:
+        """Index of the first bucket edge >= length; len(edges) for longer ones."""
+        return bisect.bisect_left(self.length_buckets, length)
+
+    def describe(
+        self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None, max_rows: int
+    ) -> RequestSignature:
+        """Check a request against the model and compute its batching signature.
+
+        Raises InvalidInput naming the tensor and the fix.
+        """
+        model = self.model
+        if not inputs:
+            raise InvalidInput(f"request to model {model!r} has no inputs")
+        if self.inputs is not None:
+            unknown = sorted(set(inputs) - set(self.inputs))
+            if unknown:
+                raise InvalidInput(
+                    f"model {model!r} has no input(s) {unknown}; its inputs are {sorted(self.inputs)}"
+                )
+            missing = sorted(n for n, s in self.inputs.items() if not s.optional and n not in inputs)
+            if missing:
+                raise InvalidInput(f"request to model {model!r} lacks required input(s) {missing}")
+        if output_names is not None and self.output_names is not None:
+            unknown = sorted(set(output_names) - self.output_names)
+            if unknown:
+                raise InvalidInput(
+                    f"model {model!r} has no output(s) {unknown}; its outputs are {sorted(self.output_names)}"
+                )
+
+        rows = 1
+        if self.batched:
+            batch_sizes = {name: (a.shape[0] if a.ndim else None) for name, a in inputs.items()}
+            if any(b is None for b in batch_sizes.values()):
+                scalars = sorted(n for n, b in batch_sizes.items() if b is None)
+                raise InvalidInput(
+                    f"input(s) {scalars} of model {model!r} are scalars; a batching model needs a leading batch dimension"
+                )
+            if len(set(batch_sizes.values())) > 1:
+                detail = ", ".join(f"{n} has {b}" for n, b in sorted(batch_sizes.items()))
+                raise InvalidInput(f"inputs of model {model!r} disagree on the batch size (rows): {detail}")
+            rows = next(iter(batch_sizes.values())) or 0
+            if rows < 1:
+                raise InvalidInput(f"request to model {model!r} has 0 rows; send at least one")
+            if rows > max_rows:
+                raise InvalidInput(
+                    f"request to model {model!r} has {rows} rows but max_batch_size is {max_rows}; "
+                    "split it into smaller requests"
+                )
+
+        key: list[Hashable] = []
+        length = 0
+        for name in sorted(inputs):
+            array = inputs[name]
+            dims = array.shape[1:] if self.batched else array.shape
+            spec = self.inputs.get(name) if self.inputs is not None else None
+            if spec is None:
+                # Undeclared: never padded, so only identical shapes share a batch.
+                key.append((name, array.dtype.str, tuple(dims)))
+                continue
+            expected = ([-1] if self.batched else []) + list(spec.dims)
+            if len(dims) != len(spec.dims) or any(d != -1 and d != n for d, n in zip(spec.dims, dims)):
+                raise InvalidInput(
+                    f"input {name!r} of model {model!r} has shape {_shape(array.shape)}, "
+                    f"expected {_shape(expected)} (-1: any size)"
+                )
+            variable = spec.variable_axes
+            fixed = tuple(None if i in variable else n for i, n in enumerate(dims))
+            key.append((name, array.dtype.str, fixed))
+            length = max([length, *(dims[i] for i in variable)])
+        if self.batched and self.length_buckets:
+            key.append(("bucket", self.bucket(length)))
+        return RequestSignature(rows=rows, key=tuple(key), length=length)
