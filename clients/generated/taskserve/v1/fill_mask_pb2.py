@@ -21,12 +21,13 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 # @@protoc_insertion_point(imports)
 
 _sym_db = _symbol_database.Default()
+from taskserve.clients.generated._pool import POOL as _POOL
 
 
 from taskserve.clients.generated.taskserve.v1 import common_pb2 as taskserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctaskserve/v1/fill_mask.proto\x12\x0ctaskserve.v1\x1a\x19taskserve/v1/common.proto\"\xa9\x01\n\x0f\x46illMaskRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ModelRef\x12-\n\x07options\x18\x02 \x01(\x0b\x32\x1c.taskserve.v1.RequestOptions\x12\r\n\x05texts\x18\x03 \x03(\t\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x15\n\x08truncate\x18\x05 \x01(\x08H\x00\x88\x01\x01\x42\x0b\n\t_truncate\"R\n\x0eMaskCompletion\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x10\n\x08sequence\x18\x04 \x01(\t\"R\n\x0eMaskPrediction\x12\r\n\x05start\x18\x01 \x01(\r\x12\x31\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x1c.taskserve.v1.MaskCompletion\"9\n\nFilledText\x12+\n\x05masks\x18\x01 \x03(\x0b\x32\x1c.taskserve.v1.MaskPrediction\"d\n\x10\x46illMaskResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ServedBy\x12)\n\x07results\x18\x02 \x03(\x0b\x32\x18.taskserve.v1.FilledText2Q\n\x08\x46illMask\x12\x45\n\x04\x46ill\x12\x1d.taskserve.v1.FillMaskRequest\x1a\x1e.taskserve.v1.FillMaskResponseb\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x1ctaskserve/v1/fill_mask.proto\x12\x0ctaskserve.v1\x1a\x19taskserve/v1/common.proto\"\xa9\x01\n\x0f\x46illMaskRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ModelRef\x12-\n\x07options\x18\x02 \x01(\x0b\x32\x1c.taskserve.v1.RequestOptions\x12\r\n\x05texts\x18\x03 \x03(\t\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x15\n\x08truncate\x18\x05 \x01(\x08H\x00\x88\x01\x01\x42\x0b\n\t_truncate\"R\n\x0eMaskCompletion\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x10\n\x08sequence\x18\x04 \x01(\t\"R\n\x0eMaskPrediction\x12\r\n\x05start\x18\x01 \x01(\r\x12\x31\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x1c.taskserve.v1.MaskCompletion\"9\n\nFilledText\x12+\n\x05masks\x18\x01 \x03(\x0b\x32\x1c.taskserve.v1.MaskPrediction\"d\n\x10\x46illMaskResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ServedBy\x12)\n\x07results\x18\x02 \x03(\x0b\x32\x18.taskserve.v1.FilledText2Q\n\x08\x46illMask\x12\x45\n\x04\x46ill\x12\x1d.taskserve.v1.FillMaskRequest\x1a\x1e.taskserve.v1.FillMaskResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)

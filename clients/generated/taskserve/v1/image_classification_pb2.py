@@ -21,12 +21,13 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 # @@protoc_insertion_point(imports)
 
 _sym_db = _symbol_database.Default()
+from taskserve.clients.generated._pool import POOL as _POOL
 
 
 from taskserve.clients.generated.taskserve.v1 import common_pb2 as taskserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'taskserve/v1/image_classification.proto\x12\x0ctaskserve.v1\x1a\x19taskserve/v1/common.proto\"\xa0\x01\n\x14\x43lassifyImageRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ModelRef\x12-\n\x07options\x18\x02 \x01(\x0b\x32\x1c.taskserve.v1.RequestOptions\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.taskserve.v1.Image\x12\r\n\x05top_k\x18\x04 \x01(\r\"m\n\x15\x43lassifyImageResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ServedBy\x12-\n\x07results\x18\x02 \x03(\x0b\x32\x1c.taskserve.v1.Classification2j\n\x13ImageClassification\x12S\n\x08\x43lassify\x12\".taskserve.v1.ClassifyImageRequest\x1a#.taskserve.v1.ClassifyImageResponseb\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n\'taskserve/v1/image_classification.proto\x12\x0ctaskserve.v1\x1a\x19taskserve/v1/common.proto\"\xa0\x01\n\x14\x43lassifyImageRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ModelRef\x12-\n\x07options\x18\x02 \x01(\x0b\x32\x1c.taskserve.v1.RequestOptions\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.taskserve.v1.Image\x12\r\n\x05top_k\x18\x04 \x01(\r\"m\n\x15\x43lassifyImageResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ServedBy\x12-\n\x07results\x18\x02 \x03(\x0b\x32\x1c.taskserve.v1.Classification2j\n\x13ImageClassification\x12S\n\x08\x43lassify\x12\".taskserve.v1.ClassifyImageRequest\x1a#.taskserve.v1.ClassifyImageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)

@@ -21,12 +21,13 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 # @@protoc_insertion_point(imports)
 
 _sym_db = _symbol_database.Default()
+from taskserve.clients.generated._pool import POOL as _POOL
 
 
 from taskserve.clients.generated.taskserve.v1 import common_pb2 as taskserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%taskserve/v1/image_segmentation.proto\x12\x0ctaskserve.v1\x1a\x19taskserve/v1/common.proto\"\x9d\x01\n\x0eSegmentRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ModelRef\x12-\n\x07options\x18\x02 \x01(\x0b\x32\x1c.taskserve.v1.RequestOptions\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.taskserve.v1.Image\x12\x10\n\x08min_area\x18\x04 \x01(\x04\"V\n\x07Segment\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0c\n\x04\x61rea\x18\x04 \x01(\x04\x12\x10\n\x08mask_png\x18\x05 \x01(\x0c\"V\n\x0cSegmentation\x12\'\n\x08segments\x18\x01 \x03(\x0b\x32\x15.taskserve.v1.Segment\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\"e\n\x0fSegmentResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ServedBy\x12+\n\x07results\x18\x02 \x03(\x0b\x32\x1a.taskserve.v1.Segmentation2[\n\x11ImageSegmentation\x12\x46\n\x07Segment\x12\x1c.taskserve.v1.SegmentRequest\x1a\x1d.taskserve.v1.SegmentResponseb\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n%taskserve/v1/image_segmentation.proto\x12\x0ctaskserve.v1\x1a\x19taskserve/v1/common.proto\"\x9d\x01\n\x0eSegmentRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ModelRef\x12-\n\x07options\x18\x02 \x01(\x0b\x32\x1c.taskserve.v1.RequestOptions\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.taskserve.v1.Image\x12\x10\n\x08min_area\x18\x04 \x01(\x04\"V\n\x07Segment\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0c\n\x04\x61rea\x18\x04 \x01(\x04\x12\x10\n\x08mask_png\x18\x05 \x01(\x0c\"V\n\x0cSegmentation\x12\'\n\x08segments\x18\x01 \x03(\x0b\x32\x15.taskserve.v1.Segment\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\"e\n\x0fSegmentResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ServedBy\x12+\n\x07results\x18\x02 \x03(\x0b\x32\x1a.taskserve.v1.Segmentation2[\n\x11ImageSegmentation\x12\x46\n\x07Segment\x12\x1c.taskserve.v1.SegmentRequest\x1a\x1d.taskserve.v1.SegmentResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)

@@ -21,12 +21,13 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 # @@protoc_insertion_point(imports)
 
 _sym_db = _symbol_database.Default()
+from taskserve.clients.generated._pool import POOL as _POOL
 
 
 from taskserve.clients.generated.taskserve.v1 import common_pb2 as taskserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#taskserve/v1/image_text_match.proto\x12\x0ctaskserve.v1\x1a\x19taskserve/v1/common.proto\"\xa6\x01\n\x17\x43ompareImageTextRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ModelRef\x12-\n\x07options\x18\x02 \x01(\x0b\x32\x1c.taskserve.v1.RequestOptions\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.taskserve.v1.Image\x12\x10\n\x08\x63\x61ptions\x18\x04 \x03(\t\"F\n\x0fImageTextScores\x12\x18\n\x0csimilarities\x18\x01 \x03(\x02\x42\x02\x10\x01\x12\x19\n\rprobabilities\x18\x02 \x03(\x02\x42\x02\x10\x01\"q\n\x18\x43ompareImageTextResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ServedBy\x12.\n\x07results\x18\x02 \x03(\x0b\x32\x1d.taskserve.v1.ImageTextScores2j\n\x0eImageTextMatch\x12X\n\x07\x43ompare\x12%.taskserve.v1.CompareImageTextRequest\x1a&.taskserve.v1.CompareImageTextResponseb\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n#taskserve/v1/image_text_match.proto\x12\x0ctaskserve.v1\x1a\x19taskserve/v1/common.proto\"\xa6\x01\n\x17\x43ompareImageTextRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ModelRef\x12-\n\x07options\x18\x02 \x01(\x0b\x32\x1c.taskserve.v1.RequestOptions\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.taskserve.v1.Image\x12\x10\n\x08\x63\x61ptions\x18\x04 \x03(\t\"F\n\x0fImageTextScores\x12\x18\n\x0csimilarities\x18\x01 \x03(\x02\x42\x02\x10\x01\x12\x19\n\rprobabilities\x18\x02 \x03(\x02\x42\x02\x10\x01\"q\n\x18\x43ompareImageTextResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ServedBy\x12.\n\x07results\x18\x02 \x03(\x0b\x32\x1d.taskserve.v1.ImageTextScores2j\n\x0eImageTextMatch\x12X\n\x07\x43ompare\x12%.taskserve.v1.CompareImageTextRequest\x1a&.taskserve.v1.CompareImageTextResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)

@@ -21,12 +21,13 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 # @@protoc_insertion_point(imports)
 
 _sym_db = _symbol_database.Default()
+from taskserve.clients.generated._pool import POOL as _POOL
 
 
 from taskserve.clients.generated.taskserve.v1 import common_pb2 as taskserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%taskserve/v1/question_answering.proto\x12\x0ctaskserve.v1\x1a\x19taskserve/v1/common.proto\"4\n\x0fQuestionContext\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x01(\t\"\xea\x01\n\rAnswerRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ModelRef\x12-\n\x07options\x18\x02 \x01(\x0b\x32\x1c.taskserve.v1.RequestOptions\x12,\n\x05items\x18\x03 \x03(\x0b\x32\x1d.taskserve.v1.QuestionContext\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x19\n\x11max_answer_length\x18\x05 \x01(\r\x12\x12\n\ndoc_stride\x18\x06 \x01(\r\x12\x17\n\x0f\x61llow_no_answer\x18\x07 \x01(\x08\"E\n\nAnswerSpan\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\"4\n\x07\x41nswers\x12)\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x18.taskserve.v1.AnswerSpan\"_\n\x0e\x41nswerResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ServedBy\x12&\n\x07results\x18\x02 \x03(\x0b\x32\x15.taskserve.v1.Answers2X\n\x11QuestionAnswering\x12\x43\n\x06\x41nswer\x12\x1b.taskserve.v1.AnswerRequest\x1a\x1c.taskserve.v1.AnswerResponseb\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n%taskserve/v1/question_answering.proto\x12\x0ctaskserve.v1\x1a\x19taskserve/v1/common.proto\"4\n\x0fQuestionContext\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x01(\t\"\xea\x01\n\rAnswerRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ModelRef\x12-\n\x07options\x18\x02 \x01(\x0b\x32\x1c.taskserve.v1.RequestOptions\x12,\n\x05items\x18\x03 \x03(\x0b\x32\x1d.taskserve.v1.QuestionContext\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x19\n\x11max_answer_length\x18\x05 \x01(\r\x12\x12\n\ndoc_stride\x18\x06 \x01(\r\x12\x17\n\x0f\x61llow_no_answer\x18\x07 \x01(\x08\"E\n\nAnswerSpan\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\"4\n\x07\x41nswers\x12)\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x18.taskserve.v1.AnswerSpan\"_\n\x0e\x41nswerResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ServedBy\x12&\n\x07results\x18\x02 \x03(\x0b\x32\x15.taskserve.v1.Answers2X\n\x11QuestionAnswering\x12\x43\n\x06\x41nswer\x12\x1b.taskserve.v1.AnswerRequest\x1a\x1c.taskserve.v1.AnswerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)

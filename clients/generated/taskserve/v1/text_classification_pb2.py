@@ -21,12 +21,13 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 # @@protoc_insertion_point(imports)
 
 _sym_db = _symbol_database.Default()
+from taskserve.clients.generated._pool import POOL as _POOL
 
 
 from taskserve.clients.generated.taskserve.v1 import common_pb2 as taskserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&taskserve/v1/text_classification.proto\x12\x0ctaskserve.v1\x1a\x19taskserve/v1/common.proto\"\xdc\x01\n\x13\x43lassifyTextRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ModelRef\x12-\n\x07options\x18\x02 \x01(\x0b\x32\x1c.taskserve.v1.RequestOptions\x12\r\n\x05texts\x18\x03 \x03(\t\x12\r\n\x05top_k\x18\x04 \x01(\r\x12-\n\x08\x66unction\x18\x05 \x01(\x0e\x32\x1b.taskserve.v1.ScoreFunction\x12\x15\n\x08truncate\x18\x06 \x01(\x08H\x00\x88\x01\x01\x42\x0b\n\t_truncate\"l\n\x14\x43lassifyTextResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ServedBy\x12-\n\x07results\x18\x02 \x03(\x0b\x32\x1c.taskserve.v1.Classification*\x80\x01\n\rScoreFunction\x12\x1e\n\x1aSCORE_FUNCTION_UNSPECIFIED\x10\x00\x12\x1a\n\x16SCORE_FUNCTION_SOFTMAX\x10\x01\x12\x1a\n\x16SCORE_FUNCTION_SIGMOID\x10\x02\x12\x17\n\x13SCORE_FUNCTION_NONE\x10\x03\x32g\n\x12TextClassification\x12Q\n\x08\x43lassify\x12!.taskserve.v1.ClassifyTextRequest\x1a\".taskserve.v1.ClassifyTextResponseb\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n&taskserve/v1/text_classification.proto\x12\x0ctaskserve.v1\x1a\x19taskserve/v1/common.proto\"\xdc\x01\n\x13\x43lassifyTextRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ModelRef\x12-\n\x07options\x18\x02 \x01(\x0b\x32\x1c.taskserve.v1.RequestOptions\x12\r\n\x05texts\x18\x03 \x03(\t\x12\r\n\x05top_k\x18\x04 \x01(\r\x12-\n\x08\x66unction\x18\x05 \x01(\x0e\x32\x1b.taskserve.v1.ScoreFunction\x12\x15\n\x08truncate\x18\x06 \x01(\x08H\x00\x88\x01\x01\x42\x0b\n\t_truncate\"l\n\x14\x43lassifyTextResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ServedBy\x12-\n\x07results\x18\x02 \x03(\x0b\x32\x1c.taskserve.v1.Classification*\x80\x01\n\rScoreFunction\x12\x1e\n\x1aSCORE_FUNCTION_UNSPECIFIED\x10\x00\x12\x1a\n\x16SCORE_FUNCTION_SOFTMAX\x10\x01\x12\x1a\n\x16SCORE_FUNCTION_SIGMOID\x10\x02\x12\x17\n\x13SCORE_FUNCTION_NONE\x10\x03\x32g\n\x12TextClassification\x12Q\n\x08\x43lassify\x12!.taskserve.v1.ClassifyTextRequest\x1a\".taskserve.v1.ClassifyTextResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)

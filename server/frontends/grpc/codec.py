@@ -1,0 +1,184 @@
+"""KServe v2 messages <-> numpy tensors, with the input checks the protocol needs.
+
+Every check names the tensor, what was expected and what was received, and
+raises InvalidInput (INVALID_ARGUMENT).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from taskserve.clients.datatypes import deserialize_bytes_tensor, numpy_dtype, serialize_bytes_tensor, v2_datatype
+from taskserve.clients.generated.inference import grpc_service_pb2 as pb
+from taskserve.server.errors import InvalidInput
+from taskserve.server.repository.config import ModelConfig, TensorConfig
+
+# Typed-contents field per datatype. FP16 (and BF16) have none: raw only, as in the spec.
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def _shape_matches(shape: tuple[int, ...], dims: tuple[int, ...]) -> bool:
+    return len(shape) == len(dims) and all(d == -1 or d == s for s, d in zip(shape, dims, strict=True))
+
+
+def expected_shape(config: ModelConfig, tensor: TensorConfig) -> list[int]:
+    """The full shape callers must send, -1 for variable, batch dimension included."""
+    return ([-1] if config.max_batch_size > 0 else []) + list(tensor.dims)
+
+
+def _check_shape(config: ModelConfig, spec: TensorConfig, shape: tuple[int, ...]) -> None:
+    if any(s < 0 for s in shape):
+        raise InvalidInput(f"input {spec.name!r}: shape {list(shape)} has a negative dimension")
+    if config.max_batch_size > 0:
+        if not shape or not _shape_matches(shape[1:], spec.dims):
+            raise InvalidInput(
+                f"input {spec.name!r}: expected shape {expected_shape(config, spec)} "
+                f"(batch dimension first), got {list(shape)}"
+            )
+        if shape[0] < 1 or shape[0] > config.max_batch_size:
+            raise InvalidInput(
+                f"input {spec.name!r}: batch size {shape[0]} is outside 1..{config.max_batch_size} "
+                f"(max_batch_size of model {config.name!r})"
+            )
+    elif not _shape_matches(shape, spec.dims):
+        raise InvalidInput(f"input {spec.name!r}: expected shape {list(spec.dims)}, got {list(shape)}")
+
+
+def _decode_raw(spec: TensorConfig, datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        try:
+            flat = deserialize_bytes_tensor(raw, count)
+        except ValueError as err:
+            raise InvalidInput(f"input {spec.name!r}: {err}") from None
+        return flat.reshape(shape)
+    dtype = numpy_dtype(datatype)
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        raise InvalidInput(
+            f"input {spec.name!r}: raw contents hold {len(raw)} bytes, but shape {list(shape)} of {datatype} "
+            f"needs {expected} bytes ({count} elements x {dtype.itemsize})"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def _decode_typed(spec: TensorConfig, datatype: str, shape: tuple[int, ...], contents: pb.InferTensorContents) -> np.ndarray:
+    field = _CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise InvalidInput(f"input {spec.name!r}: {datatype} data must be sent in raw_input_contents")
+    values = getattr(contents, field)
+    count = math.prod(shape)
+    if len(values) != count:
+        raise InvalidInput(
+            f"input {spec.name!r}: {field} holds {len(values)} elements, shape {list(shape)} needs {count}"
+        )
+    if datatype == "BYTES":
+        arr = np.empty(count, dtype=np.object_)
+        arr[:] = list(values)
+        return arr.reshape(shape)
+    return np.asarray(values, dtype=numpy_dtype(datatype)).reshape(shape)
+
+
+def _check_utf8(name: str, array: np.ndarray) -> None:
+    # ONNX string tensors hold UTF-8 text; arbitrary bytes cannot reach the model intact.
+    for index, item in enumerate(array.reshape(-1)):
+        try:
+            bytes(item).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise InvalidInput(
+                f"input {name!r}: element {index} is not valid UTF-8 ({err.reason} at byte {err.start}); "
+                "BYTES inputs of ONNX models must be UTF-8 text"
+            ) from None
+
+
+def decode_inputs(request: pb.ModelInferRequest, config: ModelConfig) -> dict[str, np.ndarray]:
+    """Check a ModelInfer request against the model's inputs and return its tensors."""
+    specs = {t.name: t for t in config.inputs or ()}
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(
+            f"raw_input_contents has {len(raw)} entries but the request has {len(request.inputs)} inputs; "
+            "send one entry per input, in order"
+        )
+    tensors: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(request.inputs):
+        spec = specs.get(tensor.name)
+        if spec is None:
+            raise InvalidInput(f"model {config.name!r} has no input {tensor.name!r}; its inputs are {sorted(specs)}")
+        if tensor.name in tensors:
+            raise InvalidInput(f"input {tensor.name!r} appears more than once")
+        if tensor.datatype != spec.datatype:
+            raise InvalidInput(f"input {tensor.name!r}: expected datatype {spec.datatype}, got {tensor.datatype!r}")
+        shape = tuple(int(d) for d in tensor.shape)
+        _check_shape(config, spec, shape)
+        if raw:
+            if tensor.HasField("contents"):
+                raise InvalidInput(f"input {tensor.name!r}: send data either in contents or raw_input_contents, not both")
+            tensors[tensor.name] = _decode_raw(spec, tensor.datatype, shape, raw[index])
+        else:
+            tensors[tensor.name] = _decode_typed(spec, tensor.datatype, shape, tensor.contents)
+        if tensor.datatype == "BYTES":
+            _check_utf8(tensor.name, tensors[tensor.name])
+    missing = [name for name, spec in specs.items() if name not in tensors and not spec.optional]
+    if missing:
+        raise InvalidInput(f"model {config.name!r} needs inputs {missing}, which the request does not have")
+    if config.max_batch_size > 0:
+        batch_sizes = {name: arr.shape[0] for name, arr in tensors.items()}
+        if len(set(batch_sizes.values())) > 1:
+            raise InvalidInput(f"inputs disagree on the batch size: {batch_sizes}")
+    return tensors
+
+
+def requested_outputs(request: pb.ModelInferRequest, config: ModelConfig) -> tuple[str, ...] | None:
+    names = [o.name for o in request.outputs]
+    if not names:
+        return None
+    known = {t.name for t in config.outputs or ()}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InvalidInput(f"model {config.name!r} has no outputs {unknown}; its outputs are {sorted(known)}")
+    return tuple(dict.fromkeys(names))
+
+
+def int_parameter(params: object, key: str) -> int | None:
+    """An integer request parameter (int64 or uint64), None when absent."""
+    param = params.get(key)  # type: ignore[attr-defined]
+    if param is None:
+        return None
+    which = param.WhichOneof("parameter_choice")
+    if which not in ("int64_param", "uint64_param"):
+        raise InvalidInput(f"parameter {key!r} must be an integer (int64_param or uint64_param), got {which}")
+    value = int(getattr(param, which))
+    if value < 0:
+        raise InvalidInput(f"parameter {key!r} must not be negative, got {value}")
+    return value
+
+
+def encode_outputs(
+    response: pb.ModelInferResponse, outputs: dict[str, np.ndarray], order: tuple[str, ...] | None
+) -> None:
+    """Append outputs as raw contents (what Triton does over gRPC), in requested order."""
+    for name in order or tuple(outputs):
+        array = outputs[name]
+        datatype = v2_datatype(array.dtype)
+        tensor = response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+        del tensor  # fields set through add()
+        if datatype == "BYTES":
+            response.raw_output_contents.append(serialize_bytes_tensor(np.asarray(array, dtype=np.object_)))
+        else:
+            response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())

@@ -1,0 +1,155 @@
+"""Builds and runs the gRPC server: v2 protocol, typed task services, health,
+reflection, plus the Prometheus endpoint. ``create_server`` is the factory tests use."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.exposition import start_http_server
+
+from taskserve.clients.generated.inference import grpc_service_pb2 as pb
+from taskserve.clients.generated.inference import grpc_service_pb2_grpc as pb_grpc
+from taskserve.server.frontends.grpc.health import HealthReporter
+from taskserve.server.frontends.grpc.v2_servicer import V2Servicer
+from taskserve.server.metrics import ServerMetrics
+from taskserve.server.repository.manager import ModelManager
+from taskserve.server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+class ServingApp:
+    """One server: its gRPC server, model manager, health and metrics endpoint.
+
+    ``start`` binds the ports and begins loading models in the background (health
+    says NOT_SERVING until they are ready); ``stop`` drains and shuts down. Both
+    run on the event loop that serves the requests.
+    """
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.metrics = ServerMetrics()
+        self.models = ModelManager(settings.model_repository, self.metrics)
+        self.health = HealthReporter()
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self._draining = False
+        self._server: grpc.aio.Server | None = None
+        self._http: Any = None
+        self._loading: asyncio.Task[None] | None = None
+        self.service_names: list[str] = []
+
+    def ready(self) -> bool:
+        if self._draining or not self.models.startup_complete:
+            return False
+        return self.models.all_ready() if self.settings.strict_readiness else True
+
+    async def start(self) -> None:
+        s = self.settings
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", s.max_receive_message_bytes),
+                ("grpc.max_send_message_length", s.max_send_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(V2Servicer(self.models, self.ready), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        names = [pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
+        names += _add_task_services(server, self.models)
+        names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+        self.service_names = names
+        if s.reflection:
+            _enable_reflection(server, names)
+        address = f"[{s.host}]:{s.grpc_port}" if ":" in s.host else f"{s.host}:{s.grpc_port}"
+        self.grpc_port = server.add_insecure_port(address)
+        if self.grpc_port == 0:
+            raise OSError(f"could not bind gRPC port {address}")
+        await server.start()
+        self._server = server
+        if s.metrics_port >= 0:
+            self._http, _ = start_http_server(s.metrics_port, addr=s.host, registry=self.metrics.registry)
+            self.metrics_port = self._http.server_port
+        await self.health.set_overall(False)
+        self.models.add_listener(self._on_model_change)
+        log.info("gRPC on %s:%d, metrics on %s:%d", s.host, self.grpc_port, s.host, self.metrics_port)
+        self._loading = asyncio.create_task(self._load_models())
+
+    def _on_model_change(self, name: str, ready: bool) -> None:
+        # Called from the manager on the event loop; health updates are coroutines.
+        asyncio.get_running_loop().create_task(self._update_health(name, ready))
+
+    async def _update_health(self, name: str, ready: bool) -> None:
+        await self.health.set_model(name, ready)
+        await self.health.set_overall(self.ready())
+
+    async def _load_models(self) -> None:
+        try:
+            await self.models.load_all()
+        except Exception:
+            log.exception("loading the model repository failed")
+            self.models.startup_complete = True
+        await self.health.set_overall(self.ready())
+
+    async def wait_until_loaded(self) -> None:
+        if self._loading is not None:
+            await asyncio.shield(self._loading)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting requests, let in-flight ones finish, unload models. Idempotent."""
+        if self._draining:
+            return
+        self._draining = True
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        await self.health.drain(self.models.model_names())
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        if self._server is not None:
+            # Refuses new RPCs at once and waits up to `grace` for in-flight ones.
+            await self._server.stop(grace)
+        await self.models.stop(drain=True)
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        log.info("server stopped")
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+def _enable_reflection(server: grpc.aio.Server, names: list[str]) -> None:
+    """Reflection over taskserve's private descriptor pool (see clients/codegen.py),
+    with the health and reflection protos copied into it so every listed service resolves."""
+    from google.protobuf.descriptor import FileDescriptor
+    from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+    from taskserve.clients.generated._pool import POOL
+
+    for descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        assert isinstance(descriptor, FileDescriptor)
+        try:
+            POOL.FindFileByName(descriptor.name)
+        except KeyError:
+            POOL.AddSerializedFile(descriptor.serialized_pb)
+    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server, pool=POOL)
+
+
+def _add_task_services(server: grpc.aio.Server, models: ModelManager) -> list[str]:
+    """The typed per-task services, when that package is present."""
+    if importlib.util.find_spec("taskserve.server.frontends.grpc.tasks") is None:
+        return []
+    from taskserve.server.frontends.grpc import tasks
+
+    add = getattr(tasks, "add_task_servicers", None)
+    return list(add(server, models)) if add is not None else []
+
+
+def create_server(settings: ServerSettings) -> ServingApp:
+    """Build a server; call ``await app.start()`` on the event loop that will serve it."""
+    return ServingApp(settings)

@@ -1,0 +1,74 @@
+"""``taskserve-server``: serve a model repository over gRPC."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from taskserve.server.settings import ServerSettings
+
+
+def parse_args(argv: list[str] | None) -> ServerSettings:
+    p = argparse.ArgumentParser(prog="taskserve-server", description="Serve a model repository over gRPC.")
+    p.add_argument("--model-repository", required=True, type=Path, help="directory of <model>/config.yaml + <version>/")
+    p.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0, for containers)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (0: any free port)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics port (0: any, -1: off)")
+    p.add_argument("--max-message-mb", type=int, default=256, help="largest request/response message, MiB")
+    p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--strict-readiness", action="store_true", help="ready only when every model is READY")
+    p.add_argument("--no-reflection", action="store_true", help="disable gRPC server reflection")
+    p.add_argument("--log-level", default=os.environ.get("TASKSERVE_LOG_LEVEL", "INFO"))
+    a = p.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not a.model_repository.is_dir():
+        p.error(f"--model-repository {a.model_repository} is not a directory")
+    return ServerSettings(
+        model_repository=a.model_repository,
+        host=a.host,
+        grpc_port=a.grpc_port,
+        metrics_port=a.metrics_port,
+        max_receive_message_bytes=a.max_message_mb * 1024 * 1024,
+        max_send_message_bytes=a.max_message_mb * 1024 * 1024,
+        shutdown_grace_s=a.shutdown_grace,
+        strict_readiness=a.strict_readiness,
+        reflection=not a.no_reflection,
+    )
+
+
+async def serve(settings: ServerSettings) -> None:
+    from taskserve.server.frontends.grpc.server import create_server
+
+    app = create_server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await app.start()
+    # Machine-readable line for scripts that start the server on port 0.
+    print(f"taskserve-server listening grpc={app.grpc_port} metrics={app.metrics_port}", flush=True)
+    await stop.wait()
+    logging.getLogger(__name__).info("shutting down: draining in-flight requests")
+    await app.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    settings = parse_args(argv)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Owns every model version the server serves: loading, readiness, unloading.
+
+Each model loads on its own worker thread, so a slow or broken model never
+blocks the others; a failure leaves that model UNAVAILABLE with its reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from taskserve.clients.datatypes import numpy_dtype
+from taskserve.server.errors import ModelNotFound, ModelNotReady, TaskServeError
+from taskserve.server.metrics import ModelMetrics, ServerMetrics
+from taskserve.server.repository.config import ModelConfig, load_model_config
+from taskserve.server.repository.tensors import resolve_tensors
+from taskserve.server.repository.versions import available_versions, select_versions
+from taskserve.server.runtimes import Runtime, TensorInfo, create_runtime
+from taskserve.server.scheduling.base import Scheduler
+from taskserve.server.scheduling.factory import create_scheduler
+
+log = logging.getLogger(__name__)
+
+
+class ModelState(enum.Enum):
+    LOADING = "LOADING"
+    READY = "READY"
+    UNLOADING = "UNLOADING"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass
+class LoadedModel:
+    """One servable model version. ``config`` has inputs/outputs resolved against the graph."""
+
+    name: str
+    version: str
+    config: ModelConfig
+    model_dir: Path
+    scheduler: Scheduler
+    metrics: ModelMetrics
+    runtimes: list[Runtime]
+    platform_description: str = ""
+
+    @property
+    def inputs(self) -> list[TensorInfo]:
+        return self.runtimes[0].inputs
+
+    @property
+    def outputs(self) -> list[TensorInfo]:
+        return self.runtimes[0].outputs
+
+
+@dataclass
+class ModelIndexEntry:
+    name: str
+    version: str
+    state: ModelState
+    reason: str = ""
+
+
+@dataclass
+class _ModelSlot:
+    """Everything known about one model directory."""
+
+    name: str
+    state: ModelState = ModelState.LOADING
+    reason: str = ""
+    config: ModelConfig | None = None
+    versions: dict[str, LoadedModel] = field(default_factory=dict)
+    default_version: str = ""
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def warmup_inputs(config: ModelConfig, batch_size: int) -> dict[str, np.ndarray]:
+    """Representative inputs: variable dims at the configured size, ones everywhere."""
+    inputs: dict[str, np.ndarray] = {}
+    size = config.warmup.variable_dim_size
+    for tensor in config.inputs or ():
+        if tensor.optional:
+            continue
+        dims = [size if d == -1 else d for d in tensor.dims]
+        shape = ([batch_size] if config.max_batch_size > 0 else []) + dims
+        if tensor.datatype == "BYTES":
+            arr = np.full(shape, b"warmup", dtype=np.object_)
+        else:
+            arr = np.ones(shape, dtype=numpy_dtype(tensor.datatype))
+        inputs[tensor.name] = arr
+    return inputs
+
+
+class ModelManager:
+    """Loads and serves the models of one repository directory.
+
+    Coroutines run on the server's event loop; blocking work (loading, warmup)
+    runs on worker threads. ``get`` is cheap and called on every request.
+    """
+
+    def __init__(self, repository: Path, metrics: ServerMetrics) -> None:
+        self.repository = repository
+        self._metrics = metrics
+        self._slots: dict[str, _ModelSlot] = {}
+        self._listeners: list[Callable[[str, bool], None]] = []
+        self.startup_complete = False
+
+    # -- queries ---------------------------------------------------------------
+
+    def add_listener(self, listener: Callable[[str, bool], None]) -> None:
+        """Called with (model name, ready) whenever a model's readiness changes."""
+        self._listeners.append(listener)
+
+    def model_names(self) -> list[str]:
+        return sorted(self._slots)
+
+    def get(self, name: str, version: str = "") -> LoadedModel:
+        slot = self._slots.get(name)
+        if slot is None:
+            raise ModelNotFound(f"model {name!r} is not in the repository; available models: {self.model_names()}")
+        if slot.state != ModelState.READY:
+            detail = f": {slot.reason}" if slot.reason else ""
+            raise ModelNotReady(f"model {name!r} is {slot.state.value}{detail}")
+        key = version or slot.default_version
+        model = slot.versions.get(key)
+        if model is None:
+            raise ModelNotFound(
+                f"model {name!r} has no version {version!r} being served; served versions: {sorted(slot.versions)}"
+            )
+        return model
+
+    def versions(self, name: str) -> list[str]:
+        slot = self._slots.get(name)
+        return sorted(slot.versions, key=int) if slot else []
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.get(name, version)
+        except TaskServeError:
+            return False
+        return True
+
+    def all_ready(self) -> bool:
+        return bool(self._slots) and all(s.state == ModelState.READY for s in self._slots.values())
+
+    def loaded_models(self) -> list[LoadedModel]:
+        return [m for s in self._slots.values() for m in s.versions.values()]
+
+    def index(self) -> list[ModelIndexEntry]:
+        """Every model directory found, including ones that failed or are not loaded."""
+        entries: list[ModelIndexEntry] = []
+        known = set(self._slots)
+        if self.repository.is_dir():
+            known |= {p.name for p in self.repository.iterdir() if p.is_dir() and not p.name.startswith(".")}
+        for name in sorted(known):
+            slot = self._slots.get(name)
+            if slot is None:
+                entries.append(ModelIndexEntry(name, "", ModelState.UNAVAILABLE, "unloaded"))
+            elif slot.versions:
+                entries.extend(ModelIndexEntry(name, v, slot.state, slot.reason) for v in sorted(slot.versions, key=int))
+            else:
+                entries.append(ModelIndexEntry(name, "", slot.state, slot.reason))
+        return entries
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def discover(self) -> list[str]:
+        """Model directories in the repository (each holds config.yaml or version folders)."""
+        if not self.repository.is_dir():
+            raise FileNotFoundError(f"model repository {self.repository} is not a directory")
+        return sorted(
+            p.name
+            for p in self.repository.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and ((p / "config.yaml").exists() or available_versions(p))
+        )
+
+    async def load_all(self) -> None:
+        """Load every model found, concurrently; failures are recorded, never raised."""
+        names = self.discover()
+        for name in names:
+            self._slots.setdefault(name, _ModelSlot(name))
+        await asyncio.gather(*(self.load(name) for name in names))
+        self.startup_complete = True
+
+    async def load(self, name: str) -> None:
+        """(Re)load a model from disk. A failure marks it UNAVAILABLE and raises nothing;
+        the reason is in ``index()``. Loading a model that is loaded replaces it once
+        the new one is ready."""
+        model_dir = self.repository / name
+        if not model_dir.is_dir():
+            raise ModelNotFound(f"model {name!r} is not in the repository {self.repository}")
+        slot = self._slots.setdefault(name, _ModelSlot(name))
+        async with slot.lock:
+            old = dict(slot.versions)
+            slot.state, slot.reason = (ModelState.LOADING, "") if not old else (slot.state, slot.reason)
+            started = time.perf_counter()
+            try:
+                config = await asyncio.to_thread(load_model_config, model_dir)
+                new_versions = await self._load_versions(name, model_dir, config)
+            except Exception as err:  # any failure stays with this model
+                reason = err.message if isinstance(err, TaskServeError) else f"{type(err).__name__}: {err}"
+                log.error("model %s failed to load: %s", name, reason)
+                if not old:
+                    slot.state, slot.reason = ModelState.UNAVAILABLE, reason
+                    self._notify(name, False)
+                else:
+                    log.warning("keeping the previously loaded versions of %s", name)
+                if not isinstance(err, TaskServeError):
+                    log.debug("load traceback", exc_info=True)
+                return
+            slot.config = config
+            slot.versions = new_versions
+            slot.default_version = max(new_versions, key=int)
+            slot.state, slot.reason = ModelState.READY, ""
+            elapsed = time.perf_counter() - started
+            log.info("model %s ready (versions %s) in %.1fs", name, sorted(new_versions, key=int), elapsed)
+            self._notify(name, True)
+        await self._retire(old.values())
+
+    async def _load_versions(self, name: str, model_dir: Path, config: ModelConfig) -> dict[str, LoadedModel]:
+        versions = select_versions(available_versions(model_dir), config.version_policy)
+        if not versions:
+            raise ModelNotReady(
+                f"{model_dir}: no version directory to serve (expected e.g. {model_dir}/1/{config.default_model_filename})"
+            )
+        loaded: dict[str, LoadedModel] = {}
+        try:
+            for version in versions:
+                loaded[str(version)] = await self._load_version(name, str(version), model_dir, config)
+        except BaseException:
+            await self._retire(loaded.values())
+            raise
+        return loaded
+
+    async def _load_version(self, name: str, version: str, model_dir: Path, config: ModelConfig) -> LoadedModel:
+        started = time.perf_counter()
+        model_path = model_dir / version / config.default_model_filename
+        metrics = self._metrics.for_model(name, version)
+        runtimes: list[Runtime] = []
+
+        def load_and_warm() -> ModelConfig:
+            resolved = config
+            for _ in range(config.instance_count):
+                runtime = create_runtime(model_path, config)
+                runtimes.append(runtime)
+                runtime.load()
+                resolved = resolve_tensors(config, runtime.inputs, runtime.outputs)
+                if config.warmup.enabled:
+                    sizes = [b for b in config.warmup.batch_sizes if config.max_batch_size == 0 or b <= config.max_batch_size]
+                    for batch in sizes or [1]:
+                        runtime.warmup(warmup_inputs(resolved, batch))
+            return resolved
+
+        try:
+            resolved = await asyncio.to_thread(load_and_warm)
+            scheduler = create_scheduler(resolved, runtimes, metrics)
+            await scheduler.start()
+        except BaseException:
+            for runtime in runtimes:
+                runtime.close()
+            raise
+        metrics.loaded(time.perf_counter() - started)
+        metrics.set_ready(True)
+        return LoadedModel(
+            name=name,
+            version=version,
+            config=resolved,
+            model_dir=model_dir,
+            scheduler=scheduler,
+            metrics=metrics,
+            runtimes=runtimes,
+            platform_description=runtimes[0].description,
+        )
+
+    async def unload(self, name: str, drain: bool = True) -> None:
+        """Stop serving a model: refuse new requests, finish queued ones, free the runtimes."""
+        slot = self._slots.get(name)
+        if slot is None:
+            raise ModelNotFound(f"model {name!r} is not loaded; loaded models: {self.model_names()}")
+        async with slot.lock:
+            slot.state = ModelState.UNLOADING
+            self._notify(name, False)
+            await self._retire(slot.versions.values(), drain)
+            del self._slots[name]
+
+    async def _retire(self, models: Iterable[LoadedModel], drain: bool = True) -> None:
+        for model in list(models):
+            model.metrics.set_ready(False)
+            await model.scheduler.stop(drain=drain)
+            for runtime in model.runtimes:
+                await asyncio.to_thread(runtime.close)
+
+    async def stop(self, drain: bool = True) -> None:
+        """Unload everything (graceful shutdown)."""
+        for name in list(self._slots):
+            await self.unload(name, drain)
+
+    def _notify(self, name: str, ready: bool) -> None:
+        for listener in self._listeners:
+            listener(name, ready)

@@ -1,0 +1,163 @@
+"""ONNX Runtime: one InferenceSession per model instance.
+
+Execution providers come from the config in preference order (TensorRT, CUDA,
+CPU) and are skipped when this onnxruntime build lacks them, so a GPU config
+still loads on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from taskserve.server.errors import RuntimeFailure
+from taskserve.server.repository.config import ModelConfig
+from taskserve.server.runtimes.base import Runtime, TensorInfo
+
+log = logging.getLogger(__name__)
+
+# ONNX type strings -> v2 datatypes.
+_ORT_TO_V2 = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+_PROVIDER_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+
+
+def default_intra_op_threads(instance_count: int) -> int:
+    """Split the cores between instances so N instances don't oversubscribe them."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, instance_count))
+
+
+def _dim(d: object) -> int:
+    return d if isinstance(d, int) and d > 0 else -1
+
+
+def _as_text(array: np.ndarray) -> np.ndarray:
+    """ONNX string tensors take Python str; BYTES arrive as UTF-8 bytes (checked by the front end)."""
+    out = np.empty(array.shape, dtype=np.object_)
+    out.reshape(-1)[:] = [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in array.reshape(-1)]
+    return out
+
+
+class OnnxRuntime(Runtime):
+    def __init__(self, model_path: Path, config: ModelConfig) -> None:
+        self.model_path = model_path
+        self.config = config
+        self._session: object | None = None
+        self._inputs: list[TensorInfo] = []
+        self._outputs: list[TensorInfo] = []
+        self.providers: list[str] = []
+
+    def _select_providers(self, available: list[str]) -> list[str | tuple[str, dict[str, object]]]:
+        rc = self.config.runtime
+        chosen: list[str | tuple[str, dict[str, object]]] = []
+        for name in rc.execution_providers:
+            ort_name = _PROVIDER_NAMES[name]
+            if ort_name not in available:
+                continue
+            if name == "tensorrt":
+                cache = rc.tensorrt.cache_dir or str(self.model_path.parent / "trt_cache")
+                options: dict[str, object] = {
+                    "device_id": rc.device_id,
+                    "trt_fp16_enable": rc.tensorrt.fp16,
+                    "trt_int8_enable": rc.tensorrt.int8,
+                    "trt_engine_cache_enable": True,
+                    "trt_engine_cache_path": cache,
+                    "trt_timing_cache_enable": True,
+                    "trt_timing_cache_path": cache,
+                    "trt_max_workspace_size": rc.tensorrt.max_workspace_mb * 1024 * 1024,
+                }
+                chosen.append((ort_name, options))
+            elif name == "cuda":
+                chosen.append((ort_name, {"device_id": rc.device_id}))
+            else:
+                chosen.append(ort_name)
+        if not chosen:
+            raise RuntimeFailure(
+                f"none of the configured execution providers {list(rc.execution_providers)} is available "
+                f"in this onnxruntime build (it has {available}); add 'cpu' to runtime.execution_providers"
+            )
+        return chosen
+
+    def load(self) -> None:
+        import onnxruntime as ort
+
+        if not self.model_path.is_file():
+            raise RuntimeFailure(f"model file {self.model_path} does not exist")
+        rc = self.config.runtime
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = rc.intra_op_threads or default_intra_op_threads(self.config.instance_count)
+        opts.inter_op_num_threads = rc.inter_op_threads
+        opts.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[rc.graph_optimization_level]
+        # Threads spin-wait by default, which steals the cores other instances and the
+        # event loop need between batches.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = self._select_providers(ort.get_available_providers())
+        try:
+            session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=providers)
+        except Exception as err:  # onnxruntime raises its own exception types
+            raise RuntimeFailure(f"onnxruntime could not load {self.model_path}: {err}") from err
+        self.providers = session.get_providers()
+        self._inputs = [TensorInfo(i.name, self._v2_type(i.type), tuple(_dim(d) for d in i.shape)) for i in session.get_inputs()]
+        self._outputs = [TensorInfo(o.name, self._v2_type(o.type), tuple(_dim(d) for d in o.shape)) for o in session.get_outputs()]
+        self._session = session
+        log.info("loaded %s with %s, %d intra-op threads", self.model_path, self.providers, opts.intra_op_num_threads)
+
+    def _v2_type(self, ort_type: str) -> str:
+        try:
+            return _ORT_TO_V2[ort_type]
+        except KeyError:
+            raise RuntimeFailure(f"{self.model_path}: tensor type {ort_type} is not supported") from None
+
+    @property
+    def inputs(self) -> list[TensorInfo]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> list[TensorInfo]:
+        return self._outputs
+
+    def infer(self, inputs: dict[str, np.ndarray], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
+        session = self._session
+        if session is None:
+            raise RuntimeFailure(f"{self.model_path} is not loaded")
+        names = output_names or [o.name for o in self._outputs]
+        feed = {k: (_as_text(v) if v.dtype == np.object_ else v) for k, v in inputs.items()}
+        try:
+            results = session.run(names, feed)  # type: ignore[attr-defined]
+        except Exception as err:
+            raise RuntimeFailure(f"onnxruntime failed on {self.model_path.parent.parent.name}: {err}") from err
+        return dict(zip(names, results, strict=True))
+
+    def close(self) -> None:
+        self._session = None
+
+    @property
+    def description(self) -> str:
+        return f"onnxruntime {', '.join(self.providers)}"

@@ -1,0 +1,23 @@
+"""Server settings, built once in main() (or by tests) and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model_repository: Path
+    host: str = "0.0.0.0"
+    # 0 picks a free port (tests); the bound port is on ServingApp.grpc_port.
+    grpc_port: int = 8001
+    # 0 picks a free port; -1 disables the metrics endpoint.
+    metrics_port: int = 8002
+    max_receive_message_bytes: int = 256 * 1024 * 1024
+    max_send_message_bytes: int = 256 * 1024 * 1024
+    # How long in-flight requests get to finish after SIGTERM.
+    shutdown_grace_s: float = 30.0
+    # Ready only when every model in the repository is READY (otherwise: once startup loading finished).
+    strict_readiness: bool = False
+    reflection: bool = True
