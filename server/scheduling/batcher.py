@@ -122,7 +122,9 @@ class DynamicBatcher(Scheduler):
 
     async def stop(self, drain: bool = True) -> None:
         if self._stop_task is None:
-            self._stop_task = asyncio.get_running_loop().create_task(self._shutdown(drain))
+            started = self._state is not _State.NEW
+            self._state = _State.STOPPING  # refuse new requests from now on
+            self._stop_task = asyncio.get_running_loop().create_task(self._shutdown(drain, started))
         await asyncio.shield(self._stop_task)
 
     # -- admission -------------------------------------------------------------------------
@@ -192,7 +194,7 @@ class DynamicBatcher(Scheduler):
         while True:
             try:
                 timeout = self._dispatch()
-            except Exception:  # noqa: BLE001 - a bug here must not hang every caller
+            except Exception:  # a bug here must not hang every caller
                 log.exception("batcher of model %r failed while forming a batch", self.model)
                 self._fail_queued(ModelNotReady(f"model {self.model!r} hit an internal scheduling error"))
                 timeout = None
@@ -255,9 +257,15 @@ class DynamicBatcher(Scheduler):
         loop = asyncio.get_running_loop()
         try:
             outcomes: list[Outcome] = await loop.run_in_executor(
-                instance.executor, execute_batch, instance.runtime, batch, self.layout, self._clock, self._metrics
+                instance.executor,
+                execute_batch,
+                instance.runtime,
+                batch,
+                self.layout,
+                self._clock,
+                self._metrics,
             )
-        except Exception as err:  # noqa: BLE001 - e.g. the executor was shut down
+        except Exception as err:  # e.g. the executor was shut down
             log.exception("model %r: could not execute a batch", self.model)
             failure = ModelNotReady(f"model {self.model!r} could not execute the request: {err}")
             outcomes = [failure] * len(batch.entries)
@@ -287,9 +295,7 @@ class DynamicBatcher(Scheduler):
 
     # -- shutdown --------------------------------------------------------------------------
 
-    async def _shutdown(self, drain: bool) -> None:
-        started = self._state is not _State.NEW
-        self._state = _State.STOPPING
+    async def _shutdown(self, drain: bool, started: bool) -> None:
         if not drain:
             self._fail_queued(ModelNotReady(f"model {self.model!r} stopped before the request was computed"))
         if started:
@@ -305,7 +311,7 @@ class DynamicBatcher(Scheduler):
             try:
                 # Close on the instance's own thread: runtimes are not thread-safe.
                 await loop.run_in_executor(instance.executor, instance.runtime.close)
-            except Exception:  # noqa: BLE001 - closing must go on for the other instances
+            except Exception:  # closing must go on for the other instances
                 log.exception("model %r: closing instance %d failed", self.model, instance.index)
             instance.executor.shutdown(wait=True)
         self._state = _State.STOPPED

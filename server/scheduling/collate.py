@@ -67,7 +67,9 @@ def collate(requests: Sequence[Mapping[str, np.ndarray]], layout: TensorLayout) 
     padded: dict[str, tuple[int, ...]] = {}
     for name in names:
         spec = layout.inputs.get(name) if layout.inputs is not None else None
-        inputs[name], padded[name] = _stack(name, [r[name] for r in requests], spec.pad_value if spec else 0.0)
+        inputs[name], padded[name] = _stack(
+            name, [r[name] for r in requests], spec.pad_value if spec else 0.0
+        )
     return Collated(
         inputs=inputs,
         rows=tuple(int(r[names[0]].shape[0]) for r in requests),

@@ -51,7 +51,9 @@ class Instance:
 
 
 def _expired(model: str, entry: PendingRequest) -> DeadlineExceeded:
-    return DeadlineExceeded(f"request to model {model!r} passed its deadline while queued; it was not computed")
+    return DeadlineExceeded(
+        f"request to model {model!r} passed its deadline while queued; it was not computed"
+    )
 
 
 def execute_batch(
@@ -89,12 +91,14 @@ def execute_batch(
         infer_done_ns = time.perf_counter_ns()
         per_request = split(outputs, collated, layout, wanted)
         end_ns = time.perf_counter_ns()
-    except Exception as err:  # noqa: BLE001 - any runtime error fails this batch only
+    except Exception as err:  # any runtime error fails this batch only
         if isinstance(err, TaskServeError):
             failure: TaskServeError = err
         else:
             log.exception("model %r failed on a batch of %d rows", layout.model, rows)
-            failure = RuntimeFailure(f"model {layout.model!r} failed on a batch of {rows} rows: {type(err).__name__}: {err}")
+            failure = RuntimeFailure(
+                f"model {layout.model!r} failed on a batch of {rows} rows: {type(err).__name__}: {err}"
+            )
         for i in live:
             outcomes[i] = failure
         return outcomes
@@ -102,12 +106,18 @@ def execute_batch(
     compute_ns = end_ns - start_ns
     if metrics is not None:
         metrics.batch_executed(
-            rows, len(entries), input_done_ns - start_ns, infer_done_ns - input_done_ns, end_ns - infer_done_ns
+            rows,
+            len(entries),
+            input_done_ns - start_ns,
+            infer_done_ns - input_done_ns,
+            end_ns - infer_done_ns,
         )
     for i, outputs_i in zip(live, per_request):
         entry = batch.entries[i]
         queue_ns = start_ns - entry.enqueued_ns
         if metrics is not None:
             metrics.queued(queue_ns)
-        outcomes[i] = InferResult(outputs=outputs_i, queue_ns=queue_ns, compute_ns=compute_ns, batch_size=rows)
+        outcomes[i] = InferResult(
+            outputs=outputs_i, queue_ns=queue_ns, compute_ns=compute_ns, batch_size=rows
+        )
     return outcomes

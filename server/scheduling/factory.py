@@ -30,7 +30,9 @@ def _declared(runtime: Runtime, attribute: str) -> list[TensorInfo] | None:
     return tensors or None
 
 
-def create_scheduler(config: ModelConfig, runtimes: Sequence[Runtime], metrics: ModelMetrics | None = None) -> Scheduler:
+def create_scheduler(
+    config: ModelConfig, runtimes: Sequence[Runtime], metrics: ModelMetrics | None = None
+) -> Scheduler:
     """A scheduler owning ``runtimes`` (one per model instance, already loaded).
 
     Call ``await scheduler.start()`` on the serving event loop before submitting.
@@ -42,5 +44,7 @@ def create_scheduler(config: ModelConfig, runtimes: Sequence[Runtime], metrics: 
             "model %r: config asks for instance_count %d but %d runtimes were given; using %d",
             config.name, config.instance_count, len(runtimes), len(runtimes),
         )  # fmt: skip
-    layout = TensorLayout.from_config(config, _declared(runtimes[0], "inputs"), _declared(runtimes[0], "outputs"))
+    layout = TensorLayout.from_config(
+        config, _declared(runtimes[0], "inputs"), _declared(runtimes[0], "outputs")
+    )
     return DynamicBatcher(layout, BatchPolicy.from_config(config), runtimes, metrics)
