@@ -36,8 +36,12 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# mypy cannot follow the editable install's import hook (clients/ is taskserve.clients),
+# so it reads the packages through a symlinked taskserve/ layout under build/.
 typecheck: setup
-	$(VENV)/bin/mypy --strict clients/__init__.py
+	rm -rf build/typecheck && mkdir -p build/typecheck/taskserve
+	for p in server exporters clients benchmarks; do ln -s $(CURDIR)/$$p build/typecheck/taskserve/$$p; done
+	MYPYPATH=build/typecheck $(VENV)/bin/mypy --strict -p taskserve.clients
 
 protos: setup
 	$(PY) -m taskserve.clients.codegen
