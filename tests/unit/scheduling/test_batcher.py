@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -110,7 +111,7 @@ async def test_preferred_batch_size_is_taken_when_it_can_be_formed() -> None:
     async with running(batcher(config, [runtime]), gate) as s:
         head = asyncio.create_task(s.submit(tokens(1, first=1)))
         await started(runtime)
-        # 1 + 2 rows: 3 is no preferred size, the first 1 + 2 ... is cut to a preferred prefix.
+        # Three single-row requests: 3 rows is no preferred size, so the batch is cut to 2.
         tasks = [
             asyncio.create_task(s.submit(tokens(1, first=f, rows=r))) for f, r in ((10, 1), (20, 1), (30, 1))
         ]
@@ -289,8 +290,7 @@ async def test_default_timeout_fails_a_queued_request_without_waiting_for_an_ins
     config = token_config(dynamic_batching={"default_timeout_us": 20_000})
     async with running(batcher(config, [runtime]), gate) as s:
         # The head request has its own generous deadline, so only the default applies to the second.
-        loop_now = __import__("time").monotonic()
-        head = asyncio.create_task(s.submit(tokens(1, first=1, deadline=loop_now + 600)))
+        head = asyncio.create_task(s.submit(tokens(1, first=1, deadline=time.monotonic() + 600)))
         await started(runtime)
         with pytest.raises(DeadlineExceeded):
             await s.submit(tokens(2, first=50))
@@ -337,6 +337,8 @@ async def test_cancelled_caller_in_a_prefetched_batch_is_skipped() -> None:
         doomed = asyncio.create_task(s.submit(tokens(2, first=50)))
         await until(lambda: s.inflight_count() == 2, "prefetched")
         doomed.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await doomed  # the cancellation is processed before the instance thread moves on
         gate.set()
         await head
         await s.submit(tokens(2, first=60))
@@ -446,3 +448,39 @@ async def test_metrics_record_batches_queue_time_and_pending() -> None:
         "taskserve_pending_requests", {"model": "tokens", "version": "1"}
     )
     assert pending == 0
+
+
+async def test_readme_worked_example() -> None:
+    gate = threading.Event()
+    runtime = FakeRuntime(gate=gate)
+    config = token_config(
+        max_batch_size=32,
+        dynamic_batching={
+            "preferred_batch_sizes": [8, 16, 32],
+            "priority_levels": 2,
+            "default_priority": 2,
+            "length_buckets": [16, 64, 128],
+        },
+    )
+    async with running(batcher(config, [runtime]), gate) as s:
+        busy = asyncio.create_task(s.submit(tokens(1, first=1)))
+        await started(runtime)
+        a, b, c, d = (
+            asyncio.create_task(s.submit(request))
+            for request in (
+                tokens(10, first=100),
+                tokens(12, 11, first=200, rows=2),
+                tokens(90, first=500),
+                tokens(14, first=400, priority=1),
+            )
+        )
+        await until(lambda: s.inflight_count() == 5, "queued")
+        gate.set()
+        results = {name: await task for name, task in zip("abcd", (a, b, c, d))}
+        await busy
+    first_batch, second_batch = runtime.batches[1:]
+    # D first (priority 1), then A, then B's two rows (ids from 200 and 300); C alone later.
+    assert first_ids(first_batch) == [400, 100, 200, 300] and first_batch["ids"].shape == (4, 14)
+    assert first_ids(second_batch) == [500] and second_batch["ids"].shape == (1, 90)
+    shapes = {name: r.outputs["hidden"].shape for name, r in results.items()}
+    assert shapes == {"d": (1, 14, 2), "a": (1, 10, 2), "b": (2, 12, 2), "c": (1, 90, 2)}
