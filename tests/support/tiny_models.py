@@ -80,6 +80,11 @@ def build_test_repository(repo: Path) -> Path:
         {"name": "INPUT1", "datatype": "FP32", "dims": [-1, 3]},
     ]})  # fmt: skip
     write_entry(repo, "slow", slow_graph(), {"max_batch_size": 512, "instance_count": 1})
+    # One request at a time and room for one more in the queue: the queueing tests fill it.
+    write_entry(repo, "slow_queue", slow_graph(), {
+        "max_batch_size": 0, "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1, 256]}],
+        "dynamic_batching": {"max_queue_size": 1},
+    })  # fmt: skip
     # Broken on purpose: a bad config must not stop the others from loading.
     write_entry(repo, "broken_config", identity_graph(TensorProto.FLOAT, ["batch", 2]),
                 {"max_batch_size": 4, "dynamic_batching": {"preferred_batch_sizes": [16]}})  # fmt: skip
