@@ -7,6 +7,7 @@ Pure functions over numpy shapes; no asyncio, no threads.
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ class InputSpec:
     pad_value: float = 0.0
     optional: bool = False
 
-    @property
+    @functools.cached_property
     def variable_axes(self) -> tuple[int, ...]:
         """Indices (into ``dims``) of the axes padded when requests differ."""
         return tuple(i for i, d in enumerate(self.dims) if d == -1)

@@ -87,17 +87,12 @@ class RequestQueue:
                     break
         return best
 
-    def _ordered(self, key: Hashable) -> Iterator[PendingRequest]:
-        for level in self._groups.get(key, ()):
-            yield from list(level)
-
     def peek(self, key: Hashable, max_rows: int, now: float) -> Candidate:
         """The longest run of ``key``'s requests, in priority then arrival order,
         that fits in ``max_rows``. Expired requests met on the way are removed."""
         candidate = Candidate()
         for entry in self._ordered(key):
             if entry.expired(now):
-                self.remove(entry)
                 candidate.expired.append(entry)
                 continue
             if candidate.rows + entry.rows > max_rows:
@@ -105,7 +100,14 @@ class RequestQueue:
                 break
             candidate.entries.append(entry)
             candidate.rows += entry.rows
+        for entry in candidate.expired:
+            self.remove(entry)
         return candidate
+
+    def _ordered(self, key: Hashable) -> Iterator[PendingRequest]:
+        # Lazy: a batch looks at most max_rows live entries, not the whole queue.
+        for level in self._groups.get(key, ()):
+            yield from level
 
     def take(self, entries: list[PendingRequest]) -> None:
         """Remove the given (queued) entries."""
