@@ -109,6 +109,9 @@ class TensorLayout:
         model = self.model
         if not inputs:
             raise InvalidInput(f"request to model {model!r} has no inputs")
+        not_arrays = sorted(n for n, a in inputs.items() if not isinstance(a, np.ndarray))
+        if not_arrays:
+            raise InvalidInput(f"input(s) {not_arrays} of model {model!r} are not numpy arrays")
         if self.inputs is not None:
             unknown = sorted(set(inputs) - set(self.inputs))
             if unknown:

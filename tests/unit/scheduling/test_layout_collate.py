@@ -29,6 +29,7 @@ def ids_mask(*rows: list[int]) -> dict[str, np.ndarray]:
     ("inputs", "message"),
     [
         ({}, "has no inputs"),
+        ({"ids": [[1, 2]], "mask": np.ones((1, 2), np.int64)}, "not numpy arrays"),
         ({"ids": np.zeros((1, 2), np.int64)}, r"lacks required input\(s\) \['mask'\]"),
         ({**ids_mask([1, 2]), "extra": np.zeros((1, 2))}, r"no input\(s\) \['extra'\]"),
         (
