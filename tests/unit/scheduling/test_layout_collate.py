@@ -37,7 +37,7 @@ def ids_mask(*rows: list[int]) -> dict[str, np.ndarray]:
             "disagree on the batch size",
         ),
         ({"ids": np.zeros((1, 2, 3), np.int64), "mask": np.zeros((1, 2), np.int64)}, r"expected \[-1, -1\]"),
-        ({"ids": np.int64(3), "mask": np.zeros((1, 2), np.int64)}, "scalars"),
+        ({"ids": np.array(3, np.int64), "mask": np.zeros((1, 2), np.int64)}, "scalars"),
         ({"ids": np.zeros((0, 2), np.int64), "mask": np.zeros((0, 2), np.int64)}, "has 0 rows"),
         ({"ids": np.zeros((9, 2), np.int64), "mask": np.zeros((9, 2), np.int64)}, "max_batch_size is 8"),
     ],
