@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -27,3 +28,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo repository (real all-MiniLM-L6-v2 and EfficientNet-Lite0), exported once per run."""
+    from taskserve.exporters.demo import build_demo
+
+    out = tmp_path_factory.mktemp("demo-repo")
+    build_demo(out)
+    return out
