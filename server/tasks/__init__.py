@@ -1,0 +1,30 @@
+"""Per-task pre- and post-processing around the scheduler: Python types in,
+small frozen dataclasses out. No gRPC here; front ends convert."""
+
+from __future__ import annotations
+
+from taskserve.server.tasks.base import CallOptions, LabelScore, Task, TaskCache, TaskContext, TaskLimits
+from taskserve.server.tasks.fill_mask import MaskFiller
+from taskserve.server.tasks.image_classification import ImageClassifier
+from taskserve.server.tasks.image_segmentation import ImageSegmenter
+from taskserve.server.tasks.image_text_match import ImageTextMatcher
+from taskserve.server.tasks.object_detection import ObjectDetector
+from taskserve.server.tasks.question_answering import QuestionAnswerer
+from taskserve.server.tasks.sentence_embedding import SentenceEmbedder
+from taskserve.server.tasks.text_classification import TextClassifier
+from taskserve.server.tasks.token_classification import TokenClassifier
+
+# Every typed task, keyed by the config.yaml ``task`` it serves.
+TASKS: dict[str, type[Task]] = {
+    cls.task: cls
+    for cls in (
+        TextClassifier, TokenClassifier, SentenceEmbedder, QuestionAnswerer, MaskFiller,
+        ImageClassifier, ObjectDetector, ImageSegmenter, ImageTextMatcher,
+    )
+}  # fmt: skip
+
+__all__ = [
+    "TASKS", "CallOptions", "LabelScore", "Task", "TaskCache", "TaskContext", "TaskLimits",
+    "TextClassifier", "TokenClassifier", "SentenceEmbedder", "QuestionAnswerer", "MaskFiller",
+    "ImageClassifier", "ObjectDetector", "ImageSegmenter", "ImageTextMatcher",
+]  # fmt: skip
