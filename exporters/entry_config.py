@@ -1,0 +1,55 @@
+"""Build the config.yaml mapping for an exported model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from taskserve.exporters.spec import ExportedModel
+from taskserve.exporters.tasks import GENERATION_TASKS
+
+LABELS_FILE = "labels.txt"
+ENGINE_FILE = "model.plan"
+
+
+def build_config(
+    exported: ExportedModel,
+    name: str,
+    max_batch_size: int,
+    max_queue_delay_us: int,
+    *,
+    int8: bool = False,
+    fp16: bool = False,
+    tensorrt: bool = False,
+) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "name": name,
+        "task": exported.task,
+        "platform": "tensorrt" if tensorrt else "onnxruntime",
+        "max_batch_size": max_batch_size,
+    }
+    if tensorrt:
+        config["default_model_filename"] = ENGINE_FILE
+    elif exported.onnx_files[0] != "model.onnx":
+        config["default_model_filename"] = exported.onnx_files[0]
+    if exported.inputs is not None:
+        config["inputs"] = [t.to_config() for t in exported.inputs]
+    if exported.outputs is not None:
+        config["outputs"] = [t.to_config() for t in exported.outputs]
+    if max_batch_size > 1:
+        config["dynamic_batching"] = {"max_queue_delay_us": max_queue_delay_us, "max_queue_size": 1024}
+    runtime: dict[str, Any] = {}
+    if int8:
+        # Dynamic int8 kernels (MatMulInteger, QAttention) exist on CPU only.
+        runtime["execution_providers"] = ["cpu"]
+    if fp16 or tensorrt:
+        runtime["tensorrt"] = {"fp16": fp16}
+    if runtime:
+        config["runtime"] = runtime
+    if exported.labels:
+        config["labels"] = LABELS_FILE
+    if exported.task in GENERATION_TASKS:
+        # Past key/value inputs need consistent lengths that generic warm-up inputs don't have.
+        config["warmup"] = {"enabled": False}
+    if exported.task_options:
+        config["task_options"] = exported.task_options
+    return config

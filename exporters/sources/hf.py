@@ -1,0 +1,307 @@
+"""Hugging Face transformers models (hub id or local directory), exported with optimum-onnx
+and validated against the PyTorch model on optimum's generated inputs plus tokenized text."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from taskserve.exporters import image_options as images
+from taskserve.exporters.errors import ExportError, UsageError
+from taskserve.exporters.graph_io import read_graph_io, serving_specs
+from taskserve.exporters.optimize import transformer_shape
+from taskserve.exporters.sources.quiet import quiet
+from taskserve.exporters.sources.text_samples import TEXT_KEYS, tokenized_batches
+from taskserve.exporters.spec import ExportedModel, ValidationCase
+from taskserve.exporters.tasks import GENERATION_TASKS, OPTIMUM_TO_TASKSERVE, TEXT_TASKS
+
+DEFAULT_MAX_BATCH = 32
+# Files optimum saves next to the graph that the server's tasks read.
+SERVED_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
+    "generation_config.json",
+)  # fmt: skip
+IMAGE_TASKS = frozenset(
+    {"image-classification", "object-detection", "image-segmentation", "image-text-match"}
+)
+MERGED_DECODER = "decoder_model_merged.onnx"
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or "\\" in model
+
+
+def load_model(model: str, optimum_task: str) -> Any:
+    """Load the PyTorch model for the task from a local directory or the hub."""
+    from optimum.exporters.tasks import TasksManager
+
+    local = Path(model).expanduser()
+    if local.exists():
+        if not local.is_dir() or not (local / "config.json").is_file():
+            raise UsageError(f"{model} is not a Hugging Face model directory (no config.json in it)")
+        model = str(local)
+    elif _looks_like_path(model):
+        raise UsageError(f"model directory {model} does not exist")
+    try:
+        with quiet():
+            loaded = TasksManager.get_model_from_task(
+                optimum_task, model, framework="pt", library_name="transformers"
+            )
+    except (OSError, ValueError, KeyError) as err:
+        hint = "" if local.exists() else " (a hub id needs network access; pass a local directory otherwise)"
+        raise ExportError(
+            f"cannot load {model!r} for {optimum_task}: {str(err).strip().splitlines()[0]}{hint}"
+        ) from None
+    return loaded.eval()
+
+
+def export_hf(model: str, optimum_task: str, work: Path, opset: int | None = None) -> ExportedModel:
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    task = OPTIMUM_TO_TASKSERVE[optimum_task]
+    loaded = load_model(model, optimum_task)
+    raw = work / "optimum"
+    try:
+        with quiet():
+            onnx_export_from_model(loaded, raw, task=optimum_task, opset=opset, do_validation=False)
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise ExportError(f"optimum could not export {model!r} for {optimum_task}: {err}") from None
+    onnx_dir = work / "onnx"
+    onnx_dir.mkdir(parents=True)
+    files = _served_onnx_files(raw)
+    for f in raw.iterdir():
+        if (
+            f.name in files
+            or f.name.startswith(tuple(n + "_data" for n in files))
+            or f.suffix == ".onnx_data"
+        ):
+            shutil.move(f, onnx_dir / f.name)
+    extra = {name: raw / name for name in SERVED_FILES if (raw / name).is_file()}
+
+    tokenizer = _tokenizer(raw) if (raw / "tokenizer.json").is_file() else None
+    if task in TEXT_TASKS | GENERATION_TASKS | {"image-text-match"} and tokenizer is None:
+        raise ExportError(
+            f"{model!r} has no fast tokenizer (tokenizer.json), which the server needs for {task}; "
+            "save one with transformers' PreTrainedTokenizerFast.save_pretrained into the model directory"
+        )
+    config = loaded.config
+    max_length = _max_length(tokenizer, config)
+    options: dict[str, Any] = {}
+    if tokenizer is not None:
+        options.update(tokenizer="tokenizer.json", max_length=max_length)
+    options.update(_task_options(task, config, tokenizer))
+    if "generation_config.json" not in extra:
+        options.pop("generation_config", None)
+    image_opts: dict[str, Any] | None = None
+    if task in IMAGE_TASKS:
+        image_opts = _image_options(raw, config)
+        options["image"] = image_opts
+
+    batched = task not in GENERATION_TASKS and task != "image-text-match"
+    inputs = outputs = None
+    if task not in GENERATION_TASKS:
+        pad = {"input_ids": float(tokenizer.pad_token_id or 0)} if tokenizer is not None else {}
+        fixed: dict[str, tuple[int, ...]] = {}
+        hw = images.input_hw(image_opts) if image_opts else None
+        if hw is not None:
+            fixed["pixel_values"] = (3, *hw) if batched else (-1, 3, *hw)
+        inputs, outputs = serving_specs(onnx_dir / files[0], batched, pad, fixed)
+
+    text_batches = tokenized_batches(tokenizer, task, max_length) if tokenizer is not None and task in TEXT_TASKS | {
+        "image-text-match"} else []  # fmt: skip
+    cases = _validation_cases(loaded, optimum_task, onnx_dir, text_batches)
+    labels = _labels(config) if task in {"text-classification", "token-classification", "image-classification",
+                                         "object-detection", "image-segmentation"} else None  # fmt: skip
+    return ExportedModel(
+        work_dir=onnx_dir, task=task, onnx_files=files, cases=cases, inputs=inputs, outputs=outputs,
+        max_batch_size=DEFAULT_MAX_BATCH if batched else 0, task_options=options, labels=labels,
+        extra_files=extra,
+        transformer=transformer_shape(config.model_type, getattr(config, "num_attention_heads", 0) or 0,
+                                      getattr(config, "hidden_size", 0) or 0) if task in TEXT_TASKS else None,
+        source={"kind": "huggingface", "model": model, "optimum_task": optimum_task,
+                "model_type": config.model_type},
+    )  # fmt: skip
+
+
+def _served_onnx_files(raw: Path) -> list[str]:
+    found = sorted(p.name for p in raw.glob("*.onnx"))
+    if "model.onnx" in found:
+        return ["model.onnx"]
+    if "encoder_model.onnx" in found:
+        decoder = MERGED_DECODER if MERGED_DECODER in found else "decoder_model.onnx"
+        return ["encoder_model.onnx", decoder]
+    if not found:
+        raise ExportError("optimum produced no ONNX file")
+    return found
+
+
+def _tokenizer(raw: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    with quiet():
+        return AutoTokenizer.from_pretrained(raw)
+
+
+def _max_length(tokenizer: Any, config: Any) -> int:
+    limits = [getattr(config, "max_position_embeddings", None), getattr(config, "n_positions", None)]
+    text_config = getattr(config, "text_config", None)
+    if text_config is not None:
+        limits.append(getattr(text_config, "max_position_embeddings", None))
+    if tokenizer is not None and tokenizer.model_max_length < 1_000_000:
+        limits.append(tokenizer.model_max_length)
+    known = [int(x) for x in limits if x]
+    return min(known) if known else 512
+
+
+def _task_options(task: str, config: Any, tokenizer: Any) -> dict[str, Any]:
+    if task == "sentence-embedding":
+        # optimum's feature extraction returns token states; the task pools them.
+        return {"pooling": "mean", "normalize": False, "embedding_output": "last_hidden_state"}
+    if task == "text-classification":
+        multi = getattr(config, "problem_type", None) == "multi_label_classification"
+        return {"activation": "sigmoid" if multi else "softmax"}
+    if task == "image-classification":
+        return {"activation": "softmax"}
+    if task == "fill-mask" and tokenizer is not None:
+        return {"mask_token": tokenizer.mask_token, "mask_token_id": int(tokenizer.mask_token_id)}
+    if task == "object-detection":
+        # DETR-style heads: last logit is "no object"; boxes are (cx, cy, w, h) in 0..1.
+        return {"box_format": "cxcywh", "boxes_normalized": True, "no_object_class": True}
+    if task == "image-segmentation":
+        return {"segmentation": "semantic", "mask_output": "logits"}
+    if task in GENERATION_TASKS:
+        text_config = getattr(config, "text_config", None) or config
+        options: dict[str, Any] = {
+            "eos_token_id": getattr(config, "eos_token_id", None),
+            "pad_token_id": getattr(config, "pad_token_id", None) or getattr(tokenizer, "pad_token_id", None),
+            "num_layers": getattr(text_config, "num_hidden_layers", getattr(text_config, "n_layer", None)),
+        }
+        if task == "text2text-generation":
+            options["encoder_model"] = "encoder_model.onnx"
+            options["decoder_model"] = MERGED_DECODER
+            options["decoder_start_token_id"] = getattr(config, "decoder_start_token_id", None)
+        options["generation_config"] = "generation_config.json"
+        return {k: v for k, v in options.items() if v is not None}
+    return {}
+
+
+def _image_options(raw: Path, config: Any) -> dict[str, Any]:
+    from transformers import AutoImageProcessor
+
+    if not (raw / "preprocessor_config.json").is_file():
+        raise ExportError(
+            "the model has no image processor (preprocessor_config.json); save one with "
+            "AutoImageProcessor.save_pretrained into the model directory"
+        )
+    with quiet():
+        processor = AutoImageProcessor.from_pretrained(raw)
+    return images.from_hf_processor(processor)
+
+
+def _labels(config: Any) -> list[str] | None:
+    id2label = getattr(config, "id2label", None) or {}
+    ids = sorted(int(k) for k in id2label)
+    if not ids or ids != list(range(len(ids))):
+        return None
+    return [str(id2label[i]) for i in ids]
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    return np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+
+
+def _validation_cases(
+    model: Any, optimum_task: str, onnx_dir: Path, text_batches: list[dict[str, np.ndarray]]
+) -> list[ValidationCase]:
+    """One case per (ONNX file, optimum dummy inputs), plus a case per tokenized text batch."""
+    import torch
+    from optimum.exporters.onnx.utils import _get_submodels_and_onnx_configs
+
+    with quiet():
+        _, submodels = _get_submodels_and_onnx_configs(
+            model=model, task=optimum_task, monolith=False, custom_onnx_configs={}, custom_architecture=False,
+            _variant="default", library_name="transformers",
+        )  # fmt: skip
+    pairs: list[tuple[str, Any, Any, set[str]]] = []
+    merged = (onnx_dir / MERGED_DECODER).is_file()
+    for key, (submodel, cfg) in submodels.items():
+        file = f"{key}.onnx"
+        outputs = set(cfg.outputs)  # as exported, before the merge settings below
+        if merged and key in ("decoder_model", "decoder_with_past_model"):
+            # Same settings optimum's post-processing uses to validate both branches.
+            cfg = copy.deepcopy(cfg)
+            cfg.is_merged = True
+            cfg.use_cache_branch = key == "decoder_with_past_model"
+            cfg.use_past_in_inputs = True
+            file = MERGED_DECODER
+        pairs.append((file, submodel, cfg, outputs))
+
+    cases: list[ValidationCase] = []
+    for file, submodel, cfg, outputs in pairs:
+        onnx_inputs = [t.name for t in read_graph_io(onnx_dir / file)[0]]
+        # The config's outputs, not the graph's: a merged decoder's cache branch returns
+        # placeholder cross-attention states the reference does not have.
+        onnx_outputs = [t.name for t in read_graph_io(onnx_dir / file)[1] if t.name in outputs]
+        input_sets = [cfg.generate_dummy_inputs(framework="pt")]
+        uses_past = any("past" in n for n in onnx_inputs)
+        if file == "model.onnx" and not uses_past:
+            for batch in text_batches:
+                inputs = cfg.generate_dummy_inputs(framework="pt")
+                if not all(k in inputs for k in batch if k in TEXT_KEYS and k in onnx_inputs):
+                    continue
+                inputs.update({k: torch.from_numpy(v) for k, v in batch.items() if k in inputs})
+                input_sets.append(inputs)
+        for ref_inputs in input_sets:
+            label = f"{file}#{sum(c.onnx_file == file for c in cases)}"
+            cases.append(_case(file, submodel, cfg, ref_inputs, onnx_inputs, onnx_outputs, label))
+    return cases
+
+
+def _case(
+    file: str,
+    submodel: Any,
+    cfg: Any,
+    ref_inputs: dict[str, Any],
+    onnx_inputs: list[str],
+    onnx_outputs: list[str],
+    label: str,
+) -> ValidationCase:
+    import torch
+
+    call_inputs = cfg.rename_ambiguous_inputs(copy.deepcopy(ref_inputs))
+    with quiet(), cfg.patch_model_for_export(submodel, model_kwargs=None), torch.inference_mode():
+        ref = submodel(**call_inputs)
+    flat: dict[str, np.ndarray] = {}
+    for name, value in ref.items():
+        name = "present" if name == "past_key_values" else name
+        if isinstance(value, (list, tuple)):
+            onnx_name = cfg.torch_to_onnx_output_map.get(name, name)
+            flat.update(
+                {k: _to_numpy(v) for k, v in cfg.flatten_output_collection_property(onnx_name, value).items()}
+            )
+        else:
+            flat[name] = _to_numpy(value)
+    feeds: dict[str, np.ndarray] = {}
+    for name, value in cfg.generate_dummy_inputs_for_validation(ref_inputs, onnx_inputs).items():
+        if isinstance(value, (list, tuple)):
+            feeds.update(
+                {k: _to_numpy(v) for k, v in cfg.flatten_output_collection_property(name, value).items()}
+            )
+        elif isinstance(value, dict):
+            feeds.update({k: _to_numpy(v) for k, v in value.items()})
+        else:
+            feeds[name] = _to_numpy(value)
+    onnx_to_torch = {v: k for k, v in cfg.torch_to_onnx_output_map.items()}
+    expected = {}
+    for name in onnx_outputs:
+        ref_name = onnx_to_torch.get(name, name)
+        if ref_name not in flat:
+            raise ExportError(
+                f"{file}: ONNX output {name!r} has no counterpart in the PyTorch model's outputs"
+            )
+        expected[name] = flat[ref_name]
+    return ValidationCase(file, feeds, expected, label)

@@ -1,0 +1,127 @@
+"""Tiny Hugging Face model directories with random weights, for tests and examples.
+
+Each builder writes a complete local model folder (config, safetensors weights and
+tokenizer.json or preprocessor_config.json) that exports in seconds, offline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from taskserve.exporters.sources.text_samples import CONTEXTS, QUESTIONS, SENTENCES
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+TEXT_LABELS = {
+    "text-classification": ["negative", "neutral", "positive"],
+    "token-classification": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"],
+}
+_BERT_HEADS = {
+    "feature-extraction": "BertModel",
+    "text-classification": "BertForSequenceClassification",
+    "token-classification": "BertForTokenClassification",
+    "question-answering": "BertForQuestionAnswering",
+    "fill-mask": "BertForMaskedLM",
+}
+
+
+def wordpiece_tokenizer(vocab_size: int = 300) -> Any:
+    """A lower-casing BERT WordPiece tokenizer trained on the sample sentences."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    corpus = list(SENTENCES) + list(QUESTIONS) + list(CONTEXTS)
+    tok.train_from_iterator(
+        corpus, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
+    )
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=64,
+    )  # fmt: skip
+
+
+def tiny_bert(directory: Path, task: str, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide BERT for an optimum text task, saved with its tokenizer."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    tokenizer = wordpiece_tokenizer()
+    labels = TEXT_LABELS.get(task, ["LABEL_0", "LABEL_1"])
+    config = transformers.BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+        id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+    )  # fmt: skip
+    model = getattr(transformers, _BERT_HEADS[task])(config).eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def tiny_detr_like(directory: Path, seed: int = 0) -> Path:
+    """A tiny YOLOS object detector (ViT backbone, 3 classes) with its image processor, 64x64 inputs."""
+    import torch
+    from transformers import YolosConfig, YolosForObjectDetection, YolosImageProcessor
+
+    torch.manual_seed(seed)
+    labels = ["cat", "dog", "bird"]
+    config = YolosConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=[64, 64],
+        patch_size=16, num_detection_tokens=5, id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )  # fmt: skip
+    YolosForObjectDetection(config).eval().save_pretrained(directory)
+    YolosImageProcessor(size={"height": 64, "width": 64}, do_pad=False).save_pretrained(directory)
+    return directory
+
+
+def tiny_segformer(directory: Path, seed: int = 0) -> Path:
+    """A tiny SegFormer semantic segmenter (4 classes) with its image processor, 64x64 inputs."""
+    import torch
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
+
+    torch.manual_seed(seed)
+    labels = ["background", "person", "car", "road"]
+    config = SegformerConfig(
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3],
+        strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], decoder_hidden_size=32,
+        id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+    )  # fmt: skip
+    SegformerForSemanticSegmentation(config).eval().save_pretrained(directory)
+    SegformerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(directory)
+    return directory
+
+
+def tiny_clip(directory: Path, seed: int = 0) -> Path:
+    """A tiny CLIP (text + vision towers) with a WordPiece tokenizer and its image processor, 32x32."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(seed)
+    tokenizer = wordpiece_tokenizer()
+    config = CLIPConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "max_position_embeddings": 64,
+                     "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.cls_token_id,
+                     "eos_token_id": tokenizer.sep_token_id},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )  # fmt: skip
+    CLIPModel(config).eval().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        directory
+    )
+    return directory
