@@ -16,7 +16,8 @@ def _from_graph(info: TensorInfo, batched: bool) -> TensorConfig:
     return TensorConfig(name=info.name, datatype=info.datatype, dims=tuple(dims))  # type: ignore[arg-type]
 
 
-def _check(kind: str, configured: TensorConfig, info: TensorInfo, batched: bool, model: str) -> None:
+def _check(kind: str, configured: TensorConfig, info: TensorInfo, batched: bool, model: str) -> TensorConfig:
+    """``configured`` checked against the graph, with -1 dims the graph fixes filled in."""
     if configured.datatype != info.datatype:
         raise ConfigError(
             f"model {model!r}: {kind} {configured.name!r} is configured as {configured.datatype} but the graph "
@@ -29,12 +30,14 @@ def _check(kind: str, configured: TensorConfig, info: TensorInfo, batched: bool,
             f"but the graph fixes it to {info.shape[0]}; set max_batch_size: 0 or re-export with a dynamic batch axis"
         )
     if len(graph_dims) != len(configured.dims) or any(
-        g != -1 and c != g for g, c in zip(graph_dims, configured.dims, strict=False)
+        g != -1 and c not in (-1, g) for g, c in zip(graph_dims, configured.dims, strict=False)
     ):
         raise ConfigError(
             f"model {model!r}: {kind} {configured.name!r} has dims {list(configured.dims)} but the graph declares "
             f"{list(graph_dims)} (without the batch dimension: {batched}); make dims match the graph"
         )
+    merged = tuple(g if c == -1 else c for g, c in zip(graph_dims, configured.dims, strict=True))
+    return configured.model_copy(update={"dims": merged})
 
 
 def resolve_tensors(config: ModelConfig, graph_inputs: list[TensorInfo], graph_outputs: list[TensorInfo]) -> ModelConfig:
@@ -46,15 +49,16 @@ def resolve_tensors(config: ModelConfig, graph_inputs: list[TensorInfo], graph_o
         if configured is None:
             resolved[kind] = tuple(_from_graph(t, batched) for t in graph)
             continue
+        checked = []
         for tensor in configured:
             if tensor.name not in by_name:
                 raise ConfigError(
                     f"model {config.name!r}: {kind} {tensor.name!r} is not in the graph; it has {sorted(by_name)}"
                 )
-            _check(kind, tensor, by_name[tensor.name], batched, config.name)
+            checked.append(_check(kind, tensor, by_name[tensor.name], batched, config.name))
         if kind == "input":
             missing = [t.name for t in graph if t.name not in {c.name for c in configured}]
             if missing:
                 raise ConfigError(f"model {config.name!r}: the graph needs inputs {missing} that config.yaml leaves out")
-        resolved[kind] = tuple(configured)
+        resolved[kind] = tuple(checked)
     return config.model_copy(update={"inputs": resolved["input"], "outputs": resolved["output"]})
