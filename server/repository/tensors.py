@@ -24,11 +24,6 @@ def _check(kind: str, configured: TensorConfig, info: TensorInfo, batched: bool,
             f"declares {info.datatype}; set datatype: {info.datatype}"
         )
     graph_dims = info.shape[1:] if batched else info.shape
-    if batched and info.shape and info.shape[0] not in (-1,):
-        raise ConfigError(
-            f"model {model!r}: max_batch_size > 0 needs a variable first dimension on {kind} {configured.name!r}, "
-            f"but the graph fixes it to {info.shape[0]}; set max_batch_size: 0 or re-export with a dynamic batch axis"
-        )
     if len(graph_dims) != len(configured.dims) or any(
         g != -1 and c not in (-1, g) for g, c in zip(graph_dims, configured.dims, strict=False)
     ):
@@ -46,6 +41,13 @@ def resolve_tensors(config: ModelConfig, graph_inputs: list[TensorInfo], graph_o
     resolved: dict[str, tuple[TensorConfig, ...]] = {}
     for kind, configured, graph in (("input", config.inputs, graph_inputs), ("output", config.outputs, graph_outputs)):
         by_name = {t.name: t for t in graph}
+        for info in graph:
+            if batched and (not info.shape or info.shape[0] != -1):
+                raise ConfigError(
+                    f"model {config.name!r}: max_batch_size > 0 needs a variable first dimension on {kind} "
+                    f"{info.name!r}, but the graph declares {list(info.shape)}; set max_batch_size: 0 or re-export "
+                    "with a dynamic batch axis"
+                )
         if configured is None:
             resolved[kind] = tuple(_from_graph(t, batched) for t in graph)
             continue
