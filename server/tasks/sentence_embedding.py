@@ -1,9 +1,10 @@
 """Sentence embeddings: texts -> vectors, and cosine similarity between texts.
 
 task_options: ``embedding_output`` (default "sentence_embedding" when the model has it, else
-"last_hidden_state"), ``pooling`` ("mean" | "cls" | "max" | "none"; default "none"
-for a pooled output, "mean" for token states), ``normalize`` (default true),
-``truncation``, plus the tokenizer's keys.
+"last_hidden_state"), ``pooled_in_graph`` (true: the output already holds one vector
+per text), ``pooling`` ("mean" | "cls" | "max" | "none"; default "none" for a pooled
+output, "mean" for token states), ``normalize`` (default true; false cannot undo a
+normalization inside the graph), ``truncation``, plus the tokenizer's keys.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class SentenceEmbedder(TextTask):
         pooled = "sentence_embedding"
         default = pooled if names is None or pooled in names else "last_hidden_state"
         output = self.output_name(default, "embedding_output")
+        if self.option("pooled_in_graph", False):
+            # task_options.pooling then only describes what the graph does.
+            return output, "none"
         pooling = self.option("pooling", "none" if output == pooled else "mean")
         if pooling not in POOLINGS:
             raise TaskConfigError(f"model {self.model.name!r}: task_options.pooling {pooling!r} is not one of {POOLINGS}")
