@@ -40,12 +40,12 @@ def dump_yaml(data: Mapping[str, Any]) -> str:
 
 def check_writable(repo: Path) -> None:
     """Fail early, before any export work, when entries cannot be written under ``repo``."""
+    if repo.exists() and not repo.is_dir():
+        raise UsageError(f"output path {repo} exists and is not a directory")
     try:
         repo.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UsageError(f"cannot create output directory {repo}: {err.strerror or err}") from None
-    if not repo.is_dir():
-        raise UsageError(f"output path {repo} exists and is not a directory")
     if not os.access(repo, os.W_OK | os.X_OK):
         raise UsageError(f"output directory {repo} is not writable")
 

@@ -22,7 +22,7 @@ _NP_TYPES = {
 
 def generated_inputs(path: Path, batch: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random inputs matching the graph: symbolic dims -> ``batch`` (axis 0) or ``length``;
-    masks are ones and integer inputs small non-negative ids."""
+    masks are ones and integer inputs ids below 10."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for t in read_graph_io(path)[0]:
@@ -35,7 +35,7 @@ def generated_inputs(path: Path, batch: int, length: int, seed: int = 0) -> dict
         if "mask" in t.name or dtype is np.bool_:
             feeds[t.name] = np.ones(shape, dtype=dtype)
         elif np.issubdtype(dtype, np.integer):
-            feeds[t.name] = rng.integers(0, 100, size=shape).astype(dtype)
+            feeds[t.name] = rng.integers(0, 10, size=shape).astype(dtype)  # valid ids for any vocab >= 10
         else:
             feeds[t.name] = rng.standard_normal(shape).astype(dtype)
     return feeds

@@ -1,0 +1,139 @@
+"""Failure paths: a corrupted graph fails validation with a table and writes nothing; bad
+arguments and a missing TensorRT end with a clear message and a non-zero exit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from taskserve.exporters import cli
+from taskserve.exporters.errors import ValidationFailed
+from taskserve.exporters.sources import hf
+
+
+def _corrupting_export(real: object) -> object:
+    """Wrap the HF source: after export, flip the sign of the classifier weights."""
+
+    def export(*args: object, **kwargs: object) -> object:
+        exported = real(*args, **kwargs)  # type: ignore[operator]
+        path = exported.work_dir / exported.onnx_files[0]
+        model = onnx.load(str(path))
+        init = max(model.graph.initializer, key=lambda t: "classifier" in t.name)
+        assert "classifier" in init.name
+        init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init) * 3 + 0.5, init.name))
+        onnx.save(model, str(path))
+        return exported
+
+    return export
+
+
+def _no_leftovers(repo: Path) -> None:
+    assert not repo.exists() or list(repo.iterdir()) == []
+
+
+def test_corrupted_graph_fails_with_table_and_writes_nothing(
+    tiny_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(hf, "export_hf", _corrupting_export(hf.export_hf))
+    repo = tmp_path / "repo"
+    argv = ["hf", str(tiny_dirs["textcls"]), "--task", "text-classification", "--out", str(repo), "--name", "bad"]
+    assert cli.main(argv) == ValidationFailed.exit_code == 3
+    err = capsys.readouterr().err
+    assert "does not match the source model" in err
+    assert "logits" in err and "MISMATCH" in err and "max abs diff" in err
+    assert "validate  failed" in err  # the summary table marks the failed step
+    assert "Traceback" not in err
+    _no_leftovers(repo)
+
+
+def test_failed_reexport_keeps_the_previous_entry(
+    tiny_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = tmp_path / "repo"
+    assert cli.main(["hf", str(tiny_dirs["textcls"]), "--task", "text-classification", "--out", str(repo),
+                     "--name", "cls", "--quiet", "--no-optimize"]) == 0  # fmt: skip
+    before = (repo / "cls" / "1" / "model.onnx").read_bytes()
+    monkeypatch.setattr(hf, "export_hf", _corrupting_export(hf.export_hf))
+    with pytest.raises(ValidationFailed):
+        from taskserve.exporters.api import export_hf
+
+        export_hf(tiny_dirs["textcls"], "text-classification", repo, "cls", progress=False, optimize=False)
+    assert (repo / "cls" / "1" / "model.onnx").read_bytes() == before
+    assert sorted(p.name for p in repo.iterdir()) == ["cls"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["hf", "{model}", "--task", "summarize-everything"], "unknown task 'summarize-everything'"),
+        (["hf", "{missing}", "--task", "text-classification"], "does not exist"),
+        (["hf", "{tmp}", "--task", "text-classification"], "not a Hugging Face model directory"),
+        (["sentence-transformers", "{missing}"], "does not exist"),
+        (["sentence-transformers", "{model}"], "no modules.json"),
+        (["onnx", "{missing}.onnx", "--name", "m"], "does not exist"),
+        (["hf", "{model}", "--task", "text-classification", "--quantize", "int4"], "unknown quantization 'int4'"),
+        (["hf", "{model}", "--task", "text-classification", "--quantize", "int8", "--fp16"], "cannot be combined"),
+        (["hf", "{model}", "--task", "text-classification", "--name", "bad/name"], "invalid model name"),
+        (["demo", "--model", "resnet"], "unknown demo model"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_clear_message(
+    argv: list[str], message: str, tiny_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    values = {"model": str(tiny_dirs["textcls"]), "missing": str(tmp_path / "nowhere"), "tmp": str(tmp_path)}
+    args = [a.format(**values) for a in argv] + ["--out", str(tmp_path / "repo")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    _no_leftovers(tmp_path / "repo")
+
+
+@pytest.mark.parametrize("where", ["is_file", "under_file"])
+def test_unwritable_output_exits_2(
+    where: str, tiny_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "occupied"
+    blocker.write_text("a file, not a directory")
+    out = blocker if where == "is_file" else blocker / "repo"
+    argv = ["hf", str(tiny_dirs["textcls"]), "--task", "text-classification", "--out", str(out)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(out if where == "is_file" else blocker / "repo") in err
+    assert "not a directory" in err.lower()
+
+
+def test_missing_required_argument_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["hf", "some/model"])
+    assert exc.value.code == 2
+    assert "--task" in capsys.readouterr().err
+
+
+def test_tensorrt_without_tensorrt_stops_cleanly(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Through the installed console script: exit 4, a message, no traceback, nothing written."""
+    if _has_tensorrt():
+        pytest.skip("TensorRT is installed here")
+    script = Path(sys.executable).parent / "taskserve-export"
+    repo = tmp_path / "repo"
+    proc = subprocess.run(
+        [str(script), "hf", str(tiny_dirs["textcls"]), "--task", "text-classification", "--out", str(repo),
+         "--tensorrt", "--fp16"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 4, proc.stderr
+    assert "TensorRT is not installed" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    _no_leftovers(repo)
+
+
+def _has_tensorrt() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
+
