@@ -24,7 +24,20 @@ TASKS: dict[str, type[Task]] = {
 }  # fmt: skip
 
 __all__ = [
-    "TASKS", "CallOptions", "LabelScore", "Task", "TaskCache", "TaskContext", "TaskLimits",
-    "TextClassifier", "TokenClassifier", "SentenceEmbedder", "QuestionAnswerer", "MaskFiller",
-    "ImageClassifier", "ObjectDetector", "ImageSegmenter", "ImageTextMatcher",
+    "TASKS",
+    "CallOptions",
+    "ImageClassifier",
+    "ImageSegmenter",
+    "ImageTextMatcher",
+    "LabelScore",
+    "MaskFiller",
+    "ObjectDetector",
+    "QuestionAnswerer",
+    "SentenceEmbedder",
+    "Task",
+    "TaskCache",
+    "TaskContext",
+    "TaskLimits",
+    "TextClassifier",
+    "TokenClassifier",
 ]  # fmt: skip

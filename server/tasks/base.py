@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import ClassVar, Protocol, TypeVar
 
 import numpy as np
-
 from taskserve.clients.datatypes import numpy_dtype
 from taskserve.server.errors import Code, ConfigError, InvalidInput, Overloaded, WrongTask
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.scheduling.base import InferRequest, Scheduler
+from typing_extensions import Self
 
 T = TypeVar("T")
 
@@ -139,7 +139,7 @@ class Task:
         self._labels = self._read_labels()
 
     @classmethod
-    def load(cls: type[TaskT], model: ServedModel, context: TaskContext) -> TaskT:
+    def load(cls, model: ServedModel, context: TaskContext) -> Self:
         return cls(model, context)
 
     # -- helpers for subclasses ------------------------------------------------
@@ -255,7 +255,9 @@ class Task:
         else:
             chunks = [{k: v[i : i + limit] for k, v in inputs.items()} for i in range(0, rows, limit)]
         requests = [
-            InferRequest(inputs=chunk, output_names=wanted, priority=options.priority, deadline=options.deadline)
+            InferRequest(
+                inputs=chunk, output_names=wanted, priority=options.priority, deadline=options.deadline
+            )
             for chunk in chunks
         ]
         results = await asyncio.gather(*(self.model.scheduler.submit(r) for r in requests))
@@ -287,25 +289,32 @@ class TaskCache:
     def __init__(self, context: TaskContext) -> None:
         self.context = context
         self._entries: dict[tuple[str, str, type[Task]], tuple[ServedModel, Task]] = {}
+        # Loads in progress, so concurrent first requests share one load.
         self._loading: dict[tuple[str, str, type[Task]], asyncio.Future[Task]] = {}
 
     async def get(self, model: ServedModel, cls: type[TaskT]) -> TaskT:
         check_task(model, cls.task)
         key = (model.name, model.version, cls)
         entry = self._entries.get(key)
-        if entry is not None and entry[0] is model:
-            return entry[1]  # type: ignore[return-value]
-        pending = self._loading.get(key)
-        if pending is None:
-            pending = asyncio.ensure_future(self.context.run(cls.load, model, self.context))
-            self._loading[key] = pending  # type: ignore[assignment]
-            try:
-                task = await pending
-            finally:
-                del self._loading[key]
-            self._entries[key] = (model, task)
-            return task
-        return await pending  # type: ignore[return-value]
+        if entry is None or entry[0] is not model:
+            pending = self._loading.get(key)
+            if pending is None:
+                pending = asyncio.ensure_future(self._load(model, cls))
+                self._loading[key] = pending
+                try:
+                    self._entries[key] = (model, await pending)
+                finally:
+                    del self._loading[key]
+            else:
+                await pending
+            entry = self._entries[key]
+        task = entry[1]
+        assert isinstance(task, cls)
+        return task
+
+    async def _load(self, model: ServedModel, cls: type[Task]) -> Task:
+        loaded: Task = await self.context.run(cls.load, model, self.context)
+        return loaded
 
 
 def check_task(model: ServedModel, expected: str) -> None:
@@ -319,7 +328,9 @@ def check_count(what: str, count: int, limits: TaskLimits) -> None:
     if count == 0:
         raise InvalidInput(f"{what}: the request holds none; send at least one")
     if count > limits.max_items:
-        raise InvalidInput(f"{what}: {count} items exceed the limit of {limits.max_items} per request; split the request")
+        raise InvalidInput(
+            f"{what}: {count} items exceed the limit of {limits.max_items} per request; split the request"
+        )
 
 
 def check_texts(what: str, texts: Sequence[str], limits: TaskLimits) -> None:

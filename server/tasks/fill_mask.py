@@ -12,9 +12,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
 from taskserve.server.errors import InvalidInput
-from taskserve.server.tasks.base import CallOptions, ServedModel, TaskConfigError, TaskContext, check_texts, softmax, top_k_indices
+from taskserve.server.tasks.base import (
+    CallOptions,
+    ServedModel,
+    TaskConfigError,
+    TaskContext,
+    check_texts,
+    softmax,
+    top_k_indices,
+)
 from taskserve.server.tasks.text import TextTask
 from taskserve.server.tasks.tokenization import TokenBatch
 
@@ -76,7 +83,9 @@ class MaskFiller(TextTask):
         # A lone subword decodes with its continuation marker; callers want the text.
         return self.tokenizer.decode([token_id]).strip().removeprefix("##")
 
-    def _predict(self, text: str, batch: TokenBatch, row: int, logits: np.ndarray, top_k: int) -> tuple[MaskPrediction, ...]:
+    def _predict(
+        self, text: str, batch: TokenBatch, row: int, logits: np.ndarray, top_k: int
+    ) -> tuple[MaskPrediction, ...]:
         encoding = batch.encodings[row]
         positions = [t for t, i in enumerate(encoding.ids) if i == self.mask_id]
         predictions = []
@@ -86,20 +95,30 @@ class MaskFiller(TextTask):
             completions = []
             for token_id in top_k_indices(probs, top_k):
                 token = self._display(int(token_id))
-                completions.append(Completion(token, int(token_id), float(probs[token_id]), text[:start] + token + text[end:]))
+                completions.append(
+                    Completion(
+                        token, int(token_id), float(probs[token_id]), text[:start] + token + text[end:]
+                    )
+                )
             predictions.append(MaskPrediction(start, tuple(completions)))
         return tuple(predictions)
 
-    async def fill(self, texts: Sequence[str], params: FillParams, options: CallOptions) -> list[tuple[MaskPrediction, ...]]:
+    async def fill(
+        self, texts: Sequence[str], params: FillParams, options: CallOptions
+    ) -> list[tuple[MaskPrediction, ...]]:
         """Per text, one prediction per mask token, in text order."""
         check_texts("texts", texts, self.context.limits)
         for i, text in enumerate(texts):
             if self.mask_token not in text:
-                raise InvalidInput(f"texts[{i}] holds no mask token; put {self.mask_token!r} where a word is missing")
+                raise InvalidInput(
+                    f"texts[{i}] holds no mask token; put {self.mask_token!r} where a word is missing"
+                )
         batch = await self.tokenize(texts, self.truncate(params.truncate))
         for i, enc in enumerate(batch.encodings):
             if self.mask_id not in enc.ids:
-                raise InvalidInput(f"texts[{i}]: truncation cut off every mask token; move the mask earlier or shorten the text")
+                raise InvalidInput(
+                    f"texts[{i}]: truncation cut off every mask token; move the mask earlier or shorten the text"
+                )
         top_k = params.top_k or self.option("top_k", 5)
         output = self.output_name("logits")
 

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
 from taskserve.server.tasks.base import CallOptions, LabelScore, ScoreFunction, apply_function, ranked
 from taskserve.server.tasks.images import ImageSource
 from taskserve.server.tasks.vision import VisionTask
@@ -31,7 +30,9 @@ class ImageClassifier(VisionTask):
         """One ranked label list per image, in order."""
         batch = await self.pixels(images)
         output = self.output_name("logits")
-        logits = (await self.infer({self.pixel_input: batch.pixels}, options, [output]))[output].astype(np.float32)
+        logits = (await self.infer({self.pixel_input: batch.pixels}, options, [output]))[output].astype(
+            np.float32
+        )
         function = self.score_function_option() or ScoreFunction.SOFTMAX
         labels = self.labels(logits.shape[-1])
         top_k = params.top_k or self.option("top_k", 5)

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
 from taskserve.server.tasks.base import CallOptions, softmax
 from taskserve.server.tasks.images import ImageSource, encode_png, resize_plane
 from taskserve.server.tasks.vision import VisionTask
@@ -42,7 +41,9 @@ class Segmentation:
     height: int
 
 
-def segment_one(logits: np.ndarray, size: tuple[int, int], labels: Sequence[str], min_area: int) -> Segmentation:
+def segment_one(
+    logits: np.ndarray, size: tuple[int, int], labels: Sequence[str], min_area: int
+) -> Segmentation:
     """One image's (classes, h, w) logits -> segments at the original (height, width)."""
     height, width = size
     probs = softmax(logits, axis=0)
@@ -70,10 +71,14 @@ class ImageSegmenter(VisionTask):
     ) -> list[Segmentation]:
         batch = await self.pixels(images)
         output = self.output_name("logits", "mask_output")
-        logits = (await self.infer({self.pixel_input: batch.pixels}, options, [output]))[output].astype(np.float32)
+        logits = (await self.infer({self.pixel_input: batch.pixels}, options, [output]))[output].astype(
+            np.float32
+        )
         labels = self.labels(logits.shape[1])
 
         def postprocess() -> list[Segmentation]:
-            return [segment_one(logits[i], size, labels, params.min_area) for i, size in enumerate(batch.sizes)]
+            return [
+                segment_one(logits[i], size, labels, params.min_area) for i, size in enumerate(batch.sizes)
+            ]
 
         return await self.offload("postprocess", postprocess)

@@ -16,8 +16,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-from taskserve.server.tasks.base import CallOptions, ServedModel, TaskConfigError, TaskContext, check_texts, softmax
+from taskserve.server.tasks.base import (
+    CallOptions,
+    ServedModel,
+    TaskConfigError,
+    TaskContext,
+    check_texts,
+    softmax,
+)
 from taskserve.server.tasks.images import ImageSource
 from taskserve.server.tasks.sentence_embedding import l2_normalize
 from taskserve.server.tasks.text import TextTask

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-
 from taskserve.server.errors import InvalidInput
 from taskserve.server.tasks.base import TaskConfigError
 
@@ -32,6 +31,7 @@ _RESAMPLE = {
 # Hugging Face's default normalization (IMAGENET_STANDARD_MEAN / _STD).
 _DEFAULT_MEAN = (0.5, 0.5, 0.5)
 _DEFAULT_STD = (0.5, 0.5, 0.5)
+_FLOAT32: np.dtype[np.generic] = np.dtype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -59,22 +59,22 @@ def decode_image(source: ImageSource, max_pixels: int, what: str) -> np.ndarray:
         with warnings.catch_warnings():
             # Pillow warns (and past twice its limit, raises) on huge images; our own limit decides.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(source), formats=ALLOWED_FORMATS)
-            width, height = image.size
+            opened = Image.open(io.BytesIO(source), formats=ALLOWED_FORMATS)
+            # The header gives the size before any pixel is decoded.
+            width, height = opened.size
             if width * height > max_pixels:
                 raise InvalidInput(
                     f"{what} is {width}x{height} pixels, over the limit of {max_pixels}; send a smaller image"
                 )
-            image = ImageOps.exif_transpose(image)
-            rgb = image.convert("RGB")
+            rgb = ImageOps.exif_transpose(opened).convert("RGB")
     except InvalidInput:
         raise
     except Image.DecompressionBombError:
-        raise InvalidInput(f"{what} declares too many pixels (over {max_pixels}); send a smaller image") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise InvalidInput(
-            f"{what} could not be decoded as {', '.join(ALLOWED_FORMATS)}: {err}"
+            f"{what} declares too many pixels (over {max_pixels}); send a smaller image"
         ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise InvalidInput(f"{what} could not be decoded as {', '.join(ALLOWED_FORMATS)}: {err}") from None
     return np.asarray(rgb, dtype=np.uint8)
 
 
@@ -104,7 +104,9 @@ def _pair(value: object, key: str, model: str) -> tuple[int, int]:
         return int(value[0]), int(value[1])
     if isinstance(value, Mapping) and "height" in value and "width" in value:
         return int(value["height"]), int(value["width"])
-    raise TaskConfigError(f"model {model!r}: {key} must be a size, [height, width] or {{height, width}}; got {value!r}")
+    raise TaskConfigError(
+        f"model {model!r}: {key} must be a size, [height, width] or {{height, width}}; got {value!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ class ImagePreprocessing:
     std: tuple[float, ...] = _DEFAULT_STD
     channels_first: bool = True
     bgr: bool = False
-    dtype: np.dtype[np.generic] = np.dtype(np.float32)
+    dtype: np.dtype[np.generic] = _FLOAT32
 
     @property
     def output_size(self) -> tuple[int, int] | None:
@@ -137,12 +139,14 @@ class ImagePreprocessing:
             w, h = pil.size
             scale = self.shortest_edge / min(w, h)
             pil = pil.resize((max(1, round(w * scale)), max(1, round(h * scale))), self.resample)
-        pixels = np.asarray(pil, dtype=np.float32)
+        pixels: np.ndarray = np.asarray(pil, dtype=np.float32)
         if self.bgr:
             pixels = pixels[:, :, ::-1]
         if self.crop is not None:
             pixels = _center_crop(pixels, *self.crop)
-        pixels = (pixels * self.rescale_factor - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        pixels = (pixels * self.rescale_factor - np.asarray(self.mean, np.float32)) / np.asarray(
+            self.std, np.float32
+        )
         if self.channels_first:
             pixels = pixels.transpose(2, 0, 1)
         return np.ascontiguousarray(pixels, dtype=self.dtype)
@@ -170,7 +174,9 @@ def _center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     return pixels[top : top + height, left : left + width]
 
 
-def read_preprocessor_config(model_dir: Path, filename: str = "preprocessor_config.json") -> dict[str, object]:
+def read_preprocessor_config(
+    model_dir: Path, filename: str = "preprocessor_config.json"
+) -> dict[str, object]:
     path = model_dir / filename
     if not path.is_file():
         return {}
@@ -240,7 +246,9 @@ def preprocessing_from(
     size = _pair(settings["size"], "image size", model) if "size" in settings else None
     mode = str(settings.get("resize_mode", "exact"))
     if mode not in ("exact", "shortest_edge"):
-        raise TaskConfigError(f"model {model!r}: image resize_mode must be exact or shortest_edge, got {mode!r}")
+        raise TaskConfigError(
+            f"model {model!r}: image resize_mode must be exact or shortest_edge, got {mode!r}"
+        )
     crop = _pair(settings["crop"], "image crop", model) if settings.get("crop") else None
     exact, shortest = (size, None) if mode == "exact" else (None, size[0] if size else None)
     if fixed_size:
@@ -249,12 +257,19 @@ def preprocessing_from(
     elif exact is None and shortest is None:
         exact = dims_size
     if exact is None and shortest is None and crop is None:
-        raise TaskConfigError(f"model {model!r}: no image size known; set task_options.image.size, e.g. [224, 224]")
+        raise TaskConfigError(
+            f"model {model!r}: no image size known; set task_options.image.size, e.g. [224, 224]"
+        )
 
     resample_name = str(settings.get("resample", "bilinear"))
     if resample_name not in _RESAMPLE:
-        raise TaskConfigError(f"model {model!r}: image resample must be one of {sorted(_RESAMPLE)}, got {resample_name!r}")
-    mean, std = _triple(settings.get("mean", _DEFAULT_MEAN), "mean", model), _triple(settings.get("std", _DEFAULT_STD), "std", model)
+        raise TaskConfigError(
+            f"model {model!r}: image resample must be one of {sorted(_RESAMPLE)}, got {resample_name!r}"
+        )
+    mean, std = (
+        _triple(settings.get("mean", _DEFAULT_MEAN), "mean", model),
+        _triple(settings.get("std", _DEFAULT_STD), "std", model),
+    )
     if any(v == 0 for v in std):
         raise TaskConfigError(f"model {model!r}: image std values must be non-zero, got {list(std)}")
     return ImagePreprocessing(
@@ -266,10 +281,12 @@ def preprocessing_from(
 
 def _triple(value: object, key: str, model: str) -> tuple[float, float, float]:
     if isinstance(value, (int, float)):
-        return (float(value),) * 3  # type: ignore[return-value]
+        return (float(value), float(value), float(value))
     if isinstance(value, (list, tuple)) and len(value) == 3:
         return (float(value[0]), float(value[1]), float(value[2]))
-    raise TaskConfigError(f"model {model!r}: {key} must be a number or three numbers (R, G, B), got {value!r}")
+    raise TaskConfigError(
+        f"model {model!r}: {key} must be a number or three numbers (R, G, B), got {value!r}"
+    )
 
 
 def encode_png(mask: np.ndarray) -> bytes:

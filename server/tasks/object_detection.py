@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
 from taskserve.server.errors import InvalidInput
 from taskserve.server.tasks.base import CallOptions, TaskConfigError, sigmoid, softmax
 from taskserve.server.tasks.images import ImageSource
@@ -95,8 +94,14 @@ class ObjectDetector(VisionTask):
     fixed_size = True
 
     def _thresholds(self, params: DetectParams) -> tuple[float, float, int]:
-        score = params.score_threshold if params.score_threshold is not None else self.option("score_threshold", 0.5)
-        overlap = params.iou_threshold if params.iou_threshold is not None else self.option("iou_threshold", 0.5)
+        score = (
+            params.score_threshold
+            if params.score_threshold is not None
+            else self.option("score_threshold", 0.5)
+        )
+        overlap = (
+            params.iou_threshold if params.iou_threshold is not None else self.option("iou_threshold", 0.5)
+        )
         limit = params.max_detections or self.option("max_detections", 100)
         if not 0.0 <= score <= 1.0:
             raise InvalidInput(f"score_threshold must be in [0, 1], got {score}")
@@ -114,7 +119,9 @@ class ObjectDetector(VisionTask):
         """xyxy boxes in [0, 1] of the model input."""
         box_format = self.option("box_format", "cxcywh")
         if box_format not in ("cxcywh", "xyxy"):
-            raise TaskConfigError(f"model {self.model.name!r}: task_options.box_format must be cxcywh or xyxy")
+            raise TaskConfigError(
+                f"model {self.model.name!r}: task_options.box_format must be cxcywh or xyxy"
+            )
         xyxy = to_xyxy(boxes, box_format)
         if not self.option("boxes_normalized", True):
             size = self.preprocessing.output_size
@@ -124,7 +131,12 @@ class ObjectDetector(VisionTask):
         return xyxy
 
     def _detect_one(
-        self, logits: np.ndarray, boxes: np.ndarray, size: tuple[int, int], labels: list[str], thresholds: tuple[float, float, int]
+        self,
+        logits: np.ndarray,
+        boxes: np.ndarray,
+        size: tuple[int, int],
+        labels: list[str],
+        thresholds: tuple[float, float, int],
     ) -> ImageDetections:
         score_min, iou_max, limit = thresholds
         height, width = size
@@ -139,7 +151,9 @@ class ObjectDetector(VisionTask):
         classes, best = classes[keep], best[keep]
         kept = nms(xyxy, best, classes, iou_max)[:limit]
         detections = tuple(
-            Detection(labels[int(classes[i])], float(best[i]), int(classes[i]), Box(*(float(v) for v in xyxy[i])))
+            Detection(
+                labels[int(classes[i])], float(best[i]), int(classes[i]), Box(*(float(v) for v in xyxy[i]))
+            )
             for i in kept
         )
         return ImageDetections(detections, width, height)
@@ -157,7 +171,8 @@ class ObjectDetector(VisionTask):
 
         def postprocess() -> list[ImageDetections]:
             return [
-                self._detect_one(logits[i], boxes[i], size, labels, thresholds) for i, size in enumerate(batch.sizes)
+                self._detect_one(logits[i], boxes[i], size, labels, thresholds)
+                for i, size in enumerate(batch.sizes)
             ]
 
         return await self.offload("postprocess", postprocess)

@@ -15,12 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from tokenizers import Encoding
-
 from taskserve.server.errors import InvalidInput
 from taskserve.server.tasks.base import CallOptions, check_count, softmax
 from taskserve.server.tasks.text import TextTask
 from taskserve.server.tasks.tokenization import TokenBatch
+from tokenizers import Encoding
 
 # A window needs room for at least this many context tokens beside the question.
 _MIN_CONTEXT_TOKENS = 8
@@ -111,7 +110,9 @@ class QuestionAnswerer(TextTask):
                 if not value.strip():
                     raise InvalidInput(f"items[{i}].{field} is empty")
                 if len(value) > limit:
-                    raise InvalidInput(f"items[{i}].{field} has {len(value)} characters, over the limit of {limit}")
+                    raise InvalidInput(
+                        f"items[{i}].{field} has {len(value)} characters, over the limit of {limit}"
+                    )
 
     def _encode(self, items: Sequence[QAItem], stride: int) -> _Windows:
         """Blocking: every item's windows, padded into one batch."""
@@ -130,7 +131,9 @@ class QuestionAnswerer(TextTask):
             owners += [i] * len(windows)
         return _Windows(self.batch(encodings), owners)
 
-    async def answer(self, items: Sequence[QAItem], params: AnswerParams, options: CallOptions) -> list[tuple[Answer, ...]]:
+    async def answer(
+        self, items: Sequence[QAItem], params: AnswerParams, options: CallOptions
+    ) -> list[tuple[Answer, ...]]:
         """The best answers per item, best first."""
         self._check(items)
         top_k = params.top_k or self.option("top_k", 1)
@@ -139,7 +142,9 @@ class QuestionAnswerer(TextTask):
         windows = await self.offload("preprocess", self._encode, items, stride)
         start_name = self.output_name("start_logits", "start_output")
         end_name = self.output_name("end_logits", "end_output")
-        out = await self.run_model(windows.batch, options, [start_name, end_name], per_token=[start_name, end_name])
+        out = await self.run_model(
+            windows.batch, options, [start_name, end_name], per_token=[start_name, end_name]
+        )
         starts, ends = out[start_name].astype(np.float32), out[end_name].astype(np.float32)
 
         def postprocess() -> list[tuple[Answer, ...]]:

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
 from taskserve.server.errors import InvalidInput
 from taskserve.server.tasks.base import CallOptions, TaskConfigError, check_texts
 from taskserve.server.tasks.text import TextTask
@@ -32,10 +31,12 @@ class EmbedParams:
 def pool(states: np.ndarray, mask: np.ndarray, method: str) -> np.ndarray:
     """Token states (rows, tokens, dim) to one vector per row, ignoring padding."""
     if method == "cls":
-        return states[:, 0]
+        first: np.ndarray = states[:, 0]
+        return first
     weights = mask[:, : states.shape[1], None].astype(np.float32)
     if method == "max":
-        return np.where(weights > 0, states, -np.inf).max(axis=1)
+        peak: np.ndarray = np.where(weights > 0, states, -np.inf).max(axis=1)
+        return peak
     summed = (states * weights).sum(axis=1)
     out: np.ndarray = summed / np.clip(weights.sum(axis=1), 1e-9, None)
     return out
@@ -60,10 +61,14 @@ class SentenceEmbedder(TextTask):
             return output, "none"
         pooling = self.option("pooling", "none" if output == pooled else "mean")
         if pooling not in POOLINGS:
-            raise TaskConfigError(f"model {self.model.name!r}: task_options.pooling {pooling!r} is not one of {POOLINGS}")
+            raise TaskConfigError(
+                f"model {self.model.name!r}: task_options.pooling {pooling!r} is not one of {POOLINGS}"
+            )
         return output, pooling
 
-    async def embed(self, texts: Sequence[str], params: EmbedParams, options: CallOptions, what: str = "texts") -> np.ndarray:
+    async def embed(
+        self, texts: Sequence[str], params: EmbedParams, options: CallOptions, what: str = "texts"
+    ) -> np.ndarray:
         """One float32 vector per text, (rows, dim)."""
         check_texts(what, texts, self.context.limits)
         batch = await self.tokenize(texts, self.truncate(params.truncate), what)
@@ -86,17 +91,23 @@ class SentenceEmbedder(TextTask):
 
         return await self.offload("postprocess", postprocess)
 
-    async def compare(self, source: str, candidates: Sequence[str], truncate: bool | None, options: CallOptions) -> np.ndarray:
+    async def compare(
+        self, source: str, candidates: Sequence[str], truncate: bool | None, options: CallOptions
+    ) -> np.ndarray:
         """Cosine similarity of ``source`` to each candidate, (candidates,)."""
         if not source.strip():
             raise InvalidInput("source is empty; send the text to compare the candidates with")
         if len(source) > self.context.limits.max_text_chars:
-            raise InvalidInput(f"source has {len(source)} characters, over the limit of {self.context.limits.max_text_chars}")
+            raise InvalidInput(
+                f"source has {len(source)} characters, over the limit of {self.context.limits.max_text_chars}"
+            )
         check_texts("candidates", candidates, self.context.limits)
         cut = self.truncate(truncate)
 
         def encode() -> TokenBatch:
-            encodings = self.tokenizer.encode([source], cut, "source") + self.tokenizer.encode(candidates, cut, "candidates")
+            encodings = self.tokenizer.encode([source], cut, "source") + self.tokenizer.encode(
+                candidates, cut, "candidates"
+            )
             return self.batch(encodings)
 
         batch = await self.offload("preprocess", encode)

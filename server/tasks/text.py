@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-
 from taskserve.server.tasks.base import CallOptions, ServedModel, Task, TaskContext
 from taskserve.server.tasks.tokenization import TextTokenizer, TokenBatch
+from tokenizers import Encoding
 
 
 class TextTask(Task):
@@ -26,10 +26,10 @@ class TextTask(Task):
         encodings = self.tokenizer.encode(texts, truncate, what)
         return self.batch(encodings)
 
-    def batch(self, encodings: Sequence[object]) -> TokenBatch:
+    def batch(self, encodings: Sequence[Encoding]) -> TokenBatch:
         names = self.input_names()
         dtypes = {n: self.input_dtype(n) for n in ("input_ids", "attention_mask", "token_type_ids")}
-        return self.tokenizer.pad(encodings, names, dtypes)  # type: ignore[arg-type]
+        return self.tokenizer.pad(encodings, names, dtypes)
 
     async def tokenize(self, texts: Sequence[str], truncate: bool, what: str = "texts") -> TokenBatch:
         return await self.offload("preprocess", self.encode, texts, truncate, what)

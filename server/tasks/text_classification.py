@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
 from taskserve.server.tasks.base import (
     CallOptions,
     LabelScore,
@@ -40,7 +39,10 @@ class TextClassifier(TextTask):
         configured = self.score_function_option()
         if configured is not None:
             return configured
-        multi = self.options.get("problem_type") == "multi_label_classification" or self.options.get("multi_label") is True
+        multi = (
+            self.options.get("problem_type") == "multi_label_classification"
+            or self.options.get("multi_label") is True
+        )
         # One logit is a binary score: sigmoid, as Hugging Face pipelines do.
         return ScoreFunction.SIGMOID if multi or num_labels == 1 else ScoreFunction.SOFTMAX
 

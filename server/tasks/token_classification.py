@@ -12,10 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from tokenizers import Encoding
-
 from taskserve.server.tasks.base import CallOptions, TaskConfigError, check_texts, softmax
 from taskserve.server.tasks.text import TextTask
+from tokenizers import Encoding
 
 
 class Aggregation(enum.Enum):
@@ -102,7 +101,12 @@ def _group(words: list[_Word]) -> list[tuple[str, list[_Word]]]:
 
 
 def extract_entities(
-    text: str, encoding: Encoding, probs: np.ndarray, labels: Sequence[str], strategy: Aggregation, ignore: set[str]
+    text: str,
+    encoding: Encoding,
+    probs: np.ndarray,
+    labels: Sequence[str],
+    strategy: Aggregation,
+    ignore: set[str],
 ) -> tuple[Entity, ...]:
     """Entities of one text from its per-token class probabilities (tokens, classes)."""
     offsets = encoding.offsets
@@ -149,12 +153,16 @@ class TokenClassifier(TextTask):
             return set(requested)
         return {str(x) for x in self.option("ignore_labels", ["O"], list)}
 
-    async def tag(self, texts: Sequence[str], params: TagParams, options: CallOptions) -> list[tuple[Entity, ...]]:
+    async def tag(
+        self, texts: Sequence[str], params: TagParams, options: CallOptions
+    ) -> list[tuple[Entity, ...]]:
         """Entities per text, in text order."""
         check_texts("texts", texts, self.context.limits)
         batch = await self.tokenize(texts, self.truncate(params.truncate))
         output = self.output_name("logits")
-        logits = (await self.run_model(batch, options, [output], per_token=[output]))[output].astype(np.float32)
+        logits = (await self.run_model(batch, options, [output], per_token=[output]))[output].astype(
+            np.float32
+        )
         strategy, ignore = self._strategy(params.aggregation), self._ignore(params.ignore_labels)
         labels = self.labels(logits.shape[-1])
 

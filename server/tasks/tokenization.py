@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Encoding, Tokenizer
-
 from taskserve.server.errors import InvalidInput
 from taskserve.server.tasks.base import TaskConfigError
+from tokenizers import Encoding, Tokenizer
 
 # Above this a tokenizer_config's model_max_length is a "no limit" sentinel (1e30).
 _MAX_SANE_LENGTH = 1_000_000
@@ -47,7 +46,9 @@ class TextTokenizer:
     def __init__(self, model_dir: Path, options: Mapping[str, object], model_name: str) -> None:
         path = model_dir / str(options.get("tokenizer", "tokenizer.json"))
         if not path.is_file():
-            raise TaskConfigError(f"model {model_name!r}: tokenizer file {path} is missing; export the model with its tokenizer")
+            raise TaskConfigError(
+                f"model {model_name!r}: tokenizer file {path} is missing; export the model with its tokenizer"
+            )
         self.model_name = model_name
         self._plain = Tokenizer.from_file(str(path))
         self._plain.no_padding()
@@ -58,7 +59,6 @@ class TextTokenizer:
         self.pad_id = self._pad_id(options, hf_config)
         self._truncating: dict[tuple[int, int, str], Tokenizer] = {}
         self._lock = threading.Lock()
-        self.special_tokens = {str(t) for t in hf_config.get("all_special_tokens", [])}
         self.hf_config = hf_config
 
     # -- lookups -----------------------------------------------------------------
@@ -128,7 +128,12 @@ class TextTokenizer:
                 self._truncating[key] = tok
         return tok
 
-    def pad(self, encodings: Sequence[Encoding], input_names: set[str] | None, dtypes: Mapping[str, np.dtype[np.generic]]) -> TokenBatch:
+    def pad(
+        self,
+        encodings: Sequence[Encoding],
+        input_names: set[str] | None,
+        dtypes: Mapping[str, np.dtype[np.generic]],
+    ) -> TokenBatch:
         """Pad rows to the longest and build the model inputs it declares
         (input_ids, attention_mask, token_type_ids)."""
         length = max(len(e.ids) for e in encodings)
@@ -166,5 +171,7 @@ def _max_length(options: Mapping[str, object], hf_config: Mapping[str, object], 
             return _DEFAULT_MAX_LENGTH
         return int(value)
     if not isinstance(value, int) or isinstance(value, bool) or value < 2:
-        raise TaskConfigError(f"model {model_name!r}: task_options.max_length must be an integer >= 2, got {value!r}")
+        raise TaskConfigError(
+            f"model {model_name!r}: task_options.max_length must be an integer >= 2, got {value!r}"
+        )
     return value

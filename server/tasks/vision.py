@@ -7,9 +7,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-
 from taskserve.server.tasks.base import ServedModel, Task, TaskContext, check_count
-from taskserve.server.tasks.images import ImageSource, decode_image, preprocessing_from, read_preprocessor_config
+from taskserve.server.tasks.images import (
+    ImageSource,
+    decode_image,
+    preprocessing_from,
+    read_preprocessor_config,
+)
 
 
 @dataclass(frozen=True)
@@ -38,9 +42,16 @@ class VisionTask(Task):
         dims = next((t.dims for t in model.config.inputs or () if t.name == self.pixel_input), None)
         if dims is not None and model.config.max_batch_size == 0:
             dims = dims[1:]  # the graph's own batch axis
-        hf = read_preprocessor_config(model.model_dir, str(self.options.get("preprocessor_config", "preprocessor_config.json")))
+        hf = read_preprocessor_config(
+            model.model_dir, str(self.options.get("preprocessor_config", "preprocessor_config.json"))
+        )
         self.preprocessing = preprocessing_from(
-            self.options, hf, dims, self.input_dtype(self.pixel_input, np.float32), model.name, self.fixed_size
+            self.options,
+            hf,
+            dims,
+            self.input_dtype(self.pixel_input, np.float32),
+            model.name,
+            self.fixed_size,
         )
 
     def _pixel_input(self) -> str:

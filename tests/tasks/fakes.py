@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.scheduling.base import InferRequest, InferResult, Scheduler
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = [
@@ -87,8 +86,8 @@ class FakeModel:
     stages: list[str] = field(default_factory=list)
 
 
-def fake_model(
-    model_dir: Path, task: str, fn: Outputs, max_batch_size: int = 8, **config: Any
-) -> FakeModel:
-    cfg = ModelConfig.model_validate({"name": model_dir.name, "task": task, "max_batch_size": max_batch_size, **config})
+def fake_model(model_dir: Path, task: str, fn: Outputs, max_batch_size: int = 8, **config: Any) -> FakeModel:
+    cfg = ModelConfig.model_validate(
+        {"name": model_dir.name, "task": task, "max_batch_size": max_batch_size, **config}
+    )
     return FakeModel(model_dir.name, cfg, model_dir, FakeScheduler(fn))

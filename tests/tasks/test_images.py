@@ -7,7 +7,6 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-
 from taskserve.server.errors import InvalidInput
 from taskserve.server.tasks.base import TaskConfigError
 from taskserve.server.tasks.images import RawImage, decode_image, preprocessing_from
@@ -22,7 +21,9 @@ def _encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
 def test_decode_formats_to_rgb() -> None:
     gray = Image.fromarray(np.arange(12, dtype=np.uint8).reshape(3, 4) * 20, mode="L")
     for fmt in ("PNG", "WEBP", "BMP"):
-        pixels = decode_image(_encode(gray, fmt, **({"lossless": True} if fmt == "WEBP" else {})), 10_000, "img")
+        pixels = decode_image(
+            _encode(gray, fmt, **({"lossless": True} if fmt == "WEBP" else {})), 10_000, "img"
+        )
         assert pixels.shape == (3, 4, 3) and pixels.dtype == np.uint8
         assert (pixels[..., 0] == np.asarray(gray)).all()
     rgba = Image.new("RGBA", (5, 2), (10, 20, 30, 0))
@@ -69,7 +70,12 @@ def test_preprocessing_shortest_edge_crop_and_normalize() -> None:
     assert out.shape == (3, 24, 20) and out.dtype == np.float32
     assert out == pytest.approx(np.full((3, 24, 20), 10.0))
     # Hugging Face preprocessor_config.json, used when task_options.image is absent.
-    hf = {"do_resize": True, "size": {"height": 16, "width": 8}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    hf = {
+        "do_resize": True,
+        "size": {"height": 16, "width": 8},
+        "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3,
+    }
     prep = preprocessing_from({}, hf, None, np.dtype(np.float32), "m")
     assert prep.apply(np.zeros((50, 50, 3), np.uint8)).shape == (3, 16, 8)
     # Nothing configured: the pixel input's fixed dims decide.
@@ -83,7 +89,9 @@ def test_preprocessing_shortest_edge_crop_and_normalize() -> None:
     assert resized.shape == (3, 24, 20)
     # Not cropped: the left half of the original is the left half of the input.
     assert (resized[0, :, :9] > 0).all() and (resized[0, :, 11:] < 0).all()
-    nhwc = preprocessing_from({"image": {"size": [4, 4], "layout": "NHWC"}}, {}, None, np.dtype(np.float32), "m")
+    nhwc = preprocessing_from(
+        {"image": {"size": [4, 4], "layout": "NHWC"}}, {}, None, np.dtype(np.float32), "m"
+    )
     assert nhwc.apply(image).shape == (4, 4, 3)
     with pytest.raises(TaskConfigError, match="no image size"):
         preprocessing_from({}, {}, None, np.dtype(np.float32), "m")

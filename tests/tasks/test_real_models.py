@@ -10,12 +10,12 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
-
 from taskserve.clients.generated.taskserve.v1 import common_pb2 as common
 from taskserve.clients.generated.taskserve.v1 import image_classification_pb2 as ic
 from taskserve.clients.generated.taskserve.v1 import image_classification_pb2_grpc as ic_grpc
 from taskserve.clients.generated.taskserve.v1 import sentence_embedding_pb2 as se
 from taskserve.clients.generated.taskserve.v1 import sentence_embedding_pb2_grpc as se_grpc
+
 from tests.support.server import running_server
 
 MINILM = common.ModelRef(name="all-MiniLM-L6-v2")
@@ -44,7 +44,9 @@ def test_similarity_ranks_the_paraphrase_first(demo_channel: grpc.Channel) -> No
         "How do I bake bread at home?",
         "The weather will be sunny tomorrow.",
     ]
-    reply = stub.Compare(se.CompareSentencesRequest(model=MINILM, source="The cat sat on the mat.", candidates=candidates))
+    reply = stub.Compare(
+        se.CompareSentencesRequest(model=MINILM, source="The cat sat on the mat.", candidates=candidates)
+    )
     scores = list(reply.scores)
     assert int(np.argmax(scores)) == 1
     assert scores[1] > 0.4 and all(scores[1] - s > 0.2 for i, s in enumerate(scores) if i != 1)
@@ -57,7 +59,9 @@ def test_embed_real_model_dimension_and_batching(demo_channel: grpc.Channel) -> 
     assert reply.dimension == 384 and len(reply.embeddings) == 3
     vectors = np.array([e.values for e in reply.embeddings])
     assert np.linalg.norm(vectors, axis=1) == pytest.approx([1.0, 1.0, 1.0], abs=1e-4)
-    single = np.array([stub.Embed(se.EmbedRequest(model=MINILM, texts=[t])).embeddings[0].values for t in texts])
+    single = np.array(
+        [stub.Embed(se.EmbedRequest(model=MINILM, texts=[t])).embeddings[0].values for t in texts]
+    )
     assert single == pytest.approx(vectors, abs=1e-4)
 
 
@@ -76,6 +80,8 @@ def test_classify_chelsea_as_a_cat(demo_channel: grpc.Channel) -> None:
     assert cup.labels[0].index not in CAT_CLASSES
     assert [x.score for x in chelsea.labels] == sorted((x.score for x in chelsea.labels), reverse=True)
     # The same photo as raw pixels, one image per request: the same top class.
-    raw = common.Image(raw=common.RawImage(height=cat.shape[0], width=cat.shape[1], channels=3, data=cat.tobytes()))
+    raw = common.Image(
+        raw=common.RawImage(height=cat.shape[0], width=cat.shape[1], channels=3, data=cat.tobytes())
+    )
     alone = stub.Classify(ic.ClassifyImageRequest(model=EFFNET, images=[raw], top_k=1)).results[0]
     assert alone.labels[0].index == chelsea.labels[0].index

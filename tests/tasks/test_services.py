@@ -8,13 +8,13 @@ import grpc
 import numpy as np
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from taskserve.clients.generated.taskserve.v1 import common_pb2 as common
 from taskserve.clients.generated.taskserve.v1 import text_classification_pb2 as tc
 from taskserve.clients.generated.taskserve.v1 import text_classification_pb2_grpc as tc_grpc
 from taskserve.server.errors import Overloaded
 from taskserve.server.tasks.base import CallOptions, TaskContext, TaskLimits
 from taskserve.server.tasks.text_classification import ClassifyTextParams, TextClassifier
+
 from tests.support.server import ServerThread
 from tests.tasks.fakes import fake_model, write_tokenizer
 
@@ -26,7 +26,9 @@ TYPED_SERVICES = [
 ]  # fmt: skip
 
 
-def test_every_typed_service_is_registered_and_reflected(task_server: ServerThread, channel: grpc.Channel) -> None:
+def test_every_typed_service_is_registered_and_reflected(
+    task_server: ServerThread, channel: grpc.Channel
+) -> None:
     assert task_server.app is not None
     assert set(TYPED_SERVICES) <= set(task_server.app.service_names)
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
@@ -43,7 +45,10 @@ def test_typed_requests_count_in_the_model_metrics(task_server: ServerThread, ch
     def value(name: str, **extra: str) -> float:
         return registry.get_sample_value(name, {**labels, **extra}) or 0.0
 
-    ok, bad = value("taskserve_request_success_total"), value("taskserve_request_failure_total", reason="invalid_input")
+    ok, bad = (
+        value("taskserve_request_success_total"),
+        value("taskserve_request_failure_total", reason="invalid_input"),
+    )
     stub = tc_grpc.TextClassificationStub(channel)
     stub.Classify(tc.ClassifyTextRequest(model=common.ModelRef(name="tiny-textcls"), texts=["The cat sat."]))
     with pytest.raises(grpc.RpcError):
@@ -56,7 +61,9 @@ def test_typed_requests_count_in_the_model_metrics(task_server: ServerThread, ch
 async def test_call_options_reach_the_scheduler(tmp_path: Path) -> None:
     model_dir = tmp_path / "m"
     write_tokenizer(model_dir)
-    model = fake_model(model_dir, "text-classification", lambda x: {"logits": np.zeros((len(x["input_ids"]), 2), np.float32)})
+    model = fake_model(
+        model_dir, "text-classification", lambda x: {"logits": np.zeros((len(x["input_ids"]), 2), np.float32)}
+    )
     context = TaskContext(workers=1)
     try:
         task = TextClassifier.load(model, context)
@@ -71,9 +78,9 @@ def test_admission_refuses_at_once_when_saturated() -> None:
     context = TaskContext(TaskLimits(max_concurrent_requests=2), workers=1)
     try:
         with context.admit(), context.admit():
+            third = context.admit()
             with pytest.raises(Overloaded, match="limit"):
-                with context.admit():
-                    pass
+                third.__enter__()
         with context.admit():  # permits come back
             pass
     finally:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from taskserve.server.errors import InvalidInput, WrongTask
 from taskserve.server.tasks.base import CallOptions, ScoreFunction, TaskCache, TaskContext, TaskLimits
 from taskserve.server.tasks.fill_mask import FillParams, MaskFiller
@@ -15,6 +14,7 @@ from taskserve.server.tasks.question_answering import AnswerParams, QAItem, Ques
 from taskserve.server.tasks.sentence_embedding import EmbedParams, SentenceEmbedder
 from taskserve.server.tasks.text_classification import ClassifyTextParams, TextClassifier
 from taskserve.server.tasks.token_classification import Aggregation, TagParams, TokenClassifier
+
 from tests.tasks.fakes import FakeModel, fake_model, wordpiece_tokenizer, write_tokenizer
 
 TOK = wordpiece_tokenizer()
@@ -48,7 +48,9 @@ def _classifier(tmp_path: Path, context: TaskContext, **config: object) -> tuple
     model_dir = tmp_path / "sentiment"
     write_tokenizer(model_dir)
     labels = _write_labels(model_dir, ["NEG", "POS"])
-    model = fake_model(model_dir, "text-classification", _sentiment, max_batch_size=2, labels=labels, **config)
+    model = fake_model(
+        model_dir, "text-classification", _sentiment, max_batch_size=2, labels=labels, **config
+    )
     return model, TextClassifier.load(model, context)
 
 
@@ -99,7 +101,9 @@ async def test_task_cache_checks_the_model_task(tmp_path: Path, context: TaskCon
     cache = TaskCache(context)
     first = await cache.get(model, TextClassifier)
     assert await cache.get(model, TextClassifier) is first
-    with pytest.raises(WrongTask, match="serves task 'text-classification'; this service needs a 'fill-mask' model"):
+    with pytest.raises(
+        WrongTask, match="serves task 'text-classification'; this service needs a 'fill-mask' model"
+    ):
         await cache.get(model, MaskFiller)
 
 
@@ -107,7 +111,14 @@ async def test_task_cache_checks_the_model_task(tmp_path: Path, context: TaskCon
 
 NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 # token -> (label index, logit); every other token is "O" with logit 5.
-NER_TABLE = {"john": (1, 5.0), "smith": (2, 5.0), "new": (3, 5.0), "york": (4, 5.0), "paris": (3, 5.0), "un": (1, 2.0)}
+NER_TABLE = {
+    "john": (1, 5.0),
+    "smith": (2, 5.0),
+    "new": (3, 5.0),
+    "york": (4, 5.0),
+    "paris": (3, 5.0),
+    "un": (1, 2.0),
+}
 
 
 def _ner(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -145,8 +156,14 @@ async def test_tag_groups_words_into_entities_with_offsets(tagger: TokenClassifi
 
 async def test_tag_without_aggregation_returns_tokens(tagger: TokenClassifier) -> None:
     [entities] = await tagger.tag(["john smith in paris"], TagParams(aggregation=Aggregation.NONE), OPTS)
-    assert [(e.label, e.text) for e in entities] == [("B-PER", "john"), ("I-PER", "smith"), ("B-LOC", "paris")]
-    [with_o] = await tagger.tag(["john in"], TagParams(aggregation=Aggregation.NONE, ignore_labels=("B-PER",)), OPTS)
+    assert [(e.label, e.text) for e in entities] == [
+        ("B-PER", "john"),
+        ("I-PER", "smith"),
+        ("B-LOC", "paris"),
+    ]
+    [with_o] = await tagger.tag(
+        ["john in"], TagParams(aggregation=Aggregation.NONE, ignore_labels=("B-PER",)), OPTS
+    )
     assert [(e.label, e.text, e.start, e.end) for e in with_o] == [("O", "in", 5, 7)]
 
 
@@ -229,14 +246,20 @@ def answerer(tmp_path: Path, context: TaskContext) -> tuple[FakeModel, QuestionA
     return model, QuestionAnswerer.load(model, context)
 
 
-async def test_answer_finds_span_beyond_the_first_window(answerer: tuple[FakeModel, QuestionAnswerer]) -> None:
+async def test_answer_finds_span_beyond_the_first_window(
+    answerer: tuple[FakeModel, QuestionAnswerer],
+) -> None:
     model, task = answerer
     filler = "the cat sat on the mat. " * 6
     context = filler + "John lives in New York city."
     item = QAItem(question="where does john live?", context=context)
     [answers] = await task.answer([item], AnswerParams(doc_stride=4), OPTS)
     best = answers[0]
-    assert (best.text, best.start, best.end) == ("New York", context.index("New York"), context.index("New York") + 8)
+    assert (best.text, best.start, best.end) == (
+        "New York",
+        context.index("New York"),
+        context.index("New York") + 8,
+    )
     assert best.score > 0.9
     # The context needed several windows, each at most 24 tokens.
     rows = sum(r.inputs["input_ids"].shape[0] for r in model.scheduler.requests)

@@ -9,7 +9,6 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-
 from taskserve.clients.generated.taskserve.v1 import common_pb2 as common
 from taskserve.clients.generated.taskserve.v1 import fill_mask_pb2 as fm
 from taskserve.clients.generated.taskserve.v1 import fill_mask_pb2_grpc as fm_grpc
@@ -28,14 +27,12 @@ TEXTS = [
     "I love this movie!",
     "Stock markets fell sharply on Monday after the central bank raised interest rates.",
 ]
-CONTEXT = " ".join(
-    [
-        "The quick brown fox jumps over the lazy dog.",
-        "A man is playing a guitar on a small stage in the park.",
-        "Stock markets fell sharply on Monday after the central bank raised interest rates.",
-        "The cat sat on the mat.",
-        "Paris is the capital and most populous city of France.",
-    ]
+CONTEXT = (
+    "The quick brown fox jumps over the lazy dog. "
+    "A man is playing a guitar on a small stage in the park. "
+    "Stock markets fell sharply on Monday after the central bank raised interest rates. "
+    "The cat sat on the mat. "
+    "Paris is the capital and most populous city of France."
 )
 
 
@@ -54,7 +51,9 @@ def _code(err: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
 
 def test_classify_matches_pipeline(channel: grpc.Channel, tiny_sources: dict[str, Path]) -> None:
     stub = tc_grpc.TextClassificationStub(channel)
-    reply = stub.Classify(tc.ClassifyTextRequest(model=common.ModelRef(name="tiny-textcls"), texts=TEXTS), timeout=30)
+    reply = stub.Classify(
+        tc.ClassifyTextRequest(model=common.ModelRef(name="tiny-textcls"), texts=TEXTS), timeout=30
+    )
     assert (reply.model.name, reply.model.version) == ("tiny-textcls", "1")
     expected = _pipeline("text-classification", tiny_sources["tiny-textcls"], top_k=None)(TEXTS)
     assert len(reply.results) == len(TEXTS)
@@ -62,7 +61,9 @@ def test_classify_matches_pipeline(channel: grpc.Channel, tiny_sources: dict[str
         assert [ls.label for ls in got.labels] == [w["label"] for w in want]
         assert [ls.score for ls in got.labels] == pytest.approx([w["score"] for w in want], abs=1e-4)
         assert sum(ls.score for ls in got.labels) == pytest.approx(1.0, abs=1e-5)
-    top = stub.Classify(tc.ClassifyTextRequest(model=common.ModelRef(name="tiny-textcls"), texts=TEXTS[:1], top_k=1))
+    top = stub.Classify(
+        tc.ClassifyTextRequest(model=common.ModelRef(name="tiny-textcls"), texts=TEXTS[:1], top_k=1)
+    )
     assert [ls.label for ls in top.results[0].labels] == [expected[0][0]["label"]]
 
 
@@ -73,7 +74,9 @@ def test_classify_batch_equals_one_by_one(channel: grpc.Channel) -> None:
     for text, together in zip(TEXTS, batched, strict=True):
         alone = stub.Classify(tc.ClassifyTextRequest(model=ref, texts=[text])).results[0]
         assert [ls.label for ls in alone.labels] == [ls.label for ls in together.labels]
-        assert [ls.score for ls in alone.labels] == pytest.approx([ls.score for ls in together.labels], abs=1e-5)
+        assert [ls.score for ls in alone.labels] == pytest.approx(
+            [ls.score for ls in together.labels], abs=1e-5
+        )
 
 
 def test_classify_input_errors(channel: grpc.Channel) -> None:
@@ -81,11 +84,27 @@ def test_classify_input_errors(channel: grpc.Channel) -> None:
     ref = common.ModelRef(name="tiny-textcls")
     cases = [
         (tc.ClassifyTextRequest(model=ref), grpc.StatusCode.INVALID_ARGUMENT, "none"),
-        (tc.ClassifyTextRequest(model=ref, texts=["ok", ""]), grpc.StatusCode.INVALID_ARGUMENT, "texts[1] is empty"),
-        (tc.ClassifyTextRequest(model=ref, texts=["a"] * 257), grpc.StatusCode.INVALID_ARGUMENT, "limit of 256"),
-        (tc.ClassifyTextRequest(model=ref, texts=[CONTEXT * 2]), grpc.StatusCode.INVALID_ARGUMENT, "over the 64 tokens"),
+        (
+            tc.ClassifyTextRequest(model=ref, texts=["ok", ""]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "texts[1] is empty",
+        ),
+        (
+            tc.ClassifyTextRequest(model=ref, texts=["a"] * 257),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "limit of 256",
+        ),
+        (
+            tc.ClassifyTextRequest(model=ref, texts=[CONTEXT * 2]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "over the 64 tokens",
+        ),
         (tc.ClassifyTextRequest(texts=["a"]), grpc.StatusCode.INVALID_ARGUMENT, "model.name is empty"),
-        (tc.ClassifyTextRequest(model=common.ModelRef(name="nope"), texts=["a"]), grpc.StatusCode.NOT_FOUND, "nope"),
+        (
+            tc.ClassifyTextRequest(model=common.ModelRef(name="nope"), texts=["a"]),
+            grpc.StatusCode.NOT_FOUND,
+            "nope",
+        ),
         (
             tc.ClassifyTextRequest(model=common.ModelRef(name="tiny-textcls", version="7"), texts=["a"]),
             grpc.StatusCode.NOT_FOUND,
@@ -127,13 +146,17 @@ def _scores(reply: tk.TagResponse) -> list[float]:
         (tk.AGGREGATION_STRATEGY_NONE, "none"),
     ],
 )
-def test_tag_matches_pipeline(channel: grpc.Channel, tiny_sources: dict[str, Path], strategy: int, name: str) -> None:
+def test_tag_matches_pipeline(
+    channel: grpc.Channel, tiny_sources: dict[str, Path], strategy: int, name: str
+) -> None:
     stub = tk_grpc.TokenClassificationStub(channel)
     reply = stub.Tag(tk.TagRequest(model=common.ModelRef(name="tiny-ner"), texts=TEXTS, aggregation=strategy))
     nlp = _pipeline("token-classification", tiny_sources["tiny-ner"], aggregation_strategy=name)
     for text, got, want in zip(TEXTS, reply.results, nlp(TEXTS), strict=True):
         key = "entity" if name == "none" else "entity_group"
-        assert [(e.label, e.start, e.end) for e in got.entities] == [(w[key], w["start"], w["end"]) for w in want]
+        assert [(e.label, e.start, e.end) for e in got.entities] == [
+            (w[key], w["start"], w["end"]) for w in want
+        ]
         assert [e.score for e in got.entities] == pytest.approx([w["score"] for w in want], abs=1e-4)
         assert all(e.text == text[e.start : e.end] for e in got.entities)
 
@@ -167,7 +190,9 @@ def test_fill_mask_matches_pipeline(channel: grpc.Channel, tiny_sources: dict[st
     for c in one[0].completions:
         assert c.sequence == texts[0].replace("[MASK]", c.token)
     two = reply.results[1].masks
-    assert [m.start for m in two] == [texts[1].index("[MASK]"), texts[1].rindex("[MASK]")] and all(len(m.completions) == 3 for m in two)
+    assert [m.start for m in two] == [texts[1].index("[MASK]"), texts[1].rindex("[MASK]")] and all(
+        len(m.completions) == 3 for m in two
+    )
     with pytest.raises(grpc.RpcError) as err:
         stub.Fill(fm.FillMaskRequest(model=common.ModelRef(name="tiny-mlm"), texts=["no mask"]))
     assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT and "[MASK]" in err.value.details()
@@ -190,7 +215,11 @@ def _reference_answers(
     enc = tokenizer(question, context, truncation="only_second", max_length=64, stride=stride,
                     return_overflowing_tokens=True, padding="longest", return_tensors="pt")  # fmt: skip
     with torch.inference_mode():
-        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], token_type_ids=enc["token_type_ids"])
+        out = model(
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            token_type_ids=enc["token_type_ids"],
+        )
     best: dict[tuple[int, int], float] = {}
     for w in range(enc["input_ids"].shape[0]):
         window = enc.encodings[w]
@@ -201,7 +230,10 @@ def _reference_answers(
         for i, s in enumerate(context_tokens, start=1):
             for j, e in enumerate(context_tokens, start=1):
                 if s <= e < s + 30:
-                    span = (window.word_to_chars(window.token_to_word(s), 1)[0], window.word_to_chars(window.token_to_word(e), 1)[1])
+                    span = (
+                        window.word_to_chars(window.token_to_word(s), 1)[0],
+                        window.word_to_chars(window.token_to_word(e), 1)[1],
+                    )
                     best[span] = max(best.get(span, 0.0), float(p_start[i] * p_end[j]))
     ranked = sorted(best.items(), key=lambda kv: -kv[1])[:top_k]
     return [(a, b, score) for (a, b), score in ranked], int(enc["input_ids"].shape[0])
@@ -237,7 +269,9 @@ def test_answer_batch_equals_one_by_one_and_errors(channel: grpc.Channel) -> Non
     for item, together in zip(items, batched, strict=True):
         alone = stub.Answer(qa.AnswerRequest(model=ref, items=[item], top_k=3)).results[0]
         assert [(a.start, a.end) for a in alone.answers] == [(a.start, a.end) for a in together.answers]
-        assert [a.score for a in alone.answers] == pytest.approx([a.score for a in together.answers], abs=1e-5)
+        assert [a.score for a in alone.answers] == pytest.approx(
+            [a.score for a in together.answers], abs=1e-5
+        )
     for bad, message in [
         (qa.QuestionContext(question="", context="x"), "items[0].question is empty"),
         (qa.QuestionContext(question="why " * 80, context="x"), "question is too long"),
@@ -261,9 +295,13 @@ def test_embed_shapes_normalization_and_batching(channel: grpc.Channel) -> None:
     # The exporter's default for raw token-state models is normalize: false.
     assert np.linalg.norm(raw[0]) != pytest.approx(1.0, abs=1e-3)
     assert raw[0] / np.linalg.norm(raw[0]) == pytest.approx(vectors[0], abs=1e-5)
-    single = [stub.Embed(se.EmbedRequest(model=ref, texts=[t], normalize=True)).embeddings[0].values for t in TEXTS]
+    single = [
+        stub.Embed(se.EmbedRequest(model=ref, texts=[t], normalize=True)).embeddings[0].values for t in TEXTS
+    ]
     assert np.array(single) == pytest.approx(vectors, abs=1e-5)
     similarity = se_grpc.SentenceSimilarityStub(channel)
-    scores = similarity.Compare(se.CompareSentencesRequest(model=ref, source=TEXTS[0], candidates=TEXTS)).scores
+    scores = similarity.Compare(
+        se.CompareSentencesRequest(model=ref, source=TEXTS[0], candidates=TEXTS)
+    ).scores
     assert list(scores) == pytest.approx(list(vectors @ vectors[0]), abs=1e-5)
     assert scores[0] == pytest.approx(1.0, abs=1e-5)

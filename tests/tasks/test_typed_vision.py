@@ -13,7 +13,6 @@ import onnxruntime as ort
 import pytest
 import yaml
 from PIL import Image
-
 from taskserve.clients.generated.taskserve.v1 import common_pb2 as common
 from taskserve.clients.generated.taskserve.v1 import image_segmentation_pb2 as seg
 from taskserve.clients.generated.taskserve.v1 import image_segmentation_pb2_grpc as seg_grpc
@@ -48,7 +47,9 @@ def _jpeg(image: Image.Image) -> bytes:
 
 def _session(repo: Path, name: str) -> tuple[ort.InferenceSession, dict[str, Any]]:
     config = yaml.safe_load((repo / name / "config.yaml").read_text())
-    return ort.InferenceSession(str(repo / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"]), config
+    return ort.InferenceSession(
+        str(repo / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    ), config
 
 
 PHOTOS = [_photo(120, 80, 0), _photo(50, 90, 1), _photo(64, 64, 2)]
@@ -92,7 +93,9 @@ def test_detect_threshold_nms_and_limit(channel: grpc.Channel) -> None:
     cut = float(np.median(scores))
     kept = stub.Detect(od.DetectRequest(model=ref, images=images, score_threshold=cut, iou_threshold=1.0))
     assert [d.score for d in kept.results[0].detections] == [s for s in scores if s >= cut]
-    limited = stub.Detect(od.DetectRequest(model=ref, images=images, score_threshold=0.0, iou_threshold=1.0, max_detections=2))
+    limited = stub.Detect(
+        od.DetectRequest(model=ref, images=images, score_threshold=0.0, iou_threshold=1.0, max_detections=2)
+    )
     assert [d.score for d in limited.results[0].detections] == scores[:2]
     assert len(limited.results[0].detections) == 2
     nms = stub.Detect(od.DetectRequest(model=ref, images=images, score_threshold=0.0, iou_threshold=0.05))
@@ -127,7 +130,9 @@ def test_detect_batch_raw_and_encoded_agree(channel: grpc.Channel) -> None:
         raw = common.Image(raw=common.RawImage(height=photo.height, width=photo.width, channels=3,
                                                data=np.asarray(photo).tobytes()))  # fmt: skip
         # PNG is lossless: the raw pixels give the same answer.
-        assert boxes(stub.Detect(od.DetectRequest(model=ref, images=[raw], score_threshold=0.0)))[0] == batched
+        assert (
+            boxes(stub.Detect(od.DetectRequest(model=ref, images=[raw], score_threshold=0.0)))[0] == batched
+        )
 
 
 def test_image_input_errors(channel: grpc.Channel) -> None:
@@ -139,9 +144,15 @@ def test_image_input_errors(channel: grpc.Channel) -> None:
         ([common.Image()], "images[0] is empty"),
         ([common.Image(encoded=b"not an image at all")], "images[0] could not be decoded"),
         ([common.Image(encoded=_png(PHOTOS[0])[:60])], "images[0] could not be decoded"),
-        ([common.Image(encoded=_png(PHOTOS[0])), common.Image(encoded=_png(bomb))], "images[1] is 10000x10000 pixels"),
+        (
+            [common.Image(encoded=_png(PHOTOS[0])), common.Image(encoded=_png(bomb))],
+            "images[1] is 10000x10000 pixels",
+        ),
         ([common.Image(raw=common.RawImage(height=2, width=2, channels=3, data=b"\0" * 11))], "needs 12"),
-        ([common.Image(raw=common.RawImage(height=2, width=2, channels=2, data=b"\0" * 8))], "channels must be"),
+        (
+            [common.Image(raw=common.RawImage(height=2, width=2, channels=2, data=b"\0" * 8))],
+            "channels must be",
+        ),
     ]
     for images, message in cases:
         with pytest.raises(grpc.RpcError) as err:
@@ -149,10 +160,16 @@ def test_image_input_errors(channel: grpc.Channel) -> None:
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, message
         assert message in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
-        stub.Detect(od.DetectRequest(model=ref, images=[common.Image(encoded=_png(PHOTOS[0]))], iou_threshold=0.0))
+        stub.Detect(
+            od.DetectRequest(model=ref, images=[common.Image(encoded=_png(PHOTOS[0]))], iou_threshold=0.0)
+        )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "iou_threshold" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
-        stub.Detect(od.DetectRequest(model=common.ModelRef(name="tiny-segformer"), images=[common.Image(encoded=b"x")]))
+        stub.Detect(
+            od.DetectRequest(
+                model=common.ModelRef(name="tiny-segformer"), images=[common.Image(encoded=b"x")]
+            )
+        )
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "serves task 'image-segmentation'" in err.value.details()
 
@@ -182,7 +199,9 @@ def test_segment_masks_cover_the_original_image(channel: grpc.Channel, task_repo
         assert [s.area for s in got.segments] == sorted((s.area for s in got.segments), reverse=True)
         # Reference: the same decoded photo through onnxruntime, probabilities upsampled by torch.
         decoded = Image.open(io.BytesIO(encoded.encoded))
-        (logits,) = session.run(["logits"], {"pixel_values": preprocess(decoded, config["task_options"]["image"])[None]})
+        (logits,) = session.run(
+            ["logits"], {"pixel_values": preprocess(decoded, config["task_options"]["image"])[None]}
+        )
         probs = torch.softmax(torch.from_numpy(logits), 1)
         label_map = torch.nn.functional.interpolate(probs, size=(h, w), mode="bilinear").argmax(1)[0].numpy()
         areas = {s.index: s.area for s in got.segments}
@@ -208,11 +227,15 @@ def test_image_text_match_matches_onnxruntime(
                                                      images=[common.Image(encoded=_png(p)) for p in PHOTOS],
                                                      captions=captions))  # fmt: skip
     session, config = _session(task_repository, "tiny-clip")
-    tokens = AutoTokenizer.from_pretrained(tiny_sources["tiny-clip"])(captions, padding=True, return_tensors="np")
+    tokens = AutoTokenizer.from_pretrained(tiny_sources["tiny-clip"])(
+        captions, padding=True, return_tensors="np"
+    )
     pixels = np.stack([preprocess(p, config["task_options"]["image"]) for p in PHOTOS])
     feeds = {"input_ids": tokens["input_ids"].astype(np.int64), "attention_mask": tokens["attention_mask"].astype(np.int64),
              "pixel_values": pixels}  # fmt: skip
-    logits, image_embeds, text_embeds = session.run(["logits_per_image", "image_embeds", "text_embeds"], feeds)
+    logits, image_embeds, text_embeds = session.run(
+        ["logits_per_image", "image_embeds", "text_embeds"], feeds
+    )
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     cosine = (image_embeds / np.linalg.norm(image_embeds, axis=1, keepdims=True)) @ (
         text_embeds / np.linalg.norm(text_embeds, axis=1, keepdims=True)

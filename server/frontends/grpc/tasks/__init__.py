@@ -5,9 +5,10 @@ its answer. They share the models and schedulers of the v2 protocol."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import grpc
-
 from taskserve.clients.generated.taskserve.v1 import (
     fill_mask_pb2,
     fill_mask_pb2_grpc,
@@ -28,13 +29,17 @@ from taskserve.clients.generated.taskserve.v1 import (
     token_classification_pb2,
     token_classification_pb2_grpc,
 )
+from taskserve.server.frontends.grpc.tasks.call import TaskServicer
 from taskserve.server.frontends.grpc.tasks.fill_mask import FillMaskServicer
 from taskserve.server.frontends.grpc.tasks.image_classification import ImageClassificationServicer
 from taskserve.server.frontends.grpc.tasks.image_segmentation import ImageSegmentationServicer
 from taskserve.server.frontends.grpc.tasks.image_text_match import ImageTextMatchServicer
 from taskserve.server.frontends.grpc.tasks.object_detection import ObjectDetectionServicer
 from taskserve.server.frontends.grpc.tasks.question_answering import QuestionAnsweringServicer
-from taskserve.server.frontends.grpc.tasks.sentence_embedding import SentenceEmbeddingServicer, SentenceSimilarityServicer
+from taskserve.server.frontends.grpc.tasks.sentence_embedding import (
+    SentenceEmbeddingServicer,
+    SentenceSimilarityServicer,
+)
 from taskserve.server.frontends.grpc.tasks.text_classification import TextClassificationServicer
 from taskserve.server.frontends.grpc.tasks.token_classification import TokenClassificationServicer
 from taskserve.server.repository.manager import ModelManager
@@ -44,14 +49,17 @@ __all__ = ["add_task_servicers"]
 
 
 def add_task_servicers(
-    server: grpc.aio.Server, models: ModelManager, limits: TaskLimits | None = None, workers: int | None = None
+    server: grpc.aio.Server,
+    models: ModelManager,
+    limits: TaskLimits | None = None,
+    workers: int | None = None,
 ) -> list[str]:
     """Register every typed service on ``server``; returns their full names (for
     reflection and health). They share one worker pool for pre- and post-processing,
     sized to the machine's cores unless ``workers`` says otherwise."""
     context = TaskContext(limits, workers or min(8, os.cpu_count() or 2))
     tasks = TaskCache(context)
-    registrations = [
+    registrations: list[tuple[Any, str, Callable[[Any, grpc.aio.Server], None], type[TaskServicer]]] = [
         (text_classification_pb2, "TextClassification", text_classification_pb2_grpc.add_TextClassificationServicer_to_server, TextClassificationServicer),
         (token_classification_pb2, "TokenClassification", token_classification_pb2_grpc.add_TokenClassificationServicer_to_server, TokenClassificationServicer),
         (sentence_embedding_pb2, "SentenceEmbedding", sentence_embedding_pb2_grpc.add_SentenceEmbeddingServicer_to_server, SentenceEmbeddingServicer),

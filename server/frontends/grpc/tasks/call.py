@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import grpc
-
 from taskserve.clients.generated.taskserve.v1 import common_pb2
 from taskserve.server.errors import InvalidInput, TaskServeError
 from taskserve.server.frontends.grpc.v2_servicer import request_deadline

@@ -27,5 +27,7 @@ class FillMaskServicer(TaskServicer, pb_grpc.FillMaskServicer):
             results = await call.task.fill(list(request.texts), params, call.options)
             return pb.FillMaskResponse(
                 model=call.served_by,
-                results=[pb.FilledText(masks=[_prediction(p) for p in predictions]) for predictions in results],
+                results=[
+                    pb.FilledText(masks=[_prediction(p) for p in predictions]) for predictions in results
+                ],
             )

@@ -22,7 +22,9 @@ class ImageSegmentationServicer(TaskServicer, pb_grpc.ImageSegmentationServicer)
                         width=r.width,
                         height=r.height,
                         segments=[
-                            pb.Segment(label=s.label, index=s.index, score=s.score, area=s.area, mask_png=s.mask_png)
+                            pb.Segment(
+                                label=s.label, index=s.index, score=s.score, area=s.area, mask_png=s.mask_png
+                            )
                             for s in r.segments
                         ],
                     )

@@ -11,13 +11,16 @@ from taskserve.server.tasks.image_text_match import ImageTextMatcher
 
 class ImageTextMatchServicer(TaskServicer, pb_grpc.ImageTextMatchServicer):
     @unary
-    async def Compare(self, request: pb.CompareImageTextRequest, context: Context) -> pb.CompareImageTextResponse:
+    async def Compare(
+        self, request: pb.CompareImageTextRequest, context: Context
+    ) -> pb.CompareImageTextResponse:
         images = image_sources(request.images)
         async with self.call(request.model, ImageTextMatcher, request.options, context) as call:
             results = await call.task.compare(images, list(request.captions), call.options)
             return pb.CompareImageTextResponse(
                 model=call.served_by,
                 results=[
-                    pb.ImageTextScores(similarities=r.similarities, probabilities=r.probabilities) for r in results
+                    pb.ImageTextScores(similarities=r.similarities, probabilities=r.probabilities)
+                    for r in results
                 ],
             )

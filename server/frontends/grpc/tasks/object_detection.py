@@ -18,7 +18,9 @@ def _detections(result: ImageDetections) -> pb.Detections:
                 label=d.label,
                 score=d.score,
                 index=d.index,
-                box=pb.BoundingBox(x_min=d.box.x_min, y_min=d.box.y_min, x_max=d.box.x_max, y_max=d.box.y_max),
+                box=pb.BoundingBox(
+                    x_min=d.box.x_min, y_min=d.box.y_min, x_max=d.box.x_max, y_max=d.box.y_max
+                ),
             )
             for d in result.detections
         ],

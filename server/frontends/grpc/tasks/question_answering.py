@@ -25,7 +25,10 @@ class QuestionAnsweringServicer(TaskServicer, pb_grpc.QuestionAnsweringServicer)
                 model=call.served_by,
                 results=[
                     pb.Answers(
-                        answers=[pb.AnswerSpan(text=a.text, score=a.score, start=a.start, end=a.end) for a in answers]
+                        answers=[
+                            pb.AnswerSpan(text=a.text, score=a.score, start=a.start, end=a.end)
+                            for a in answers
+                        ]
                     )
                     for answers in results
                 ],

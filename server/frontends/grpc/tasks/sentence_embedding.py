@@ -12,7 +12,9 @@ from taskserve.server.tasks.sentence_embedding import EmbedParams, SentenceEmbed
 class SentenceEmbeddingServicer(TaskServicer, pb_grpc.SentenceEmbeddingServicer):
     @unary
     async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
-        params = EmbedParams(normalize=optional_bool(request, "normalize"), truncate=optional_bool(request, "truncate"))
+        params = EmbedParams(
+            normalize=optional_bool(request, "normalize"), truncate=optional_bool(request, "truncate")
+        )
         async with self.call(request.model, SentenceEmbedder, request.options, context) as call:
             vectors = await call.task.embed(list(request.texts), params, call.options)
             return pb.EmbedResponse(
@@ -24,7 +26,9 @@ class SentenceEmbeddingServicer(TaskServicer, pb_grpc.SentenceEmbeddingServicer)
 
 class SentenceSimilarityServicer(TaskServicer, pb_grpc.SentenceSimilarityServicer):
     @unary
-    async def Compare(self, request: pb.CompareSentencesRequest, context: Context) -> pb.CompareSentencesResponse:
+    async def Compare(
+        self, request: pb.CompareSentencesRequest, context: Context
+    ) -> pb.CompareSentencesResponse:
         async with self.call(request.model, SentenceEmbedder, request.options, context) as call:
             scores = await call.task.compare(
                 request.source, list(request.candidates), optional_bool(request, "truncate"), call.options

@@ -20,7 +20,9 @@ class TextClassificationServicer(TaskServicer, pb_grpc.TextClassificationService
     @unary
     async def Classify(self, request: pb.ClassifyTextRequest, context: Context) -> pb.ClassifyTextResponse:
         params = ClassifyTextParams(
-            top_k=request.top_k, function=_FUNCTIONS.get(request.function), truncate=optional_bool(request, "truncate")
+            top_k=request.top_k,
+            function=_FUNCTIONS.get(request.function),
+            truncate=optional_bool(request, "truncate"),
         )
         async with self.call(request.model, TextClassifier, request.options, context) as call:
             results = await call.task.classify(list(request.texts), params, call.options)

@@ -31,7 +31,8 @@ class TokenClassificationServicer(TaskServicer, pb_grpc.TokenClassificationServi
                 results=[
                     pb.TaggedText(
                         entities=[
-                            pb.Entity(label=e.label, score=e.score, start=e.start, end=e.end, text=e.text) for e in entities
+                            pb.Entity(label=e.label, score=e.score, start=e.start, end=e.end, text=e.text)
+                            for e in entities
                         ]
                     )
                     for entities in results
