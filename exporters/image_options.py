@@ -66,9 +66,14 @@ def from_hf_processor(processor: Any) -> dict[str, Any]:
     std = list(processor.image_std) if do_normalize else [1.0, 1.0, 1.0]
     resample = getattr(processor, "resample", 2)
     return image_options(
-        hw, mean, std, float(getattr(processor, "rescale_factor", 1 / 255)) if do_rescale else 1.0,
-        _RESAMPLE_NAMES.get(int(resample), "bilinear"), mode, crop_hw,
-    )  # fmt: skip
+        hw,
+        mean,
+        std,
+        float(getattr(processor, "rescale_factor", 1 / 255)) if do_rescale else 1.0,
+        _RESAMPLE_NAMES.get(int(resample), "bilinear"),
+        mode,
+        crop_hw,
+    )
 
 
 def preprocess(image: Image.Image, options: dict[str, Any]) -> np.ndarray:

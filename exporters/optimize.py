@@ -39,9 +39,11 @@ def optimize_file(src: Path, dst: Path, transformer: TransformerShape | None) ->
         # The fusion passes log each pattern they try; keep the CLI output to the summary.
         logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
         model = optimize_model(
-            str(src), model_type=transformer.model_type, num_heads=transformer.num_heads,
+            str(src),
+            model_type=transformer.model_type,
+            num_heads=transformer.num_heads,
             hidden_size=transformer.hidden_size,
-        )  # fmt: skip
+        )
         fused = {k: v for k, v in model.get_fused_operator_statistics().items() if v}
         model.save_model_to_file(str(dst), use_external_data_format=src.stat().st_size >= _TWO_GB)
         ops = ", ".join(f"{k}x{v}" for k, v in fused.items()) or "none"

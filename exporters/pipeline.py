@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from taskserve.exporters.tasks import TOLERANCES
 from taskserve.exporters.validate import OutputDiff, run_cases, validate, worst
 
 Source = Callable[[Path], ExportedModel]
+T = TypeVar("T")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -96,9 +97,7 @@ def _resolve_batch(exported: ExportedModel, requested: int | None) -> int:
     return requested
 
 
-def _stage(
-    src_dir: Path, dst_dir: Path, files: list[str], convert: Callable[[Path, Path], object]
-) -> list[object]:
+def _stage(src_dir: Path, dst_dir: Path, files: list[str], convert: Callable[[Path, Path], T]) -> list[T]:
     dst_dir.mkdir(parents=True, exist_ok=True)
     return [convert(src_dir / f, dst_dir / f) for f in files]
 
@@ -163,7 +162,8 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
             fp32_outputs = run_cases(current, cases)
             accuracy = accuracy_change(fp32_outputs, run_cases(work / "int8", cases))
             current = work / "int8"
-            rec.detail = f"int8 dynamic, {sum(int(str(c)) for c in counts)} nodes; vs fp32: {accuracy_summary(accuracy)}"
+            nodes = sum(counts)
+            rec.detail = f"int8 dynamic, {nodes} nodes; vs fp32: {accuracy_summary(accuracy)}"
 
     if options.fp16 and not options.tensorrt:
         with steps.step("fp16") as rec:
@@ -188,13 +188,19 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
                 fp32_dir / files[0], profile, options.fp16, options.trt_workspace_mb, trt_build.cache_dir()
             )
             version_files[ENGINE_FILE] = engine
-            rec.detail = f"{'fp16' if options.fp16 else 'fp32'} engine in {time.perf_counter() - start:.0f}s, cache {engine}"
+            precision = "fp16" if options.fp16 else "fp32"
+            rec.detail = f"{precision} engine in {time.perf_counter() - start:.0f}s, cache {engine}"
 
     with steps.step("write") as rec:
         config = build_config(
-            exported, options.name, max_batch, options.max_queue_delay_us,
-            int8=bool(options.quantize), fp16=options.fp16, tensorrt=options.tensorrt,
-        )  # fmt: skip
+            exported,
+            options.name,
+            max_batch,
+            options.max_queue_delay_us,
+            int8=bool(options.quantize),
+            fp16=options.fp16,
+            tensorrt=options.tensorrt,
+        )
         model_files = dict(exported.extra_files)
         if exported.labels:
             labels_path = work / LABELS_FILE
@@ -204,14 +210,17 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
             "source": exported.source,
             "description": description,
             "options": {
-                "optimize": options.optimize, "quantize": options.quantize, "fp16": options.fp16,
-                "tensorrt": options.tensorrt, "max_batch_size": max_batch,
+                "optimize": options.optimize,
+                "quantize": options.quantize,
+                "fp16": options.fp16,
+                "tensorrt": options.tensorrt,
+                "max_batch_size": max_batch,
             },
             "validation": {"tolerance": tolerance, "max_abs_diff": max(d.max_abs_diff for d in diffs)},
             "accuracy": [vars(a) for a in accuracy],
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "tags": dict(options.tags),
-        }  # fmt: skip
+        }
         entry = write_entry(
             options.out, options.name, options.version, config, version_files, model_files, info
         )

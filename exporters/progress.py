@@ -9,14 +9,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TextIO
 
-from tqdm import tqdm
+from tqdm import tqdm  # type: ignore[import-untyped]
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain fixed-width table; every cell is shown with ``str``."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -42,9 +42,14 @@ class Steps:
         self.records = {name: StepRecord(name) for name in names}
         self.stream = stream or sys.stderr
         self._bar = tqdm(
-            total=len(names), desc=f"{title}: ", unit="step", file=self.stream, disable=not enabled, leave=True,
+            total=len(names),
+            desc=f"{title}: ",
+            unit="step",
+            file=self.stream,
+            disable=not enabled,
+            leave=True,
             bar_format="{desc}{n_fmt}/{total_fmt} steps |{bar:20}| {elapsed}",
-        )  # fmt: skip
+        )
 
     @contextmanager
     def step(self, name: str) -> Iterator[StepRecord]:

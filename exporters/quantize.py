@@ -25,11 +25,14 @@ def quantize_int8(src: Path, dst: Path) -> int:
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     quantize_dynamic(
-        str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+        str(src),
+        str(dst),
+        weight_type=QuantType.QInt8,
+        per_channel=True,
         op_types_to_quantize=list(QUANTIZED_OPS),
         # Fused contrib ops (Attention, SkipLayerNormalization) have no ONNX shape inference.
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )  # fmt: skip
+    )
     count = sum(n.op_type in _INTEGER_OPS for n in onnx.load(str(dst), load_external_data=False).graph.node)
     if count == 0:
         raise ExportError(
@@ -68,14 +71,16 @@ def accuracy_change(
         cands = [c[name] for c in candidate]
         diff = max(
             float(np.abs(r.astype(np.float64) - c.astype(np.float64)).max(initial=0.0))
-            for r, c in zip(refs, cands)
+            for r, c in zip(refs, cands, strict=True)
         )
         floats = all(np.issubdtype(r.dtype, np.floating) for r in refs)
         if floats and "logits" in name and refs[0].ndim >= 1 and refs[0].shape[-1] > 1:
-            agree = np.concatenate([(r.argmax(-1) == c.argmax(-1)).ravel() for r, c in zip(refs, cands)])
+            agree = np.concatenate(
+                [(r.argmax(-1) == c.argmax(-1)).ravel() for r, c in zip(refs, cands, strict=True)]
+            )
             changes.append(AccuracyChange(name, "top-1 agreement", float(agree.mean()), diff))
         elif floats and refs[0].ndim >= 1 and refs[0].shape[-1] > 1:
-            cos = float(np.mean([_cosine(r, c) for r, c in zip(refs, cands)]))
+            cos = float(np.mean([_cosine(r, c) for r, c in zip(refs, cands, strict=True)]))
             changes.append(AccuracyChange(name, "mean cosine", cos, diff))
         else:
             changes.append(AccuracyChange(name, "max abs diff", diff, diff))

@@ -25,7 +25,7 @@ class _Dumper(yaml.SafeDumper):
     """Short lists of numbers/strings (dims, mean, std) on one line: ``dims: [-1, 384]``."""
 
 
-def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
+def _represent_list(dumper: _Dumper, data: Any) -> yaml.Node:
     flow = len(data) <= 8 and all(isinstance(x, (int, float, str)) and not isinstance(x, bool) for x in data)
     return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
 

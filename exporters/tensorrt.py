@@ -39,7 +39,8 @@ def require_tensorrt() -> ModuleType:
         raise TensorRTUnavailable(
             f"--tensorrt: TensorRT cannot start a builder ({err}); {_INSTALL_HINT}"
         ) from None
-    return tensorrt
+    module: ModuleType = tensorrt
+    return module
 
 
 Shape = tuple[int, ...]

@@ -45,7 +45,7 @@ def run_cases(model_dir: Path, cases: Sequence[ValidationCase]) -> list[dict[str
         names = [o.name for o in session.get_outputs()]
         wanted = {i.name for i in session.get_inputs()}
         feeds = {k: v for k, v in case.inputs.items() if k in wanted}
-        results.append(dict(zip(names, session.run(names, feeds))))
+        results.append(dict(zip(names, session.run(names, feeds), strict=True)))
     return results
 
 
@@ -62,7 +62,7 @@ def compare(
     cases: Sequence[ValidationCase], actual: Sequence[Mapping[str, np.ndarray]], tolerance: float
 ) -> list[OutputDiff]:
     diffs = []
-    for i, (case, got) in enumerate(zip(cases, actual)):
+    for i, (case, got) in enumerate(zip(cases, actual, strict=True)):
         label = case.label or f"{case.onnx_file}#{i}"
         for name, want in case.expected.items():
             have = got.get(name)
@@ -74,10 +74,17 @@ def compare(
 
 def diff_table(diffs: Sequence[OutputDiff]) -> str:
     rows = [
-        (d.case, d.output, list(d.expected_shape), list(d.actual_shape) if d.actual_shape else "missing",
-         f"{d.max_abs_diff:.3g}", f"{d.tolerance:.0e}", "ok" if d.ok else "MISMATCH")
+        (
+            d.case,
+            d.output,
+            list(d.expected_shape),
+            list(d.actual_shape) if d.actual_shape else "missing",
+            f"{d.max_abs_diff:.3g}",
+            f"{d.tolerance:.0e}",
+            "ok" if d.ok else "MISMATCH",
+        )
         for d in diffs
-    ]  # fmt: skip
+    ]
     return format_table(
         ("case", "output", "expected shape", "onnx shape", "max abs diff", "tolerance", ""), rows
     )
@@ -101,4 +108,7 @@ def worst(diffs: Sequence[OutputDiff]) -> str:
     """One-line summary for the step table."""
     top = max(diffs, key=lambda d: d.max_abs_diff)
     cases = len({d.case for d in diffs})
-    return f"{len(diffs)} outputs in {cases} cases, max abs diff {top.max_abs_diff:.2g} ({top.output}) <= {top.tolerance:g}"
+    return (
+        f"{len(diffs)} outputs in {cases} cases, "
+        f"max abs diff {top.max_abs_diff:.2g} ({top.output}) <= {top.tolerance:g}"
+    )

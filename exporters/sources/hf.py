@@ -1,6 +1,9 @@
 """Hugging Face transformers models (hub id or local directory), exported with optimum-onnx
 and validated against the PyTorch model on optimum's generated inputs plus tokenized text."""
 
+# transformers' factories are untyped.
+# mypy: disable-error-code="no-untyped-call"
+
 from __future__ import annotations
 
 import copy
@@ -22,9 +25,12 @@ from taskserve.exporters.tasks import GENERATION_TASKS, OPTIMUM_TO_TASKSERVE, TE
 DEFAULT_MAX_BATCH = 32
 # Files optimum saves next to the graph that the server's tasks read.
 SERVED_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "preprocessor_config.json",
     "generation_config.json",
-)  # fmt: skip
+)
 IMAGE_TASKS = frozenset(
     {"image-classification", "object-detection", "image-segmentation", "image-text-match"}
 )
@@ -111,20 +117,49 @@ def export_hf(model: str, optimum_task: str, work: Path, opset: int | None = Non
             fixed["pixel_values"] = (3, *hw) if batched else (-1, 3, *hw)
         inputs, outputs = serving_specs(onnx_dir / files[0], batched, pad, fixed)
 
-    text_batches = tokenized_batches(tokenizer, task, max_length) if tokenizer is not None and task in TEXT_TASKS | {
-        "image-text-match"} else []  # fmt: skip
+    text_batches = (
+        tokenized_batches(tokenizer, task, max_length)
+        if tokenizer is not None and task in TEXT_TASKS | {"image-text-match"}
+        else []
+    )
     cases = _validation_cases(loaded, optimum_task, onnx_dir, text_batches)
-    labels = _labels(config) if task in {"text-classification", "token-classification", "image-classification",
-                                         "object-detection", "image-segmentation"} else None  # fmt: skip
+    labels = (
+        _labels(config)
+        if task
+        in {
+            "text-classification",
+            "token-classification",
+            "image-classification",
+            "object-detection",
+            "image-segmentation",
+        }
+        else None
+    )
     return ExportedModel(
-        work_dir=onnx_dir, task=task, onnx_files=files, cases=cases, inputs=inputs, outputs=outputs,
-        max_batch_size=DEFAULT_MAX_BATCH if batched else 0, task_options=options, labels=labels,
+        work_dir=onnx_dir,
+        task=task,
+        onnx_files=files,
+        cases=cases,
+        inputs=inputs,
+        outputs=outputs,
+        max_batch_size=DEFAULT_MAX_BATCH if batched else 0,
+        task_options=options,
+        labels=labels,
         extra_files=extra,
-        transformer=transformer_shape(config.model_type, getattr(config, "num_attention_heads", 0) or 0,
-                                      getattr(config, "hidden_size", 0) or 0) if task in TEXT_TASKS else None,
-        source={"kind": "huggingface", "model": model, "optimum_task": optimum_task,
-                "model_type": config.model_type},
-    )  # fmt: skip
+        transformer=transformer_shape(
+            config.model_type,
+            getattr(config, "num_attention_heads", 0) or 0,
+            getattr(config, "hidden_size", 0) or 0,
+        )
+        if task in TEXT_TASKS
+        else None,
+        source={
+            "kind": "huggingface",
+            "model": model,
+            "optimum_task": optimum_task,
+            "model_type": config.model_type,
+        },
+    )
 
 
 def _served_onnx_files(raw: Path) -> list[str]:
@@ -223,9 +258,14 @@ def _validation_cases(
 
     with quiet():
         _, submodels = _get_submodels_and_onnx_configs(
-            model=model, task=optimum_task, monolith=False, custom_onnx_configs={}, custom_architecture=False,
-            _variant="default", library_name="transformers",
-        )  # fmt: skip
+            model=model,
+            task=optimum_task,
+            monolith=False,
+            custom_onnx_configs={},
+            custom_architecture=False,
+            _variant="default",
+            library_name="transformers",
+        )
     pairs: list[tuple[str, Any, Any, set[str]]] = []
     merged = (onnx_dir / MERGED_DECODER).is_file()
     for key, (submodel, cfg) in submodels.items():

@@ -15,16 +15,23 @@ from taskserve.exporters.tasks import check_taskserve_task
 from taskserve.exporters.validate import open_session
 
 _NP_TYPES = {
-    "FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32,
-    "INT16": np.int16, "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_,
-}  # fmt: skip
+    "FP32": np.float32,
+    "FP16": np.float16,
+    "FP64": np.float64,
+    "INT64": np.int64,
+    "INT32": np.int32,
+    "INT16": np.int16,
+    "INT8": np.int8,
+    "UINT8": np.uint8,
+    "BOOL": np.bool_,
+}
 
 
 def generated_inputs(path: Path, batch: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random inputs matching the graph: symbolic dims -> ``batch`` (axis 0) or ``length``;
     masks are ones and integer inputs ids below 10."""
     rng = np.random.default_rng(seed)
-    feeds = {}
+    feeds: dict[str, np.ndarray] = {}
     for t in read_graph_io(path)[0]:
         shape = [d if isinstance(d, int) else (batch if i == 0 else length) for i, d in enumerate(t.shape)]
         dtype = _NP_TYPES.get(t.datatype)
@@ -74,11 +81,18 @@ def export_onnx_file(
             raise ExportError(
                 f"{path.name} does not run on generated inputs: {str(err).splitlines()[0]}"
             ) from None
-        expected = dict(zip([o.name for o in session.get_outputs()], values))
+        expected = dict(zip([o.name for o in session.get_outputs()], values, strict=True))
         cases.append(ValidationCase("model.onnx", feeds, expected, f"generated#{i}"))
     inputs, outputs = serving_specs(target, batched=batched)
     return ExportedModel(
-        work_dir=onnx_dir, task=task, onnx_files=["model.onnx"], cases=cases, inputs=inputs, outputs=outputs,
-        max_batch_size=max_batch_size if batched else 0, task_options=task_options or {}, labels=labels,
+        work_dir=onnx_dir,
+        task=task,
+        onnx_files=["model.onnx"],
+        cases=cases,
+        inputs=inputs,
+        outputs=outputs,
+        max_batch_size=max_batch_size if batched else 0,
+        task_options=task_options or {},
+        labels=labels,
         source={"kind": "onnx-file", "path": str(path)},
-    )  # fmt: skip
+    )

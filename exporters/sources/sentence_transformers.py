@@ -1,6 +1,9 @@
 """sentence-transformers folders (modules.json + 1_Pooling/config.json) exported with the
 pooling and normalization inside the graph, so the served output is the embedding."""
 
+# transformers' factories are untyped.
+# mypy: disable-error-code="no-untyped-call"
+
 from __future__ import annotations
 
 import json
@@ -59,8 +62,10 @@ def read_layout(directory: Path) -> StLayout:
         elif kind == "Normalize":
             normalize = True
         else:
-            raise ExportError(f"sentence-transformers module {module['type']} is not supported (only Transformer, "
-                              "Pooling, Normalize)")  # fmt: skip
+            raise ExportError(
+                f"sentence-transformers module {module['type']} is not supported (only Transformer, "
+                "Pooling, Normalize)"
+            )
     if transformer_dir is None or not pooling:
         raise ExportError(f"{modules_file}: needs a Transformer and a Pooling module")
     st_config = directory / "sentence_bert_config.json"
@@ -137,9 +142,15 @@ def export_sentence_transformer(
     example = tuple(torch.from_numpy(batches[0][k]) for k in input_names)
     with quiet(), torch.inference_mode():
         torch.onnx.export(
-            wrapper, example, str(onnx_dir / "model.onnx"), input_names=input_names, output_names=output_names,
-            dynamic_axes=axes, opset_version=opset, dynamo=False,
-        )  # fmt: skip
+            wrapper,
+            example,
+            str(onnx_dir / "model.onnx"),
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=axes,
+            opset_version=opset,
+            dynamo=False,
+        )
     reference, reference_kind = _reference(directory, wrapper, input_names, token_embeddings)
     cases = [
         ValidationCase("model.onnx", {k: b[k] for k in input_names}, reference(b), f"sentences#{i}")
@@ -152,21 +163,37 @@ def export_sentence_transformer(
     inputs, outputs = serving_specs(
         onnx_dir / "model.onnx", batched=True, pad_values=pad, fixed_dims={"sentence_embedding": (width,)}
     )
-    extra = {n: layout.transformer_dir / n for n in ("tokenizer.json", "tokenizer_config.json",
-                                                      "special_tokens_map.json") if (layout.transformer_dir / n).is_file()}  # fmt: skip
+    extra = {
+        n: layout.transformer_dir / n
+        for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+        if (layout.transformer_dir / n).is_file()
+    }
     config = encoder.config
     return ExportedModel(
-        work_dir=onnx_dir, task="sentence-embedding", onnx_files=["model.onnx"], cases=cases, inputs=inputs,
-        outputs=outputs, max_batch_size=DEFAULT_MAX_BATCH,
+        work_dir=onnx_dir,
+        task="sentence-embedding",
+        onnx_files=["model.onnx"],
+        cases=cases,
+        inputs=inputs,
+        outputs=outputs,
+        max_batch_size=DEFAULT_MAX_BATCH,
         task_options={
-            "tokenizer": "tokenizer.json", "max_length": max_length, "pooling": "+".join(layout.pooling),
-            "normalize": layout.normalize, "pooled_in_graph": True, "embedding_output": "sentence_embedding",
+            "tokenizer": "tokenizer.json",
+            "max_length": max_length,
+            "pooling": "+".join(layout.pooling),
+            "normalize": layout.normalize,
+            "pooled_in_graph": True,
+            "embedding_output": "sentence_embedding",
         },
         extra_files=extra,
         transformer=transformer_shape(config.model_type, config.num_attention_heads, config.hidden_size),
-        source={"kind": "sentence-transformers", "model": str(directory), "reference": reference_kind,
-                "model_type": config.model_type},
-    )  # fmt: skip
+        source={
+            "kind": "sentence-transformers",
+            "model": str(directory),
+            "reference": reference_kind,
+            "model_type": config.model_type,
+        },
+    )
 
 
 def _model_limit(config: Any, tokenizer: Any) -> int:
@@ -203,6 +230,6 @@ def _reference(
             got = wrapper(*features.values())
             got = got if isinstance(got, tuple) else (got,)
             names = ["sentence_embedding", "token_embeddings"][: len(got)]
-            return {n: t.numpy() for n, t in zip(names, got)}
+            return {n: t.numpy() for n, t in zip(names, got, strict=True)}
 
     return run, "sentence-transformers" if st is not None else "pytorch wrapper"

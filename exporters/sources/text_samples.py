@@ -25,6 +25,7 @@ TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 def tokenized_batches(tokenizer: Any, task: str, max_length: int) -> list[dict[str, np.ndarray]]:
     """Two batches of different sizes and lengths: three padded texts, then one text."""
     length = min(max_length, 48)
+    batches: list[tuple[list[str], list[str] | None]]
     if task == "question-answering":
         batches = [(list(QUESTIONS), list(CONTEXTS)), ([QUESTIONS[0]], [CONTEXTS[0]])]
     else:

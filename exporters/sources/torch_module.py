@@ -39,7 +39,7 @@ def _outputs(result: Any, names: list[str]) -> dict[str, np.ndarray]:
         values = [result]
     if len(values) != len(names):
         raise UsageError(f"the module returns {len(values)} outputs but {len(names)} output names were given")
-    return {n: v.detach().cpu().numpy() for n, v in zip(names, values)}
+    return {n: v.detach().cpu().numpy() for n, v in zip(names, values, strict=True)}
 
 
 def _bigger_batch(inputs: dict[str, Any], batch: int, seed: int = 0) -> dict[str, Any]:
@@ -89,9 +89,15 @@ def export_module(
     try:
         with quiet(), torch.inference_mode():
             torch.onnx.export(
-                module, tuple(tensors.values()), str(onnx_dir / "model.onnx"), input_names=list(tensors),
-                output_names=output_names, dynamic_axes=axes, opset_version=opset, dynamo=False,
-            )  # fmt: skip
+                module,
+                tuple(tensors.values()),
+                str(onnx_dir / "model.onnx"),
+                input_names=list(tensors),
+                output_names=output_names,
+                dynamic_axes=axes,
+                opset_version=opset,
+                dynamo=False,
+            )
     except Exception as err:  # the exporter raises many types; the message is what matters
         raise ExportError(f"torch.onnx.export failed for {type(module).__name__}: {err}") from None
     batches = [tensors] + ([_bigger_batch(tensors, 3)] if max_batch_size > 0 else [])
@@ -108,7 +114,14 @@ def export_module(
             "a batched model needs axis 0 dynamic for every input and output (see dynamic_axes)"
         )
     return ExportedModel(
-        work_dir=onnx_dir, task=task, onnx_files=["model.onnx"], cases=cases, inputs=inputs, outputs=outputs,
-        max_batch_size=max_batch_size, task_options=task_options or {}, labels=labels,
+        work_dir=onnx_dir,
+        task=task,
+        onnx_files=["model.onnx"],
+        cases=cases,
+        inputs=inputs,
+        outputs=outputs,
+        max_batch_size=max_batch_size,
+        task_options=task_options or {},
+        labels=labels,
         source=source or {"kind": "torch-module", "class": type(module).__name__},
-    )  # fmt: skip
+    )

@@ -37,7 +37,12 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory, tiny_dirs: dict[str, Pat
 def tiny_exports(tiny_repo: Path, tiny_dirs: dict[str, Path]) -> dict[str, ExportResult]:
     return {
         name: export_hf(
-            tiny_dirs[name], task, tiny_repo, name, progress=False, quantize="int8" if name in QUANTIZED else None
+            tiny_dirs[name],
+            task,
+            tiny_repo,
+            name,
+            progress=False,
+            quantize="int8" if name in QUANTIZED else None,
         )
         for name, task in TINY_TEXT.items()
     }

@@ -43,9 +43,16 @@ def _graph(path: Path) -> Path:
 
 
 def test_serving_specs_drop_batch_and_link_padded_axes(tmp_path: Path) -> None:
-    inputs, outputs = serving_specs(_graph(tmp_path / "g.onnx"), batched=True, pad_values={"input_ids": 1},
-                                    fixed_dims={"pixels": (3, 32, 32)})  # fmt: skip
-    assert inputs == [TensorSpec("input_ids", "INT64", (-1,), pad_value=1), TensorSpec("pixels", "FP32", (3, 32, 32))]
+    inputs, outputs = serving_specs(
+        _graph(tmp_path / "g.onnx"),
+        batched=True,
+        pad_values={"input_ids": 1},
+        fixed_dims={"pixels": (3, 32, 32)},
+    )
+    assert inputs == [
+        TensorSpec("input_ids", "INT64", (-1,), pad_value=1),
+        TensorSpec("pixels", "FP32", (3, 32, 32)),
+    ]
     assert outputs == [
         TensorSpec("states", "FP32", (-1, 4), unpad_like="input_ids"),
         TensorSpec("pooled", "FP32", (4,)),
@@ -71,7 +78,9 @@ def test_accuracy_metrics() -> None:
     emb = rng.standard_normal((4, 16)).astype(np.float32)
     logits = np.array([[3.0, 1.0], [0.1, 0.2]], np.float32)
     flipped = np.array([[3.0, 1.0], [0.3, 0.2]], np.float32)
-    changes = accuracy_change([{"embedding": emb, "logits": logits}], [{"embedding": emb * 2, "logits": flipped}])
+    changes = accuracy_change(
+        [{"embedding": emb, "logits": logits}], [{"embedding": emb * 2, "logits": flipped}]
+    )
     by_name = {c.output: c for c in changes}
     assert by_name["embedding"].metric == "mean cosine" and by_name["embedding"].value == pytest.approx(1.0)
     assert by_name["logits"].metric == "top-1 agreement" and by_name["logits"].value == 0.5

@@ -47,7 +47,10 @@ def test_demo_entries_are_complete(demo_repository: Path) -> None:
     effnet = load_model_config(demo_repository / ENTRY_NAMES["efficientnet-lite0"])
     assert effnet.task == "image-classification"
     assert effnet.inputs is not None and effnet.inputs[0].dims == (3, 224, 224)
-    assert effnet.task_options["image"]["mean"] == [127.0] * 3 and effnet.task_options["image"]["std"] == [128.0] * 3
+    assert (
+        effnet.task_options["image"]["mean"] == [127.0] * 3
+        and effnet.task_options["image"]["std"] == [128.0] * 3
+    )
 
 
 def test_minilm_onnx_matches_sentence_transformers(demo_repository: Path) -> None:
@@ -92,4 +95,6 @@ def test_build_demo_skips_complete_entries(demo_repository: Path) -> None:
     stamps = {n: os.stat(demo_repository / n / "export-info.json").st_mtime_ns for n in ENTRY_NAMES.values()}
     entries = build_demo(demo_repository)
     assert entries == [demo_repository / n for n in ENTRY_NAMES.values()]
-    assert {n: os.stat(demo_repository / n / "export-info.json").st_mtime_ns for n in ENTRY_NAMES.values()} == stamps
+    assert {
+        n: os.stat(demo_repository / n / "export-info.json").st_mtime_ns for n in ENTRY_NAMES.values()
+    } == stamps

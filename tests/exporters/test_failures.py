@@ -38,11 +38,23 @@ def _no_leftovers(repo: Path) -> None:
 
 
 def test_corrupted_graph_fails_with_table_and_writes_nothing(
-    tiny_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tiny_dirs: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setattr(hf, "export_hf", _corrupting_export(hf.export_hf))
     repo = tmp_path / "repo"
-    argv = ["hf", str(tiny_dirs["textcls"]), "--task", "text-classification", "--out", str(repo), "--name", "bad"]
+    argv = [
+        "hf",
+        str(tiny_dirs["textcls"]),
+        "--task",
+        "text-classification",
+        "--out",
+        str(repo),
+        "--name",
+        "bad",
+    ]
     assert cli.main(argv) == ValidationFailed.exit_code == 3
     err = capsys.readouterr().err
     assert "does not match the source model" in err
@@ -56,8 +68,23 @@ def test_failed_reexport_keeps_the_previous_entry(
     tiny_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     repo = tmp_path / "repo"
-    assert cli.main(["hf", str(tiny_dirs["textcls"]), "--task", "text-classification", "--out", str(repo),
-                     "--name", "cls", "--quiet", "--no-optimize"]) == 0  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "hf",
+                str(tiny_dirs["textcls"]),
+                "--task",
+                "text-classification",
+                "--out",
+                str(repo),
+                "--name",
+                "cls",
+                "--quiet",
+                "--no-optimize",
+            ]
+        )
+        == 0
+    )
     before = (repo / "cls" / "1" / "model.onnx").read_bytes()
     monkeypatch.setattr(hf, "export_hf", _corrupting_export(hf.export_hf))
     with pytest.raises(ValidationFailed):
@@ -77,14 +104,24 @@ def test_failed_reexport_keeps_the_previous_entry(
         (["sentence-transformers", "{missing}"], "does not exist"),
         (["sentence-transformers", "{model}"], "no modules.json"),
         (["onnx", "{missing}.onnx", "--name", "m"], "does not exist"),
-        (["hf", "{model}", "--task", "text-classification", "--quantize", "int4"], "unknown quantization 'int4'"),
-        (["hf", "{model}", "--task", "text-classification", "--quantize", "int8", "--fp16"], "cannot be combined"),
+        (
+            ["hf", "{model}", "--task", "text-classification", "--quantize", "int4"],
+            "unknown quantization 'int4'",
+        ),
+        (
+            ["hf", "{model}", "--task", "text-classification", "--quantize", "int8", "--fp16"],
+            "cannot be combined",
+        ),
         (["hf", "{model}", "--task", "text-classification", "--name", "bad/name"], "invalid model name"),
         (["demo", "--model", "resnet"], "unknown demo model"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_clear_message(
-    argv: list[str], message: str, tiny_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    argv: list[str],
+    message: str,
+    tiny_dirs: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     values = {"model": str(tiny_dirs["textcls"]), "missing": str(tmp_path / "nowhere"), "tmp": str(tmp_path)}
     args = [a.format(**values) for a in argv] + ["--out", str(tmp_path / "repo")]
@@ -122,10 +159,22 @@ def test_tensorrt_without_tensorrt_stops_cleanly(tiny_dirs: dict[str, Path], tmp
     script = Path(sys.executable).parent / "taskserve-export"
     repo = tmp_path / "repo"
     proc = subprocess.run(
-        [str(script), "hf", str(tiny_dirs["textcls"]), "--task", "text-classification", "--out", str(repo),
-         "--tensorrt", "--fp16"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+        [
+            str(script),
+            "hf",
+            str(tiny_dirs["textcls"]),
+            "--task",
+            "text-classification",
+            "--out",
+            str(repo),
+            "--tensorrt",
+            "--fp16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 4, proc.stderr
     assert "TensorRT is not installed" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -136,4 +185,3 @@ def _has_tensorrt() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("tensorrt") is not None
-

@@ -13,7 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from taskserve.exporters.api import export_hf, export_onnx_file, export_sentence_transformer, export_torch_module
+from taskserve.exporters.api import (
+    export_hf,
+    export_onnx_file,
+    export_sentence_transformer,
+    export_torch_module,
+)
 from taskserve.exporters.image_options import preprocess
 from taskserve.exporters.tiny_models import tiny_detr_like
 from taskserve.server.repository.config import load_model_config
@@ -41,19 +46,29 @@ def test_object_detection_export(tmp_path: Path) -> None:
     assert out["pred_boxes"].shape[-1] == 4 and ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
 
 
-def test_sentence_transformers_max_pooling_matches_library(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+def test_sentence_transformers_max_pooling_matches_library(
+    tiny_dirs: dict[str, Path], tmp_path: Path
+) -> None:
     """A folder built around the tiny BERT; the reference is the sentence-transformers library."""
     folder = tmp_path / "st"
     shutil.copytree(tiny_dirs["embed"], folder)
     (folder / "1_Pooling").mkdir()
     (folder / "1_Pooling" / "config.json").write_text(
-        json.dumps({"word_embedding_dimension": 32, "pooling_mode_max_tokens": True, "pooling_mode_cls_token": True})
+        json.dumps(
+            {"word_embedding_dimension": 32, "pooling_mode_max_tokens": True, "pooling_mode_cls_token": True}
+        )
     )
-    (folder / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ]))  # fmt: skip
-    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 48, "do_lower_case": False}))
+    (folder / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ]
+        )
+    )
+    (folder / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": 48, "do_lower_case": False})
+    )
     result = export_sentence_transformer(folder, tmp_path / "repo", "st-max", progress=False)
     config = load_model_config(result.entry)
     assert config.task_options["pooling"] == "cls+max" and config.task_options["normalize"] is False
@@ -81,25 +96,42 @@ def test_torch_module_then_onnx_file(tmp_path: Path) -> None:
     torch.manual_seed(0)
     module = _Scorer().eval()
     example = {"input_ids": torch.randint(0, 50, (2, 7)), "weights": torch.rand(2, 7)}
-    axes = {"input_ids": {0: "batch", 1: "sequence"}, "weights": {0: "batch", 1: "sequence"},
-            "scores": {0: "batch"}, "states": {0: "batch", 1: "sequence"}}  # fmt: skip
+    axes = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "weights": {0: "batch", 1: "sequence"},
+        "scores": {0: "batch"},
+        "states": {0: "batch", 1: "sequence"},
+    }
     result = export_torch_module(
-        module, example, tmp_path / "repo", "scorer", output_names=["scores", "states"], dynamic_axes=axes,
-        labels=["a", "b", "c"], task="text-classification", max_batch_size=8, progress=False,
-    )  # fmt: skip
+        module,
+        example,
+        tmp_path / "repo",
+        "scorer",
+        output_names=["scores", "states"],
+        dynamic_axes=axes,
+        labels=["a", "b", "c"],
+        task="text-classification",
+        max_batch_size=8,
+        progress=False,
+    )
     config = load_model_config(result.entry)
     assert config.max_batch_size == 8
     assert [(t.name, t.dims, t.unpad_like) for t in config.outputs or ()] == [
         ("scores", (3,), None),
         ("states", (-1, 8), "input_ids"),
     ]
-    feeds = {"input_ids": np.random.default_rng(1).integers(0, 50, (5, 11)), "weights": np.ones((5, 11), np.float32)}
+    feeds = {
+        "input_ids": np.random.default_rng(1).integers(0, 50, (5, 11)),
+        "weights": np.ones((5, 11), np.float32),
+    }
     with torch.inference_mode():
         want = module(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["weights"]))
     got = _run(result.entry, feeds)
     np.testing.assert_allclose(got["scores"], want[0].numpy(), atol=1e-5)
 
     # The written ONNX file, served again as a plain "tensor" model, keeps its outputs.
-    again = export_onnx_file(result.entry / "1" / "model.onnx", tmp_path / "repo", "scorer-copy", progress=False)
+    again = export_onnx_file(
+        result.entry / "1" / "model.onnx", tmp_path / "repo", "scorer-copy", progress=False
+    )
     assert load_model_config(again.entry).task == "tensor"
     np.testing.assert_allclose(_run(again.entry, feeds)["scores"], got["scores"], atol=1e-5)

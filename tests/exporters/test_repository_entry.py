@@ -12,7 +12,12 @@ from taskserve.exporters.errors import ExportError
 from taskserve.exporters.repository_entry import entry_complete, write_entry
 from taskserve.server.repository.config import load_model_config
 
-CONFIG = {"name": "m", "task": "tensor", "max_batch_size": 4, "inputs": [{"name": "x", "datatype": "FP32", "dims": [-1]}]}
+CONFIG = {
+    "name": "m",
+    "task": "tensor",
+    "max_batch_size": 4,
+    "inputs": [{"name": "x", "datatype": "FP32", "dims": [-1]}],
+}
 
 
 def _write(repo: Path, payload: bytes, version: int = 1, config: dict[str, object] | None = None) -> Path:
@@ -20,8 +25,15 @@ def _write(repo: Path, payload: bytes, version: int = 1, config: dict[str, objec
     model.write_bytes(payload)
     tokenizer = repo.parent / "tok.json"
     tokenizer.write_text("{}")
-    return write_entry(repo, "m", version, config or CONFIG, {"model.onnx": model}, {"tokenizer.json": tokenizer},
-                       {"source": "test"})  # fmt: skip
+    return write_entry(
+        repo,
+        "m",
+        version,
+        config or CONFIG,
+        {"model.onnx": model},
+        {"tokenizer.json": tokenizer},
+        {"source": "test"},
+    )
 
 
 def test_writes_a_complete_loadable_entry(tmp_path: Path) -> None:
