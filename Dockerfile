@@ -65,8 +65,8 @@ CMD ["--model-repository", "/models"]
 FROM runtime AS exporter
 USER root
 COPY --from=venv /src /src
-# torch first and pinned: an unpinned resolve pulls a multi-GB CUDA build. The CPU wheel
-# index keeps it small; drop the --index-url line where only a PyPI mirror is reachable.
+# torch first, pinned, from PyTorch's CPU wheel index: PyPI's Linux torch wheels pull
+# multi-GB CUDA libraries. Where that index is unreachable, point --index-url at a mirror of it.
 RUN pip install --no-cache-dir torch==2.13.0 \
         --index-url https://download.pytorch.org/whl/cpu \
     && pip install --no-cache-dir "/src[demo]" \
