@@ -22,6 +22,10 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
     p.add_argument("--max-message-mb", type=int, default=256, help="largest request/response message, MiB")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--strict-readiness", action="store_true", help="ready only when every model is READY")
+    p.add_argument(
+        "--max-connection-age", type=float, default=0.0,
+        help="seconds before a client connection is recycled so DNS load balancing sees new replicas (0: never)",
+    )  # fmt: skip
     p.add_argument("--no-reflection", action="store_true", help="disable gRPC server reflection")
     p.add_argument("--log-level", default=os.environ.get("TASKSERVE_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
@@ -38,6 +42,7 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
         shutdown_grace_s=a.shutdown_grace,
         strict_readiness=a.strict_readiness,
         reflection=not a.no_reflection,
+        max_connection_age_s=a.max_connection_age,
     )
 
 

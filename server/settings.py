@@ -21,3 +21,6 @@ class ServerSettings:
     # Ready only when every model in the repository is READY (otherwise: once startup loading finished).
     strict_readiness: bool = False
     reflection: bool = True
+    # Close client connections after this many seconds (0: never) so clients that
+    # balance across replicas re-resolve DNS and find new pods.
+    max_connection_age_s: float = 0.0

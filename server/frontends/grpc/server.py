@@ -51,13 +51,15 @@ class ServingApp:
 
     async def start(self) -> None:
         s = self.settings
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", s.max_receive_message_bytes),
-                ("grpc.max_send_message_length", s.max_send_message_bytes),
-                ("grpc.so_reuseport", 0),
-            ]
-        )
+        options: list[tuple[str, int]] = [
+            ("grpc.max_receive_message_length", s.max_receive_message_bytes),
+            ("grpc.max_send_message_length", s.max_send_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        if s.max_connection_age_s > 0:
+            age_ms = int(s.max_connection_age_s * 1000)
+            options += [("grpc.max_connection_age_ms", age_ms), ("grpc.max_connection_age_grace_ms", age_ms)]
+        server = grpc.aio.server(options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(V2Servicer(self.models, self.ready), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         names = [pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
