@@ -151,13 +151,13 @@ class ImagePreprocessing:
             pixels = pixels.transpose(2, 0, 1)
         return np.ascontiguousarray(pixels, dtype=self.dtype)
 
-    def batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        arrays = [self.apply(image) for image in images]
+    def stack(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """Preprocessed images as one batch; they must share a size."""
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
             raise TaskConfigError(
-                f"images preprocess to different sizes {sorted(shapes)}; set task_options.image_size or crop_size "
-                "so every image gets one size"
+                f"images preprocess to different sizes {sorted(shapes)}; set task_options.image.crop or "
+                "resize_mode: exact so every image gets one size"
             )
         return np.stack(arrays)
 

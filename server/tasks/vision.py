@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -63,12 +64,22 @@ class VisionTask(Task):
             return next(iter(names))
         return "pixel_values"
 
-    def _prepare(self, images: Sequence[ImageSource], what: str) -> PixelBatch:
-        """Blocking: decode and preprocess every image."""
-        limit = self.context.limits.max_image_pixels
-        decoded = [decode_image(image, limit, f"{what}[{i}]") for i, image in enumerate(images)]
-        return PixelBatch(self.preprocessing.batch(decoded), [(d.shape[0], d.shape[1]) for d in decoded])
+    def _prepare(self, image: ImageSource, what: str) -> tuple[np.ndarray, tuple[int, int]]:
+        """Blocking: decode and preprocess one image; also its original (height, width)."""
+        decoded = decode_image(image, self.context.limits.max_image_pixels, what)
+        return self.preprocessing.apply(decoded), (decoded.shape[0], decoded.shape[1])
 
     async def pixels(self, images: Sequence[ImageSource], what: str = "images") -> PixelBatch:
         check_count(what, len(images), self.context.limits)
-        return await self.offload("preprocess", self._prepare, images, what)
+        with self.stage("preprocess"):
+            # One pool job per image: decoding is the heaviest per-item work, so images
+            # decode in parallel across the pool.
+            prepared = await asyncio.gather(
+                *(self.context.run(self._prepare, image, f"{what}[{i}]") for i, image in enumerate(images)),
+                return_exceptions=True,
+            )
+        for result in prepared:
+            if isinstance(result, BaseException):
+                raise result  # the first bad image by position, whichever failed first
+        done = [r for r in prepared if not isinstance(r, BaseException)]
+        return PixelBatch(self.preprocessing.stack([p for p, _ in done]), [size for _, size in done])
