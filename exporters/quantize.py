@@ -11,6 +11,7 @@ import onnx
 
 from taskserve.exporters.errors import ExportError
 from taskserve.exporters.progress import format_table
+from taskserve.exporters.quiet import quiet
 
 # Per-channel weights keep MiniLM's embeddings within ~0.99 cosine of fp32; per-tensor
 # scales lose several points. Convolutions are left in float: ConvInteger is slower
@@ -24,15 +25,16 @@ def quantize_int8(src: Path, dst: Path) -> int:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    quantize_dynamic(
-        str(src),
-        str(dst),
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        op_types_to_quantize=list(QUANTIZED_OPS),
-        # Fused contrib ops (Attention, SkipLayerNormalization) have no ONNX shape inference.
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
+    with quiet():  # it logs a pre-processing hint on every call
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=list(QUANTIZED_OPS),
+            # Fused contrib ops (Attention, SkipLayerNormalization) have no ONNX shape inference.
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
     count = sum(n.op_type in _INTEGER_OPS for n in onnx.load(str(dst), load_external_data=False).graph.node)
     if count == 0:
         raise ExportError(

@@ -17,7 +17,7 @@ from taskserve.exporters import image_options as images
 from taskserve.exporters.errors import ExportError, UsageError
 from taskserve.exporters.graph_io import read_graph_io, serving_specs
 from taskserve.exporters.optimize import transformer_shape
-from taskserve.exporters.sources.quiet import quiet
+from taskserve.exporters.quiet import quiet
 from taskserve.exporters.sources.text_samples import TEXT_KEYS, tokenized_batches
 from taskserve.exporters.spec import ExportedModel, ValidationCase
 from taskserve.exporters.tasks import GENERATION_TASKS, OPTIMUM_TO_TASKSERVE, TEXT_TASKS

@@ -16,7 +16,7 @@ import numpy as np
 from taskserve.exporters.errors import ExportError, UsageError
 from taskserve.exporters.graph_io import serving_specs
 from taskserve.exporters.optimize import transformer_shape
-from taskserve.exporters.sources.quiet import quiet
+from taskserve.exporters.quiet import quiet
 from taskserve.exporters.sources.text_samples import TEXT_KEYS, tokenized_batches
 from taskserve.exporters.spec import ExportedModel, ValidationCase
 

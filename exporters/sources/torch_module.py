@@ -11,7 +11,7 @@ import numpy as np
 
 from taskserve.exporters.errors import ExportError, UsageError
 from taskserve.exporters.graph_io import serving_specs
-from taskserve.exporters.sources.quiet import quiet
+from taskserve.exporters.quiet import quiet
 from taskserve.exporters.spec import ExportedModel, ValidationCase
 from taskserve.exporters.tasks import check_taskserve_task
 
