@@ -185,3 +185,21 @@ def _has_tensorrt() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("tensorrt") is not None
+
+
+def test_hub_id_without_network_fails_with_a_hint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = [
+        "hf",
+        "sentence-transformers/all-MiniLM-L6-v2",
+        "--task",
+        "feature-extraction",
+        "--out",
+        str(tmp_path),
+    ]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "cannot load 'sentence-transformers/all-MiniLM-L6-v2'" in err and "pass a local directory" in err
+    assert list(tmp_path.iterdir()) == []

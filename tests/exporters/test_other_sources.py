@@ -135,3 +135,39 @@ def test_torch_module_then_onnx_file(tmp_path: Path) -> None:
     )
     assert load_model_config(again.entry).task == "tensor"
     np.testing.assert_allclose(_run(again.entry, feeds)["scores"], got["scores"], atol=1e-5)
+
+
+def scorer_factory() -> tuple[torch.nn.Module, dict[str, torch.Tensor], list[str]]:
+    """Factory for ``taskserve-export torch tests.exporters.test_other_sources:scorer_factory``."""
+    torch.manual_seed(0)
+    return (
+        _Scorer().eval(),
+        {"input_ids": torch.randint(0, 50, (2, 5)), "weights": torch.rand(2, 5)},
+        ["s", "t"],
+    )
+
+
+def test_cli_torch_factory(tmp_path: Path) -> None:
+    from taskserve.exporters import cli
+
+    argv = ["torch", "tests.exporters.test_other_sources:scorer_factory", "--out", str(tmp_path), "--name", "sc",
+            "--max-batch-size", "4", "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 0
+    config = load_model_config(tmp_path / "sc")
+    assert config.max_batch_size == 4
+    # Default axes: the 2-D integer input gets a sequence axis, the float one only a batch axis.
+    assert [(t.name, t.dims) for t in config.inputs or ()] == [("input_ids", (-1,)), ("weights", (5,))]
+
+
+def test_fp16_keeps_fp32_io(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    import onnx
+
+    result = export_hf(
+        tiny_dirs["textcls"], "text-classification", tmp_path, "half", fp16=True, progress=False
+    )
+    config = load_model_config(result.entry)
+    assert config.runtime.tensorrt.fp16 is True
+    model = onnx.load(str(result.entry / "1" / "model.onnx"))
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    assert [o.type.tensor_type.elem_type for o in model.graph.output] == [onnx.TensorProto.FLOAT]
+    assert result.accuracy and result.accuracy[0].metric == "top-1 agreement"
