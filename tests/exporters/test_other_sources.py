@@ -150,8 +150,8 @@ def scorer_factory() -> tuple[torch.nn.Module, dict[str, torch.Tensor], list[str
 def test_cli_torch_factory(tmp_path: Path) -> None:
     from taskserve.exporters import cli
 
-    argv = ["torch", "tests.exporters.test_other_sources:scorer_factory", "--out", str(tmp_path), "--name", "sc",
-            "--max-batch-size", "4", "--quiet"]  # fmt: skip
+    factory = "tests.exporters.test_other_sources:scorer_factory"
+    argv = ["torch", factory, "--out", str(tmp_path), "--name", "sc", "--max-batch-size", "4", "--quiet"]
     assert cli.main(argv) == 0
     config = load_model_config(tmp_path / "sc")
     assert config.max_batch_size == 4
