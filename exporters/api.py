@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from taskserve.exporters.pipeline import ExportOptions, ExportResult, run_export
-from taskserve.exporters.tasks import resolve_hf_task
+from taskserve.exporters.tasks import check_taskserve_task, resolve_hf_task
 
 
 def export_hf(
@@ -62,13 +62,15 @@ def export_torch_module(
     max_batch_size: int = 32,
     **options: Any,
 ) -> ExportResult:
-    """Export any ``torch.nn.Module`` called as ``module(**example_inputs)``.
+    """Export any ``torch.nn.Module`` called as ``module(*example_inputs.values())``
+    (positional, in the mapping's order; the keys name the graph inputs).
 
     Axis 0 of every input and output is the batch; axis 1 of 2-D integer inputs (token
     ids) is a variable sequence, unless ``dynamic_axes`` says otherwise.
     """
     from taskserve.exporters.sources.torch_module import export_module as source
 
+    check_taskserve_task(task)
     return run_export(
         lambda work: source(
             module,
@@ -101,6 +103,7 @@ def export_onnx_file(
     from taskserve.exporters.sources.onnx_file import export_onnx_file as source
 
     onnx_path = Path(path)
+    check_taskserve_task(task)
     return run_export(
         lambda work: source(
             onnx_path,

@@ -152,7 +152,6 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
                 )
     else:
         steps.skip("optimize", "--no-optimize")
-    fp32_dir = current
     fp32_outputs: list[dict[str, np.ndarray]] | None = None
     accuracy: list[AccuracyChange] = []
 
@@ -184,8 +183,14 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
             max_length = int(exported.task_options.get("max_length", 512))
             profile = trt_build.derive_profile(exported.inputs, max_batch, max_length, min(128, max_length))
             start = time.perf_counter()
+            # The plain export, not the optimized graph: TensorRT cannot parse onnxruntime's
+            # fused contrib ops (Attention, SkipLayerNormalization) and does its own fusions.
             engine = trt_build.build_engine(
-                fp32_dir / files[0], profile, options.fp16, options.trt_workspace_mb, trt_build.cache_dir()
+                exported.work_dir / files[0],
+                profile,
+                options.fp16,
+                options.trt_workspace_mb,
+                trt_build.cache_dir(),
             )
             version_files[ENGINE_FILE] = engine
             precision = "fp16" if options.fp16 else "fp32"

@@ -203,3 +203,21 @@ def test_hub_id_without_network_fails_with_a_hint(
     err = capsys.readouterr().err
     assert "cannot load 'sentence-transformers/all-MiniLM-L6-v2'" in err and "pass a local directory" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_task_for_onnx_file_fails_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        "onnx",
+        str(tmp_path / "m.onnx"),
+        "--name",
+        "m",
+        "--task",
+        "regression",
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "unknown task 'regression'" in err and "step" not in err  # refused before the steps started
