@@ -1,0 +1,168 @@
+"""``taskserve-bench peers``: taskserve, KServe, MLServer and a bare echo server, one model, one client.
+
+Every server serves the same ONNX file with the same onnxruntime threads on
+127.0.0.1; the same pre-encoded v2 requests go to each; servers alternate at
+every load point and the whole sweep repeats (``--repeats``, at least 2), so
+each point is measured on each server more than once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+from pathlib import Path
+
+import grpc.aio
+from taskserve.benchmarks.cli_args import float_list, int_list, payload_from_args, plan_from
+from taskserve.benchmarks.inprocess import InProcessModel
+from taskserve.benchmarks.loadgen import Call
+from taskserve.benchmarks.machine import machine_info
+from taskserve.benchmarks.payloads import Payload
+from taskserve.benchmarks.peer_servers import (
+    REPO_ROOT,
+    ModelUnderTest,
+    PeerProcess,
+    start_echo,
+    start_kserve,
+    start_mlserver,
+    start_taskserve,
+)
+from taskserve.benchmarks.report import write_results
+from taskserve.benchmarks.stats import RunResult
+from taskserve.benchmarks.sweep import SweepTarget, run_sweep
+from taskserve.benchmarks.targets import bench_channel, v2_call
+
+SERVERS = ("taskserve", "kserve", "mlserver", "echo")
+
+
+def add_peer_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("peers")
+    g.add_argument(
+        "--model-repository", type=Path, required=True, help="taskserve repository holding the model"
+    )
+    g.add_argument("--model", required=True)
+    g.add_argument("--model-version", default="")
+    g.add_argument(
+        "--servers", default=",".join(SERVERS), help=f"comma-separated subset of {','.join(SERVERS)}"
+    )
+    g.add_argument("--mode", choices=("closed", "open"), default="closed")
+    g.add_argument("--concurrency", type=int_list, default=[1, 8, 32], help="closed loop, e.g. 1,8,32")
+    g.add_argument("--rate", type=float_list, default=[50, 100, 200], help="open loop, requests/s")
+    g.add_argument("--repeats", type=int, default=2, help="sweeps over all servers (default 2)")
+    g.add_argument("--kserve-venv", type=Path, default=REPO_ROOT / ".venv-kserve")
+    g.add_argument("--mlserver-venv", type=Path, default=REPO_ROOT / ".venv-mlserver")
+    g.add_argument(
+        "--mlserver-workers", type=int, default=1, help="MLServer parallel_workers (0: in-process)"
+    )
+    g.add_argument("--timeout", type=float, default=30.0, help="per-request deadline, seconds")
+    g.add_argument(
+        "--startup-timeout", type=float, default=180.0, help="seconds each server gets to become ready"
+    )
+
+
+def model_under_test(args: argparse.Namespace) -> tuple[ModelUnderTest, InProcessModel]:
+    from taskserve.server.runtimes.onnx import default_intra_op_threads
+
+    model_dir: Path = args.model_repository / args.model
+    probe = InProcessModel(model_dir, args.model_version, instances=1)
+    config = probe.config
+    mut = ModelUnderTest(
+        name=args.model,
+        model_dir=model_dir,
+        onnx_file=probe.path.resolve(),
+        intra_op_threads=config.runtime.intra_op_threads or default_intra_op_threads(config.instance_count),
+        inter_op_threads=config.runtime.inter_op_threads,
+        max_batch_size=config.max_batch_size,
+        max_batch_delay_us=config.dynamic_batching.max_queue_delay_us,
+    )
+    return mut, probe
+
+
+def _same_shapes(payload: Payload) -> bool:
+    shapes = {tuple((k, v.shape) for k, v in sorted(r.items())) for r in payload.requests}
+    return len(shapes) == 1
+
+
+def start_servers(
+    names: list[str], mut: ModelUnderTest, args: argparse.Namespace, log_dir: Path, mlserver_batching: bool
+) -> list[PeerProcess]:
+    peers: list[PeerProcess] = []
+    try:
+        for name in names:
+            if name == "taskserve":
+                peers.append(start_taskserve(mut, log_dir))
+            elif name == "echo":
+                peers.append(start_echo(log_dir))
+            elif name == "kserve":
+                peers.append(start_kserve(mut, args.kserve_venv, log_dir))
+            elif name == "mlserver":
+                peers.append(
+                    start_mlserver(mut, args.mlserver_venv, log_dir, args.mlserver_workers, mlserver_batching)
+                )
+        for peer in peers:
+            peer.wait_ready(mut.name, args.startup_timeout)
+    except BaseException:
+        for peer in peers:
+            peer.stop()
+        raise
+    return peers
+
+
+async def _sweep(peers: list[PeerProcess], args: argparse.Namespace, payload: Payload) -> list[RunResult]:
+    channels = {p.name: bench_channel(p.address, args.timeout) for p in peers}
+
+    def make(ch: grpc.aio.Channel) -> Call:
+        return v2_call(ch, args.model, args.model_version, payload, args.timeout)
+
+    targets = [SweepTarget(p.name, channels[p.name], make) for p in peers]
+    loads = args.concurrency if args.mode == "closed" else args.rate
+    try:
+        return await run_sweep(
+            targets, args.mode, loads, plan_from(args), repeats=args.repeats,
+            items_per_request=payload.batch_size, seed=args.seed, progress=not args.quiet,
+        )  # fmt: skip
+    finally:
+        for ch in channels.values():
+            await ch.close()
+
+
+def run_peers(args: argparse.Namespace) -> tuple[list[RunResult], dict[str, Path]]:
+    names = [n.strip() for n in args.servers.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(SERVERS))
+    if unknown or not names:
+        raise SystemExit(f"unknown servers {unknown}; choose from {', '.join(SERVERS)}")
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be >= 1 (2 or more for a comparison)")
+    mut, probe = model_under_test(args)
+    try:
+        payload = payload_from_args(args, probe.input_specs, mut.model_dir)
+    finally:
+        probe.close()
+    notes: list[str] = []
+    mlserver_batching = _same_shapes(payload)
+    if "mlserver" in names and not mlserver_batching:
+        notes.append(
+            "MLServer adaptive batching was turned off: it merges requests by concatenating their data under the "
+            "first request's shape, so requests of different shapes (variable-length text) cannot share a batch; "
+            "rerun with --fixed-length to compare with it on"
+        )
+    log_dir = Path(tempfile.mkdtemp(prefix="taskserve-peers-logs-"))
+    peers = start_servers(names, mut, args, log_dir, mlserver_batching)
+    try:
+        runs = asyncio.run(_sweep(peers, args, payload))
+    finally:
+        for peer in peers:
+            peer.stop()
+    for peer in peers:
+        notes.extend(peer.notes)
+    config = {
+        "mode": args.mode, "model": mut.name, "model_file": str(mut.onnx_file), "payload": payload.description,
+        "batch_size": payload.batch_size, "loads": args.concurrency if args.mode == "closed" else args.rate,
+        "repeats": args.repeats, "servers": {p.name: p.version for p in peers},
+        "onnxruntime_threads": {"intra_op": mut.intra_op_threads, "inter_op": mut.inter_op_threads},
+        "plan": vars(plan_from(args)), "server_logs": str(log_dir),
+    }  # fmt: skip
+    name = args.name or f"peers-{mut.name}"
+    paths = write_results(name, runs, config=config, machine=machine_info(), out_dir=args.out, notes=notes)
+    return runs, paths

@@ -1,0 +1,204 @@
+"""Start the servers a peer comparison loads, each as a child process on 127.0.0.1.
+
+taskserve and the echo floor run from this environment; KServe and MLServer from
+their own virtualenvs made by benchmarks/peers/setup.sh. Every server gets the
+same ONNX file and the same onnxruntime thread settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from taskserve.clients import ClientOptions, TaskServeClient, TaskServeError
+
+PEERS_DIR = Path(__file__).resolve().parent / "peers"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class ModelUnderTest:
+    name: str
+    model_dir: Path
+    onnx_file: Path
+    intra_op_threads: int
+    inter_op_threads: int
+    # For MLServer's adaptive batching; 0 turns it off.
+    max_batch_size: int
+    max_batch_delay_us: int
+
+
+@dataclass
+class PeerProcess:
+    """One running server; ``stop`` sends SIGTERM, then SIGKILL after a grace period."""
+
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    workdir: Path | None = None
+    version: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def wait_ready(self, model: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with TaskServeClient(self.address, ClientOptions(retry=None, timeout_s=5)) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"{self.name} exited with {self.proc.returncode}; log: {self.log_path}\n{self.log_tail()}"
+                    )
+                try:
+                    if client.model_ready(model, timeout=2):
+                        return
+                except TaskServeError:
+                    pass
+                time.sleep(0.25)
+        raise TimeoutError(f"{self.name} not ready after {timeout}s; log: {self.log_path}\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            # Own process group: MLServer's worker processes go with it.
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _spawn(name: str, argv: list[str], port: int, log_dir: Path, workdir: Path | None = None) -> PeerProcess:
+    log_path = log_dir / f"{name}.log"
+    env = dict(os.environ, ORT_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1")
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir, start_new_session=True
+        )
+    return PeerProcess(name, port, proc, log_path, workdir)
+
+
+def _venv_version(python: Path, package: str) -> str:
+    code = f"import importlib.metadata as m; print(m.version({package!r}))"
+    try:
+        out = subprocess.run(
+            [str(python), "-c", code], capture_output=True, text=True, timeout=60, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return out.stdout.strip()
+
+
+def start_taskserve(model: ModelUnderTest, log_dir: Path) -> PeerProcess:
+    # A repository holding only this model, so the server loads nothing else.
+    repo = Path(tempfile.mkdtemp(prefix="taskserve-peer-repo-"))
+    (repo / model.name).symlink_to(model.model_dir.resolve(), target_is_directory=True)
+    port = free_port()
+    argv = [sys.executable, "-m", "taskserve.server.main", "--model-repository", str(repo), "--host", "127.0.0.1",
+            "--grpc-port", str(port), "--metrics-port", "-1", "--no-reflection"]  # fmt: skip
+    peer = _spawn("taskserve", argv, port, log_dir, workdir=repo)
+    peer.version = _venv_version(Path(sys.executable), "taskserve")
+    return peer
+
+
+def start_echo(log_dir: Path) -> PeerProcess:
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "taskserve.benchmarks.echo_server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    peer = _spawn("echo", argv, port, log_dir)
+    peer.version = "grpcio " + _venv_version(Path(sys.executable), "grpcio")
+    return peer
+
+
+def start_kserve(model: ModelUnderTest, venv: Path, log_dir: Path) -> PeerProcess:
+    python = venv.resolve() / "bin" / "python"
+    if not python.exists():
+        raise FileNotFoundError(f"{python} missing: run benchmarks/peers/setup.sh")
+    port = free_port()
+    argv = [str(python), str(PEERS_DIR / "kserve_server.py"), "--model-file", str(model.onnx_file),
+            "--model-name", model.name, "--grpc-port", str(port), "--http-port", str(free_port()),
+            "--intra-op-threads", str(model.intra_op_threads), "--inter-op-threads", str(model.inter_op_threads)]  # fmt: skip
+    peer = _spawn("kserve", argv, port, log_dir)
+    peer.version = _venv_version(python, "kserve")
+    peer.notes.append(
+        "KServe: no dynamic batching in the model server; predict runs onnxruntime on a worker thread"
+    )
+    return peer
+
+
+def mlserver_settings(model: ModelUnderTest, workdir: Path, port: int, workers: int, batching: bool) -> None:
+    """settings.json + <model>/model-settings.json + the custom runtime module, in ``workdir``."""
+    (workdir / "settings.json").write_text(json.dumps({
+        "host": "127.0.0.1", "grpc_port": port, "http_port": free_port(), "metrics_port": free_port(),
+        "parallel_workers": workers, "debug": False,
+    }, indent=2))  # fmt: skip
+    model_folder = workdir / model.name
+    model_folder.mkdir()
+    shutil.copy(PEERS_DIR / "mlserver_runtime.py", model_folder / "mlserver_runtime.py")
+    settings: dict[str, object] = {
+        "name": model.name,
+        "implementation": "mlserver_runtime.OnnxRuntimeModel",
+        "parameters": {
+            "uri": str(model.onnx_file),
+            "extra": {"intra_op_threads": model.intra_op_threads, "inter_op_threads": model.inter_op_threads},
+        },
+    }
+    if batching and model.max_batch_size > 1:
+        settings["max_batch_size"] = model.max_batch_size
+        settings["max_batch_time"] = max(model.max_batch_delay_us, 1) / 1e6  # seconds
+    (model_folder / "model-settings.json").write_text(json.dumps(settings, indent=2))
+
+
+def start_mlserver(
+    model: ModelUnderTest, venv: Path, log_dir: Path, workers: int, batching: bool
+) -> PeerProcess:
+    venv = venv.resolve()
+    binary = venv / "bin" / "mlserver"
+    if not binary.exists():
+        raise FileNotFoundError(f"{binary} missing: run benchmarks/peers/setup.sh")
+    workdir = Path(tempfile.mkdtemp(prefix="mlserver-peer-"))
+    port = free_port()
+    mlserver_settings(model, workdir, port, workers, batching)
+    peer = _spawn("mlserver", [str(binary), "start", str(workdir)], port, log_dir, workdir=workdir)
+    peer.version = _venv_version(venv / "bin" / "python", "mlserver")
+    if batching and model.max_batch_size > 1:
+        peer.notes.append(
+            f"MLServer: adaptive batching max_batch_size {model.max_batch_size}, "
+            f"max_batch_time {max(model.max_batch_delay_us, 1)} us; parallel_workers {workers}"
+        )
+    else:
+        peer.notes.append(f"MLServer: adaptive batching off; parallel_workers {workers}")
+    return peer
