@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import Self
 
 import grpc
 import grpc.aio
@@ -22,9 +22,6 @@ from taskserve.clients.options import ClientOptions
 from taskserve.clients.text import AsyncTextNamespace
 from taskserve.clients.v2_codec import ParameterValue, decode_infer_response, encode_infer_request
 from taskserve.clients.vision import AsyncVisionNamespace
-
-if TYPE_CHECKING:
-    from typing_extensions import Self
 
 
 class AsyncTaskServeClient:

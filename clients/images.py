@@ -31,8 +31,10 @@ def _raw(array: np.ndarray) -> common_pb2.Image:
         raise ValueError(f"image arrays must be uint8 (HWC), got {array.dtype}; scale and cast first")
     if array.ndim == 2:
         array = array[:, :, None]
-    if array.ndim != 3 or array.shape[2] not in (1, 3):
-        raise ValueError(f"image arrays must be (H, W), (H, W, 1) or (H, W, 3), got shape {array.shape}")
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise ValueError(
+            f"image arrays must be (H, W) or (H, W, C) with C 1, 3 or 4, got shape {array.shape}"
+        )
     height, width, channels = array.shape
     raw = common_pb2.RawImage(
         height=height, width=width, channels=channels, data=np.ascontiguousarray(array).tobytes()

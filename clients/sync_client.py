@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import Self
 
 import grpc
 import numpy as np
@@ -20,9 +20,6 @@ from taskserve.clients.options import ClientOptions
 from taskserve.clients.text import TextNamespace
 from taskserve.clients.v2_codec import ParameterValue, decode_infer_response, encode_infer_request
 from taskserve.clients.vision import VisionNamespace
-
-if TYPE_CHECKING:
-    from typing_extensions import Self
 
 
 class TaskServeClient:

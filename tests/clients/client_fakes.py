@@ -10,7 +10,7 @@ import asyncio
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Self
 
 import grpc
 import grpc.aio
@@ -39,9 +39,6 @@ from taskserve.clients.generated.taskserve.v1 import (
     token_classification_pb2,
     token_classification_pb2_grpc,
 )
-
-if TYPE_CHECKING:
-    from typing_extensions import Self
 
 
 @dataclass

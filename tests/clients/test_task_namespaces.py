@@ -130,7 +130,7 @@ def test_vision_refuses_bad_images(client: TaskServeClient) -> None:
     with pytest.raises(TypeError, match="list of images"):
         client.vision.classify(b"\x89PNG", model="m")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="shape"):
-        client.vision.classify([np.zeros((2, 2, 4), dtype=np.uint8)], model="m")
+        client.vision.classify([np.zeros((2, 2, 2), dtype=np.uint8)], model="m")
 
 
 def test_vision_detect_segment_match(client: TaskServeClient, rec: Recorder) -> None:
