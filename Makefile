@@ -41,7 +41,7 @@ lint: setup
 typecheck: setup
 	rm -rf build/typecheck && mkdir -p build/typecheck/taskserve
 	for p in server exporters clients benchmarks; do ln -s $(CURDIR)/$$p build/typecheck/taskserve/$$p; done
-	MYPYPATH=build/typecheck $(VENV)/bin/mypy --strict -p taskserve.clients
+	MYPYPATH=build/typecheck $(VENV)/bin/mypy --strict -p taskserve.clients -p taskserve.benchmarks
 
 protos: setup
 	$(PY) -m taskserve.clients.codegen
