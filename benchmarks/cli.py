@@ -1,4 +1,4 @@
-"""``taskserve-bench``: load-test a v2 or taskserve server, measure the in-process ceiling, compare peers.
+"""taskserve-bench: load-test a v2 or taskserve server, measure the in-process ceiling, compare peers.
 
 Subcommands:
   closed      closed loop: a concurrency sweep (--concurrency 1,8,32)
@@ -28,14 +28,16 @@ from taskserve.benchmarks.cli_args import (
 )
 from taskserve.benchmarks.report import load_label
 from taskserve.benchmarks.stats import LatencySummary, RunResult
+from taskserve.clients.errors import TaskServeError
 
 
 def print_summary(runs: Sequence[RunResult], paths: dict[str, Path]) -> None:
     for r in runs:
         lat = LatencySummary.of(r.latencies_s)
         errors = sum(r.errors.values())
+        items_per_s = r.throughput_rps * r.items_per_request
         print(
-            f"{r.server:>24} {load_label(r.mode, r.load):>22} rep {r.repeat}: {r.throughput_rps * r.items_per_request:9.1f} items/s"
+            f"{r.server:>24} {load_label(r.mode, r.load):>22} rep {r.repeat}: {items_per_s:9.1f} items/s"
             f"  p50 {lat.p50:8.2f} ms  p99 {lat.p99:8.2f} ms  errors {errors}{'' if r.stable else '  (not stable)'}"
         )
     for kind, path in paths.items():
@@ -60,9 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     inproc.add_argument("--model", required=True)
     inproc.add_argument("--model-version", default="")
     inproc.add_argument("--batch-sizes", type=int_list, default=[1, 2, 4, 8, 16, 32], help="e.g. 1,8,32")
-    inproc.add_argument(
-        "--instances", type=int, help="runtime instances (default: the config's instance_count)"
-    )
+    inproc.add_argument("--instances", type=int, help="runtime instances (default: the config's instance_count)")
     add_payload_args(inproc)
     add_measurement_args(inproc)
     peers = sub.add_parser("peers", help="taskserve vs KServe vs MLServer vs echo, same model, same client")
@@ -92,18 +92,23 @@ def main(argv: list[str] | None = None) -> int:
         result: int = export_main(argv[1:])
         return result
     args = build_parser().parse_args(argv)
-    if args.command in ("closed", "open"):
-        from taskserve.benchmarks.server_load import run_server_load
+    try:
+        if args.command in ("closed", "open"):
+            from taskserve.benchmarks.server_load import run_server_load
 
-        runs, paths = asyncio.run(run_server_load(args))
-    elif args.command == "in-process":
-        from taskserve.benchmarks.inprocess_cli import run_in_process_cli
+            runs, paths = asyncio.run(run_server_load(args))
+        elif args.command == "in-process":
+            from taskserve.benchmarks.inprocess_cli import run_in_process_cli
 
-        runs, paths = run_in_process_cli(args)
-    else:
-        from taskserve.benchmarks.peer_compare import run_peers
+            runs, paths = run_in_process_cli(args)
+        else:
+            from taskserve.benchmarks.peer_compare import run_peers
 
-        runs, paths = run_peers(args)
+            runs, paths = run_peers(args)
+    except (TaskServeError, FileNotFoundError, ValueError) as err:
+        # Setup problems (server unreachable, model missing, bad payload): a message, not a traceback.
+        print(f"taskserve-bench {args.command}: {err}", file=sys.stderr)
+        return 1
     print_summary(runs, paths)
     return 0
 

@@ -48,9 +48,7 @@ def latest_model_file(model_dir: Path, filename: str, version: str = "") -> Path
     if version:
         versions = [v for v in versions if str(v) == version]
     if not versions:
-        raise FileNotFoundError(
-            f"{model_dir} has no numbered version directory{' ' + version if version else ''}"
-        )
+        raise FileNotFoundError(f"{model_dir} has no numbered version directory{' ' + version if version else ''}")
     return model_dir / str(versions[-1]) / filename
 
 
@@ -82,9 +80,7 @@ class InProcessModel:
         from taskserve.server.scheduling.collate import collate
 
         if not self.layout.batched and batch_size != 1:
-            raise ValueError(
-                f"model {self.config.name} has no batch dimension (max_batch_size 0): use batch size 1"
-            )
+            raise ValueError(f"model {self.config.name} has no batch dimension (max_batch_size 0): use batch size 1")
         n = len(requests)
         groups = [[requests[(i + j) % n] for j in range(batch_size)] for i in range(0, n, batch_size)]
         return [collate(g, self.layout).inputs for g in groups]
@@ -94,9 +90,7 @@ class InProcessModel:
             rt.close()
 
 
-def _measure(
-    model: InProcessModel, batches: list[dict[str, np.ndarray]], rows: int, plan: WindowPlan
-) -> list[Window]:
+def _measure(model: InProcessModel, batches: list[dict[str, np.ndarray]], rows: int, plan: WindowPlan) -> list[Window]:
     rec = _LockedRecorder(rows)
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -115,9 +109,7 @@ def _measure(
                 rec.ok(time.perf_counter() - start)
             i += len(model.runtimes)
 
-    threads = [
-        threading.Thread(target=instance_loop, args=(k,), daemon=True) for k in range(len(model.runtimes))
-    ]
+    threads = [threading.Thread(target=instance_loop, args=(k,), daemon=True) for k in range(len(model.runtimes))]
     for t in threads:
         t.start()
     try:

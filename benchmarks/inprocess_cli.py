@@ -21,9 +21,7 @@ def run_in_process_cli(args: argparse.Namespace) -> tuple[list[RunResult], dict[
         # Requests of one item each: the sweep stacks them into batches like the server's batcher.
         args.batch_size = 1
         payload = payload_from_args(args, model.input_specs, model_dir)
-        runs = run_in_process(
-            model, payload.requests, args.batch_sizes, plan_from(args), progress=not args.quiet
-        )
+        runs = run_in_process(model, payload.requests, args.batch_sizes, plan_from(args), progress=not args.quiet)
     finally:
         model.close()
     best = best_batch(runs)

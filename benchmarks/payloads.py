@@ -132,9 +132,7 @@ def photos(count: int, size: int, seed: int) -> list[np.ndarray]:
         else:
             yy, xx = np.mgrid[0:size, 0:size]
             phase = rng.uniform(0, 2 * np.pi, 3)
-            out.append(
-                np.stack([(127 + 120 * np.sin(xx / 17 + yy / 23 + p)) for p in phase], -1).astype(np.uint8)
-            )
+            out.append(np.stack([(127 + 120 * np.sin(xx / 17 + yy / 23 + p)) for p in phase], -1).astype(np.uint8))
     return out
 
 
@@ -178,9 +176,7 @@ def random_requests(
             dtype = numpy_dtype(s.datatype)
             if s.datatype == "BYTES":
                 arr = np.empty(shape, dtype=np.object_)
-                arr.reshape(-1)[:] = [
-                    bytes(rng.integers(97, 123, 8, dtype=np.uint8)) for _ in range(arr.size)
-                ]
+                arr.reshape(-1)[:] = [bytes(rng.integers(97, 123, 8, dtype=np.uint8)) for _ in range(arr.size)]
             elif dtype.kind == "f":
                 arr = rng.standard_normal(shape).astype(dtype)
             elif dtype.kind == "b":
@@ -253,9 +249,7 @@ def build_payload(
         tok = Tokenizer.from_file(str(path))
         tok.no_padding()  # some tokenizer.json files pad to a fixed length; each text keeps its own
         texts = sentences(tok, items, min_tokens, max_tokens, seed)
-        reqs = (
-            text_requests(specs, tok, texts, batch_size, max_tokens if fixed_length else 0) if specs else []
-        )
+        reqs = text_requests(specs, tok, texts, batch_size, max_tokens if fixed_length else 0) if specs else []
         lengths = [len(tok.encode(t).ids) for t in texts]
         desc = f"{items} sentences of {min(lengths)}-{max(lengths)} tokens (mean {np.mean(lengths):.1f}), {path.name}"
         if fixed_length:

@@ -38,27 +38,19 @@ SERVERS = ("taskserve", "kserve", "mlserver", "echo")
 
 def add_peer_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("peers")
-    g.add_argument(
-        "--model-repository", type=Path, required=True, help="taskserve repository holding the model"
-    )
+    g.add_argument("--model-repository", type=Path, required=True, help="taskserve repository holding the model")
     g.add_argument("--model", required=True)
     g.add_argument("--model-version", default="")
-    g.add_argument(
-        "--servers", default=",".join(SERVERS), help=f"comma-separated subset of {','.join(SERVERS)}"
-    )
+    g.add_argument("--servers", default=",".join(SERVERS), help=f"comma-separated subset of {','.join(SERVERS)}")
     g.add_argument("--mode", choices=("closed", "open"), default="closed")
     g.add_argument("--concurrency", type=int_list, default=[1, 8, 32], help="closed loop, e.g. 1,8,32")
     g.add_argument("--rate", type=float_list, default=[50, 100, 200], help="open loop, requests/s")
     g.add_argument("--repeats", type=int, default=2, help="sweeps over all servers (default 2)")
     g.add_argument("--kserve-venv", type=Path, default=REPO_ROOT / ".venv-kserve")
     g.add_argument("--mlserver-venv", type=Path, default=REPO_ROOT / ".venv-mlserver")
-    g.add_argument(
-        "--mlserver-workers", type=int, default=1, help="MLServer parallel_workers (0: in-process)"
-    )
+    g.add_argument("--mlserver-workers", type=int, default=1, help="MLServer parallel_workers (0: in-process)")
     g.add_argument("--timeout", type=float, default=30.0, help="per-request deadline, seconds")
-    g.add_argument(
-        "--startup-timeout", type=float, default=180.0, help="seconds each server gets to become ready"
-    )
+    g.add_argument("--startup-timeout", type=float, default=180.0, help="seconds each server gets to become ready")
 
 
 def model_under_test(args: argparse.Namespace) -> tuple[ModelUnderTest, InProcessModel]:
@@ -97,9 +89,7 @@ def start_servers(
             elif name == "kserve":
                 peers.append(start_kserve(mut, args.kserve_venv, log_dir))
             elif name == "mlserver":
-                peers.append(
-                    start_mlserver(mut, args.mlserver_venv, log_dir, args.mlserver_workers, mlserver_batching)
-                )
+                peers.append(start_mlserver(mut, args.mlserver_venv, log_dir, args.mlserver_workers, mlserver_batching))
         for peer in peers:
             peer.wait_ready(mut.name, args.startup_timeout)
     except BaseException:

@@ -107,9 +107,7 @@ def _spawn(name: str, argv: list[str], port: int, log_dir: Path, workdir: Path |
 def _venv_version(python: Path, package: str) -> str:
     code = f"import importlib.metadata as m; print(m.version({package!r}))"
     try:
-        out = subprocess.run(
-            [str(python), "-c", code], capture_output=True, text=True, timeout=60, check=True
-        )
+        out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=60, check=True)
     except (OSError, subprocess.SubprocessError):
         return "?"
     return out.stdout.strip()
@@ -150,12 +148,11 @@ def start_kserve(model: ModelUnderTest, venv: Path, log_dir: Path) -> PeerProces
     port = free_port()
     argv = [str(python), str(PEERS_DIR / "kserve_server.py"), "--model-file", str(model.onnx_file),
             "--model-name", model.name, "--grpc-port", str(port), "--http-port", str(free_port()),
-            "--intra-op-threads", str(model.intra_op_threads), "--inter-op-threads", str(model.inter_op_threads)]  # fmt: skip
+            "--intra-op-threads", str(model.intra_op_threads),
+            "--inter-op-threads", str(model.inter_op_threads)]  # fmt: skip
     peer = _spawn("kserve", argv, port, log_dir)
     peer.version = _venv_version(python, "kserve")
-    peer.notes.append(
-        "KServe: no dynamic batching in the model server; predict runs onnxruntime on a worker thread"
-    )
+    peer.notes.append("KServe: no dynamic batching in the model server; predict runs onnxruntime on a worker thread")
     return peer
 
 
@@ -182,9 +179,7 @@ def mlserver_settings(model: ModelUnderTest, workdir: Path, port: int, workers: 
     (model_folder / "model-settings.json").write_text(json.dumps(settings, indent=2))
 
 
-def start_mlserver(
-    model: ModelUnderTest, venv: Path, log_dir: Path, workers: int, batching: bool
-) -> PeerProcess:
+def start_mlserver(model: ModelUnderTest, venv: Path, log_dir: Path, workers: int, batching: bool) -> PeerProcess:
     venv = venv.resolve()
     binary = venv / "bin" / "mlserver"
     if not binary.exists():

@@ -26,9 +26,7 @@ def _errors(errors: Mapping[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "0"
 
 
-def markdown(
-    name: str, meta: Mapping[str, object], runs: Sequence[RunResult], notes: Sequence[str] = ()
-) -> str:
+def markdown(name: str, meta: Mapping[str, object], runs: Sequence[RunResult], notes: Sequence[str] = ()) -> str:
     machine = meta.get("machine", {})
     assert isinstance(machine, Mapping)
     lines = [

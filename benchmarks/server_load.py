@@ -25,7 +25,7 @@ async def run_server_load(args: argparse.Namespace) -> tuple[list[RunResult], di
     channel = bench_channel(args.target, args.timeout)
     try:
         client = AsyncTaskServeClient(args.target, ClientOptions(timeout_s=args.timeout), channel=channel)
-        await client.wait_until_ready(args.model, timeout=max(args.timeout, 60.0))
+        await client.wait_until_ready(args.model, timeout=args.startup_timeout)
         specs: list[TensorMetadata] = []
         if args.protocol == "v2" and not args.payload.endswith(".npz"):
             specs = list((await client.model_metadata(args.model, args.model_version)).inputs)

@@ -56,16 +56,12 @@ async def run_sweep(
             if mode == "closed":
                 windows = await run_closed_loop(call, int(load), plan, items_per_request, show)
             else:
-                windows, stats = await run_open_loop(
-                    call, load, plan, items_per_request, show, seed=seed + rep
-                )
+                windows, stats = await run_open_loop(call, load, plan, items_per_request, show, seed=seed + rep)
                 extra = {"client_lag_p99_ms": round(stats.lag_p99_ms(), 3), "client_shed": stats.shed}
             metric = "throughput" if mode == "closed" else "p50"
             measured, stable = choose_measured(windows, plan.stable_windows, plan.tolerance, metric)
             results.append(
-                RunResult(
-                    target.server, mode, load, items_per_request, tuple(windows), measured, stable, rep, extra
-                )
+                RunResult(target.server, mode, load, items_per_request, tuple(windows), measured, stable, rep, extra)
             )
             bar.update(1)
     finally:

@@ -57,15 +57,11 @@ class AsyncTaskServeClient:
         response = await self._caller.unary(self._v2.ServerMetadata, pb.ServerMetadataRequest(), timeout)
         return ServerMetadata.from_proto(response)
 
-    async def model_metadata(
-        self, model: str, version: str = "", *, timeout: float | None = None
-    ) -> ModelMetadata:
+    async def model_metadata(self, model: str, version: str = "", *, timeout: float | None = None) -> ModelMetadata:
         request = pb.ModelMetadataRequest(name=model, version=version)
         return ModelMetadata.from_proto(await self._caller.unary(self._v2.ModelMetadata, request, timeout))
 
-    async def wait_until_ready(
-        self, model: str | None = None, *, timeout: float = 30.0, interval: float = 0.1
-    ) -> None:
+    async def wait_until_ready(self, model: str | None = None, *, timeout: float = 30.0, interval: float = 0.1) -> None:
         """Wait until the server (or ``model``) reports ready; DeadlineExceeded after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         last: TaskServeError | None = None
@@ -73,9 +69,7 @@ class AsyncTaskServeClient:
             remaining = max(deadline - time.monotonic(), 0.01)
             try:
                 if await (
-                    self.model_ready(model, timeout=remaining)
-                    if model
-                    else self.server_ready(timeout=remaining)
+                    self.model_ready(model, timeout=remaining) if model else self.server_ready(timeout=remaining)
                 ):
                     return
             except Unavailable as err:  # not listening yet

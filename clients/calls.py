@@ -28,9 +28,7 @@ class SyncCaller:
     def deadline(self, timeout: float | None) -> float:
         return self.options.timeout_s if timeout is None else timeout
 
-    def unary(
-        self, method: grpc.UnaryUnaryMultiCallable[Req, Resp], request: Req, timeout: float | None
-    ) -> Resp:
+    def unary(self, method: grpc.UnaryUnaryMultiCallable[Req, Resp], request: Req, timeout: float | None) -> Resp:
         try:
             return method(request, timeout=self.deadline(timeout), metadata=self._metadata)
         except grpc.RpcError as err:

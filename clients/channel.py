@@ -32,6 +32,4 @@ def create_aio_channel(target: str, options: ClientOptions | None = None) -> grp
             options=opts.channel_options(),
             compression=opts.grpc_compression(),
         )
-    return grpc.aio.insecure_channel(
-        target, options=opts.channel_options(), compression=opts.grpc_compression()
-    )
+    return grpc.aio.insecure_channel(target, options=opts.channel_options(), compression=opts.grpc_compression())

@@ -32,13 +32,9 @@ def _raw(array: np.ndarray) -> common_pb2.Image:
     if array.ndim == 2:
         array = array[:, :, None]
     if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
-        raise ValueError(
-            f"image arrays must be (H, W) or (H, W, C) with C 1, 3 or 4, got shape {array.shape}"
-        )
+        raise ValueError(f"image arrays must be (H, W) or (H, W, C) with C 1, 3 or 4, got shape {array.shape}")
     height, width, channels = array.shape
-    raw = common_pb2.RawImage(
-        height=height, width=width, channels=channels, data=np.ascontiguousarray(array).tobytes()
-    )
+    raw = common_pb2.RawImage(height=height, width=width, channels=channels, data=np.ascontiguousarray(array).tobytes())
     return common_pb2.Image(raw=raw)
 
 
@@ -52,9 +48,7 @@ def to_image_proto(image: ImageInput) -> common_pb2.Image:
     if _is_pil_image(image):
         mode = "L" if image.mode in ("L", "1", "I", "F") else "RGB"
         return _raw(np.asarray(image.convert(mode), dtype=np.uint8))
-    raise TypeError(
-        f"unsupported image {type(image).__name__}: pass a uint8 HWC array, a PIL image, bytes or a path"
-    )
+    raise TypeError(f"unsupported image {type(image).__name__}: pass a uint8 HWC array, a PIL image, bytes or a path")
 
 
 def to_image_protos(images: Sequence[ImageInput] | npt.NDArray[np.uint8]) -> list[common_pb2.Image]:

@@ -36,9 +36,7 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if not 2 <= self.max_attempts <= 5:
-            raise ValueError(
-                f"max_attempts {self.max_attempts}: gRPC allows 2 to 5 (disable retries with retry=None)"
-            )
+            raise ValueError(f"max_attempts {self.max_attempts}: gRPC allows 2 to 5 (disable retries with retry=None)")
         if self.initial_backoff_s <= 0 or self.max_backoff_s <= 0 or self.backoff_multiplier <= 0:
             raise ValueError("backoff times and multiplier must be positive")
 

@@ -30,9 +30,7 @@ class TaskServeClient:
     ...     client.text.embed(["hello"], model="minilm").shape
     """
 
-    def __init__(
-        self, target: str, options: ClientOptions | None = None, *, channel: grpc.Channel | None = None
-    ):
+    def __init__(self, target: str, options: ClientOptions | None = None, *, channel: grpc.Channel | None = None):
         self.options = options or ClientOptions()
         self.channel = channel if channel is not None else create_channel(target, self.options)
         self._caller = SyncCaller(self.options)
@@ -61,20 +59,14 @@ class TaskServeClient:
         request = pb.ModelMetadataRequest(name=model, version=version)
         return ModelMetadata.from_proto(self._caller.unary(self._v2.ModelMetadata, request, timeout))
 
-    def wait_until_ready(
-        self, model: str | None = None, *, timeout: float = 30.0, interval: float = 0.1
-    ) -> None:
+    def wait_until_ready(self, model: str | None = None, *, timeout: float = 30.0, interval: float = 0.1) -> None:
         """Block until the server (or ``model``) reports ready; DeadlineExceeded after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         last: TaskServeError | None = None
         while time.monotonic() < deadline:
             remaining = max(deadline - time.monotonic(), 0.01)
             try:
-                ready = (
-                    self.model_ready(model, timeout=remaining)
-                    if model
-                    else self.server_ready(timeout=remaining)
-                )
+                ready = self.model_ready(model, timeout=remaining) if model else self.server_ready(timeout=remaining)
                 if ready:
                     return
             except Unavailable as err:  # not listening yet

@@ -139,9 +139,7 @@ class AsyncTextNamespace:
             function,
             truncate,
         )
-        return codec.classifications(
-            (await self._caller.unary(self._classification.Classify, req, timeout)).results
-        )
+        return codec.classifications((await self._caller.unary(self._classification.Classify, req, timeout)).results)
 
     async def tag(
         self, texts: Sequence[str], *, model: str, version: str = "", aggregation: Aggregation | None = None,

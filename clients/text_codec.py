@@ -82,9 +82,7 @@ def classify_request(
 
 
 def classifications(results: Iterable[common_pb2.Classification]) -> list[Classification]:
-    return [
-        Classification(tuple(LabelScore(ls.label, ls.score, ls.index) for ls in r.labels)) for r in results
-    ]
+    return [Classification(tuple(LabelScore(ls.label, ls.score, ls.index) for ls in r.labels)) for r in results]
 
 
 def tag_request(
@@ -104,9 +102,7 @@ def tag_request(
 
 
 def tagged(response: token_classification_pb2.TagResponse) -> list[tuple[Entity, ...]]:
-    return [
-        tuple(Entity(e.label, e.score, e.start, e.end, e.text) for e in r.entities) for r in response.results
-    ]
+    return [tuple(Entity(e.label, e.score, e.start, e.end, e.text) for e in r.entities) for r in response.results]
 
 
 def embed_request(

@@ -109,9 +109,7 @@ def encode_infer_request(
 def _decode_typed(tensor: pb.ModelInferResponse.InferOutputTensor, shape: tuple[int, ...]) -> np.ndarray:
     field = _CONTENTS_FIELD.get(tensor.datatype)
     if field is None:
-        raise ValueError(
-            f"output {tensor.name!r}: datatype {tensor.datatype} can only travel as raw contents"
-        )
+        raise ValueError(f"output {tensor.name!r}: datatype {tensor.datatype} can only travel as raw contents")
     values = getattr(tensor.contents, field)
     if tensor.datatype == "BYTES":
         out = np.empty(len(values), dtype=np.object_)

@@ -94,9 +94,7 @@ class AsyncVisionNamespace:
         req = codec.classify_request(
             model_ref(model, version), request_options(priority, queue_timeout_us), images, top_k
         )
-        return classifications(
-            (await self._caller.unary(self._classification.Classify, req, timeout)).results
-        )
+        return classifications((await self._caller.unary(self._classification.Classify, req, timeout)).results)
 
     async def detect(
         self, images: Images, *, model: str, version: str = "", score_threshold: float | None = None,

@@ -53,9 +53,7 @@ def detections(response: object_detection_pb2.DetectResponse) -> list[Detections
     return [
         Detections(
             tuple(
-                Detection(
-                    d.label, d.score, d.index, BoundingBox(d.box.x_min, d.box.y_min, d.box.x_max, d.box.y_max)
-                )
+                Detection(d.label, d.score, d.index, BoundingBox(d.box.x_min, d.box.y_min, d.box.x_max, d.box.y_max))
                 for d in r.detections
             ),
             r.width,

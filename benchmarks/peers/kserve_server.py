@@ -83,9 +83,7 @@ def main() -> None:
             opts.intra_op_num_threads = args.intra_op_threads
             opts.inter_op_num_threads = args.inter_op_threads
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self.session = ort.InferenceSession(
-                self.path, sess_options=opts, providers=["CPUExecutionProvider"]
-            )
+            self.session = ort.InferenceSession(self.path, sess_options=opts, providers=["CPUExecutionProvider"])
             self.ready = True
             return True
 
@@ -98,10 +96,8 @@ def main() -> None:
             feed = {inp.name: inp.as_numpy() for inp in payload.inputs}
             results = await asyncio.get_running_loop().run_in_executor(None, self._run, feed)
             outputs = []
-            for meta, array in zip(self.session.get_outputs(), results):
-                out = InferOutput(
-                    name=meta.name, shape=list(array.shape), datatype=from_np_dtype(array.dtype)
-                )
+            for meta, array in zip(self.session.get_outputs(), results, strict=True):
+                out = InferOutput(name=meta.name, shape=list(array.shape), datatype=from_np_dtype(array.dtype))
                 out.set_data_from_numpy(array, binary_data=True)
                 outputs.append(out)
             return InferResponse(

@@ -40,9 +40,5 @@ class OnnxRuntimeModel(MLModel):
         feed = {inp.name: NumpyCodec.decode_input(inp) for inp in payload.inputs}
         # A worker thread keeps the event loop free to receive the next requests.
         results = await asyncio.get_running_loop().run_in_executor(None, self._run, feed)
-        return InferenceResponse(
-            model_name=self.name,
-            model_version=self.version,
-            id=payload.id,
-            outputs=[NumpyCodec.encode_output(name, arr) for name, arr in zip(self._output_names, results)],
-        )
+        outputs = [NumpyCodec.encode_output(name, arr) for name, arr in zip(self._output_names, results, strict=True)]
+        return InferenceResponse(model_name=self.name, model_version=self.version, id=payload.id, outputs=outputs)

@@ -35,7 +35,8 @@ def build_bench_repository(repo: Path) -> Path:
     batching = {"max_queue_delay_us": 500}
     write_entry(repo, "tiny_text", text_graph(), {  # type: ignore[arg-type]
         "max_batch_size": 16, "dynamic_batching": batching, "runtime": {"intra_op_threads": 1},
-        "inputs": [{"name": n, "datatype": "INT64", "dims": [-1]} for n in ("input_ids", "attention_mask", "token_type_ids")],
+        "inputs": [{"name": n, "datatype": "INT64", "dims": [-1]}
+                   for n in ("input_ids", "attention_mask", "token_type_ids")],
         "outputs": [{"name": "score", "datatype": "FP32", "dims": [1]}],
     })  # fmt: skip
     write_entry(repo, "tiny_image", image_graph(), {"max_batch_size": 8, "runtime": {"intra_op_threads": 1}})  # type: ignore[arg-type]

@@ -120,7 +120,8 @@ def test_echo_server_returns_the_request_bytes(tmp_path: Path) -> None:
         path = tmp_path / "in.npz"
         np.savez(path, x=np.ones((8, 4), np.float32))
         rc = main(["closed", "--target", f"127.0.0.1:{port}", "--model", "echo", "--payload", str(path),
-                   "--concurrency", "2", "--label", "echo", "--out", str(tmp_path), "--name", "echo", *SHORT])  # fmt: skip
+                   "--concurrency", "2", "--label", "echo", "--out", str(tmp_path), "--name", "echo",
+                   *SHORT])  # fmt: skip
         assert rc == 0
         [run] = _result(tmp_path, "echo")["runs"]  # type: ignore[misc]
         assert run["server"] == "echo" and run["requests"] > 0

@@ -78,9 +78,7 @@ class FakeV2(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.rec.ready)
 
     async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(
-            name=self.server_name, version="0.0.1", extensions=["model_repository"]
-        )
+        return pb.ServerMetadataResponse(name=self.server_name, version="0.0.1", extensions=["model_repository"])
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
         if request.name not in self.MODELS:
@@ -191,9 +189,7 @@ class FakeEmbedding(sentence_embedding_pb2_grpc.SentenceEmbeddingServicer):
         if not request.texts:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "texts must not be empty")
         embs = [sentence_embedding_pb2.Embedding(values=_vector(t)) for t in request.texts]
-        return sentence_embedding_pb2.EmbedResponse(
-            model=_served(request.model), dimension=3, embeddings=embs
-        )
+        return sentence_embedding_pb2.EmbedResponse(model=_served(request.model), dimension=3, embeddings=embs)
 
 
 class FakeSimilarity(sentence_embedding_pb2_grpc.SentenceSimilarityServicer):
@@ -239,9 +235,7 @@ class FakeFillMask(fill_mask_pb2_grpc.FillMaskServicer):
             comp = fill_mask_pb2.MaskCompletion(
                 token="paris", token_id=42, score=0.7, sequence=text.replace("[MASK]", "paris", 1))  # fmt: skip
             results.append(
-                fill_mask_pb2.FilledText(
-                    masks=[fill_mask_pb2.MaskPrediction(start=start, completions=[comp])]
-                )
+                fill_mask_pb2.FilledText(masks=[fill_mask_pb2.MaskPrediction(start=start, completions=[comp])])
             )
         return fill_mask_pb2.FillMaskResponse(model=_served(request.model), results=results)
 
@@ -268,9 +262,7 @@ class FakeVision(
         for img in request.images:
             _, _, mean = _image_size(img)
             label = "bright" if mean > 127 else "dark"
-            results.append(
-                common_pb2.Classification(labels=[common_pb2.LabelScore(label=label, score=1.0, index=0)])
-            )
+            results.append(common_pb2.Classification(labels=[common_pb2.LabelScore(label=label, score=1.0, index=0)]))
         return image_classification_pb2.ClassifyImageResponse(model=_served(request.model), results=results)
 
 
@@ -328,9 +320,7 @@ class FakeMatch(image_text_match_pb2_grpc.ImageTextMatchServicer):
         n = len(request.captions)
         for i in range(len(request.images)):
             sims = [(i + 1) * (j + 1) / 10 for j in range(n)]
-            results.append(
-                image_text_match_pb2.ImageTextScores(similarities=sims, probabilities=[1.0 / n] * n)
-            )
+            results.append(image_text_match_pb2.ImageTextScores(similarities=sims, probabilities=[1.0 / n] * n))
         return image_text_match_pb2.CompareImageTextResponse(model=_served(request.model), results=results)
 
 

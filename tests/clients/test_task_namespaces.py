@@ -51,9 +51,7 @@ def test_unset_optionals_stay_unset(client: TaskServeClient, rec: Recorder) -> N
 
 
 def test_text_tag(client: TaskServeClient, rec: Recorder) -> None:
-    [entities] = client.text.tag(
-        ["met Ada and Alan"], model="ner", aggregation="max", ignore_labels=["O", "MISC"]
-    )
+    [entities] = client.text.tag(["met Ada and Alan"], model="ner", aggregation="max", ignore_labels=["O", "MISC"])
     assert [(e.text, e.start, e.end, e.label) for e in entities] == [
         ("Ada", 4, 7, "PER"),
         ("Alan", 12, 16, "PER"),
@@ -104,16 +102,12 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def test_vision_accepts_arrays_pil_bytes_and_paths(
-    client: TaskServeClient, rec: Recorder, tmp_path: Path
-) -> None:
+def test_vision_accepts_arrays_pil_bytes_and_paths(client: TaskServeClient, rec: Recorder, tmp_path: Path) -> None:
     bright = np.full((4, 6, 3), 200, dtype=np.uint8)
     dark = np.zeros((5, 5), dtype=np.uint8)
     path = tmp_path / "img.png"
     path.write_bytes(_png(bright))
-    results = client.vision.classify(
-        [bright, Image.fromarray(dark), _png(dark), path], model="effnet", top_k=1
-    )
+    results = client.vision.classify([bright, Image.fromarray(dark), _png(dark), path], model="effnet", top_k=1)
     assert [r.top.label for r in results[:2]] == ["bright", "dark"]
     images = rec.requests[-1].images
     assert [i.WhichOneof("source") for i in images] == ["raw", "raw", "encoded", "encoded"]

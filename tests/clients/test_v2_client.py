@@ -113,9 +113,7 @@ def test_health_and_metadata(client: TaskServeClient, fake_server: ServerThread)
         ("PERMISSION_DENIED", TaskServeError),
     ],
 )
-def test_status_codes_become_typed_errors(
-    client: TaskServeClient, code: str, error: type[TaskServeError]
-) -> None:
+def test_status_codes_become_typed_errors(client: TaskServeClient, code: str, error: type[TaskServeError]) -> None:
     with pytest.raises(error) as info:
         client.infer(f"fail-{code}", {"x": np.zeros(1, np.float32)})
     assert type(info.value) is error
