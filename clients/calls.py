@@ -37,10 +37,14 @@ class SyncCaller:
     def server_stream(
         self, method: grpc.UnaryStreamMultiCallable[Req, Resp], request: Req, timeout: float | None
     ) -> Iterator[Resp]:
+        call = method(request, timeout=self.deadline(timeout), metadata=self._metadata)
         try:
-            yield from method(request, timeout=self.deadline(timeout), metadata=self._metadata)
+            yield from call
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
+        finally:
+            # A consumer that stops early (break, close) cancels the stream instead of leaking it.
+            call.cancel()
 
 
 class AsyncCaller:
