@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_peer_args(peers)
     add_payload_args(peers)
     add_measurement_args(peers)
+    from taskserve.benchmarks.batching_bench import build_parser as add_batching
+
+    add_batching(sub)
     sub.add_parser("echo-server", help="bare grpc.aio v2 echo server (latency floor)", add_help=False)
     sub.add_parser("export", help="export benchmarks (taskserve.benchmarks.export_bench)", add_help=False)
     return parser
@@ -97,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             from taskserve.benchmarks.server_load import run_server_load
 
             runs, paths = asyncio.run(run_server_load(args))
+        elif args.command == "batching":
+            from taskserve.benchmarks.batching_bench import run_batching
+
+            runs, paths = run_batching(args)
         elif args.command == "in-process":
             from taskserve.benchmarks.inprocess_cli import run_in_process_cli
 

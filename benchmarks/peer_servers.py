@@ -113,16 +113,21 @@ def _venv_version(python: Path, package: str) -> str:
     return out.stdout.strip()
 
 
+def spawn_taskserve(repo: Path, log_dir: Path, workdir: Path | None = None) -> PeerProcess:
+    """``taskserve-server`` on ``repo`` from this environment; ``workdir`` is removed on stop."""
+    port = free_port()
+    argv = [sys.executable, "-m", "taskserve.server.main", "--model-repository", str(repo), "--host", "127.0.0.1",
+            "--grpc-port", str(port), "--metrics-port", "-1", "--no-reflection"]  # fmt: skip
+    peer = _spawn("taskserve", argv, port, log_dir, workdir=workdir)
+    peer.version = _venv_version(Path(sys.executable), "taskserve")
+    return peer
+
+
 def start_taskserve(model: ModelUnderTest, log_dir: Path) -> PeerProcess:
     # A repository holding only this model, so the server loads nothing else.
     repo = Path(tempfile.mkdtemp(prefix="taskserve-peer-repo-"))
     (repo / model.name).symlink_to(model.model_dir.resolve(), target_is_directory=True)
-    port = free_port()
-    argv = [sys.executable, "-m", "taskserve.server.main", "--model-repository", str(repo), "--host", "127.0.0.1",
-            "--grpc-port", str(port), "--metrics-port", "-1", "--no-reflection"]  # fmt: skip
-    peer = _spawn("taskserve", argv, port, log_dir, workdir=repo)
-    peer.version = _venv_version(Path(sys.executable), "taskserve")
-    return peer
+    return spawn_taskserve(repo, log_dir, workdir=repo)
 
 
 def start_echo(log_dir: Path) -> PeerProcess:

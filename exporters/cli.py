@@ -28,6 +28,10 @@ def _common(p: argparse.ArgumentParser, name_required: bool = False) -> None:
     p.add_argument("--name", required=name_required, help="model name (directory under --out)")
     p.add_argument("--version", type=int, default=1, help="version directory to write (default 1)")
     p.add_argument("--max-batch-size", type=int, help="largest batch the server forms (default: per source)")
+    p.add_argument(
+        "--length-buckets", type=lambda v: tuple(int(x) for x in v.split(",") if x), default=(),
+        help="sequence-length bucket edges for the batcher, e.g. 16,32,64,128 (text models)",
+    )  # fmt: skip
     p.add_argument("--no-optimize", action="store_true", help="skip onnxruntime graph optimizations")
     p.add_argument("--quantize", metavar="MODE", help="'int8': dynamic int8 quantization for CPU")
     p.add_argument("--fp16", action="store_true", help="half precision (GPU); with --tensorrt an fp16 engine")
@@ -84,6 +88,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "version": args.version,
         "max_batch_size": args.max_batch_size,
+        "length_buckets": args.length_buckets,
         "optimize": not args.no_optimize,
         "quantize": args.quantize,
         "fp16": args.fp16,

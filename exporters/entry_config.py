@@ -17,6 +17,7 @@ def build_config(
     max_batch_size: int,
     max_queue_delay_us: int,
     *,
+    length_buckets: tuple[int, ...] = (),
     int8: bool = False,
     fp16: bool = False,
     tensorrt: bool = False,
@@ -37,6 +38,8 @@ def build_config(
         config["outputs"] = [t.to_config() for t in exported.outputs]
     if max_batch_size > 1:
         config["dynamic_batching"] = {"max_queue_delay_us": max_queue_delay_us, "max_queue_size": 1024}
+        if length_buckets:
+            config["dynamic_batching"]["length_buckets"] = list(length_buckets)
     runtime: dict[str, Any] = {}
     if int8:
         # Dynamic int8 kernels (MatMulInteger, QAttention) exist on CPU only.

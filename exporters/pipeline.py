@@ -39,6 +39,9 @@ class ExportOptions:
     # None: the source's default (0 for models without a shared batch dim).
     max_batch_size: int | None = None
     max_queue_delay_us: int = 2000
+    # Sequence-length bucket edges for the batcher (text models): short requests
+    # then never pay for long ones' padding.
+    length_buckets: tuple[int, ...] = ()
     optimize: bool = True
     quantize: str | None = None  # "int8"
     fp16: bool = False
@@ -202,6 +205,7 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
             options.name,
             max_batch,
             options.max_queue_delay_us,
+            length_buckets=options.length_buckets,
             int8=bool(options.quantize),
             fp16=options.fp16,
             tensorrt=options.tensorrt,
