@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     from taskserve.benchmarks.batching_bench import build_parser as add_batching
 
     add_batching(sub)
+    from taskserve.benchmarks.floor_bench import build_parser as add_floor
+
+    add_floor(sub)
     sub.add_parser("echo-server", help="bare grpc.aio v2 echo server (latency floor)", add_help=False)
     sub.add_parser("export", help="export benchmarks (taskserve.benchmarks.export_bench)", add_help=False)
     return parser
@@ -104,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             from taskserve.benchmarks.batching_bench import run_batching
 
             runs, paths = run_batching(args)
+        elif args.command == "floor":
+            from taskserve.benchmarks.floor_bench import run_floor
+
+            runs, paths = run_floor(args)
         elif args.command == "in-process":
             from taskserve.benchmarks.inprocess_cli import run_in_process_cli
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -109,17 +110,31 @@ class ModelStatistics:
 
 
 class ModelMetrics:
-    """Records one model version's events. Thread-safe: batches finish on executor threads."""
+    """Records one model version's events. Thread-safe: batches finish on executor threads.
+
+    The labelled children are looked up once here: ``labels()`` takes a lock and
+    builds a key on every call, which adds up at thousands of requests per second.
+    """
 
     def __init__(self, metrics: ServerMetrics, model: str, version: str) -> None:
         self._m = metrics
         self._labels = (model, version)
         self._lock = threading.Lock()
         self.statistics = ModelStatistics()
+        labels = self._labels
+        self._success = metrics.request_success.labels(*labels)
+        self._request_duration = metrics.request_duration.labels(*labels)
+        self._queue_duration = metrics.queue_duration.labels(*labels)
+        self._compute_duration = metrics.compute_duration.labels(*labels)
+        self._batch_size = metrics.batch_size.labels(*labels)
+        self._inference_count = metrics.inference_count.labels(*labels)
+        self._execution_count = metrics.execution_count.labels(*labels)
+        self._pending = metrics.pending_requests.labels(*labels)
+        self._stages: dict[str, Any] = {}
 
     def request_succeeded(self, duration_ns: int) -> None:
-        self._m.request_success.labels(*self._labels).inc()
-        self._m.request_duration.labels(*self._labels).observe(duration_ns / 1e9)
+        self._success.inc()
+        self._request_duration.observe(duration_ns / 1e9)
         with self._lock:
             self.statistics.success.add(duration_ns)
             self.statistics.last_inference_ms = int(time.time() * 1000)
@@ -130,19 +145,22 @@ class ModelMetrics:
             self.statistics.fail.add(duration_ns)
 
     def stage(self, stage: str, duration_ns: int) -> None:
-        self._m.stage_duration.labels(*self._labels, stage).observe(duration_ns / 1e9)
+        child = self._stages.get(stage)
+        if child is None:
+            child = self._stages[stage] = self._m.stage_duration.labels(*self._labels, stage)
+        child.observe(duration_ns / 1e9)
 
     def queued(self, wait_ns: int) -> None:
-        self._m.queue_duration.labels(*self._labels).observe(wait_ns / 1e9)
+        self._queue_duration.observe(wait_ns / 1e9)
         with self._lock:
             self.statistics.queue.add(wait_ns)
 
     def batch_executed(self, batch_size: int, requests: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         """A batch of ``batch_size`` rows from ``requests`` requests ran; times per stage."""
-        self._m.batch_size.labels(*self._labels).observe(batch_size)
-        self._m.compute_duration.labels(*self._labels).observe((input_ns + infer_ns + output_ns) / 1e9)
-        self._m.inference_count.labels(*self._labels).inc(batch_size)
-        self._m.execution_count.labels(*self._labels).inc()
+        self._batch_size.observe(batch_size)
+        self._compute_duration.observe((input_ns + infer_ns + output_ns) / 1e9)
+        self._inference_count.inc(batch_size)
+        self._execution_count.inc()
         with self._lock:
             s = self.statistics
             s.compute_input.add(input_ns, requests)
@@ -159,7 +177,7 @@ class ModelMetrics:
         self._m.rejected_requests.labels(*self._labels, reason).inc()
 
     def set_pending(self, count: int) -> None:
-        self._m.pending_requests.labels(*self._labels).set(count)
+        self._pending.set(count)
 
     def loaded(self, seconds: float) -> None:
         self._m.model_load_duration.labels(*self._labels).set(seconds)

@@ -81,6 +81,10 @@ class DynamicBatchingConfig(_Frozen):
     default_timeout_us: int = Field(default=0, ge=0)
     # Optional sequence-length bucket edges: requests only share a batch within a bucket.
     length_buckets: tuple[int, ...] = ()
+    # Batches expected to compute within this many microseconds (measured per row) run
+    # on the event loop itself: for tiny models the hand-off to the instance thread
+    # costs more than the model. 0 always uses the instance threads.
+    inline_compute_us: int = Field(default=100, ge=0, le=10_000)
 
     @model_validator(mode="after")
     def _levels(self) -> DynamicBatchingConfig:

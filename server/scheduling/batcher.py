@@ -10,7 +10,10 @@ its own thread. A batch is formed when an instance is free:
   (from its oldest request) for more, unless it is already complete;
 * every instance busy: a complete batch is handed to a busy instance's thread
   as the next one (prefetch), so that instance starts it without a round trip
-  through the event loop.
+  through the event loop;
+* tiny models: a batch whose measured cost is below ``inline_compute_us`` runs
+  on the event loop itself when nothing else executes, because the hand-off to
+  a thread and back costs more than the model.
 
 Requests cancelled or past their deadline are dropped when a batch is formed,
 and again on the instance thread just before compute: they are never computed.
@@ -29,7 +32,7 @@ from taskserve.server.errors import DeadlineExceeded, InvalidInput, ModelNotRead
 from taskserve.server.metrics import ModelMetrics
 from taskserve.server.runtimes.base import Runtime
 from taskserve.server.scheduling.base import InferRequest, InferResult, Scheduler
-from taskserve.server.scheduling.execution import Batch, Instance, Outcome, execute_batch
+from taskserve.server.scheduling.execution import Batch, Instance, Outcome, timed_execute_batch
 from taskserve.server.scheduling.layout import TensorLayout
 from taskserve.server.scheduling.policy import BatchPolicy
 from taskserve.server.scheduling.request_queue import PendingRequest, RequestQueue
@@ -97,15 +100,19 @@ class DynamicBatcher(Scheduler):
         entry = self._admit(request, now)
         self._queue.push(entry)
         self._update_pending()
-        self._wake.set()
+        if self._inline_ready(entry.rows):
+            # Fast path for tiny models: run now, on this turn of the loop, instead of
+            # waiting for the batching loop's next turn (which then has nothing to do).
+            self._dispatch()
+        if len(self._queue):
+            self._wake.set()
+        # Still queued at its deadline: fail then rather than when an instance frees.
+        timer = (
+            asyncio.get_running_loop().call_later(max(0.0, entry.deadline - now), self._expire, entry)
+            if entry.deadline is not None
+            else None
+        )
         try:
-            if entry.deadline is not None:
-                done, _ = await asyncio.wait({entry.future}, timeout=max(0.0, entry.deadline - now))
-                if not done and self._queue.remove(entry):
-                    # Still queued at its deadline: fail now rather than when an instance frees.
-                    self._update_pending()
-                    entry.future.cancel()
-                    raise self._refuse(self._deadline_error())
             return await entry.future
         except asyncio.CancelledError:
             # The caller went away: the request leaves the queue, or is skipped
@@ -116,6 +123,14 @@ class DynamicBatcher(Scheduler):
                 self._update_pending()
                 self._count_rejected("cancelled")
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _expire(self, entry: PendingRequest) -> None:
+        if self._queue.remove(entry):
+            self._update_pending()
+            self._resolve(entry, self._refuse(self._deadline_error()))
 
     def inflight_count(self) -> int:
         return len(self._queue) + self._executing
@@ -200,10 +215,14 @@ class DynamicBatcher(Scheduler):
                 timeout = None
             if self._state is _State.STOPPING and not len(self._queue) and not self._executing:
                 self._drained.set()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
+            if timeout is None:
+                await self._wake.wait()  # the common case: no timer to arm
+            else:
+                try:
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
             self._wake.clear()
 
     def _free_instance(self) -> Instance | None:
@@ -246,7 +265,28 @@ class DynamicBatcher(Scheduler):
             self._queue.take(entries)
             self._hand_off(instance, Batch(tuple(entries)))
 
+    def _runs_inline(self, instance: Instance, rows: int) -> bool:
+        if self.policy.inline_compute_s <= 0 or instance.assigned or self._executing:
+            return False
+        estimate = instance.estimate(rows)
+        return estimate is not None and estimate <= self.policy.inline_compute_s
+
+    def _inline_ready(self, rows: int) -> bool:
+        """Nothing executing, and an instance that computes ``rows`` rows inline."""
+        instance = self._free_instance()
+        return instance is not None and self._runs_inline(instance, rows)
+
     def _hand_off(self, instance: Instance, batch: Batch) -> None:
+        if self._runs_inline(instance, batch.rows):
+            outcomes, seconds = timed_execute_batch(
+                instance.runtime, batch, self.layout, self._clock, self._metrics
+            )
+            instance.record(seconds, batch.rows)
+            self._update_pending()
+            for entry, outcome in zip(batch.entries, outcomes, strict=True):
+                if outcome is not None:
+                    self._resolve(entry, outcome)
+            return
         instance.assigned += 1
         self._executing += len(batch.entries)
         task = asyncio.get_running_loop().create_task(self._run_batch(instance, batch))
@@ -256,15 +296,17 @@ class DynamicBatcher(Scheduler):
     async def _run_batch(self, instance: Instance, batch: Batch) -> None:
         loop = asyncio.get_running_loop()
         try:
-            outcomes: list[Outcome] = await loop.run_in_executor(
+            outcomes: list[Outcome]
+            outcomes, seconds = await loop.run_in_executor(
                 instance.executor,
-                execute_batch,
+                timed_execute_batch,
                 instance.runtime,
                 batch,
                 self.layout,
                 self._clock,
                 self._metrics,
             )
+            instance.record(seconds, batch.rows)
         except Exception as err:  # e.g. the executor was shut down
             log.exception("model %r: could not execute a batch", self.model)
             failure = ModelNotReady(f"model {self.model!r} could not execute the request: {err}")

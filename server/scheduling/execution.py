@@ -48,12 +48,38 @@ class Instance:
         self.runtime = runtime
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"taskserve-{model}-{index}")
         self.assigned = 0
+        # Smoothed seconds of execute_batch per row; None until a batch ran.
+        self.seconds_per_row: float | None = None
+
+    def record(self, seconds: float, rows: int) -> None:
+        """Fold one batch's execution time into the per-row estimate."""
+        if rows <= 0:
+            return
+        per_row = seconds / rows
+        previous = self.seconds_per_row
+        self.seconds_per_row = per_row if previous is None else 0.8 * previous + 0.2 * per_row
+
+    def estimate(self, rows: int) -> float | None:
+        return None if self.seconds_per_row is None else self.seconds_per_row * rows
 
 
 def _expired(model: str, entry: PendingRequest) -> DeadlineExceeded:
     return DeadlineExceeded(
         f"request to model {model!r} passed its deadline while queued; it was not computed"
     )
+
+
+def timed_execute_batch(
+    runtime: Runtime,
+    batch: Batch,
+    layout: TensorLayout,
+    clock: Callable[[], float],
+    metrics: ModelMetrics | None,
+) -> tuple[list[Outcome], float]:
+    """``execute_batch`` and the seconds it took."""
+    start = time.perf_counter()
+    outcomes = execute_batch(runtime, batch, layout, clock, metrics)
+    return outcomes, time.perf_counter() - start
 
 
 def execute_batch(

@@ -21,6 +21,8 @@ class BatchPolicy:
     default_priority: int = 1
     # Timeout for requests that carry no deadline (0: none).
     default_timeout_s: float = 0.0
+    # Batches expected to compute within this long run on the event loop (0: never).
+    inline_compute_s: float = 0.0
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> BatchPolicy:
@@ -33,6 +35,7 @@ class BatchPolicy:
             priority_levels=db.priority_levels,
             default_priority=db.default_priority,
             default_timeout_s=db.default_timeout_us / 1e6,
+            inline_compute_s=db.inline_compute_us / 1e6,
         )
 
     def is_complete(self, rows: int, blocked: bool) -> bool:

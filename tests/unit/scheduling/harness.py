@@ -35,7 +35,8 @@ def token_config(**overrides: Any) -> ModelConfig:
             {"name": "length", "datatype": "INT64", "dims": []},
         ],
     }
-    batching = overrides.pop("dynamic_batching", {})
+    # Inline execution off unless a test asks: gated fake runtimes must stay on their threads.
+    batching = {"inline_compute_us": 0, **overrides.pop("dynamic_batching", {})}
     data.update(overrides)
     data["dynamic_batching"] = batching
     return ModelConfig.model_validate(data)
