@@ -30,7 +30,8 @@ demo: $(DEMO_REPO)/.built
 run: demo
 	$(VENV)/bin/taskserve-server --model-repository $(DEMO_REPO) --host $(HOST) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
-test: setup
+# Lint and strict typing are part of the test command: CI runs exactly this.
+test: setup lint typecheck
 	ORT_DISABLE_TELEMETRY=1 $(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 lint: setup
@@ -41,7 +42,7 @@ lint: setup
 typecheck: setup
 	rm -rf build/typecheck && mkdir -p build/typecheck/taskserve
 	for p in server exporters clients benchmarks; do ln -s $(CURDIR)/$$p build/typecheck/taskserve/$$p; done
-	MYPYPATH=build/typecheck $(VENV)/bin/mypy --strict -p taskserve.clients -p taskserve.benchmarks
+	MYPYPATH=build/typecheck $(VENV)/bin/mypy --strict -p taskserve.server -p taskserve.exporters -p taskserve.clients -p taskserve.benchmarks
 
 protos: setup
 	$(PY) -m taskserve.clients.codegen

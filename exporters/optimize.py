@@ -8,7 +8,6 @@ from pathlib import Path
 
 import onnx
 import onnxruntime as ort
-
 from taskserve.exporters.spec import TransformerShape
 
 # Hugging Face model types whose attention onnxruntime's "bert" optimizer fuses.

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 import numpy as np
-
 from taskserve.exporters import tensorrt as trt_build
 from taskserve.exporters.entry_config import ENGINE_FILE, LABELS_FILE, build_config
 from taskserve.exporters.errors import ExportError, UsageError, ValidationFailed

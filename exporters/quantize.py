@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-
 from taskserve.exporters.errors import ExportError
 from taskserve.exporters.progress import format_table
 from taskserve.exporters.quiet import quiet

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from taskserve.exporters.errors import ExportError, UsageError
 from taskserve.server.errors import ConfigError
 from taskserve.server.repository.config import load_model_config, parse_model_config

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-
 from taskserve.exporters.errors import ValidationFailed
 from taskserve.exporters.progress import format_table
 from taskserve.exporters.spec import ValidationCase

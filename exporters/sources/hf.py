@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from taskserve.exporters import image_options as images
 from taskserve.exporters.errors import ExportError, UsageError
 from taskserve.exporters.graph_io import read_graph_io, serving_specs

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-
 from taskserve.exporters.errors import ExportError, UsageError
 from taskserve.exporters.graph_io import read_graph_io, serving_specs
 from taskserve.exporters.spec import ExportedModel, ValidationCase

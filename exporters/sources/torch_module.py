@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from taskserve.exporters.errors import ExportError, UsageError
 from taskserve.exporters.graph_io import serving_specs
 from taskserve.exporters.quiet import quiet

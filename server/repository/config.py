@@ -12,7 +12,6 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
 from taskserve.server.errors import ConfigError
 
 Datatype = Literal[
@@ -185,7 +184,9 @@ def _format_validation_error(path: Path, err: ValidationError) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"  {loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "value_error" and "input" in e else ""))
+        lines.append(
+            f"  {loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "value_error" and "input" in e else "")
+        )
     return f"{path}: invalid model configuration:\n" + "\n".join(lines)
 
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from taskserve.clients.datatypes import numpy_dtype
 from taskserve.server.errors import ModelNotFound, ModelNotReady, TaskServeError
 from taskserve.server.metrics import ModelMetrics, ServerMetrics
@@ -162,7 +161,9 @@ class ModelManager:
             if slot is None:
                 entries.append(ModelIndexEntry(name, "", ModelState.UNAVAILABLE, "unloaded"))
             elif slot.versions:
-                entries.extend(ModelIndexEntry(name, v, slot.state, slot.reason) for v in sorted(slot.versions, key=int))
+                entries.extend(
+                    ModelIndexEntry(name, v, slot.state, slot.reason) for v in sorted(slot.versions, key=int)
+                )
             else:
                 entries.append(ModelIndexEntry(name, "", slot.state, slot.reason))
         return entries
@@ -226,7 +227,8 @@ class ModelManager:
         versions = select_versions(available_versions(model_dir), config.version_policy)
         if not versions:
             raise ModelNotReady(
-                f"{model_dir}: no version directory to serve (expected e.g. {model_dir}/1/{config.default_model_filename})"
+                f"{model_dir}: no version directory to serve "
+                f"(expected e.g. {model_dir}/1/{config.default_model_filename})"
             )
         loaded: dict[str, LoadedModel] = {}
         try:
@@ -251,7 +253,9 @@ class ModelManager:
                 runtime.load()
                 resolved = resolve_tensors(config, runtime.inputs, runtime.outputs)
                 if config.warmup.enabled:
-                    sizes = [b for b in config.warmup.batch_sizes if config.max_batch_size == 0 or b <= config.max_batch_size]
+                    sizes = [
+                        b for b in config.warmup.batch_sizes if config.max_batch_size == 0 or b <= config.max_batch_size
+                    ]
                     for batch in sizes or [1]:
                         runtime.warmup(warmup_inputs(resolved, batch))
             return resolved

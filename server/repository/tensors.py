@@ -35,7 +35,9 @@ def _check(kind: str, configured: TensorConfig, info: TensorInfo, batched: bool,
     return configured.model_copy(update={"dims": merged})
 
 
-def resolve_tensors(config: ModelConfig, graph_inputs: list[TensorInfo], graph_outputs: list[TensorInfo]) -> ModelConfig:
+def resolve_tensors(
+    config: ModelConfig, graph_inputs: list[TensorInfo], graph_outputs: list[TensorInfo]
+) -> ModelConfig:
     """A copy of ``config`` whose inputs and outputs are complete and checked against the graph."""
     batched = config.max_batch_size > 0
     resolved: dict[str, tuple[TensorConfig, ...]] = {}
@@ -61,6 +63,8 @@ def resolve_tensors(config: ModelConfig, graph_inputs: list[TensorInfo], graph_o
         if kind == "input":
             missing = [t.name for t in graph if t.name not in {c.name for c in configured}]
             if missing:
-                raise ConfigError(f"model {config.name!r}: the graph needs inputs {missing} that config.yaml leaves out")
+                raise ConfigError(
+                    f"model {config.name!r}: the graph needs inputs {missing} that config.yaml leaves out"
+                )
         resolved[kind] = tuple(checked)
     return config.model_copy(update={"inputs": resolved["input"], "outputs": resolved["output"]})

@@ -46,7 +46,7 @@ class Runtime(abc.ABC):
         """Execute once on representative inputs so the first request pays no setup cost."""
         self.infer(inputs)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook; most runtimes free on garbage collection
         """Release the model's resources. Idempotent."""
 
     @property

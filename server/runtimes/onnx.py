@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-
 from taskserve.server.errors import RuntimeFailure
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.runtimes.base import Runtime, TensorInfo
@@ -124,8 +123,12 @@ class OnnxRuntime(Runtime):
         except Exception as err:  # onnxruntime raises its own exception types
             raise RuntimeFailure(f"onnxruntime could not load {self.model_path}: {err}") from err
         self.providers = session.get_providers()
-        self._inputs = [TensorInfo(i.name, self._v2_type(i.type), tuple(_dim(d) for d in i.shape)) for i in session.get_inputs()]
-        self._outputs = [TensorInfo(o.name, self._v2_type(o.type), tuple(_dim(d) for d in o.shape)) for o in session.get_outputs()]
+        self._inputs = [
+            TensorInfo(i.name, self._v2_type(i.type), tuple(_dim(d) for d in i.shape)) for i in session.get_inputs()
+        ]
+        self._outputs = [
+            TensorInfo(o.name, self._v2_type(o.type), tuple(_dim(d) for d in o.shape)) for o in session.get_outputs()
+        ]
         self._session = session
         log.info("loaded %s with %s, %d intra-op threads", self.model_path, self.providers, opts.intra_op_num_threads)
 

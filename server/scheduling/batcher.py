@@ -316,7 +316,7 @@ class DynamicBatcher(Scheduler):
             self._executing -= len(batch.entries)
             self._update_pending()
             self._wake.set()
-        for entry, outcome in zip(batch.entries, outcomes):
+        for entry, outcome in zip(batch.entries, outcomes, strict=False):
             if outcome is not None:
                 self._resolve(entry, outcome)
 

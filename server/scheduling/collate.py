@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
 from taskserve.server.errors import RuntimeFailure
 from taskserve.server.scheduling.layout import TensorLayout
 
@@ -118,7 +117,7 @@ def split(
             )
     unpad_like = layout.unpad_like or {}
     offset = 0
-    for rows, shape, names_wanted in zip(collated.rows, collated.shapes, wanted):
+    for rows, shape, names_wanted in zip(collated.rows, collated.shapes, wanted, strict=False):
         names = names_wanted if names_wanted is not None else tuple(outputs)
         result: dict[str, np.ndarray] = {}
         for name in names:

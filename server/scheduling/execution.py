@@ -138,7 +138,7 @@ def execute_batch(
             infer_done_ns - input_done_ns,
             end_ns - infer_done_ns,
         )
-    for i, outputs_i in zip(live, per_request):
+    for i, outputs_i in zip(live, per_request, strict=False):
         entry = batch.entries[i]
         queue_ns = start_ns - entry.enqueued_ns
         if metrics is not None:

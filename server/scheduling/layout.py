@@ -12,7 +12,6 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
 from taskserve.server.errors import InvalidInput
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.runtimes.base import TensorInfo
@@ -115,9 +114,7 @@ class TensorLayout:
         if self.inputs is not None:
             unknown = sorted(set(inputs) - set(self.inputs))
             if unknown:
-                raise InvalidInput(
-                    f"model {model!r} has no input(s) {unknown}; its inputs are {sorted(self.inputs)}"
-                )
+                raise InvalidInput(f"model {model!r} has no input(s) {unknown}; its inputs are {sorted(self.inputs)}")
             missing = sorted(n for n, s in self.inputs.items() if not s.optional and n not in inputs)
             if missing:
                 raise InvalidInput(f"request to model {model!r} lacks required input(s) {missing}")
@@ -134,7 +131,8 @@ class TensorLayout:
             if any(b is None for b in batch_sizes.values()):
                 scalars = sorted(n for n, b in batch_sizes.items() if b is None)
                 raise InvalidInput(
-                    f"input(s) {scalars} of model {model!r} are scalars; a batching model needs a leading batch dimension"
+                    f"input(s) {scalars} of model {model!r} are scalars; "
+                    "a batching model needs a leading batch dimension"
                 )
             if len(set(batch_sizes.values())) > 1:
                 detail = ", ".join(f"{n} has {b}" for n, b in sorted(batch_sizes.items()))
@@ -159,7 +157,7 @@ class TensorLayout:
                 key.append((name, array.dtype.str, tuple(dims)))
                 continue
             expected = ([-1] if self.batched else []) + list(spec.dims)
-            if len(dims) != len(spec.dims) or any(d != -1 and d != n for d, n in zip(spec.dims, dims)):
+            if len(dims) != len(spec.dims) or any(d != -1 and d != n for d, n in zip(spec.dims, dims, strict=False)):
                 raise InvalidInput(
                     f"input {name!r} of model {model!r} has shape {_shape(array.shape)}, "
                     f"expected {_shape(expected)} (-1: any size)"

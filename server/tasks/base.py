@@ -17,14 +17,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Protocol, TypeVar
+from typing import ClassVar, Protocol, Self, TypeVar
 
 import numpy as np
 from taskserve.clients.datatypes import numpy_dtype
 from taskserve.server.errors import Code, ConfigError, InvalidInput, Overloaded, WrongTask
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.scheduling.base import InferRequest, Scheduler
-from typing_extensions import Self
 
 T = TypeVar("T")
 

@@ -9,10 +9,9 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
-
-import tomllib
 
 from tests.deploy.chart import render
 

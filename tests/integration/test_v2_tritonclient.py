@@ -99,7 +99,9 @@ def test_infer_typed_contents(client: tc.InferenceServerClient) -> None:
         t = req.inputs.add(name=name, datatype="FP32", shape=[1, 4])
         t.contents.fp32_contents.extend(values)
     resp = stub.ModelInfer(req)
-    out = {o.name: np.frombuffer(raw, np.float32) for o, raw in zip(resp.outputs, resp.raw_output_contents)}
+    out = {
+        o.name: np.frombuffer(raw, np.float32) for o, raw in zip(resp.outputs, resp.raw_output_contents, strict=False)
+    }
     np.testing.assert_allclose(out["OUTPUT0"], [1.5, 2.5, 3.5, 4.5])
     np.testing.assert_allclose(out["OUTPUT1"], [0.5, 1.5, 2.5, 3.5])
 

@@ -19,7 +19,9 @@ def _save(graph: onnx.GraphProto, path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def write_entry(repo: Path, name: str, graph: onnx.GraphProto, config: dict[str, Any], versions: tuple[int, ...] = (1,)) -> Path:
+def write_entry(
+    repo: Path, name: str, graph: onnx.GraphProto, config: dict[str, Any], versions: tuple[int, ...] = (1,)
+) -> Path:
     model_dir = repo / name
     for v in versions:
         _save(graph, model_dir / str(v) / "model.onnx")
@@ -31,7 +33,10 @@ def add_sub_graph(elem: int = TensorProto.FLOAT, width: int = 4) -> onnx.GraphPr
     """OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1 (Triton's classic 'simple')."""
     shape = ["batch", width]
     return helper.make_graph(
-        [helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]), helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"])],
+        [
+            helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+            helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+        ],
         "add_sub",
         [helper.make_tensor_value_info("INPUT0", elem, shape), helper.make_tensor_value_info("INPUT1", elem, shape)],
         [helper.make_tensor_value_info("OUTPUT0", elem, shape), helper.make_tensor_value_info("OUTPUT1", elem, shape)],

@@ -231,8 +231,11 @@ def test_image_text_match_matches_onnxruntime(
         captions, padding=True, return_tensors="np"
     )
     pixels = np.stack([preprocess(p, config["task_options"]["image"]) for p in PHOTOS])
-    feeds = {"input_ids": tokens["input_ids"].astype(np.int64), "attention_mask": tokens["attention_mask"].astype(np.int64),
-             "pixel_values": pixels}  # fmt: skip
+    feeds = {
+        "input_ids": tokens["input_ids"].astype(np.int64),
+        "attention_mask": tokens["attention_mask"].astype(np.int64),
+        "pixel_values": pixels,
+    }
     logits, image_embeds, text_embeds = session.run(
         ["logits_per_image", "image_embeds", "text_embeds"], feeds
     )

@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from taskserve.server.errors import ConfigError
-from taskserve.server.repository.config import load_model_config, parse_model_config
+from taskserve.server.repository.config import VersionPolicy, load_model_config, parse_model_config
 from taskserve.server.repository.versions import select_versions
-from taskserve.server.repository.config import VersionPolicy
 
 
 def test_defaults_for_an_empty_config(tmp_path: Path) -> None:
@@ -54,8 +52,10 @@ task_options: {pooling: mean}
     [
         ({"max_batch_size": -1}, "max_batch_size"),
         ({"task": "telepathy"}, "task"),
-        ({"max_batch_size": 8, "dynamic_batching": {"preferred_batch_sizes": [16]}}, "must be between 1 and max_batch_size (8)"),
-        ({"dynamic_batching": {"priority_levels": 2, "default_priority": 3}}, "lower default_priority or raise priority_levels"),
+        ({"max_batch_size": 8, "dynamic_batching": {"preferred_batch_sizes": [16]}},
+         "must be between 1 and max_batch_size (8)"),
+        ({"dynamic_batching": {"priority_levels": 2, "default_priority": 3}},
+         "lower default_priority or raise priority_levels"),
         ({"dynamic_batching": {"length_buckets": [32, 16]}}, "strictly increasing"),
         ({"inputs": [{"name": "a", "datatype": "FP32", "dims": [0]}]}, "positive size or -1"),
         ({"inputs": [{"name": "a", "datatype": "FLOAT", "dims": [1]}]}, "inputs.0.datatype"),

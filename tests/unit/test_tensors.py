@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from taskserve.server.errors import ConfigError
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.repository.tensors import resolve_tensors
@@ -24,17 +23,21 @@ def test_unset_tensors_come_from_the_graph() -> None:
 
 
 def test_variable_dims_take_the_graphs_fixed_size() -> None:
-    config = resolve_tensors(
-        _config(outputs=[{"name": "emb", "datatype": "FP32", "dims": [-1]}]), GRAPH_IN, GRAPH_OUT
-    )
+    config = resolve_tensors(_config(outputs=[{"name": "emb", "datatype": "FP32", "dims": [-1]}]), GRAPH_IN, GRAPH_OUT)
     assert config.outputs is not None and config.outputs[0].dims == (384,)
 
 
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"inputs": [{"name": "ids", "datatype": "INT32", "dims": [-1]}]}, "configured as INT32 but the graph declares INT64"),
-        ({"outputs": [{"name": "emb", "datatype": "FP32", "dims": [128]}]}, "has dims [128] but the graph declares [384]"),
+        (
+            {"inputs": [{"name": "ids", "datatype": "INT32", "dims": [-1]}]},
+            "configured as INT32 but the graph declares INT64",
+        ),
+        (
+            {"outputs": [{"name": "emb", "datatype": "FP32", "dims": [128]}]},
+            "has dims [128] but the graph declares [384]",
+        ),
         ({"inputs": [{"name": "nope", "datatype": "INT64", "dims": [-1]}]}, "'nope' is not in the graph"),
         ({"inputs": []}, "needs inputs ['ids']"),
     ],

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 from taskserve.clients.datatypes import deserialize_bytes_tensor, numpy_dtype, serialize_bytes_tensor, v2_datatype
 from taskserve.clients.generated.inference import grpc_service_pb2 as pb
 from taskserve.server.errors import InvalidInput
@@ -77,7 +76,9 @@ def _decode_raw(spec: TensorConfig, datatype: str, shape: tuple[int, ...], raw: 
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
-def _decode_typed(spec: TensorConfig, datatype: str, shape: tuple[int, ...], contents: pb.InferTensorContents) -> np.ndarray:
+def _decode_typed(
+    spec: TensorConfig, datatype: str, shape: tuple[int, ...], contents: pb.InferTensorContents
+) -> np.ndarray:
     field = _CONTENTS_FIELD.get(datatype)
     if field is None:
         raise InvalidInput(f"input {spec.name!r}: {datatype} data must be sent in raw_input_contents")
@@ -128,7 +129,9 @@ def decode_inputs(request: pb.ModelInferRequest, config: ModelConfig) -> dict[st
         _check_shape(config, spec, shape)
         if raw:
             if tensor.HasField("contents"):
-                raise InvalidInput(f"input {tensor.name!r}: send data either in contents or raw_input_contents, not both")
+                raise InvalidInput(
+                    f"input {tensor.name!r}: send data either in contents or raw_input_contents, not both"
+                )
             tensors[tensor.name] = _decode_raw(spec, tensor.datatype, shape, raw[index])
         else:
             tensors[tensor.name] = _decode_typed(spec, tensor.datatype, shape, tensor.contents)

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
-
 from taskserve.server.errors import Code, TaskServeError
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-
 from taskserve.clients.generated.inference import grpc_service_pb2 as pb
 from taskserve.clients.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from taskserve.clients.generated.inference import model_config_pb2 as mc
@@ -219,7 +218,10 @@ def _model_config_message(model: LoadedModel) -> mc.ModelConfig:
     )
     for spec in config.inputs or ():
         message.input.add(
-            name=spec.name, data_type=mc.DataType.Value(_config_type(spec.datatype)), dims=spec.dims, optional=spec.optional
+            name=spec.name,
+            data_type=mc.DataType.Value(_config_type(spec.datatype)),
+            dims=spec.dims,
+            optional=spec.optional,
         )
     for spec in config.outputs or ():
         message.output.add(name=spec.name, data_type=mc.DataType.Value(_config_type(spec.datatype)), dims=spec.dims)

@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 import pytest
-
 from taskserve.server.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded, RuntimeFailure
 from taskserve.server.metrics import ServerMetrics
 
@@ -92,7 +91,7 @@ async def test_batches_never_exceed_max_batch_size() -> None:
     assert max(rows_per_batch) <= 4
     assert sum(rows_per_batch) == 1 + sum(sizes)
     assert len(rows_per_batch) < 1 + len(sizes)  # some requests did share batches
-    for result, r in zip(results[1:], sizes):
+    for result, r in zip(results[1:], sizes, strict=False):
         assert result.outputs["pooled"].shape == (r,)
 
 
@@ -152,7 +151,7 @@ async def test_variable_lengths_are_padded_with_pad_value_and_outputs_unpadded()
     assert batch["ids"].shape == (3, 5)
     np.testing.assert_array_equal(batch["ids"][0], [10, 11, 12, 7, 7])  # ids pad_value 7
     np.testing.assert_array_equal(batch["mask"][2], [1, 1, 0, 0, 0])  # mask pad_value 0
-    for request, result in zip(requests, results):
+    for request, result in zip(requests, results, strict=False):
         alone = masked_outputs(dict(request.inputs))
         assert result.outputs["hidden"].shape == alone["hidden"].shape  # sliced back to its own length
         for name in ("hidden", "pooled", "length"):
@@ -427,7 +426,7 @@ async def test_model_without_batch_dimension_runs_each_request_alone_as_is() -> 
         results = await asyncio.gather(*(s.submit(r) for r in requests))
     assert len(runtime.batches) == 3
     seen = sorted(runtime.batches, key=lambda b: int(b["ids"][0, 0]))
-    for request, batch, result in zip(requests, seen, results):
+    for request, batch, result in zip(requests, seen, results, strict=False):
         np.testing.assert_array_equal(batch["ids"], request.inputs["ids"])
         np.testing.assert_array_equal(
             result.outputs["pooled"], masked_outputs(dict(request.inputs))["pooled"]
@@ -476,7 +475,7 @@ async def test_readme_worked_example() -> None:
         )
         await until(lambda: s.inflight_count() == 5, "queued")
         gate.set()
-        results = {name: await task for name, task in zip("abcd", (a, b, c, d))}
+        results = {name: await task for name, task in zip("abcd", (a, b, c, d), strict=False)}
         await busy
     first_batch, second_batch = runtime.batches[1:]
     # D first (priority 1), then A, then B's two rows (ids from 200 and 300); C alone later.

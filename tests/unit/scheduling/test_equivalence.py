@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.runtimes.base import Runtime, TensorInfo
 from taskserve.server.scheduling.base import InferRequest, InferResult
@@ -81,7 +80,7 @@ async def test_fake_runtime_batched_equals_unbatched(seed: int) -> None:
     requests = [random_request(rng, "ids", "mask", 3, ["hidden", "pooled", "length"]) for _ in range(60)]
     async with running(batcher(config, runtimes)) as s:
         results = await submit_in_random_order(s, requests, rng)
-    for request, result in zip(requests, results):
+    for request, result in zip(requests, results, strict=False):
         assert_same(result, masked_outputs(dict(request.inputs)), request.output_names)
     batches = runtimes[0].batches + runtimes[1].batches
     assert len(batches) < len(requests)  # requests really were batched together
@@ -155,7 +154,7 @@ class SessionRuntime(Runtime):
         self, inputs: dict[str, np.ndarray], output_names: list[str] | None = None
     ) -> dict[str, np.ndarray]:
         names = output_names or [o.name for o in self.session.get_outputs()]
-        return dict(zip(names, self.session.run(names, inputs)))
+        return dict(zip(names, self.session.run(names, inputs), strict=False))
 
 
 def onnx_config() -> ModelConfig:
@@ -216,8 +215,8 @@ async def test_onnx_model_batched_equals_unbatched(pooling_model: Path) -> None:
         results = await submit_in_random_order(scheduler, requests, rng)
     finally:
         await scheduler.stop()
-    for request, result in zip(requests, results):
-        alone = dict(zip(outputs, reference.run(outputs, dict(request.inputs))))
+    for request, result in zip(requests, results, strict=False):
+        alone = dict(zip(outputs, reference.run(outputs, dict(request.inputs)), strict=False))
         assert_same(result, alone, request.output_names)
     # Some requests shared a batch with others.
-    assert any(r.batch_size > len(q.inputs["input_ids"]) for q, r in zip(requests, results))
+    assert any(r.batch_size > len(q.inputs["input_ids"]) for q, r in zip(requests, results, strict=False))
