@@ -113,6 +113,9 @@ class RuntimeConfig(_Frozen):
     intra_op_threads: int = Field(default=0, ge=0)
     inter_op_threads: int = Field(default=1, ge=1)
     graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
+    # Let idle intra-op threads spin-wait for work: lower latency per operator, but the
+    # spinning steals cores from the event loop and other instances.
+    allow_spinning: bool = False
     device_id: int = Field(default=0, ge=0)
     tensorrt: TensorRTOptions = TensorRTOptions()
 

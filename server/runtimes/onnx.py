@@ -116,7 +116,7 @@ class OnnxRuntime(Runtime):
         }[rc.graph_optimization_level]
         # Threads spin-wait by default, which steals the cores other instances and the
         # event loop need between batches.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if rc.allow_spinning else "0")
         providers = self._select_providers(ort.get_available_providers())
         try:
             session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=providers)

@@ -34,7 +34,7 @@ outputs:
   - {name: token_embeddings, datatype: FP32, dims: [-1, 384], unpad_like: input_ids}
 dynamic_batching: {max_queue_delay_us: 2000, preferred_batch_sizes: [16, 32], priority_levels: 2}
 instance_count: 2
-runtime: {execution_providers: [cuda, cpu], intra_op_threads: 1}
+runtime: {execution_providers: [cuda, cpu], intra_op_threads: 1, allow_spinning: true}
 task_options: {pooling: mean}
 """
     )
@@ -44,6 +44,8 @@ task_options: {pooling: mean}
     assert config.outputs is not None and config.outputs[0].unpad_like == "input_ids"
     assert config.dynamic_batching.preferred_batch_sizes == (16, 32)
     assert config.runtime.execution_providers == ("cuda", "cpu")
+    assert config.runtime.allow_spinning
+    assert config.dynamic_batching.inline_compute_us == 100  # the default
     assert config.task_options == {"pooling": "mean"}
 
 
