@@ -7,12 +7,16 @@ the in-memory ``ModelStatistics`` the v2 ModelStatistics RPC reports.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from taskserve.server.errors import TaskServeError
 
 # Latency buckets from 100 µs to 60 s: serving latencies span that range.
 _LATENCY_BUCKETS = (
@@ -138,6 +142,19 @@ class ModelMetrics:
         with self._lock:
             self.statistics.success.add(duration_ns)
             self.statistics.last_inference_ms = int(time.time() * 1000)
+
+    @contextlib.contextmanager
+    def track_request(self, started_ns: int) -> Iterator[None]:
+        """Count the request wrapped in this block as a success, or as a failure by reason."""
+        try:
+            yield
+        except TaskServeError as err:
+            self.request_failed(err.reason, time.perf_counter_ns() - started_ns)
+            raise
+        except asyncio.CancelledError:
+            self.request_failed("cancelled", time.perf_counter_ns() - started_ns)
+            raise
+        self.request_succeeded(time.perf_counter_ns() - started_ns)
 
     def request_failed(self, reason: str, duration_ns: int) -> None:
         self._m.request_failure.labels(*self._labels, reason).inc()

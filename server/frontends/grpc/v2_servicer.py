@@ -16,7 +16,7 @@ import grpc
 from taskserve.clients.generated.inference import grpc_service_pb2 as pb
 from taskserve.clients.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from taskserve.clients.generated.inference import model_config_pb2 as mc
-from taskserve.server.errors import InvalidInput, ModelNotReady, TaskServeError
+from taskserve.server.errors import InvalidInput, ModelNotReady
 from taskserve.server.frontends.grpc import codec
 from taskserve.server.frontends.grpc.status import describe, unary
 from taskserve.server.metrics import Duration
@@ -132,7 +132,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         started = time.perf_counter_ns()
         model = self._models.get(request.model_name, request.model_version)
-        try:
+        with model.metrics.track_request(started):
             inputs = codec.decode_inputs(request, model.config)
             outputs = codec.requested_outputs(request, model.config)
             priority = codec.int_parameter(request.parameters, "priority")
@@ -147,15 +147,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             encode_started = time.perf_counter_ns()
             response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
             codec.encode_outputs(response, result.outputs, outputs)
-        except TaskServeError as err:
-            model.metrics.request_failed(err.reason, time.perf_counter_ns() - started)
-            raise
-        except asyncio.CancelledError:
-            model.metrics.request_failed("cancelled", time.perf_counter_ns() - started)
-            raise
-        done = time.perf_counter_ns()
-        model.metrics.stage("encode", done - encode_started)
-        model.metrics.request_succeeded(done - started)
+            model.metrics.stage("encode", time.perf_counter_ns() - encode_started)
         return response
 
     @unary

@@ -3,7 +3,6 @@ admit the request, turn RequestOptions into scheduling hints, record metrics."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,7 +11,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 from taskserve.clients.generated.taskserve.v1 import common_pb2
-from taskserve.server.errors import InvalidInput, TaskServeError
+from taskserve.server.errors import InvalidInput
 from taskserve.server.frontends.grpc.v2_servicer import request_deadline
 from taskserve.server.repository.manager import LoadedModel, ModelManager
 from taskserve.server.tasks.base import CallOptions, Task, TaskCache
@@ -49,22 +48,13 @@ class TaskServicer:
         if not ref.name:
             raise InvalidInput("model.name is empty; name the model to use")
         model = self._models.get(ref.name, ref.version)
-        started = time.perf_counter_ns()
-        try:
-            with self._tasks.context.admit():
-                task = await self._tasks.get(model, cls)
-                hints = CallOptions(
-                    priority=options.priority or None,
-                    deadline=request_deadline(context, options.timeout_us or None),
-                )
-                yield Call(model, task, hints)
-        except TaskServeError as err:
-            model.metrics.request_failed(err.reason, time.perf_counter_ns() - started)
-            raise
-        except asyncio.CancelledError:
-            model.metrics.request_failed("cancelled", time.perf_counter_ns() - started)
-            raise
-        model.metrics.request_succeeded(time.perf_counter_ns() - started)
+        with model.metrics.track_request(time.perf_counter_ns()), self._tasks.context.admit():
+            task = await self._tasks.get(model, cls)
+            hints = CallOptions(
+                priority=options.priority or None,
+                deadline=request_deadline(context, options.timeout_us or None),
+            )
+            yield Call(model, task, hints)
 
 
 def image_source(image: common_pb2.Image, what: str) -> ImageSource:
