@@ -9,7 +9,7 @@ HOST ?= 0.0.0.0
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: setup run demo test lint typecheck protos check-protos bench clean
+.PHONY: setup run demo test peers lint typecheck protos check-protos bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,12 @@ demo: $(DEMO_REPO)/.built
 run: demo
 	$(VENV)/bin/taskserve-server --model-repository $(DEMO_REPO) --host $(HOST) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
+# The peer servers' own environments (KServe, MLServer), for the peer benchmark and its test.
+peers: setup
+	bash benchmarks/peers/setup.sh
+
 # Lint and strict typing are part of the test command: CI runs exactly this.
-test: setup lint typecheck
+test: setup peers lint typecheck
 	ORT_DISABLE_TELEMETRY=1 $(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 lint: setup
