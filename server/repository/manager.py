@@ -295,9 +295,8 @@ class ModelManager:
     async def _retire(self, models: Iterable[LoadedModel], drain: bool = True) -> None:
         for model in list(models):
             model.metrics.set_ready(False)
+            # The scheduler owns the runtimes: stopping it closes them on their own threads.
             await model.scheduler.stop(drain=drain)
-            for runtime in model.runtimes:
-                await asyncio.to_thread(runtime.close)
 
     async def stop(self, drain: bool = True) -> None:
         """Unload everything (graceful shutdown)."""

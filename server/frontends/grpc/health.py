@@ -23,7 +23,7 @@ class HealthReporter:
     async def set_model(self, name: str, serving: bool) -> None:
         await self.servicer.set(name, SERVING if serving and not self._draining else NOT_SERVING)
 
-    async def drain(self, names: list[str]) -> None:
+    async def drain(self) -> None:
         """Everything NOT_SERVING from now on."""
         self._draining = True
         await self.servicer.enter_graceful_shutdown()

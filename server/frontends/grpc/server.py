@@ -107,7 +107,7 @@ class ServingApp:
             return
         self._draining = True
         grace = self.settings.shutdown_grace_s if grace is None else grace
-        await self.health.drain(self.models.model_names())
+        await self.health.drain()
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
         if self._server is not None:
