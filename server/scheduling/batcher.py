@@ -109,7 +109,7 @@ class DynamicBatcher(Scheduler):
         # Still queued at its deadline: fail then rather than when an instance frees.
         timer = (
             asyncio.get_running_loop().call_later(max(0.0, entry.deadline - now), self._expire, entry)
-            if entry.deadline is not None
+            if entry.deadline is not None and not entry.future.done()  # done: it ran inline
             else None
         )
         try:
