@@ -103,41 +103,39 @@ class TensorLayout:
     ) -> RequestSignature:
         """Check a request against the model and compute its batching signature.
 
-        Raises InvalidInput naming the tensor and the fix.
+        Raises InvalidInput naming the tensor and the fix. Runs for every request:
+        each check is a cheap test first, and the message is only built on failure.
         """
         model = self.model
         if not inputs:
             raise InvalidInput(f"request to model {model!r} has no inputs")
-        not_arrays = sorted(n for n, a in inputs.items() if not isinstance(a, np.ndarray))
-        if not_arrays:
+        if not all(isinstance(a, np.ndarray) for a in inputs.values()):
+            not_arrays = sorted(n for n, a in inputs.items() if not isinstance(a, np.ndarray))
             raise InvalidInput(f"input(s) {not_arrays} of model {model!r} are not numpy arrays")
-        if self.inputs is not None:
-            unknown = sorted(set(inputs) - set(self.inputs))
-            if unknown:
-                raise InvalidInput(f"model {model!r} has no input(s) {unknown}; its inputs are {sorted(self.inputs)}")
-            missing = sorted(n for n, s in self.inputs.items() if not s.optional and n not in inputs)
-            if missing:
+        declared = self.inputs
+        if declared is not None:
+            if not all(n in declared for n in inputs):
+                unknown = sorted(set(inputs) - set(declared))
+                raise InvalidInput(f"model {model!r} has no input(s) {unknown}; its inputs are {sorted(declared)}")
+            if not all(s.optional or n in inputs for n, s in declared.items()):
+                missing = sorted(n for n, s in declared.items() if not s.optional and n not in inputs)
                 raise InvalidInput(f"request to model {model!r} lacks required input(s) {missing}")
-        if output_names is not None and self.output_names is not None:
+        if (
+            output_names is not None
+            and self.output_names is not None
+            and not self.output_names.issuperset(output_names)
+        ):
             unknown = sorted(set(output_names) - self.output_names)
-            if unknown:
-                raise InvalidInput(
-                    f"model {model!r} has no output(s) {unknown}; its outputs are {sorted(self.output_names)}"
-                )
+            raise InvalidInput(
+                f"model {model!r} has no output(s) {unknown}; its outputs are {sorted(self.output_names)}"
+            )
 
         rows = 1
         if self.batched:
-            batch_sizes = {name: (a.shape[0] if a.ndim else None) for name, a in inputs.items()}
-            if any(b is None for b in batch_sizes.values()):
-                scalars = sorted(n for n, b in batch_sizes.items() if b is None)
-                raise InvalidInput(
-                    f"input(s) {scalars} of model {model!r} are scalars; "
-                    "a batching model needs a leading batch dimension"
-                )
-            if len(set(batch_sizes.values())) > 1:
-                detail = ", ".join(f"{n} has {b}" for n, b in sorted(batch_sizes.items()))
-                raise InvalidInput(f"inputs of model {model!r} disagree on the batch size (rows): {detail}")
-            rows = next(iter(batch_sizes.values())) or 0
+            first = next(iter(inputs.values()))
+            rows = first.shape[0] if first.ndim else -1
+            if any((a.shape[0] if a.ndim else -1) != rows for a in inputs.values()) or rows == -1:
+                self._raise_bad_rows(inputs)
             if rows < 1:
                 raise InvalidInput(f"request to model {model!r} has 0 rows; send at least one")
             if rows > max_rows:
@@ -156,8 +154,8 @@ class TensorLayout:
                 # Undeclared: never padded, so only identical shapes share a batch.
                 key.append((name, array.dtype.str, tuple(dims)))
                 continue
-            expected = ([-1] if self.batched else []) + list(spec.dims)
             if len(dims) != len(spec.dims) or any(d != -1 and d != n for d, n in zip(spec.dims, dims, strict=False)):
+                expected = ([-1] if self.batched else []) + list(spec.dims)
                 raise InvalidInput(
                     f"input {name!r} of model {model!r} has shape {_shape(array.shape)}, "
                     f"expected {_shape(expected)} (-1: any size)"
@@ -169,3 +167,13 @@ class TensorLayout:
         if self.batched and self.length_buckets:
             key.append(("bucket", self.bucket(length)))
         return RequestSignature(rows=rows, key=tuple(key), length=length)
+
+    def _raise_bad_rows(self, inputs: Mapping[str, np.ndarray]) -> None:
+        model = self.model
+        scalars = sorted(n for n, a in inputs.items() if not a.ndim)
+        if scalars:
+            raise InvalidInput(
+                f"input(s) {scalars} of model {model!r} are scalars; a batching model needs a leading batch dimension"
+            )
+        detail = ", ".join(f"{n} has {a.shape[0]}" for n, a in sorted(inputs.items()))
+        raise InvalidInput(f"inputs of model {model!r} disagree on the batch size (rows): {detail}")
