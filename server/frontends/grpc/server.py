@@ -4,7 +4,6 @@ reflection, plus the Prometheus endpoint. ``create_server`` is the factory tests
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 from typing import Any
 
@@ -14,6 +13,7 @@ from prometheus_client.exposition import start_http_server
 from taskserve.clients.generated.inference import grpc_service_pb2 as pb
 from taskserve.clients.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from taskserve.server.frontends.grpc.health import HealthReporter
+from taskserve.server.frontends.grpc.tasks import add_task_servicers
 from taskserve.server.frontends.grpc.v2_servicer import V2Servicer
 from taskserve.server.metrics import ServerMetrics
 from taskserve.server.repository.manager import ModelManager
@@ -62,7 +62,7 @@ class ServingApp:
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(V2Servicer(self.models, self.ready), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         names = [pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
-        names += _add_task_services(server, self.models)
+        names += add_task_servicers(server, self.models)
         names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         self.service_names = names
         if s.reflection:
@@ -138,16 +138,6 @@ def _enable_reflection(server: grpc.aio.Server, names: list[str]) -> None:
         except KeyError:
             POOL.AddSerializedFile(descriptor.serialized_pb)
     reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server, pool=POOL)
-
-
-def _add_task_services(server: grpc.aio.Server, models: ModelManager) -> list[str]:
-    """The typed per-task services, when that package is present."""
-    if importlib.util.find_spec("taskserve.server.frontends.grpc.tasks") is None:
-        return []
-    from taskserve.server.frontends.grpc import tasks
-
-    add = getattr(tasks, "add_task_servicers", None)
-    return list(add(server, models)) if add is not None else []
 
 
 def create_server(settings: ServerSettings) -> ServingApp:
