@@ -16,6 +16,7 @@ import shutil
 import statistics
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +127,6 @@ async def _server_sweep(
 
 
 def _with_repeat(run: RunResult, repeat: int) -> RunResult:
-    from dataclasses import replace
-
     return replace(run, repeat=repeat)
 
 

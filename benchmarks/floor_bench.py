@@ -9,7 +9,6 @@ everything taskserve adds: validation, the batcher, the runtime thread, metrics.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -72,21 +71,17 @@ def run_floor(args: argparse.Namespace) -> tuple[list[RunResult], dict[str, Path
             "--stable-windows", str(args.stable_windows), "--out", str(args.out), "--name", args.name or "floor-tiny",
             *(["--quiet"] if args.quiet else []),
         ])  # fmt: skip
-        runs, paths = run_peers(peer_args)
-    ratio = p50_ratio(runs)
-    verdict = f"p50 taskserve / echo at concurrency 1: {ratio['p50_ratio']:.3f} (<= {GOAL}: " + (
-        "met)" if ratio["p50_ratio"] <= GOAL else "NOT met)"
-    )
-    doc: dict[str, Any] = json.loads(paths["json"].read_text())
-    doc["ratios"] = ratio
-    doc["notes"] = [*doc.get("notes", []), verdict]
-    paths["json"].write_text(json.dumps(doc, indent=2) + "\n")
-    md = paths["md"].read_text().splitlines()
-    heading = next(i for i, line in enumerate(md) if line.startswith("| server"))
-    md[heading:heading] = [f"- {verdict}", ""]
-    paths["md"].write_text("\n".join(md) + "\n")
-    print(verdict)
+        runs, paths = run_peers(peer_args, summarize)
     return runs, paths
+
+
+def summarize(runs: list[RunResult]) -> tuple[dict[str, object], list[str]]:
+    """The p50 ratio and its verdict, for the results files."""
+    ratio = p50_ratio(runs)
+    met = "met" if ratio["p50_ratio"] <= GOAL else "NOT met"
+    verdict = f"p50 taskserve / echo at concurrency 1: {ratio['p50_ratio']:.3f} (<= {GOAL}: {met})"
+    print(verdict)
+    return {"ratios": ratio}, [verdict]
 
 
 def build_parser(sub: Any) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc.aio
@@ -117,7 +118,11 @@ async def _sweep(peers: list[PeerProcess], args: argparse.Namespace, payload: Pa
             await ch.close()
 
 
-def run_peers(args: argparse.Namespace) -> tuple[list[RunResult], dict[str, Path]]:
+Summary = Callable[[list[RunResult]], tuple[dict[str, object], list[str]]]
+
+
+def run_peers(args: argparse.Namespace, summarize: Summary | None = None) -> tuple[list[RunResult], dict[str, Path]]:
+    """Run the sweep and write the results; ``summarize`` adds figures and notes computed from the runs."""
     names = [n.strip() for n in args.servers.split(",") if n.strip()]
     unknown = sorted(set(names) - set(SERVERS))
     if unknown or not names:
@@ -154,5 +159,11 @@ def run_peers(args: argparse.Namespace) -> tuple[list[RunResult], dict[str, Path
         "plan": vars(plan_from(args)), "server_logs": str(log_dir),
     }  # fmt: skip
     name = args.name or f"peers-{mut.name}"
-    paths = write_results(name, runs, config=config, machine=machine_info(), out_dir=args.out, notes=notes)
+    extra: dict[str, object] = {}
+    if summarize is not None:
+        extra, more_notes = summarize(runs)
+        notes.extend(more_notes)
+    paths = write_results(
+        name, runs, config=config, machine=machine_info(), out_dir=args.out, extra=extra, notes=notes
+    )
     return runs, paths
