@@ -246,18 +246,18 @@ class ModelManager:
         runtimes: list[Runtime] = []
 
         def load_and_warm() -> ModelConfig:
-            resolved = config
+            sizes = [b for b in config.warmup.batch_sizes if config.max_batch_size == 0 or b <= config.max_batch_size]
+            resolved: ModelConfig | None = None
             for _ in range(config.instance_count):
                 runtime = create_runtime(model_path, config)
                 runtimes.append(runtime)
                 runtime.load()
-                resolved = resolve_tensors(config, runtime.inputs, runtime.outputs)
+                if resolved is None:  # every instance loads the same graph: check it once
+                    resolved = resolve_tensors(config, runtime.inputs, runtime.outputs)
                 if config.warmup.enabled:
-                    sizes = [
-                        b for b in config.warmup.batch_sizes if config.max_batch_size == 0 or b <= config.max_batch_size
-                    ]
                     for batch in sizes or [1]:
                         runtime.warmup(warmup_inputs(resolved, batch))
+            assert resolved is not None  # instance_count >= 1
             return resolved
 
         try:
