@@ -37,6 +37,8 @@ Task = Literal[
 
 Platform = Literal["onnxruntime", "tensorrt"]
 ExecutionProvider = Literal["tensorrt", "cuda", "cpu"]
+# Where the batcher pads an input's variable dims when requests of different sizes share a batch.
+Padding = Literal["right", "left", "none"]
 
 
 class _Frozen(BaseModel):
@@ -51,11 +53,15 @@ class TensorConfig(_Frozen):
     dims: tuple[int, ...]
     # Inputs: value used to pad variable-length dims when requests are batched.
     pad_value: float = 0
+    # Inputs: where padding goes. "right" (the end; token ids of encoders), "left" (the
+    # start, so the newest positions line up: attention masks and past key/values of
+    # decoders), "none" (never padded: requests share a batch only with equal sizes).
+    padding: Padding = "right"
     # Inputs: may be left out of a request.
     optional: bool = False
     # Outputs: name of the input whose padded axes this output shares; the batcher
     # slices those axes back to each request's own length (e.g. last_hidden_state
-    # follows input_ids).
+    # follows input_ids; a decoder's present key/values follow its past key/values).
     unpad_like: str | None = None
 
     @model_validator(mode="after")

@@ -1,6 +1,10 @@
 """Stack requests into one batch (padding variable axes) and split the batch's
 outputs back per request (rows, then padded axes for ``unpad_like`` outputs).
 
+Padding goes at the end of an axis, or at its start for inputs configured with
+``padding: left`` (a decoder's attention mask and past key/values: the newest
+positions then line up across rows, and the mask hides the padding).
+
 Runs on an instance's executor thread: pure numpy, no asyncio.
 """
 
@@ -36,7 +40,9 @@ def _pad_scalar(value: float, dtype: np.dtype) -> object:
     return b"" if dtype == np.dtype(object) else value
 
 
-def _stack(name: str, arrays: Sequence[np.ndarray], pad_value: float) -> tuple[np.ndarray, tuple[int, ...]]:
+def _stack(
+    name: str, arrays: Sequence[np.ndarray], pad_value: float, left: bool = False
+) -> tuple[np.ndarray, tuple[int, ...]]:
     target = tuple(max(a.shape[i] for a in arrays) for i in range(1, arrays[0].ndim))
     if all(a.shape[1:] == target for a in arrays):
         if len(arrays) == 1:
@@ -47,7 +53,10 @@ def _stack(name: str, arrays: Sequence[np.ndarray], pad_value: float) -> tuple[n
     out = np.full((total, *target), _pad_scalar(pad_value, dtype), dtype=dtype)
     offset = 0
     for a in arrays:
-        region = (slice(offset, offset + a.shape[0]), *(slice(0, n) for n in a.shape[1:]))
+        region = (
+            slice(offset, offset + a.shape[0]),
+            *(slice(t - n, t) if left else slice(0, n) for n, t in zip(a.shape[1:], target, strict=True)),
+        )
         out[region] = a
         offset += a.shape[0]
     return out, target
@@ -67,7 +76,10 @@ def collate(requests: Sequence[Mapping[str, np.ndarray]], layout: TensorLayout) 
     for name in names:
         spec = layout.inputs.get(name) if layout.inputs is not None else None
         inputs[name], padded[name] = _stack(
-            name, [r[name] for r in requests], spec.pad_value if spec else 0.0
+            name,
+            [r[name] for r in requests],
+            spec.pad_value if spec else 0.0,
+            left=spec is not None and spec.padding == "left",
         )
     return Collated(
         inputs=inputs,
@@ -77,17 +89,21 @@ def collate(requests: Sequence[Mapping[str, np.ndarray]], layout: TensorLayout) 
     )
 
 
-def _unpad(output: np.ndarray, own: tuple[int, ...], padded: tuple[int, ...]) -> np.ndarray:
+def _unpad(output: np.ndarray, own: tuple[int, ...], padded: tuple[int, ...], left: bool = False) -> np.ndarray:
     """Slice the axes that were padded back to the request's own sizes.
 
-    Output axis j (after the batch axis) follows input axis j; it is sliced only
-    when its size equals the padded size, so unrelated axes are left alone.
+    Output axis j (after the batch axis) follows input axis j. Padded at the end, it
+    is sliced only when its size equals the padded size, so unrelated axes are left
+    alone. Padded at the start (``left``), its leading padding is dropped whenever the
+    axis is at least the padded size: such an output may extend its input (a decoder's
+    present key/values are the past ones plus the new positions).
     """
     index: list[slice] = [slice(None)]
     changed = False
     for j in range(min(output.ndim - 1, len(own))):
-        if own[j] != padded[j] and output.shape[j + 1] == padded[j]:
-            index.append(slice(0, own[j]))
+        size = output.shape[j + 1]
+        if own[j] != padded[j] and (size >= padded[j] if left else size == padded[j]):
+            index.append(slice(padded[j] - own[j], None) if left else slice(0, own[j]))
             changed = True
         else:
             index.append(slice(None))
@@ -126,7 +142,9 @@ def split(
             part = outputs[name][offset : offset + rows]
             follows = unpad_like.get(name)
             if follows is not None and follows in shape:
-                part = _unpad(part, shape[follows], collated.padded[follows])
+                spec = layout.inputs.get(follows) if layout.inputs is not None else None
+                left = spec is not None and spec.padding == "left"
+                part = _unpad(part, shape[follows], collated.padded[follows], left)
             result[name] = part
         results.append(result)
         offset += rows

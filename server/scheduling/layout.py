@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from taskserve.server.errors import InvalidInput
-from taskserve.server.repository.config import ModelConfig
+from taskserve.server.repository.config import ModelConfig, Padding
 from taskserve.server.runtimes.base import TensorInfo
 
 
@@ -25,11 +25,13 @@ class InputSpec:
     dims: tuple[int, ...]
     pad_value: float = 0.0
     optional: bool = False
+    # right: pad at the end; left: pad at the start; none: never pad (sizes join the batching key).
+    padding: Padding = "right"
 
     @functools.cached_property
     def variable_axes(self) -> tuple[int, ...]:
         """Indices (into ``dims``) of the axes padded when requests differ."""
-        return tuple(i for i, d in enumerate(self.dims) if d == -1)
+        return tuple(i for i, d in enumerate(self.dims) if d == -1) if self.padding != "none" else ()
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,9 @@ class TensorLayout:
         batched = config.max_batch_size > 0
         inputs: dict[str, InputSpec] | None = None
         if config.inputs is not None:
-            inputs = {t.name: InputSpec(t.name, t.dims, t.pad_value, t.optional) for t in config.inputs}
+            inputs = {
+                t.name: InputSpec(t.name, t.dims, t.pad_value, t.optional, t.padding) for t in config.inputs
+            }
         elif runtime_inputs:
             # Runtime shapes include the batch dimension when the model batches.
             inputs = {t.name: InputSpec(t.name, t.shape[1:] if batched else t.shape) for t in runtime_inputs}

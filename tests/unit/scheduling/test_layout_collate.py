@@ -135,3 +135,65 @@ def test_bytes_inputs_pad_with_empty_bytes() -> None:
     b = np.array([[b"b", b"c"]], dtype=object)
     batch = collate([{"text": a}, {"text": b}], spec)
     assert batch.inputs["text"].tolist() == [[b"a", b""], [b"b", b"c"]]
+
+
+def decoder_layout() -> TensorLayout:
+    """A KV-cache decoder step: ids never padded, mask and past padded at the start."""
+    config = ModelConfig.model_validate(
+        {
+            "name": "decoder",
+            "max_batch_size": 8,
+            "inputs": [
+                {"name": "ids", "datatype": "INT64", "dims": [-1], "padding": "none"},
+                {"name": "mask", "datatype": "INT64", "dims": [-1], "padding": "left"},
+                {"name": "past", "datatype": "FP32", "dims": [2, -1, 3], "padding": "left"},
+            ],
+            "outputs": [
+                {"name": "logits", "datatype": "FP32", "dims": [-1, 5]},
+                {"name": "present", "datatype": "FP32", "dims": [2, -1, 3], "unpad_like": "past"},
+            ],
+        }
+    )
+    return TensorLayout.from_config(config)
+
+
+def step(new: int, past: int, fill: float) -> dict[str, np.ndarray]:
+    return {
+        "ids": np.full((1, new), 9, np.int64),
+        "mask": np.ones((1, past + new), np.int64),
+        "past": np.full((1, 2, past, 3), fill, np.float32),
+    }
+
+
+def test_padding_none_puts_sizes_in_the_key_and_left_ignores_them() -> None:
+    spec = decoder_layout()
+    one_short, one_long, two = (spec.describe(step(n, p, 1.0), None, 8) for n, p in ((1, 3), (1, 7), (2, 3)))
+    assert one_short.key == one_long.key  # different past lengths still share a batch
+    assert one_short.key != two.key  # a different number of new positions never does
+
+
+def test_left_padding_aligns_the_newest_positions_and_unpads_extended_outputs() -> None:
+    spec = decoder_layout()
+    batch = collate([step(1, 2, 1.0), step(1, 4, 2.0)], spec)
+    np.testing.assert_array_equal(batch.inputs["mask"], [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    past = batch.inputs["past"]
+    assert past.shape == (2, 2, 4, 3)
+    np.testing.assert_array_equal(past[0, :, :2], 0.0)  # the padding comes first
+    np.testing.assert_array_equal(past[0, :, 2:], 1.0)
+    np.testing.assert_array_equal(past[1], 2.0)
+    # A decoder appends the new position: present is past (padded) + 1 long.
+    present = np.concatenate([past, np.full((2, 2, 1, 3), 5.0, np.float32)], axis=2)
+    logits = np.zeros((2, 1, 5), np.float32)
+    first, second = split({"logits": logits, "present": present}, batch, spec, [None, None])
+    assert first["present"].shape == (1, 2, 3, 3)
+    np.testing.assert_array_equal(first["present"][0, :, :2], 1.0)
+    np.testing.assert_array_equal(first["present"][0, :, 2], 5.0)
+    assert second["present"].shape == (1, 2, 5, 3)
+    assert first["logits"].shape == second["logits"].shape == (1, 1, 5)
+
+
+def test_padding_must_be_a_known_side() -> None:
+    with pytest.raises(ValueError, match="padding"):
+        ModelConfig.model_validate(
+            {"name": "m", "inputs": [{"name": "x", "datatype": "FP32", "dims": [-1], "padding": "middle"}]}
+        )
