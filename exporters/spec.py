@@ -20,11 +20,15 @@ class TensorSpec:
     pad_value: float = 0
     optional: bool = False
     unpad_like: str | None = None
+    # Inputs: where the batcher pads (right, left, none); see the server's TensorConfig.
+    padding: str = "right"
 
     def to_config(self) -> dict[str, Any]:
         data: dict[str, Any] = {"name": self.name, "datatype": self.datatype, "dims": list(self.dims)}
         if self.pad_value:
             data["pad_value"] = self.pad_value
+        if self.padding != "right":
+            data["padding"] = self.padding
         if self.optional:
             data["optional"] = True
         if self.unpad_like:

@@ -166,3 +166,78 @@ def tiny_clip(directory: Path, seed: int = 0) -> Path:
         directory
     )
     return directory
+
+
+# A ChatML template, the format SmolLM2-Instruct uses.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# Text with multi-byte characters, so byte-level tokens split characters.
+UNICODE_SAMPLES = [
+    "Caf\u00e9 cr\u00e8me br\u00fbl\u00e9e, na\u00efve fa\u00e7ade.",
+    "\u65e5\u672c\u8a9e\u306e\u6587\u7ae0\u3002",
+    "Emoji \U0001f600\U0001f680 and \u00fcml\u00e4uts.",
+]
+
+
+def byte_level_tokenizer(vocab_size: int = 400) -> Any:
+    """A GPT-2 style byte-level BPE tokenizer with ChatML special tokens and a chat template.
+
+    Every byte is in the vocabulary, so any text encodes, and characters outside ASCII
+    span several tokens (what incremental detokenization must handle)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = list(SENTENCES) + list(QUESTIONS) + list(CONTEXTS) + UNICODE_SAMPLES
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        model_max_length=128,
+    )  # fmt: skip
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def tiny_causal_lm(directory: Path, architecture: str = "llama", seed: int = 0) -> Path:
+    """A 2-layer, 32-wide decoder (``llama`` with grouped-query attention, or ``gpt2``) with a
+    byte-level tokenizer, a chat template and a generation config; 128 positions."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    tokenizer = byte_level_tokenizer()
+    special = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if architecture == "llama":
+        config: Any = transformers.LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+            initializer_range=0.2,
+            **special,
+        )  # fmt: skip
+        model: Any = transformers.LlamaForCausalLM(config)
+    elif architecture == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128, initializer_range=0.2,
+            **special,
+        )
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        raise ValueError(f"unknown architecture {architecture!r}; use llama or gpt2")
+    model.eval().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    transformers.GenerationConfig(**special).save_pretrained(directory)
+    return directory

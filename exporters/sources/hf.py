@@ -7,6 +7,8 @@ and validated against the PyTorch model on optimum's generated inputs plus token
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from taskserve.exporters.graph_io import read_graph_io, serving_specs
 from taskserve.exporters.optimize import transformer_shape
 from taskserve.exporters.quiet import quiet
 from taskserve.exporters.sources.text_samples import TEXT_KEYS, tokenized_batches
-from taskserve.exporters.spec import ExportedModel, ValidationCase
+from taskserve.exporters.spec import ExportedModel, TensorSpec, ValidationCase
 from taskserve.exporters.tasks import GENERATION_TASKS, OPTIMUM_TO_TASKSERVE, TEXT_TASKS
 
 DEFAULT_MAX_BATCH = 32
@@ -29,6 +31,8 @@ SERVED_FILES = (
     "special_tokens_map.json",
     "preprocessor_config.json",
     "generation_config.json",
+    # transformers >= 4.47 saves a tokenizer's chat template here instead of in tokenizer_config.json.
+    "chat_template.jinja",
 )
 IMAGE_TASKS = frozenset(
     {"image-classification", "object-detection", "image-segmentation", "image-text-match"}
@@ -108,7 +112,12 @@ def export_hf(model: str, optimum_task: str, work: Path, opset: int | None = Non
 
     batched = task not in GENERATION_TASKS and task != "image-text-match"
     inputs = outputs = None
-    if task not in GENERATION_TASKS:
+    if task == "text-generation":
+        batched = True
+        inputs, outputs = decoder_specs(onnx_dir / files[0])
+        options.pop("eos_token_id", None)
+        options["eos_token_ids"] = _eos_token_ids(raw, config)
+    elif task not in GENERATION_TASKS:
         pad = {"input_ids": float(tokenizer.pad_token_id or 0)} if tokenizer is not None else {}
         fixed: dict[str, tuple[int, ...]] = {}
         hw = images.input_hw(image_opts) if image_opts else None
@@ -159,6 +168,48 @@ def export_hf(model: str, optimum_task: str, work: Path, opset: int | None = Non
             "model_type": config.model_type,
         },
     )
+
+
+def decoder_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """How a KV-cache decoder's steps are batched. Each row keeps its own past length:
+    past key/values and the attention mask are padded at the start (zeros the mask
+    hides), so rows of different lengths share a batch and the newest positions line
+    up; the new token ids are never padded, so only steps with the same number of new
+    tokens (all decode steps: one) batch together. The present key/values drop the
+    padding again (``unpad_like`` their past). Without a ``position_ids`` input the
+    graph derives positions from the padded length, so nothing is padded then:
+    only steps of equal lengths share a batch."""
+    graph_inputs, _ = read_graph_io(path)
+    names = {t.name for t in graph_inputs}
+    inputs, outputs = serving_specs(path, batched=True)
+    aligned = "position_ids" in names
+
+    def padding(name: str) -> str:
+        if aligned and (name == "attention_mask" or name.startswith("past_key_values.")):
+            return "left"
+        return "none"
+
+    inputs = [dataclasses.replace(t, padding=padding(t.name)) for t in inputs]
+    served_outputs = []
+    for t in outputs:
+        past = t.name.replace("present.", "past_key_values.", 1)
+        follows = past if t.name.startswith("present.") and past in names and aligned else None
+        served_outputs.append(dataclasses.replace(t, unpad_like=follows))
+    return inputs, served_outputs
+
+
+def _eos_token_ids(raw: Path, config: Any) -> list[int]:
+    """End-of-sequence ids from the model config and its generation config (either may hold a list)."""
+    found: list[int] = []
+    values: list[Any] = [getattr(config, "eos_token_id", None)]
+    generation = raw / "generation_config.json"
+    if generation.is_file():
+        values.append(json.loads(generation.read_text(encoding="utf-8")).get("eos_token_id"))
+    for value in values:
+        for token in value if isinstance(value, list) else [value]:
+            if isinstance(token, int) and token not in found:
+                found.append(token)
+    return found
 
 
 def _served_onnx_files(raw: Path) -> list[str]:

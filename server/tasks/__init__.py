@@ -12,6 +12,7 @@ from taskserve.server.tasks.object_detection import ObjectDetector
 from taskserve.server.tasks.question_answering import QuestionAnswerer
 from taskserve.server.tasks.sentence_embedding import SentenceEmbedder
 from taskserve.server.tasks.text_classification import TextClassifier
+from taskserve.server.tasks.text_generation import TextGenerator
 from taskserve.server.tasks.token_classification import TokenClassifier
 
 # Every typed task, keyed by the config.yaml ``task`` it serves.
@@ -19,7 +20,7 @@ TASKS: dict[str, type[Task]] = {
     cls.task: cls
     for cls in (
         TextClassifier, TokenClassifier, SentenceEmbedder, QuestionAnswerer, MaskFiller,
-        ImageClassifier, ObjectDetector, ImageSegmenter, ImageTextMatcher,
+        ImageClassifier, ObjectDetector, ImageSegmenter, ImageTextMatcher, TextGenerator,
     )
 }  # fmt: skip
 
@@ -39,5 +40,6 @@ __all__ = [
     "TaskContext",
     "TaskLimits",
     "TextClassifier",
+    "TextGenerator",
     "TokenClassifier",
 ]  # fmt: skip

@@ -67,8 +67,12 @@ class TextTokenizer:
         value = self._plain.token_to_id(token)
         return int(value) if value is not None else None
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return str(self._plain.decode(list(ids), skip_special_tokens=False))
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return str(self._plain.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def encode_ids(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of one text, never truncated."""
+        return list(self._plain.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def _pad_id(self, options: Mapping[str, object], hf_config: Mapping[str, object]) -> int:
         value = options.get("pad_token_id")

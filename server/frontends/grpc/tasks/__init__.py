@@ -26,6 +26,8 @@ from taskserve.clients.generated.taskserve.v1 import (
     sentence_embedding_pb2_grpc,
     text_classification_pb2,
     text_classification_pb2_grpc,
+    text_generation_pb2,
+    text_generation_pb2_grpc,
     token_classification_pb2,
     token_classification_pb2_grpc,
 )
@@ -41,6 +43,7 @@ from taskserve.server.frontends.grpc.tasks.sentence_embedding import (
     SentenceSimilarityServicer,
 )
 from taskserve.server.frontends.grpc.tasks.text_classification import TextClassificationServicer
+from taskserve.server.frontends.grpc.tasks.text_generation import TextGenerationServicer
 from taskserve.server.frontends.grpc.tasks.token_classification import TokenClassificationServicer
 from taskserve.server.repository.manager import ModelManager
 from taskserve.server.tasks.base import TaskCache, TaskContext, TaskLimits
@@ -70,6 +73,7 @@ def add_task_servicers(
         (object_detection_pb2, "ObjectDetection", object_detection_pb2_grpc.add_ObjectDetectionServicer_to_server, ObjectDetectionServicer),
         (image_segmentation_pb2, "ImageSegmentation", image_segmentation_pb2_grpc.add_ImageSegmentationServicer_to_server, ImageSegmentationServicer),
         (image_text_match_pb2, "ImageTextMatch", image_text_match_pb2_grpc.add_ImageTextMatchServicer_to_server, ImageTextMatchServicer),
+        (text_generation_pb2, "TextGeneration", text_generation_pb2_grpc.add_TextGenerationServicer_to_server, TextGenerationServicer),
     ]  # fmt: skip
     names = []
     for module, service, add, servicer in registrations:

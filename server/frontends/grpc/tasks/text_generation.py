@@ -1,0 +1,56 @@
+"""``taskserve.v1.TextGeneration``: a server-streaming RPC, one message per text chunk."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from taskserve.clients.generated.taskserve.v1 import common_pb2
+from taskserve.clients.generated.taskserve.v1 import text_generation_pb2 as pb
+from taskserve.clients.generated.taskserve.v1 import text_generation_pb2_grpc as pb_grpc
+from taskserve.server.frontends.grpc.status import server_stream
+from taskserve.server.frontends.grpc.tasks.call import Context, TaskServicer
+from taskserve.server.tasks.chat_template import ChatMessage
+from taskserve.server.tasks.decoding import Sampling
+from taskserve.server.tasks.text_generation import FinishReason, GenerateParams, GenerationChunk, TextGenerator
+
+_FINISH = {
+    None: pb.FINISH_REASON_UNSPECIFIED,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+}
+
+
+def _params(request: pb.GenerateRequest) -> GenerateParams:
+    return GenerateParams(
+        max_new_tokens=request.max_new_tokens,
+        sampling=Sampling(
+            temperature=request.temperature,
+            top_k=request.top_k,
+            top_p=request.top_p or 1.0,
+            seed=request.seed if request.HasField("seed") else None,
+        ),
+        stop=tuple(request.stop),
+    )
+
+
+def _response(served_by: common_pb2.ServedBy, chunk: GenerationChunk) -> pb.GenerateResponse:
+    response = pb.GenerateResponse(
+        model=served_by, text=chunk.text, token_ids=chunk.token_ids, finish_reason=_FINISH[chunk.finish_reason]
+    )
+    if chunk.usage is not None:
+        response.usage.prompt_tokens = chunk.usage.prompt_tokens
+        response.usage.generated_tokens = chunk.usage.generated_tokens
+    return response
+
+
+class TextGenerationServicer(TaskServicer, pb_grpc.TextGenerationServicer):
+    @server_stream
+    async def Generate(
+        self, request: pb.GenerateRequest, context: Context
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        params = _params(request)
+        messages = [ChatMessage(m.role, m.content) for m in request.messages]
+        async with self.call(request.model, TextGenerator, request.options, context) as call:
+            async for chunk in call.task.generate(request.prompt, messages, params, call.options):
+                yield _response(call.served_by, chunk)
