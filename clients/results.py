@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -135,3 +136,45 @@ class ImageTextScores:
     similarities: npt.NDArray[np.float32]
     # Softmax over the captions; each row sums to 1.
     probabilities: npt.NDArray[np.float32]
+
+
+FinishReason = Literal["length", "stop", "eos"]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a conversation for ``client.text.generate(messages=...)``."""
+
+    role: str  # "system", "user", "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationUsage:
+    prompt_tokens: int
+    # Includes an end-of-sequence token or a stop string's tokens.
+    generated_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One streamed piece of generated text and the token ids that produced it.
+
+    Only the last chunk has ``finish_reason`` ("length", "stop" or "eos") and ``usage``."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+    usage: GenerationUsage | None = None
+    served_by: ServedBy | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A whole generation (``client.text.generate_text``)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    usage: GenerationUsage
+    served_by: ServedBy

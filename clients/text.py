@@ -8,12 +8,13 @@ client's default when None).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import grpc
 import grpc.aio
 import numpy as np
 import numpy.typing as npt
+from taskserve.clients import generation_codec as gen_codec
 from taskserve.clients import text_codec as codec
 from taskserve.clients.calls import AsyncCaller, SyncCaller
 from taskserve.clients.generated.taskserve.v1 import (
@@ -21,9 +22,12 @@ from taskserve.clients.generated.taskserve.v1 import (
     question_answering_pb2_grpc,
     sentence_embedding_pb2_grpc,
     text_classification_pb2_grpc,
+    text_generation_pb2,
+    text_generation_pb2_grpc,
     token_classification_pb2_grpc,
 )
-from taskserve.clients.results import AnswerSpan, Classification, Entity, MaskPrediction
+from taskserve.clients.generation_codec import Message
+from taskserve.clients.results import AnswerSpan, Classification, Entity, Generation, GenerationChunk, MaskPrediction
 from taskserve.clients.text_codec import Aggregation, ScoreFunction, model_ref, request_options
 
 
@@ -38,6 +42,7 @@ class TextNamespace:
         self._similarity = sentence_embedding_pb2_grpc.SentenceSimilarityStub(channel)
         self._qa = question_answering_pb2_grpc.QuestionAnsweringStub(channel)
         self._fill_mask = fill_mask_pb2_grpc.FillMaskStub(channel)
+        self._generation = text_generation_pb2_grpc.TextGenerationStub(channel)
 
     def classify(
         self, texts: Sequence[str], *, model: str, version: str = "", top_k: int = 0,
@@ -113,6 +118,47 @@ class TextNamespace:
         )
         return codec.filled(self._caller.unary(self._fill_mask.Fill, req, timeout))
 
+    def generate(
+        self, prompt: str | None = None, *, model: str, messages: Sequence[Message] | None = None,
+        max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+        seed: int | None = None, stop: Sequence[str] = (), version: str = "",
+        priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
+    ) -> Iterator[GenerationChunk]:  # fmt: skip
+        """Stream the continuation of ``prompt`` (or the reply to chat ``messages``) chunk by chunk.
+
+        ``temperature`` 0 is greedy; ``timeout`` bounds the whole stream. Stopping the
+        iteration early (``break``, ``close()``) cancels the generation on the server."""
+        req = gen_codec.generate_request(
+            model_ref(model, version), request_options(priority, queue_timeout_us), prompt, messages,
+            max_new_tokens, temperature, top_k, top_p, seed, stop,
+        )  # fmt: skip
+        return self._chunks(self._caller.server_stream(self._generation.Generate, req, timeout))
+
+    @staticmethod
+    def _chunks(stream: Iterator[text_generation_pb2.GenerateResponse]) -> Iterator[GenerationChunk]:
+        try:
+            for response in stream:
+                yield gen_codec.chunk(response)
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()  # cancels the call when the consumer stopped early
+
+    def generate_text(
+        self, prompt: str | None = None, *, model: str, messages: Sequence[Message] | None = None,
+        max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+        seed: int | None = None, stop: Sequence[str] = (), version: str = "",
+        priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
+    ) -> Generation:  # fmt: skip
+        """The whole generation at once: text, token ids, finish reason and usage."""
+        return gen_codec.collect(
+            self.generate(
+                prompt, model=model, messages=messages, max_new_tokens=max_new_tokens, temperature=temperature,
+                top_k=top_k, top_p=top_p, seed=seed, stop=stop, version=version, priority=priority,
+                queue_timeout_us=queue_timeout_us, timeout=timeout,
+            )  # fmt: skip
+        )
+
 
 class AsyncTextNamespace:
     """asyncio text tasks; the same methods as ``TextNamespace``, awaited."""
@@ -125,6 +171,7 @@ class AsyncTextNamespace:
         self._similarity = sentence_embedding_pb2_grpc.SentenceSimilarityStub(channel)
         self._qa = question_answering_pb2_grpc.QuestionAnsweringStub(channel)
         self._fill_mask = fill_mask_pb2_grpc.FillMaskStub(channel)
+        self._generation = text_generation_pb2_grpc.TextGenerationStub(channel)
 
     async def classify(
         self, texts: Sequence[str], *, model: str, version: str = "", top_k: int = 0,
@@ -193,3 +240,36 @@ class AsyncTextNamespace:
             model_ref(model, version), request_options(priority, queue_timeout_us), texts, top_k, truncate
         )
         return codec.filled(await self._caller.unary(self._fill_mask.Fill, req, timeout))
+
+    def generate(
+        self, prompt: str | None = None, *, model: str, messages: Sequence[Message] | None = None,
+        max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+        seed: int | None = None, stop: Sequence[str] = (), version: str = "",
+        priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
+    ) -> AsyncIterator[GenerationChunk]:  # fmt: skip
+        """``async for chunk in client.text.generate(...)``; arguments are checked at once."""
+        req = gen_codec.generate_request(
+            model_ref(model, version), request_options(priority, queue_timeout_us), prompt, messages,
+            max_new_tokens, temperature, top_k, top_p, seed, stop,
+        )  # fmt: skip
+        return self._chunks(self._caller.server_stream(self._generation.Generate, req, timeout))
+
+    @staticmethod
+    async def _chunks(stream: AsyncIterator[text_generation_pb2.GenerateResponse]) -> AsyncIterator[GenerationChunk]:
+        async for response in stream:
+            yield gen_codec.chunk(response)
+
+    async def generate_text(
+        self, prompt: str | None = None, *, model: str, messages: Sequence[Message] | None = None,
+        max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+        seed: int | None = None, stop: Sequence[str] = (), version: str = "",
+        priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
+    ) -> Generation:  # fmt: skip
+        collector = gen_codec.GenerationCollector()
+        async for piece in self.generate(
+            prompt, model=model, messages=messages, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_k=top_k, top_p=top_p, seed=seed, stop=stop, version=version, priority=priority,
+            queue_timeout_us=queue_timeout_us, timeout=timeout,
+        ):  # fmt: skip
+            collector.add(piece)
+        return collector.result()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 
 from tests.support.server import ServerThread, running_server
 
@@ -21,6 +22,8 @@ TINY_MODELS = {
     "tiny-yolos": ("yolos", "object-detection"),
     "tiny-segformer": ("segformer", "semantic-segmentation"),
     "tiny-clip": ("clip", "zero-shot-image-classification"),
+    "tiny-llama": ("llama", "text-generation"),
+    "tiny-gpt2": ("gpt2", "text-generation"),
 }
 
 
@@ -39,6 +42,8 @@ def tiny_sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             sources[name] = tiny_models.tiny_detr_like(directory)
         elif kind == "segformer":
             sources[name] = tiny_models.tiny_segformer(directory)
+        elif kind in ("llama", "gpt2"):
+            sources[name] = tiny_models.tiny_causal_lm(directory, kind)
         else:
             sources[name] = tiny_models.tiny_clip(directory)
     return sources
@@ -51,6 +56,13 @@ def task_repository(tmp_path_factory: pytest.TempPathFactory, tiny_sources: dict
     repo = tmp_path_factory.mktemp("task-repo")
     for name, (_, task) in TINY_MODELS.items():
         export_hf(tiny_sources[name], task, repo, name, progress=False, max_queue_delay_us=1000)
+        if task == "text-generation":
+            # Steps of the tiny decoders take well under the inline threshold; on the event loop
+            # each would run alone, and the concurrency tests are about steps sharing batches.
+            path = repo / name / "config.yaml"
+            config = yaml.safe_load(path.read_text())
+            config["dynamic_batching"]["inline_compute_us"] = 0
+            path.write_text(yaml.safe_dump(config, sort_keys=False))
     return repo
 
 
