@@ -15,7 +15,8 @@ prompt and rendering the chat template run on the worker pool.
 
 task_options: ``max_length`` (positions the model handles: prompt plus generated
 tokens), ``max_new_tokens`` (default per request, 256), ``max_new_tokens_limit``
-(largest a request may ask for, 4096), ``eos_token_ids`` (also read from
+(largest a request may ask for, 4096), ``max_concurrent_generations`` (64: each
+holds its KV cache in memory; beyond it RESOURCE_EXHAUSTED at once), ``eos_token_ids`` (also read from
 ``generation_config.json``), ``chat_template`` (file name; default
 ``chat_template.jinja`` or ``tokenizer_config.json``'s), plus the tokenizer's keys.
 """
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from taskserve.clients.datatypes import numpy_dtype
-from taskserve.server.errors import InvalidInput, RuntimeFailure
+from taskserve.server.errors import InvalidInput, Overloaded, RuntimeFailure
 from taskserve.server.repository.config import TensorConfig
 from taskserve.server.scheduling.base import InferRequest
 from taskserve.server.tasks.base import CallOptions, ServedModel, TaskConfigError, TaskContext
@@ -113,6 +114,9 @@ class TextGenerator(TextTask):
         self.max_positions = self.tokenizer.max_length
         self.default_max_new_tokens = self.option("max_new_tokens", 256)
         self.max_new_tokens_limit = self.option("max_new_tokens_limit", 4096)
+        self.max_concurrent = self.option("max_concurrent_generations", 64)
+        # Generations running now; touched on the event loop only.
+        self.active = 0
         self.eos_ids = self._eos_ids()
         source = read_chat_template(model.model_dir, self.tokenizer.hf_config, model.name)
         configured = self.options.get("chat_template")
@@ -243,6 +247,21 @@ class TextGenerator(TextTask):
         """Stream the continuation. Cancelling the consumer (the client went away, the
         deadline passed) cancels the step in flight and ends the loop."""
         self.check_params(prompt, messages, params)
+        if self.active >= self.max_concurrent:
+            raise Overloaded(
+                f"model {self.model.name!r} is running {self.active} generations, its limit "
+                "(task_options.max_concurrent_generations); retry with backoff"
+            )
+        self.active += 1
+        try:
+            async for chunk in self._generate(prompt, messages, params, options):
+                yield chunk
+        finally:
+            self.active -= 1
+
+    async def _generate(
+        self, prompt: str, messages: Sequence[ChatMessage], params: GenerateParams, options: CallOptions
+    ) -> AsyncIterator[GenerationChunk]:
         prepared = await self.offload("preprocess", self.prepare, prompt, messages, params.max_new_tokens)
         picker = TokenPicker(params.sampling)
         stream = TextStream(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), prepared.ids, params.stop)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from taskserve.server.errors import InvalidInput
+from taskserve.server.errors import InvalidInput, Overloaded
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.scheduling.base import InferRequest, InferResult
 from taskserve.server.tasks.base import CallOptions, TaskConfigError, TaskContext
@@ -259,3 +259,17 @@ def test_nucleus_over_a_large_vocabulary_matches_the_full_sort(scale: float) -> 
     order = np.argsort(-probs)
     nucleus = set(order[: int(np.searchsorted(np.cumsum(probs[order]), 0.3)) + 1].tolist())
     assert set(picks) <= nucleus and len(set(picks)) > 10
+
+
+async def test_concurrent_generations_beyond_the_limit_are_refused_at_once(
+    tmp_path: Path, context: TaskContext
+) -> None:
+    task = TextGenerator.load(decoder_model(tmp_path, byte_ids("abc"), max_concurrent_generations=1), context)
+    first = task.generate("Hi", [], GenerateParams(max_new_tokens=3), CallOptions())
+    assert (await first.__anext__()).text == "a"  # running, holding its slot
+    with pytest.raises(Overloaded, match="max_concurrent_generations"):
+        await run(task)
+    assert [c.text async for c in first] == ["b", "c"]
+    assert task.active == 0
+    again = await run(task, max_new_tokens=2)  # the slot is free again
+    assert again[-1].usage is not None and again[-1].usage.generated_tokens == 2
