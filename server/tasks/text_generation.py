@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 import json
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -253,15 +253,17 @@ class TextGenerator(TextTask):
                 "(task_options.max_concurrent_generations); retry with backoff"
             )
         self.active += 1
+        steps = self._generate(prompt, messages, params, options)
         try:
-            async for chunk in self._generate(prompt, messages, params, options):
+            async for chunk in steps:
                 yield chunk
         finally:
             self.active -= 1
+            await steps.aclose()  # a consumer that stopped early ends the loop now, not at garbage collection
 
     async def _generate(
         self, prompt: str, messages: Sequence[ChatMessage], params: GenerateParams, options: CallOptions
-    ) -> AsyncIterator[GenerationChunk]:
+    ) -> AsyncGenerator[GenerationChunk, None]:
         prepared = await self.offload("preprocess", self.prepare, prompt, messages, params.max_new_tokens)
         picker = TokenPicker(params.sampling)
         stream = TextStream(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), prepared.ids, params.stop)
