@@ -46,7 +46,9 @@ TOLERANCES: dict[str, float] = {
     "object-detection": 1e-3,
     "image-segmentation": 1e-3,
     "image-text-match": 1e-3,
-    "text-generation": 1e-3,
+    # Deep decoders on optimum's random KV cache: SmolLM2-135M's fp32 logits (magnitude ~35)
+    # differ by up to ~1.3e-2 between PyTorch and onnxruntime, with every arg-max equal.
+    "text-generation": 2e-2,
     "text2text-generation": 1e-3,
 }
 
