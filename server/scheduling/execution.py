@@ -130,6 +130,7 @@ def execute_batch(
         return outcomes
 
     compute_ns = end_ns - start_ns
+    queue_ns = [start_ns - entry.enqueued_ns for entry in entries]
     if metrics is not None:
         metrics.batch_executed(
             rows,
@@ -137,13 +138,8 @@ def execute_batch(
             input_done_ns - start_ns,
             infer_done_ns - input_done_ns,
             end_ns - infer_done_ns,
+            queue_ns,
         )
-    for i, outputs_i in zip(live, per_request, strict=False):
-        entry = batch.entries[i]
-        queue_ns = start_ns - entry.enqueued_ns
-        if metrics is not None:
-            metrics.queued(queue_ns)
-        outcomes[i] = InferResult(
-            outputs=outputs_i, queue_ns=queue_ns, compute_ns=compute_ns, batch_size=rows
-        )
+    for i, outputs_i, waited_ns in zip(live, per_request, queue_ns, strict=False):
+        outcomes[i] = InferResult(outputs=outputs_i, queue_ns=waited_ns, compute_ns=compute_ns, batch_size=rows)
     return outcomes
