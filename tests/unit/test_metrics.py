@@ -19,7 +19,8 @@ def sample(metrics: ServerMetrics, name: str, **labels: str) -> float | None:
 def test_histograms_are_cumulative_with_prometheus_bucket_edges() -> None:
     metrics = ServerMetrics()
     model = metrics.for_model("m", "1")
-    for ns in (50_000, 100_000, 300_000, 2_000_000_000, 100_000_000_000):  # 50 µs, 100 µs (on an edge), 300 µs, 2 s, 100 s
+    # 50 µs, 100 µs (on an edge), 300 µs, 2 s, 100 s
+    for ns in (50_000, 100_000, 300_000, 2_000_000_000, 100_000_000_000):
         model.request_succeeded(ns)
     name = "taskserve_request_duration_seconds"
     assert sample(metrics, f"{name}_bucket", le="0.0001") == 2  # 50 µs and exactly 100 µs (le is <=)
