@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import copy
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from types import TracebackType
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -242,18 +242,9 @@ class ModelMetrics:
             # Milliseconds since the epoch, from the monotonic-free wall clock, as v2 wants.
             self.statistics.last_inference_ms = time.time_ns() // 1_000_000
 
-    @contextlib.contextmanager
-    def track_request(self, started_ns: int) -> Iterator[None]:
+    def track_request(self, started_ns: int) -> _RequestTracker:
         """Count the request wrapped in this block as a success, or as a failure by reason."""
-        try:
-            yield
-        except TaskServeError as err:
-            self.request_failed(err.reason, time.perf_counter_ns() - started_ns)
-            raise
-        except asyncio.CancelledError:
-            self.request_failed("cancelled", time.perf_counter_ns() - started_ns)
-            raise
-        self.request_succeeded(time.perf_counter_ns() - started_ns)
+        return _RequestTracker(self, started_ns)
 
     def request_failed(self, reason: str, duration_ns: int) -> None:
         s = self._s
@@ -320,3 +311,26 @@ class ModelMetrics:
         """A consistent copy for the ModelStatistics RPC."""
         with self._lock:
             return copy.deepcopy(self.statistics)
+
+
+class _RequestTracker:
+    """``with metrics.track_request(t0):`` — a class, not a generator context
+    manager: it runs on every request, and this costs a third as much."""
+
+    __slots__ = ("_metrics", "_started_ns")
+
+    def __init__(self, metrics: ModelMetrics, started_ns: int) -> None:
+        self._metrics = metrics
+        self._started_ns = started_ns
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
+        elapsed = time.perf_counter_ns() - self._started_ns
+        if kind is None:
+            self._metrics.request_succeeded(elapsed)
+        elif isinstance(err, TaskServeError):
+            self._metrics.request_failed(err.reason, elapsed)
+        elif isinstance(err, asyncio.CancelledError):
+            self._metrics.request_failed("cancelled", elapsed)

@@ -107,9 +107,24 @@ def _check_utf8(name: str, array: np.ndarray) -> None:
             ) from None
 
 
+# Input specs by name, per config object (looked up for every request; configs are few).
+_SPECS: dict[int, tuple[ModelConfig, dict[str, TensorConfig]]] = {}
+
+
+def _input_specs(config: ModelConfig) -> dict[str, TensorConfig]:
+    cached = _SPECS.get(id(config))
+    if cached is not None and cached[0] is config:
+        return cached[1]
+    if len(_SPECS) > 256:
+        _SPECS.clear()  # many reloads: forget configs of unloaded models
+    specs = {t.name: t for t in config.inputs or ()}
+    _SPECS[id(config)] = (config, specs)
+    return specs
+
+
 def decode_inputs(request: pb.ModelInferRequest, config: ModelConfig) -> dict[str, np.ndarray]:
     """Check a ModelInfer request against the model's inputs and return its tensors."""
-    specs = {t.name: t for t in config.inputs or ()}
+    specs = _input_specs(config)
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(
@@ -125,7 +140,7 @@ def decode_inputs(request: pb.ModelInferRequest, config: ModelConfig) -> dict[st
             raise InvalidInput(f"input {tensor.name!r} appears more than once")
         if tensor.datatype != spec.datatype:
             raise InvalidInput(f"input {tensor.name!r}: expected datatype {spec.datatype}, got {tensor.datatype!r}")
-        shape = tuple(int(d) for d in tensor.shape)
+        shape = tuple(tensor.shape)
         _check_shape(config, spec, shape)
         if raw:
             if tensor.HasField("contents"):
