@@ -66,6 +66,8 @@ class OnnxRuntime(Runtime):
         self._session: object | None = None
         self._inputs: list[TensorInfo] = []
         self._outputs: list[TensorInfo] = []
+        self._output_names: list[str] = []
+        self._text_inputs: frozenset[str] = frozenset()
         self.providers: list[str] = []
 
     def _select_providers(self, available: list[str]) -> list[str | tuple[str, dict[str, object]]]:
@@ -129,6 +131,9 @@ class OnnxRuntime(Runtime):
         self._outputs = [
             TensorInfo(o.name, self._v2_type(o.type), tuple(_dim(d) for d in o.shape)) for o in session.get_outputs()
         ]
+        self._output_names = [o.name for o in self._outputs]
+        # String inputs need str objects; for every other model the request's arrays go straight in.
+        self._text_inputs = frozenset(t.name for t in self._inputs if t.datatype == "BYTES")
         self._session = session
         log.info("loaded %s with %s, %d intra-op threads", self.model_path, self.providers, opts.intra_op_num_threads)
 
@@ -150,8 +155,10 @@ class OnnxRuntime(Runtime):
         session = self._session
         if session is None:
             raise RuntimeFailure(f"{self.model_path} is not loaded")
-        names = output_names or [o.name for o in self._outputs]
-        feed = {k: (_as_text(v) if v.dtype == np.object_ else v) for k, v in inputs.items()}
+        names = output_names or self._output_names
+        feed = inputs
+        if self._text_inputs:
+            feed = {k: (_as_text(v) if v.dtype == np.object_ else v) for k, v in inputs.items()}
         try:
             results = session.run(names, feed)  # type: ignore[attr-defined]
         except Exception as err:

@@ -229,11 +229,13 @@ class DynamicBatcher(Scheduler):
 
     def _free_instance(self) -> Instance | None:
         """An idle instance, else one whose prefetch slot is free."""
-        idle = [i for i in self._instances if i.assigned == 0]
-        if idle:
-            return idle[0]
-        waiting = [i for i in self._instances if i.assigned == 1]
-        return waiting[0] if waiting else None
+        waiting = None
+        for instance in self._instances:
+            if instance.assigned == 0:
+                return instance
+            if waiting is None and instance.assigned == 1:
+                waiting = instance
+        return waiting
 
     def _dispatch(self) -> float | None:
         """Hand off every batch that should start now. Returns the seconds until a
