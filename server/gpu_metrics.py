@@ -96,7 +96,7 @@ class GpuCollector:
         try:
             nvml.nvmlInit()
         except (nvml.NVMLError, OSError) as err:
-            raise GpuMetricsUnavailable(f"NVML did not initialise ({err}); is the NVIDIA driver installed?") from err
+            raise GpuMetricsUnavailable(f"NVML did not initialise: {err} (the NVIDIA driver provides it)") from err
         try:
             devices = []
             for index in range(nvml.nvmlDeviceGetCount()):
@@ -257,7 +257,9 @@ def start_gpu_metrics(
         if isinstance(err, ImportError):
             reason = f"the pynvml module is missing ({err}); install nvidia-ml-py"
         if mode == "on":
-            raise GpuMetricsUnavailable(f"--gpu-metrics on, but {reason}; use --gpu-metrics auto or off") from err
+            raise GpuMetricsUnavailable(
+                f"--gpu-metrics on, but {reason}; use --gpu-metrics auto or off to serve without GPU metrics"
+            ) from err
         log.info("GPU metrics off: %s", reason)
         return None
     registry.register(collector)

@@ -205,13 +205,14 @@ def test_auto_without_driver_is_off(monkeypatch: pytest.MonkeyPatch, caplog: pyt
     with caplog.at_level(logging.INFO, logger="taskserve.server.gpu_metrics"):
         assert start_gpu_metrics("auto", CollectorRegistry()) is None
     assert len(caplog.records) == 1
-    assert "NVML did not initialise (NVML Shared Library Not Found)" in caplog.text
+    assert "GPU metrics off: NVML did not initialise: NVML Shared Library Not Found (the NVIDIA driver" in caplog.text
     assert nvml.calls.shutdown == 0  # nvmlInit failed: nothing to shut down
 
 
 def test_on_without_driver_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", FakeNvml([], init_error=NVML_ERROR_LIBRARY_NOT_FOUND))
-    with pytest.raises(GpuMetricsUnavailable, match=r"--gpu-metrics on, but NVML did not initialise .*driver"):
+    expected = r"--gpu-metrics on, but NVML did not initialise: .*driver.*auto or off"
+    with pytest.raises(GpuMetricsUnavailable, match=expected):
         start_gpu_metrics("on", CollectorRegistry())
 
 
