@@ -98,8 +98,12 @@ class GpuCollector:
         except (nvml.NVMLError, OSError) as err:
             raise GpuMetricsUnavailable(f"NVML did not initialise: {err} (the NVIDIA driver provides it)") from err
         try:
+            try:
+                count = nvml.nvmlDeviceGetCount()
+            except nvml.NVMLError as err:
+                raise GpuMetricsUnavailable(f"NVML could not count the GPUs: {err}") from err
             devices = []
-            for index in range(nvml.nvmlDeviceGetCount()):
+            for index in range(count):
                 try:
                     handle = nvml.nvmlDeviceGetHandleByIndex(index)
                     uuid = nvml.nvmlDeviceGetUUID(handle)

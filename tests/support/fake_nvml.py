@@ -11,6 +11,7 @@ from typing import Any
 NVML_ERROR_UNINITIALIZED = 1
 NVML_ERROR_NOT_SUPPORTED = 3
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
+NVML_ERROR_UNKNOWN = 999
 
 
 class NVMLError(Exception):
@@ -18,6 +19,7 @@ class NVMLError(Exception):
         NVML_ERROR_UNINITIALIZED: "Uninitialized",
         NVML_ERROR_NOT_SUPPORTED: "Not Supported",
         NVML_ERROR_LIBRARY_NOT_FOUND: "NVML Shared Library Not Found",
+        NVML_ERROR_UNKNOWN: "Unknown Error",
     }
 
     def __init__(self, value: int) -> None:

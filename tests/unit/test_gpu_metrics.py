@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from taskserve.server.gpu_metrics import GpuCollector, GpuMetricsUnavailable, start_gpu_metrics
 
-from tests.support.fake_nvml import NVML_ERROR_LIBRARY_NOT_FOUND, FakeGpu, FakeNvml
+from tests.support.fake_nvml import NVML_ERROR_LIBRARY_NOT_FOUND, NVML_ERROR_UNKNOWN, FakeGpu, FakeNvml, NVMLError
 
 UUID0 = "GPU-00000000-1111-2222-3333-444444444444"
 UUID1 = "GPU-55555555-6666-7777-8888-999999999999"
@@ -223,6 +223,33 @@ def test_no_gpu_shuts_nvml_down_again(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(GpuMetricsUnavailable, match="found no GPU"):
         start_gpu_metrics("on", CollectorRegistry())
     assert (nvml.calls.init, nvml.calls.shutdown, nvml.initialised) == (2, 2, 0)
+
+
+def test_failing_device_count_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    nvml = FakeNvml([FakeGpu(UUID0)])
+
+    def count() -> int:
+        raise NVMLError(NVML_ERROR_UNKNOWN)
+
+    nvml.nvmlDeviceGetCount = count  # type: ignore[method-assign]
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    assert start_gpu_metrics("auto", CollectorRegistry()) is None
+    assert nvml.initialised == 0
+
+
+def test_a_gpu_without_handle_is_left_out(caplog: pytest.LogCaptureFixture) -> None:
+    nvml = FakeNvml([FakeGpu(UUID0), FakeGpu(UUID1)])
+    by_index = nvml.nvmlDeviceGetHandleByIndex
+
+    def handle(index: int) -> FakeGpu:
+        if index == 0:
+            raise NVMLError(NVML_ERROR_UNKNOWN)
+        return by_index(index)
+
+    nvml.nvmlDeviceGetHandleByIndex = handle  # type: ignore[method-assign]
+    collector = _collector(nvml)
+    assert [(r.index, r.uuid) for r in collector.read()] == [(1, UUID1)]
+    assert "GPU 0 left out of the GPU metrics" in caplog.text
 
 
 def test_real_pynvml_without_a_driver_fails_cleanly() -> None:
