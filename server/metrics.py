@@ -9,6 +9,8 @@ them, each taking its own lock and checking its state, which measured ~10 µs pe
 request on this machine, a fifth of the whole per-request budget of a tiny model.
 Here one lock is taken per event and numbers are plain Python arithmetic; the
 Prometheus families are built from those numbers only when /metrics is scraped.
+The per-GPU ``taskserve_gpu_*`` families come from NVML, read at scrape time by
+the collector in ``gpu_metrics.py`` on the same registry.
 """
 
 from __future__ import annotations
