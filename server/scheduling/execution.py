@@ -58,7 +58,12 @@ class Instance:
             return
         per_row = seconds / rows
         previous = self.seconds_per_row
-        self.seconds_per_row = per_row if previous is None else 0.8 * previous + 0.2 * per_row
+        if previous is None:
+            self.seconds_per_row = per_row
+            return
+        # One batch descheduled or paused by the GC must not move a tiny model off the
+        # inline path for the next several requests: a sample counts at most 4x the estimate.
+        self.seconds_per_row = 0.8 * previous + 0.2 * min(per_row, 4 * previous)
 
     def estimate(self, rows: int) -> float | None:
         return None if self.seconds_per_row is None else self.seconds_per_row * rows

@@ -151,26 +151,25 @@ def decode_inputs(request: pb.ModelInferRequest, config: ModelConfig) -> dict[st
         )
     tensors: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(request.inputs):
-        spec = specs.get(tensor.name)
+        name, datatype = tensor.name, tensor.datatype  # each read of a message field builds a new str
+        spec = specs.get(name)
         if spec is None:
-            raise InvalidInput(f"model {config.name!r} has no input {tensor.name!r}; its inputs are {sorted(specs)}")
-        if tensor.name in tensors:
-            raise InvalidInput(f"input {tensor.name!r} appears more than once")
-        if tensor.datatype != spec.datatype:
-            raise InvalidInput(f"input {tensor.name!r}: expected datatype {spec.datatype}, got {tensor.datatype!r}")
+            raise InvalidInput(f"model {config.name!r} has no input {name!r}; its inputs are {sorted(specs)}")
+        if name in tensors:
+            raise InvalidInput(f"input {name!r} appears more than once")
+        if datatype != spec.datatype:
+            raise InvalidInput(f"input {name!r}: expected datatype {spec.datatype}, got {datatype!r}")
         shape = tuple(tensor.shape)
         if not _shape_ok(shape, spec.dims, config.max_batch_size):
             _check_shape(config, spec, shape)  # raises, naming what is wrong
         if raw:
             if tensor.HasField("contents"):
-                raise InvalidInput(
-                    f"input {tensor.name!r}: send data either in contents or raw_input_contents, not both"
-                )
-            tensors[tensor.name] = _decode_raw(spec, tensor.datatype, shape, raw[index])
+                raise InvalidInput(f"input {name!r}: send data either in contents or raw_input_contents, not both")
+            tensors[name] = _decode_raw(spec, datatype, shape, raw[index])
         else:
-            tensors[tensor.name] = _decode_typed(spec, tensor.datatype, shape, tensor.contents)
-        if tensor.datatype == "BYTES":
-            _check_utf8(tensor.name, tensors[tensor.name])
+            tensors[name] = _decode_typed(spec, datatype, shape, tensor.contents)
+        if datatype == "BYTES":
+            _check_utf8(name, tensors[name])
     if len(tensors) != len(specs):
         missing = [name for name, spec in specs.items() if name not in tensors and not spec.optional]
         if missing:
