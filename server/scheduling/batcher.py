@@ -281,11 +281,9 @@ class DynamicBatcher(Scheduler):
         return instance if instance is not None and self._runs_inline(instance, rows) else None
 
     def _run_inline(self, instance: Instance, request: InferRequest, rows: int) -> InferResult:
-        started = time.perf_counter()
-        try:
-            return execute_one(instance.runtime, request.inputs, request.output_names, rows, self.layout, self._metrics)
-        finally:
-            instance.record(time.perf_counter() - started, rows)
+        result = execute_one(instance.runtime, request.inputs, request.output_names, rows, self.layout, self._metrics)
+        instance.record(result.compute_ns / 1e9, rows)
+        return result
 
     def _hand_off(self, instance: Instance, batch: Batch) -> None:
         if self._runs_inline(instance, batch.rows):

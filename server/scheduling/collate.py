@@ -99,11 +99,13 @@ def own_outputs(
 ) -> dict[str, np.ndarray]:
     """A lone request's outputs: the ones it asked for (all when None), checked
     like ``split`` checks a batch's, without slicing (nothing was padded)."""
-    names = wanted if wanted is not None else tuple(outputs)
-    missing = [n for n in names if n not in outputs]
-    if missing:
-        raise RuntimeFailure(f"model {layout.model!r} did not produce output(s) {missing}")
-    own = {n: outputs[n] for n in names}
+    if wanted is None:
+        own = dict(outputs)
+    else:
+        missing = [n for n in wanted if n not in outputs]
+        if missing:
+            raise RuntimeFailure(f"model {layout.model!r} did not produce output(s) {missing}")
+        own = {n: outputs[n] for n in wanted}
     if layout.batched:
         for name, array in own.items():
             if array.ndim == 0 or array.shape[0] != rows:

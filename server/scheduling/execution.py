@@ -58,12 +58,10 @@ class Instance:
             return
         per_row = seconds / rows
         previous = self.seconds_per_row
-        if previous is None:
-            self.seconds_per_row = per_row
-            return
-        # One batch descheduled or paused by the GC must not move a tiny model off the
-        # inline path for the next several requests: a sample counts at most 4x the estimate.
-        self.seconds_per_row = 0.8 * previous + 0.2 * min(per_row, 4 * previous)
+        # Not clipped: a model that turns out slower than its first batches must leave the
+        # inline path (which blocks the event loop) at once; a spurious slow sample only
+        # sends a few requests through the instance thread.
+        self.seconds_per_row = per_row if previous is None else 0.8 * previous + 0.2 * per_row
 
     def estimate(self, rows: int) -> float | None:
         return None if self.seconds_per_row is None else self.seconds_per_row * rows
@@ -165,7 +163,8 @@ def execute_one(
     batch. Raises TaskServeError (RuntimeFailure for anything unexpected)."""
     start_ns = time.perf_counter_ns()
     try:
-        outputs = runtime.infer(dict(inputs), list(wanted) if wanted is not None else None)
+        feed = inputs if isinstance(inputs, dict) else dict(inputs)
+        outputs = runtime.infer(feed, list(wanted) if wanted is not None else None)
         infer_done_ns = time.perf_counter_ns()
         own = own_outputs(outputs, layout, rows, wanted)
     except Exception as err:
