@@ -1,9 +1,11 @@
 """``taskserve-bench peers``: taskserve, KServe, MLServer and a bare echo server, one model, one client.
 
-Every server serves the same ONNX file with the same onnxruntime threads on
-127.0.0.1; the same pre-encoded v2 requests go to each; servers alternate at
-every load point and the whole sweep repeats (``--repeats``, at least 2), so
-each point is measured on each server more than once.
+Every server serves the same ONNX file on 127.0.0.1 (taskserve with its
+config.yaml's instances and threads, the peers' one session with a thread per
+core unless ``--peer-intra-op-threads`` says otherwise); the same pre-encoded
+v2 requests go to each; servers alternate at every load point and the whole
+sweep repeats (``--repeats``, at least 2), so each point is measured on each
+server more than once.
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ def add_peer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kserve-venv", type=Path, default=REPO_ROOT / ".venv-kserve")
     g.add_argument("--mlserver-venv", type=Path, default=REPO_ROOT / ".venv-mlserver")
     g.add_argument("--mlserver-workers", type=int, default=1, help="MLServer parallel_workers (0: in-process)")
+    g.add_argument(
+        "--peer-intra-op-threads", type=int, default=0,
+        help="onnxruntime intra-op threads of the peers' one session (default 0: one per core, "
+        "what a one-session server uses); taskserve uses its config.yaml",
+    )  # fmt: skip
     g.add_argument("--timeout", type=float, default=30.0, help="per-request deadline, seconds")
     g.add_argument("--startup-timeout", type=float, default=180.0, help="seconds each server gets to become ready")
 
@@ -64,7 +71,8 @@ def model_under_test(args: argparse.Namespace) -> tuple[ModelUnderTest, InProces
         name=args.model,
         model_dir=model_dir,
         onnx_file=probe.path.resolve(),
-        intra_op_threads=config.runtime.intra_op_threads or default_intra_op_threads(config.instance_count),
+        # The peers hold one session each: by default they get every core, as onnxruntime would give them.
+        intra_op_threads=args.peer_intra_op_threads or default_intra_op_threads(1),
         inter_op_threads=config.runtime.inter_op_threads,
         max_batch_size=config.max_batch_size,
         max_batch_delay_us=config.dynamic_batching.max_queue_delay_us,
@@ -123,6 +131,8 @@ Summary = Callable[[list[RunResult]], tuple[dict[str, object], list[str]]]
 
 def run_peers(args: argparse.Namespace, summarize: Summary | None = None) -> tuple[list[RunResult], dict[str, Path]]:
     """Run the sweep and write the results; ``summarize`` adds figures and notes computed from the runs."""
+    from taskserve.server.runtimes.onnx import default_intra_op_threads
+
     names = [n.strip() for n in args.servers.split(",") if n.strip()]
     unknown = sorted(set(names) - set(SERVERS))
     if unknown or not names:
@@ -155,7 +165,14 @@ def run_peers(args: argparse.Namespace, summarize: Summary | None = None) -> tup
         "mode": args.mode, "model": mut.name, "model_file": str(mut.onnx_file), "payload": payload.description,
         "batch_size": payload.batch_size, "loads": args.concurrency if args.mode == "closed" else args.rate,
         "repeats": args.repeats, "servers": {p.name: p.version for p in peers},
-        "onnxruntime_threads": {"intra_op": mut.intra_op_threads, "inter_op": mut.inter_op_threads},
+        "onnxruntime_threads": {
+            "peers": {"intra_op": mut.intra_op_threads, "inter_op": mut.inter_op_threads},
+            "taskserve": {
+                "instances": probe.config.instance_count,
+                "intra_op": probe.config.runtime.intra_op_threads
+                or default_intra_op_threads(probe.config.instance_count),
+            },
+        },
         "plan": vars(plan_from(args)), "server_logs": str(log_dir),
     }  # fmt: skip
     name = args.name or f"peers-{mut.name}"

@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+from taskserve.server.gpu_metrics import GPU_METRICS_MODES, GpuMetricsUnavailable
 from taskserve.server.settings import ServerSettings
 
 
@@ -27,11 +28,17 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
         help="seconds before a client connection is recycled so DNS load balancing sees new replicas (0: never)",
     )  # fmt: skip
     p.add_argument("--no-reflection", action="store_true", help="disable gRPC server reflection")
+    p.add_argument(
+        "--gpu-metrics", choices=GPU_METRICS_MODES, default="auto",
+        help="GPU metrics through NVML on the metrics port (auto: when NVML works; on: refuse to start without)",
+    )  # fmt: skip
     p.add_argument("--log-level", default=os.environ.get("TASKSERVE_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not a.model_repository.is_dir():
         p.error(f"--model-repository {a.model_repository} is not a directory")
+    if a.gpu_metrics == "on" and a.metrics_port < 0:
+        p.error("--gpu-metrics on needs the metrics endpoint: drop --metrics-port -1 or use --gpu-metrics off")
     return ServerSettings(
         model_repository=a.model_repository,
         host=a.host,
@@ -43,6 +50,7 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
         strict_readiness=a.strict_readiness,
         reflection=not a.no_reflection,
         max_connection_age_s=a.max_connection_age,
+        gpu_metrics=a.gpu_metrics,
     )
 
 
@@ -71,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except GpuMetricsUnavailable as err:
+        print(f"taskserve-server: error: {err}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+# auto: GPU metrics when NVML works, silently none otherwise; on: NVML must work; off: never.
+GpuMetricsMode = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True)
@@ -24,3 +28,5 @@ class ServerSettings:
     # Close client connections after this many seconds (0: never) so clients that
     # balance across replicas re-resolve DNS and find new pods.
     max_connection_age_s: float = 0.0
+    # GPU metrics through NVML on the metrics endpoint (see gpu_metrics.py).
+    gpu_metrics: GpuMetricsMode = "auto"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,7 +36,6 @@ class InferResult:
     compute_ns: int = 0
     # Rows in the batch this request was computed in.
     batch_size: int = 1
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class Scheduler(abc.ABC):

@@ -26,13 +26,13 @@ import enum
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 from taskserve.server.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded, TaskServeError
 from taskserve.server.metrics import ModelMetrics
 from taskserve.server.runtimes.base import Runtime
 from taskserve.server.scheduling.base import InferRequest, InferResult, Scheduler
-from taskserve.server.scheduling.execution import Batch, Instance, Outcome, timed_execute_batch
+from taskserve.server.scheduling.execution import Batch, Instance, Outcome, execute_one, timed_execute_batch
 from taskserve.server.scheduling.layout import TensorLayout
 from taskserve.server.scheduling.policy import BatchPolicy
 from taskserve.server.scheduling.request_queue import PendingRequest, RequestQueue
@@ -97,19 +97,31 @@ class DynamicBatcher(Scheduler):
         if self._state is not _State.RUNNING:
             raise self._refuse(ModelNotReady(self._not_ready_message()))
         now = self._clock()
-        entry = self._admit(request, now)
+        rows, key, priority, deadline = self._check(request, now)
+        if not self._executing and not len(self._queue):
+            instance = self._inline_instance(rows)
+            if instance is not None:
+                # Fast path for tiny models on an idle batcher: compute now, on this turn
+                # of the loop. Nothing queues, so the pending gauge never sees it.
+                return self._run_inline(instance, request, rows)
+        entry = PendingRequest(
+            request=request,
+            future=asyncio.get_running_loop().create_future(),
+            key=key,
+            rows=rows,
+            priority=priority,
+            deadline=deadline,
+            seq=next(self._seq),
+            enqueued_at=now,
+            enqueued_ns=time.perf_counter_ns(),
+        )
         self._queue.push(entry)
         self._update_pending()
-        if self._inline_ready(entry.rows):
-            # Fast path for tiny models: run now, on this turn of the loop, instead of
-            # waiting for the batching loop's next turn (which then has nothing to do).
-            self._dispatch()
-        if len(self._queue):
-            self._wake.set()
+        self._wake.set()
         # Still queued at its deadline: fail then rather than when an instance frees.
         timer = (
-            asyncio.get_running_loop().call_later(max(0.0, entry.deadline - now), self._expire, entry)
-            if entry.deadline is not None and not entry.future.done()  # done: it ran inline
+            asyncio.get_running_loop().call_later(max(0.0, deadline - now), self._expire, entry)
+            if deadline is not None
             else None
         )
         try:
@@ -144,8 +156,8 @@ class DynamicBatcher(Scheduler):
 
     # -- admission -------------------------------------------------------------------------
 
-    def _admit(self, request: InferRequest, now: float) -> PendingRequest:
-        """Check a request and wrap it for the queue, or raise why it is refused."""
+    def _check(self, request: InferRequest, now: float) -> tuple[int, Hashable, int, float | None]:
+        """Check a request: its rows, batching key, priority and deadline, or raise why it is refused."""
         policy = self.policy
         try:
             signature = self.layout.describe(request.inputs, request.output_names, policy.max_rows)
@@ -171,17 +183,7 @@ class DynamicBatcher(Scheduler):
                     f"(dynamic_batching.max_queue_size = {policy.max_queue_size}); retry later"
                 )
             )
-        return PendingRequest(
-            request=request,
-            future=asyncio.get_running_loop().create_future(),
-            key=signature.key,
-            rows=signature.rows,
-            priority=priority,
-            deadline=deadline,
-            seq=next(self._seq),
-            enqueued_at=now,
-            enqueued_ns=time.perf_counter_ns(),
-        )
+        return signature.rows, signature.key, priority, deadline
 
     def _deadline_error(self) -> DeadlineExceeded:
         return DeadlineExceeded(f"request to model {self.model!r} passed its deadline before compute started")
@@ -227,11 +229,13 @@ class DynamicBatcher(Scheduler):
 
     def _free_instance(self) -> Instance | None:
         """An idle instance, else one whose prefetch slot is free."""
-        idle = [i for i in self._instances if i.assigned == 0]
-        if idle:
-            return idle[0]
-        waiting = [i for i in self._instances if i.assigned == 1]
-        return waiting[0] if waiting else None
+        waiting = None
+        for instance in self._instances:
+            if instance.assigned == 0:
+                return instance
+            if waiting is None and instance.assigned == 1:
+                waiting = instance
+        return waiting
 
     def _dispatch(self) -> float | None:
         """Hand off every batch that should start now. Returns the seconds until a
@@ -271,10 +275,15 @@ class DynamicBatcher(Scheduler):
         estimate = instance.estimate(rows)
         return estimate is not None and estimate <= self.policy.inline_compute_s
 
-    def _inline_ready(self, rows: int) -> bool:
-        """Nothing executing, and an instance that computes ``rows`` rows inline."""
+    def _inline_instance(self, rows: int) -> Instance | None:
+        """An idle instance that computes ``rows`` rows inline, if nothing executes."""
         instance = self._free_instance()
-        return instance is not None and self._runs_inline(instance, rows)
+        return instance if instance is not None and self._runs_inline(instance, rows) else None
+
+    def _run_inline(self, instance: Instance, request: InferRequest, rows: int) -> InferResult:
+        result = execute_one(instance.runtime, request.inputs, request.output_names, rows, self.layout, self._metrics)
+        instance.record(result.compute_ns / 1e9, rows)
+        return result
 
     def _hand_off(self, instance: Instance, batch: Batch) -> None:
         if self._runs_inline(instance, batch.rows):

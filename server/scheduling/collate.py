@@ -110,6 +110,28 @@ def _unpad(output: np.ndarray, own: tuple[int, ...], padded: tuple[int, ...], le
     return output[tuple(index)] if changed else output
 
 
+def own_outputs(
+    outputs: Mapping[str, np.ndarray], layout: TensorLayout, rows: int, wanted: Sequence[str] | None
+) -> dict[str, np.ndarray]:
+    """A lone request's outputs: the ones it asked for (all when None), checked
+    like ``split`` checks a batch's, without slicing (nothing was padded)."""
+    if wanted is None:
+        own = dict(outputs)
+    else:
+        missing = [n for n in wanted if n not in outputs]
+        if missing:
+            raise RuntimeFailure(f"model {layout.model!r} did not produce output(s) {missing}")
+        own = {n: outputs[n] for n in wanted}
+    if layout.batched:
+        for name, array in own.items():
+            if array.ndim == 0 or array.shape[0] != rows:
+                raise RuntimeFailure(
+                    f"output {name!r} of model {layout.model!r} has shape {list(array.shape)} but the batch has "
+                    f"{rows} rows; a batching model's outputs need a leading batch dimension"
+                )
+    return own
+
+
 def split(
     outputs: Mapping[str, np.ndarray],
     collated: Collated,

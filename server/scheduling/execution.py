@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 from taskserve.server.errors import DeadlineExceeded, RuntimeFailure, TaskServeError
 from taskserve.server.metrics import ModelMetrics
 from taskserve.server.runtimes.base import Runtime
 from taskserve.server.scheduling.base import InferResult
-from taskserve.server.scheduling.collate import collate, split
+from taskserve.server.scheduling.collate import collate, own_outputs, split
 from taskserve.server.scheduling.layout import TensorLayout
 from taskserve.server.scheduling.request_queue import PendingRequest
 
@@ -57,6 +58,9 @@ class Instance:
             return
         per_row = seconds / rows
         previous = self.seconds_per_row
+        # Not clipped: a model that turns out slower than its first batches must leave the
+        # inline path (which blocks the event loop) at once; a spurious slow sample only
+        # sends a few requests through the instance thread.
         self.seconds_per_row = per_row if previous is None else 0.8 * previous + 0.2 * per_row
 
     def estimate(self, rows: int) -> float | None:
@@ -67,6 +71,13 @@ def _expired(model: str, entry: PendingRequest) -> DeadlineExceeded:
     return DeadlineExceeded(
         f"request to model {model!r} passed its deadline while queued; it was not computed"
     )
+
+
+def _as_failure(err: Exception, layout: TensorLayout, rows: int) -> TaskServeError:
+    if isinstance(err, TaskServeError):
+        return err
+    log.exception("model %r failed on a batch of %d rows", layout.model, rows)
+    return RuntimeFailure(f"model {layout.model!r} failed on a batch of {rows} rows: {type(err).__name__}: {err}")
 
 
 def timed_execute_batch(
@@ -118,18 +129,13 @@ def execute_batch(
         per_request = split(outputs, collated, layout, wanted)
         end_ns = time.perf_counter_ns()
     except Exception as err:  # any runtime error fails this batch only
-        if isinstance(err, TaskServeError):
-            failure: TaskServeError = err
-        else:
-            log.exception("model %r failed on a batch of %d rows", layout.model, rows)
-            failure = RuntimeFailure(
-                f"model {layout.model!r} failed on a batch of {rows} rows: {type(err).__name__}: {err}"
-            )
+        failure = _as_failure(err, layout, rows)
         for i in live:
             outcomes[i] = failure
         return outcomes
 
     compute_ns = end_ns - start_ns
+    queue_ns = [start_ns - entry.enqueued_ns for entry in entries]
     if metrics is not None:
         metrics.batch_executed(
             rows,
@@ -137,13 +143,33 @@ def execute_batch(
             input_done_ns - start_ns,
             infer_done_ns - input_done_ns,
             end_ns - infer_done_ns,
+            queue_ns,
         )
-    for i, outputs_i in zip(live, per_request, strict=False):
-        entry = batch.entries[i]
-        queue_ns = start_ns - entry.enqueued_ns
-        if metrics is not None:
-            metrics.queued(queue_ns)
-        outcomes[i] = InferResult(
-            outputs=outputs_i, queue_ns=queue_ns, compute_ns=compute_ns, batch_size=rows
-        )
+    for i, outputs_i, waited_ns in zip(live, per_request, queue_ns, strict=False):
+        outcomes[i] = InferResult(outputs=outputs_i, queue_ns=waited_ns, compute_ns=compute_ns, batch_size=rows)
     return outcomes
+
+
+def execute_one(
+    runtime: Runtime,
+    inputs: Mapping[str, np.ndarray],
+    wanted: tuple[str, ...] | None,
+    rows: int,
+    layout: TensorLayout,
+    metrics: ModelMetrics | None,
+) -> InferResult:
+    """Run one request as its own batch, now, on the calling thread: the inline
+    path of an idle batcher. No collate or split: a lone request is already the
+    batch. Raises TaskServeError (RuntimeFailure for anything unexpected)."""
+    start_ns = time.perf_counter_ns()
+    try:
+        feed = inputs if isinstance(inputs, dict) else dict(inputs)
+        outputs = runtime.infer(feed, list(wanted) if wanted is not None else None)
+        infer_done_ns = time.perf_counter_ns()
+        own = own_outputs(outputs, layout, rows, wanted)
+    except Exception as err:
+        raise _as_failure(err, layout, rows) from None
+    end_ns = time.perf_counter_ns()
+    if metrics is not None:
+        metrics.batch_executed(rows, 1, 0, infer_done_ns - start_ns, end_ns - infer_done_ns, (0,))
+    return InferResult(outputs=own, queue_ns=0, compute_ns=end_ns - start_ns, batch_size=rows)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import functools
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from taskserve.server.errors import InvalidInput
@@ -46,6 +46,9 @@ class RequestSignature:
     length: int
 
 
+_SEEN_LIMIT = 4096
+
+
 def _shape(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
@@ -65,6 +68,9 @@ class TensorLayout:
     # Output name -> input whose padded axes it shares (sliced back per request).
     unpad_like: Mapping[str, str] | None = None
     length_buckets: tuple[int, ...] = ()
+    # Signatures of requests already checked, by (names, dtypes, shapes, outputs, max_rows):
+    # a request is a pure function of those, and most traffic repeats a few shapes.
+    _seen: dict[Hashable, RequestSignature] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_config(
@@ -108,8 +114,30 @@ class TensorLayout:
         """Check a request against the model and compute its batching signature.
 
         Raises InvalidInput naming the tensor and the fix. Runs for every request:
-        each check is a cheap test first, and the message is only built on failure.
+        a shape seen before is answered from ``_seen``; otherwise each check is a
+        cheap test first, and the message is only built on failure.
         """
+        try:
+            seen_key: Hashable = (
+                tuple([(n, a.dtype, a.shape) for n, a in inputs.items()]),
+                output_names,
+                max_rows,
+            )
+            signature = self._seen.get(seen_key)
+        except (AttributeError, TypeError):  # not arrays, or unhashable names: the full check explains
+            seen_key, signature = None, None
+        if signature is not None:
+            return signature
+        signature = self._check(inputs, output_names, max_rows)
+        if seen_key is not None:
+            if len(self._seen) >= _SEEN_LIMIT:
+                self._seen.clear()  # unusual traffic (many shapes): start over rather than grow
+            self._seen[seen_key] = signature
+        return signature
+
+    def _check(
+        self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None, max_rows: int
+    ) -> RequestSignature:
         model = self.model
         if not inputs:
             raise InvalidInput(f"request to model {model!r} has no inputs")

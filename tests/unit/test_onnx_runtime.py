@@ -52,6 +52,9 @@ def test_gpu_only_config_fails_with_what_is_available(model_path: Path) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" not in onnxruntime.get_available_providers(), reason="needs onnxruntime-gpu"
+)
 def test_cuda_provider_matches_cpu(model_path: Path) -> None:
     gpu = OnnxRuntime(model_path, _config(["cuda"]))
     gpu.load()

@@ -40,6 +40,24 @@ def expected_shape(config: ModelConfig, tensor: TensorConfig) -> list[int]:
     return ([-1] if config.max_batch_size > 0 else []) + list(tensor.dims)
 
 
+# The common output dtypes, looked up without v2_datatype's normalisation.
+_DATATYPES = {np.dtype(t): v2_datatype(np.dtype(t)) for t in (np.float32, np.float16, np.int64, np.int32, np.bool_)}
+
+
+def _shape_ok(shape: tuple[int, ...], dims: tuple[int, ...], max_batch_size: int) -> bool:
+    """The common case of ``_check_shape`` in one pass, without building messages."""
+    if max_batch_size > 0:
+        if len(shape) != len(dims) + 1 or not 1 <= shape[0] <= max_batch_size:
+            return False
+        shape = shape[1:]
+    elif len(shape) != len(dims):
+        return False
+    for s, d in zip(shape, dims, strict=True):
+        if s != d and (d != -1 or s < 0):
+            return False
+    return True
+
+
 def _check_shape(config: ModelConfig, spec: TensorConfig, shape: tuple[int, ...]) -> None:
     if any(s < 0 for s in shape):
         raise InvalidInput(f"input {spec.name!r}: shape {list(shape)} has a negative dimension")
@@ -107,9 +125,24 @@ def _check_utf8(name: str, array: np.ndarray) -> None:
             ) from None
 
 
+# Input specs by name, per config object (looked up for every request; configs are few).
+_SPECS: dict[int, tuple[ModelConfig, dict[str, TensorConfig]]] = {}
+
+
+def _input_specs(config: ModelConfig) -> dict[str, TensorConfig]:
+    cached = _SPECS.get(id(config))
+    if cached is not None and cached[0] is config:
+        return cached[1]
+    if len(_SPECS) > 256:
+        _SPECS.clear()  # many reloads: forget configs of unloaded models
+    specs = {t.name: t for t in config.inputs or ()}
+    _SPECS[id(config)] = (config, specs)
+    return specs
+
+
 def decode_inputs(request: pb.ModelInferRequest, config: ModelConfig) -> dict[str, np.ndarray]:
     """Check a ModelInfer request against the model's inputs and return its tensors."""
-    specs = {t.name: t for t in config.inputs or ()}
+    specs = _input_specs(config)
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(
@@ -118,29 +151,30 @@ def decode_inputs(request: pb.ModelInferRequest, config: ModelConfig) -> dict[st
         )
     tensors: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(request.inputs):
-        spec = specs.get(tensor.name)
+        name, datatype = tensor.name, tensor.datatype  # each read of a message field builds a new str
+        spec = specs.get(name)
         if spec is None:
-            raise InvalidInput(f"model {config.name!r} has no input {tensor.name!r}; its inputs are {sorted(specs)}")
-        if tensor.name in tensors:
-            raise InvalidInput(f"input {tensor.name!r} appears more than once")
-        if tensor.datatype != spec.datatype:
-            raise InvalidInput(f"input {tensor.name!r}: expected datatype {spec.datatype}, got {tensor.datatype!r}")
-        shape = tuple(int(d) for d in tensor.shape)
-        _check_shape(config, spec, shape)
+            raise InvalidInput(f"model {config.name!r} has no input {name!r}; its inputs are {sorted(specs)}")
+        if name in tensors:
+            raise InvalidInput(f"input {name!r} appears more than once")
+        if datatype != spec.datatype:
+            raise InvalidInput(f"input {name!r}: expected datatype {spec.datatype}, got {datatype!r}")
+        shape = tuple(tensor.shape)
+        if not _shape_ok(shape, spec.dims, config.max_batch_size):
+            _check_shape(config, spec, shape)  # raises, naming what is wrong
         if raw:
             if tensor.HasField("contents"):
-                raise InvalidInput(
-                    f"input {tensor.name!r}: send data either in contents or raw_input_contents, not both"
-                )
-            tensors[tensor.name] = _decode_raw(spec, tensor.datatype, shape, raw[index])
+                raise InvalidInput(f"input {name!r}: send data either in contents or raw_input_contents, not both")
+            tensors[name] = _decode_raw(spec, datatype, shape, raw[index])
         else:
-            tensors[tensor.name] = _decode_typed(spec, tensor.datatype, shape, tensor.contents)
-        if tensor.datatype == "BYTES":
-            _check_utf8(tensor.name, tensors[tensor.name])
-    missing = [name for name, spec in specs.items() if name not in tensors and not spec.optional]
-    if missing:
-        raise InvalidInput(f"model {config.name!r} needs inputs {missing}, which the request does not have")
-    if config.max_batch_size > 0:
+            tensors[name] = _decode_typed(spec, datatype, shape, tensor.contents)
+        if datatype == "BYTES":
+            _check_utf8(name, tensors[name])
+    if len(tensors) != len(specs):
+        missing = [name for name, spec in specs.items() if name not in tensors and not spec.optional]
+        if missing:
+            raise InvalidInput(f"model {config.name!r} needs inputs {missing}, which the request does not have")
+    if config.max_batch_size > 0 and len(tensors) > 1:
         batch_sizes = {name: arr.shape[0] for name, arr in tensors.items()}
         if len(set(batch_sizes.values())) > 1:
             raise InvalidInput(f"inputs disagree on the batch size: {batch_sizes}")
@@ -148,9 +182,9 @@ def decode_inputs(request: pb.ModelInferRequest, config: ModelConfig) -> dict[st
 
 
 def requested_outputs(request: pb.ModelInferRequest, config: ModelConfig) -> tuple[str, ...] | None:
-    names = [o.name for o in request.outputs]
-    if not names:
+    if not request.outputs:
         return None
+    names = [o.name for o in request.outputs]
     known = {t.name for t in config.outputs or ()}
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -178,9 +212,8 @@ def encode_outputs(
     """Append outputs as raw contents (what Triton does over gRPC), in requested order."""
     for name in order or tuple(outputs):
         array = outputs[name]
-        datatype = v2_datatype(array.dtype)
-        tensor = response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
-        del tensor  # fields set through add()
+        datatype = _DATATYPES.get(array.dtype) or v2_datatype(array.dtype)
+        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
         if datatype == "BYTES":
             response.raw_output_contents.append(serialize_bytes_tensor(np.asarray(array, dtype=np.object_)))
         else:

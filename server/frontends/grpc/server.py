@@ -15,6 +15,7 @@ from taskserve.clients.generated.inference import grpc_service_pb2_grpc as pb_gr
 from taskserve.server.frontends.grpc.health import HealthReporter
 from taskserve.server.frontends.grpc.tasks import add_task_servicers
 from taskserve.server.frontends.grpc.v2_servicer import V2Servicer
+from taskserve.server.gpu_metrics import GpuCollector, start_gpu_metrics
 from taskserve.server.metrics import ServerMetrics
 from taskserve.server.repository.manager import ModelManager
 from taskserve.server.settings import ServerSettings
@@ -40,6 +41,7 @@ class ServingApp:
         self._draining = False
         self._server: grpc.aio.Server | None = None
         self._http: Any = None
+        self.gpu_metrics: GpuCollector | None = None
         self._loading: asyncio.Task[None] | None = None
         self.service_names: list[str] = []
 
@@ -49,6 +51,19 @@ class ServingApp:
         return self.models.all_ready() if self.settings.strict_readiness else True
 
     async def start(self) -> None:
+        """Raises ``GpuMetricsUnavailable`` (before binding any port) for ``gpu_metrics="on"`` without NVML."""
+        s = self.settings
+        if s.metrics_port >= 0:
+            # GPU metrics live on the metrics endpoint: without one, NVML is not even loaded.
+            self.gpu_metrics = start_gpu_metrics(s.gpu_metrics, self.metrics.registry)
+        try:
+            await self._start()
+        except BaseException:
+            if self.gpu_metrics is not None:
+                self.gpu_metrics.close()
+            raise
+
+    async def _start(self) -> None:
         s = self.settings
         options: list[tuple[str, int]] = [
             ("grpc.max_receive_message_length", s.max_receive_message_bytes),
@@ -117,6 +132,8 @@ class ServingApp:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+        if self.gpu_metrics is not None:
+            self.gpu_metrics.close()
         log.info("server stopped")
 
     async def wait_for_termination(self) -> None:

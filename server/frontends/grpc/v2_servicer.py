@@ -135,8 +135,10 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         with model.metrics.track_request(started):
             inputs = codec.decode_inputs(request, model.config)
             outputs = codec.requested_outputs(request, model.config)
-            priority = codec.int_parameter(request.parameters, "priority")
-            timeout_us = codec.int_parameter(request.parameters, "timeout")
+            priority = timeout_us = None
+            if request.parameters:
+                priority = codec.int_parameter(request.parameters, "priority")
+                timeout_us = codec.int_parameter(request.parameters, "timeout")
             infer_request = InferRequest(
                 inputs=inputs,
                 output_names=outputs,

@@ -6,6 +6,9 @@ import threading
 import time
 
 import numpy as np
+import pytest
+from taskserve.server.errors import RuntimeFailure
+from taskserve.server.metrics import ServerMetrics
 
 from .fakes import FakeRuntime, masked_outputs
 from .harness import batcher, running, token_config, tokens
@@ -41,3 +44,26 @@ async def test_slow_model_never_runs_inline() -> None:
         for n in (3, 4, 5):
             await b.submit(tokens(n))
     assert threading.get_ident() not in runtime.threads
+
+
+async def test_inline_requests_get_their_outputs_metrics_and_errors() -> None:
+    metrics = ServerMetrics()
+    runtime = FakeRuntime(fail=lambda inputs: int(inputs["ids"][0, 0]) == 99)
+    config = token_config(dynamic_batching={"inline_compute_us": 10_000})
+    async with running(batcher(config, [runtime], metrics.for_model("tokens", "1"))) as b:
+        await b.submit(tokens(2))  # measured on the instance thread
+        subset = await b.submit(tokens(3, first=5, output_names=("pooled",)))
+        with pytest.raises(RuntimeFailure, match="model 'tokens' failed"):
+            await b.submit(tokens(3, first=99))
+        after = await b.submit(tokens(4, first=1))  # a failure inline leaves the batcher serving
+        assert b.inflight_count() == 0
+    assert threading.get_ident() in runtime.threads
+    assert set(subset.outputs) == {"pooled"} and subset.outputs["pooled"][0] == 6.0  # mean of 5, 6, 7
+    np.testing.assert_array_equal(after.outputs["length"], [4])
+
+    def value(name: str) -> float | None:
+        return metrics.registry.get_sample_value(name, {"model": "tokens", "version": "1"})
+
+    assert value("taskserve_execution_count_total") == 3  # the failed batch is not counted
+    assert value("taskserve_queue_duration_seconds_count") == 3
+    assert value("taskserve_pending_requests") == 0

@@ -46,6 +46,18 @@ def test_describe_refuses_requests_it_cannot_batch(inputs: dict[str, np.ndarray]
         layout().describe(inputs, None, 8)
 
 
+def test_seen_shapes_are_answered_from_memory_and_still_checked_per_outputs_and_rows() -> None:
+    tokens = layout()
+    first = tokens.describe(ids_mask([1, 2, 3]), None, 8)
+    assert tokens.describe(ids_mask([4, 5, 6]), None, 8) is first  # same shapes: remembered
+    with pytest.raises(InvalidInput, match=r"no output\(s\) \['nope'\]"):
+        tokens.describe(ids_mask([4, 5, 6]), ("nope",), 8)
+    with pytest.raises(InvalidInput, match="max_batch_size is 1"):
+        tokens.describe(ids_mask([1, 2, 3], [4, 5, 6]), None, 1)
+    floats = {"ids": np.zeros((1, 3), np.float32), "mask": np.ones((1, 3), np.int64)}
+    assert tokens.describe(floats, None, 8).key != first.key  # another dtype is another entry
+
+
 def test_fixed_dims_must_match_the_config() -> None:
     config = token_config(inputs=[{"name": "pixels", "datatype": "FP32", "dims": [3, -1]}], outputs=None)
     spec = TensorLayout.from_config(config)
