@@ -32,6 +32,10 @@ def _common(p: argparse.ArgumentParser, name_required: bool = False) -> None:
         "--length-buckets", type=lambda v: tuple(int(x) for x in v.split(",") if x), default=(),
         help="sequence-length bucket edges for the batcher, e.g. 16,32,64,128 (text models)",
     )  # fmt: skip
+    p.add_argument(
+        "--instances", type=int, default=1,
+        help="runtime instances the server runs side by side (instance_count); each gets cores / N threads",
+    )  # fmt: skip
     p.add_argument("--no-optimize", action="store_true", help="skip onnxruntime graph optimizations")
     p.add_argument("--quantize", metavar="MODE", help="'int8': dynamic int8 quantization for CPU")
     p.add_argument("--fp16", action="store_true", help="half precision (GPU); with --tensorrt an fp16 engine")
@@ -95,6 +99,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "version": args.version,
         "max_batch_size": args.max_batch_size,
         "length_buckets": args.length_buckets,
+        "instance_count": args.instances,
         "optimize": not args.no_optimize,
         "quantize": args.quantize,
         "fp16": args.fp16,

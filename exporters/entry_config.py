@@ -18,6 +18,7 @@ def build_config(
     max_queue_delay_us: int,
     *,
     length_buckets: tuple[int, ...] = (),
+    instance_count: int = 1,
     int8: bool = False,
     fp16: bool = False,
     tensorrt: bool = False,
@@ -32,6 +33,8 @@ def build_config(
         config["default_model_filename"] = ENGINE_FILE
     elif exported.onnx_files[0] != "model.onnx":
         config["default_model_filename"] = exported.onnx_files[0]
+    if instance_count > 1:
+        config["instance_count"] = instance_count
     if exported.inputs is not None:
         config["inputs"] = [t.to_config() for t in exported.inputs]
     if exported.outputs is not None:

@@ -41,6 +41,8 @@ class ExportOptions:
     # Sequence-length bucket edges for the batcher (text models): short requests
     # then never pay for long ones' padding.
     length_buckets: tuple[int, ...] = ()
+    # Runtime instances side by side (config instance_count); each gets cores / N threads.
+    instance_count: int = 1
     optimize: bool = True
     quantize: str | None = None  # "int8"
     fp16: bool = False
@@ -64,6 +66,8 @@ class ExportOptions:
             raise UsageError("--quantize int8 targets CPU; it cannot be combined with --fp16 or --tensorrt")
         if self.max_batch_size is not None and self.max_batch_size < 0:
             raise UsageError("--max-batch-size must be >= 0")
+        if self.instance_count < 1:
+            raise UsageError(f"--instances must be >= 1, got {self.instance_count}")
 
 
 @dataclass
@@ -205,6 +209,7 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
             max_batch,
             options.max_queue_delay_us,
             length_buckets=options.length_buckets,
+            instance_count=options.instance_count,
             int8=bool(options.quantize),
             fp16=options.fp16,
             tensorrt=options.tensorrt,
