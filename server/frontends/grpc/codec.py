@@ -9,7 +9,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from taskserve.clients.datatypes import deserialize_bytes_tensor, numpy_dtype, serialize_bytes_tensor, v2_datatype
+from taskserve.clients.datatypes import (
+    V2_TO_NUMPY,
+    deserialize_bytes_tensor,
+    numpy_dtype,
+    serialize_bytes_tensor,
+    v2_datatype,
+)
 from taskserve.clients.generated.inference import grpc_service_pb2 as pb
 from taskserve.server.errors import InvalidInput
 from taskserve.server.repository.config import ModelConfig, TensorConfig
@@ -84,14 +90,14 @@ def _decode_raw(spec: TensorConfig, datatype: str, shape: tuple[int, ...], raw: 
         except ValueError as err:
             raise InvalidInput(f"input {spec.name!r}: {err}") from None
         return flat.reshape(shape)
-    dtype = numpy_dtype(datatype)
+    dtype = V2_TO_NUMPY.get(datatype) or numpy_dtype(datatype)  # the fallback raises, naming the type
     expected = count * dtype.itemsize
     if len(raw) != expected:
         raise InvalidInput(
             f"input {spec.name!r}: raw contents hold {len(raw)} bytes, but shape {list(shape)} of {datatype} "
             f"needs {expected} bytes ({count} elements x {dtype.itemsize})"
         )
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    return np.ndarray(shape, dtype, raw)  # a read-only view of the bytes, like frombuffer + reshape
 
 
 def _decode_typed(

@@ -37,14 +37,10 @@ _PLATFORM = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 
 def request_deadline(context: Context, timeout_us: int | None) -> float | None:
     """The earlier of the gRPC deadline and the request's own timeout, as monotonic time."""
-    now = time.monotonic()
-    candidates = []
     remaining = context.time_remaining()
-    if remaining is not None:
-        candidates.append(now + remaining)
     if timeout_us:
-        candidates.append(now + timeout_us / 1e6)
-    return min(candidates) if candidates else None
+        remaining = timeout_us / 1e6 if remaining is None else min(remaining, timeout_us / 1e6)
+    return None if remaining is None else time.monotonic() + remaining
 
 
 class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
