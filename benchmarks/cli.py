@@ -117,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
             runs, paths = run_in_process_cli(args)
         else:
             from taskserve.benchmarks.peer_compare import run_peers
+            from taskserve.benchmarks.peer_summary import summarize
 
-            runs, paths = run_peers(args)
+            runs, paths = run_peers(args, summarize)
     except (TaskServeError, FileNotFoundError, ValueError) as err:
         # Setup problems (server unreachable, model missing, bad payload): a message, not a traceback.
         print(f"taskserve-bench {args.command}: {err}", file=sys.stderr)

@@ -33,3 +33,26 @@ def test_ratio_is_the_median_p50_of_taskserve_over_echo() -> None:
     assert ratio["taskserve_p50_ms"] == pytest.approx(0.75)
     assert ratio["echo_p50_ms"] == pytest.approx(0.45)
     assert ratio["p50_ratio"] == pytest.approx(0.75 / 0.45, abs=1e-3)
+
+
+def _peer_run(server: str, repeat: int, items_per_s: float, p99_s: float) -> RunResult:
+    slow = int(items_per_s) // 20  # the slowest 5 %: they set the p99
+    window = Window(1.0, (0.01,) * (int(items_per_s) - slow) + (p99_s,) * slow, {})
+    return RunResult(server, "closed", 32, 1, (window,), (window,), True, repeat=repeat)
+
+
+def test_peer_ratios_pair_servers_within_each_repeat() -> None:
+    from taskserve.benchmarks.peer_summary import peer_ratios, summarize
+
+    runs = [
+        _peer_run("taskserve", 0, 600, 0.05), _peer_run("kserve", 0, 400, 0.2),
+        _peer_run("taskserve", 1, 300, 0.05), _peer_run("kserve", 1, 250, 0.2),  # a slow minute for both
+        _peer_run("taskserve", 2, 500, 0.05), _peer_run("kserve", 2, 300, 0.2),
+    ]  # fmt: skip
+    r = peer_ratios(runs)["kserve @ 32"]
+    assert r["repeats"] == 3
+    assert r["throughput_ratio_paired_median"] == pytest.approx(1.5)  # median of 1.5, 1.2, 1.667
+    assert r["throughput_ratio_of_medians"] == pytest.approx(500 / 300, abs=1e-3)
+    assert r["taskserve_p99_ms"] < r["peer_p99_ms"]
+    _, lines = summarize(runs)
+    assert ">= 1.5: met)" in lines[0] and "(lower)" in lines[0]
