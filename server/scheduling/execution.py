@@ -164,12 +164,12 @@ def execute_one(
     start_ns = time.perf_counter_ns()
     try:
         feed = inputs if isinstance(inputs, dict) else dict(inputs)
-        outputs = runtime.infer(feed, list(wanted) if wanted is not None else None)
-        infer_done_ns = time.perf_counter_ns()
-        own = own_outputs(outputs, layout, rows, wanted)
+        own = own_outputs(runtime.infer(feed, list(wanted) if wanted is not None else None), layout, rows, wanted)
     except Exception as err:
         raise _as_failure(err, layout, rows) from None
-    end_ns = time.perf_counter_ns()
+    # One clock pair: picking a lone request's outputs is a dict lookup, so it counts as
+    # inference (compute_output 0) rather than costing two more clock reads per request.
+    compute_ns = time.perf_counter_ns() - start_ns
     if metrics is not None:
-        metrics.batch_executed(rows, 1, 0, infer_done_ns - start_ns, end_ns - infer_done_ns, (0,))
-    return InferResult(outputs=own, queue_ns=0, compute_ns=end_ns - start_ns, batch_size=rows)
+        metrics.batch_executed(rows, 1, 0, compute_ns, 0, (0,))
+    return InferResult(outputs=own, queue_ns=0, compute_ns=compute_ns, batch_size=rows)
