@@ -58,6 +58,8 @@ def _shape_ok(shape: tuple[int, ...], dims: tuple[int, ...], max_batch_size: int
         shape = shape[1:]
     elif len(shape) != len(dims):
         return False
+    if shape == dims:
+        return True  # no variable dims (or they match literally): one tuple comparison
     for s, d in zip(shape, dims, strict=True):
         if s != d and (d != -1 or s < 0):
             return False
