@@ -123,13 +123,18 @@ def own_outputs(
             raise RuntimeFailure(f"model {layout.model!r} did not produce output(s) {missing}")
         own = {n: outputs[n] for n in wanted}
     if layout.batched:
-        for name, array in own.items():
-            if array.ndim == 0 or array.shape[0] != rows:
-                raise RuntimeFailure(
-                    f"output {name!r} of model {layout.model!r} has shape {list(array.shape)} but the batch has "
-                    f"{rows} rows; a batching model's outputs need a leading batch dimension"
-                )
+        _check_batch_rows(own, rows, layout)
     return own
+
+
+def _check_batch_rows(outputs: Mapping[str, np.ndarray], rows: int, layout: TensorLayout) -> None:
+    """Every output of a batching model has the batch's rows first."""
+    for name, array in outputs.items():
+        if array.ndim == 0 or array.shape[0] != rows:
+            raise RuntimeFailure(
+                f"output {name!r} of model {layout.model!r} has shape {list(array.shape)} but the batch has "
+                f"{rows} rows; a batching model's outputs need a leading batch dimension"
+            )
 
 
 def split(
@@ -146,13 +151,7 @@ def split(
         if missing:
             raise RuntimeFailure(f"model {layout.model!r} did not produce output(s) {missing}")
         return [{n: outputs[n] for n in names}]
-    total = collated.total_rows
-    for name, array in outputs.items():
-        if array.ndim == 0 or array.shape[0] != total:
-            raise RuntimeFailure(
-                f"output {name!r} of model {layout.model!r} has shape {list(array.shape)} but the batch has "
-                f"{total} rows; a batching model's outputs need a leading batch dimension"
-            )
+    _check_batch_rows(outputs, collated.total_rows, layout)
     unpad_like = layout.unpad_like or {}
     offset = 0
     for rows, shape, names_wanted in zip(collated.rows, collated.shapes, wanted, strict=False):
