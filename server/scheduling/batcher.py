@@ -276,15 +276,9 @@ class DynamicBatcher(Scheduler):
         return estimate is not None and estimate <= self.policy.inline_compute_s
 
     def _inline_instance(self, rows: int) -> Instance | None:
-        """An idle instance that computes ``rows`` rows inline (the caller checked that nothing executes)."""
-        limit = self.policy.inline_compute_s
-        if limit <= 0:
-            return None
-        for instance in self._instances:
-            if not instance.assigned:
-                per_row = instance.seconds_per_row
-                return instance if per_row is not None and per_row * rows <= limit else None
-        return None
+        """An idle instance that computes ``rows`` rows inline, if nothing executes."""
+        instance = self._free_instance()
+        return instance if instance is not None and self._runs_inline(instance, rows) else None
 
     def _run_inline(self, instance: Instance, request: InferRequest, rows: int) -> InferResult:
         result = execute_one(instance.runtime, request.inputs, request.output_names, rows, self.layout, self._metrics)
