@@ -16,7 +16,12 @@ from taskserve.server.frontends.grpc.server import create_server
 from taskserve.server.gpu_metrics import GpuMetricsUnavailable
 from taskserve.server.settings import ServerSettings
 
-from tests.support.fake_nvml import NVML_ERROR_LIBRARY_NOT_FOUND, FakeGpu, FakeNvml
+from tests.support.fake_nvml import (
+    NVML_ERROR_LIBRARY_NOT_FOUND,
+    FakeGpu,
+    FakeNvml,
+    require_real_nvml_without_driver,
+)
 from tests.support.server import running_server
 from tests.support.tiny_models import add_sub_graph, write_entry
 
@@ -107,14 +112,7 @@ def test_cli_on_without_pynvml_exits_with_the_reason(repository: Path, tmp_path:
 
 
 def test_cli_on_with_real_pynvml_and_no_driver_exits_with_the_reason(repository: Path) -> None:
-    pynvml = pytest.importorskip("pynvml")
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        pass
-    else:
-        pynvml.nvmlShutdown()
-        pytest.skip("NVML works here: the gpu-marked tests cover this machine")
+    require_real_nvml_without_driver()
     result = _cli(repository, "--metrics-port", "0", "--gpu-metrics", "on")
     assert result.returncode == 1, result.stderr
     assert "taskserve-server: error: --gpu-metrics on, but NVML did not initialise" in result.stderr

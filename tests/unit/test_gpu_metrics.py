@@ -11,7 +11,14 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from taskserve.server.gpu_metrics import GpuCollector, GpuMetricsUnavailable, start_gpu_metrics
 
-from tests.support.fake_nvml import NVML_ERROR_LIBRARY_NOT_FOUND, NVML_ERROR_UNKNOWN, FakeGpu, FakeNvml, NVMLError
+from tests.support.fake_nvml import (
+    NVML_ERROR_LIBRARY_NOT_FOUND,
+    NVML_ERROR_UNKNOWN,
+    FakeGpu,
+    FakeNvml,
+    NVMLError,
+    require_real_nvml_without_driver,
+)
 
 UUID0 = "GPU-00000000-1111-2222-3333-444444444444"
 UUID1 = "GPU-55555555-6666-7777-8888-999999999999"
@@ -254,14 +261,7 @@ def test_a_gpu_without_handle_is_left_out(caplog: pytest.LogCaptureFixture) -> N
 
 def test_real_pynvml_without_a_driver_fails_cleanly() -> None:
     """The installed nvidia-ml-py on a machine with no NVIDIA driver (CI, this dev machine)."""
-    pynvml = pytest.importorskip("pynvml")
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        pass
-    else:
-        pynvml.nvmlShutdown()
-        pytest.skip("NVML works here: the gpu-marked tests cover this machine")
+    require_real_nvml_without_driver()
     assert start_gpu_metrics("auto", CollectorRegistry()) is None
     with pytest.raises(GpuMetricsUnavailable, match="NVML did not initialise"):
         start_gpu_metrics("on", CollectorRegistry())
