@@ -87,3 +87,31 @@ def test_concurrent_updates_are_not_lost() -> None:
         t.join()
     assert sample(metrics, "taskserve_request_success_total") == 20_000
     assert sample(metrics, "taskserve_stage_duration_seconds_count", stage="encode") == 20_000
+
+
+def test_events_fold_on_their_own_when_nobody_reads() -> None:
+    # A server nobody scrapes must not hold every request's event forever.
+    from taskserve.server import metrics as metrics_module
+
+    metrics = ServerMetrics()
+    model = metrics.for_model("m", "1")
+    events = metrics_module._FOLD_EVERY * 3 + 7
+    for i in range(events):
+        model.request_succeeded(1_000 + i, encode_ns=500)
+        assert len(model._events) < metrics_module._FOLD_EVERY
+    stats = model.snapshot()
+    assert stats.success.count == events
+    assert stats.success.ns == sum(1_000 + i for i in range(events))
+    assert stats.last_inference_ms > 0
+    assert sample(metrics, "taskserve_stage_duration_seconds_count", stage="encode") == events
+
+
+def test_unexpected_errors_count_as_internal_failures() -> None:
+    metrics = ServerMetrics()
+    model = metrics.for_model("m", "1")
+    model.request_raised(ValueError("a bug"), 1_000)
+    model.request_raised(InvalidInput("bad"), 1_000)
+    model.request_raised(KeyboardInterrupt(), 1_000)  # not a request failure: the process is stopping
+    assert sample(metrics, "taskserve_request_failure_total", reason="internal") == 1
+    assert sample(metrics, "taskserve_request_failure_total", reason="invalid_input") == 1
+    assert model.snapshot().fail.count == 2
