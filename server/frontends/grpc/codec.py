@@ -7,6 +7,7 @@ raises InvalidInput (INVALID_ARGUMENT).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from taskserve.clients.datatypes import (
@@ -133,51 +134,45 @@ def _check_utf8(name: str, array: np.ndarray) -> None:
             ) from None
 
 
-# Input specs by name, per config object (looked up for every request; configs are few).
-_SPECS: dict[int, tuple[ModelConfig, dict[str, TensorConfig]]] = {}
+class _Inputs:
+    """A model's input specs by name, with what decoding raw contents needs per input."""
+
+    __slots__ = ("config", "specs", "raw")
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.specs = {t.name: t for t in config.inputs or ()}
+        # name -> (spec, datatype, dims, numpy dtype, item size) for fixed-size datatypes.
+        self.raw = {
+            t.name: (t, t.datatype, t.dims, V2_TO_NUMPY[t.datatype], V2_TO_NUMPY[t.datatype].itemsize)
+            for t in config.inputs or ()
+            if t.datatype != "BYTES"
+        }
 
 
-def _input_specs(config: ModelConfig) -> dict[str, TensorConfig]:
-    cached = _SPECS.get(id(config))
-    if cached is not None and cached[0] is config:
-        return cached[1]
-    if len(_SPECS) > 256:
-        _SPECS.clear()  # many reloads: forget configs of unloaded models
-    specs = {t.name: t for t in config.inputs or ()}
-    _SPECS[id(config)] = (config, specs)
-    return specs
+# Per config object (looked up for every request; configs are few).
+_INPUTS: dict[int, _Inputs] = {}
+
+
+def _inputs_of(config: ModelConfig) -> _Inputs:
+    cached = _INPUTS.get(id(config))
+    if cached is not None and cached.config is config:
+        return cached
+    if len(_INPUTS) > 256:
+        _INPUTS.clear()  # many reloads: forget configs of unloaded models
+    cached = _INPUTS[id(config)] = _Inputs(config)
+    return cached
 
 
 def decode_inputs(request: pb.ModelInferRequest, config: ModelConfig) -> dict[str, np.ndarray]:
     """Check a ModelInfer request against the model's inputs and return its tensors."""
-    specs = _input_specs(config)
+    table = _inputs_of(config)
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidInput(
-            f"raw_input_contents has {len(raw)} entries but the request has {len(request.inputs)} inputs; "
-            "send one entry per input, in order"
-        )
-    tensors: dict[str, np.ndarray] = {}
-    for index, tensor in enumerate(request.inputs):
-        name, datatype = tensor.name, tensor.datatype  # each read of a message field builds a new str
-        spec = specs.get(name)
-        if spec is None:
-            raise InvalidInput(f"model {config.name!r} has no input {name!r}; its inputs are {sorted(specs)}")
-        if name in tensors:
-            raise InvalidInput(f"input {name!r} appears more than once")
-        if datatype != spec.datatype:
-            raise InvalidInput(f"input {name!r}: expected datatype {spec.datatype}, got {datatype!r}")
-        shape = tuple(tensor.shape)
-        if not _shape_ok(shape, spec.dims, config.max_batch_size):
-            _check_shape(config, spec, shape)  # raises, naming what is wrong
-        if raw:
-            if tensor.HasField("contents"):
-                raise InvalidInput(f"input {name!r}: send data either in contents or raw_input_contents, not both")
-            tensors[name] = _decode_raw(spec, datatype, shape, raw[index])
-        else:
-            tensors[name] = _decode_typed(spec, datatype, shape, tensor.contents)
-        if datatype == "BYTES":
-            _check_utf8(name, tensors[name])
+    if raw:
+        tensors = _decode_all_raw(request, raw, table)
+    else:
+        tensors = _decode_all_typed(request, table)
+    specs = table.specs
     if len(tensors) != len(specs):
         missing = [name for name, spec in specs.items() if name not in tensors and not spec.optional]
         if missing:
@@ -186,6 +181,72 @@ def decode_inputs(request: pb.ModelInferRequest, config: ModelConfig) -> dict[st
         batch_sizes = {name: arr.shape[0] for name, arr in tensors.items()}
         if len(set(batch_sizes.values())) > 1:
             raise InvalidInput(f"inputs disagree on the batch size: {batch_sizes}")
+    return tensors
+
+
+def _decode_all_raw(request: pb.ModelInferRequest, raw: Any, table: _Inputs) -> dict[str, np.ndarray]:
+    """The common case, written out flat: every request of every model passes here,
+    so each check is one comparison and anything unusual goes to the general path."""
+    inputs = request.inputs
+    if len(raw) != len(inputs):
+        raise InvalidInput(
+            f"raw_input_contents has {len(raw)} entries but the request has {len(inputs)} inputs; "
+            "send one entry per input, in order"
+        )
+    config = table.config
+    max_batch_size = config.max_batch_size
+    fixed = table.raw
+    tensors: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(inputs):
+        name = tensor.name  # each read of a message field builds a new str
+        entry = fixed.get(name)
+        if entry is None or name in tensors:
+            tensors[name] = _decode_one(table, tensor, raw[index], tensors)  # BYTES, or an error to explain
+            continue
+        spec, datatype, dims, dtype, itemsize = entry
+        shape = tuple(tensor.shape)
+        if tensor.datatype != datatype or not _shape_ok(shape, dims, max_batch_size) or tensor.HasField("contents"):
+            tensors[name] = _decode_one(table, tensor, raw[index], tensors)  # raises, naming what is wrong
+            continue
+        data = raw[index]
+        if len(data) != math.prod(shape) * itemsize:
+            tensors[name] = _decode_raw(spec, datatype, shape, data)  # raises with the byte counts
+            continue
+        tensors[name] = np.ndarray(shape, dtype, data)  # a read-only view of the bytes
+    return tensors
+
+
+def _decode_one(
+    table: _Inputs, tensor: pb.ModelInferRequest.InferInputTensor, data: bytes | None, seen: dict[str, np.ndarray]
+) -> np.ndarray:
+    """Every check on one input, with the message that names what is wrong."""
+    config = table.config
+    name, datatype = tensor.name, tensor.datatype
+    spec = table.specs.get(name)
+    if spec is None:
+        raise InvalidInput(f"model {config.name!r} has no input {name!r}; its inputs are {sorted(table.specs)}")
+    if name in seen:
+        raise InvalidInput(f"input {name!r} appears more than once")
+    if datatype != spec.datatype:
+        raise InvalidInput(f"input {name!r}: expected datatype {spec.datatype}, got {datatype!r}")
+    shape = tuple(tensor.shape)
+    if not _shape_ok(shape, spec.dims, config.max_batch_size):
+        _check_shape(config, spec, shape)  # raises, naming what is wrong
+    if data is None:
+        array = _decode_typed(spec, datatype, shape, tensor.contents)
+    else:
+        if tensor.HasField("contents"):
+            raise InvalidInput(f"input {name!r}: send data either in contents or raw_input_contents, not both")
+        array = _decode_raw(spec, datatype, shape, data)
+    if datatype == "BYTES":
+        _check_utf8(name, array)
+    return array
+
+
+def _decode_all_typed(request: pb.ModelInferRequest, table: _Inputs) -> dict[str, np.ndarray]:
+    tensors: dict[str, np.ndarray] = {}
+    for tensor in request.inputs:
+        tensors[tensor.name] = _decode_one(table, tensor, None, tensors)
     return tensors
 
 
