@@ -68,7 +68,7 @@ class DynamicBatcher(Scheduler):
         self.policy = policy
         self._metrics = metrics
         self._clock = clock
-        self._instances = [Instance(i, r, layout.model) for i, r in enumerate(runtimes)]
+        self._instances = [Instance(i, r, layout.model, policy.inline_compute_s) for i, r in enumerate(runtimes)]
         self._queue = RequestQueue(policy.priority_levels)
         self._seq = itertools.count()
         self._executing = 0  # requests in batches handed to instances
@@ -99,11 +99,13 @@ class DynamicBatcher(Scheduler):
         now = self._clock()
         rows, key, priority, deadline = self._check(request, now)
         if not self._executing and not len(self._queue):
-            instance = self._inline_instance(rows)
-            if instance is not None:
-                # Fast path for tiny models on an idle batcher: compute now, on this turn
-                # of the loop. Nothing queues, so the pending gauge never sees it.
-                return self._run_inline(instance, request, rows)
+            # Nothing executes, so every instance is idle: the first computes now, on this
+            # turn of the loop, if the request is cheap enough (the fast path for tiny
+            # models; written out here, every request asks). Nothing queues, so the
+            # pending gauge never sees it.
+            instance = self._instances[0]
+            if rows <= instance.inline_rows:
+                return execute_one(instance, request.inputs, request.output_names, rows, self.layout, self._metrics)
         entry = PendingRequest(
             request=request,
             future=asyncio.get_running_loop().create_future(),
@@ -270,20 +272,7 @@ class DynamicBatcher(Scheduler):
             self._hand_off(instance, Batch(tuple(entries)))
 
     def _runs_inline(self, instance: Instance, rows: int) -> bool:
-        if self.policy.inline_compute_s <= 0 or instance.assigned or self._executing:
-            return False
-        estimate = instance.estimate(rows)
-        return estimate is not None and estimate <= self.policy.inline_compute_s
-
-    def _inline_instance(self, rows: int) -> Instance | None:
-        """An idle instance that computes ``rows`` rows inline, if nothing executes."""
-        instance = self._free_instance()
-        return instance if instance is not None and self._runs_inline(instance, rows) else None
-
-    def _run_inline(self, instance: Instance, request: InferRequest, rows: int) -> InferResult:
-        result = execute_one(instance.runtime, request.inputs, request.output_names, rows, self.layout, self._metrics)
-        instance.record(result.compute_ns / 1e9, rows)
-        return result
+        return not instance.assigned and not self._executing and rows <= instance.inline_rows
 
     def _hand_off(self, instance: Instance, batch: Batch) -> None:
         if self._runs_inline(instance, batch.rows):

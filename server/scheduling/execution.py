@@ -44,13 +44,17 @@ class Instance:
     Touched only on the event loop.
     """
 
-    def __init__(self, index: int, runtime: Runtime, model: str) -> None:
+    def __init__(self, index: int, runtime: Runtime, model: str, inline_compute_s: float = 0.0) -> None:
         self.index = index
         self.runtime = runtime
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"taskserve-{model}-{index}")
         self.assigned = 0
         # Smoothed seconds of execute_batch per row; None until a batch ran.
         self.seconds_per_row: float | None = None
+        # Batches expected to compute within this long may run on the event loop; the
+        # most rows that fit is kept ready, since the batcher asks for every request.
+        self._inline_compute_s = inline_compute_s
+        self.inline_rows = 0
 
     def record(self, seconds: float, rows: int) -> None:
         """Fold one batch's execution time into the per-row estimate."""
@@ -61,7 +65,9 @@ class Instance:
         # Not clipped: a model that turns out slower than its first batches must leave the
         # inline path (which blocks the event loop) at once; a spurious slow sample only
         # sends a few requests through the instance thread.
-        self.seconds_per_row = per_row if previous is None else 0.8 * previous + 0.2 * per_row
+        estimate = self.seconds_per_row = per_row if previous is None else 0.8 * previous + 0.2 * per_row
+        if self._inline_compute_s > 0:
+            self.inline_rows = int(self._inline_compute_s / estimate) if estimate > 0 else 1 << 30
 
     def estimate(self, rows: int) -> float | None:
         return None if self.seconds_per_row is None else self.seconds_per_row * rows
@@ -151,7 +157,7 @@ def execute_batch(
 
 
 def execute_one(
-    runtime: Runtime,
+    instance: Instance,
     inputs: Mapping[str, np.ndarray],
     wanted: tuple[str, ...] | None,
     rows: int,
@@ -160,11 +166,13 @@ def execute_one(
 ) -> InferResult:
     """Run one request as its own batch, now, on the calling thread: the inline
     path of an idle batcher. No collate or split: a lone request is already the
-    batch. Raises TaskServeError (RuntimeFailure for anything unexpected)."""
+    batch, and its time goes into the instance's estimate. Raises TaskServeError
+    (RuntimeFailure for anything unexpected)."""
     start_ns = time.perf_counter_ns()
     try:
         feed = inputs if isinstance(inputs, dict) else dict(inputs)
-        own = own_outputs(runtime.infer(feed, list(wanted) if wanted is not None else None), layout, rows, wanted)
+        outputs = instance.runtime.infer(feed, list(wanted) if wanted is not None else None)
+        own = own_outputs(outputs, layout, rows, wanted)
     except Exception as err:
         raise _as_failure(err, layout, rows) from None
     # One clock pair: picking a lone request's outputs is a dict lookup, so it counts as
@@ -172,4 +180,5 @@ def execute_one(
     compute_ns = time.perf_counter_ns() - start_ns
     if metrics is not None:
         metrics.batch_executed(rows, 1, 0, compute_ns, 0, (0,))
+    instance.record(compute_ns / 1e9, rows)
     return InferResult(outputs=own, queue_ns=0, compute_ns=compute_ns, batch_size=rows)

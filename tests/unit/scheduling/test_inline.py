@@ -67,3 +67,19 @@ async def test_inline_requests_get_their_outputs_metrics_and_errors() -> None:
     assert value("taskserve_execution_count_total") == 3  # the failed batch is not counted
     assert value("taskserve_queue_duration_seconds_count") == 3
     assert value("taskserve_pending_requests") == 0
+
+
+def test_inline_row_limit_follows_the_measured_cost() -> None:
+    from taskserve.server.scheduling.execution import Instance
+
+    instance = Instance(0, FakeRuntime(), "m", inline_compute_s=0.001)
+    assert instance.inline_rows == 0  # nothing measured yet: never inline
+    instance.record(0.0004, 4)  # 100 us per row -> 10 rows fit in 1 ms
+    assert instance.inline_rows == 10
+    instance.record(0.05, 1)  # one slow batch moves the estimate up at once
+    assert instance.inline_rows == 0
+    disabled = Instance(1, FakeRuntime(), "m")
+    disabled.record(1e-9, 1)
+    assert disabled.inline_rows == 0
+    instance.executor.shutdown()
+    disabled.executor.shutdown()
