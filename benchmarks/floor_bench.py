@@ -4,6 +4,8 @@ A tiny model (four floats in, four out: ``y = 2x + 1``) served by taskserve, and
 bare grpc.aio v2 echo service returning the same bytes, both loaded at concurrency 1
 by the same client, alternating. The p50 ratio (median over repeats) is the cost of
 everything taskserve adds: validation, the batcher, the runtime thread, metrics.
+Both servers are started afresh ``--server-starts`` times (one process's p50 can
+sit ~8 % off another identical one's for its whole life on this machine).
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def run_floor(args: argparse.Namespace) -> tuple[list[RunResult], dict[str, Path
         write_tiny_model(repo)
         peer_args = build_parser().parse_args([
             "peers", "--model-repository", str(repo), "--model", MODEL, "--servers", "taskserve,echo",
-            "--concurrency", "1", "--repeats", str(args.repeats), "--payload", "random", "--num-requests", "16",
+            "--concurrency", "1", "--repeats", str(args.repeats), "--server-starts", str(args.server_starts),
+            "--payload", "random", "--num-requests", "16",
             "--warmup", str(args.warmup), "--window", str(args.window), "--max-windows", str(args.max_windows),
             "--stable-windows", str(args.stable_windows), "--out", str(args.out), "--name", args.name or "floor-tiny",
             *(["--quiet"] if args.quiet else []),
@@ -88,5 +91,6 @@ def build_parser(sub: Any) -> None:
     from taskserve.benchmarks.cli_args import add_measurement_args
 
     p = sub.add_parser("floor", help="tiny model: taskserve p50 vs a bare grpc.aio echo (the Python gRPC floor)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2, help="sweeps per server start (default 2)")
+    p.add_argument("--server-starts", type=int, default=4, help="fresh processes of both servers (default 4)")
     add_measurement_args(p)

@@ -5,13 +5,18 @@ config.yaml's instances and threads, the peers' one session with a thread per
 core unless ``--peer-intra-op-threads`` says otherwise); the same pre-encoded
 v2 requests go to each; servers alternate at every load point and the whole
 sweep repeats (``--repeats``, at least 2), so each point is measured on each
-server more than once.
+server more than once. ``--server-starts N`` runs all of that N times, each
+with freshly started servers: on this machine two identical server processes
+can differ by ~8 % in p50 at concurrency 1 for the whole of their life (where
+the scheduler puts their threads), so a comparison of latencies this small
+needs several processes of each server, not only several repeats.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +54,10 @@ def add_peer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--concurrency", type=int_list, default=[1, 8, 32], help="closed loop, e.g. 1,8,32")
     g.add_argument("--rate", type=float_list, default=[50, 100, 200], help="open loop, requests/s")
     g.add_argument("--repeats", type=int, default=2, help="sweeps over all servers (default 2)")
+    g.add_argument(
+        "--server-starts", type=int, default=1,
+        help="start every server anew this many times, repeating the sweeps for each start (default 1)",
+    )  # fmt: skip
     g.add_argument("--kserve-venv", type=Path, default=REPO_ROOT / ".venv-kserve")
     g.add_argument("--mlserver-venv", type=Path, default=REPO_ROOT / ".venv-mlserver")
     g.add_argument("--mlserver-workers", type=int, default=1, help="MLServer parallel_workers (0: in-process)")
@@ -139,6 +148,8 @@ def run_peers(args: argparse.Namespace, summarize: Summary | None = None) -> tup
         raise SystemExit(f"unknown servers {unknown}; choose from {', '.join(SERVERS)}")
     if args.repeats < 1:
         raise SystemExit("--repeats must be >= 1 (2 or more for a comparison)")
+    if args.server_starts < 1:
+        raise SystemExit("--server-starts must be >= 1")
     mut, probe = model_under_test(args)
     try:
         payload = payload_from_args(args, probe.input_specs, mut.model_dir)
@@ -153,18 +164,24 @@ def run_peers(args: argparse.Namespace, summarize: Summary | None = None) -> tup
             "rerun with --fixed-length to compare with it on"
         )
     log_dir = Path(tempfile.mkdtemp(prefix="taskserve-peers-logs-"))
-    peers = start_servers(names, mut, args, log_dir, mlserver_batching)
-    try:
-        runs = asyncio.run(_sweep(peers, args, payload))
-    finally:
+    runs: list[RunResult] = []
+    for start in range(args.server_starts):
+        start_dir = log_dir / f"start-{start}" if args.server_starts > 1 else log_dir
+        start_dir.mkdir(exist_ok=True)
+        peers = start_servers(names, mut, args, start_dir, mlserver_batching)
+        try:
+            swept = asyncio.run(_sweep(peers, args, payload))
+        finally:
+            for peer in peers:
+                peer.stop()
+        # Repeats are numbered across starts, so each (server, repeat) is one measurement.
+        runs += [dataclasses.replace(r, repeat=start * args.repeats + r.repeat) for r in swept]
         for peer in peers:
-            peer.stop()
-    for peer in peers:
-        notes.extend(peer.notes)
+            notes.extend(n for n in peer.notes if n not in notes)
     config = {
         "mode": args.mode, "model": mut.name, "model_file": str(mut.onnx_file), "payload": payload.description,
         "batch_size": payload.batch_size, "loads": args.concurrency if args.mode == "closed" else args.rate,
-        "repeats": args.repeats, "servers": {p.name: p.version for p in peers},
+        "repeats": args.repeats, "server_starts": args.server_starts, "servers": {p.name: p.version for p in peers},
         "onnxruntime_threads": {
             "peers": {"intra_op": mut.intra_op_threads, "inter_op": mut.inter_op_threads},
             "taskserve": {

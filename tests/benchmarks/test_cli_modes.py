@@ -141,14 +141,22 @@ def test_export_subcommand_delegates(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_peers_with_taskserve_and_echo(repo: Path, tmp_path: Path) -> None:
+    # Two server starts of one sweep each: repeats are numbered across the starts.
     rc = main(["peers", "--model-repository", str(repo), "--model", "simple", "--servers", "taskserve,echo",
-               "--concurrency", "2", "--repeats", "2", "--out", str(tmp_path), "--name", "p", *SHORT])  # fmt: skip
+               "--concurrency", "2", "--repeats", "1", "--server-starts", "2", "--out", str(tmp_path), "--name", "p",
+               *SHORT])  # fmt: skip
     assert rc == 0
     doc = _result(tmp_path, "p")
     order = [(r["server"], r["repeat"]) for r in doc["runs"]]  # type: ignore[index]
     assert order == [("taskserve", 0), ("echo", 0), ("taskserve", 1), ("echo", 1)]
     assert all(r["requests"] > 0 and r["errors"] == {} for r in doc["runs"])  # type: ignore[index]
-    assert set(doc["config"]["servers"]) == {"taskserve", "echo"}  # type: ignore[index]
+    config = doc["config"]
+    assert set(config["servers"]) == {"taskserve", "echo"}  # type: ignore[index]
+    assert config["server_starts"] == 2  # type: ignore[index]
+    logs = Path(config["server_logs"])  # type: ignore[index]
+    # Each start has its own server logs: two processes of each server ran.
+    assert sorted(p.name for p in logs.iterdir()) == ["start-0", "start-1"]
+    assert all(any((logs / d).iterdir()) for d in ("start-0", "start-1"))
 
 
 @pytest.mark.slow
