@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from taskserve.server.gpu_metrics import GPU_METRICS_MODES, GpuMetricsUnavailable
 from taskserve.server.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from taskserve.server.frontends.grpc.server import ServingApp
 
 
 def parse_args(argv: list[str] | None) -> ServerSettings:
@@ -65,9 +70,21 @@ async def serve(settings: ServerSettings) -> None:
     await app.start()
     # Machine-readable line for scripts that start the server on port 0.
     print(f"taskserve-server listening grpc={app.grpc_port} metrics={app.metrics_port}", flush=True)
+    freezing = asyncio.create_task(_freeze_startup_objects(app))
     await stop.wait()
+    freezing.cancel()
     logging.getLogger(__name__).info("shutting down: draining in-flight requests")
     await app.stop()
+
+
+async def _freeze_startup_objects(app: ServingApp) -> None:
+    """Once the repository is loaded, move every object alive then (modules, sessions,
+    configs: ~60k) out of the garbage collector's reach. A full collection otherwise walks
+    them all, ~30 ms during which no request is served, about once a second under load."""
+    await app.wait_until_loaded()
+    gc.collect()
+    gc.freeze()
+    logging.getLogger(__name__).debug("froze %d startup objects", gc.get_freeze_count())
 
 
 def main(argv: list[str] | None = None) -> int:

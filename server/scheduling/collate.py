@@ -116,7 +116,7 @@ def own_outputs(
     """A lone request's outputs: the ones it asked for (all when None), checked
     like ``split`` checks a batch's, without slicing (nothing was padded)."""
     if wanted is None:
-        own = dict(outputs)
+        own = outputs if isinstance(outputs, dict) else dict(outputs)  # the runtime's fresh dict is already ours
     else:
         missing = [n for n in wanted if n not in outputs]
         if missing:

@@ -7,7 +7,6 @@ raises InvalidInput (INVALID_ARGUMENT).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 from taskserve.clients.datatypes import (
@@ -142,9 +141,9 @@ class _Inputs:
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
         self.specs = {t.name: t for t in config.inputs or ()}
-        # name -> (spec, datatype, dims, numpy dtype, item size) for fixed-size datatypes.
+        # name -> (datatype, dims, numpy dtype, item size) for fixed-size datatypes.
         self.raw = {
-            t.name: (t, t.datatype, t.dims, V2_TO_NUMPY[t.datatype], V2_TO_NUMPY[t.datatype].itemsize)
+            t.name: (t.datatype, t.dims, V2_TO_NUMPY[t.datatype], V2_TO_NUMPY[t.datatype].itemsize)
             for t in config.inputs or ()
             if t.datatype != "BYTES"
         }
@@ -165,13 +164,45 @@ def _inputs_of(config: ModelConfig) -> _Inputs:
 
 
 def decode_inputs(request: pb.ModelInferRequest, config: ModelConfig) -> dict[str, np.ndarray]:
-    """Check a ModelInfer request against the model's inputs and return its tensors."""
+    """Check a ModelInfer request against the model's inputs and return its tensors.
+
+    Raw contents of fixed-size types (what every client sends) take the flat loop
+    below: every request of every model passes here, so each check is one comparison
+    and anything unusual goes through ``_decode_one``, which names what is wrong.
+    """
     table = _inputs_of(config)
+    inputs = request.inputs
     raw = request.raw_input_contents
+    tensors: dict[str, np.ndarray] = {}
     if raw:
-        tensors = _decode_all_raw(request, raw, table)
+        if len(raw) != len(inputs):
+            raise InvalidInput(
+                f"raw_input_contents has {len(raw)} entries but the request has {len(inputs)} inputs; "
+                "send one entry per input, in order"
+            )
+        max_batch_size = config.max_batch_size
+        fixed = table.raw
+        for index, tensor in enumerate(inputs):
+            name = tensor.name  # each read of a message field builds a new str
+            entry = fixed.get(name)
+            if entry is None or name in tensors:
+                tensors[name] = _decode_one(table, tensor, raw[index], tensors)  # BYTES, or an error to explain
+                continue
+            datatype, dims, dtype, itemsize = entry
+            shape = tuple(tensor.shape)
+            data = raw[index]
+            if (
+                tensor.datatype != datatype
+                or not _shape_ok(shape, dims, max_batch_size)
+                or len(data) != math.prod(shape) * itemsize
+                or tensor.HasField("contents")
+            ):
+                tensors[name] = _decode_one(table, tensor, data, tensors)  # raises, naming what is wrong
+                continue
+            tensors[name] = np.ndarray(shape, dtype, data)  # a read-only view of the bytes
     else:
-        tensors = _decode_all_typed(request, table)
+        for tensor in inputs:
+            tensors[tensor.name] = _decode_one(table, tensor, None, tensors)
     specs = table.specs
     if len(tensors) != len(specs):
         missing = [name for name, spec in specs.items() if name not in tensors and not spec.optional]
@@ -181,38 +212,6 @@ def decode_inputs(request: pb.ModelInferRequest, config: ModelConfig) -> dict[st
         batch_sizes = {name: arr.shape[0] for name, arr in tensors.items()}
         if len(set(batch_sizes.values())) > 1:
             raise InvalidInput(f"inputs disagree on the batch size: {batch_sizes}")
-    return tensors
-
-
-def _decode_all_raw(request: pb.ModelInferRequest, raw: Any, table: _Inputs) -> dict[str, np.ndarray]:
-    """The common case, written out flat: every request of every model passes here,
-    so each check is one comparison and anything unusual goes to the general path."""
-    inputs = request.inputs
-    if len(raw) != len(inputs):
-        raise InvalidInput(
-            f"raw_input_contents has {len(raw)} entries but the request has {len(inputs)} inputs; "
-            "send one entry per input, in order"
-        )
-    config = table.config
-    max_batch_size = config.max_batch_size
-    fixed = table.raw
-    tensors: dict[str, np.ndarray] = {}
-    for index, tensor in enumerate(inputs):
-        name = tensor.name  # each read of a message field builds a new str
-        entry = fixed.get(name)
-        if entry is None or name in tensors:
-            tensors[name] = _decode_one(table, tensor, raw[index], tensors)  # BYTES, or an error to explain
-            continue
-        spec, datatype, dims, dtype, itemsize = entry
-        shape = tuple(tensor.shape)
-        if tensor.datatype != datatype or not _shape_ok(shape, dims, max_batch_size) or tensor.HasField("contents"):
-            tensors[name] = _decode_one(table, tensor, raw[index], tensors)  # raises, naming what is wrong
-            continue
-        data = raw[index]
-        if len(data) != math.prod(shape) * itemsize:
-            tensors[name] = _decode_raw(spec, datatype, shape, data)  # raises with the byte counts
-            continue
-        tensors[name] = np.ndarray(shape, dtype, data)  # a read-only view of the bytes
     return tensors
 
 
@@ -241,13 +240,6 @@ def _decode_one(
     if datatype == "BYTES":
         _check_utf8(name, array)
     return array
-
-
-def _decode_all_typed(request: pb.ModelInferRequest, table: _Inputs) -> dict[str, np.ndarray]:
-    tensors: dict[str, np.ndarray] = {}
-    for tensor in request.inputs:
-        tensors[tensor.name] = _decode_one(table, tensor, None, tensors)
-    return tensors
 
 
 def requested_outputs(request: pb.ModelInferRequest, config: ModelConfig) -> tuple[str, ...] | None:
@@ -286,4 +278,4 @@ def encode_outputs(
         if datatype == "BYTES":
             response.raw_output_contents.append(serialize_bytes_tensor(np.asarray(array, dtype=np.object_)))
         else:
-            response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+            response.raw_output_contents.append(array.tobytes())  # C order whatever the layout
