@@ -74,12 +74,9 @@ def collate(requests: Sequence[Mapping[str, np.ndarray]], layout: TensorLayout) 
     inputs: dict[str, np.ndarray] = {}
     padded: dict[str, tuple[int, ...]] = {}
     for name in names:
-        spec = layout.inputs.get(name) if layout.inputs is not None else None
+        spec = layout.input_spec(name)
         inputs[name], padded[name] = _stack(
-            name,
-            [r[name] for r in requests],
-            spec.pad_value if spec else 0.0,
-            left=spec is not None and spec.padding == "left",
+            name, [r[name] for r in requests], spec.pad_value if spec else 0.0, left=layout.pads_left(name)
         )
     return Collated(
         inputs=inputs,
@@ -146,11 +143,7 @@ def split(
     """Per request: its rows of each output it asked for (all when None), unpadded."""
     results: list[dict[str, np.ndarray]] = []
     if not layout.batched:
-        names = wanted[0] if wanted[0] is not None else tuple(outputs)
-        missing = [n for n in names if n not in outputs]
-        if missing:
-            raise RuntimeFailure(f"model {layout.model!r} did not produce output(s) {missing}")
-        return [{n: outputs[n] for n in names}]
+        return [own_outputs(outputs, layout, 1, wanted[0])]  # one request, nothing padded
     _check_batch_rows(outputs, collated.total_rows, layout)
     unpad_like = layout.unpad_like or {}
     offset = 0
@@ -163,9 +156,7 @@ def split(
             part = outputs[name][offset : offset + rows]
             follows = unpad_like.get(name)
             if follows is not None and follows in shape:
-                spec = layout.inputs.get(follows) if layout.inputs is not None else None
-                left = spec is not None and spec.padding == "left"
-                part = _unpad(part, shape[follows], collated.padded[follows], left)
+                part = _unpad(part, shape[follows], collated.padded[follows], layout.pads_left(follows))
             result[name] = part
         results.append(result)
         offset += rows

@@ -69,9 +69,6 @@ class Instance:
         if self._inline_compute_s > 0:
             self.inline_rows = int(self._inline_compute_s / estimate) if estimate > 0 else 1 << 30
 
-    def estimate(self, rows: int) -> float | None:
-        return None if self.seconds_per_row is None else self.seconds_per_row * rows
-
 
 def _expired(model: str, entry: PendingRequest) -> DeadlineExceeded:
     return DeadlineExceeded(

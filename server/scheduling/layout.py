@@ -104,6 +104,15 @@ class TensorLayout:
             length_buckets=config.dynamic_batching.length_buckets,
         )
 
+    def input_spec(self, name: str) -> InputSpec | None:
+        """The declared input ``name``; None when it is undeclared or nothing is declared."""
+        return self.inputs.get(name) if self.inputs is not None else None
+
+    def pads_left(self, name: str) -> bool:
+        """Whether input ``name`` is padded at the start of its variable axes."""
+        spec = self.input_spec(name)
+        return spec is not None and spec.padding == "left"
+
     def bucket(self, length: int) -> int:
         """Index of the first bucket edge >= length; len(edges) for longer ones."""
         return bisect.bisect_left(self.length_buckets, length)
@@ -181,7 +190,7 @@ class TensorLayout:
         for name in sorted(inputs):
             array = inputs[name]
             dims = array.shape[1:] if self.batched else array.shape
-            spec = self.inputs.get(name) if self.inputs is not None else None
+            spec = self.input_spec(name)
             if spec is None:
                 # Undeclared: never padded, so only identical shapes share a batch.
                 key.append((name, array.dtype.str, tuple(dims)))
