@@ -267,21 +267,18 @@ class ModelMetrics:
         self._apply_batch = self._fold_batch
         self._apply_stage = self._fold_stage
 
-    # The three recorders below append written out, not through a helper: they run for
-    # every request, where one more Python call is measurable (README, the floor).
-
-    def _fold(self) -> None:
-        with self._lock:
-            self._s.fold()
+    def _record(self, apply: Callable[[Any], None], payload: Any) -> None:
+        events = self._events
+        events.append((apply, payload))
+        if len(events) >= _FOLD_EVERY:
+            with self._lock:
+                self._s.fold()
 
     def request_succeeded(self, duration_ns: int, encode_ns: int | None = None) -> None:
         """A request finished; ``encode_ns`` (optional) is its "encode" stage, recorded
         in the same event because the v2 front end times both for every request."""
         # The wall clock is read now: v2's last_inference is when the request finished.
-        events = self._events
-        events.append((self._apply_success, (duration_ns, time.time_ns(), encode_ns)))
-        if len(events) >= _FOLD_EVERY:
-            self._fold()
+        self._record(self._apply_success, (duration_ns, time.time_ns(), encode_ns))
 
     def _fold_success(self, payload: tuple[int, int, int | None]) -> None:
         duration_ns, finished_ns, encode_ns = payload
@@ -317,10 +314,7 @@ class ModelMetrics:
             self.statistics.fail.add(duration_ns)
 
     def stage(self, stage: str, duration_ns: int) -> None:
-        events = self._events
-        events.append((self._apply_stage, (stage, duration_ns)))
-        if len(events) >= _FOLD_EVERY:
-            self._fold()
+        self._record(self._apply_stage, (stage, duration_ns))
 
     def _fold_stage(self, payload: tuple[str, int]) -> None:
         stage, duration_ns = payload
@@ -341,10 +335,7 @@ class ModelMetrics:
     ) -> None:
         """A batch of ``batch_size`` rows from ``requests`` requests ran; times per
         stage, and optionally each request's time in the queue."""
-        events = self._events
-        events.append((self._apply_batch, (batch_size, requests, input_ns, infer_ns, output_ns, queue_ns)))
-        if len(events) >= _FOLD_EVERY:
-            self._fold()
+        self._record(self._apply_batch, (batch_size, requests, input_ns, infer_ns, output_ns, queue_ns))
 
     def _fold_batch(self, payload: tuple[int, int, int, int, int, Iterable[int]]) -> None:
         batch_size, requests, input_ns, infer_ns, output_ns, queue_ns = payload
