@@ -81,7 +81,7 @@ def ratios(runs: Sequence[RunResult], model: str, concurrency: int) -> dict[str,
     ceilings: dict[int, float] = {}
     for r in runs:
         if r.mode == "in-process":
-            ceilings[r.repeat] = max(ceilings.get(r.repeat, 0.0), r.throughput_rps * r.items_per_request)
+            ceilings[r.repeat] = max(ceilings.get(r.repeat, 0.0), r.items_per_s)
     batched, unbatched = f"{model}-batched", f"{model}-unbatched"
     thr_b = _median([r.throughput_rps for r in pick(batched, concurrency)])
     thr_u = _median([r.throughput_rps for r in pick(unbatched, concurrency)])

@@ -35,9 +35,8 @@ def print_summary(runs: Sequence[RunResult], paths: dict[str, Path]) -> None:
     for r in runs:
         lat = LatencySummary.of(r.latencies_s)
         errors = sum(r.errors.values())
-        items_per_s = r.throughput_rps * r.items_per_request
         print(
-            f"{r.server:>24} {load_label(r.mode, r.load):>22} rep {r.repeat}: {items_per_s:9.1f} items/s"
+            f"{r.server:>24} {load_label(r.mode, r.load):>22} rep {r.repeat}: {r.items_per_s:9.1f} items/s"
             f"  p50 {lat.p50:8.2f} ms  p99 {lat.p99:8.2f} ms  errors {errors}{'' if r.stable else '  (not stable)'}"
         )
     for kind, path in paths.items():

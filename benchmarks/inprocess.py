@@ -152,4 +152,4 @@ def run_in_process(
 
 def best_batch(results: Sequence[RunResult]) -> RunResult:
     """The batch size with the highest item throughput."""
-    return max(results, key=lambda r: r.throughput_rps * r.items_per_request)
+    return max(results, key=lambda r: r.items_per_s)

@@ -28,7 +28,7 @@ def run_in_process_cli(args: argparse.Namespace) -> tuple[list[RunResult], dict[
     lat = LatencySummary.of(best.latencies_s)
     best_info = {
         "batch_size": int(best.load),
-        "items_per_s": round(best.throughput_rps * best.items_per_request, 2),
+        "items_per_s": round(best.items_per_s, 2),
         "batch_latency_p50_ms": round(lat.p50, 3),
     }
     config = {

@@ -17,10 +17,6 @@ from taskserve.benchmarks.stats import LatencySummary, RunResult
 THROUGHPUT_GOAL = 1.5
 
 
-def _items_per_s(run: RunResult) -> float:
-    return run.throughput_rps * run.items_per_request
-
-
 def peer_ratios(runs: list[RunResult]) -> dict[str, dict[str, float]]:
     """Per "<peer> @ <load>": paired and median throughput ratios, and the median p99s."""
     by_point: dict[tuple[float, int], dict[str, RunResult]] = defaultdict(dict)
@@ -37,11 +33,11 @@ def peer_ratios(runs: list[RunResult]) -> dict[str, dict[str, float]]:
         for peer in peers:
             pairs = [(p["taskserve"], p[peer]) for p in points if "taskserve" in p and peer in p]
             theirs = [b for _, b in pairs]
-            if not pairs or any(_items_per_s(b) == 0 for b in theirs):
+            if not pairs or any(b.items_per_s == 0 for b in theirs):
                 continue
-            paired = [_items_per_s(a) / _items_per_s(b) for a, b in pairs]
-            of_medians = statistics.median(_items_per_s(a) for a in ours) / statistics.median(
-                _items_per_s(b) for b in theirs
+            paired = [a.items_per_s / b.items_per_s for a, b in pairs]
+            of_medians = statistics.median(a.items_per_s for a in ours) / statistics.median(
+                b.items_per_s for b in theirs
             )
             out[f"{peer} @ {load:g}"] = {
                 "throughput_ratio_paired_median": round(statistics.median(paired), 3),

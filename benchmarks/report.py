@@ -52,7 +52,7 @@ def markdown(name: str, meta: Mapping[str, object], runs: Sequence[RunResult], n
         lat = LatencySummary.of(r.latencies_s)
         lines.append(
             f"| {r.server} | {load_label(r.mode, r.load)} | {r.repeat} | {r.throughput_rps:.1f} | "
-            f"{r.throughput_rps * r.items_per_request:.1f} | {lat.p50:.2f} | {lat.p90:.2f} | {lat.p95:.2f} | "
+            f"{r.items_per_s:.1f} | {lat.p50:.2f} | {lat.p90:.2f} | {lat.p95:.2f} | "
             f"{lat.p99:.2f} | {lat.max:.2f} | {_errors(r.errors)} | {'yes' if r.stable else 'no'} |"
         )
     return "\n".join(lines) + "\n"
@@ -75,7 +75,7 @@ def plot(path: Path, title: str, runs: Sequence[RunResult]) -> None:
         xs, p50s, p99s = [], [], []
         for load in sorted(loads):
             reps = loads[load]
-            xs.append(sum(r.throughput_rps * r.items_per_request for r in reps) / len(reps))
+            xs.append(sum(r.items_per_s for r in reps) / len(reps))
             lats = [LatencySummary.of(r.latencies_s) for r in reps]
             p50s.append(sum(lat.p50 for lat in lats) / len(lats))
             p99s.append(sum(lat.p99 for lat in lats) / len(lats))

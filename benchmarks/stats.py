@@ -110,6 +110,10 @@ class RunResult:
     def throughput_rps(self) -> float:
         return len(self.latencies_s) / self.duration_s if self.duration_s > 0 else 0.0
 
+    @property
+    def items_per_s(self) -> float:
+        return self.throughput_rps * self.items_per_request
+
     def to_json(self) -> dict[str, object]:
         lat = LatencySummary.of(self.latencies_s)
         return {
@@ -121,7 +125,7 @@ class RunResult:
             "requests": len(self.latencies_s),
             "duration_s": round(self.duration_s, 3),
             "throughput_rps": round(self.throughput_rps, 3),
-            "items_per_s": round(self.throughput_rps * self.items_per_request, 3),
+            "items_per_s": round(self.items_per_s, 3),
             "latency_ms": {k: round(v, 3) for k, v in asdict(lat).items()},
             "errors": self.errors,
             "stable": self.stable,
