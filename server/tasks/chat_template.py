@@ -43,7 +43,8 @@ def read_chat_template(model_dir: Path, tokenizer_config: Mapping[str, object], 
     return value
 
 
-def _special(tokenizer_config: Mapping[str, object], key: str) -> str:
+def special_token(tokenizer_config: Mapping[str, object], key: str) -> str:
+    """A special token's text from tokenizer_config.json (a string, or a dict with "content"); "" when unset."""
     value = tokenizer_config.get(key)
     if isinstance(value, dict):
         value = value.get("content")
@@ -70,7 +71,7 @@ class ChatTemplate:
             raise TaskConfigError(f"model {model!r}: its chat template does not compile: {err}") from None
         # Templates refer to the tokenizer's special tokens by these names.
         self._specials = {
-            key: _special(tokenizer_config, key) for key in ("bos_token", "eos_token", "pad_token", "unk_token")
+            key: special_token(tokenizer_config, key) for key in ("bos_token", "eos_token", "pad_token", "unk_token")
         }
 
     def render(self, messages: Sequence[ChatMessage]) -> str:

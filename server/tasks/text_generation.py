@@ -35,7 +35,7 @@ from taskserve.server.errors import InvalidInput, Overloaded, RuntimeFailure
 from taskserve.server.repository.config import TensorConfig
 from taskserve.server.scheduling.base import InferRequest
 from taskserve.server.tasks.base import CallOptions, ServedModel, TaskConfigError, TaskContext
-from taskserve.server.tasks.chat_template import ChatMessage, ChatTemplate, read_chat_template
+from taskserve.server.tasks.chat_template import ChatMessage, ChatTemplate, read_chat_template, special_token
 from taskserve.server.tasks.decoding import Sampling, TextStream, TokenPicker
 from taskserve.server.tasks.text import TextTask
 
@@ -160,10 +160,8 @@ class TextGenerator(TextTask):
             for token in value if isinstance(value, list) else [value]:
                 if isinstance(token, int) and not isinstance(token, bool):
                     found.add(token)
-        eos = self.tokenizer.hf_config.get("eos_token")
-        if isinstance(eos, dict):
-            eos = eos.get("content")
-        if not found and isinstance(eos, str) and (token_id := self.tokenizer.token_to_id(eos)) is not None:
+        eos = special_token(self.tokenizer.hf_config, "eos_token")
+        if not found and eos and (token_id := self.tokenizer.token_to_id(eos)) is not None:
             found.add(token_id)
         return frozenset(found)
 
