@@ -82,6 +82,13 @@ class RuntimeFailure(TaskServeError):
     reason = "runtime_failure"
 
 
+class ModelControlDisabled(TaskServeError):
+    """Load/unload asked of a server started with --model-control-mode none."""
+
+    code = Code.FAILED_PRECONDITION
+    reason = "model_control_disabled"
+
+
 class ConfigError(TaskServeError):
     """A model's config.yaml is invalid; the message names file, field and fix."""
 

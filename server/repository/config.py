@@ -219,10 +219,11 @@ def parse_model_config(data: dict[str, Any], source: Path, default_name: str) ->
 def load_model_config(model_dir: Path) -> ModelConfig:
     """Read and validate ``model_dir/config.yaml`` (a missing file means all defaults)."""
     path = model_dir / "config.yaml"
+    shown = Path(model_dir.name, "config.yaml")  # messages reach callers: no server paths
     if not path.exists():
-        return parse_model_config({}, path, model_dir.name)
+        return parse_model_config({}, shown, model_dir.name)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return parse_model_config(data, path, model_dir.name)
+        raise ConfigError(f"{shown}: not valid YAML: {err}") from None
+    return parse_model_config(data, shown, model_dir.name)

@@ -19,6 +19,7 @@ from taskserve.clients.datatypes import numpy_dtype
 from taskserve.server.errors import ModelNotFound, ModelNotReady, TaskServeError
 from taskserve.server.metrics import ModelMetrics, ServerMetrics
 from taskserve.server.repository.config import ModelConfig, load_model_config
+from taskserve.server.repository.paths import model_dir_inside, model_dir_names, resolve_inside, without_server_paths
 from taskserve.server.repository.tensors import resolve_tensors
 from taskserve.server.repository.versions import available_versions, select_versions
 from taskserve.server.runtimes import Runtime, TensorInfo, create_runtime
@@ -155,7 +156,7 @@ class ModelManager:
         entries: list[ModelIndexEntry] = []
         known = set(self._slots)
         if self.repository.is_dir():
-            known |= {p.name for p in self.repository.iterdir() if p.is_dir() and not p.name.startswith(".")}
+            known |= set(model_dir_names(self.repository))
         for name in sorted(known):
             slot = self._slots.get(name)
             if slot is None:
@@ -174,11 +175,11 @@ class ModelManager:
         """Model directories in the repository (each holds config.yaml or version folders)."""
         if not self.repository.is_dir():
             raise FileNotFoundError(f"model repository {self.repository} is not a directory")
-        return sorted(
-            p.name
-            for p in self.repository.iterdir()
-            if p.is_dir() and not p.name.startswith(".") and ((p / "config.yaml").exists() or available_versions(p))
-        )
+        return [
+            name
+            for name in model_dir_names(self.repository)
+            if (self.repository / name / "config.yaml").exists() or available_versions(self.repository / name)
+        ]
 
     async def load_all(self) -> None:
         """Load every model found, concurrently; failures are recorded, never raised."""
@@ -192,9 +193,9 @@ class ModelManager:
         """(Re)load a model from disk. A failure marks it UNAVAILABLE and raises nothing;
         the reason is in ``index()``. Loading a model that is loaded replaces it once
         the new one is ready."""
-        model_dir = self.repository / name
+        model_dir = model_dir_inside(self.repository, name)  # refuses names that leave the repository
         if not model_dir.is_dir():
-            raise ModelNotFound(f"model {name!r} is not in the repository {self.repository}")
+            raise ModelNotFound(f"model {name!r} is not in the model repository")
         slot = self._slots.setdefault(name, _ModelSlot(name))
         async with slot.lock:
             old = dict(slot.versions)
@@ -202,9 +203,11 @@ class ModelManager:
             started = time.perf_counter()
             try:
                 config = await asyncio.to_thread(load_model_config, model_dir)
+                _check_config_files(model_dir, config)
                 new_versions = await self._load_versions(name, model_dir, config)
             except Exception as err:  # any failure stays with this model
                 reason = err.message if isinstance(err, TaskServeError) else f"{type(err).__name__}: {err}"
+                reason = without_server_paths(reason, self.repository)  # callers read reasons
                 log.error("model %s failed to load: %s", name, reason)
                 if not old:
                     slot.state, slot.reason = ModelState.UNAVAILABLE, reason
@@ -227,8 +230,7 @@ class ModelManager:
         versions = select_versions(available_versions(model_dir), config.version_policy)
         if not versions:
             raise ModelNotReady(
-                f"{model_dir}: no version directory to serve "
-                f"(expected e.g. {model_dir}/1/{config.default_model_filename})"
+                f"{name}: no version directory to serve (expected e.g. {name}/1/{config.default_model_filename})"
             )
         loaded: dict[str, LoadedModel] = {}
         try:
@@ -241,7 +243,7 @@ class ModelManager:
 
     async def _load_version(self, name: str, version: str, model_dir: Path, config: ModelConfig) -> LoadedModel:
         started = time.perf_counter()
-        model_path = model_dir / version / config.default_model_filename
+        model_path = resolve_inside(model_dir, f"{version}/{config.default_model_filename}", "default_model_filename")
         metrics = self._metrics.for_model(name, version)
         runtimes: list[Runtime] = []
 
@@ -306,3 +308,11 @@ class ModelManager:
     def _notify(self, name: str, ready: bool) -> None:
         for listener in self._listeners:
             listener(name, ready)
+
+
+def _check_config_files(model_dir: Path, config: ModelConfig) -> None:
+    """Files the config itself names must stay inside the model directory: refused at load,
+    before anything is read (tasks check their own task_options files where they open them)."""
+    if config.labels is not None:
+        resolve_inside(model_dir, config.labels, "labels")
+    resolve_inside(model_dir, f"1/{config.default_model_filename}", "default_model_filename")

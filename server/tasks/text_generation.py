@@ -33,6 +33,7 @@ import numpy as np
 from taskserve.clients.datatypes import numpy_dtype
 from taskserve.server.errors import InvalidInput, Overloaded, RuntimeFailure
 from taskserve.server.repository.config import TensorConfig
+from taskserve.server.repository.paths import resolve_inside, shown
 from taskserve.server.scheduling.base import InferRequest
 from taskserve.server.tasks.base import CallOptions, ServedModel, TaskConfigError, TaskContext
 from taskserve.server.tasks.chat_template import ChatMessage, ChatTemplate, read_chat_template, special_token
@@ -121,9 +122,10 @@ class TextGenerator(TextTask):
         source = read_chat_template(model.model_dir, self.tokenizer.hf_config, model.name)
         configured = self.options.get("chat_template")
         if isinstance(configured, str):
-            path = model.model_dir / configured
+            path = resolve_inside(model.model_dir, configured, "task_options.chat_template")
             if not path.is_file():
-                raise TaskConfigError(f"model {model.name!r}: chat template file {path} is missing")
+                shown_path = shown(path, model.model_dir)
+                raise TaskConfigError(f"model {model.name!r}: chat template file {shown_path} is missing")
             source = path.read_text(encoding="utf-8")
         self.chat_template = ChatTemplate(source, self.tokenizer.hf_config, model.name) if source else None
 
@@ -153,7 +155,8 @@ class TextGenerator(TextTask):
     def _eos_ids(self) -> frozenset[int]:
         found: set[int] = set()
         values: list[object] = [self.options.get("eos_token_ids"), self.options.get("eos_token_id")]
-        path = self.model.model_dir / str(self.options.get("generation_config", "generation_config.json"))
+        configured = str(self.options.get("generation_config", "generation_config.json"))
+        path = resolve_inside(self.model.model_dir, configured, "task_options.generation_config")
         if path.is_file():
             values.append(json.loads(path.read_text(encoding="utf-8")).get("eos_token_id"))
         for value in values:
