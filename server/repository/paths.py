@@ -48,9 +48,8 @@ def resolve_inside(model_dir: Path, relative: str, what: str = "file") -> Path:
     exist; callers check that and report it with ``shown``.
     """
     if not relative or PurePosixPath(relative).is_absolute() or Path(relative).is_absolute():
-        raise OutsideModelDir(
-            f"{model_dir.name}: {what} {relative!r} must be a path relative to the model directory"
-        )
+        # An absolute value is a server path: not repeated to callers.
+        raise OutsideModelDir(f"{model_dir.name}: {what} must be a path relative to the model directory")
     root = model_dir.resolve()
     target = (root / relative).resolve()
     if target != root and root not in target.parents:
