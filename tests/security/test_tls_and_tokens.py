@@ -16,7 +16,7 @@ from taskserve.clients.generated.inference import grpc_service_pb2_grpc as pb_gr
 
 from tests.security.conftest import TOKENS
 from tests.support.certs import Pki
-from tests.support.server import ServerThread, running_server
+from tests.support.server import ServerProcess, ServerThread, running_server
 
 X = np.ones((1, 4), np.float32)
 
@@ -37,7 +37,8 @@ def _add(client: TaskServeClient) -> np.ndarray:
 def _health(target: str, options: ClientOptions, service: str = "") -> int:
     with create_channel(target, options) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        return int(stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5, metadata=options.metadata).status)
+        request = health_pb2.HealthCheckRequest(service=service)
+        return int(stub.Check(request, timeout=5, metadata=options.metadata).status)
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +131,31 @@ def test_mutual_tls_refuses_no_certificate_and_a_foreign_one(mtls_server: Server
     ):
         with TaskServeClient(mtls_server.address, _options(tls)) as client, pytest.raises(Unavailable):
             client.server_live()
+
+
+def test_the_cli_flags_wire_mtls_and_tokens(
+    small_repository: Path, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# one per line\nfile-token-123\n")
+    monkeypatch.setenv("TASKSERVE_AUTH_TOKENS", "env-token-456")
+    server = ServerProcess(
+        small_repository, "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+        "--tls-client-ca", str(pki.ca), "--auth-tokens-file", str(tokens),
+    )  # fmt: skip
+    try:
+        mtls = TlsConfig.from_files(pki.ca, pki.client_key, pki.client_cert)
+        for token in ("file-token-123", "env-token-456"):
+            with TaskServeClient(server.address, _options(mtls, token)) as client:
+                client.wait_until_ready("simple", timeout=120)
+                np.testing.assert_array_equal(_add(client), 2 * X)
+        with TaskServeClient(server.address, _options(mtls, "guess")) as client, pytest.raises(Unauthenticated):
+            _add(client)
+        with TaskServeClient(server.address, _options(TlsConfig.from_files(pki.ca), "file-token-123")) as client:
+            with pytest.raises(Unavailable):
+                client.server_live()
+        assert not any("file-token-123" in line or "env-token-456" in line for line in server.output)
+        server.terminate()
+        assert server.wait(30) == 0
+    finally:
+        server.kill()
