@@ -58,7 +58,9 @@ WORKDIR /home/taskserve
 USER 10001:10001
 EXPOSE 8001 8002
 ENTRYPOINT ["taskserve-server"]
-CMD ["--model-repository", "/models"]
+# The server binds loopback by default; in a container the network namespace is the boundary,
+# so listen on its interfaces (put TLS and tokens in front: docs/security.md).
+CMD ["--model-repository", "/models", "--host", "0.0.0.0", "--metrics-host", "0.0.0.0"]
 
 # ---- exporter: adds the export toolchain (CPU torch, transformers, optimum, demo weights) ----
 # Build it with the default BASE_IMAGE and EXTRAS: exports run on CPU.

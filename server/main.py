@@ -83,6 +83,10 @@ def _add_edge_args(p: argparse.ArgumentParser) -> None:
         "--drain-delay", type=float, default=5.0,
         help="seconds after SIGTERM that health says NOT_SERVING while RPCs are still accepted",
     )  # fmt: skip
+    p.add_argument(
+        "--health-port", type=int, default=-1,
+        help="plaintext port with grpc.health.v1 only, for probes when the gRPC port uses TLS (-1: off)",
+    )  # fmt: skip
 
 
 def _edge_settings(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict[str, Any]:
@@ -104,7 +108,7 @@ def _edge_settings(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict[st
     return {
         "tls_cert": a.tls_cert, "tls_key": a.tls_key, "tls_client_ca": a.tls_client_ca,
         "auth_tokens": tokens, "auth_health": a.auth_health, "model_control_mode": a.model_control_mode,
-        "metrics_host": a.metrics_host, "drain_delay_s": a.drain_delay,
+        "metrics_host": a.metrics_host, "drain_delay_s": a.drain_delay, "health_port": a.health_port,
     }  # fmt: skip
 
 
@@ -119,6 +123,8 @@ async def serve(settings: ServerSettings) -> None:
     await app.start()
     # Machine-readable line for scripts that start the server on port 0.
     print(f"taskserve-server listening grpc={app.grpc_port} metrics={app.metrics_port}", flush=True)
+    if app.health_port:
+        print(f"taskserve-server health={app.health_port}", flush=True)
     freezing = asyncio.create_task(_freeze_startup_objects(app))
     await stop.wait()
     freezing.cancel()

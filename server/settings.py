@@ -47,3 +47,6 @@ class ServerSettings:
     # After SIGTERM: seconds health says NOT_SERVING while new RPCs are still accepted, so load
     # balancers and probes see it before the listener closes.
     drain_delay_s: float = 5.0
+    # A plaintext port serving grpc.health.v1 only (-1: none), for probes that cannot speak
+    # TLS (the kubelet's gRPC probe) when the main port does. 0 picks a free port.
+    health_port: int = -1

@@ -80,7 +80,7 @@ class OnnxRuntime(Runtime):
             if ort_name not in available:
                 continue
             if name == "tensorrt":
-                cache = rc.tensorrt.cache_dir or str(self.model_path.parent / "trt_cache")
+                cache = rc.tensorrt.cache_dir or engine_cache_dir(self.model_path, self.config.name)
                 options: dict[str, object] = {
                     "device_id": rc.device_id,
                     "trt_fp16_enable": rc.tensorrt.fp16,
@@ -180,3 +180,16 @@ class OnnxRuntime(Runtime):
     @property
     def description(self) -> str:
         return f"onnxruntime {', '.join(self.providers)}"
+
+
+# A writable directory for TensorRT engine and timing caches when the model config sets no
+# runtime.tensorrt.cache_dir: the model repository is often read-only (a volume, an image).
+ENGINE_CACHE_ENV = "TASKSERVE_ENGINE_CACHE_DIR"
+
+
+def engine_cache_dir(model_path: Path, model_name: str) -> str:
+    """``$TASKSERVE_ENGINE_CACHE_DIR/<model>/<version>`` when set, else ``trt_cache`` beside the model file."""
+    root = os.environ.get(ENGINE_CACHE_ENV)
+    if root:
+        return str(Path(root) / model_name / model_path.parent.name)
+    return str(model_path.parent / "trt_cache")

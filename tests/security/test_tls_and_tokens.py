@@ -25,9 +25,10 @@ def _bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
-def _options(tls: TlsConfig | None = None, token: str | None = None) -> ClientOptions:
+def _options(tls: TlsConfig | None = None, token: str | None = None, health_check: bool = True) -> ClientOptions:
     # No retries: a refused handshake must show at once, not after backoff.
-    return ClientOptions(tls=tls, metadata=_bearer(token) if token else (), retry=None, timeout_s=5)
+    metadata = _bearer(token) if token else ()
+    return ClientOptions(tls=tls, metadata=metadata, retry=None, timeout_s=5, health_check=health_check)
 
 
 def _add(client: TaskServeClient) -> np.ndarray:
@@ -43,7 +44,9 @@ def _health(target: str, options: ClientOptions, service: str = "") -> int:
 
 @pytest.fixture(scope="module")
 def tls_server(small_repository: Path, pki: Pki) -> Iterator[ServerThread]:
-    with running_server(small_repository, tls_cert=pki.server_cert, tls_key=pki.server_key, auth_tokens=TOKENS) as s:
+    with running_server(
+        small_repository, tls_cert=pki.server_cert, tls_key=pki.server_key, auth_tokens=TOKENS, health_port=0
+    ) as s:
         yield s
 
 
@@ -102,12 +105,26 @@ def test_health_and_reflection_need_no_token(tls_server: ServerThread, pki: Pki)
     assert "inference.GRPCInferenceService" in {s.name for s in answer.list_services_response.service}
 
 
+def test_a_plaintext_health_port_serves_probes_beside_the_tls_port(tls_server: ServerThread) -> None:
+    assert tls_server.app is not None and tls_server.app.health_port > 0
+    probe = f"127.0.0.1:{tls_server.app.health_port}"
+    assert _health(probe, ClientOptions(retry=None, timeout_s=5)) == health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(probe) as channel:  # health only: nothing else is served there
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 def test_auth_health_protects_health_too(small_repository: Path) -> None:
     with running_server(small_repository, auth_tokens=TOKENS, auth_health=True) as server:
+        # The client's own health watch carries no per-call token: off against --auth-health.
         with pytest.raises(grpc.RpcError) as err:
-            _health(server.address, _options())
+            _health(server.address, _options(health_check=False))
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert _health(server.address, _options(token=TOKENS[1])) == health_pb2.HealthCheckResponse.SERVING
+        with_token = _options(token=TOKENS[1], health_check=False)
+        assert _health(server.address, with_token) == health_pb2.HealthCheckResponse.SERVING
+        with TaskServeClient(server.address, with_token) as client:
+            np.testing.assert_array_equal(_add(client), 2 * X)
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,8 @@ class ServingApp:
         self.health = HealthReporter()
         self.grpc_port = 0
         self.metrics_port = 0
+        self.health_port = 0
+        self._health_server: grpc.aio.Server | None = None
         self._draining = False
         self._server: grpc.aio.Server | None = None
         self._http: Any = None
@@ -96,6 +98,8 @@ class ServingApp:
             raise OSError(f"could not bind gRPC port {address}")
         await server.start()
         self._server = server
+        if s.health_port >= 0:
+            await self._start_health_port(s)
         if s.metrics_port >= 0:
             self._http, _ = start_http_server(s.metrics_port, addr=s.metrics_host, registry=self.metrics.registry)
             self.metrics_port = self._http.server_port
@@ -107,6 +111,18 @@ class ServingApp:
             ", bearer tokens" if s.auth_tokens else "", s.model_control_mode, s.metrics_host, self.metrics_port,
         )  # fmt: skip
         self._loading = asyncio.create_task(self._load_models())
+
+    async def _start_health_port(self, s: ServerSettings) -> None:
+        """grpc.health.v1 alone, in plaintext, on its own port: what a probe that cannot speak
+        TLS checks. It shares the health state, so it turns NOT_SERVING with the main port."""
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, health_server)
+        address = f"[{s.host}]:{s.health_port}" if ":" in s.host else f"{s.host}:{s.health_port}"
+        self.health_port = health_server.add_insecure_port(address)
+        if self.health_port == 0:
+            raise OSError(f"could not bind the health port {address}")
+        await health_server.start()
+        self._health_server = health_server
 
     def _on_model_change(self, name: str, ready: bool) -> None:
         # Called from the manager on the event loop; health updates are coroutines.
@@ -147,6 +163,8 @@ class ServingApp:
         if self._server is not None:
             # Refuses new RPCs at once and waits up to `grace` for in-flight ones.
             await self._server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         await self.models.stop(drain=True)
         if self._http is not None:
             self._http.shutdown()
