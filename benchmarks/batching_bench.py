@@ -27,7 +27,7 @@ from taskserve.benchmarks.inprocess import InProcessModel, best_batch, run_in_pr
 from taskserve.benchmarks.loadgen import Call, WindowPlan
 from taskserve.benchmarks.machine import machine_info
 from taskserve.benchmarks.payloads import Payload, build_payload
-from taskserve.benchmarks.peer_servers import PeerProcess, spawn_taskserve
+from taskserve.benchmarks.peer_servers import PeerProcess, link_tree, spawn_taskserve
 from taskserve.benchmarks.report import write_results
 from taskserve.benchmarks.stats import LatencySummary, RunResult
 from taskserve.benchmarks.sweep import SweepTarget, run_sweep
@@ -59,7 +59,7 @@ def write_variant_repository(model_dir: Path, model: str, root: Path) -> Path:
         entry.mkdir(parents=True)
         for item in model_dir.iterdir():
             if item.name != "config.yaml":
-                (entry / item.name).symlink_to(item.resolve(), target_is_directory=item.is_dir())
+                link_tree(item, entry / item.name)
     config: dict[str, Any] = yaml.safe_load((model_dir / "config.yaml").read_text()) or {}
     (batched / "config.yaml").write_text(yaml.safe_dump({**config, "name": batched.name}, sort_keys=False))
     dynamic = {k: v for k, v in (config.get("dynamic_batching") or {}).items() if k != "preferred_batch_sizes"}

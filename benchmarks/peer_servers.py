@@ -113,6 +113,23 @@ def _venv_version(python: Path, package: str) -> str:
     return out.stdout.strip()
 
 
+def link_tree(src: Path, dst: Path) -> None:
+    """``src`` (a file or folder) at ``dst`` as hard links, copied where links cannot cross
+    filesystems. Not symlinks: the server refuses model files that resolve outside the
+    repository (docs/security.md)."""
+
+    def link_or_copy(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if src.is_dir():
+        shutil.copytree(src.resolve(), dst, copy_function=link_or_copy)
+    else:
+        link_or_copy(str(src.resolve()), str(dst))
+
+
 def spawn_taskserve(repo: Path, log_dir: Path, workdir: Path | None = None) -> PeerProcess:
     """``taskserve-server`` on ``repo`` from this environment; ``workdir`` is removed on stop."""
     port = free_port()
@@ -126,7 +143,7 @@ def spawn_taskserve(repo: Path, log_dir: Path, workdir: Path | None = None) -> P
 def start_taskserve(model: ModelUnderTest, log_dir: Path) -> PeerProcess:
     # A repository holding only this model, so the server loads nothing else.
     repo = Path(tempfile.mkdtemp(prefix="taskserve-peer-repo-"))
-    (repo / model.name).symlink_to(model.model_dir.resolve(), target_is_directory=True)
+    link_tree(model.model_dir, repo / model.name)
     return spawn_taskserve(repo, log_dir, workdir=repo)
 
 
