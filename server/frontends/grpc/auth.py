@@ -13,10 +13,13 @@ import os
 import string
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
 
 TOKENS_ENV = "TASKSERVE_AUTH_TOKENS"
 # Method prefixes a caller without a token may use unless health is protected too.
@@ -62,19 +65,20 @@ def load_tokens(tokens_file: Path | None, environ: dict[str, str] | None = None)
     return tuple(dict.fromkeys(tokens))
 
 
-def _abort_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that only refuses the call."""
+def _abort_handler(handler: grpc.RpcMethodHandler[Req, Resp], message: str) -> grpc.RpcMethodHandler[Req, Resp]:
+    """A handler of the same shape (and serializers) as ``handler`` that only refuses the call."""
 
-    async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def refuse(request: Any, context: grpc.aio.ServicerContext[Req, Resp]) -> Any:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
+    decode, encode = handler.request_deserializer, handler.response_serializer
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse)
+        return grpc.stream_stream_rpc_method_handler(refuse, decode, encode)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse)
+        return grpc.stream_unary_rpc_method_handler(refuse, decode, encode)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse)
-    return grpc.unary_unary_rpc_method_handler(refuse)
+        return grpc.unary_stream_rpc_method_handler(refuse, decode, encode)
+    return grpc.unary_unary_rpc_method_handler(refuse, decode, encode)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -101,9 +105,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Req, Resp] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Req, Resp] | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method or ""
         if handler is None or method.startswith(self._public):
