@@ -122,9 +122,8 @@ async def serve(settings: ServerSettings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await app.start()
     # Machine-readable line for scripts that start the server on port 0.
-    print(f"taskserve-server listening grpc={app.grpc_port} metrics={app.metrics_port}", flush=True)
-    if app.health_port:
-        print(f"taskserve-server health={app.health_port}", flush=True)
+    health = f" health={app.health_port}" if app.health_port else ""
+    print(f"taskserve-server listening grpc={app.grpc_port} metrics={app.metrics_port}{health}", flush=True)
     freezing = asyncio.create_task(_freeze_startup_objects(app))
     await stop.wait()
     freezing.cancel()

@@ -115,3 +115,42 @@ def test_server_with_the_rendered_args_answers_the_pods_probes_and_drains(tmp_pa
         assert server.wait(120) == 0, "".join(server.output)
     finally:
         server.kill()
+
+
+def test_server_with_the_rendered_tls_and_token_args_answers_the_kubelets_plaintext_probe(tmp_path: Path) -> None:
+    """With tls.enabled the probes move to the health-only port, which must answer in plaintext
+    while the gRPC port wants TLS, a client certificate and a token."""
+    from taskserve.clients import ClientOptions, TaskServeClient, TlsConfig, Unauthenticated
+
+    repo = tmp_path / "repo"
+    write_entry(repo, "simple", add_sub_graph(), {"max_batch_size": 8})
+    pki = make_test_pki(tmp_path)
+    (tmp_path / "tokens").write_text("pod-token-0123\n")
+    tls = {"enabled": True, "secretName": "tls", "clientAuth": True}
+    r = render({"tls": tls, "auth": {"tokensSecret": {"name": "t"}}})
+    local = {"/etc/taskserve/tls/tls.crt": pki.server_cert, "/etc/taskserve/tls/tls.key": pki.server_key,
+             "/etc/taskserve/tls/ca.crt": pki.ca, "/etc/taskserve/auth/tokens": tmp_path / "tokens"}  # fmt: skip
+    args = [str(local.get(a, a)) for a in _local_args(r.server["args"])]
+    probe_port = r.server["readinessProbe"]["grpc"]["port"]
+    args[args.index("--health-port") + 1] = "0"  # a free port locally
+    server = ServerProcess(repo, *args)
+    try:
+        listening = next(line for line in server.output if "listening" in line)
+        probe = f"127.0.0.1:{int(listening.rsplit('health=', 1)[1])}"
+        deadline = time.monotonic() + 120
+        while _health(probe, "") != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, "never ready:\n" + "".join(server.output)
+            time.sleep(0.2)
+        assert probe_port == port_named(r.server, "health")
+        mtls = TlsConfig.from_files(pki.ca, pki.client_key, pki.client_cert)
+        token = (("authorization", "Bearer pod-token-0123"),)
+        with TaskServeClient(server.address, ClientOptions(tls=mtls, metadata=token, timeout_s=10)) as client:
+            out = client.infer("simple", {"INPUT0": np.ones((1, 4), np.float32), "INPUT1": np.ones((1, 4), np.float32)})
+            assert out["OUTPUT0"].tolist() == [[2.0] * 4]
+        with TaskServeClient(server.address, ClientOptions(tls=mtls, retry=None, timeout_s=10)) as client:
+            with pytest.raises(Unauthenticated):
+                client.server_live()
+        server.terminate()
+        assert server.wait(60) == 0, "".join(server.output)
+    finally:
+        server.kill()
