@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_REPO ?= demo-models
-HOST ?= 0.0.0.0
+HOST ?= 127.0.0.1
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 

@@ -134,7 +134,7 @@ def spawn_taskserve(repo: Path, log_dir: Path, workdir: Path | None = None) -> P
     """``taskserve-server`` on ``repo`` from this environment; ``workdir`` is removed on stop."""
     port = free_port()
     argv = [sys.executable, "-m", "taskserve.server.main", "--model-repository", str(repo), "--host", "127.0.0.1",
-            "--grpc-port", str(port), "--metrics-port", "-1", "--no-reflection"]  # fmt: skip
+            "--grpc-port", str(port), "--metrics-port", "-1", "--no-reflection", "--drain-delay", "0"]  # fmt: skip
     peer = _spawn("taskserve", argv, port, log_dir, workdir=workdir)
     peer.version = _venv_version(Path(sys.executable), "taskserve")
     return peer
