@@ -113,7 +113,7 @@ class Load:
 @pytest.fixture
 def three_servers(small_repository: Path) -> Iterator[list[ServerProcess]]:
     with ThreadPoolExecutor(3) as pool:
-        servers = list(pool.map(lambda _: ServerProcess(small_repository, "--drain-delay", "1"), range(3)))
+        servers = list(pool.map(lambda _: ServerProcess(small_repository, "--drain-delay", "2"), range(3)))
     try:
         for server in servers:
             _wait_serving(server)
@@ -138,6 +138,16 @@ def test_round_robin_loses_nothing_on_sigterm_and_only_in_flight_work_on_sigkill
             # SIGTERM: NOT_SERVING, drain delay, listener closes, in-flight work finishes.
             terminated = time.monotonic()
             a.terminate()
+            deadline = terminated + 10
+            while _health(a.address) != NOT_SERVING:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            # The clients' health watch takes the draining server out of rotation while its port
+            # is still open (drain delay 2 s): it gets no new calls before it closes.
+            time.sleep(0.3)
+            left_alone = _successes(a)
+            time.sleep(0.5)
+            assert _successes(a) == left_alone and a.proc.poll() is None
             assert a.wait(30) == 0
             time.sleep(0.5)
             after_term = load.since(terminated)
