@@ -60,19 +60,26 @@ class Recorder:
         self.items_per_request = items_per_request
         self._latencies: list[float] = []
         self._errors: Counter[str] = Counter()
+        self._failure_latencies: list[float] = []
         self._since = time.perf_counter()
 
     def ok(self, latency_s: float) -> None:
         self._latencies.append(latency_s)
 
-    def fail(self, code: str) -> None:
+    def fail(self, code: str, latency_s: float | None = None) -> None:
+        """A failed call; ``latency_s`` (how long it took to fail) is kept apart from the successes'."""
         self._errors[code] += 1
+        if latency_s is not None:
+            self._failure_latencies.append(latency_s)
 
     def take(self) -> Window:
         """Close the current window and start the next one."""
         now = time.perf_counter()
-        window = Window(now - self._since, tuple(self._latencies), dict(self._errors), self.items_per_request)
-        self._latencies, self._errors, self._since = [], Counter(), now
+        window = Window(
+            now - self._since, tuple(self._latencies), dict(self._errors), self.items_per_request,
+            tuple(self._failure_latencies),
+        )  # fmt: skip
+        self._latencies, self._errors, self._failure_latencies, self._since = [], Counter(), [], now
         return window
 
 
@@ -119,7 +126,7 @@ async def run_closed_loop(
             try:
                 await call(i)
             except Exception as err:  # noqa: BLE001 - every failure is data: count it by status
-                rec.fail(error_code(err))
+                rec.fail(error_code(err), time.perf_counter() - start)
             else:
                 rec.ok(time.perf_counter() - start)
 
@@ -165,7 +172,7 @@ async def run_open_loop(
         try:
             await call(i)
         except Exception as err:  # noqa: BLE001 - counted by status like the closed loop
-            rec.fail(error_code(err))
+            rec.fail(error_code(err), time.perf_counter() - scheduled)
         else:
             rec.ok(time.perf_counter() - scheduled)
 

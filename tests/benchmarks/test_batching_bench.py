@@ -62,7 +62,7 @@ def test_short_batching_run_writes_results(demo_repository: Path, tmp_path: Path
     rc = bench_main([
         "batching", "--model-repository", str(demo_repository), "--repeats", "1", "--concurrency", "4",
         "--batch-sizes", "1,4", "--warmup", "0.2", "--window", "0.5", "--max-windows", "1", "--stable-windows", "1",
-        "--num-requests", "16", "--out", str(tmp_path), "--name", "smoke", "--quiet",
+        "--num-requests", "16", "--out", str(tmp_path), "--name", "smoke", "--quiet", "--allow-dirty",
     ])  # fmt: skip
     assert rc == 0
     doc = json.loads((tmp_path / "smoke.json").read_text())
