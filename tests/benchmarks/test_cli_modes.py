@@ -184,7 +184,7 @@ def test_peers_kserve_and_mlserver_default_and_tuned(repo: Path, tmp_path: Path)
 
 def test_unknown_peer_is_refused(repo: Path) -> None:
     with pytest.raises(SystemExit, match="unknown servers"):
-        main(["peers", "--model-repository", str(repo), "--model", "simple", "--servers", "triton"])
+        main(["peers", "--model-repository", str(repo), "--model", "simple", "--servers", "triton", "--allow-dirty"])
 
 
 def test_results_refuse_a_dirty_tree_unless_allowed_and_then_say_so(
