@@ -11,7 +11,7 @@ HOST ?= 0.0.0.0
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: setup run demo test test-peers peers lint typecheck protos check-protos bench clean
+.PHONY: setup run demo test test-peers peers lint typecheck protos check-protos bench duplicates clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,15 @@ typecheck: setup
 	rm -rf build/typecheck && mkdir -p build/typecheck/taskserve
 	for p in server exporters clients benchmarks; do ln -s $(CURDIR)/$$p build/typecheck/taskserve/$$p; done
 	MYPYPATH=build/typecheck $(VENV)/bin/mypy --strict -p taskserve.server -p taskserve.exporters -p taskserve.clients -p taskserve.benchmarks
+
+# Repeated code in what people write: the `duplicates` command has no exclude option, and in a
+# git checkout it reads every tracked file, so it reads a copy of the tree (tracked and
+# untracked-but-not-ignored files) outside the checkout, without the generated
+# clients/generated/ (regenerated from protos/, never edited by hand).
+duplicates:
+	@copy=$$(mktemp -d) && git ls-files -z -co --exclude-standard -- . ':(exclude)clients/generated' \
+	  | xargs -0 cp --parents -t $$copy && duplicates --repo $$copy --most $${MOST:-40} --seconds 120; \
+	  rm -rf $$copy
 
 protos: setup
 	$(PY) -m taskserve.clients.codegen

@@ -78,7 +78,8 @@ def run_floor(args: argparse.Namespace) -> tuple[list[RunResult], dict[str, Path
         repo = Path(tmp)
         write_tiny_model(repo)
         peer_args = build_parser().parse_args([
-            "peers", "--model-repository", str(repo), "--model", MODEL, "--servers", "taskserve,taskserve-threaded,echo",
+            "peers", "--model-repository", str(repo), "--model", MODEL,
+            "--servers", "taskserve,taskserve-threaded,echo",
             "--concurrency", "1", "--repeats", str(args.repeats), "--server-starts", str(args.server_starts),
             "--payload", "random", "--num-requests", "16",
             "--warmup", str(args.warmup), "--window", str(args.window), "--max-windows", str(args.max_windows),

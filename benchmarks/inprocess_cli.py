@@ -45,7 +45,8 @@ def run_in_process_cli(args: argparse.Namespace) -> tuple[list[RunResult], dict[
     }  # fmt: skip
     notes = [
         (
-            f"length-bucketed (the server's batches): best batch size {best_info['batch_size']}: {best_info['items_per_s']} items/s "
+            f"length-bucketed (the server's batches): best batch size {best_info['batch_size']}: "
+            f"{best_info['items_per_s']} items/s "
             f"(batch latency p50 {best_info['batch_latency_p50_ms']} ms)"
         ),
         f"without length bucketing (consecutive requests): best batch size {int(plain.load)}, "

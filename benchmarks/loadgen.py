@@ -100,6 +100,16 @@ async def measure_windows(
     return windows
 
 
+async def _timed(rec: Recorder, call: Call, i: int, since: float) -> None:
+    """One call, recorded with its latency from ``since``; every failure is data, counted by status."""
+    try:
+        await call(i)
+    except Exception as err:  # noqa: BLE001
+        rec.fail(error_code(err), time.perf_counter() - since)
+    else:
+        rec.ok(time.perf_counter() - since)
+
+
 async def _stop(tasks: set[asyncio.Task[None]] | list[asyncio.Task[None]]) -> None:
     for task in tasks:
         task.cancel()
@@ -121,14 +131,7 @@ async def run_closed_loop(
 
     async def caller() -> None:
         while True:
-            i = next(counter)
-            start = time.perf_counter()
-            try:
-                await call(i)
-            except Exception as err:  # noqa: BLE001 - every failure is data: count it by status
-                rec.fail(error_code(err), time.perf_counter() - start)
-            else:
-                rec.ok(time.perf_counter() - start)
+            await _timed(rec, call, next(counter), time.perf_counter())
 
     tasks = [asyncio.create_task(caller()) for _ in range(concurrency)]
     try:
@@ -168,14 +171,6 @@ async def run_open_loop(
     stats = OpenLoopStats(lags_s=[])
     inflight: set[asyncio.Task[None]] = set()
 
-    async def one(i: int, scheduled: float) -> None:
-        try:
-            await call(i)
-        except Exception as err:  # noqa: BLE001 - counted by status like the closed loop
-            rec.fail(error_code(err), time.perf_counter() - scheduled)
-        else:
-            rec.ok(time.perf_counter() - scheduled)
-
     async def generator() -> None:
         scheduled = time.perf_counter()
         for i in itertools.count():
@@ -188,7 +183,7 @@ async def run_open_loop(
                 stats.shed += 1
                 rec.fail("CLIENT_SHED")
                 continue
-            task = asyncio.create_task(one(i, scheduled))
+            task = asyncio.create_task(_timed(rec, call, i, scheduled))
             inflight.add(task)
             task.add_done_callback(inflight.discard)
 

@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
-from typing import Any
-
-import yaml
 import shutil
 import signal
 import socket
@@ -20,9 +16,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import yaml
 from taskserve.clients import ClientOptions, TaskServeClient, TaskServeError
 
 PEERS_DIR = Path(__file__).resolve().parent / "peers"

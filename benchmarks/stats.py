@@ -154,7 +154,9 @@ class RunResult:
             "latency_ms": {k: round(v, 3) for k, v in asdict(lat).items()},
             "errors": self.errors,
             "failed_requests": self.failed,
-            "failure_latency_ms": {k: round(v, 3) for k, v in asdict(LatencySummary.of(self.failure_latencies_s)).items()},
+            "failure_latency_ms": {
+                k: round(v, 3) for k, v in asdict(LatencySummary.of(self.failure_latencies_s)).items()
+            },
             "stable": self.stable,
             "usable_for_verdict": self.unusable is None,
             "windows": [w.summary() for w in self.windows],

@@ -50,10 +50,10 @@ def test_peer_ratios_pair_servers_within_each_repeat() -> None:
         _peer_run("taskserve", 2, 500, 0.05), _peer_run("kserve", 2, 300, 0.2),
     ]  # fmt: skip
     r = peer_ratios(runs)["kserve @ 32"]
-    assert r["repeats"] == 3
-    assert r["throughput_ratio_paired_median"] == pytest.approx(1.5)  # median of 1.5, 1.2, 1.667
-    assert r["throughput_ratio_of_medians"] == pytest.approx(500 / 300, abs=1e-3)
-    assert r["taskserve_p99_ms"] < r["peer_p99_ms"]
+    assert r.repeats == 3
+    assert r.throughput_ratio_paired_median == pytest.approx(1.5)  # median of 1.5, 1.2, 1.667
+    assert r.throughput_ratio_of_medians == pytest.approx(500 / 300, abs=1e-3)
+    assert (r.taskserve_p99_ms or 0) < (r.peer_p99_ms or 0)
     _, lines = summarize(runs)
     assert ">= 1.5: met)" in lines[0] and "(lower)" in lines[0]
 
@@ -69,8 +69,8 @@ def test_verdicts_come_only_from_stable_error_free_pairs_and_a_dead_peer_is_an_e
         _peer_run("taskserve", 0, 600, 0.05), _peer_run("kserve-tuned", 0, 500, 0.2),
     ]  # fmt: skip
     r = peer_ratios(runs)["mlserver @ 32"]
-    assert r["usable_repeats"] == 0 and r["peer_failed"] == 43 and r["peer_zero_throughput"] is True
-    assert "throughput_ratio_paired_median" not in r
+    assert r.usable_repeats == 0 and r.peer_failed == 43 and r.peer_zero_throughput is True
+    assert r.throughput_ratio_paired_median is None
     _, lines = summarize(runs)
     # The tuned peer is the headline and comes first; the dead peer is shown, as an error, with no verdict.
     assert lines[0].startswith("taskserve / kserve-tuned @ 32 (headline")
