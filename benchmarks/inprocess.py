@@ -41,9 +41,9 @@ class _LockedRecorder(Recorder):
         with self._lock:
             super().ok(latency_s)
 
-    def fail(self, code: str) -> None:
+    def fail(self, code: str, latency_s: float | None = None) -> None:
         with self._lock:
-            super().fail(code)
+            super().fail(code, latency_s)
 
     def take(self) -> Window:
         with self._lock:
@@ -122,7 +122,7 @@ def _measure(model: InProcessModel, batches: list[dict[str, np.ndarray]], rows: 
                 runtime.infer(batches[i % len(batches)])
             except Exception as err:  # noqa: BLE001 - a failed batch is a measurement, not a crash
                 errors.append(err)
-                rec.fail(type(err).__name__)
+                rec.fail(type(err).__name__, time.perf_counter() - start)
             else:
                 rec.ok(time.perf_counter() - start)
             i += len(model.runtimes)

@@ -22,6 +22,7 @@ import dataclasses
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def bare_label(threads: int) -> str:
     return f"bare session.run, {threads} threads"
 
 
-def measure_bare(model_file: Path, requests: list[Request], plan: WindowPlan, threads: int) -> list[Window]:
+def measure_bare(model_file: Path, requests: Sequence[Request], plan: WindowPlan, threads: int) -> list[Window]:
     """Batch-1 ``session.run`` back to back on one session of ``threads`` threads, default options."""
     import onnxruntime as ort
 
