@@ -36,6 +36,10 @@ def _common(p: argparse.ArgumentParser, name_required: bool = False) -> None:
         "--instances", type=int, default=1,
         help="runtime instances the server runs side by side (instance_count); each gets cores / N threads",
     )  # fmt: skip
+    p.add_argument(
+        "--wide-when-alone", action="store_true",
+        help="CPU: a batch that computes while nothing else does runs on every core (runtime.wide_when_alone)",
+    )  # fmt: skip
     p.add_argument("--no-optimize", action="store_true", help="skip onnxruntime graph optimizations")
     p.add_argument("--quantize", metavar="MODE", help="'int8': dynamic int8 quantization for CPU")
     p.add_argument("--fp16", action="store_true", help="half precision (GPU); with --tensorrt an fp16 engine")
@@ -100,6 +104,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "max_batch_size": args.max_batch_size,
         "length_buckets": args.length_buckets,
         "instance_count": args.instances,
+        "wide_when_alone": args.wide_when_alone,
         "optimize": not args.no_optimize,
         "quantize": args.quantize,
         "fp16": args.fp16,

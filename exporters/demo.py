@@ -22,7 +22,7 @@ from taskserve.exporters.repository_entry import check_writable, entry_complete,
 log = logging.getLogger("taskserve.exporters.demo")
 
 # Bump when a demo entry's recipe changes, so existing repositories get rebuilt.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 ENTRY_NAMES = {
     "minilm": "all-MiniLM-L6-v2",
     "efficientnet-lite0": "efficientnet-lite0",
@@ -41,10 +41,13 @@ def _minilm(out: Path, name: str, options: dict[str, Any]) -> Path:
     # (benchmarks/results/batching-all-MiniLM-L6-v2.md measures the gain). Two instances
     # with half the cores each: under load two batches compute side by side, each on
     # its own threads, instead of one batch whose small matrices split poorly over all
-    # cores (benchmarks/results/peers-all-MiniLM-L6-v2.md).
+    # cores (benchmarks/results/peers-all-MiniLM-L6-v2.md). Wide when alone: a batch
+    # that starts while nothing else computes or waits (a lone request) takes every
+    # core, so low load is not served at one core's speed (benchmarks/results/layouts-*.md).
     return export_sentence_transformer(
         model_dir, out, name, token_embeddings=True, max_batch_size=64,
-        length_buckets=(16, 24, 32, 48, 64, 96, 128, 192, 256), instance_count=2, **options,
+        length_buckets=(16, 24, 32, 48, 64, 96, 128, 192, 256), instance_count=2,
+        wide_when_alone=True, **options,
     ).entry  # fmt: skip
 
 

@@ -19,6 +19,7 @@ def build_config(
     *,
     length_buckets: tuple[int, ...] = (),
     instance_count: int = 1,
+    wide_when_alone: bool = False,
     int8: bool = False,
     fp16: bool = False,
     tensorrt: bool = False,
@@ -49,6 +50,8 @@ def build_config(
         runtime["execution_providers"] = ["cpu"]
     if fp16 or tensorrt:
         runtime["tensorrt"] = {"fp16": fp16}
+    if wide_when_alone:
+        runtime["wide_when_alone"] = True
     if runtime:
         config["runtime"] = runtime
     if exported.labels:

@@ -43,6 +43,8 @@ class ExportOptions:
     length_buckets: tuple[int, ...] = ()
     # Runtime instances side by side (config instance_count); each gets cores / N threads.
     instance_count: int = 1
+    # CPU: a batch that computes alone runs on a session with every core (runtime.wide_when_alone).
+    wide_when_alone: bool = False
     optimize: bool = True
     quantize: str | None = None  # "int8"
     fp16: bool = False
@@ -210,6 +212,7 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
             options.max_queue_delay_us,
             length_buckets=options.length_buckets,
             instance_count=options.instance_count,
+            wide_when_alone=options.wide_when_alone,
             int8=bool(options.quantize),
             fp16=options.fp16,
             tensorrt=options.tensorrt,

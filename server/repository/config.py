@@ -122,6 +122,11 @@ class RuntimeConfig(_Frozen):
     # Let idle intra-op threads spin-wait for work: lower latency per operator, but the
     # spinning steals cores from the event loop and other instances.
     allow_spinning: bool = False
+    # CPU: a batch that starts while nothing else of this model computes or waits runs
+    # on one extra session with alone_intra_op_threads threads (0: every usable core),
+    # so a lone request gets all cores while loaded instances stay narrow.
+    wide_when_alone: bool = False
+    alone_intra_op_threads: int = Field(default=0, ge=0)
     device_id: int = Field(default=0, ge=0)
     tensorrt: TensorRTOptions = TensorRTOptions()
 

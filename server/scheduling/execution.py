@@ -89,10 +89,11 @@ def timed_execute_batch(
     layout: TensorLayout,
     clock: Callable[[], float],
     metrics: ModelMetrics | None,
+    alone: bool = False,
 ) -> tuple[list[Outcome], float]:
     """``execute_batch`` and the seconds it took."""
     start = time.perf_counter()
-    outcomes = execute_batch(runtime, batch, layout, clock, metrics)
+    outcomes = execute_batch(runtime, batch, layout, clock, metrics, alone)
     return outcomes, time.perf_counter() - start
 
 
@@ -102,8 +103,10 @@ def execute_batch(
     layout: TensorLayout,
     clock: Callable[[], float],
     metrics: ModelMetrics | None,
+    alone: bool = False,
 ) -> list[Outcome]:
-    """Run ``batch``; one outcome per entry, in order."""
+    """Run ``batch``; one outcome per entry, in order. ``alone``: nothing else of the
+    model computes or waits, so the runtime may use every core (``Runtime.infer_alone``)."""
     now = clock()
     outcomes: list[Outcome] = [None] * len(batch.entries)
     live: list[int] = []
@@ -127,7 +130,7 @@ def execute_batch(
         wanted = [e.request.output_names for e in entries]
         union = None if any(w is None for w in wanted) else sorted({n for w in wanted if w for n in w})
         input_done_ns = time.perf_counter_ns()
-        outputs = runtime.infer(collated.inputs, union)
+        outputs = (runtime.infer_alone if alone else runtime.infer)(collated.inputs, union)
         infer_done_ns = time.perf_counter_ns()
         per_request = split(outputs, collated, layout, wanted)
         end_ns = time.perf_counter_ns()

@@ -40,6 +40,7 @@ def test_demo_entries_are_complete(demo_repository: Path) -> None:
     minilm = load_model_config(demo_repository / ENTRY_NAMES["minilm"])
     assert minilm.task == "sentence-embedding" and minilm.max_batch_size == 64
     assert minilm.instance_count == 2  # two batches side by side under load
+    assert minilm.runtime.wide_when_alone  # and a lone request on every core
     assert [(o.name, o.dims, o.unpad_like) for o in minilm.outputs or ()] == [
         ("sentence_embedding", (384,), None),
         ("token_embeddings", (-1, 384), "input_ids"),
