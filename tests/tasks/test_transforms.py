@@ -1,0 +1,203 @@
+"""Translation, Summarization and Text2Text end to end through the typed client:
+- encoder-decoder models (tiny random-weight T5 and BART built from configs, exported as
+  an encoder entry plus a merged-decoder entry) checked token for token against
+  transformers' greedy ``generate``;
+- a tiny decoder with ``prompt_templates`` (the prompt-backed path), checked against the
+  TextGeneration service given the same rendered message."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from taskserve.clients import (
+    AsyncTaskServeClient,
+    ClientOptions,
+    FailedPrecondition,
+    InvalidArgument,
+    TaskServeClient,
+)
+
+from tests.support.server import ServerThread, running_server
+
+SEQ2SEQ = ["tiny-t5", "tiny-bart"]
+TEXTS = [
+    "The cat sat on the mat.",
+    "Paris is the capital and most populous city of France.",
+    "Stock markets fell sharply on Monday after the report.",
+]
+T5_TRANSLATION = "translate {source} to {target}: {text}"
+PROMPTS = {
+    "translation": "Translate from {source} to {target}: {text}",
+    "summarization": "Summarize in one sentence: {text}",
+    "text2text": "{text}",
+}
+
+
+def _set_options(entry: Path, **options: Any) -> None:
+    path = entry / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    config.setdefault("task_options", {}).update(options)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+@pytest.fixture(scope="session")
+def transform_sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from taskserve.exporters import tiny_models
+
+    root = tmp_path_factory.mktemp("transform-sources")
+    return {
+        "tiny-t5": tiny_models.tiny_seq2seq(root / "t5", "t5"),
+        "tiny-bart": tiny_models.tiny_seq2seq(root / "bart", "bart"),
+        "tiny-prompted": tiny_models.tiny_causal_lm(root / "llama", "llama"),
+    }
+
+
+@pytest.fixture(scope="session")
+def transform_server(
+    tmp_path_factory: pytest.TempPathFactory, transform_sources: dict[str, Path]
+) -> Iterator[ServerThread]:
+    from taskserve.exporters.api import export_hf
+
+    repo = tmp_path_factory.mktemp("transform-repo")
+    for name in SEQ2SEQ:
+        export_hf(transform_sources[name], "text2text-generation", repo, name, progress=False)
+    _set_options(
+        repo / "tiny-t5", prompt_templates={"translation": T5_TRANSLATION}, languages=["English", "German", "French"]
+    )
+    export_hf(transform_sources["tiny-prompted"], "text-generation", repo, "tiny-prompted", progress=False)
+    _set_options(repo / "tiny-prompted", prompt_templates=PROMPTS, languages=["English", "French"])
+    export_hf(transform_sources["tiny-prompted"], "text-generation", repo, "tiny-plain", progress=False)
+    with running_server(repo) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def client(transform_server: ServerThread) -> Iterator[TaskServeClient]:
+    with TaskServeClient(transform_server.address, ClientOptions(timeout_s=60)) as c:
+        yield c
+
+
+def _reference(source: Path, text: str, max_new_tokens: int) -> list[int]:
+    """transformers' greedy generate on the PyTorch model, without the decoder start token."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(source)(text)["input_ids"]
+    model = AutoModelForSeq2SeqLM.from_pretrained(source).eval()
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, 1:].tolist()  # type: ignore[no-any-return]
+
+
+def test_transform_services_are_registered(transform_server: ServerThread) -> None:
+    assert transform_server.app is not None
+    names = set(transform_server.app.service_names)
+    assert {"taskserve.v1.Translation", "taskserve.v1.Summarization", "taskserve.v1.Text2Text"} <= names
+
+
+@pytest.mark.parametrize("name", SEQ2SEQ)
+def test_encoder_decoder_greedy_equals_transformers_generate(
+    client: TaskServeClient, transform_sources: dict[str, Path], name: str
+) -> None:
+    for text in TEXTS:
+        whole = client.text.text2text(text, model=name, max_new_tokens=24)
+        assert list(whole.token_ids) == _reference(transform_sources[name], text, 24), text
+        assert whole.finish_reason in ("length", "eos") and whole.usage.generated_tokens == len(whole.token_ids)
+        streamed = list(client.text.text2text_stream(text, model=name, max_new_tokens=24))
+        assert streamed[-1].finish_reason == whole.finish_reason
+        assert "".join(c.text for c in streamed) == whole.text
+        assert [i for c in streamed for i in c.token_ids] == list(whole.token_ids)
+        summary = client.text.summarize(text, model=name, max_new_tokens=24)
+        assert summary.token_ids == whole.token_ids  # no summarization template: the text as it is
+
+
+def test_t5_translation_writes_the_request_into_its_template(
+    client: TaskServeClient, transform_sources: dict[str, Path]
+) -> None:
+    text = TEXTS[1]
+    result = client.text.translate(text, model="tiny-t5", source_language="English", target_language="German",
+                                   max_new_tokens=16)  # fmt: skip
+    rendered = T5_TRANSLATION.format(source="English", target="German", text=text)
+    assert list(result.token_ids) == _reference(transform_sources["tiny-t5"], rendered, 16)
+    assert result.served_by.name == "tiny-t5"
+
+
+def test_concurrent_encoder_decoder_requests_equal_one_by_one(
+    client: TaskServeClient, transform_server: ServerThread
+) -> None:
+    alone = [client.text.text2text(t, model="tiny-bart", max_new_tokens=20).token_ids for t in TEXTS]
+
+    async def together(address: str) -> list[tuple[int, ...]]:
+        async with AsyncTaskServeClient(address) as aclient:
+            results = await asyncio.gather(
+                *(aclient.text.text2text(t, model="tiny-bart", max_new_tokens=20) for t in TEXTS)
+            )
+        return [r.token_ids for r in results]
+
+    assert asyncio.run(together(transform_server.address)) == alone
+
+
+def test_bad_requests_are_invalid_argument(client: TaskServeClient) -> None:
+    with pytest.raises(InvalidArgument, match="text is empty"):
+        client.text.text2text("  ", model="tiny-bart")
+    with pytest.raises(InvalidArgument, match="Klingon"):
+        client.text.translate("Hello.", model="tiny-t5", source_language="English", target_language="Klingon")
+    with pytest.raises(InvalidArgument, match="source_language"):
+        client.text.translate("Hello.", model="tiny-t5", target_language="German")
+    with pytest.raises(InvalidArgument, match="Klingon"):
+        client.text.translate("Hello.", model="tiny-prompted", source_language="Klingon", target_language="French")
+    with pytest.raises(InvalidArgument, match="empty"):
+        client.text.summarize("", model="tiny-prompted")
+    with pytest.raises(InvalidArgument, match="max_new_tokens"):
+        client.text.text2text("Hello.", model="tiny-bart", max_new_tokens=10_000)
+    with pytest.raises(InvalidArgument, match="too long|tokens|characters"):
+        client.text.text2text("word " * 400, model="tiny-t5")
+
+
+def test_models_without_the_ability_are_failed_precondition(client: TaskServeClient) -> None:
+    with pytest.raises(FailedPrecondition, match="prompt_templates"):
+        client.text.summarize("Some text.", model="tiny-plain")
+    with pytest.raises(FailedPrecondition, match="tensor"):
+        client.text.summarize("Some text.", model="tiny-t5-encoder")
+
+
+@pytest.mark.parametrize("kind", ["translation", "summarization", "text2text"])
+def test_prompt_backed_transforms_equal_text_generation_of_the_rendered_message(
+    client: TaskServeClient, kind: str
+) -> None:
+    text = TEXTS[0]
+    rendered = PROMPTS[kind].format(source="English", target="French", text=text)
+    expected = client.text.generate_text(
+        model="tiny-prompted", messages=[{"role": "user", "content": rendered}], max_new_tokens=12
+    )
+    if kind == "translation":
+        whole = client.text.translate(text, model="tiny-prompted", source_language="English",
+                                      target_language="French", max_new_tokens=12)  # fmt: skip
+        streamed = list(client.text.translate_stream(text, model="tiny-prompted", source_language="English",
+                                                     target_language="French", max_new_tokens=12))  # fmt: skip
+    elif kind == "summarization":
+        whole = client.text.summarize(text, model="tiny-prompted", max_new_tokens=12)
+        streamed = list(client.text.summarize_stream(text, model="tiny-prompted", max_new_tokens=12))
+    else:
+        whole = client.text.text2text(text, model="tiny-prompted", max_new_tokens=12)
+        streamed = list(client.text.text2text_stream(text, model="tiny-prompted", max_new_tokens=12))
+    assert (whole.text, whole.token_ids, whole.usage) == (expected.text, expected.token_ids, expected.usage)
+    assert [i for c in streamed for i in c.token_ids] == list(expected.token_ids)
+    assert streamed[-1].finish_reason == expected.finish_reason
+
+
+def test_async_client_transforms(transform_server: ServerThread) -> None:
+    async def run() -> tuple[Any, list[Any]]:
+        async with AsyncTaskServeClient(transform_server.address) as aclient:
+            whole = await aclient.text.summarize(TEXTS[2], model="tiny-t5", max_new_tokens=10)
+            chunks = [c async for c in aclient.text.summarize_stream(TEXTS[2], model="tiny-t5", max_new_tokens=10)]
+        return whole, chunks
+
+    whole, chunks = asyncio.run(run())
+    assert [i for c in chunks for i in c.token_ids] == list(whole.token_ids)
+    assert whole.usage.generated_tokens == len(whole.token_ids) > 0
