@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from taskserve.clients import (
@@ -201,3 +203,51 @@ def test_async_client_transforms(transform_server: ServerThread) -> None:
     whole, chunks = asyncio.run(run())
     assert [i for c in chunks for i in c.token_ids] == list(whole.token_ids)
     assert whole.usage.generated_tokens == len(whole.token_ids) > 0
+
+
+@dataclass(frozen=True)
+class _Row:
+    slot: int
+    tokens: np.ndarray
+    start: int
+    encoder_ids: np.ndarray | None = None
+
+
+def test_seq2seq_runner_for_the_engine_seam_interleaves_slots_like_generate(
+    transform_server: ServerThread, transform_sources: dict[str, Path]
+) -> None:
+    """The encoder-decoder runner the engine will use: two sequences stepping together in
+    one ``step`` call each iteration, each equal to transformers' greedy generate."""
+    from taskserve.server.repository.config import load_model_config
+    from taskserve.server.runtimes.onnx import OnnxRuntime
+    from taskserve.server.runtimes.seq2seq_runner import Seq2SeqRunner
+    from transformers import AutoTokenizer
+
+    assert transform_server.app is not None
+    repo = transform_server.app.models.repository
+    runtimes = []
+    for entry in (repo / "tiny-t5-encoder", repo / "tiny-t5"):
+        config = load_model_config(entry)
+        runtime = OnnxRuntime(entry / "1" / config.default_model_filename, config)
+        runtime.load()
+        runtimes.append(runtime)
+    runner = Seq2SeqRunner(runtimes[0], runtimes[1], max_slots=4, max_model_len=64)
+    tokenizer = AutoTokenizer.from_pretrained(transform_sources["tiny-t5"])
+    sources = {slot: np.asarray(tokenizer(TEXTS[slot])["input_ids"]) for slot in (0, 1)}
+    generated: dict[int, list[int]] = {0: [], 1: []}
+    rows = [_Row(slot, np.asarray([0]), 0, ids) for slot, ids in sources.items()]  # 0: T5's decoder start
+    for _ in range(12):
+        logits = runner.step(rows)
+        assert logits.shape == (2, runner.vocab_size)
+        rows = []
+        for i, slot in enumerate((0, 1)):
+            generated[slot].append(int(logits[i].argmax()))
+            rows.append(_Row(slot, np.asarray([generated[slot][-1]]), len(generated[slot])))
+    assert runner.cache_bytes > 0
+    for slot in (0, 1):
+        reference = _reference(transform_sources["tiny-t5"], TEXTS[slot], 12)
+        assert generated[slot][: len(reference)] == reference
+    runner.release(0)
+    with pytest.raises(Exception, match="encoder_ids"):
+        runner.step([_Row(0, np.asarray([0]), 0)])
+    runner.close()
