@@ -251,3 +251,20 @@ def test_seq2seq_runner_for_the_engine_seam_interleaves_slots_like_generate(
     with pytest.raises(Exception, match="encoder_ids"):
         runner.step([_Row(0, np.asarray([0]), 0)])
     runner.close()
+
+
+def test_encoder_decoder_export_writes_two_entries_the_server_serves(transform_server: ServerThread) -> None:
+    from taskserve.exporters.repository_entry import entry_complete
+    from taskserve.server.repository.config import load_model_config
+
+    assert transform_server.app is not None
+    repo = transform_server.app.models.repository
+    encoder, decoder = load_model_config(repo / "tiny-bart-encoder"), load_model_config(repo / "tiny-bart")
+    assert (encoder.task, encoder.max_batch_size) == ("tensor", 0)
+    assert (decoder.task, decoder.default_model_filename) == ("text2text-generation", "decoder_model_merged.onnx")
+    assert decoder.task_options["encoder_model"] == "tiny-bart-encoder"
+    assert decoder.task_options["decoder_start_token_id"] == 1
+    assert entry_complete(repo / "tiny-bart") and entry_complete(repo / "tiny-bart-encoder")
+    assert not (repo / "tiny-bart" / "1" / "encoder_model.onnx").exists()
+    models = transform_server.app.models
+    assert models.is_ready("tiny-bart-encoder") and models.is_ready("tiny-bart")
