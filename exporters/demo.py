@@ -96,13 +96,17 @@ def _smollm2(out: Path, name: str, options: dict[str, Any]) -> Path:
         source = smollm2.materialize(Path(work) / "SmolLM2-135M-Instruct")
         # Decode steps of up to 16 concurrent generations share a batch.
         entry = export_hf(source, "text-generation", out, name, max_batch_size=16, **options).entry
-    # One entry serves text generation and the transforms: the task stays text-generation
-    # and prompt_templates switch on Translation, Summarization and Text2Text for it.
+    add_prompt_templates(entry)
+    return entry
+
+
+def add_prompt_templates(entry: Path, templates: dict[str, str] | None = None) -> None:
+    """One entry serves text generation and the transforms: the task stays text-generation
+    and task_options.prompt_templates switch on Translation, Summarization and Text2Text."""
     path = entry / "config.yaml"
     config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    config.setdefault("task_options", {})["prompt_templates"] = dict(SMOLLM2_PROMPTS)
+    config.setdefault("task_options", {})["prompt_templates"] = dict(templates or SMOLLM2_PROMPTS)
     path.write_text(dump_yaml(config), encoding="utf-8")
-    return entry
 
 
 BUILDERS: dict[str, Callable[[Path, str, dict[str, Any]], Path]] = {
