@@ -267,7 +267,7 @@ def seq2seq_tokenizer(vocab_size: int = 400) -> Any:
 
 
 def tiny_seq2seq(directory: Path, architecture: str = "t5", seed: int = 0) -> Path:
-    """A 2+2-layer, 32-wide encoder-decoder (``t5`` or ``bart``) with a byte-level tokenizer
+    """A 2+2-layer, 32-wide encoder-decoder (``t5``, ``bart`` or ``marian``) with a byte-level tokenizer
     and a generation config; 128 positions. Random weights: plumbing and equality only."""
     import torch
     import transformers
@@ -289,8 +289,16 @@ def tiny_seq2seq(directory: Path, architecture: str = "t5", seed: int = 0) -> Pa
             forced_bos_token_id=None, init_std=0.2,
         )  # fmt: skip
         model = transformers.BartForConditionalGeneration(config)
+    elif architecture == "marian":
+        config = transformers.MarianConfig(
+            vocab_size=vocab, decoder_vocab_size=vocab, d_model=32, encoder_layers=2, decoder_layers=2,
+            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+            max_position_embeddings=128, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+            forced_eos_token_id=None, init_std=1.0,
+        )  # fmt: skip
+        model = transformers.MarianMTModel(config)
     else:
-        raise ValueError(f"unknown architecture {architecture!r}; use t5 or bart")
+        raise ValueError(f"unknown architecture {architecture!r}; use t5, bart or marian")
     model.eval().save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     transformers.GenerationConfig(

@@ -26,7 +26,7 @@ from taskserve.clients import (
 
 from tests.support.server import ServerThread, running_server
 
-SEQ2SEQ = ["tiny-t5", "tiny-bart"]
+SEQ2SEQ = ["tiny-t5", "tiny-bart", "tiny-marian"]
 TEXTS = [
     "The cat sat on the mat.",
     "Paris is the capital and most populous city of France.",
@@ -55,6 +55,7 @@ def transform_sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
     return {
         "tiny-t5": tiny_models.tiny_seq2seq(root / "t5", "t5"),
         "tiny-bart": tiny_models.tiny_seq2seq(root / "bart", "bart"),
+        "tiny-marian": tiny_models.tiny_seq2seq(root / "marian", "marian"),
         "tiny-prompted": tiny_models.tiny_causal_lm(root / "llama", "llama"),
     }
 
@@ -71,6 +72,8 @@ def transform_server(
     _set_options(
         repo / "tiny-t5", prompt_templates={"translation": T5_TRANSLATION}, languages=["English", "German", "French"]
     )
+    # A Marian model translates one language pair: the text as it is, languages checked.
+    _set_options(repo / "tiny-marian", languages=["en", "de"])
     export_hf(transform_sources["tiny-prompted"], "text-generation", repo, "tiny-prompted", progress=False)
     _set_options(repo / "tiny-prompted", prompt_templates=PROMPTS, languages=["English", "French"])
     export_hf(transform_sources["tiny-prompted"], "text-generation", repo, "tiny-plain", progress=False)
@@ -127,6 +130,14 @@ def test_t5_translation_writes_the_request_into_its_template(
     rendered = T5_TRANSLATION.format(source="English", target="German", text=text)
     assert list(result.token_ids) == _reference(transform_sources["tiny-t5"], rendered, 16)
     assert result.served_by.name == "tiny-t5"
+
+
+def test_marian_translates_its_language_pair_only(client: TaskServeClient, transform_sources: dict[str, Path]) -> None:
+    result = client.text.translate(TEXTS[0], model="tiny-marian", source_language="en", target_language="de",
+                                   max_new_tokens=16)  # fmt: skip
+    assert list(result.token_ids) == _reference(transform_sources["tiny-marian"], TEXTS[0], 16)
+    with pytest.raises(InvalidArgument, match="'fr' is not one model 'tiny-marian' knows"):
+        client.text.translate(TEXTS[0], model="tiny-marian", source_language="en", target_language="fr")
 
 
 def test_concurrent_encoder_decoder_requests_equal_one_by_one(
