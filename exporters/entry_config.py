@@ -62,3 +62,15 @@ def build_config(
     if exported.task_options:
         config["task_options"] = exported.task_options
     return config
+
+
+def encoder_config(name: str) -> dict[str, Any]:
+    """The encoder entry of an encoder-decoder export: a plain tensor model the decoder's
+    task (``text2text-generation``, task_options.encoder_model) runs once per request."""
+    return {
+        "name": name,
+        "task": "tensor",
+        "platform": "onnxruntime",
+        "max_batch_size": 0,
+        "warmup": {"enabled": False},
+    }

@@ -14,13 +14,14 @@ from typing import Any, TextIO, TypeVar
 
 import numpy as np
 from taskserve.exporters import tensorrt as trt_build
-from taskserve.exporters.entry_config import ENGINE_FILE, LABELS_FILE, build_config
+from taskserve.exporters.entry_config import ENGINE_FILE, LABELS_FILE, build_config, encoder_config
 from taskserve.exporters.errors import ExportError, UsageError, ValidationFailed
 from taskserve.exporters.fp16 import convert_fp16
 from taskserve.exporters.optimize import optimize_file
 from taskserve.exporters.progress import Steps
 from taskserve.exporters.quantize import AccuracyChange, accuracy_change, accuracy_summary, quantize_int8
 from taskserve.exporters.repository_entry import check_writable, write_entry
+from taskserve.exporters.sources.hf import ENCODER_FILE
 from taskserve.exporters.spec import ExportedModel
 from taskserve.exporters.tasks import TOLERANCES
 from taskserve.exporters.validate import OutputDiff, run_cases, validate, worst
@@ -237,6 +238,13 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "tags": dict(options.tags),
         }
+        if exported.task == "text2text-generation":
+            encoder_name = f"{options.name}-encoder"
+            config["task_options"]["encoder_model"] = encoder_name
+            write_entry(
+                options.out, encoder_name, options.version, encoder_config(encoder_name),
+                {"model.onnx": version_files.pop(ENCODER_FILE)}, {}, {**info, "part_of": options.name},
+            )  # fmt: skip
         entry = write_entry(
             options.out, options.name, options.version, config, version_files, model_files, info
         )

@@ -38,6 +38,7 @@ IMAGE_TASKS = frozenset(
     {"image-classification", "object-detection", "image-segmentation", "image-text-match"}
 )
 MERGED_DECODER = "decoder_model_merged.onnx"
+ENCODER_FILE = "encoder_model.onnx"
 
 
 def _looks_like_path(model: str) -> bool:
@@ -217,8 +218,10 @@ def _served_onnx_files(raw: Path) -> list[str]:
     if "model.onnx" in found:
         return ["model.onnx"]
     if "encoder_model.onnx" in found:
-        decoder = MERGED_DECODER if MERGED_DECODER in found else "decoder_model.onnx"
-        return ["encoder_model.onnx", decoder]
+        if MERGED_DECODER not in found:
+            raise ExportError("optimum exported no merged decoder (decoder_model_merged.onnx), which the server needs")
+        # The served graph first: the decoder; the encoder becomes its own entry (ENCODER_FILE).
+        return [MERGED_DECODER, ENCODER_FILE]
     if not found:
         raise ExportError("optimum produced no ONNX file")
     return found
@@ -266,8 +269,7 @@ def _task_options(task: str, config: Any, tokenizer: Any) -> dict[str, Any]:
             "num_layers": getattr(text_config, "num_hidden_layers", getattr(text_config, "n_layer", None)),
         }
         if task == "text2text-generation":
-            options["encoder_model"] = "encoder_model.onnx"
-            options["decoder_model"] = MERGED_DECODER
+            # encoder_model (the encoder entry's name) is added where the entries are written.
             options["decoder_start_token_id"] = getattr(config, "decoder_start_token_id", None)
         options["generation_config"] = "generation_config.json"
         return {k: v for k, v in options.items() if v is not None}

@@ -167,7 +167,7 @@ def test_model_repository_from_a_pvc_is_mounted_read_only() -> None:
 def test_model_repository_from_an_init_container_shares_an_empty_dir() -> None:
     r = render({"modelRepository": {"source": "init"}})
     (init,) = r.pod_spec["initContainers"]
-    assert init["command"] == ["taskserve-export", "demo", "--out", "/models"]
+    assert init["command"] == ["taskserve-export", "demo", "--out", "/models", "--without-generation"]
     assert init["image"] == "taskserve:0.1.0-exporter"
     volume = _volumes(r)[_mounts(init)["/models"]["name"]]
     assert "emptyDir" in volume

@@ -49,3 +49,20 @@ def test_smollm2_entry_batches_decode_steps(smollm2_server: ServerThread) -> Non
     assert paddings["input_ids"] == "none" and paddings["past_key_values.29.value"] == "left"
     assert config.task_options["max_length"] == 8192
     assert (smollm2_server.app.models.repository / MODEL / "chat_template.jinja").is_file()
+
+
+EIFFEL = (
+    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
+    "after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889. "
+    "Locally nicknamed 'La dame de fer', it was constructed as the centrepiece of the 1889 World's Fair."
+)
+
+
+def test_smollm2_summarizes_through_its_prompt_template(smollm2_server: ServerThread) -> None:
+    """The same entry serves the transform services: a real (if small) summary, unary = streamed."""
+    with TaskServeClient(smollm2_server.address, ClientOptions(timeout_s=120)) as client:
+        summary = client.text.summarize(EIFFEL, model=MODEL, max_new_tokens=48)
+        streamed = list(client.text.summarize_stream(EIFFEL, model=MODEL, max_new_tokens=48))
+    assert "Eiffel" in summary.text and summary.finish_reason in ("eos", "length")
+    assert [i for c in streamed for i in c.token_ids] == list(summary.token_ids)
+    assert summary.usage.prompt_tokens > 100
