@@ -137,8 +137,8 @@ class GenerationConfig(_Frozen):
     max_num_batched_tokens: int = Field(default=512, ge=1, le=1_000_000)
     # Positions one slot holds (prompt plus generated); at most what the graph's rotary table covers.
     max_model_len: int = Field(default=2048, ge=2, le=1_000_000)
-    # Largest piece of one prompt computed in one iteration.
-    prefill_chunk_size: int = Field(default=256, ge=1, le=1_000_000)
+    # Largest piece of one prompt computed in one iteration; 0: up to max_num_batched_tokens.
+    prefill_chunk_size: int = Field(default=0, ge=0, le=1_000_000)
 
     @model_validator(mode="after")
     def _budget(self) -> GenerationConfig:

@@ -125,6 +125,7 @@ class GenerationScheduler(Scheduler):
         self.runner = runner
         self.max_num_seqs = min(settings.max_num_seqs, runner.max_slots)
         self.max_model_len = min(settings.max_model_len, runner.max_model_len)
+        self.chunk_size = settings.prefill_chunk_size or settings.max_num_batched_tokens
         self._metrics = metrics
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._running: list[_Sequence] = []
@@ -260,7 +261,7 @@ class GenerationScheduler(Scheduler):
 
     def _add_chunk(self, plan: list[tuple[StepRow, _Sequence]], sequence: _Sequence, budget: int) -> int:
         prompt = sequence.request.prompt
-        size = min(self.settings.prefill_chunk_size, budget, len(prompt) - sequence.computed)
+        size = min(self.chunk_size, budget, len(prompt) - sequence.computed)
         chunk = np.asarray(prompt[sequence.computed : sequence.computed + size], np.int64)
         encoder = sequence.request.encoder_ids
         encoder_ids = np.asarray(encoder, np.int64) if encoder is not None and sequence.computed == 0 else None
