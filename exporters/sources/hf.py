@@ -241,8 +241,13 @@ def export_engine_decoder(model: str, loaded: Any, work: Path) -> ExportedModel:
         max_batch_size=0,
         task_options=options,
         extra_files=extra,
-        source={"kind": "huggingface", "model": model, "optimum_task": "text-generation", "model_type": config.model_type,
-                "graph": "taskserve generation engine"},
+        source={
+            "kind": "huggingface",
+            "model": model,
+            "optimum_task": "text-generation",
+            "model_type": config.model_type,
+            "graph": "taskserve generation engine",
+        },
         generation={**ENGINE_DEFAULTS, "max_model_len": min(max_length, ENGINE_MAX_MODEL_LEN)},
     )
 

@@ -67,7 +67,9 @@ class OnnxDecoderRunner:
         shape = names["past_key.0"].shape
         kv_heads, head_dim = shape[1], shape[3]
         if not isinstance(kv_heads, int) or not isinstance(head_dim, int):
-            raise RuntimeFailure(f"model {self.config.name!r}: past_key.0 has shape {shape}; heads and size must be fixed")
+            raise RuntimeFailure(
+                f"model {self.config.name!r}: past_key.0 has shape {shape}; heads and head size must be fixed"
+            )
         meta = session.get_modelmeta().custom_metadata_map
         covered = int(meta.get(MAX_POSITIONS_KEY, "0") or 0)
         wanted = self._settings.max_model_len
@@ -129,23 +131,25 @@ class OnnxDecoderRunner:
     def step(self, rows: Sequence[StepRow]) -> np.ndarray:
         if self._session is None:
             raise RuntimeFailure(f"model {self.config.name!r} is not loaded")
-        out = np.empty((len(rows), self._vocab), np.float32)
-        decode = [i for i, r in enumerate(rows) if len(r.tokens) == 1]
-        for i, row in enumerate(rows):
+        for row in rows:
             if row.encoder_ids is not None:
                 raise InvalidInput(f"model {self.config.name!r} is decoder-only; it takes no encoder input")
-            if row.start + len(row.tokens) > self._positions:
+            end = row.start + len(row.tokens)
+            if end > self._positions:
                 raise InvalidInput(
-                    f"model {self.config.name!r}: a sequence reached {row.start + len(row.tokens)} positions, "
+                    f"model {self.config.name!r}: a sequence reached {end} positions, "
                     f"over the {self._positions} a cache slot holds"
                 )
-            if row.start != (0 if row.start == 0 else self._lengths[row.slot]):
+            if row.start and row.start != self._lengths[row.slot]:
                 raise RuntimeFailure(f"slot {row.slot} holds {self._lengths[row.slot]} positions, not {row.start}")
+        out = np.empty((len(rows), self._vocab), np.float32)
+        decode = [i for i, r in enumerate(rows) if len(r.tokens) == 1]
         if decode:
             out[decode] = self._decode([rows[i] for i in decode])
         for i, row in enumerate(rows):
             if len(row.tokens) > 1:
-                out[i] = self._run(row.slot, row.slot + 1, row.tokens[None], np.asarray([row.start + len(row.tokens)]))[0]
+                totals = np.asarray([row.start + len(row.tokens)])
+                out[i] = self._run(row.slot, row.slot + 1, row.tokens[None], totals)[0]
         for row in rows:
             self._lengths[row.slot] = row.start + len(row.tokens)
         return out
