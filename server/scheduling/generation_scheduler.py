@@ -187,15 +187,17 @@ class GenerationScheduler(Scheduler):
         return len(self._waiting) + len(self._running)
 
     async def stop(self, drain: bool = True) -> None:
+        if self._stopping:
+            return
         self._stopping = True
         if drain:
-            while self._waiting or self._running:
+            while (self._waiting or self._running) and self._task is not None and not self._task.done():
                 self._wake()
                 await asyncio.sleep(0.01)
-        else:
-            for sequence in [*self._waiting, *self._running]:
-                self._end(sequence, ModelNotReady(f"model {self.name!r} was unloaded; retry"))
-            self._waiting.clear()
+        for sequence in [*self._waiting, *self._running]:
+            self._end(sequence, ModelNotReady(f"model {self.name!r} was unloaded; retry"))
+        self._waiting.clear()
+        self._running.clear()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -180,3 +180,21 @@ def test_config_checks_the_budget() -> None:
         GenerationConfig(max_num_seqs=32, max_num_batched_tokens=16)
     with pytest.raises(ValueError, match="prefill_chunk_size"):
         GenerationConfig(max_num_batched_tokens=64, prefill_chunk_size=128)
+
+
+async def test_stop_without_drain_ends_every_stream_and_is_idempotent() -> None:
+    from taskserve.server.errors import ModelNotReady
+
+    runner = FakeRunner(step_s=0.002)
+    engine = await _engine(runner, max_num_seqs=1, max_num_batched_tokens=16)
+    streams = [asyncio.ensure_future(_collect(engine, _request([k], 200))) for k in (1, 2)]
+    while not runner.steps:
+        await asyncio.sleep(0.001)
+    await engine.stop(drain=False)
+    await engine.stop(drain=False)
+    for stream in streams:
+        with pytest.raises(ModelNotReady):
+            await stream
+    assert engine.inflight_count() == 0
+    with pytest.raises(ModelNotReady):
+        engine.generate(_request([1], 2))
