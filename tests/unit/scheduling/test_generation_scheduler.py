@@ -180,6 +180,13 @@ def test_config_checks_the_budget() -> None:
         GenerationConfig(max_num_seqs=32, max_num_batched_tokens=16)
     with pytest.raises(ValueError, match="prefill_chunk_size"):
         GenerationConfig(max_num_batched_tokens=64, prefill_chunk_size=128)
+    from taskserve.server.repository.config import ModelConfig
+
+    with pytest.raises(ValueError, match="instance_count: 1"):
+        ModelConfig.model_validate({"name": "m", "instance_count": 2, "generation": {}})
+    assert ModelConfig.model_validate({"name": "m", "generation": {"max_num_seqs": 4}}).generation == GenerationConfig(
+        max_num_seqs=4
+    )
 
 
 async def test_stop_without_drain_ends_every_stream_and_is_idempotent() -> None:
