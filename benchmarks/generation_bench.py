@@ -250,6 +250,9 @@ def run_generation(args: argparse.Namespace) -> tuple[list[RunResult], dict[str,
     finally:
         shutil.rmtree(work, ignore_errors=True)
     notes = [f"{k}: {v}" for k, v in ratios_and_verdicts(measured).items()]
+    # The figures behind the ratios (the table's items/s counts streams, not tokens).
+    for r in runs:
+        notes.append(f"{r.server}: " + ", ".join(f"{k} {v:.3g}" for k, v in r.extra.items() if isinstance(v, float)))
     if args.source is None:
         notes.append("server vs transformers: skipped (no --source)")
     config = {
