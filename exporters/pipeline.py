@@ -135,6 +135,11 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
         exported = source(work / "export")
         rec.detail = f"{description} -> {exported.task}: {', '.join(exported.onnx_files)}"
     if exported.generation is not None:
+        if options.quantize or options.fp16 or options.tensorrt:
+            # Untested with the in-place cache binding; refused rather than written and unservable.
+            raise UsageError(
+                "the generation engine's graph is exported in float32 only; drop --quantize, --fp16 and --tensorrt"
+            )
         # The engine batches sequences itself: --max-batch-size sets how many decode together.
         if options.max_batch_size:
             exported.generation["max_num_seqs"] = options.max_batch_size

@@ -94,3 +94,14 @@ def test_engine_metrics_are_exported(task_server: ServerThread, channel: grpc.Ch
     assert registry.get_sample_value("taskserve_waiting_sequences", labels) == 0
     occupancy = registry.get_sample_value("taskserve_kv_cache_occupancy", labels)
     assert occupancy is not None and 0 <= occupancy <= 1
+
+
+def test_engine_exports_refuse_quantize_rather_than_write_an_unservable_entry(
+    tiny_sources: dict[str, Path], tmp_path: Path
+) -> None:
+    from taskserve.exporters.api import export_hf
+    from taskserve.exporters.errors import UsageError
+
+    with pytest.raises(UsageError, match="float32 only"):
+        export_hf(tiny_sources[MODEL], "text-generation", tmp_path, "q", quantize="int8", progress=False)
+    assert not (tmp_path / "q").exists()
