@@ -10,6 +10,7 @@ Subcommands:
   layouts     one config for every load: c=1 p50 vs a bare session, c=32 vs narrow instances
   echo-server a bare grpc.aio v2 server answering with the request's bytes
   export      export benchmarks (taskserve.benchmarks.export_bench)
+  generation  the generation engine: 1/8/32 streams, context length, TTFT, vs transformers generate
 
 Results go to benchmarks/results/<name>.json, .md and .png.
 """
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     from taskserve.benchmarks.layout_bench import build_parser as add_layouts
 
     add_layouts(sub)
+    from taskserve.benchmarks.generation_bench import build_parser as add_generation
+
+    add_generation(sub)
     sub.add_parser("echo-server", help="bare grpc.aio v2 echo server (latency floor)", add_help=False)
     sub.add_parser("export", help="export benchmarks (taskserve.benchmarks.export_bench)", add_help=False)
     return parser
@@ -123,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             from taskserve.benchmarks.layout_bench import run_layouts
 
             runs, paths = run_layouts(args)
+        elif args.command == "generation":
+            from taskserve.benchmarks.generation_bench import run_generation
+
+            runs, paths = run_generation(args)
         elif args.command == "floor":
             from taskserve.benchmarks.floor_bench import run_floor
 

@@ -56,7 +56,9 @@ def build_config(
         config["runtime"] = runtime
     if exported.labels:
         config["labels"] = LABELS_FILE
-    if exported.task in GENERATION_TASKS:
+    if exported.generation is not None:
+        config["generation"] = dict(exported.generation)
+    elif exported.task in GENERATION_TASKS:
         # Past key/value inputs need consistent lengths that generic warm-up inputs don't have.
         config["warmup"] = {"enabled": False}
     if exported.task_options:

@@ -137,7 +137,20 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
     with steps.step("export") as rec:
         exported = source(work / "export")
         rec.detail = f"{description} -> {exported.task}: {', '.join(exported.onnx_files)}"
-    max_batch = _resolve_batch(exported, options.max_batch_size)
+    if exported.generation is not None:
+        if options.quantize or options.fp16 or options.tensorrt:
+            # Untested with the in-place cache binding; refused rather than written and unservable.
+            raise UsageError(
+                "the generation engine's graph is exported in float32 only; drop --quantize, --fp16 and --tensorrt"
+            )
+        # The engine batches sequences itself: --max-batch-size sets how many decode together.
+        if options.max_batch_size:
+            exported.generation["max_num_seqs"] = options.max_batch_size
+            budget = exported.generation["max_num_batched_tokens"]
+            exported.generation["max_num_batched_tokens"] = max(budget, options.max_batch_size)
+        max_batch = 0
+    else:
+        max_batch = _resolve_batch(exported, options.max_batch_size)
     tolerance = options.atol if options.atol is not None else TOLERANCES[exported.task]
     files, cases = exported.onnx_files, exported.cases
 

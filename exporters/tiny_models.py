@@ -208,9 +208,11 @@ def byte_level_tokenizer(vocab_size: int = 400) -> Any:
     return fast
 
 
-def tiny_causal_lm(directory: Path, architecture: str = "llama", seed: int = 0) -> Path:
+def tiny_causal_lm(directory: Path, architecture: str = "llama", seed: int = 0, hidden_size: int = 32) -> Path:
     """A 2-layer, 32-wide decoder (``llama`` with grouped-query attention, or ``gpt2``) with a
-    byte-level tokenizer, a chat template and a generation config; 128 positions."""
+    byte-level tokenizer, a chat template and a generation config; 128 positions.
+    ``hidden_size`` 64 gives the llama heads of 16, the smallest ONNX Runtime's
+    GroupQueryAttention (the generation engine's graph) takes."""
     import torch
     import transformers
 
@@ -223,7 +225,7 @@ def tiny_causal_lm(directory: Path, architecture: str = "llama", seed: int = 0) 
     }
     if architecture == "llama":
         config: Any = transformers.LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
             initializer_range=0.2,
             **special,

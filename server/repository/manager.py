@@ -247,6 +247,9 @@ class ModelManager:
         metrics = self._metrics.for_model(name, version)
         runtimes: list[Runtime] = []
 
+        if config.generation is not None:
+            return await self._load_engine(name, version, model_dir, config, model_path, metrics, started)
+
         def load_and_warm() -> ModelConfig:
             sizes = [b for b in config.warmup.batch_sizes if config.max_batch_size == 0 or b <= config.max_batch_size]
             resolved: ModelConfig | None = None
@@ -281,6 +284,50 @@ class ModelManager:
             metrics=metrics,
             runtimes=runtimes,
             platform_description=runtimes[0].description,
+        )
+
+    async def _load_engine(
+        self,
+        name: str,
+        version: str,
+        model_dir: Path,
+        config: ModelConfig,
+        model_path: Path,
+        metrics: ModelMetrics,
+        started: float,
+    ) -> LoadedModel:
+        """A decoder served by the generation engine: one runner holding the resident KV cache."""
+        from taskserve.server.runtimes.onnx_decoder import OnnxDecoderRunner
+        from taskserve.server.scheduling.generation_scheduler import GenerationScheduler
+
+        assert config.generation is not None
+        runner = OnnxDecoderRunner(model_path, config)
+
+        def load_and_warm() -> ModelConfig:
+            runner.load()
+            resolved = resolve_tensors(config, runner.runtime.inputs, runner.runtime.outputs)
+            if config.warmup.enabled:
+                runner.warmup()
+            return resolved
+
+        try:
+            resolved = await asyncio.to_thread(load_and_warm)
+            scheduler = GenerationScheduler(name, config.generation, runner, metrics)
+            await scheduler.start()
+        except BaseException:
+            runner.close()
+            raise
+        metrics.loaded(time.perf_counter() - started)
+        metrics.set_ready(True)
+        return LoadedModel(
+            name=name,
+            version=version,
+            config=resolved,
+            model_dir=model_dir,
+            scheduler=scheduler,
+            metrics=metrics,
+            runtimes=[runner.runtime],
+            platform_description=runner.description,
         )
 
     async def unload(self, name: str, drain: bool = True) -> None:

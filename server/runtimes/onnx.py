@@ -156,6 +156,13 @@ class OnnxRuntime(Runtime):
             raise RuntimeFailure(f"{self.model_path}: tensor type {ort_type} is not supported") from None
 
     @property
+    def session(self) -> Any:
+        """The loaded ``onnxruntime.InferenceSession`` (for runners that bind buffers themselves)."""
+        if self._session is None:
+            raise RuntimeFailure(f"{self.model_path} is not loaded")
+        return self._session
+
+    @property
     def inputs(self) -> list[TensorInfo]:
         return self._inputs
 
