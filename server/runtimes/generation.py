@@ -6,12 +6,13 @@ stays resident in per-slot buffers between steps (the runner never hands the cac
 back). The engine turns no tokens into text and the runner picks no tokens: it
 returns logits, and the task's ``TokenPicker`` chooses.
 
-This is also the seam for encoder-decoder models (T5, BART, Marian): such a runner
-runs the encoder once on a sequence's first step (``StepRow.encoder_ids``), keeps the
-cross-attention keys/values in the slot next to the self-attention cache, and
-then decodes exactly like a decoder-only runner. The CPU decoder-only runner is
-``server/runtimes/onnx_decoder.py``; a GPU runner keeps the same interface with
-device-resident buffers.
+This is also the seam for encoder-decoder models (T5, BART, Marian): the task runs
+the encoder once (through the encoder entry's own batcher) and hands its states with
+the sequence; the runner (``server/runtimes/seq2seq_runner.py``) takes them on the
+sequence's first step (``StepRow.encoder_states``), keeps the cross-attention
+keys/values in the slot next to the self-attention cache, and then decodes like a
+decoder-only runner. The CPU decoder-only runner is ``server/runtimes/onnx_decoder.py``;
+a GPU runner keeps the same interface with device-resident buffers.
 
 Slots: integers in ``[0, max_slots)`` handed out by the engine; a slot holds one
 sequence's cache from its first step until ``release``. Positions: a slot's cache
@@ -43,8 +44,9 @@ class StepRow:
     tokens: np.ndarray
     start: int
     # Encoder-decoder runners only, on a sequence's first step (start == 0): the
-    # source token ids the encoder runs on once. Decoder-only runners refuse it.
-    encoder_ids: np.ndarray | None = None
+    # encoder's output for the source, shape (source length, hidden size), computed
+    # once by the task. Decoder-only runners refuse it.
+    encoder_states: np.ndarray | None = None
 
 
 class DecoderRunner(Protocol):

@@ -132,7 +132,7 @@ class OnnxDecoderRunner:
         if self._session is None:
             raise RuntimeFailure(f"model {self.config.name!r} is not loaded")
         for row in rows:
-            if row.encoder_ids is not None:
+            if row.encoder_states is not None:
                 raise InvalidInput(f"model {self.config.name!r} is decoder-only; it takes no encoder input")
             end = row.start + len(row.tokens)
             if end > self._positions:

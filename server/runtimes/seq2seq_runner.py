@@ -1,21 +1,22 @@
-"""An encoder-decoder runner for the generation engine's ``DecoderRunner`` seam
-(``server/runtimes/generation.py`` on the engine branch): the same ``step(rows)``,
-``release(slot)``, ``max_slots``/``max_model_len``/``vocab_size``/``cache_bytes``, with
-rows carrying ``slot``, ``tokens``, ``start`` and, on a sequence's first step,
-``encoder_ids``.
+"""The encoder-decoder runner of the generation engine (``DecoderRunner`` in
+``server/runtimes/generation.py``): T5, BART and Marian entries exported with
+``--task text2text-generation`` run their decoder steps here, on the engine's thread.
 
-It runs on two loaded runtimes: the encoder entry's graph and optimum's merged decoder
+The task runs the encoder once per request (the ``NAME-encoder`` entry, through its own
+batcher) and hands the states with the sequence; they arrive on the sequence's first
+row (``StepRow.encoder_states``). The decoder is optimum's merged decoder
 (``use_cache_branch`` false on a slot's first step, which computes the cross-attention
 keys/values; true afterwards). Each slot keeps its encoder states, cross-attention
-keys/values and self-attention cache here between steps: nothing goes back to the
-caller. The merged decoder has no self-attention mask, so rows of different cache
-lengths cannot share a call: each row runs alone, and its self-attention cache comes
-back whole from the graph each step (a graph with an in-place cache, as the engine's
-decoder-only export has, is the next step for speed).
+keys/values and self-attention cache here between steps: nothing goes back to the task.
 
-Not wired yet: ``server/tasks/seq2seq.py`` runs the same loop over the request
-batcher today; once the engine is merged, an engine-served text2text entry builds
-this runner in place of ``OnnxDecoderRunner``.
+Trade-off, on purpose: the merged decoder has no self-attention mask, so rows whose
+caches hold different lengths (or whose sources differ in length) cannot share one
+model call without changing their results. Each row runs as its own call, back to back
+within the engine iteration: concurrent requests share iterations (no per-step trip
+through the request batcher, no cache copied in and out of a request) but not a matrix
+multiply, and each slot's self-attention cache comes back whole from the graph every
+step. A decoder graph with an attention mask over an in-place cache, as the engine's
+decoder-only export has, is what batching these rows needs.
 """
 
 from __future__ import annotations
@@ -23,27 +24,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 from taskserve.clients.datatypes import numpy_dtype
 from taskserve.server.errors import InvalidInput, RuntimeFailure
 from taskserve.server.runtimes.base import Runtime
+from taskserve.server.runtimes.generation import StepRow
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(decoder|encoder)\.(key|value)$")
-
-
-class Row(Protocol):
-    """What the engine's ``StepRow`` carries (structurally the same)."""
-
-    @property
-    def slot(self) -> int: ...
-    @property
-    def tokens(self) -> np.ndarray: ...
-    @property
-    def start(self) -> int: ...
-    @property
-    def encoder_ids(self) -> np.ndarray | None: ...
 
 
 @dataclass
@@ -57,8 +45,7 @@ class _Slot:
 class Seq2SeqRunner:
     """Called from one engine thread, never concurrently."""
 
-    def __init__(self, encoder: Runtime, decoder: Runtime, max_slots: int, max_model_len: int) -> None:
-        self._encoder = encoder
+    def __init__(self, decoder: Runtime, max_slots: int, max_model_len: int) -> None:
         self._decoder = decoder
         self._max_slots = max_slots
         self._max_model_len = max_model_len
@@ -66,8 +53,11 @@ class Seq2SeqRunner:
         self._past = {
             n: (t.shape[1], t.shape[3], np.dtype(numpy_dtype(t.datatype))) for n, t in inputs.items() if _PAST.match(n)
         }
-        if not self._past or "use_cache_branch" not in inputs:
+        if not self._past or not {"use_cache_branch", "encoder_hidden_states"} <= set(inputs):
             raise RuntimeFailure("the decoder is not optimum's merged decoder with a cache (use_cache_branch)")
+        self._hidden_dtype = np.dtype(numpy_dtype(inputs["encoder_hidden_states"].datatype))
+        mask = inputs.get("encoder_attention_mask")
+        self._mask_dtype = np.dtype(numpy_dtype(mask.datatype)) if mask is not None else np.dtype(np.int64)
         logits = next((t for t in decoder.outputs if t.name == "logits"), None)
         if logits is None or logits.shape[-1] < 1:
             raise RuntimeFailure("the decoder has no logits output of a known vocabulary size")
@@ -88,16 +78,20 @@ class Seq2SeqRunner:
         return self._vocab
 
     @property
+    def description(self) -> str:
+        return f"{self._decoder.description}, encoder-decoder on the generation engine ({self._max_slots} slots)"
+
+    @property
     def cache_bytes(self) -> int:
         return sum(a.nbytes for s in self._slots.values() for a in (s.hidden, *s.past.values()))
 
-    def step(self, rows: Sequence[Row]) -> np.ndarray:
+    def step(self, rows: Sequence[StepRow]) -> np.ndarray:
         out = np.empty((len(rows), self._vocab), dtype=np.float32)
         for i, row in enumerate(rows):
             out[i] = self._row(row)
         return out
 
-    def _row(self, row: Row) -> np.ndarray:
+    def _row(self, row: StepRow) -> np.ndarray:
         if not 0 <= row.slot < self._max_slots:
             raise InvalidInput(f"slot {row.slot} is outside [0, {self._max_slots})")
         first = row.start == 0
@@ -126,19 +120,21 @@ class Seq2SeqRunner:
         logits: np.ndarray = result["logits"][0, -1].astype(np.float32, copy=False)
         return logits
 
-    def _encode(self, row: Row) -> _Slot:
-        if row.encoder_ids is None or len(row.encoder_ids) == 0:
-            raise InvalidInput(f"slot {row.slot}: an encoder-decoder's first step needs encoder_ids")
-        ids = np.asarray(row.encoder_ids, dtype=np.int64)[None]
-        mask = np.ones_like(ids)
-        hidden = self._encoder.infer({"input_ids": ids, "attention_mask": mask}, ["last_hidden_state"])
+    def _encode(self, row: StepRow) -> _Slot:
+        states = row.encoder_states
+        if states is None or states.ndim != 2 or len(states) == 0:
+            raise InvalidInput(
+                f"slot {row.slot}: an encoder-decoder's first step needs encoder_states (source length, hidden size)"
+            )
+        hidden = np.ascontiguousarray(states[None], dtype=self._hidden_dtype)
+        mask = np.ones((1, len(states)), dtype=self._mask_dtype)
+        # The first step (no cache) computes the cross-attention keys/values; these are placeholders.
         past = {n: np.zeros((1, heads, 0, size), dtype) for n, (heads, size, dtype) in self._past.items()}
-        return _Slot(hidden["last_hidden_state"], mask, past)
+        return _Slot(hidden, mask, past)
 
     def release(self, slot: int) -> None:
         self._slots.pop(slot, None)
 
     def close(self) -> None:
         self._slots.clear()
-        self._encoder.close()
         self._decoder.close()

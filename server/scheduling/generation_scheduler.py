@@ -51,8 +51,8 @@ class SequenceRequest:
     stop_token_ids: frozenset[int] = frozenset()
     # Absolute time.monotonic().
     deadline: float | None = None
-    # Encoder-decoder runners only: the source ids (see StepRow.encoder_ids).
-    encoder_ids: tuple[int, ...] | None = None
+    # Encoder-decoder runners only: the encoder's states for the source (see StepRow.encoder_states).
+    encoder_states: np.ndarray | None = None
 
 
 # A stream's queue holds tokens, then _END or an exception.
@@ -265,9 +265,8 @@ class GenerationScheduler(Scheduler):
         prompt = sequence.request.prompt
         size = min(self.chunk_size, budget, len(prompt) - sequence.computed)
         chunk = np.asarray(prompt[sequence.computed : sequence.computed + size], np.int64)
-        encoder = sequence.request.encoder_ids
-        encoder_ids = np.asarray(encoder, np.int64) if encoder is not None and sequence.computed == 0 else None
-        plan.append((StepRow(sequence.slot, chunk, sequence.computed, encoder_ids), sequence))
+        encoder = sequence.request.encoder_states if sequence.computed == 0 else None
+        plan.append((StepRow(sequence.slot, chunk, sequence.computed, encoder), sequence))
         return size
 
     def _emit(self, sequence: _Sequence, token: int, now: float) -> None:
