@@ -138,7 +138,7 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
         exported = source(work / "export")
         rec.detail = f"{description} -> {exported.task}: {', '.join(exported.onnx_files)}"
     if exported.generation is not None:
-        if options.quantize or options.fp16 or options.tensorrt:
+        if exported.task == "text-generation" and (options.quantize or options.fp16 or options.tensorrt):
             # Untested with the in-place cache binding; refused rather than written and unservable.
             raise UsageError(
                 "the generation engine's graph is exported in float32 only; drop --quantize, --fp16 and --tensorrt"

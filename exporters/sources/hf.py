@@ -171,6 +171,10 @@ def export_hf(model: str, optimum_task: str, work: Path, opset: int | None = Non
             "optimum_task": optimum_task,
             "model_type": config.model_type,
         },
+        # Encoder-decoders step their merged decoder on the generation engine (Seq2SeqRunner).
+        generation={**ENGINE_DEFAULTS, "max_model_len": min(max_length, ENGINE_MAX_MODEL_LEN)}
+        if task == "text2text-generation"
+        else None,
     )
 
 

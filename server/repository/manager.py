@@ -296,26 +296,48 @@ class ModelManager:
         metrics: ModelMetrics,
         started: float,
     ) -> LoadedModel:
-        """A decoder served by the generation engine: one runner holding the resident KV cache."""
+        """A decoder served by the generation engine: one runner holding the resident KV cache
+        (decoder-only graphs: OnnxDecoderRunner; text2text-generation: optimum's merged decoder
+        in a Seq2SeqRunner, the encoder staying its own entry)."""
+        from taskserve.server.runtimes.generation import DecoderRunner
         from taskserve.server.runtimes.onnx_decoder import OnnxDecoderRunner
+        from taskserve.server.runtimes.seq2seq_runner import Seq2SeqRunner
         from taskserve.server.scheduling.generation_scheduler import GenerationScheduler
 
-        assert config.generation is not None
-        runner = OnnxDecoderRunner(model_path, config)
+        settings = config.generation
+        assert settings is not None
+        runtime: Runtime
+        runner: DecoderRunner
+        if config.task == "text2text-generation":
+            runtime = create_runtime(model_path, config)
+            close = runtime.close
 
-        def load_and_warm() -> ModelConfig:
-            runner.load()
-            resolved = resolve_tensors(config, runner.runtime.inputs, runner.runtime.outputs)
-            if config.warmup.enabled:
-                runner.warmup()
-            return resolved
+            def load_and_warm() -> tuple[ModelConfig, DecoderRunner, str]:
+                runtime.load()
+                resolved = resolve_tensors(config, runtime.inputs, runtime.outputs)
+                if config.warmup.enabled:
+                    runtime.warmup(warmup_inputs(resolved, 1))
+                seq2seq = Seq2SeqRunner(runtime, settings.max_num_seqs, settings.max_model_len)
+                return resolved, seq2seq, seq2seq.description
+
+        else:
+            decoder = OnnxDecoderRunner(model_path, config)
+            runtime = decoder.runtime
+            close = decoder.close
+
+            def load_and_warm() -> tuple[ModelConfig, DecoderRunner, str]:
+                decoder.load()
+                resolved = resolve_tensors(config, decoder.runtime.inputs, decoder.runtime.outputs)
+                if config.warmup.enabled:
+                    decoder.warmup()
+                return resolved, decoder, decoder.description
 
         try:
-            resolved = await asyncio.to_thread(load_and_warm)
-            scheduler = GenerationScheduler(name, config.generation, runner, metrics)
+            resolved, runner, description = await asyncio.to_thread(load_and_warm)
+            scheduler = GenerationScheduler(name, settings, runner, metrics)
             await scheduler.start()
         except BaseException:
-            runner.close()
+            close()
             raise
         metrics.loaded(time.perf_counter() - started)
         metrics.set_ready(True)
@@ -326,8 +348,8 @@ class ModelManager:
             model_dir=model_dir,
             scheduler=scheduler,
             metrics=metrics,
-            runtimes=[runner.runtime],
-            platform_description=runner.description,
+            runtimes=[runtime],
+            platform_description=description,
         )
 
     async def unload(self, name: str, drain: bool = True) -> None:
