@@ -4,12 +4,13 @@ BART, Marian families exported by ``taskserve-export hf DIR --task text2text-gen
 The export is two repository entries: the encoder (``<name>-encoder``, task ``tensor``:
 ``input_ids``, ``attention_mask`` -> ``last_hidden_state``) and this entry, optimum's
 merged decoder (``use_cache_branch`` false on the first step, which also computes the
-cross-attention keys/values; true afterwards, when the cache holds them). The encoder
-runs once per request; then one decoder step per token, each a request to this model's
-scheduler carrying the request's own encoder states and cache.
-
-The decoder loop lives here alone, over the request batcher (each step runs by itself:
-the entry has no batch dimension), so it can move onto the generation engine later.
+cross-attention keys/values; true afterwards, when the cache holds them), served by the
+generation engine (the entry's ``generation:`` block; ``server/runtimes/seq2seq_runner.py``).
+The encoder runs once per request through the encoder entry's batcher; its states go to
+the engine with the sequence (the decoder start token as the prompt), and every running
+sequence's next decoder step shares the engine's iterations. Tokens are picked here (the
+engine calls this request's ``TokenPicker``), turned into text with stop strings, and a
+consumer that stops early cancels the sequence, freeing its slot at the next iteration.
 
 task_options: ``encoder_model`` (the encoder entry's name), ``decoder_start_token_id``,
 ``eos_token_id`` (both also read from ``generation_config.json``), ``max_new_tokens``
@@ -22,13 +23,12 @@ for T5), plus the tokenizer's keys.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import AsyncGenerator, AsyncIterator
 
 import numpy as np
-from taskserve.clients.datatypes import numpy_dtype
 from taskserve.server.errors import InvalidInput, Overloaded, RuntimeFailure
 from taskserve.server.scheduling.base import InferRequest
+from taskserve.server.scheduling.generation_scheduler import GenerationScheduler, SequenceRequest
 from taskserve.server.tasks.base import CallOptions, ServedModel, TaskConfigError, TaskContext
 from taskserve.server.tasks.decoding import TextStream, TokenPicker
 from taskserve.server.tasks.text import TextTask
@@ -42,8 +42,6 @@ from taskserve.server.tasks.text_generation import (
 )
 from taskserve.server.tasks.transform import PromptTemplates, TransformInput, TransformKind, read_languages
 
-_PAST = re.compile(r"^past_key_values\.(\d+)\.(decoder|encoder)\.(key|value)$")
-
 
 class Seq2SeqGenerator(TextTask):
     task = "text2text-generation"
@@ -53,24 +51,14 @@ class Seq2SeqGenerator(TextTask):
         name = model.name
         inputs = {t.name: t for t in model.config.inputs or ()}
         needed = {"input_ids", "encoder_hidden_states", "encoder_attention_mask", "use_cache_branch"}
-        if not needed <= set(inputs) or model.config.max_batch_size != 0:
+        scheduler = model.scheduler
+        if not needed <= set(inputs) or not isinstance(scheduler, GenerationScheduler):
             raise TaskConfigError(
-                f"model {name!r} is not an encoder-decoder's merged decoder without a batch dimension "
-                f"(inputs {sorted(needed)}, max_batch_size 0); export it with "
+                f"model {name!r} is not an encoder-decoder's merged decoder served by the generation engine "
+                f"(inputs {sorted(needed)} and a generation: block in config.yaml); export it with "
                 "taskserve-export hf DIR --task text2text-generation"
             )
-        self._past: dict[str, tuple[int, int, np.dtype[np.generic]]] = {}
-        for tensor in inputs.values():
-            if _PAST.match(tensor.name):
-                dims = tensor.dims  # (batch, heads, length, head size): no batch dim in the config
-                if len(dims) != 4 or dims[1] < 1 or dims[3] < 1:
-                    raise TaskConfigError(f"model {name!r}: input {tensor.name!r} has dims {list(dims)}")
-                self._past[tensor.name] = (dims[1], dims[3], np.dtype(numpy_dtype(tensor.datatype)))
-        if not self._past:
-            raise TaskConfigError(f"model {name!r} has no past_key_values inputs; export it with its cache")
-        self._wanted = ("logits", *(self._present(n) for n in self._past))
-        self._dtypes = {n: self.input_dtype(n) for n in ("input_ids", "encoder_attention_mask")}
-        self._hidden_dtype = self.input_dtype("encoder_hidden_states", np.float32)
+        self.engine = scheduler
         self.encoder_model = self.option("encoder_model", f"{name}-encoder")
         generation = self._generation_config()
         start = self.options.get("decoder_start_token_id", generation.get("decoder_start_token_id"))
@@ -81,7 +69,9 @@ class Seq2SeqGenerator(TextTask):
         self.eos_ids = frozenset(e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int))
         self.max_positions = self.tokenizer.max_length
         self.default_max_new_tokens = self.option("max_new_tokens", 256)
-        self.max_new_tokens_limit = min(self.option("max_new_tokens_limit", 4096), self.max_positions - 1)
+        # The decoder's cache holds the start token plus every generated token but the last.
+        room = min(self.max_positions - 1, self.engine.max_model_len)
+        self.max_new_tokens_limit = min(self.option("max_new_tokens_limit", 4096), room)
         self.max_concurrent = self.option("max_concurrent_generations", 64)
         self.active = 0
         plain = dict.fromkeys(TransformKind, "{text}")
@@ -94,10 +84,6 @@ class Seq2SeqGenerator(TextTask):
             return {}
         data = json.loads(path.read_text(encoding="utf-8"))
         return data if isinstance(data, dict) else {}
-
-    @staticmethod
-    def _present(past: str) -> str:
-        return past.replace("past_key_values.", "present.", 1)
 
     def check_params(self, params: GenerateParams) -> None:
         if params.max_new_tokens > self.max_new_tokens_limit:
@@ -147,14 +133,14 @@ class Seq2SeqGenerator(TextTask):
         self, text: str, params: GenerateParams, options: CallOptions, encoder: ServedModel
     ) -> AsyncGenerator[GenerationChunk, None]:
         ids = await self.offload("preprocess", self.prepare, text)
-        mask = np.ones((1, len(ids)), dtype=self._dtypes["encoder_attention_mask"])
+        mask = np.ones((1, len(ids)), dtype=np.int64)
         encoded = await encoder.scheduler.submit(
             InferRequest(
-                inputs={"input_ids": np.asarray([ids], dtype=np.int64), "attention_mask": mask.astype(np.int64)},
+                inputs={"input_ids": np.asarray([ids], dtype=np.int64), "attention_mask": mask},
                 output_names=("last_hidden_state",), priority=options.priority, deadline=options.deadline,
             )
         )  # fmt: skip
-        hidden = encoded.outputs["last_hidden_state"].astype(self._hidden_dtype, copy=False)
+        hidden = encoded.outputs["last_hidden_state"]
         if hidden.ndim != 3 or hidden.shape[:2] != (1, len(ids)):
             raise RuntimeFailure(
                 f"encoder {encoder.name!r} returned last_hidden_state of shape {list(hidden.shape)}, "
@@ -165,47 +151,40 @@ class Seq2SeqGenerator(TextTask):
         stream = TextStream(
             lambda t: self.tokenizer.decode(t, skip_special_tokens=True), [self.decoder_start], params.stop
         )
-        # The first step (no cache) computes the cross-attention keys/values; the past inputs are placeholders.
-        past = {n: np.zeros((1, heads, 0, size), dtype) for n, (heads, size, dtype) in self._past.items()}
-        token, first = self.decoder_start, True
+        sequence = self.engine.generate(
+            SequenceRequest(
+                prompt=(self.decoder_start,),
+                max_new_tokens=limit,
+                pick=picker.pick,
+                stop_token_ids=self.eos_ids,
+                deadline=options.deadline,
+                encoder_states=hidden[0],
+            )
+        )
         generated: list[int] = []
         unsent: list[int] = []
-        while True:
-            inputs = {
-                "input_ids": np.asarray([[token]], dtype=self._dtypes["input_ids"]),
-                "encoder_hidden_states": hidden,
-                "encoder_attention_mask": mask,
-                "use_cache_branch": np.asarray([not first]),
-                **past,
-            }
-            result = await self.model.scheduler.submit(
-                InferRequest(
-                    inputs=inputs, output_names=self._wanted, priority=options.priority, deadline=options.deadline
-                )
-            )
-            outputs = result.outputs
-            for name in past:
-                # The cache branch returns placeholders for the cross-attention states: keep the first step's.
-                if first or ".decoder." in name:
-                    past[name] = outputs[self._present(name)]
-            first = False
-            token = picker.pick(outputs["logits"][0, -1])
-            generated.append(token)
-            unsent.append(token)
-            finish: FinishReason | None = None
-            piece = ""
-            if token in self.eos_ids:
-                finish = FinishReason.EOS
-            else:
-                piece = stream.push(token)
-                if stream.stopped:
-                    finish = FinishReason.STOP
-                elif len(generated) >= limit:
-                    finish = FinishReason.LENGTH
-            if finish is not None:
-                piece += stream.finish()
-                yield GenerationChunk(piece, tuple(unsent), finish, Usage(len(ids), len(generated)))
-                return
-            if piece:
-                yield GenerationChunk(piece, tuple(unsent))
-                unsent = []
+        try:
+            async for token in sequence:
+                generated.append(token)
+                unsent.append(token)
+                finish: FinishReason | None = None
+                piece = ""
+                if token in self.eos_ids:
+                    finish = FinishReason.EOS
+                else:
+                    piece = stream.push(token)
+                    if stream.stopped:
+                        finish = FinishReason.STOP
+                    elif len(generated) >= limit:
+                        finish = FinishReason.LENGTH
+                if finish is not None:
+                    piece += stream.finish()
+                    yield GenerationChunk(piece, tuple(unsent), finish, Usage(len(ids), len(generated)))
+                    return
+                if piece:
+                    yield GenerationChunk(piece, tuple(unsent))
+                    unsent = []
+            # The engine ended the sequence at its cache length (the limit keeps within it; kept as a guard).
+            yield GenerationChunk(stream.finish(), tuple(unsent), FinishReason.LENGTH, Usage(len(ids), len(generated)))
+        finally:
+            sequence.cancel()  # a stop string or a client gone: the slot frees at the next iteration

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -216,52 +215,81 @@ def test_async_client_transforms(transform_server: ServerThread) -> None:
     assert whole.usage.generated_tokens == len(whole.token_ids) > 0
 
 
-@dataclass(frozen=True)
-class _Row:
-    slot: int
-    tokens: np.ndarray
-    start: int
-    encoder_ids: np.ndarray | None = None
+def _encoder_states(repo: Path, name: str, ids: np.ndarray) -> np.ndarray:
+    from taskserve.server.repository.config import load_model_config
+    from taskserve.server.runtimes.onnx import OnnxRuntime
+
+    entry = repo / f"{name}-encoder"
+    encoder = OnnxRuntime(entry / "1" / load_model_config(entry).default_model_filename, load_model_config(entry))
+    encoder.load()
+    states = encoder.infer({"input_ids": ids[None], "attention_mask": np.ones_like(ids)[None]})["last_hidden_state"]
+    encoder.close()
+    return np.asarray(states[0])
 
 
-def test_seq2seq_runner_for_the_engine_seam_interleaves_slots_like_generate(
+def test_seq2seq_runner_interleaves_slots_like_generate(
     transform_server: ServerThread, transform_sources: dict[str, Path]
 ) -> None:
-    """The encoder-decoder runner the engine will use: two sequences stepping together in
-    one ``step`` call each iteration, each equal to transformers' greedy generate."""
+    """The engine's encoder-decoder runner: two sequences stepping together in one
+    ``step`` call each iteration, each equal to transformers' greedy generate."""
     from taskserve.server.repository.config import load_model_config
+    from taskserve.server.runtimes.generation import StepRow
     from taskserve.server.runtimes.onnx import OnnxRuntime
     from taskserve.server.runtimes.seq2seq_runner import Seq2SeqRunner
     from transformers import AutoTokenizer
 
     assert transform_server.app is not None
     repo = transform_server.app.models.repository
-    runtimes = []
-    for entry in (repo / "tiny-t5-encoder", repo / "tiny-t5"):
-        config = load_model_config(entry)
-        runtime = OnnxRuntime(entry / "1" / config.default_model_filename, config)
-        runtime.load()
-        runtimes.append(runtime)
-    runner = Seq2SeqRunner(runtimes[0], runtimes[1], max_slots=4, max_model_len=64)
+    config = load_model_config(repo / "tiny-t5")
+    decoder = OnnxRuntime(repo / "tiny-t5" / "1" / config.default_model_filename, config)
+    decoder.load()
+    runner = Seq2SeqRunner(decoder, max_slots=4, max_model_len=64)
     tokenizer = AutoTokenizer.from_pretrained(transform_sources["tiny-t5"])
-    sources = {slot: np.asarray(tokenizer(TEXTS[slot])["input_ids"]) for slot in (0, 1)}
+    sources = {slot: np.asarray(tokenizer(TEXTS[slot])["input_ids"], np.int64) for slot in (0, 1)}
+    states = {slot: _encoder_states(repo, "tiny-t5", ids) for slot, ids in sources.items()}
     generated: dict[int, list[int]] = {0: [], 1: []}
-    rows = [_Row(slot, np.asarray([0]), 0, ids) for slot, ids in sources.items()]  # 0: T5's decoder start
+    rows = [StepRow(slot, np.asarray([0]), 0, states[slot]) for slot in (0, 1)]  # 0: T5's decoder start
     for _ in range(12):
         logits = runner.step(rows)
         assert logits.shape == (2, runner.vocab_size)
         rows = []
         for i, slot in enumerate((0, 1)):
             generated[slot].append(int(logits[i].argmax()))
-            rows.append(_Row(slot, np.asarray([generated[slot][-1]]), len(generated[slot])))
+            rows.append(StepRow(slot, np.asarray([generated[slot][-1]]), len(generated[slot])))
     assert runner.cache_bytes > 0
     for slot in (0, 1):
         reference = _reference(transform_sources["tiny-t5"], TEXTS[slot], 12)
         assert generated[slot][: len(reference)] == reference
     runner.release(0)
-    with pytest.raises(Exception, match="encoder_ids"):
-        runner.step([_Row(0, np.asarray([0]), 0)])
+    with pytest.raises(Exception, match="encoder_states"):
+        runner.step([StepRow(0, np.asarray([0]), 0)])
     runner.close()
+
+
+def test_encoder_decoder_runs_on_the_generation_engine_sharing_iterations(
+    client: TaskServeClient, transform_server: ServerThread
+) -> None:
+    """Concurrent requests' decoder steps share engine iterations: fewer iterations than
+    tokens generated (one by one, every token would take an iteration of its own)."""
+    from taskserve.server.scheduling.generation_scheduler import GenerationScheduler
+
+    assert transform_server.app is not None
+    engine = transform_server.app.models.get("tiny-bart").scheduler
+    assert isinstance(engine, GenerationScheduler)
+    texts = TEXTS * 2
+    before = engine.iterations
+
+    async def together(address: str) -> list[Any]:
+        async with AsyncTaskServeClient(address) as aclient:
+            return await asyncio.gather(
+                *(aclient.text.text2text(t, model="tiny-bart", max_new_tokens=20) for t in texts)
+            )
+
+    results = asyncio.run(together(transform_server.address))
+    tokens = sum(r.usage.generated_tokens for r in results)
+    iterations = engine.iterations - before
+    assert tokens >= len(texts) and iterations < tokens, (iterations, tokens)
+    assert engine.running_count == engine.waiting_count == 0
 
 
 def test_encoder_decoder_export_writes_two_entries_the_server_serves(transform_server: ServerThread) -> None:
@@ -275,6 +303,8 @@ def test_encoder_decoder_export_writes_two_entries_the_server_serves(transform_s
     assert (decoder.task, decoder.default_model_filename) == ("text2text-generation", "decoder_model_merged.onnx")
     assert decoder.task_options["encoder_model"] == "tiny-bart-encoder"
     assert decoder.task_options["decoder_start_token_id"] == 1
+    # The decoder steps on the generation engine; max_model_len from the model's positions (tiny: 128).
+    assert decoder.generation is not None and decoder.generation.max_model_len == 128
     assert entry_complete(repo / "tiny-bart") and entry_complete(repo / "tiny-bart-encoder")
     assert not (repo / "tiny-bart" / "1" / "encoder_model.onnx").exists()
     models = transform_server.app.models
