@@ -8,6 +8,7 @@ still loads on a CPU-only machine.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
