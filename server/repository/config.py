@@ -133,8 +133,9 @@ class RuntimeConfig(_Frozen):
 
 class GenerationConfig(_Frozen):
     """The generation engine (``server/scheduling/generation_scheduler.py``): present for
-    decoders exported with a resident KV cache (``past_key.N`` bound in place). Absent, a
-    text-generation model runs its steps through the dynamic batcher instead."""
+    decoders exported with a resident KV cache (``past_key.N`` bound in place) and for
+    encoder-decoders (``text2text-generation``, which always run on the engine: absent, these
+    defaults). Absent, a text-generation model runs its steps through the dynamic batcher instead."""
 
     # Sequences decoding at once; each holds one cache slot of max_model_len positions.
     max_num_seqs: int = Field(default=16, ge=1, le=1024)

@@ -18,7 +18,7 @@ import numpy as np
 from taskserve.clients.datatypes import numpy_dtype
 from taskserve.server.errors import ModelNotFound, ModelNotReady, TaskServeError
 from taskserve.server.metrics import ModelMetrics, ServerMetrics
-from taskserve.server.repository.config import ModelConfig, load_model_config
+from taskserve.server.repository.config import GenerationConfig, ModelConfig, load_model_config
 from taskserve.server.repository.paths import model_dir_inside, model_dir_names, resolve_inside, without_server_paths
 from taskserve.server.repository.tensors import resolve_tensors
 from taskserve.server.repository.versions import available_versions, select_versions
@@ -247,7 +247,8 @@ class ModelManager:
         metrics = self._metrics.for_model(name, version)
         runtimes: list[Runtime] = []
 
-        if config.generation is not None:
+        # Encoder-decoders always step on the engine; entries exported before it wrote their block get its defaults.
+        if config.generation is not None or config.task == "text2text-generation":
             return await self._load_engine(name, version, model_dir, config, model_path, metrics, started)
 
         def load_and_warm() -> ModelConfig:
@@ -304,8 +305,7 @@ class ModelManager:
         from taskserve.server.runtimes.seq2seq_runner import Seq2SeqRunner
         from taskserve.server.scheduling.generation_scheduler import GenerationScheduler
 
-        settings = config.generation
-        assert settings is not None
+        settings = config.generation or GenerationConfig()
         runtime: Runtime
         runner: DecoderRunner
         if config.task == "text2text-generation":

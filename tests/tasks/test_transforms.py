@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,12 @@ def transform_server(
     _set_options(
         repo / "tiny-t5", prompt_templates={"translation": T5_TRANSLATION}, languages=["English", "German", "French"]
     )
+    # An entry exported before encoder-decoders wrote a generation: block: served on the engine's defaults.
+    shutil.copytree(repo / "tiny-bart", repo / "tiny-bart-noblock")
+    config = yaml.safe_load((repo / "tiny-bart-noblock" / "config.yaml").read_text())
+    del config["generation"]
+    config["name"] = "tiny-bart-noblock"
+    (repo / "tiny-bart-noblock" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     # A Marian model translates one language pair: the text as it is, languages checked.
     _set_options(repo / "tiny-marian", languages=["en", "de"])
     export_hf(transform_sources["tiny-prompted"], "text-generation", repo, "tiny-prompted", progress=False)
@@ -290,6 +297,11 @@ def test_encoder_decoder_runs_on_the_generation_engine_sharing_iterations(
     iterations = engine.iterations - before
     assert tokens >= len(texts) and iterations < tokens, (iterations, tokens)
     assert engine.running_count == engine.waiting_count == 0
+
+
+def test_an_entry_without_a_generation_block_runs_on_the_engine_defaults(client: TaskServeClient) -> None:
+    expected = client.text.text2text(TEXTS[0], model="tiny-bart", max_new_tokens=16)
+    assert client.text.text2text(TEXTS[0], model="tiny-bart-noblock", max_new_tokens=16).token_ids == expected.token_ids
 
 
 def test_encoder_decoder_export_writes_two_entries_the_server_serves(transform_server: ServerThread) -> None:
