@@ -9,14 +9,16 @@ row (``StepRow.encoder_states``). The decoder is optimum's merged decoder
 keys/values; true afterwards). Each slot keeps its encoder states, cross-attention
 keys/values and self-attention cache here between steps: nothing goes back to the task.
 
-Trade-off, on purpose: the merged decoder has no self-attention mask, so rows whose
-caches hold different lengths (or whose sources differ in length) cannot share one
-model call without changing their results. Each row runs as its own call, back to back
-within the engine iteration: concurrent requests share iterations (no per-step trip
-through the request batcher, no cache copied in and out of a request) but not a matrix
-multiply, and each slot's self-attention cache comes back whole from the graph every
-step. A decoder graph with an attention mask over an in-place cache, as the engine's
-decoder-only export has, is what batching these rows needs.
+Trade-off, on purpose: the merged decoder has no self-attention mask, so only rows whose
+self-attention caches hold the same number of positions can share a model call without
+changing their results. Each step groups the rows by cache length: a group is one call
+(sources of different lengths padded, the encoder attention mask hiding the padding),
+groups run back to back within the engine iteration. Sequences admitted together stay
+in lockstep and batch; sequences that arrived at different times share the iteration
+but not a matrix multiply. Each slot's self-attention cache comes back whole from the
+graph every step (copied, growing with the output). A decoder graph with a
+self-attention mask over an in-place cache, as the engine's decoder-only export has,
+is what batching every row needs.
 """
 
 from __future__ import annotations
@@ -86,38 +88,71 @@ class Seq2SeqRunner:
         return sum(a.nbytes for s in self._slots.values() for a in (s.hidden, *s.past.values()))
 
     def step(self, rows: Sequence[StepRow]) -> np.ndarray:
-        out = np.empty((len(rows), self._vocab), dtype=np.float32)
+        groups: dict[tuple[int, int], list[int]] = {}
         for i, row in enumerate(rows):
-            out[i] = self._row(row)
+            self._check(row)
+            groups.setdefault((row.start, len(row.tokens)), []).append(i)
+        out = np.empty((len(rows), self._vocab), dtype=np.float32)
+        for members in groups.values():
+            # Equal cache lengths: one call (the graph has no self-attention mask to tell them apart).
+            out[members] = self._run([rows[i] for i in members])
         return out
 
-    def _row(self, row: StepRow) -> np.ndarray:
+    def _check(self, row: StepRow) -> None:
         if not 0 <= row.slot < self._max_slots:
             raise InvalidInput(f"slot {row.slot} is outside [0, {self._max_slots})")
-        first = row.start == 0
-        if first:
+        if row.start == 0:
             self._slots[row.slot] = self._encode(row)
         slot = self._slots.get(row.slot)
         if slot is None or slot.length != row.start:
             raise InvalidInput(f"slot {row.slot} holds {slot.length if slot else 0} positions, not {row.start}")
         if row.start + len(row.tokens) > self._max_model_len:
             raise InvalidInput(f"slot {row.slot} would exceed {self._max_model_len} positions")
+
+    def _run(self, rows: list[StepRow]) -> np.ndarray:
+        """One decoder call for rows of equal cache length. Sources of different lengths are
+        padded to the longest: the encoder attention mask hides the padding from cross-attention,
+        and each slot keeps its own cross-attention keys/values unpadded."""
+        first = rows[0].start == 0
+        slots = [self._slots[row.slot] for row in rows]
+        lengths = [s.hidden.shape[1] for s in slots]
+        longest = max(lengths)
+
+        def padded(arrays: list[np.ndarray], axis: int) -> np.ndarray:
+            if len(arrays) == 1:
+                return arrays[0]
+            widths = [[(0, longest - a.shape[axis]) if d == axis else (0, 0) for d in range(a.ndim)] for a in arrays]
+            return np.concatenate([np.pad(a, w) for a, w in zip(arrays, widths, strict=True)])
+
+        past: dict[str, np.ndarray] = {}
+        for name in self._past:
+            if first:  # placeholders: the no-cache branch computes the cross-attention keys/values
+                heads, size, dtype = self._past[name]
+                past[name] = np.zeros((len(rows), heads, 0, size), dtype)
+            elif ".decoder." in name:
+                past[name] = np.concatenate([s.past[name] for s in slots]) if len(slots) > 1 else slots[0].past[name]
+            else:
+                past[name] = padded([s.past[name] for s in slots], 2)
         result = self._decoder.infer(
             {
-                "input_ids": np.asarray(row.tokens, dtype=np.int64)[None],
-                "encoder_hidden_states": slot.hidden,
-                "encoder_attention_mask": slot.mask,
+                "input_ids": np.stack([np.asarray(row.tokens, dtype=np.int64) for row in rows]),
+                "encoder_hidden_states": padded([s.hidden for s in slots], 1),
+                "encoder_attention_mask": padded([s.mask for s in slots], 1),
                 "use_cache_branch": np.asarray([not first]),
-                **slot.past,
+                **past,
             },
             self._wanted,
         )
-        for name in slot.past:
-            # The cache branch returns placeholders for the cross-attention states: keep the first step's.
-            if first or ".decoder." in name:
-                slot.past[name] = result[name.replace("past_key_values.", "present.", 1)]
-        slot.length += len(row.tokens)
-        logits: np.ndarray = result["logits"][0, -1].astype(np.float32, copy=False)
+        for i, (slot, length) in enumerate(zip(slots, lengths, strict=True)):
+            for name in self._past:
+                present = result[name.replace("past_key_values.", "present.", 1)]
+                if ".decoder." in name:
+                    slot.past[name] = present[i : i + 1]
+                elif first:
+                    # The cache branch returns placeholders for the cross-attention states: keep the first step's.
+                    slot.past[name] = np.ascontiguousarray(present[i : i + 1, :, :length])
+            slot.length += len(rows[i].tokens)
+        logits: np.ndarray = result["logits"][:, -1].astype(np.float32, copy=False)
         return logits
 
     def _encode(self, row: StepRow) -> _Slot:

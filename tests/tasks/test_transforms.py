@@ -237,8 +237,10 @@ def _encoder_states(repo: Path, name: str, ids: np.ndarray) -> np.ndarray:
 def test_seq2seq_runner_interleaves_slots_like_generate(
     transform_server: ServerThread, transform_sources: dict[str, Path]
 ) -> None:
-    """The engine's encoder-decoder runner: two sequences stepping together in one
-    ``step`` call each iteration, each equal to transformers' greedy generate."""
+    """The engine's encoder-decoder runner: three sequences stepping in one ``step`` call each
+    iteration, each equal to transformers' greedy generate. Slots 0 and 1 (sources of different
+    lengths, started together) share one decoder call per step; slot 2, started three steps
+    later, holds a different cache length and gets its own."""
     from taskserve.server.repository.config import load_model_config
     from taskserve.server.runtimes.generation import StepRow
     from taskserve.server.runtimes.onnx import OnnxRuntime
@@ -250,21 +252,34 @@ def test_seq2seq_runner_interleaves_slots_like_generate(
     config = load_model_config(repo / "tiny-t5")
     decoder = OnnxRuntime(repo / "tiny-t5" / "1" / config.default_model_filename, config)
     decoder.load()
+    calls: list[int] = []
+    infer = decoder.infer
+
+    def counted(inputs: dict[str, np.ndarray], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
+        calls.append(len(inputs["input_ids"]))
+        return infer(inputs, output_names)
+
+    decoder.infer = counted  # type: ignore[method-assign]
     runner = Seq2SeqRunner(decoder, max_slots=4, max_model_len=64)
     tokenizer = AutoTokenizer.from_pretrained(transform_sources["tiny-t5"])
-    sources = {slot: np.asarray(tokenizer(TEXTS[slot])["input_ids"], np.int64) for slot in (0, 1)}
+    sources = {slot: np.asarray(tokenizer(TEXTS[slot])["input_ids"], np.int64) for slot in (0, 1, 2)}
+    assert len({len(ids) for ids in sources.values()}) == 3
     states = {slot: _encoder_states(repo, "tiny-t5", ids) for slot, ids in sources.items()}
-    generated: dict[int, list[int]] = {0: [], 1: []}
-    rows = [StepRow(slot, np.asarray([0]), 0, states[slot]) for slot in (0, 1)]  # 0: T5's decoder start
-    for _ in range(12):
-        logits = runner.step(rows)
-        assert logits.shape == (2, runner.vocab_size)
+    generated: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    for step in range(15):
         rows = []
-        for i, slot in enumerate((0, 1)):
-            generated[slot].append(int(logits[i].argmax()))
-            rows.append(StepRow(slot, np.asarray([generated[slot][-1]]), len(generated[slot])))
+        for slot in (0, 1, 2) if step >= 3 else (0, 1):
+            last = generated[slot][-1] if generated[slot] else 0  # 0: T5's decoder start
+            rows.append(
+                StepRow(slot, np.asarray([last]), len(generated[slot]), None if generated[slot] else states[slot])
+            )
+        logits = runner.step(rows)
+        assert logits.shape == (len(rows), runner.vocab_size)
+        for i, row in enumerate(rows):
+            generated[row.slot].append(int(logits[i].argmax()))
+    assert calls == [2] * 3 + [2, 1] * 12
     assert runner.cache_bytes > 0
-    for slot in (0, 1):
+    for slot in (0, 1, 2):
         reference = _reference(transform_sources["tiny-t5"], TEXTS[slot], 12)
         assert generated[slot][: len(reference)] == reference
     runner.release(0)
