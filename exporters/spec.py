@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from taskserve.exporters.torch_entry import TorchEntryWriter
 
 
 @dataclass(frozen=True)
@@ -75,3 +78,5 @@ class ExportedModel:
     transformer: TransformerShape | None = None
     # What produced it, for export-info.json.
     source: dict[str, Any] = field(default_factory=dict)
+    # Writes the files of a torch entry (--format torch); None: this model has none.
+    torch_entry: TorchEntryWriter | None = None

@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 from taskserve.server.errors import RuntimeFailure
 from taskserve.server.repository.config import ModelConfig
+from taskserve.server.runtimes import onnx_providers
 from taskserve.server.runtimes.base import Runtime, TensorInfo
+from taskserve.server.runtimes.io_binding import IoBinder
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +38,6 @@ _ORT_TO_V2 = {
     "tensor(string)": "BYTES",
 }
 
-_PROVIDER_NAMES = {
-    "tensorrt": "TensorrtExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "cpu": "CPUExecutionProvider",
-}
-
-
 def default_intra_op_threads(instance_count: int) -> int:
     """Split the cores between instances so N instances don't oversubscribe them."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -61,9 +56,12 @@ def _as_text(array: np.ndarray) -> np.ndarray:
 
 
 class OnnxRuntime(Runtime):
-    def __init__(self, model_path: Path, config: ModelConfig) -> None:
+    def __init__(self, model_path: Path, config: ModelConfig, gpu: int | None = None) -> None:
         self.model_path = model_path
         self.config = config
+        # The GPU this instance is placed on (instance groups); None: as runtime.device_id says.
+        self.gpu = gpu
+        self._binder: IoBinder | None = None
         self._session: object | None = None
         self._native: Any = None
         self._inputs: list[TensorInfo] = []
@@ -71,37 +69,6 @@ class OnnxRuntime(Runtime):
         self._output_names: list[str] = []
         self._text_inputs: frozenset[str] = frozenset()
         self.providers: list[str] = []
-
-    def _select_providers(self, available: list[str]) -> list[str | tuple[str, dict[str, object]]]:
-        rc = self.config.runtime
-        chosen: list[str | tuple[str, dict[str, object]]] = []
-        for name in rc.execution_providers:
-            ort_name = _PROVIDER_NAMES[name]
-            if ort_name not in available:
-                continue
-            if name == "tensorrt":
-                cache = rc.tensorrt.cache_dir or str(self.model_path.parent / "trt_cache")
-                options: dict[str, object] = {
-                    "device_id": rc.device_id,
-                    "trt_fp16_enable": rc.tensorrt.fp16,
-                    "trt_int8_enable": rc.tensorrt.int8,
-                    "trt_engine_cache_enable": True,
-                    "trt_engine_cache_path": cache,
-                    "trt_timing_cache_enable": True,
-                    "trt_timing_cache_path": cache,
-                    "trt_max_workspace_size": rc.tensorrt.max_workspace_mb * 1024 * 1024,
-                }
-                chosen.append((ort_name, options))
-            elif name == "cuda":
-                chosen.append((ort_name, {"device_id": rc.device_id}))
-            else:
-                chosen.append(ort_name)
-        if not chosen:
-            raise RuntimeFailure(
-                f"none of the configured execution providers {list(rc.execution_providers)} is available "
-                f"in this onnxruntime build (it has {available}); add 'cpu' to runtime.execution_providers"
-            )
-        return chosen
 
     def load(self) -> None:
         import onnxruntime as ort
@@ -121,12 +88,15 @@ class OnnxRuntime(Runtime):
         # Threads spin-wait by default, which steals the cores other instances and the
         # event loop need between batches.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if rc.allow_spinning else "0")
-        providers = self._select_providers(ort.get_available_providers())
+        providers = onnx_providers.select_providers(
+            self.config, ort.get_available_providers(), self.model_path, self.gpu
+        )
         try:
             session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=providers)
         except Exception as err:  # onnxruntime raises its own exception types
             raise RuntimeFailure(f"onnxruntime could not load {self.model_path}: {err}") from err
         self.providers = session.get_providers()
+        onnx_providers.check_active(self.config, providers, self.providers, self.gpu)
         self._inputs = [
             TensorInfo(i.name, self._v2_type(i.type), tuple(_dim(d) for d in i.shape)) for i in session.get_inputs()
         ]
@@ -141,7 +111,16 @@ class OnnxRuntime(Runtime):
         # whole server-side time. The wrapper stays the fallback if onnxruntime renames it.
         self._native = getattr(session, "_sess", None)
         self._session = session
+        self._binder = self._io_binder(ort, session)
         log.info("loaded %s with %s, %d intra-op threads", self.model_path, self.providers, opts.intra_op_num_threads)
+
+    def _io_binder(self, ort: Any, session: Any) -> IoBinder | None:
+        """GPU sessions with numeric inputs run through I/O binding (runtimes/io_binding.py)."""
+        rc = self.config.runtime
+        if not (rc.io_binding and onnx_providers.uses_cuda(self.providers)) or self._text_inputs:
+            return None
+        device_id = rc.device_id if self.gpu is None else self.gpu
+        return IoBinder(session, ort, self.config, "cuda", device_id, cuda_graphs=rc.cuda_graphs)
 
     def _v2_type(self, ort_type: str) -> str:
         try:
@@ -166,6 +145,8 @@ class OnnxRuntime(Runtime):
         if self._text_inputs:
             feed = {k: (_as_text(v) if v.dtype == np.object_ else v) for k, v in inputs.items()}
         try:
+            if self._binder is not None:
+                return self._binder.run(feed, names)
             if self._native is not None:
                 results = self._native.run(names, feed, None)
             else:
@@ -175,6 +156,9 @@ class OnnxRuntime(Runtime):
         return dict(zip(names, results, strict=True))
 
     def close(self) -> None:
+        if self._binder is not None:
+            self._binder.close()
+            self._binder = None
         self._session = None
 
     @property
