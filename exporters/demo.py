@@ -27,6 +27,9 @@ ENTRY_NAMES = {
     "minilm": "all-MiniLM-L6-v2",
     "efficientnet-lite0": "efficientnet-lite0",
     "smollm2": "SmolLM2-135M-Instruct",
+    # Torch entries of the same weights for the PyTorch runtime (fp16 on CUDA, fp32 on CPU).
+    "minilm-torch": "all-MiniLM-L6-v2-torch",
+    "efficientnet-lite0-torch": "efficientnet-lite0-torch",
 }
 # What ``build_demo`` builds when no models are named: the quick ones (about 15 s together).
 DEFAULT_MODELS = ("minilm", "efficientnet-lite0")
@@ -42,9 +45,12 @@ def _minilm(out: Path, name: str, options: dict[str, Any]) -> Path:
     # with half the cores each: under load two batches compute side by side, each on
     # its own threads, instead of one batch whose small matrices split poorly over all
     # cores (benchmarks/results/peers-all-MiniLM-L6-v2.md).
+    torch_entry = options.get("format") == "torch"
     return export_sentence_transformer(
         model_dir, out, name, token_embeddings=True, max_batch_size=64,
-        length_buckets=(16, 24, 32, 48, 64, 96, 128, 192, 256), instance_count=2, **options,
+        length_buckets=(16, 24, 32, 48, 64, 96, 128, 192, 256),
+        # One torch instance: it sizes torch's process-wide thread pool by itself.
+        instance_count=1 if torch_entry else 2, **options,
     ).entry  # fmt: skip
 
 
@@ -86,10 +92,16 @@ def _smollm2(out: Path, name: str, options: dict[str, Any]) -> Path:
         return export_hf(source, "text-generation", out, name, max_batch_size=16, **options).entry
 
 
+def _as_torch(build: Callable[[Path, str, dict[str, Any]], Path]) -> Callable[[Path, str, dict[str, Any]], Path]:
+    return lambda out, name, options: build(out, name, {**options, "format": "torch"})
+
+
 BUILDERS: dict[str, Callable[[Path, str, dict[str, Any]], Path]] = {
     "minilm": _minilm,
     "efficientnet-lite0": _efficientnet,
     "smollm2": _smollm2,
+    "minilm-torch": _as_torch(_minilm),
+    "efficientnet-lite0-torch": _as_torch(_efficientnet),
 }
 
 

@@ -106,6 +106,8 @@ def write_torch_files(exported: ExportedModel, work: Path) -> dict[str, Path]:
     if exported.inputs is None or exported.outputs is None:
         raise UsageError("--format torch needs a model with declared inputs and outputs")
     entry = exported.torch_entry(work)
+    for path in entry.files.values():
+        path.chmod(0o644)  # safetensors writes owner-only files; the server may run as another user
     spec_path = work / SPEC_FILE
     spec_path.write_text(json.dumps(entry.spec, indent=2) + "\n")
     return {**entry.files, SPEC_FILE: spec_path}

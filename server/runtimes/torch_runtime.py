@@ -68,6 +68,9 @@ _V2_TO_NUMPY = {
 # torch.set_num_threads is process-wide: the first CPU instance sets it.
 _threads_lock = threading.Lock()
 _threads_set = False
+# Models load on concurrent threads, and transformers' from_pretrained builds modules under
+# a process-wide meta-device context: a module built beside it would get meta parameters.
+_build_lock = threading.Lock()
 
 
 # -- EfficientNet-Lite0 (efficientnet_pytorch state-dict names) --------------------------
@@ -323,7 +326,8 @@ class TorchRuntime(Runtime):
         self._specs = {t.name: t for t in config.inputs}
         self._out_types = {t.name: t.datatype for t in config.outputs}
         try:
-            module = build_module(self.model_path.parent, spec, tuple(self._out_types))
+            with _build_lock:
+                module = build_module(self.model_path.parent, spec, tuple(self._out_types))
         except RuntimeFailure:
             raise
         except Exception as err:  # transformers/safetensors raise many types
