@@ -56,6 +56,20 @@ def gpu_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repo
 
 
+def _v2(address: str) -> Any:
+    """The v2 service through the generated stubs (tritonclient need not be on the GPU machine)."""
+    import grpc
+    from taskserve.clients.generated.inference import grpc_service_pb2 as pb
+    from taskserve.clients.generated.inference import grpc_service_pb2_grpc as pb_grpc
+
+    return pb, pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(address))
+
+
+def _index(address: str) -> dict[str, Any]:
+    pb, stub = _v2(address)
+    return {m.name: m for m in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models}
+
+
 def _variant(source: Path, dest: Path, **changes: Any) -> Path:
     """A copy of an entry (files linked) with config.yaml changes."""
     dest.mkdir(parents=True)
@@ -149,7 +163,6 @@ def gpu_repo(gpu_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 def test_concurrent_requests_batch_on_the_gpu(gpu_repo: Path) -> None:
     _torch_cuda()
-    import tritonclient.grpc as tc
     from taskserve.clients.generated.taskserve.v1 import common_pb2 as common
     from taskserve.clients.generated.taskserve.v1 import sentence_embedding_pb2 as se
     from taskserve.clients.generated.taskserve.v1 import sentence_embedding_pb2_grpc as se_grpc
@@ -166,7 +179,8 @@ def test_concurrent_requests_batch_on_the_gpu(gpu_repo: Path) -> None:
             replies = list(pool.map(lambda t: stub.Embed(se.EmbedRequest(model=ref, texts=[t])), texts))
         first = np.array(replies[0].embeddings[0].values)
         np.testing.assert_allclose(first, alone, atol=5e-3)
-        stats = tc.InferenceServerClient(server.address).get_inference_statistics("minilm-gpu").model_stats[0]
+        pb, stub = _v2(server.address)
+        stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="minilm-gpu")).model_stats[0]
         # 65 requests, far fewer batches: they shared batches on the GPU.
         assert stats.inference_count == 65
         assert stats.execution_count < 40, (stats.execution_count, stats.inference_count)
@@ -175,8 +189,6 @@ def test_concurrent_requests_batch_on_the_gpu(gpu_repo: Path) -> None:
 
 def test_memory_released_on_unload(gpu_repo: Path) -> None:
     torch = _torch_cuda()
-    import tritonclient.grpc as tc
-
     from tests.support.server import running_server
 
     gc.collect()
@@ -185,10 +197,10 @@ def test_memory_released_on_unload(gpu_repo: Path) -> None:
     with running_server(gpu_repo) as server:
         loaded = torch.cuda.memory_allocated(0)
         assert loaded - baseline > 20 * 2**20  # the fp16 weights (~45 MB) are on the device
-        client = tc.InferenceServerClient(server.address)
-        client.unload_model("minilm-gpu")
+        pb, stub = _v2(server.address)
+        stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="minilm-gpu"))
         deadline = time.monotonic() + 30
-        while client.is_model_ready("minilm-gpu") and time.monotonic() < deadline:
+        while _index(server.address)["minilm-gpu"].state == "READY" and time.monotonic() < deadline:
             time.sleep(0.1)
         for _ in range(20):
             gc.collect()
@@ -264,8 +276,6 @@ def test_native_tensorrt_engine_matches_onnxruntime(add_sub: Path, tmp_path: Pat
 def test_a_gpu_model_beside_a_cpu_model(gpu_models: Path, tmp_path: Path) -> None:
     """Placement on the GPU that exists serves; on one that does not, UNAVAILABLE with the reason."""
     torch = _torch_cuda()
-    import tritonclient.grpc as tc
-
     from tests.support.server import running_server
 
     repo = tmp_path / "repo"
@@ -273,6 +283,6 @@ def test_a_gpu_model_beside_a_cpu_model(gpu_models: Path, tmp_path: Path) -> Non
     _variant(gpu_models / EFFNET, repo / "effnet-missing", gpus=[torch.cuda.device_count()])
     _variant(gpu_models / EFFNET, repo / "effnet-cpu", runtime={"torch": {"device": "cpu"}})
     with running_server(repo) as server:
-        index = {m.name: m for m in tc.InferenceServerClient(server.address).get_model_repository_index().models}
+        index = _index(server.address)
         assert index["effnet-gpu0"].state == "READY" and index["effnet-cpu"].state == "READY"
         assert index["effnet-missing"].state == "UNAVAILABLE" and "GPU(s)" in index["effnet-missing"].reason
