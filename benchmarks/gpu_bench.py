@@ -158,7 +158,8 @@ def make_call(channel: grpc.aio.Channel, key: str, model: str, timeout_s: float)
     pics = images(32)
 
     async def call_classify(i: int) -> object:
-        return await classify(ic.ClassifyImageRequest(model=ref, images=[pics[i % len(pics)]], top_k=1), timeout=timeout_s)
+        request = ic.ClassifyImageRequest(model=ref, images=[pics[i % len(pics)]], top_k=1)
+        return await classify(request, timeout=timeout_s)
 
     return call_classify
 
@@ -214,7 +215,8 @@ async def measure_decode(
         ref = common.ModelRef(name=model)
 
         async def one(i: int) -> int:
-            request = tg.GenerateRequest(model=ref, prompt=prompts[i % len(prompts)], max_new_tokens=tokens, temperature=0)
+            prompt = prompts[i % len(prompts)]
+            request = tg.GenerateRequest(model=ref, prompt=prompt, max_new_tokens=tokens, temperature=0)
             count = 0
             async for reply in generate(request, timeout=120):
                 count += len(reply.token_ids)
@@ -228,21 +230,12 @@ async def measure_decode(
                 continue
             try:
                 await one(0)  # warm-up
-                total, started, counter = 0, time.perf_counter(), 0
+                started = time.perf_counter()
                 latencies: list[float] = []
-
-                async def stream_loop() -> None:
-                    nonlocal total, counter
-                    while time.perf_counter() - started < seconds:
-                        counter += 1
-                        t0 = time.perf_counter()
-                        total += await one(counter)
-                        latencies.append(time.perf_counter() - t0)
-
-                await asyncio.gather(*(stream_loop() for _ in range(n)))
+                counts = await asyncio.gather(*(_stream(one, s, n, started + seconds, latencies) for s in range(n)))
                 elapsed = time.perf_counter() - started
                 lat = LatencySummary.of(latencies)
-                point.items_per_s = round(total / elapsed, 1)
+                point.items_per_s = round(sum(counts) / elapsed, 1)
                 point.p50_ms, point.p99_ms, point.requests = round(lat.p50, 1), round(lat.p99, 1), len(latencies)
             except Exception as err:
                 point.note = f"failed: {type(err).__name__}: {err}"[:300]
@@ -250,6 +243,19 @@ async def measure_decode(
             log(f"smollm2 decode streams={n:<3d} {point.items_per_s:9.1f} tokens/s  p50 {point.p50_ms:8.1f} ms/request "
                 f"{point.note}")  # fmt: skip
     return points
+
+
+async def _stream(
+    one: Callable[[int], Any], index: int, streams: int, until: float, latencies: list[float]
+) -> int:
+    """One stream: generations back to back until ``until``; returns the tokens generated."""
+    total, i = 0, index
+    while time.perf_counter() < until:
+        t0 = time.perf_counter()
+        total += await one(i)
+        latencies.append(time.perf_counter() - t0)
+        i += streams
+    return total
 
 
 def _find(points: Sequence[Point], model: str, variant: str, c: int) -> float:
@@ -262,7 +268,9 @@ def ratios(points: Sequence[Point], top: int) -> dict[str, float | None]:
 
     streams = sorted({p.concurrency for p in points if p.model == "smollm2"})
     return {
-        "minilm_c64_batched_vs_mbs1": ratio(_find(points, "minilm", "gpu", top), _find(points, "minilm", "gpu-mbs1", top)),
+        "minilm_c64_batched_vs_mbs1": ratio(
+            _find(points, "minilm", "gpu", top), _find(points, "minilm", "gpu-mbs1", top)
+        ),
         "minilm_c64_gpu_fp16_vs_cpu": ratio(_find(points, "minilm", "gpu", top), _find(points, "minilm", "cpu", top)),
         "efficientnet_c64_gpu_fp16_vs_cpu": ratio(
             _find(points, "efficientnet", "gpu", top), _find(points, "efficientnet", "cpu", top)
@@ -275,7 +283,8 @@ def ratios(points: Sequence[Point], top: int) -> dict[str, float | None]:
 
 def markdown(meta: dict[str, Any], points: Sequence[Point], found: dict[str, float | None]) -> str:
     lines = [f"# GPU benchmark: {meta['name']}", ""]
-    lines += [f"- {k}: {v}" for k, v in meta.items() if k != "name"]
+    lines += [f"- {k}: {v}" for k, v in meta.items() if k not in ("name", "failures")]
+    lines += [f"- failed: {f.splitlines()[0]}" for f in meta.get("failures", [])]
     lines += ["", "| model | variant | concurrency | items/s | p50 ms | p99 ms | requests | errors | note |",
               "|---|---|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
     for p in points:

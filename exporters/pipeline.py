@@ -299,7 +299,7 @@ def _write_torch(
         version_dir = work / "torch"
         version_files = write_torch_files(exported, version_dir)
         worst_diff = check_torch_entry(config, version_dir, exported, tolerance)
-        rec.detail = f"{len(version_files)} files; server TorchRuntime (CPU fp32) vs source: max |diff| {worst_diff:.2e}"
+        rec.detail = f"{len(version_files)} files; server TorchRuntime (CPU fp32) vs source: {worst_diff:.2e}"
     with steps.step("write") as rec:
         info = {
             "source": exported.source,

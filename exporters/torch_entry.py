@@ -63,7 +63,8 @@ def transformers_entry(model: Any, optimum_task: str) -> TorchEntryWriter | None
         return None
 
     def write(work: Path) -> TorchEntry:
-        return TorchEntry({"format": 1, "architecture": "transformers", "auto_class": auto}, _saved_transformer(model, work))
+        spec = {"format": 1, "architecture": "transformers", "auto_class": auto}
+        return TorchEntry(spec, _saved_transformer(model, work))
 
     return write
 

@@ -63,16 +63,18 @@ class IoBinder:
         key = (name, tuple(array.shape), array.dtype.str)
         value = self._buffers.get(key)
         if value is None:
-            value = self._ort.OrtValue.ortvalue_from_shape_and_type(
-                list(array.shape), array.dtype.type, self._device, self._device_id
-            )
-            self._buffers[key] = value
+            value = self._buffers[key] = self._allocate(array)
             if len(self._buffers) > MAX_BUFFERS:
                 self._buffers.popitem(last=False)
         else:
             self._buffers.move_to_end(key)
         self._copy_in(value, array)
         return value
+
+    def _allocate(self, like: np.ndarray) -> Any:
+        return self._ort.OrtValue.ortvalue_from_shape_and_type(
+            list(like.shape), like.dtype.type, self._device, self._device_id
+        )
 
     def _copy_in(self, value: Any, array: np.ndarray) -> None:
         value.update_inplace(np.ascontiguousarray(array))
@@ -108,14 +110,8 @@ class IoBinder:
             # First sight of this shape: an uncaptured run tells the output shapes, then
             # fixed buffers are made for the capture.
             first = self._run_plain(feed, names, self._skip_capture() if self._device != "cpu" else None)
-            inputs = {
-                n: self._ort.OrtValue.ortvalue_from_shape_and_type(list(a.shape), a.dtype.type, self._device, self._device_id)
-                for n, a in feed.items()
-            }
-            outputs = {
-                n: self._ort.OrtValue.ortvalue_from_shape_and_type(list(a.shape), a.dtype.type, self._device, self._device_id)
-                for n, a in first.items()
-            }
+            inputs = {n: self._allocate(a) for n, a in feed.items()}
+            outputs = {n: self._allocate(a) for n, a in first.items()}
             self._graphs[key] = _Graph(len(self._graphs) + 1, inputs, outputs)
             return first
         binding = self._binding

@@ -184,7 +184,9 @@ def _name(spec: ProviderSpec) -> str:
     return spec if isinstance(spec, str) else spec[0]
 
 
-def check_active(config: ModelConfig, requested: Sequence[ProviderSpec], active: Sequence[str], gpu: int | None) -> None:
+def check_active(
+    config: ModelConfig, requested: Sequence[ProviderSpec], active: Sequence[str], gpu: int | None
+) -> None:
     """onnxruntime drops a provider whose libraries fail to load and runs on the CPU; say so."""
     wanted = [_name(p) for p in requested if _name(p) in GPU_PROVIDERS]
     if not wanted or any(p in GPU_PROVIDERS for p in active):

@@ -97,7 +97,8 @@ class TensorRTRuntime(Runtime):
                 f"model {self.config.name!r}: TensorRT could not deserialize {self.model_path.name} (built by another "
                 "TensorRT version or for another GPU?); rebuild it on this machine"
             )
-        inputs, outputs = [], []
+        inputs: list[TensorInfo] = []
+        outputs: list[TensorInfo] = []
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
             dtype = engine.get_tensor_dtype(name)

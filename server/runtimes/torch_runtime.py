@@ -228,10 +228,13 @@ def read_spec(directory: Path, filename: str = SPEC_FILE) -> dict[str, Any]:
         raise RuntimeFailure(f"torch entry file {filename} is not readable JSON: {err}") from None
     if not isinstance(spec, dict) or spec.get("architecture") not in ARCHITECTURES:
         raise RuntimeFailure(
-            f"{filename}: 'architecture' must be one of {list(ARCHITECTURES)}; re-export the entry with taskserve-export"
+            f"{filename}: 'architecture' must be one of {list(ARCHITECTURES)}; "
+            "re-export the entry with taskserve-export"
         )
     if int(spec.get("format", 0)) > SPEC_FORMAT:
-        raise RuntimeFailure(f"{filename} has format {spec.get('format')}, newer than this server reads ({SPEC_FORMAT})")
+        raise RuntimeFailure(
+            f"{filename} has format {spec.get('format')}, newer than this server reads ({SPEC_FORMAT})"
+        )
     return spec
 
 
@@ -331,12 +334,14 @@ class TorchRuntime(Runtime):
         except RuntimeFailure:
             raise
         except Exception as err:  # transformers/safetensors raise many types
-            raise RuntimeFailure(f"model {config.name!r}: cannot build the torch module: {type(err).__name__}: {err}") from err
+            raise RuntimeFailure(
+                f"model {config.name!r}: cannot build the torch module: {type(err).__name__}: {err}"
+            ) from err
         if self.device == "cpu":
             self._set_cpu_threads()
         else:
             torch.cuda.set_device(torch.device(self.device))
-            self._stream = torch.cuda.Stream(device=self.device)
+            self._stream = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
         self._raw = module.to(device=self.device, dtype=self.dtype)
         self._module = torch.compile(self._raw) if config.runtime.torch.compile else self._raw
         if batched:
@@ -475,7 +480,7 @@ class TorchDeviceMemory:
         if not torch.cuda.is_available():
             raise RuntimeFailure("no CUDA device is usable by torch here; TensorRT engines need an NVIDIA GPU")
         self.device = torch.device("cuda", device_id)
-        self._stream: Any = torch.cuda.Stream(device=self.device)
+        self._stream: Any = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
 
     @property
     def stream(self) -> int:

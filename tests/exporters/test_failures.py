@@ -3,7 +3,6 @@ arguments end with a clear message and a non-zero exit; --tensorrt writes an ent
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import onnx

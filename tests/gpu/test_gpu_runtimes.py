@@ -163,11 +163,11 @@ def gpu_repo(gpu_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 def test_concurrent_requests_batch_on_the_gpu(gpu_repo: Path) -> None:
     _torch_cuda()
+    import grpc
     from taskserve.clients.generated.taskserve.v1 import common_pb2 as common
     from taskserve.clients.generated.taskserve.v1 import sentence_embedding_pb2 as se
     from taskserve.clients.generated.taskserve.v1 import sentence_embedding_pb2_grpc as se_grpc
 
-    import grpc
     from tests.support.server import running_server
 
     texts = [f"sentence number {i} about the weather and the markets" for i in range(64)]
