@@ -310,6 +310,8 @@ class TorchRuntime(Runtime):
         self._pinned: dict[str, torch.Tensor] = {}
         self._graphs: dict[tuple[Any, ...], _Graph] = {}
         self._batch_sizes: tuple[int, ...] = ()
+        # Why CUDA graphs were turned off for this instance (a capture failed), if they were.
+        self.graph_failure = ""
 
     # -- loading ---------------------------------------------------------------
 
@@ -409,8 +411,9 @@ class TorchRuntime(Runtime):
             with torch.inference_mode():
                 if self._stream is None:
                     return self._to_host(self._forward({n: self._to_device(n, a) for n, a in inputs.items()}), names)
-                with torch.cuda.stream(self._stream):
-                    if self.config.runtime.torch.cuda_graphs:
+                # The instance's device and stream on whichever thread runs the batch.
+                with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+                    if self.config.runtime.torch.cuda_graphs and not self.graph_failure:
                         result = self._run_graph(inputs, names)
                         if result is not None:
                             return result
@@ -432,7 +435,13 @@ class TorchRuntime(Runtime):
         if graph is None:
             if len(self._graphs) >= MAX_GRAPHS:
                 return None
-            graph = self._capture({n: self._to_device(n, a) for n, a in bucketed.feed.items()})
+            try:
+                graph = self._capture({n: self._to_device(n, a) for n, a in bucketed.feed.items()})
+            except Exception as err:  # e.g. a model that syncs with the host inside forward
+                self.graph_failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                log.warning("model %s: CUDA graph capture failed, running eagerly: %s", self.config.name, err)
+                torch.cuda.synchronize()
+                return None
             self._graphs[key] = graph
         else:
             for name, array in bucketed.feed.items():
