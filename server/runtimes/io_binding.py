@@ -16,6 +16,7 @@ The device type is a parameter so the same code runs on the CPU provider in test
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,8 @@ from typing import Any
 import numpy as np
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.runtimes.graph_shapes import MAX_GRAPHS, bucket, graph_batch_sizes
+
+log = logging.getLogger(__name__)
 
 # Device input buffers kept per instance (least recently used dropped first).
 MAX_BUFFERS = 64
@@ -54,10 +57,13 @@ class IoBinder:
         self._buffers: OrderedDict[tuple[str, tuple[int, ...], str], Any] = OrderedDict()
         self._graphs: dict[tuple[Any, ...], _Graph] = {}
         self._cuda_graphs = cuda_graphs
+        # A session made with enable_cuda_graph captures every run unless told not to.
+        self._skip = self._skip_capture() if cuda_graphs and device != "cpu" else None
         self._batch_sizes = graph_batch_sizes(
             config.max_batch_size, config.dynamic_batching.preferred_batch_sizes
         ) if config.max_batch_size > 0 else ()  # fmt: skip
         self.copies_in = 0  # host-to-device copies made (tests and metrics)
+        self.graph_failure = ""
 
     def _buffer(self, name: str, array: np.ndarray) -> Any:
         key = (name, tuple(array.shape), array.dtype.str)
@@ -85,8 +91,14 @@ class IoBinder:
             bucketed = bucket(feed, self._config, self._batch_sizes)
             key = (bucketed.key, tuple(names)) if bucketed is not None else ()
             if bucketed is not None and (key in self._graphs or len(self._graphs) < MAX_GRAPHS):
-                return bucketed.cut(self._run_graph(key, bucketed.feed, names))
-        return self._run_plain(feed, names)
+                try:
+                    return bucketed.cut(self._run_graph(key, bucketed.feed, names))
+                except Exception as err:  # e.g. a graph with CPU nodes cannot be captured
+                    self._cuda_graphs = False
+                    self.graph_failure = f"{type(err).__name__}: {err}"
+                    self._graphs.clear()
+                    log.warning("model %s: CUDA graphs off, running uncaptured: %s", self._config.name, err)
+        return self._run_plain(feed, names, self._skip)
 
     def _run_plain(self, feed: dict[str, np.ndarray], names: list[str], options: Any = None) -> dict[str, np.ndarray]:
         binding = self._binding
@@ -109,7 +121,7 @@ class IoBinder:
         if graph is None:
             # First sight of this shape: an uncaptured run tells the output shapes, then
             # fixed buffers are made for the capture.
-            first = self._run_plain(feed, names, self._skip_capture() if self._device != "cpu" else None)
+            first = self._run_plain(feed, names, self._skip)
             inputs = {n: self._allocate(a) for n, a in feed.items()}
             outputs = {n: self._allocate(a) for n, a in first.items()}
             self._graphs[key] = _Graph(len(self._graphs) + 1, inputs, outputs)
