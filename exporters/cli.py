@@ -87,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         dest="models",
         metavar="NAME",
-        help="minilm, efficientnet-lite0, smollm2, or the torch entries minilm-torch and "
-        "efficientnet-lite0-torch (repeatable; default: minilm and efficientnet-lite0)",
+        help="minilm, efficientnet-lite0, smollm2, or the torch entries minilm-torch, "
+        "efficientnet-lite0-torch and smollm2-torch (repeatable; default: minilm and efficientnet-lite0)",
     )
     demo.add_argument(
         "--with-generation",

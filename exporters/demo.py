@@ -30,6 +30,7 @@ ENTRY_NAMES = {
     # Torch entries of the same weights for the PyTorch runtime (fp16 on CUDA, fp32 on CPU).
     "minilm-torch": "all-MiniLM-L6-v2-torch",
     "efficientnet-lite0-torch": "efficientnet-lite0-torch",
+    "smollm2-torch": "SmolLM2-135M-Instruct-torch",
 }
 # What ``build_demo`` builds when no models are named: the quick ones (about 15 s together).
 DEFAULT_MODELS = ("minilm", "efficientnet-lite0")
@@ -102,6 +103,7 @@ BUILDERS: dict[str, Callable[[Path, str, dict[str, Any]], Path]] = {
     "smollm2": _smollm2,
     "minilm-torch": _as_torch(_minilm),
     "efficientnet-lite0-torch": _as_torch(_efficientnet),
+    "smollm2-torch": _as_torch(_smollm2),
 }
 
 

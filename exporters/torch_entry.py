@@ -29,6 +29,8 @@ AUTO_CLASS_FOR_TASK = {
     "question-answering": "AutoModelForQuestionAnswering",
     "fill-mask": "AutoModelForMaskedLM",
     "image-classification": "AutoModelForImageClassification",
+    # KV-cache decoders, with the ONNX decoder's step tensors (the generation engine's contract).
+    "text-generation-with-past": "AutoModelForCausalLM",
 }
 
 
@@ -63,7 +65,8 @@ def transformers_entry(model: Any, optimum_task: str) -> TorchEntryWriter | None
         return None
 
     def write(work: Path) -> TorchEntry:
-        spec = {"format": 1, "architecture": "transformers", "auto_class": auto}
+        architecture = "causal-lm" if auto == "AutoModelForCausalLM" else "transformers"
+        spec = {"format": 1, "architecture": architecture, "auto_class": auto}
         return TorchEntry(spec, _saved_transformer(model, work))
 
     return write

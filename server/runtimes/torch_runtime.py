@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 SPEC_FILE = "torch_model.json"
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FORMAT = 1
-ARCHITECTURES = ("sentence-transformer", "transformers", "efficientnet-lite0")
+ARCHITECTURES = ("sentence-transformer", "transformers", "causal-lm", "efficientnet-lite0")
 AUTO_CLASSES = (
     "AutoModel",
     "AutoModelForSequenceClassification",
@@ -55,6 +55,7 @@ AUTO_CLASSES = (
     "AutoModelForQuestionAnswering",
     "AutoModelForMaskedLM",
     "AutoModelForImageClassification",
+    "AutoModelForCausalLM",
 )
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _V2_TO_TORCH = {
@@ -208,6 +209,44 @@ class HeadOutputs(nn.Module):
         return {name: getattr(out, name) for name in self.names}
 
 
+def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(key, value) per layer of a transformers cache, across transformers versions."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None and all(hasattr(layer, "keys") for layer in layers):
+        return [(layer.keys, layer.values) for layer in layers]
+    legacy = cache.to_legacy_cache() if hasattr(cache, "to_legacy_cache") else cache
+    return [(k, v) for k, v in legacy]
+
+
+class CausalLMStep(nn.Module):
+    """One step of a KV-cache decoder with the ONNX decoder's tensors: ``input_ids``,
+    ``attention_mask`` (past + new), ``position_ids``, ``past_key_values.N.key/value`` in;
+    ``logits`` and ``present.N.key/value`` out. The generation engine drives either alike."""
+
+    def __init__(self, model: nn.Module, layers: int) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = layers
+
+    def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        cache = None
+        if self.layers and inputs["past_key_values.0.key"].shape[2] > 0:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+            for i in range(self.layers):
+                cache.update(inputs[f"past_key_values.{i}.key"], inputs[f"past_key_values.{i}.value"], i)
+        kwargs = {"position_ids": inputs["position_ids"]} if "position_ids" in inputs else {}
+        out = self.model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], past_key_values=cache,
+            use_cache=True, **kwargs,
+        )  # fmt: skip
+        result = {"logits": out.logits}
+        for i, (key, value) in enumerate(_cache_layers(out.past_key_values)):
+            result[f"present.{i}.key"], result[f"present.{i}.value"] = key, value
+        return result
+
+
 class NamedOutput(nn.Module):
     def __init__(self, module: nn.Module, name: str) -> None:
         super().__init__()
@@ -244,7 +283,9 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def build_module(directory: Path, spec: dict[str, Any], output_names: tuple[str, ...]) -> nn.Module:
+def build_module(
+    directory: Path, spec: dict[str, Any], output_names: tuple[str, ...], input_names: tuple[str, ...] = ()
+) -> nn.Module:
     """The fp32 CPU module an entry describes, weights loaded strictly."""
     arch = spec["architecture"]
     if arch == "efficientnet-lite0":
@@ -261,6 +302,9 @@ def build_module(directory: Path, spec: dict[str, Any], output_names: tuple[str,
     model = model.float().eval()
     if arch == "sentence-transformer":
         return SentenceEmbedding(model, tuple(spec["pooling"]), bool(spec.get("normalize", False))).eval()
+    if arch == "causal-lm":
+        layers = sum(1 for n in input_names if n.startswith("past_key_values.") and n.endswith(".key"))
+        return CausalLMStep(model, layers).eval()
     return HeadOutputs(model, output_names).eval()
 
 
@@ -332,7 +376,7 @@ class TorchRuntime(Runtime):
         self._out_types = {t.name: t.datatype for t in config.outputs}
         try:
             with _build_lock:
-                module = build_module(self.model_path.parent, spec, tuple(self._out_types))
+                module = build_module(self.model_path.parent, spec, tuple(self._out_types), tuple(self._specs))
         except RuntimeFailure:
             raise
         except Exception as err:  # transformers/safetensors raise many types
