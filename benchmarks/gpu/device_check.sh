@@ -11,7 +11,9 @@
 #   bash benchmarks/gpu/pack_models.sh   -> build/devcheck/models  (torch entries, fp16 weights)
 #   bash benchmarks/gpu/fetch_wheels.sh  -> build/devcheck/wheels  (what the server lacks there)
 #   ORT_GPU=1 bash benchmarks/gpu/fetch_wheels.sh -> build/devcheck/ortgpu/part-NN (optional:
-#     onnxruntime-gpu in 60 MB parts, one per call; reassembled and checked here)
+#     onnxruntime-gpu in 60 MB parts, one per call; joined and checked here)
+#   SMOLLM2=1 bash benchmarks/gpu/pack_models.sh -> build/devcheck/smollm2/part-NN (optional:
+#     the SmolLM2 torch entry in fp16, ~260 MB in 60 MB parts, one per call; joined into models/)
 #
 # 1. Layout: build/devcheck/taskserve/ symlinks server/, exporters/, clients/, benchmarks/ and
 #    goes on PYTHONPATH with the wheels installed into build/devcheck/site (and onnxruntime-gpu
@@ -36,12 +38,28 @@ OUT=${OUT:-build/devcheck/out}
 WHEELS=${WHEELS:-build/devcheck/wheels}
 MODELS=${MODELS:-build/devcheck/models}
 ORTGPU=${ORTGPU:-build/devcheck/ortgpu}
+SMOLLM2_PARTS=${SMOLLM2_PARTS:-build/devcheck/smollm2}
 TEST_TIMEOUT=${TEST_TIMEOUT:-200}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-230}
 LOAD_SECONDS=${LOAD_SECONDS:-3}
 # The whole check ends by then (seconds from the start), whatever hangs.
 TOTAL_SECONDS=${TOTAL_SECONDS:-470}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+
+# join_parts PARTS_DIR OUT_DIR: join PARTS_DIR/part-*/chunk.* into OUT_DIR/<NAME> and check its
+# sha256 (fetch_wheels.sh and pack_models.sh write NAME and SHA256 into every part).
+join_parts() {
+  local name expected
+  name=$(cat "$1"/part-*/NAME 2>/dev/null | head -n 1)
+  expected=$(cat "$1"/part-*/SHA256 2>/dev/null | head -n 1)
+  [ -n "$name" ] || { echo "$1: parts without a NAME file"; return 1; }
+  cat "$1"/part-*/chunk.* > "$2/$name"
+  if [ "$(sha256sum "$2/$name" | cut -d' ' -f1)" != "$expected" ]; then
+    echo "$1: the joined $name does not match its sha256 (carry every part-NN)"
+    return 1
+  fi
+  echo "$1: joined $name ($(du -h "$2/$name" | cut -f1))"
+}
 
 section() { printf '\n===== %s (%ds in) =====\n' "$*" "$SECONDS"; }
 # A step's timeout: its own, cut to what is left of TOTAL_SECONDS (at least 5 s).
@@ -67,27 +85,26 @@ checks() {
   else
     echo "no wheels in $WHEELS: the machine's own packages only"
   fi
-  local ortgpu=none
-  if compgen -G "$ORTGPU/part-*/*" >/dev/null; then
+  local ortgpu=none smollm2=none
+  if compgen -G "$ORTGPU/part-*/chunk.*" >/dev/null; then
     ortgpu=incomplete
-    rm -rf build/devcheck/site-ort build/devcheck/ort-wheel && mkdir -p build/devcheck/ort-wheel
-    local name expected
-    name=$(cat "$ORTGPU"/part-*/WHEEL_NAME 2>/dev/null | head -n 1)
-    expected=$(cat "$ORTGPU"/part-*/WHEEL_SHA256 2>/dev/null | head -n 1)
-    if [ -n "$name" ]; then
-      cat "$ORTGPU"/part-*/chunk.* > "build/devcheck/ort-wheel/$name"
-      if [ "$(sha256sum "build/devcheck/ort-wheel/$name" | cut -d' ' -f1)" = "$expected" ]; then
-        if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
-            --target build/devcheck/site-ort "build/devcheck/ort-wheel/$name"; then
-          ortgpu=installed
-          path="$ROOT/build/devcheck/site-ort:$path"
-        fi
-      else
-        echo "onnxruntime-gpu parts present but incomplete (checksum differs): carry every part-NN"
-      fi
+    rm -rf build/devcheck/site-ort build/devcheck/joined && mkdir -p build/devcheck/joined
+    if join_parts "$ORTGPU" build/devcheck/joined && "$PYTHON" -m pip install -q --no-index --no-deps --no-compile \
+        --no-cache-dir --disable-pip-version-check --target build/devcheck/site-ort build/devcheck/joined/*.whl; then
+      ortgpu=installed
+      path="$ROOT/build/devcheck/site-ort:$path"
     fi
-    rm -rf build/devcheck/ort-wheel
+    rm -rf build/devcheck/joined
   fi
+  if compgen -G "$SMOLLM2_PARTS/part-*/chunk.*" >/dev/null; then
+    smollm2=incomplete
+    mkdir -p build/devcheck/joined "$MODELS"
+    if join_parts "$SMOLLM2_PARTS" build/devcheck/joined && tar -xf build/devcheck/joined/*.tar -C "$MODELS"; then
+      smollm2=unpacked
+    fi
+    rm -rf build/devcheck/joined
+  fi
+  echo "SmolLM2 torch entry: $smollm2"
   echo "onnxruntime-gpu: $ortgpu"
   export PYTHONPATH="$path${PYTHONPATH:+:$PYTHONPATH}"
   export TASKSERVE_GPU_MODELS="$ROOT/$MODELS"
@@ -153,7 +170,9 @@ PY
 
   section "benchmark through the server"
   local smollm2_args=()
-  [ -d "$MODELS/SmolLM2-135M-Instruct" ] && smollm2_args=(--smollm2 SmolLM2-135M-Instruct)
+  for entry in SmolLM2-135M-Instruct-torch SmolLM2-135M-Instruct; do
+    if [ -d "$MODELS/$entry" ]; then smollm2_args=(--smollm2 "$entry"); break; fi
+  done
   local bench_timeout
   bench_timeout=$(budget "$BENCH_TIMEOUT")
   timeout "$bench_timeout" "$PYTHON" -m taskserve.benchmarks.gpu_bench --models "$MODELS" --out "$OUT/results" \
@@ -170,7 +189,7 @@ PY
 
   section "summary"
   SMI_RC=$smi_rc WHEELS_STATE=$wheels GENERATED=$generated SERVER=$server GPU_RC=$gpu_rc UNIT_RC=$unit_rc \
-  READINGS_RC=$readings_rc BENCH_RC=$bench_rc ORT_GPU=$ortgpu ELAPSED=$((SECONDS - started)) \
+  READINGS_RC=$readings_rc BENCH_RC=$bench_rc ORT_GPU=$ortgpu SMOLLM2=$smollm2 ELAPSED=$((SECONDS - started)) \
   timeout 30 "$PYTHON" - "$OUT" <<'PY'
 import json
 import os
@@ -200,6 +219,7 @@ summary = {
     "unit_tests_status": int(env["UNIT_RC"]),
     "readings_status": int(env["READINGS_RC"]),
     "onnxruntime_gpu": env["ORT_GPU"],
+    "smollm2_entry": env["SMOLLM2"],
     "benchmark_status": int(env["BENCH_RC"]),
     "benchmark": json.loads((out / "results" / "gpu-h200.json").read_text()).get("ratios")
     if (out / "results" / "gpu-h200.json").is_file() else None,

@@ -49,8 +49,8 @@ if [ "${ORT_GPU:-0}" = "1" ]; then
   for chunk in "$tmp"/chunk.*; do
     part="$ORTGPU/part-${chunk##*.}"
     mkdir -p "$part" && mv "$chunk" "$part/"
-    basename "$wheel" > "$part/WHEEL_NAME"
-    sha256sum "$wheel" | cut -d' ' -f1 > "$part/WHEEL_SHA256"
+    basename "$wheel" > "$part/NAME"
+    sha256sum "$wheel" | cut -d' ' -f1 > "$part/SHA256"
   done
   rm -rf "$tmp"
   du -sh "$ORTGPU"/part-*
