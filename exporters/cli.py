@@ -44,8 +44,14 @@ def _common(p: argparse.ArgumentParser, name_required: bool = False) -> None:
     p.add_argument("--quantize", metavar="MODE", help="'int8': dynamic int8 quantization for CPU")
     p.add_argument("--fp16", action="store_true", help="half precision (GPU); with --tensorrt an fp16 engine")
     p.add_argument(
-        "--tensorrt", action="store_true", help="build a TensorRT engine (needs TensorRT and a GPU)"
-    )
+        "--tensorrt", action="store_true",
+        help="serve through TensorRT: onnxruntime's TensorRT provider on the plain graph (docs/gpu.md)",
+    )  # fmt: skip
+    p.add_argument(
+        "--format", choices=("onnx", "torch"), default="onnx",
+        help="onnx (default): model.onnx for onnxruntime; torch: safetensors for the PyTorch runtime "
+        "(fp16 on CUDA, fp32 on CPU; sentence-transformers, transformers and EfficientNet-Lite0)",
+    )  # fmt: skip
     p.add_argument("--atol", type=float, help="validation tolerance (max abs diff), default per task")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
 
@@ -85,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         dest="models",
         metavar="NAME",
-        help="minilm, efficientnet-lite0 or smollm2 (repeatable; default: all three)",
+        help="minilm, efficientnet-lite0, smollm2, or the torch entries minilm-torch, "
+        "efficientnet-lite0-torch and smollm2-torch (repeatable; default: minilm, efficientnet-lite0 and smollm2)",
     )
     demo.add_argument(
         "--without-generation",
@@ -112,6 +119,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "quantize": args.quantize,
         "fp16": args.fp16,
         "tensorrt": args.tensorrt,
+        "format": args.format,
         "atol": args.atol,
         "progress": not args.quiet,
     }

