@@ -3,7 +3,9 @@
 ``build_demo(out)`` writes ``out/all-MiniLM-L6-v2`` (sentence-embedding) and
 ``out/efficientnet-lite0`` (image-classification); ``smollm2`` (SmolLM2-135M-Instruct,
 text-generation, about 45 s and 3 GB of memory to build) is opt-in:
-``build_demo(out, ["smollm2"])`` or ``taskserve-export demo --with-generation``.
+``build_demo(out, ["smollm2"])`` or ``taskserve-export demo --with-generation``;
+``tiny-sd`` (a tiny Stable Diffusion pipeline with random weights, image-generation, four
+entries) with ``--with-image-generation``.
 It is idempotent: an entry that is complete and built by the current recipe is
 skipped unless ``force``.
 """
@@ -27,6 +29,7 @@ ENTRY_NAMES = {
     "minilm": "all-MiniLM-L6-v2",
     "efficientnet-lite0": "efficientnet-lite0",
     "smollm2": "SmolLM2-135M-Instruct",
+    "tiny-sd": "tiny-sd",
 }
 # What ``build_demo`` builds when no models are named: the quick ones (about 15 s together).
 DEFAULT_MODELS = ("minilm", "efficientnet-lite0")
@@ -86,10 +89,26 @@ def _smollm2(out: Path, name: str, options: dict[str, Any]) -> Path:
         return export_hf(source, "text-generation", out, name, max_batch_size=16, **options).entry
 
 
+def _tiny_sd(out: Path, name: str, options: dict[str, Any]) -> Path:
+    import tempfile
+
+    from taskserve.exporters.diffusion import export_diffusers
+    from taskserve.exporters.tiny_diffusion import tiny_stable_diffusion
+
+    # Random weights built from configs (no diffusion weights ship offline): the images are
+    # noise-like, the plumbing (batching, streaming, schedulers) is real.
+    with tempfile.TemporaryDirectory(prefix="tiny-sd-") as work:
+        source = tiny_stable_diffusion(Path(work) / "pipeline")
+        return export_diffusers(
+            source, out, name, progress=options["progress"], stream=options["stream"], tags=options["tags"]
+        ).entries[0]
+
+
 BUILDERS: dict[str, Callable[[Path, str, dict[str, Any]], Path]] = {
     "minilm": _minilm,
     "efficientnet-lite0": _efficientnet,
     "smollm2": _smollm2,
+    "tiny-sd": _tiny_sd,
 }
 
 

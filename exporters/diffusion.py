@@ -129,6 +129,7 @@ def _modules(pipe: Any) -> dict[str, tuple[Any, dict[str, Any], list[str], dict[
     latent = 8  # latent pixels of the example: a multiple of every UNet's down-sampling
     ids = torch.tensor([pipe.tokenizer("a photo", padding="max_length", max_length=length).input_ids])
     image_axes = {0: "batch", 2: "height", 3: "width"}
+    pixels = torch.rand((1, 3, latent * vsf, latent * vsf), generator=gen) * 2 - 1
     return {
         "text_encoder": (TextEncoder(pipe.text_encoder), {"input_ids": ids}, ["last_hidden_state"],
                          {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}}),
@@ -145,7 +146,7 @@ def _modules(pipe: Any) -> dict[str, tuple[Any, dict[str, Any], list[str], dict[
         ),
         "vae_decoder": (VaeDecoder(pipe.vae), {"latent_sample": torch.randn((1, 4, latent, latent), generator=gen)},
                         ["sample"], {"latent_sample": image_axes, "sample": image_axes}),
-        "vae_encoder": (VaeEncoder(pipe.vae), {"sample": torch.rand((1, 3, latent * vsf, latent * vsf), generator=gen) * 2 - 1},
+        "vae_encoder": (VaeEncoder(pipe.vae), {"sample": pixels},
                         ["latent_parameters"], {"sample": image_axes, "latent_parameters": image_axes}),
     }  # fmt: skip
 
@@ -340,7 +341,9 @@ def _check_cases(size: int) -> list[tuple[Mode, SchedulerKind, np.ndarray | None
     return cases
 
 
-def validate_pipeline(pipe: Any, repo: Path, name: str, steps: int = 3, tolerance: int = PIXEL_TOLERANCE) -> list[PipelineCheck]:
+def validate_pipeline(
+    pipe: Any, repo: Path, name: str, steps: int = 3, tolerance: int = PIXEL_TOLERANCE
+) -> list[PipelineCheck]:
     """Every call through the exported parts vs diffusers, at the smallest valid size."""
     config_path = repo / name / "config.yaml"
     import yaml
@@ -371,8 +374,7 @@ def validate_pipeline(pipe: Any, repo: Path, name: str, steps: int = 3, toleranc
 
 def checks_table(checks: Sequence[PipelineCheck]) -> str:
     rows = [
-        (c.call, c.scheduler, c.steps, c.max_abs_pixel_diff, c.tolerance, "ok" if c.ok else "MISMATCH")
-        for c in checks
+        (c.call, c.scheduler, c.steps, c.max_abs_pixel_diff, c.tolerance, "ok" if c.ok else "MISMATCH") for c in checks
     ]
     return format_table(("call", "scheduler", "steps", "max |pixel diff|", "tolerance", "status"), rows)
 
@@ -456,9 +458,7 @@ def export_diffusers(
                 rec.detail = f"{len(checks)} calls vs diffusers, max |pixel diff| {worst}"
                 bad = [c for c in checks if not c.ok]
                 if bad and not fp16:
-                    raise ValidationFailed(
-                        "the served pipeline differs from diffusers':\n" + checks_table(checks)
-                    )
+                    raise ValidationFailed("the served pipeline differs from diffusers':\n" + checks_table(checks))
         else:
             steps.skip("validate pipeline", "--no-validate")
         with steps.step("install") as rec:

@@ -121,9 +121,15 @@ def tiny_stable_diffusion(directory: Path, seed: int = 0, size: TinySize = TEST,
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, hidden_size=size.text_hidden, intermediate_size=2 * size.text_hidden,
-            layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=size.text_hidden,
+            intermediate_size=2 * size.text_hidden,
+            layer_norm_eps=1e-5,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(tokenizer),
             max_position_embeddings=77,
         )  # fmt: skip
     )

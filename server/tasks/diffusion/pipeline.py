@@ -72,7 +72,11 @@ def spec_from_options(options: Mapping[str, object], scheduler_config: Mapping[s
 
     def number(key: str, kind: type[int] | type[float], default: float | None = None) -> Any:
         value = options.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (kind is int and not isinstance(value, int))
+        ):
             raise ValueError(f"task_options.{key} must be a {kind.__name__}, got {value!r}")
         return kind(value)
 
@@ -174,9 +178,7 @@ def latent_preview(latents: np.ndarray) -> np.ndarray:
     return out
 
 
-async def _sample_latents(
-    parts: Parts, spec: PipelineSpec, pixels: np.ndarray, noise: np.ndarray
-) -> np.ndarray:
+async def _sample_latents(parts: Parts, spec: PipelineSpec, pixels: np.ndarray, noise: np.ndarray) -> np.ndarray:
     """The VAE's latent distribution sampled with ``noise``, scaled: diffusers' retrieve_latents."""
     moments = (await parts.encode_image(pixels)).astype(F32)
     mean, logvar = np.split(moments, 2, axis=1)
@@ -236,9 +238,7 @@ async def generate(
         mask_latents = np.repeat(binary[None, None, ::vsf, ::vsf], n, axis=0)
         if spec.unet_in_channels > spec.latent_channels:
             masked = pixels * (binary < 0.5).astype(F32)[None, None]
-            masked_latents = await _sample_latents(
-                parts, spec, np.repeat(masked, n, axis=0), noise["masked_image"]
-            )
+            masked_latents = await _sample_latents(parts, spec, np.repeat(masked, n, axis=0), noise["masked_image"])
 
     for i, t in enumerate(timesteps):
         model_in = np.concatenate([latents, latents]) if params.guided else latents
