@@ -279,7 +279,7 @@ class AsyncImageGenerationNamespace:
         **kw: Any,
     ) -> list[GeneratedImage]:
         req = text_to_image_request(prompt, model, version, priority, queue_timeout_us, **kw)
-        return result(await self._caller.unary(self._stub.TextToImage, req, timeout)).images  # type: ignore[arg-type]
+        return result(await self._caller.unary(self._stub.TextToImage, req, timeout)).images
 
     async def image_to_image(
         self,
@@ -295,7 +295,7 @@ class AsyncImageGenerationNamespace:
         **kw: Any,
     ) -> list[GeneratedImage]:
         req = image_to_image_request(image, prompt, model, version, priority, queue_timeout_us, strength, **kw)
-        return result(await self._caller.unary(self._stub.ImageToImage, req, timeout)).images  # type: ignore[arg-type]
+        return result(await self._caller.unary(self._stub.ImageToImage, req, timeout)).images
 
     async def inpaint(
         self,
@@ -312,7 +312,7 @@ class AsyncImageGenerationNamespace:
         **kw: Any,
     ) -> list[GeneratedImage]:
         req = inpaint_request(image, mask, prompt, model, version, priority, queue_timeout_us, strength, **kw)
-        return result(await self._caller.unary(self._stub.Inpaint, req, timeout)).images  # type: ignore[arg-type]
+        return result(await self._caller.unary(self._stub.Inpaint, req, timeout)).images
 
     async def text_to_image_stream(
         self,
@@ -326,7 +326,7 @@ class AsyncImageGenerationNamespace:
         **kw: Any,
     ) -> AsyncIterator[ImageProgress | ImageResult]:
         req = text_to_image_request(prompt, model, version, priority, queue_timeout_us, **kw)
-        async for message in self._caller.server_stream(self._stub.TextToImageStream, req, timeout):  # type: ignore[arg-type]
+        async for message in self._caller.server_stream(self._stub.TextToImageStream, req, timeout):
             yield event(message)
 
     async def image_to_image_stream(
@@ -343,7 +343,7 @@ class AsyncImageGenerationNamespace:
         **kw: Any,
     ) -> AsyncIterator[ImageProgress | ImageResult]:
         req = image_to_image_request(image, prompt, model, version, priority, queue_timeout_us, strength, **kw)
-        async for message in self._caller.server_stream(self._stub.ImageToImageStream, req, timeout):  # type: ignore[arg-type]
+        async for message in self._caller.server_stream(self._stub.ImageToImageStream, req, timeout):
             yield event(message)
 
     async def inpaint_stream(
@@ -361,5 +361,5 @@ class AsyncImageGenerationNamespace:
         **kw: Any,
     ) -> AsyncIterator[ImageProgress | ImageResult]:
         req = inpaint_request(image, mask, prompt, model, version, priority, queue_timeout_us, strength, **kw)
-        async for message in self._caller.server_stream(self._stub.InpaintStream, req, timeout):  # type: ignore[arg-type]
+        async for message in self._caller.server_stream(self._stub.InpaintStream, req, timeout):
             yield event(message)

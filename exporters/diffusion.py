@@ -252,14 +252,14 @@ def injected_noise(draws: Sequence[np.ndarray]) -> Iterator[None]:
         value = torch.from_numpy(queue.pop(0).copy()).reshape(tuple(shape))
         return value.to(dtype or torch.float32)
 
-    saved = [m.randn_tensor for m in modules]
+    saved = [getattr(m, "randn_tensor") for m in modules]  # noqa: B009 (modules typed as ModuleType)
     try:
         for m in modules:
-            m.randn_tensor = fake
+            setattr(m, "randn_tensor", fake)  # noqa: B010
         yield
     finally:
         for m, original in zip(modules, saved, strict=True):
-            m.randn_tensor = original
+            setattr(m, "randn_tensor", original)  # noqa: B010
 
 
 def diffusers_reference(

@@ -82,14 +82,20 @@ class DiffusionScheduler:
     def _spaced(self, n: int, dtype: type[np.generic], offset_key: str = "steps_offset") -> np.ndarray:
         train = int(self.config["num_train_timesteps"])
         spacing = self.config["timestep_spacing"]
+        out: np.ndarray
         if spacing == "linspace":
-            return np.linspace(0, train - 1, n).round()[::-1].astype(dtype)
-        if spacing == "leading":
-            ratio = train // n
-            return (np.arange(0, n) * ratio).round()[::-1].astype(dtype) + self.config[offset_key]
-        if spacing == "trailing":
-            return np.round(np.arange(train, 0, -train / n)).astype(dtype) - 1
-        raise ValueError(f"timestep_spacing {spacing!r} is not supported (linspace, leading, trailing)")
+            out = np.linspace(0, train - 1, n).round()[::-1].astype(dtype)
+        elif spacing == "leading":
+            out = (np.arange(0, n) * (train // n)).round()[::-1].astype(dtype) + self.config[offset_key]
+        elif spacing == "trailing":
+            out = np.round(np.arange(train, 0, -train / n)).astype(dtype) - 1
+        else:
+            raise ValueError(f"timestep_spacing {spacing!r} is not supported (linspace, leading, trailing)")
+        return out
+
+    def set_timesteps(self, n: int) -> None:
+        """Choose ``n`` timesteps (``self.timesteps``) and restart at the first."""
+        raise NotImplementedError
 
     def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray:
         return sample
