@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
 
 def test_cli_exports_an_inpainting_pipeline_and_validates_it(

@@ -163,6 +163,13 @@ def test_concurrent_requests_equal_one_by_one(client: Any, sd_server: ServerThre
         return bytes(images[0].data)
 
     alone = [call(s) for s in seeds]
+    assert sd_server.app is not None
+    unet = sd_server.app.models.get(NAME)
+
+    def batches() -> dict[int, int]:
+        return {rows: b.compute_infer.count for rows, b in unet.metrics.snapshot().batches.items()}
+
+    before = batches()
     results: dict[int, bytes] = {}
     threads = [threading.Thread(target=lambda s=s: results.__setitem__(s, call(s))) for s in seeds]
     for t in threads:
@@ -170,6 +177,9 @@ def test_concurrent_requests_equal_one_by_one(client: Any, sd_server: ServerThre
     for t in threads:
         t.join(120)
     assert [results[s] for s in seeds] == alone
+    # Steps of different requests shared UNet batches: more rows than one request's two (guidance).
+    grown = [rows for rows, count in batches().items() if count > before.get(rows, 0)]
+    assert max(grown) > 2, grown
 
 
 def test_stream_reports_every_step_with_previews_then_the_images(client: Any) -> None:
