@@ -39,7 +39,7 @@ def build_parser(sub: Any) -> None:
     p = sub.add_parser("image-generation", help="diffusion: step-level batching, server vs diffusers in-process")
     p.add_argument("--pipeline", type=Path, help="a StableDiffusionPipeline folder (default: build the bench config)")
     p.add_argument("--size", type=int, default=64, help="image width and height in pixels (64)")
-    p.add_argument("--steps", type=int, default=10, help="denoising steps per image (10)")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps per image (25)")
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "euler", "dpm-solver++"])
     p.add_argument("--guidance-scale", type=float, default=7.5, help="> 1: two UNet rows per image (7.5)")
     p.add_argument("--concurrency", type=int, default=4, help="concurrent streams (4)")
