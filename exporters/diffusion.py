@@ -453,12 +453,17 @@ def export_diffusers(
                     rec.detail = f"{entry}: max abs diff {max(d.max_abs_diff for d in result.diffs):.2e}"
         if validate:
             with steps.step("validate pipeline") as rec:
-                checks = validate_pipeline(pipe, staging, name, validation_steps)
-                worst = max(c.max_abs_pixel_diff for c in checks)
-                rec.detail = f"{len(checks)} calls vs diffusers, max |pixel diff| {worst}"
-                bad = [c for c in checks if not c.ok]
-                if bad and not fp16:
-                    raise ValidationFailed("the served pipeline differs from diffusers':\n" + checks_table(checks))
+                try:
+                    checks = validate_pipeline(pipe, staging, name, validation_steps)
+                except Exception as err:  # onnxruntime CPU lacks fp16 kernels for some ops
+                    if not fp16:
+                        raise
+                    rec.detail = f"fp16: not checked on CPU ({type(err).__name__}: {str(err).splitlines()[0][:80]})"
+                if checks:
+                    worst = max(c.max_abs_pixel_diff for c in checks)
+                    rec.detail = f"{len(checks)} calls vs diffusers, max |pixel diff| {worst}"
+                    if any(not c.ok for c in checks) and not fp16:
+                        raise ValidationFailed("the served pipeline differs from diffusers':\n" + checks_table(checks))
         else:
             steps.skip("validate pipeline", "--no-validate")
         with steps.step("install") as rec:
