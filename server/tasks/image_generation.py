@@ -21,6 +21,7 @@ task_options (written by the exporter): ``parts``, ``latent_channels``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import io
 import json
@@ -369,7 +370,9 @@ class ImageGenerator(Task):
 
     async def run(self, request: ImageRequest, options: CallOptions) -> GeneratedImages:
         """The images only (the unary calls)."""
-        async for event in self.generate(request, options):
-            if isinstance(event, GeneratedImages):
-                return event
+        # Closed here, not by the garbage collector: the generation's slot is freed at once.
+        async with contextlib.aclosing(self.generate(request, options)) as events:
+            async for event in events:
+                if isinstance(event, GeneratedImages):
+                    return event
         raise AssertionError("generate ends with the images")  # pragma: no cover
