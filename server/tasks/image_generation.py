@@ -28,7 +28,7 @@ import json
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -310,7 +310,7 @@ class ImageGenerator(Task):
             return tuple(np.ascontiguousarray(p).tobytes() for p in pixels)
         return tuple(_png(p) for p in pixels)
 
-    async def generate(self, request: ImageRequest, options: CallOptions) -> AsyncIterator[GenerationEvent]:
+    async def generate(self, request: ImageRequest, options: CallOptions) -> AsyncGenerator[GenerationEvent, None]:
         """Progress after each step, then the images (the last event)."""
         checked = await self.offload("preprocess", self._prepare, request)
         parts = self._resolve_parts(request.mode)
