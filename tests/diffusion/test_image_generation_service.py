@@ -268,3 +268,23 @@ def test_exporter_validation_table_matches_diffusers(tiny_pipeline: TinyPipeline
     assert {c.scheduler for c in checks} == {"ddim", "euler", "dpm-solver++"}
     assert all(c.ok and c.max_abs_pixel_diff <= 1 for c in checks), tiny_pipeline.export.summary
     assert "max |pixel diff|" in tiny_pipeline.export.summary
+
+
+def test_async_client_matches_the_sync_client(client: Any, sd_server: ServerThread) -> None:
+    import asyncio
+
+    from taskserve.clients import AsyncTaskServeClient
+
+    settings = {"width": SIZE, "height": SIZE, "steps": 2, "seed": 77, "scheduler": "euler"}
+    expected = client.image_generation.text_to_image(PROMPT, model=NAME, **settings)[0].data
+
+    async def run() -> tuple[bytes, list[Any]]:
+        async with AsyncTaskServeClient(sd_server.address) as aclient:
+            images = await aclient.image_generation.text_to_image(PROMPT, model=NAME, **settings)
+            events = [e async for e in aclient.image_generation.text_to_image_stream(PROMPT, model=NAME, **settings)]
+            return images[0].data, events
+
+    data, events = asyncio.run(run())
+    assert data == expected
+    assert isinstance(events[-1], ImageResult) and events[-1].images[0].data == expected
+    assert [e.step for e in events[:-1]] == [1, 2]
