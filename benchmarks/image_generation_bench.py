@@ -39,12 +39,15 @@ def build_parser(sub: Any) -> None:
     p = sub.add_parser("image-generation", help="diffusion: step-level batching, server vs diffusers in-process")
     p.add_argument("--pipeline", type=Path, help="a StableDiffusionPipeline folder (default: build the bench config)")
     p.add_argument("--size", type=int, default=64, help="image width and height in pixels (64)")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps per image (25)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps per image (50)")
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "euler", "dpm-solver++"])
     p.add_argument("--guidance-scale", type=float, default=7.5, help="> 1: two UNet rows per image (7.5)")
     p.add_argument("--concurrency", type=int, default=4, help="concurrent streams (4)")
     p.add_argument("--requests", type=int, default=8, help="images per measurement (8)")
     p.add_argument("--repeats", type=int, default=3, help="alternations of the three measurements (3)")
+    p.add_argument(
+        "--torch-threads", type=int, default=0, help="diffusers' torch threads (0: the faster of 1 and one per core)"
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--name", default="image-generation-tiny-sd")
 
@@ -192,7 +195,7 @@ def run_image_generation(args: argparse.Namespace) -> tuple[list[RunResult], dic
             server.wait_ready(MODEL, timeout=300)
             # One warm-up request per path (sessions, allocators, the diffusers pipeline).
             asyncio.run(_server_run(server.address, argparse.Namespace(**{**vars(args), "requests": 1}), 1, 99))
-            _diffusers_run(pipe, argparse.Namespace(**{**vars(args), "requests": 1}), 99)
+            threads = _fastest_torch_threads(pipe, args)
             for repeat in range(args.repeats):
                 runs.append(asyncio.run(_server_run(server.address, args, 1, repeat)))
                 runs.append(asyncio.run(_server_run(server.address, args, args.concurrency, repeat)))
@@ -209,7 +212,7 @@ def run_image_generation(args: argparse.Namespace) -> tuple[list[RunResult], dic
     config = {
         "pipeline": str(args.pipeline or "tiny_stable_diffusion(BENCH)"), "size": args.size, "steps": args.steps,
         "scheduler": args.scheduler, "guidance_scale": args.guidance_scale, "concurrency": args.concurrency,
-        "requests": args.requests, "repeats": args.repeats, "torch_threads": _torch_threads(),
+        "requests": args.requests, "repeats": args.repeats, "torch_threads": threads,
         "cpus": os.cpu_count(),
     }  # fmt: skip
     paths = write_results(
@@ -218,10 +221,26 @@ def run_image_generation(args: argparse.Namespace) -> tuple[list[RunResult], dic
     return runs, paths
 
 
-def _torch_threads() -> int:
+def _fastest_torch_threads(pipe: Any, args: argparse.Namespace) -> int:
+    """Give diffusers its best thread count: torch's default (one per core) collapses when
+    other processes load the cores (OpenMP threads spin), one thread does not. Each is
+    timed on one warm request; the faster stays set for the measurements."""
     import torch
 
-    return int(torch.get_num_threads())
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+        _diffusers_run(pipe, argparse.Namespace(**{**vars(args), "requests": 1}), 99)
+        return int(args.torch_threads)
+    one = argparse.Namespace(**{**vars(args), "requests": 1})
+    timings = {}
+    for threads in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        _diffusers_run(pipe, one, 99)  # warm-up at this thread count
+        timings[threads] = _diffusers_run(pipe, one, 98).latencies_s[0]
+    best = min(timings, key=lambda t: timings[t])
+    torch.set_num_threads(best)
+    print(f"diffusers: {best} torch threads (seconds per image by threads: {timings})")
+    return best
 
 
 __all__ = ["build_parser", "run_image_generation", "summarize"]
