@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="models",
         metavar="NAME",
         help="minilm, efficientnet-lite0, smollm2, or the torch entries minilm-torch, "
-        "efficientnet-lite0-torch and smollm2-torch, or tiny-sd (repeatable; default: minilm, efficientnet-lite0 and smollm2)",
+        "efficientnet-lite0-torch and smollm2-torch, or tiny-sd "
+        "(repeatable; default: minilm, efficientnet-lite0 and smollm2)",
     )
     demo.add_argument(
         "--without-generation",

@@ -6,8 +6,8 @@
 ``prompt_templates``; about a minute and 3 GB of memory to build, see docs/transform.md).
 ``build_demo(out, list(QUICK_MODELS))`` or ``taskserve-export demo --without-generation``
 leaves SmolLM2 out; ``tiny-sd`` (a tiny Stable Diffusion pipeline with random weights,
-image-generation, four entries) comes with ``--with-image-generation``. It is idempotent: an entry that is complete and built by the current
-recipe is skipped unless ``force``.
+image-generation, four entries) comes with ``--with-image-generation``. It is idempotent:
+an entry that is complete and built by the current recipe is skipped unless ``force``.
 """
 
 from __future__ import annotations
