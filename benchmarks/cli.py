@@ -11,6 +11,7 @@ Subcommands:
   echo-server a bare grpc.aio v2 server answering with the request's bytes
   export      export benchmarks (taskserve.benchmarks.export_bench)
   generation  the generation engine: 1/8/32 streams, context length, TTFT, vs transformers generate
+  image-generation  diffusion: step-level batching, server vs diffusers' pipeline in-process
 
 Results go to benchmarks/results/<name>.json, .md and .png.
 """
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     from taskserve.benchmarks.generation_bench import build_parser as add_generation
 
     add_generation(sub)
+    from taskserve.benchmarks.image_generation_bench import build_parser as add_image_generation
+
+    add_image_generation(sub)
     sub.add_parser("echo-server", help="bare grpc.aio v2 echo server (latency floor)", add_help=False)
     sub.add_parser("export", help="export benchmarks (taskserve.benchmarks.export_bench)", add_help=False)
     return parser
@@ -135,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             from taskserve.benchmarks.floor_bench import run_floor
 
             runs, paths = run_floor(args)
+        elif args.command == "image-generation":
+            from taskserve.benchmarks.image_generation_bench import run_image_generation
+
+            runs, paths = run_image_generation(args)
         elif args.command == "in-process":
             from taskserve.benchmarks.inprocess_cli import run_in_process_cli
 

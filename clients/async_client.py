@@ -17,6 +17,7 @@ from taskserve.clients.channel import create_aio_channel
 from taskserve.clients.errors import TaskServeError, Unavailable, error_for
 from taskserve.clients.generated.inference import grpc_service_pb2 as pb
 from taskserve.clients.generated.inference import grpc_service_pb2_grpc as pb_grpc
+from taskserve.clients.image_generation import AsyncImageGenerationNamespace
 from taskserve.clients.metadata import ModelMetadata, ServerMetadata
 from taskserve.clients.options import ClientOptions
 from taskserve.clients.text import AsyncTextNamespace
@@ -40,6 +41,7 @@ class AsyncTaskServeClient:
         self._v2 = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.text = AsyncTextNamespace(self.channel, self._caller)
         self.vision = AsyncVisionNamespace(self.channel, self._caller)
+        self.image_generation = AsyncImageGenerationNamespace(self.channel, self._caller)
 
     # -- health and metadata (v2) --------------------------------------------------
 

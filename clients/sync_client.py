@@ -15,6 +15,7 @@ from taskserve.clients.channel import create_channel
 from taskserve.clients.errors import TaskServeError, Unavailable, error_for
 from taskserve.clients.generated.inference import grpc_service_pb2 as pb
 from taskserve.clients.generated.inference import grpc_service_pb2_grpc as pb_grpc
+from taskserve.clients.image_generation import ImageGenerationNamespace
 from taskserve.clients.metadata import ModelMetadata, ServerMetadata
 from taskserve.clients.options import ClientOptions
 from taskserve.clients.text import TextNamespace
@@ -37,6 +38,7 @@ class TaskServeClient:
         self._v2 = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.text = TextNamespace(self.channel, self._caller)
         self.vision = VisionNamespace(self.channel, self._caller)
+        self.image_generation = ImageGenerationNamespace(self.channel, self._caller)
 
     # -- health and metadata (v2) --------------------------------------------------
 

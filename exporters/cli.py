@@ -4,7 +4,8 @@
     taskserve-export sentence-transformers DIR --out REPO [--name NAME] [--token-embeddings]
     taskserve-export torch PKG.MODULE:FACTORY --out REPO --name NAME [--task TASK]
     taskserve-export onnx FILE.onnx --out REPO --name NAME [--task TASK]
-    taskserve-export demo --out REPO [--model minilm] [--without-generation] [--force]
+    taskserve-export diffusers --model DIR_OR_ID --out REPO --name NAME [--fp16]
+    taskserve-export demo --out REPO [--model minilm] [--without-generation] [--with-image-generation] [--force]
 
 Exit codes: 0 ok, 1 export failed, 2 bad arguments, 3 validation mismatch, 4 TensorRT unavailable.
 """
@@ -44,8 +45,14 @@ def _common(p: argparse.ArgumentParser, name_required: bool = False) -> None:
     p.add_argument("--quantize", metavar="MODE", help="'int8': dynamic int8 quantization for CPU")
     p.add_argument("--fp16", action="store_true", help="half precision (GPU); with --tensorrt an fp16 engine")
     p.add_argument(
-        "--tensorrt", action="store_true", help="build a TensorRT engine (needs TensorRT and a GPU)"
-    )
+        "--tensorrt", action="store_true",
+        help="serve through TensorRT: onnxruntime's TensorRT provider on the plain graph (docs/gpu.md)",
+    )  # fmt: skip
+    p.add_argument(
+        "--format", choices=("onnx", "torch"), default="onnx",
+        help="onnx (default): model.onnx for onnxruntime; torch: safetensors for the PyTorch runtime "
+        "(fp16 on CUDA, fp32 on CPU; sentence-transformers, transformers and EfficientNet-Lite0)",
+    )  # fmt: skip
     p.add_argument("--atol", type=float, help="validation tolerance (max abs diff), default per task")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
 
@@ -78,6 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     onnx_p.add_argument("--task", default="tensor", help="taskserve task (default: tensor)")
     onnx_p.add_argument("--no-batch", action="store_true", help="the graph has no batch dimension")
     _common(onnx_p, name_required=True)
+    diff = sub.add_parser(
+        "diffusers", help="a Stable Diffusion pipeline folder (or hub id) -> UNet, text encoder and VAE entries"
+    )
+    diff.add_argument("--model", required=True, help="StableDiffusion(Inpaint)Pipeline folder or hub id")
+    diff.add_argument("--out", type=Path, required=True, help="model repository directory to write into")
+    diff.add_argument("--name", required=True, help="pipeline name; parts are NAME-text-encoder, NAME-vae-decoder, ...")
+    diff.add_argument("--max-batch-size", type=int, default=8, help="largest UNet/VAE batch the server forms (8)")
+    diff.add_argument("--max-images", type=int, default=4, help="images one request may ask for (4)")
+    diff.add_argument("--fp16", action="store_true", help="half-precision parts (GPU); the CPU check only reports")
+    diff.add_argument("--no-optimize", action="store_true", help="skip onnxruntime graph optimizations")
+    diff.add_argument("--no-validate", action="store_true", help="skip the pipeline check against diffusers")
+    diff.add_argument("--validation-steps", type=int, default=3, help="denoising steps of each check (3)")
+    diff.add_argument("--quiet", action="store_true", help="no progress bar or tables")
     demo = sub.add_parser("demo", help="build the demo repository from models shipped in PyPI packages")
     demo.add_argument("--out", type=Path, required=True)
     demo.add_argument(
@@ -85,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         dest="models",
         metavar="NAME",
-        help="minilm, efficientnet-lite0 or smollm2 (repeatable; default: all three)",
+        help="minilm, efficientnet-lite0, smollm2, or the torch entries minilm-torch, "
+        "efficientnet-lite0-torch and smollm2-torch, or tiny-sd "
+        "(repeatable; default: minilm, efficientnet-lite0 and smollm2)",
     )
     demo.add_argument(
         "--without-generation",
@@ -96,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # The default since SmolLM2 joined it; still accepted.
     demo.add_argument("--with-generation", action="store_true", help=argparse.SUPPRESS)
+    demo.add_argument(
+        "--with-image-generation",
+        action="store_true",
+        help="also build a tiny Stable Diffusion pipeline from configs (random weights: plumbing only; ~1 min)",
+    )
     demo.add_argument("--force", action="store_true", help="rebuild entries that are already complete")
     demo.add_argument("--quiet", action="store_true")
     return parser
@@ -112,6 +139,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "quantize": args.quantize,
         "fp16": args.fp16,
         "tensorrt": args.tensorrt,
+        "format": args.format,
         "atol": args.atol,
         "progress": not args.quiet,
     }
@@ -144,7 +172,19 @@ def run(args: argparse.Namespace) -> list[Path]:
             models += [m for m in GENERATION_MODELS if m not in models]
         if args.without_generation:
             models = [m for m in models if m not in GENERATION_MODELS]
+        if args.with_image_generation and "tiny-sd" not in models:
+            models.append("tiny-sd")
         return build_demo(args.out, models, force=args.force, progress=not args.quiet)
+    if args.command == "diffusers":
+        from taskserve.exporters.diffusion import export_diffusers
+
+        if args.max_batch_size < 1 or args.max_images < 1 or args.validation_steps < 1:
+            raise UsageError("--max-batch-size, --max-images and --validation-steps must be >= 1")
+        return export_diffusers(
+            args.model, args.out, args.name, max_batch_size=args.max_batch_size, max_images=args.max_images,
+            fp16=args.fp16, optimize=not args.no_optimize, validate=not args.no_validate,
+            validation_steps=args.validation_steps, progress=not args.quiet,
+        ).entries  # fmt: skip
     if args.command == "hf":
         name = args.name or _default_name(args.model)
         return [

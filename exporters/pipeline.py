@@ -24,6 +24,7 @@ from taskserve.exporters.repository_entry import check_writable, write_entry
 from taskserve.exporters.sources.hf import ENCODER_FILE
 from taskserve.exporters.spec import ExportedModel
 from taskserve.exporters.tasks import TOLERANCES
+from taskserve.exporters.torch_entry import check_torch_entry, write_torch_files
 from taskserve.exporters.validate import OutputDiff, run_cases, validate, worst
 
 Source = Callable[[Path], ExportedModel]
@@ -51,6 +52,8 @@ class ExportOptions:
     fp16: bool = False
     tensorrt: bool = False
     trt_workspace_mb: int = 2048
+    # "onnx" (model.onnx for onnxruntime) or "torch" (safetensors for the PyTorch runtime).
+    format: str = "onnx"
     # Override of the per-task tolerance for the max abs difference.
     atol: float | None = None
     progress: bool = True
@@ -69,6 +72,13 @@ class ExportOptions:
             raise UsageError("--quantize int8 targets CPU; it cannot be combined with --fp16 or --tensorrt")
         if self.max_batch_size is not None and self.max_batch_size < 0:
             raise UsageError("--max-batch-size must be >= 0")
+        if self.format not in ("onnx", "torch"):
+            raise UsageError(f"unknown --format {self.format!r}; use 'onnx' or 'torch'")
+        if self.format == "torch" and (self.quantize or self.fp16 or self.tensorrt):
+            raise UsageError(
+                "--format torch cannot be combined with --quantize, --fp16 or --tensorrt: torch entries run "
+                "fp16 on CUDA and fp32 on the CPU by themselves (runtime.torch.dtype)"
+            )
         if self.instance_count < 1:
             raise UsageError(f"--instances must be >= 1, got {self.instance_count}")
 
@@ -83,13 +93,24 @@ class ExportResult:
     summary: str = ""
 
 
+def _native_engines() -> bool:
+    """Whether --tensorrt writes native engines (platform: tensorrt). Only once the server's
+    TensorRT runtime has run on a GPU; until then --tensorrt writes an onnxruntime entry
+    with the TensorRT execution provider, which builds and caches its engines itself."""
+    from taskserve.server.runtimes.tensorrt import NATIVE_RUNTIME_VERIFIED
+
+    return NATIVE_RUNTIME_VERIFIED
+
+
 def _step_names(options: ExportOptions) -> list[str]:
+    if options.format == "torch":
+        return ["export", "validate", "torch", "write"]
     names = ["export", "validate", "optimize"]
     if options.quantize:
         names.append("quantize")
     if options.fp16 and not options.tensorrt:
         names.append("fp16")
-    if options.tensorrt:
+    if options.tensorrt and _native_engines():
         names.append("tensorrt")
     return names + ["write"]
 
@@ -115,7 +136,7 @@ def run_export(source: Source, options: ExportOptions, description: str) -> Expo
     """Run every step; on any failure nothing is written and the error propagates."""
     options.check()
     check_writable(options.out)
-    if options.tensorrt:
+    if options.tensorrt and _native_engines():
         trt_build.require_tensorrt()  # fail before minutes of export work
     stream = options.stream or sys.stderr
     steps = Steps(f"{options.name}", _step_names(options), stream=stream, enabled=options.progress)
@@ -158,8 +179,14 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
         diffs = validate(exported.work_dir, cases, tolerance, "the exported ONNX graph")
         rec.detail = worst(diffs)
     current = exported.work_dir
+    if options.format == "torch":
+        return _write_torch(exported, options, description, steps, work, max_batch, tolerance, diffs)
 
-    if options.optimize:
+    if options.optimize and options.tensorrt:
+        # TensorRT cannot parse onnxruntime's fused contrib ops (Attention,
+        # SkipLayerNormalization) and does its own fusions.
+        steps.skip("optimize", "--tensorrt: TensorRT fuses the plain graph itself")
+    elif options.optimize:
         with steps.step("optimize") as rec:
             notes = _stage(
                 current, work / "optimized", files, lambda s, d: optimize_file(s, d, exported.transformer)
@@ -198,7 +225,8 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
                 rec.detail = f"not checked on CPU ({type(err).__name__}: {str(err).splitlines()[0][:80]})"
 
     version_files = {p.name: p for p in sorted(current.iterdir()) if p.is_file()}
-    if options.tensorrt:
+    native = options.tensorrt and _native_engines()
+    if native:
         with steps.step("tensorrt") as rec:
             if exported.inputs is None or len(files) != 1:
                 raise ExportError("--tensorrt supports single-file models with declared inputs")
@@ -230,12 +258,9 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
             int8=bool(options.quantize),
             fp16=options.fp16,
             tensorrt=options.tensorrt,
+            native_engine=native,
         )
-        model_files = dict(exported.extra_files)
-        if exported.labels:
-            labels_path = work / LABELS_FILE
-            labels_path.write_text("\n".join(exported.labels) + "\n")
-            model_files[LABELS_FILE] = labels_path
+        model_files = _model_files(exported, work)
         info = {
             "source": exported.source,
             "description": description,
@@ -263,3 +288,57 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
         )
         rec.detail = str(entry)
     return ExportResult(entry, exported.task, config, diffs, accuracy)
+
+
+def _model_files(exported: ExportedModel, work: Path) -> dict[str, Path]:
+    model_files = dict(exported.extra_files)
+    if exported.labels:
+        labels_path = work / LABELS_FILE
+        labels_path.write_text("\n".join(exported.labels) + "\n")
+        model_files[LABELS_FILE] = labels_path
+    return model_files
+
+
+def _write_torch(
+    exported: ExportedModel,
+    options: ExportOptions,
+    description: str,
+    steps: Steps,
+    work: Path,
+    max_batch: int,
+    tolerance: float,
+    diffs: list[OutputDiff],
+) -> ExportResult:
+    """--format torch: safetensors + config files, checked through the server's TorchRuntime."""
+    config = build_config(
+        exported,
+        options.name,
+        max_batch,
+        options.max_queue_delay_us,
+        length_buckets=options.length_buckets,
+        instance_count=options.instance_count,
+        platform="torch",
+    )
+    with steps.step("torch") as rec:
+        version_dir = work / "torch"
+        version_files = write_torch_files(exported, version_dir)
+        worst_diff = check_torch_entry(config, version_dir, exported, tolerance)
+        rec.detail = f"{len(version_files)} files; server TorchRuntime (CPU fp32) vs source: {worst_diff:.2e}"
+    with steps.step("write") as rec:
+        info = {
+            "source": exported.source,
+            "description": description,
+            "options": {"format": "torch", "max_batch_size": max_batch},
+            "validation": {
+                "tolerance": tolerance,
+                "max_abs_diff": max(d.max_abs_diff for d in diffs),
+                "torch_entry_max_abs_diff": worst_diff,
+            },
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "tags": dict(options.tags),
+        }
+        entry = write_entry(
+            options.out, options.name, options.version, config, version_files, _model_files(exported, work), info
+        )
+        rec.detail = str(entry)
+    return ExportResult(entry, exported.task, config, diffs)

@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from taskserve.exporters.torch_entry import TorchEntryWriter
 
 
 @dataclass(frozen=True)
@@ -77,3 +80,5 @@ class ExportedModel:
     source: dict[str, Any] = field(default_factory=dict)
     # config.yaml's generation block: the entry runs on the generation engine.
     generation: dict[str, Any] | None = None
+    # Writes the files of a torch entry (--format torch); None: this model has none.
+    torch_entry: TorchEntryWriter | None = None

@@ -23,6 +23,7 @@ from taskserve.exporters.quiet import quiet
 from taskserve.exporters.sources.text_samples import TEXT_KEYS, tokenized_batches
 from taskserve.exporters.spec import ExportedModel, TensorSpec, ValidationCase
 from taskserve.exporters.tasks import GENERATION_TASKS, OPTIMUM_TO_TASKSERVE, TEXT_TASKS
+from taskserve.exporters.torch_entry import transformers_entry
 
 DEFAULT_MAX_BATCH = 32
 # Files optimum saves next to the graph that the server's tasks read.
@@ -175,6 +176,7 @@ def export_hf(model: str, optimum_task: str, work: Path, opset: int | None = Non
         generation={**ENGINE_DEFAULTS, "max_model_len": min(max_length, ENGINE_MAX_MODEL_LEN)}
         if task == "text2text-generation"
         else None,
+        torch_entry=transformers_entry(loaded, optimum_task),
     )
 
 

@@ -168,6 +168,8 @@ def export_sentence_transformer(
         if (layout.transformer_dir / n).is_file()
     }
     config = encoder.config
+    from taskserve.exporters.torch_entry import sentence_transformer_entry
+
     return ExportedModel(
         work_dir=onnx_dir,
         task="sentence-embedding",
@@ -192,6 +194,7 @@ def export_sentence_transformer(
             "reference": reference_kind,
             "model_type": config.model_type,
         },
+        torch_entry=sentence_transformer_entry(encoder, layout.pooling, layout.normalize),
     )
 
 

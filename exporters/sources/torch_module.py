@@ -13,6 +13,7 @@ from taskserve.exporters.graph_io import serving_specs
 from taskserve.exporters.quiet import quiet
 from taskserve.exporters.spec import ExportedModel, ValidationCase
 from taskserve.exporters.tasks import check_taskserve_task
+from taskserve.exporters.torch_entry import module_entry
 
 
 def default_dynamic_axes(inputs: Mapping[str, Any], output_names: list[str]) -> dict[str, dict[int, str]]:
@@ -123,4 +124,5 @@ def export_module(
         task_options=task_options or {},
         labels=labels,
         source=source or {"kind": "torch-module", "class": type(module).__name__},
+        torch_entry=module_entry(module),
     )

@@ -33,9 +33,10 @@ Task = Literal[
     "image-text-match",
     "text-generation",
     "text2text-generation",
+    "image-generation",
 ]
 
-Platform = Literal["onnxruntime", "tensorrt"]
+Platform = Literal["onnxruntime", "tensorrt", "torch"]
 ExecutionProvider = Literal["tensorrt", "cuda", "cpu"]
 # Where the batcher pads an input's variable dims when requests of different sizes share a batch.
 Padding = Literal["right", "left", "none"]
@@ -106,9 +107,27 @@ class DynamicBatchingConfig(_Frozen):
 class TensorRTOptions(_Frozen):
     fp16: bool = True
     int8: bool = False
-    # Engine and timing caches live here so restarts skip the engine build.
+    # Engine and timing caches live here so restarts skip the engine build; it must be
+    # writable by the server (default: trt_cache/ next to the version directory).
     cache_dir: str | None = None
     max_workspace_mb: int = Field(default=2048, gt=0)
+    # Build optimization profiles from max_batch_size and dynamic_batching.length_buckets
+    # (onnxruntime's TensorRT provider; see runtimes/onnx_providers.py).
+    profiles_from_buckets: bool = True
+
+
+class TorchOptions(_Frozen):
+    """``platform: torch`` (runtimes/torch_runtime.py)."""
+
+    # auto: CUDA when the instance is placed on a GPU (``gpus``) or one is present, else CPU.
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    # auto: fp16 on CUDA, fp32 on CPU.
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    # torch.compile the module (first batches of each shape compile; warm-up pays for it).
+    compile: bool = False
+    # CUDA: capture one CUDA graph per (batch, length) bucket shape and replay it; batches
+    # are padded up to the bucket shape. Ignored on CPU.
+    cuda_graphs: bool = False
 
 
 class RuntimeConfig(_Frozen):
@@ -129,6 +148,12 @@ class RuntimeConfig(_Frozen):
     alone_intra_op_threads: int = Field(default=0, ge=0)
     device_id: int = Field(default=0, ge=0)
     tensorrt: TensorRTOptions = TensorRTOptions()
+    # onnxruntime on CUDA: bind inputs/outputs (one host-to-device copy per input and one
+    # device-to-host copy per output per batch, from reused buffers). See runtimes/io_binding.py.
+    io_binding: bool = True
+    # onnxruntime on CUDA: replay CUDA graphs for fixed bucket shapes (needs io_binding).
+    cuda_graphs: bool = False
+    torch: TorchOptions = TorchOptions()
 
 
 class GenerationConfig(_Frozen):
@@ -189,6 +214,9 @@ class ModelConfig(_Frozen):
     outputs: tuple[TensorConfig, ...] | None = None
     dynamic_batching: DynamicBatchingConfig = DynamicBatchingConfig()
     instance_count: int = Field(default=1, ge=1, le=64)
+    # Instance groups: instance_count instances on EACH of these GPU ids (empty: instance_count
+    # instances on runtime.device_id, falling back to CPU where the runtime can).
+    gpus: tuple[int, ...] = ()
     runtime: RuntimeConfig = RuntimeConfig()
     # Class labels file, one per line, relative to the model directory.
     labels: str | None = None
@@ -220,6 +248,7 @@ class ModelConfig(_Frozen):
                 "a model with a generation block runs one onnxruntime instance that holds the KV cache; "
                 "set instance_count: 1 and platform: onnxruntime (raise generation.max_num_seqs instead)"
             )
+        self._check_gpus()
         input_names = {t.name for t in self.inputs or ()}
         for out in self.outputs or ():
             if out.unpad_like is not None and self.inputs is not None and out.unpad_like not in input_names:
@@ -228,6 +257,20 @@ class ModelConfig(_Frozen):
                     f"use one of {sorted(input_names)}"
                 )
         return self
+
+    def _check_gpus(self) -> None:
+        if not self.gpus:
+            return
+        if any(g < 0 for g in self.gpus) or len(set(self.gpus)) != len(self.gpus):
+            raise ValueError(f"gpus {list(self.gpus)} must be distinct GPU ids >= 0, e.g. [0, 1]")
+        if len(self.gpus) * self.instance_count > 64:
+            raise ValueError("gpus x instance_count must be at most 64 instances")
+        if self.platform == "onnxruntime" and not {"cuda", "tensorrt"} & set(self.runtime.execution_providers):
+            raise ValueError(
+                "gpus is set but runtime.execution_providers has no GPU provider; add 'cuda' or 'tensorrt'"
+            )
+        if self.platform == "torch" and self.runtime.torch.device == "cpu":
+            raise ValueError("gpus is set but runtime.torch.device is 'cpu'; remove one of them")
 
 
 def _format_validation_error(path: Path, err: ValidationError) -> str:

@@ -23,6 +23,7 @@ from taskserve.server.repository.paths import model_dir_inside, model_dir_names,
 from taskserve.server.repository.tensors import resolve_tensors
 from taskserve.server.repository.versions import available_versions, select_versions
 from taskserve.server.runtimes import Runtime, TensorInfo, create_runtime
+from taskserve.server.runtimes.devices import check_placements, instance_placements
 from taskserve.server.scheduling.base import Scheduler
 from taskserve.server.scheduling.factory import create_scheduler
 
@@ -254,8 +255,10 @@ class ModelManager:
         def load_and_warm() -> ModelConfig:
             sizes = [b for b in config.warmup.batch_sizes if config.max_batch_size == 0 or b <= config.max_batch_size]
             resolved: ModelConfig | None = None
-            for _ in range(config.instance_count):
-                runtime = create_runtime(model_path, config)
+            placements = instance_placements(config)
+            check_placements(config, placements)  # a GPU this machine lacks: UNAVAILABLE, with the reason
+            for placement in placements:
+                runtime = create_runtime(model_path, config, gpu=placement.gpu)
                 runtimes.append(runtime)
                 runtime.load()
                 if resolved is None:  # every instance loads the same graph: check it once

@@ -8,14 +8,15 @@ still loads on a CPU-only machine.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from taskserve.server.errors import RuntimeFailure
 from taskserve.server.repository.config import ModelConfig
+from taskserve.server.runtimes import onnx_providers
 from taskserve.server.runtimes.base import Runtime, TensorInfo
+from taskserve.server.runtimes.io_binding import IoBinder
 from taskserve.server.runtimes.onnx_threads import (
     WIDE_SESSIONS,
     alone_threads,
@@ -45,13 +46,6 @@ _ORT_TO_V2 = {
     "tensor(string)": "BYTES",
 }
 
-_PROVIDER_NAMES = {
-    "tensorrt": "TensorrtExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "cpu": "CPUExecutionProvider",
-}
-
-
 def _dim(d: object) -> int:
     return d if isinstance(d, int) and d > 0 else -1
 
@@ -64,9 +58,12 @@ def _as_text(array: np.ndarray) -> np.ndarray:
 
 
 class OnnxRuntime(Runtime):
-    def __init__(self, model_path: Path, config: ModelConfig) -> None:
+    def __init__(self, model_path: Path, config: ModelConfig, gpu: int | None = None) -> None:
         self.model_path = model_path
         self.config = config
+        # The GPU this instance is placed on (instance groups); None: as runtime.device_id says.
+        self.gpu = gpu
+        self._binder: IoBinder | None = None
         self._session: object | None = None
         self._native: Any = None
         # The shared wide session a lone batch runs on (onnx_threads.py); None: none.
@@ -78,37 +75,6 @@ class OnnxRuntime(Runtime):
         self._text_inputs: frozenset[str] = frozenset()
         self.providers: list[str] = []
 
-    def _select_providers(self, available: list[str]) -> list[str | tuple[str, dict[str, object]]]:
-        rc = self.config.runtime
-        chosen: list[str | tuple[str, dict[str, object]]] = []
-        for name in rc.execution_providers:
-            ort_name = _PROVIDER_NAMES[name]
-            if ort_name not in available:
-                continue
-            if name == "tensorrt":
-                cache = rc.tensorrt.cache_dir or engine_cache_dir(self.model_path, self.config.name)
-                options: dict[str, object] = {
-                    "device_id": rc.device_id,
-                    "trt_fp16_enable": rc.tensorrt.fp16,
-                    "trt_int8_enable": rc.tensorrt.int8,
-                    "trt_engine_cache_enable": True,
-                    "trt_engine_cache_path": cache,
-                    "trt_timing_cache_enable": True,
-                    "trt_timing_cache_path": cache,
-                    "trt_max_workspace_size": rc.tensorrt.max_workspace_mb * 1024 * 1024,
-                }
-                chosen.append((ort_name, options))
-            elif name == "cuda":
-                chosen.append((ort_name, {"device_id": rc.device_id}))
-            else:
-                chosen.append(ort_name)
-        if not chosen:
-            raise RuntimeFailure(
-                f"none of the configured execution providers {list(rc.execution_providers)} is available "
-                f"in this onnxruntime build (it has {available}); add 'cpu' to runtime.execution_providers"
-            )
-        return chosen
-
     def load(self) -> None:
         import onnxruntime as ort
 
@@ -116,7 +82,9 @@ class OnnxRuntime(Runtime):
             raise RuntimeFailure(f"model file {self.model_path} does not exist")
         rc = self.config.runtime
         threads = instance_threads(rc, self.config.instance_count)
-        providers = self._select_providers(ort.get_available_providers())
+        providers = onnx_providers.select_providers(
+            self.config, ort.get_available_providers(), self.model_path, self.gpu
+        )
 
         def open_session(intra_op_threads: int) -> Any:
             opts = session_options(ort, rc, intra_op_threads)
@@ -127,6 +95,7 @@ class OnnxRuntime(Runtime):
 
         session = open_session(threads)
         self.providers = session.get_providers()
+        onnx_providers.check_active(self.config, providers, self.providers, self.gpu)
         wide = alone_threads(rc, self.config.instance_count)
         if wide and self.providers[0] == "CPUExecutionProvider":
             self._wide_key = (self.model_path.resolve(), wide)
@@ -145,10 +114,19 @@ class OnnxRuntime(Runtime):
         # whole server-side time. The wrapper stays the fallback if onnxruntime renames it.
         self._native = getattr(session, "_sess", None)
         self._session = session
+        self._binder = self._io_binder(ort, session)
         log.info(
             "loaded %s with %s, %d intra-op threads%s", self.model_path, self.providers, threads,
             f" ({wide} when a batch computes alone)" if self._wide is not None else "",
         )  # fmt: skip
+
+    def _io_binder(self, ort: Any, session: Any) -> IoBinder | None:
+        """GPU sessions with numeric inputs run through I/O binding (runtimes/io_binding.py)."""
+        rc = self.config.runtime
+        if not (rc.io_binding and onnx_providers.uses_cuda(self.providers)) or self._text_inputs:
+            return None
+        device_id = rc.device_id if self.gpu is None else self.gpu
+        return IoBinder(session, ort, self.config, "cuda", device_id, cuda_graphs=rc.cuda_graphs)
 
     def _v2_type(self, ort_type: str) -> str:
         try:
@@ -190,6 +168,8 @@ class OnnxRuntime(Runtime):
         if self._text_inputs:
             feed = {k: (_as_text(v) if v.dtype == np.object_ else v) for k, v in inputs.items()}
         try:
+            if self._binder is not None:
+                return self._binder.run(feed, names)
             if native is not None:
                 results = native.run(names, feed, None)
             else:
@@ -199,6 +179,9 @@ class OnnxRuntime(Runtime):
         return dict(zip(names, results, strict=True))
 
     def close(self) -> None:
+        if self._binder is not None:
+            self._binder.close()
+            self._binder = None
         self._session = None
         self._wide = None
         if self._wide_key is not None:
@@ -214,15 +197,3 @@ class OnnxRuntime(Runtime):
     def description(self) -> str:
         return f"onnxruntime {', '.join(self.providers)}"
 
-
-# A writable directory for TensorRT engine and timing caches when the model config sets no
-# runtime.tensorrt.cache_dir: the model repository is often read-only (a volume, an image).
-ENGINE_CACHE_ENV = "TASKSERVE_ENGINE_CACHE_DIR"
-
-
-def engine_cache_dir(model_path: Path, model_name: str) -> str:
-    """``$TASKSERVE_ENGINE_CACHE_DIR/<model>/<version>`` when set, else ``trt_cache`` beside the model file."""
-    root = os.environ.get(ENGINE_CACHE_ENV)
-    if root:
-        return str(Path(root) / model_name / model_path.parent.name)
-    return str(model_path.parent / "trt_cache")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from taskserve.server.tasks.base import CallOptions, LabelScore, Task, TaskCache, TaskContext, TaskLimits
 from taskserve.server.tasks.fill_mask import MaskFiller
 from taskserve.server.tasks.image_classification import ImageClassifier
+from taskserve.server.tasks.image_generation import ImageGenerator
 from taskserve.server.tasks.image_segmentation import ImageSegmenter
 from taskserve.server.tasks.image_text_match import ImageTextMatcher
 from taskserve.server.tasks.object_detection import ObjectDetector
@@ -22,6 +23,7 @@ TASKS: dict[str, type[Task]] = {
     for cls in (
         TextClassifier, TokenClassifier, SentenceEmbedder, QuestionAnswerer, MaskFiller,
         ImageClassifier, ObjectDetector, ImageSegmenter, ImageTextMatcher, TextGenerator, Seq2SeqGenerator,
+        ImageGenerator,
     )
 }  # fmt: skip
 
@@ -29,6 +31,7 @@ __all__ = [
     "TASKS",
     "CallOptions",
     "ImageClassifier",
+    "ImageGenerator",
     "ImageSegmenter",
     "ImageTextMatcher",
     "LabelScore",

@@ -99,8 +99,16 @@ class TaskContext:
     ``run`` and ``admit`` are called on the event loop only.
     """
 
-    def __init__(self, limits: TaskLimits | None = None, workers: int = 2) -> None:
+    def __init__(
+        self,
+        limits: TaskLimits | None = None,
+        workers: int = 2,
+        models: Callable[[str], ServedModel] | None = None,
+    ) -> None:
         self.limits = limits or TaskLimits()
+        # Other served models by name, for tasks built from several entries (a diffusion
+        # pipeline's text encoder and VAE); raises ModelNotFound / ModelNotReady.
+        self.models = models
         self.executor = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="task-worker")
         self._active = 0
 

@@ -76,10 +76,10 @@ def test_token_check() -> None:
 
 
 def test_engine_cache_goes_to_the_writable_directory_when_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from taskserve.server.runtimes.onnx import ENGINE_CACHE_ENV, engine_cache_dir
+    from taskserve.server.runtimes.onnx_providers import ENGINE_CACHE_ENV, engine_cache_dir
 
     model_file = tmp_path / "repo" / "m" / "3" / "model.onnx"
     monkeypatch.delenv(ENGINE_CACHE_ENV, raising=False)
-    assert engine_cache_dir(model_file, "m") == str(model_file.parent / "trt_cache")
+    assert engine_cache_dir(model_file, "m") == model_file.parent / "trt_cache"
     monkeypatch.setenv(ENGINE_CACHE_ENV, "/var/cache/taskserve/engines")
-    assert engine_cache_dir(model_file, "m") == "/var/cache/taskserve/engines/m/3"  # one folder per model version
+    assert engine_cache_dir(model_file, "m") == Path("/var/cache/taskserve/engines/m/3")  # one folder per model version

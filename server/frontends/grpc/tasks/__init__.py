@@ -14,6 +14,8 @@ from taskserve.clients.generated.taskserve.v1 import (
     fill_mask_pb2_grpc,
     image_classification_pb2,
     image_classification_pb2_grpc,
+    image_generation_pb2,
+    image_generation_pb2_grpc,
     image_segmentation_pb2,
     image_segmentation_pb2_grpc,
     image_text_match_pb2,
@@ -36,6 +38,7 @@ from taskserve.clients.generated.taskserve.v1 import (
 from taskserve.server.frontends.grpc.tasks.call import TaskServicer
 from taskserve.server.frontends.grpc.tasks.fill_mask import FillMaskServicer
 from taskserve.server.frontends.grpc.tasks.image_classification import ImageClassificationServicer
+from taskserve.server.frontends.grpc.tasks.image_generation import ImageGenerationServicer
 from taskserve.server.frontends.grpc.tasks.image_segmentation import ImageSegmentationServicer
 from taskserve.server.frontends.grpc.tasks.image_text_match import ImageTextMatchServicer
 from taskserve.server.frontends.grpc.tasks.object_detection import ObjectDetectionServicer
@@ -67,7 +70,7 @@ def add_task_servicers(
     """Register every typed service on ``server``; returns their full names (for
     reflection and health). They share one worker pool for pre- and post-processing,
     sized to the machine's cores unless ``workers`` says otherwise."""
-    context = TaskContext(limits, workers or min(8, os.cpu_count() or 2))
+    context = TaskContext(limits, workers or min(8, os.cpu_count() or 2), models=models.get)
     tasks = TaskCache(context)
     registrations: list[tuple[Any, str, Callable[[Any, grpc.aio.Server], None], type[TaskServicer]]] = [
         (text_classification_pb2, "TextClassification", text_classification_pb2_grpc.add_TextClassificationServicer_to_server, TextClassificationServicer),
@@ -84,6 +87,7 @@ def add_task_servicers(
         (text_transform_pb2, "Translation", text_transform_pb2_grpc.add_TranslationServicer_to_server, TranslationServicer),
         (text_transform_pb2, "Summarization", text_transform_pb2_grpc.add_SummarizationServicer_to_server, SummarizationServicer),
         (text_transform_pb2, "Text2Text", text_transform_pb2_grpc.add_Text2TextServicer_to_server, Text2TextServicer),
+        (image_generation_pb2, "ImageGeneration", image_generation_pb2_grpc.add_ImageGenerationServicer_to_server, ImageGenerationServicer),
     ]  # fmt: skip
     names = []
     for module, service, add, servicer in registrations:

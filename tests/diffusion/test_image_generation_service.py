@@ -1,0 +1,290 @@
+"""ImageGeneration through a real server on the exported tiny pipeline, against diffusers'
+own pipeline on the same weights with the same scheduler, steps and noise."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+from taskserve.clients import DeadlineExceeded, InvalidArgument, TaskServeClient
+from taskserve.clients.generated.taskserve.v1 import image_generation_pb2 as pb
+from taskserve.clients.generated.taskserve.v1 import image_generation_pb2_grpc as pb_grpc
+from taskserve.clients.image_generation import ImageProgress, ImageResult
+from taskserve.server.tasks.diffusion.pipeline import GenerationParams, Mode, PipelineSpec, spec_from_options
+from taskserve.server.tasks.diffusion.schedulers import SchedulerKind
+
+from tests.diffusion.conftest import NAME, TinyPipeline
+from tests.support.server import ServerThread
+
+SIZE = 32  # pixels; the tiny VAE's latents are 16x16
+PROMPT, NEGATIVE = "the cat and the dog", "blurry"
+# Max abs pixel differences measured against diffusers, per call (printed at the end with -s).
+MEASURED: dict[str, int] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _print_measured() -> Any:
+    yield
+    print("\nmax abs pixel difference vs diffusers:", MEASURED)
+
+
+@pytest.fixture(scope="module")
+def client(sd_server: ServerThread) -> Any:
+    with TaskServeClient(sd_server.address) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_pipeline: TinyPipeline) -> PipelineSpec:
+    import json
+
+    import yaml
+
+    options = yaml.safe_load((tiny_pipeline.repo / NAME / "config.yaml").read_text())["task_options"]
+    return spec_from_options(options, json.loads((tiny_pipeline.repo / NAME / "scheduler_config.json").read_text()))
+
+
+def _image(seed: int = 3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+
+
+def _mask() -> np.ndarray:
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[8:20, 4:28] = 255
+    return mask
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _reference(tiny_pipeline: TinyPipeline, spec: PipelineSpec, **kw: Any) -> np.ndarray:
+    from taskserve.exporters.diffusion import diffusers_reference
+
+    image, mask = kw.pop("image", None), kw.pop("mask", None)
+    params = GenerationParams(**{"width": SIZE, "height": SIZE, "guidance_scale": 7.5, "num_images": 1, **kw})
+    return diffusers_reference(tiny_pipeline.pipe, spec, params, PROMPT, NEGATIVE, image, mask)
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpm-solver++"])
+def test_text_to_image_equals_diffusers(
+    client: Any, tiny_pipeline: TinyPipeline, spec: PipelineSpec, scheduler: str
+) -> None:
+    images = client.image_generation.text_to_image(
+        PROMPT, model=NAME, negative_prompt=NEGATIVE, width=SIZE, height=SIZE, steps=3, seed=11, scheduler=scheduler
+    )
+    ours = images[0].pixels()
+    assert ours.shape == (SIZE, SIZE, 3) and images[0].seed == 11
+    theirs = _reference(
+        tiny_pipeline, spec, mode=Mode.TEXT_TO_IMAGE, steps=3, seed=11, scheduler=SchedulerKind(scheduler)
+    )[0]
+    MEASURED[f"text-to-image {scheduler}"] = diff = _max_diff(ours, theirs)
+    assert diff <= 1, f"max abs pixel difference {diff}"
+    assert ours.std() > 1  # a real image, not a constant
+
+
+def test_image_to_image_equals_diffusers_and_runs_round_strength_steps(
+    client: Any, tiny_pipeline: TinyPipeline, spec: PipelineSpec
+) -> None:
+    image = _image()
+    # round(0.5 * 5) = 2 (int() would give 2 as well; 0.3 * 5 = 1.5 is where round and int differ).
+    events = list(
+        client.image_generation.image_to_image_stream(
+            image, PROMPT, model=NAME, negative_prompt=NEGATIVE, steps=5, strength=0.3, seed=5, scheduler="euler"
+        )
+    )
+    progress = [e for e in events if isinstance(e, ImageProgress)]
+    assert [p.step for p in progress] == [1, 2] and {p.total for p in progress} == {2}
+    assert isinstance(events[-1], ImageResult) and events[-1].steps == 2
+    ours = events[-1].images[0].pixels()
+    theirs = _reference(
+        tiny_pipeline, spec, mode=Mode.IMAGE_TO_IMAGE, steps=5, seed=5, scheduler=SchedulerKind.EULER,
+        strength=0.3, image=image,
+    )[0]  # fmt: skip
+    MEASURED["image-to-image euler"] = diff = _max_diff(ours, theirs)
+    assert diff <= 1
+    full = client.image_generation.image_to_image(image, PROMPT, model=NAME, steps=4, strength=1.0, seed=5)
+    assert full[0].pixels().shape == image.shape
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm-solver++"])
+def test_inpaint_equals_diffusers_and_keeps_every_unmasked_pixel(
+    client: Any, tiny_pipeline: TinyPipeline, spec: PipelineSpec, scheduler: str
+) -> None:
+    image, mask = _image(4), _mask()
+    images = client.image_generation.inpaint(
+        _png(image), _png(mask), PROMPT, model=NAME, negative_prompt=NEGATIVE, steps=3, seed=9, scheduler=scheduler
+    )
+    ours = images[0].pixels()
+    keep = mask < 128
+    np.testing.assert_array_equal(ours[keep], image[keep])
+    assert (ours[~keep] != image[~keep]).any()  # the masked region was repainted
+    theirs = _reference(
+        tiny_pipeline, spec, mode=Mode.INPAINT, steps=3, seed=9, scheduler=SchedulerKind(scheduler),
+        image=image, mask=mask,
+    )[0]  # fmt: skip
+    MEASURED[f"inpaint {scheduler}"] = diff = _max_diff(ours, theirs)
+    assert diff <= 1
+
+
+def test_same_seed_same_bytes_and_image_i_uses_seed_plus_i(client: Any) -> None:
+    def call(seed: int, n: int = 1) -> list[bytes]:
+        images = client.image_generation.text_to_image(
+            PROMPT, model=NAME, width=SIZE, height=SIZE, steps=2, seed=seed, num_images=n, output_format="raw-rgb"
+        )
+        return [i.data for i in images]
+
+    first = call(100, n=2)
+    assert call(100, n=2) == first
+    assert call(101) == [first[1]]
+    assert first[0] != first[1]
+
+
+def test_concurrent_requests_equal_one_by_one(client: Any, sd_server: ServerThread) -> None:
+    seeds = [21, 22, 23, 24]
+
+    def call(seed: int) -> bytes:
+        images = client.image_generation.text_to_image(
+            PROMPT, model=NAME, width=SIZE, height=SIZE, steps=3, seed=seed, scheduler="dpm-solver++"
+        )
+        return bytes(images[0].data)
+
+    alone = [call(s) for s in seeds]
+    assert sd_server.app is not None
+    unet = sd_server.app.models.get(NAME)
+
+    def batches() -> dict[int, int]:
+        return {rows: b.compute_infer.count for rows, b in unet.metrics.snapshot().batches.items()}
+
+    before = batches()
+    results: dict[int, bytes] = {}
+    threads = [threading.Thread(target=lambda s=s: results.__setitem__(s, call(s))) for s in seeds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [results[s] for s in seeds] == alone
+    # Steps of different requests shared UNet batches: more rows than one request's two (guidance).
+    grown = [rows for rows, count in batches().items() if count > before.get(rows, 0)]
+    assert max(grown) > 2, grown
+
+
+def test_stream_reports_every_step_with_previews_then_the_images(client: Any) -> None:
+    events = list(
+        client.image_generation.text_to_image_stream(
+            PROMPT, model=NAME, width=SIZE, height=SIZE, steps=4, seed=1, num_images=2, preview=True
+        )
+    )
+    progress, last = events[:-1], events[-1]
+    assert [(p.step, p.total) for p in progress] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    for p in progress:
+        assert len(p.previews) == 2
+        preview = np.asarray(Image.open(io.BytesIO(p.previews[0])))
+        assert preview.shape == (SIZE // 2, SIZE // 2, 3)  # latent resolution
+    assert isinstance(last, ImageResult) and len(last.images) == 2 and last.steps == 4
+
+
+@pytest.mark.parametrize(
+    ("call", "kwargs", "message"),
+    [
+        ("text", {"steps": 0}, "steps"),
+        ("text", {"steps": 151}, "steps"),
+        ("text", {"guidance_scale": -1.0}, "guidance_scale"),
+        ("text", {"width": 36, "height": 32}, "multiple of 8"),
+        ("text", {"width": 2048, "height": 1024}, "limit"),
+        ("text", {"num_images": 5}, "num_images"),
+        ("img", {"strength": 0.0}, "strength"),
+        ("img", {"strength": 1.5}, "strength"),
+        ("img", {"width": 64, "height": 64}, "match the image"),
+        ("inpaint", {"mask": np.zeros((16, 16), dtype=np.uint8)}, "mask is 16x16"),
+        ("inpaint", {"strength": -0.1}, "strength"),
+    ],
+)
+def test_bad_parameters_are_invalid_argument(client: Any, call: str, kwargs: dict[str, Any], message: str) -> None:
+    settings = {"steps": 2, "seed": 1, **kwargs}
+    gen = client.image_generation
+    with pytest.raises(InvalidArgument, match=message):
+        if call == "text":
+            gen.text_to_image(PROMPT, model=NAME, **{"width": SIZE, "height": SIZE, **settings})
+        elif call == "img":
+            gen.image_to_image(_image(), PROMPT, model=NAME, **settings)
+        else:
+            mask = settings.pop("mask", _mask())
+            gen.inpaint(_image(), mask, PROMPT, model=NAME, **settings)
+
+
+def test_a_passed_deadline_stops_the_loop(client: Any) -> None:
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        client.image_generation.text_to_image(
+            PROMPT, model=NAME, width=SIZE, height=SIZE, steps=150, seed=1, timeout=1.0
+        )
+    # 150 steps take far longer than this: the loop stopped at a step, not at the end.
+    assert time.monotonic() - started < 30
+    # The server is fine afterwards.
+    assert client.image_generation.text_to_image(PROMPT, model=NAME, width=SIZE, height=SIZE, steps=1, seed=1)
+
+
+def test_cancelling_a_stream_stops_the_generation(sd_server: ServerThread, client: Any) -> None:
+    with grpc.insecure_channel(sd_server.address) as channel:
+        stub = pb_grpc.ImageGenerationStub(channel)
+        request = pb.TextToImageRequest(
+            settings=pb.GenerationSettings(prompt=PROMPT, width=SIZE, height=SIZE, steps=150, seed=1)
+        )
+        request.model.name = NAME
+        call = stub.TextToImageStream(request, timeout=60)
+        first = next(call)
+        assert first.progress.step == 1 and first.progress.total == 150
+        call.cancel()
+    app = sd_server.app
+    assert app is not None
+    # The denoising loop ends at the step it awaits: after a moment the UNet gets no more
+    # calls (a loop still running would keep one in flight almost all the time).
+    unet = app.models.get(NAME)
+    time.sleep(2)
+    samples = []
+    for _ in range(40):
+        samples.append(unet.scheduler.inflight_count())
+        time.sleep(0.025)
+    assert samples == [0] * 40
+
+
+def test_exporter_validation_table_matches_diffusers(tiny_pipeline: TinyPipeline) -> None:
+    checks = tiny_pipeline.export.checks
+    assert {c.call for c in checks} == {"text-to-image", "image-to-image", "inpaint"}
+    assert {c.scheduler for c in checks} == {"ddim", "euler", "dpm-solver++"}
+    assert all(c.ok and c.max_abs_pixel_diff <= 1 for c in checks), tiny_pipeline.export.summary
+    assert "max |pixel diff|" in tiny_pipeline.export.summary
+
+
+def test_async_client_matches_the_sync_client(client: Any, sd_server: ServerThread) -> None:
+    import asyncio
+
+    from taskserve.clients import AsyncTaskServeClient
+
+    settings = {"width": SIZE, "height": SIZE, "steps": 2, "seed": 77, "scheduler": "euler"}
+    expected = client.image_generation.text_to_image(PROMPT, model=NAME, **settings)[0].data
+
+    async def run() -> tuple[bytes, list[Any]]:
+        async with AsyncTaskServeClient(sd_server.address) as aclient:
+            images = await aclient.image_generation.text_to_image(PROMPT, model=NAME, **settings)
+            events = [e async for e in aclient.image_generation.text_to_image_stream(PROMPT, model=NAME, **settings)]
+            return images[0].data, events
+
+    data, events = asyncio.run(run())
+    assert data == expected
+    assert isinstance(events[-1], ImageResult) and events[-1].images[0].data == expected
+    assert [e.step for e in events[:-1]] == [1, 2]
