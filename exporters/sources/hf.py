@@ -71,12 +71,15 @@ def load_model(model: str, optimum_task: str) -> Any:
     return loaded.eval()
 
 
-def export_hf(model: str, optimum_task: str, work: Path, opset: int | None = None) -> ExportedModel:
+def export_hf(
+    model: str, optimum_task: str, work: Path, opset: int | None = None, engine: bool = True
+) -> ExportedModel:
+    """``engine``: decoders the generation engine supports get its graph (``engine_graph.py``)."""
     from optimum.exporters.onnx import onnx_export_from_model
 
     task = OPTIMUM_TO_TASKSERVE[optimum_task]
     loaded = load_model(model, optimum_task)
-    if task == "text-generation" and engine_graph.supports(loaded.config):
+    if engine and task == "text-generation" and engine_graph.supports(loaded.config):
         return export_engine_decoder(model, loaded, work)
     raw = work / "optimum"
     try:

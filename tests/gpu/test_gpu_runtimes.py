@@ -75,7 +75,11 @@ def _variant(source: Path, dest: Path, **changes: Any) -> Path:
     dest.mkdir(parents=True)
     for item in source.iterdir():
         if item.name != "config.yaml":
-            (dest / item.name).symlink_to(item.resolve(), target_is_directory=item.is_dir())
+            # Hard links: the server refuses model files that resolve outside its repository.
+            if item.is_dir():
+                shutil.copytree(item, dest / item.name, copy_function=os.link)
+            else:
+                os.link(item, dest / item.name)
     config = yaml.safe_load((source / "config.yaml").read_text())
     for key, value in changes.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):

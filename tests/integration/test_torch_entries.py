@@ -4,6 +4,8 @@ EfficientNet-Lite0 through the real server, equal to their ONNX Runtime entries.
 from __future__ import annotations
 
 import io
+import os
+import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,13 +33,14 @@ TEXTS = [
 
 @pytest.fixture(scope="session")
 def torch_repository(demo_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo's ONNX entries (linked) beside torch entries of the same weights."""
+    """The demo's ONNX entries (hard-linked: the server refuses symlinks out of its
+    repository) beside torch entries of the same weights."""
     from taskserve.exporters.demo import build_demo
 
     repo = tmp_path_factory.mktemp("torch-repo")
     build_demo(repo, ["minilm-torch", "efficientnet-lite0-torch"])
     for name in ("all-MiniLM-L6-v2", "efficientnet-lite0"):
-        (repo / name).symlink_to(demo_repository / name, target_is_directory=True)
+        shutil.copytree(demo_repository / name, repo / name, copy_function=os.link)
     return repo
 
 

@@ -4,6 +4,8 @@ and with concurrent generations whose steps share batches (left-padded past)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +29,8 @@ def channel(
     from taskserve.exporters.api import export_hf
 
     repo = tmp_path_factory.mktemp("torch-generation")
-    (repo / "tiny-llama").symlink_to(task_repository / "tiny-llama", target_is_directory=True)
+    # Hard links, not a symlink: the server refuses model files that resolve outside its repository.
+    shutil.copytree(task_repository / "tiny-llama", repo / "tiny-llama", copy_function=os.link)
     export_hf(tiny_sources["tiny-llama"], "text-generation", repo, "llama-torch", format="torch", progress=False)
     config_path = repo / "llama-torch" / "config.yaml"
     config = yaml.safe_load(config_path.read_text())
