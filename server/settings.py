@@ -30,3 +30,13 @@ class ServerSettings:
     max_connection_age_s: float = 0.0
     # GPU metrics through NVML on the metrics endpoint (see gpu_metrics.py).
     gpu_metrics: GpuMetricsMode = "auto"
+    # Request limits (docs/robustness.md): the server's defaults; a model's config.yaml
+    # ``limits`` overrides the per-model ones. Checked before any heavy work.
+    max_items: int = 256
+    max_text_chars: int = 100_000
+    max_image_pixels: int = 40_000_000
+    max_request_pixels: int = 100_000_000
+    max_variable_dim: int = 65_536
+    # Typed requests and ModelStreamInfer streams open at once (beyond: RESOURCE_EXHAUSTED).
+    max_concurrent_requests: int = 1024
+    max_streams: int = 256

@@ -48,12 +48,10 @@ class TaskServicer:
         if not ref.name:
             raise InvalidInput("model.name is empty; name the model to use")
         model = self._models.get(ref.name, ref.version)
-        with model.metrics.track_request(time.perf_counter_ns()), self._tasks.context.admit():
+        deadline = request_deadline(context, options.timeout_us or None)
+        with model.metrics.track_request(time.perf_counter_ns(), deadline), self._tasks.context.admit():
             task = await self._tasks.get(model, cls)
-            hints = CallOptions(
-                priority=options.priority or None,
-                deadline=request_deadline(context, options.timeout_us or None),
-            )
+            hints = CallOptions(priority=options.priority or None, deadline=deadline)
             yield Call(model, task, hints)
 
 
