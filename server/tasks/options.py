@@ -70,7 +70,7 @@ def options_model(task: str) -> type[BaseModel] | None:
     if keys is None:
         return None
     fields: dict[str, Any] = {k: (v | None, Field(default=None)) for k, v in {**_BASE, **keys}.items()}
-    return create_model(  # type: ignore[call-overload,no-any-return]
+    return create_model(
         f"TaskOptions_{task.replace('-', '_')}",
         __config__=ConfigDict(extra="forbid", strict=True),
         **fields,

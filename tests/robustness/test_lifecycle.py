@@ -29,7 +29,8 @@ def live_sessions(model: str) -> int:
 def ready_samples(server: ServerThread, model: str) -> list[str]:
     assert server.app is not None
     text = generate_latest(server.app.metrics.registry).decode()
-    return [line for line in text.splitlines() if line.startswith("taskserve_model_ready{") and f'model="{model}"' in line]
+    lines = text.splitlines()
+    return [line for line in lines if line.startswith("taskserve_model_ready{") and f'model="{model}"' in line]
 
 
 def series_lines(server: ServerThread, model: str) -> list[str]:

@@ -19,6 +19,11 @@ import grpc
 
 log = logging.getLogger(__name__)
 
+# A grpc RpcMethodHandler (a namedtuple at run time); its stubs describe the sync API
+# only, so the aio behaviours are handled as Any here.
+Handler = Any
+Context = grpc.aio.ServicerContext[Any, Any]
+
 _MESSAGE = "the request is not a valid {what} message ({detail}); check the client sends this method's protobuf"
 
 
@@ -41,29 +46,29 @@ def _safe_deserializer(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return deserialize
 
 
-async def _refuse(context: grpc.aio.ServicerContext[Any, Any], bad: Malformed, what: str) -> None:
+async def _refuse(context: Context, bad: Malformed, what: str) -> None:
     log.debug("malformed %s request: %s", what, bad.detail)
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _MESSAGE.format(what=what, detail=bad.detail))
 
 
-def _guard_handler(handler: grpc.RpcMethodHandler, what: str) -> grpc.RpcMethodHandler:
-    parse = handler.request_deserializer
+def _guard_handler(handler: Handler, what: str) -> Handler:
+    parse: Any = handler.request_deserializer
     if parse is None:
         return handler
     replaced: dict[str, Any] = {"request_deserializer": _safe_deserializer(parse)}
     if handler.unary_unary is not None:
-        inner_uu = handler.unary_unary
+        inner_uu: Any = handler.unary_unary
 
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def unary_unary(request: Any, context: Context) -> Any:
             if request.__class__ is Malformed:
                 await _refuse(context, request, what)
             return await inner_uu(request, context)
 
         replaced["unary_unary"] = unary_unary
     elif handler.unary_stream is not None:
-        inner_us = handler.unary_stream
+        inner_us: Any = handler.unary_stream
 
-        async def unary_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
             if request.__class__ is Malformed:
                 await _refuse(context, request, what)
             async for item in inner_us(request, context):
@@ -72,9 +77,9 @@ def _guard_handler(handler: grpc.RpcMethodHandler, what: str) -> grpc.RpcMethodH
         replaced["unary_stream"] = unary_stream
     elif handler.stream_unary is not None or handler.stream_stream is not None:
         streaming = handler.stream_stream is not None
-        inner_s = handler.stream_stream if streaming else handler.stream_unary
+        inner_s: Any = handler.stream_stream if streaming else handler.stream_unary
 
-        async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def checked(requests: AsyncIterator[Any], context: Context) -> Any:
             async for request in requests:
                 if request.__class__ is Malformed:
                     await _refuse(context, request, what)
@@ -82,27 +87,27 @@ def _guard_handler(handler: grpc.RpcMethodHandler, what: str) -> grpc.RpcMethodH
 
         if streaming:
 
-            async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async def stream_stream(requests: AsyncIterator[Any], context: Context) -> Any:
                 async for item in inner_s(checked(requests, context), context):
                     yield item
 
             replaced["stream_stream"] = stream_stream
         else:
 
-            async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async def stream_unary(requests: AsyncIterator[Any], context: Context) -> Any:
                 return await inner_s(checked(requests, context), context)
 
             replaced["stream_unary"] = stream_unary
-    return cast(grpc.RpcMethodHandler, handler._replace(**replaced))  # type: ignore[attr-defined]
+    return handler._replace(**replaced)
 
 
-def _message_name(handler: grpc.RpcMethodHandler, method: str) -> str:
+def _message_name(handler: Handler, method: str) -> str:
     parse = handler.request_deserializer
     owner = getattr(parse, "__self__", None)
     return getattr(owner, "__name__", None) or method.rsplit("/", 1)[-1] + " request"
 
 
-def guard_handlers(service: str, handlers: Mapping[str, grpc.RpcMethodHandler]) -> dict[str, grpc.RpcMethodHandler]:
+def guard_handlers(service: str, handlers: Mapping[str, Handler]) -> dict[str, Handler]:
     return {name: _guard_handler(h, _message_name(h, name)) for name, h in handlers.items()}
 
 
@@ -111,9 +116,9 @@ class _GuardedGeneric(grpc.GenericRpcHandler):
 
     def __init__(self, inner: grpc.GenericRpcHandler) -> None:
         self._inner = inner
-        self._cache: dict[str, grpc.RpcMethodHandler | None] = {}
+        self._cache: dict[str, Handler | None] = {}
 
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
         method = handler_call_details.method
         if method not in self._cache:
             found = self._inner.service(handler_call_details)
@@ -130,8 +135,8 @@ class _GuardedServer:
     def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
         self._server.add_generic_rpc_handlers(tuple(_GuardedGeneric(h) for h in handlers))
 
-    def add_registered_method_handlers(self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
-        self._server.add_registered_method_handlers(service, guard_handlers(service, handlers))  # type: ignore[attr-defined]
+    def add_registered_method_handlers(self, service: str, handlers: Mapping[str, Handler]) -> None:
+        self._server.add_registered_method_handlers(service, guard_handlers(service, handlers))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._server, name)
