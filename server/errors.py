@@ -98,11 +98,10 @@ class SchedulingFailure(TaskServeError):
     reason = "internal"
 
 
-class LimitExceeded(TaskServeError):
+class LimitExceeded(InvalidInput):
     """A request is over a configured size limit (items, characters, pixels, dims);
     the message names the limit and how to raise it."""
 
-    code = Code.INVALID_ARGUMENT
     reason = "limit"
 
 
