@@ -16,7 +16,7 @@ from taskserve.clients.generated.inference import grpc_service_pb2 as pb
 from taskserve.clients.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from taskserve.clients.generated.taskserve.v1 import common_pb2, text_classification_pb2
 from taskserve.server.errors import LimitExceeded
-from taskserve.server.tasks.images import check_request_pixels, declared_pixels
+from taskserve.server.tasks.images import check_request_pixels, declared_size
 
 from tests.support.server import ServerThread
 
@@ -100,7 +100,7 @@ def _png_header_only(width: int, height: int) -> bytes:
 def test_request_pixels_are_checked_on_the_headers_before_decoding() -> None:
     # 32 images of 39.7 MP: each under the per-image limit, together far over the per-request one.
     images = [_png_header_only(7_300, 5_440)] * 32
-    assert declared_pixels(images[0]) == 7_300 * 5_440
+    assert declared_size(images[0]) == (7_300, 5_440)
     started = time.perf_counter()
     with pytest.raises(LimitExceeded, match="over the limit of 100000000 per request.*--max-request-pixels"):
         check_request_pixels(images, 40_000_000, 100_000_000, "images")
