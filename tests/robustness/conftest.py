@@ -16,6 +16,14 @@ from tests.support.server import ServerThread, running_server
 from tests.support.tiny_models import add_sub_graph, identity_graph, slow_graph, write_entry
 
 TEXTCLS = "tiny-textcls"
+# One instance, no batching, a short queue, ~10 ms per request: compute-bound, so the
+# overload test's 4x rate stays within what the gRPC client and server carry.
+SLOW_CONFIG = {
+    "max_batch_size": 1,
+    "dynamic_batching": {"max_queue_size": 16, "inline_compute_us": 0},
+    # One compute thread: the other core stays with the event loops that answer (and refuse).
+    "runtime": {"intra_op_threads": 1},
+}
 
 
 def rss_bytes() -> int:
@@ -45,13 +53,7 @@ def robust_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
     write_entry(repo, "simple", add_sub_graph(), {"max_batch_size": 8, "dynamic_batching": {"max_queue_delay_us": 500}})
-    # One instance, no batching, a short queue, ~10 ms per request: compute-bound, so the
-    # overload test's 4x rate stays within what the in-process gRPC client and server carry.
-    write_entry(repo, "slow", slow_graph(width=1024, depth=64), {
-        "max_batch_size": 1, "dynamic_batching": {"max_queue_size": 16, "inline_compute_us": 0},
-        # One compute thread: the other core stays with the event loops that answer (and refuse).
-        "runtime": {"intra_op_threads": 1},
-    })  # fmt: skip
+    write_entry(repo, "slow", slow_graph(width=1024, depth=64), SLOW_CONFIG)
     # Swapped to a new version again and again under load.
     write_entry(repo, "swap", add_sub_graph(), {"max_batch_size": 8, "dynamic_batching": {"max_queue_delay_us": 200}})
     # Loads, but nothing serves its task: UNAVAILABLE with the reason.

@@ -1,8 +1,10 @@
 """Issue 11, proof under load: overload answered at once with RESOURCE_EXHAUSTED,
 and version swaps under load with no failed request and no memory growth.
 
-The client runs in the server's process (and on the same 2 cores), so absolute
-rates are low; the test drives a multiple of the rate it measured itself."""
+The overload test runs the server as its own process (a ``taskserve-server``
+child), so the client's work does not share the server's interpreter; both still
+share the machine's cores, so absolute rates are low: the test drives a multiple of
+the rate it measured itself. The swap test uses the in-process server."""
 
 from __future__ import annotations
 
@@ -11,21 +13,60 @@ import os
 import shutil
 import statistics
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 from taskserve.clients.generated.inference import grpc_service_pb2 as pb
 from taskserve.clients.generated.inference import grpc_service_pb2_grpc as pb_grpc
 
-from tests.support.server import ServerThread
+from tests.support.server import ServerProcess, ServerThread
+from tests.support.tiny_models import slow_graph, write_entry
 
-from .conftest import rss_bytes
+from .conftest import SLOW_CONFIG, rss_bytes
 from .test_lifecycle import live_sessions
 from .v2 import infer_request
 
 # Seconds of overload; the issue's 20 s with TASKSERVE_OVERLOAD_S=20.
 OVERLOAD_S = float(os.environ.get("TASKSERVE_OVERLOAD_S", "8"))
 SWAPS = 20
+
+
+@pytest.fixture(scope="module")
+def overload_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    repo = tmp_path_factory.mktemp("overload-repo")
+    # ~30 ms a request: 4x its rate is ~150 requests/s, which a Python client on a shared
+    # machine sends on time (at ~600/s the client itself fell behind by a second).
+    write_entry(repo, "slow", slow_graph(width=1024, depth=256), SLOW_CONFIG)
+    server = ServerProcess(repo)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            deadline = time.monotonic() + 120
+            while not stub.ModelReady(pb.ModelReadyRequest(name="slow"), timeout=10).ready:
+                assert time.monotonic() < deadline, "".join(server.output)
+                time.sleep(0.2)
+        yield server
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        finally:
+            server.kill()
+
+
+def _process_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def _failed(stub: pb_grpc.GRPCInferenceServiceStub) -> tuple[int, int]:
+    """Failed requests of model "slow" and the server-side nanoseconds they took."""
+    stats = await stub.ModelStatistics(pb.ModelStatisticsRequest(name="slow"), timeout=30)
+    fail = stats.model_stats[0].inference_stats.fail
+    return fail.count, fail.ns
 
 
 async def _latencies(stub: pb_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest, n: int) -> list[float]:
@@ -37,7 +78,7 @@ async def _latencies(stub: pb_grpc.GRPCInferenceServiceStub, request: pb.ModelIn
     return out
 
 
-async def _overload(address: str) -> dict[str, object]:
+async def _overload(address: str, pid: int) -> dict[str, object]:
     request = infer_request("slow", INPUT0=np.ones((1, 1024), np.float32))
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -56,7 +97,8 @@ async def _overload(address: str) -> dict[str, object]:
         await asyncio.gather(*(closed_loop() for _ in range(8)))
         sustainable = done / 3
         rate = 4 * sustainable
-        rss_before = rss_bytes()
+        rss_before = _process_rss(pid)
+        failed_before = await _failed(stub)
         results: list[tuple[grpc.StatusCode, float]] = []
         details: list[str] = []
 
@@ -82,7 +124,8 @@ async def _overload(address: str) -> dict[str, object]:
                 sent += 1
             await asyncio.sleep(0.002)
         await asyncio.gather(*tasks)
-        rss_after = rss_bytes()
+        rss_after = _process_rss(pid)
+        failed_after = await _failed(stub)
         # Recovery: how long until a window of requests is back at the baseline.
         ended = time.perf_counter()
         recovered_after = None
@@ -94,11 +137,13 @@ async def _overload(address: str) -> dict[str, object]:
     return {
         "baseline": baseline, "sustainable": sustainable, "sent": sent, "results": results,
         "rss": (rss_before, rss_after), "recovered_after": recovered_after, "rate": rate, "details": details,
+        "failed": (failed_after[0] - failed_before[0], failed_after[1] - failed_before[1]),
     }  # fmt: skip
 
 
-def test_overload_is_refused_at_once_and_admitted_requests_complete(robust_server: ServerThread) -> None:
-    r = asyncio.run(_overload(robust_server.address))
+def test_overload_is_refused_at_once_and_admitted_requests_complete(overload_server: ServerProcess) -> None:
+    r = asyncio.run(_overload(overload_server.address, overload_server.proc.pid))
+    failed_count, failed_ns = r["failed"]  # type: ignore[misc]
     results: list[tuple[grpc.StatusCode, float]] = r["results"]  # type: ignore[assignment]
     codes = {code for code, _ in results}
     ok = [t for code, t in results if code == grpc.StatusCode.OK]
@@ -107,23 +152,25 @@ def test_overload_is_refused_at_once_and_admitted_requests_complete(robust_serve
     print(
         f"overload: baseline p50 {r['baseline'] * 1e3:.1f} ms, sustainable {r['sustainable']:.0f}/s, "
         f"sent {r['sent']} at {r['rate']:.0f}/s for {OVERLOAD_S:.0f} s: {len(ok)} ok, {len(refused)} refused "
-        f"(p50 {statistics.median(refused or [0]) * 1e3:.1f} ms), RSS {rss_before / 2**20:.0f} -> "
+        f"(client p50 {statistics.median(refused or [0]) * 1e3:.1f} ms, in the server "
+        f"{failed_ns / max(failed_count, 1) / 1e6:.2f} ms on average), RSS {rss_before / 2**20:.0f} -> "
         f"{rss_after / 2**20:.0f} MiB, back to baseline after {r['recovered_after']} s"
     )
     counts = {c: sum(1 for x, _ in results if x == c) for c in codes}
     assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, (counts, r["details"])
     assert len(results) == r["sent"]  # every request was answered
     assert refused and ok
-    # Refused at once: the refusal never waits for compute (a request takes ~baseline).
-    assert statistics.median(refused) < max(0.05, 5 * r["baseline"])  # type: ignore[operator]
+    # Refused at once: in the server a refusal takes no time at all (it never waits for
+    # compute or a queue slot); what the client sees on top is gRPC and this process's
+    # own load, and still less than an admitted request's wait.
+    assert failed_count == len(refused)  # the server failed nothing else
+    assert failed_ns / failed_count < 5e6
+    assert statistics.median(refused) <= statistics.median(ok)
     assert rss_after - rss_before < 150 * 2**20
     assert r["recovered_after"] is not None and r["recovered_after"] < 5
 
 
-async def _swaps(server: ServerThread, model_dir: object) -> dict[str, object]:
-    from pathlib import Path
-
-    directory = Path(str(model_dir))
+async def _swaps(server: ServerThread, directory: Path) -> dict[str, object]:
     x = np.arange(4, dtype=np.float32)[None]
     request = infer_request("swap", INPUT0=x, INPUT1=x)
     stop = asyncio.Event()
@@ -159,11 +206,9 @@ async def _swaps(server: ServerThread, model_dir: object) -> dict[str, object]:
 
 
 def test_version_swaps_under_load_fail_nothing_and_free_the_old(
-    robust_server: ServerThread, robust_repository: object
+    robust_server: ServerThread, robust_repository: Path
 ) -> None:
-    from pathlib import Path
-
-    r = asyncio.run(_swaps(robust_server, Path(str(robust_repository)) / "swap"))
+    r = asyncio.run(_swaps(robust_server, robust_repository / "swap"))
     outcomes: list[grpc.StatusCode] = r["outcomes"]  # type: ignore[assignment]
     failed = [c for c in outcomes if c != grpc.StatusCode.OK]
     rss_warm, rss_end = r["rss"]  # type: ignore[misc]
