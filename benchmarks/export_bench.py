@@ -230,6 +230,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"torch {m['packages'].get('torch')}. 1-minute load average at start: {m['load_average_1m']}, "
         f"at end: {result['load_average_end']} (other jobs shared the CPU: compare ratios, not absolutes).",
         "",
+        f"git commit: {result.get('git_commit')}"
+        f"{' (DIRTY: measured with uncommitted changes, --allow-dirty)' if result.get('git_dirty') else ''}",
+        "",
     ]
     if "minilm" in result:
         r = result["minilm"]
@@ -279,11 +282,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--efficientnet-batch", type=int, default=16)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
     parser.add_argument("--name", default="export_bench", help="results file name (without extension)")
+    parser.add_argument("--allow-dirty", action="store_true", help="measure uncommitted changes (marked dirty)")
     args = parser.parse_args(argv)
+    from taskserve.benchmarks.machine import DirtyTree, require_clean_tree, tree_state
+
+    try:
+        require_clean_tree(args.allow_dirty)
+    except DirtyTree as err:
+        print(f"taskserve-bench export: {err}", file=sys.stderr)
+        return 2
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    result: dict[str, Any] = {"measured_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine()}
+    commit, dirty = tree_state()
+    result: dict[str, Any] = {
+        "measured_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(),
+        "git_commit": commit, "git_dirty": dirty,
+    }  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="taskserve-export-bench-") as tmp:
         if args.only in (None, "minilm"):
             print("MiniLM: exporting fp32 and int8, then measuring ...", file=sys.stderr)

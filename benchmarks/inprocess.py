@@ -4,6 +4,12 @@ Same session settings as the server (the model's config.yaml: threads, graph
 optimization, providers), requests stacked and padded by the server's collate,
 one thread per model instance; only gRPC, the queue and the tasks are missing.
 A sweep over batch sizes finds the batch size with the highest throughput.
+
+Two baselines: consecutive requests stacked as they come (padded to the longest
+of them), and ``bucketed``: batches formed within the config's length buckets,
+as the server's batcher forms them, so a batch of short sentences is not padded
+to a long one. Only the second does the same work as the server; both are
+reported so a ratio against either can be read.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from taskserve.clients.metadata import TensorMetadata
 from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
 
 SERVER_LABEL = "onnxruntime in-process"
+BUCKETED_LABEL = "onnxruntime in-process, length-bucketed"
 
 
 class _LockedRecorder(Recorder):
@@ -34,9 +41,9 @@ class _LockedRecorder(Recorder):
         with self._lock:
             super().ok(latency_s)
 
-    def fail(self, code: str) -> None:
+    def fail(self, code: str, latency_s: float | None = None) -> None:
         with self._lock:
-            super().fail(code)
+            super().fail(code, latency_s)
 
     def take(self) -> Window:
         with self._lock:
@@ -75,14 +82,25 @@ class InProcessModel:
     def input_specs(self) -> list[TensorMetadata]:
         return [TensorMetadata(t.name, t.datatype, t.shape) for t in self.runtimes[0].inputs]
 
-    def batches(self, requests: Sequence[Request], batch_size: int) -> list[dict[str, np.ndarray]]:
-        """Consecutive requests stacked and padded exactly as the server's batcher does."""
+    def batches(
+        self, requests: Sequence[Request], batch_size: int, bucketed: bool = False
+    ) -> list[dict[str, np.ndarray]]:
+        """Requests stacked and padded exactly as the server's batcher does: consecutive
+        ones, or (``bucketed``) only requests of one batching key (length bucket) together."""
         from taskserve.server.scheduling.collate import collate
 
         if not self.layout.batched and batch_size != 1:
             raise ValueError(f"model {self.config.name} has no batch dimension (max_batch_size 0): use batch size 1")
-        n = len(requests)
-        groups = [[requests[(i + j) % n] for j in range(batch_size)] for i in range(0, n, batch_size)]
+        pools: list[list[Request]] = [list(requests)]
+        if bucketed:
+            by_key: dict[object, list[Request]] = {}
+            for r in requests:
+                by_key.setdefault(self.layout.describe(r, None, self.config.max_batch_size or 1).key, []).append(r)
+            pools = list(by_key.values())
+        groups = []
+        for pool in pools:
+            n = len(pool)
+            groups += [[pool[(i + j) % n] for j in range(batch_size)] for i in range(0, n, batch_size)]
         return [collate(g, self.layout).inputs for g in groups]
 
     def close(self) -> None:
@@ -104,7 +122,7 @@ def _measure(model: InProcessModel, batches: list[dict[str, np.ndarray]], rows: 
                 runtime.infer(batches[i % len(batches)])
             except Exception as err:  # noqa: BLE001 - a failed batch is a measurement, not a crash
                 errors.append(err)
-                rec.fail(type(err).__name__)
+                rec.fail(type(err).__name__, time.perf_counter() - start)
             else:
                 rec.ok(time.perf_counter() - start)
             i += len(model.runtimes)
@@ -137,16 +155,19 @@ def run_in_process(
     plan: WindowPlan,
     *,
     progress: bool = True,
+    bucketed: bool = False,
 ) -> list[RunResult]:
-    """One result per batch size; ``load`` is the batch size, throughput counts items (rows)."""
+    """One result per batch size; ``load`` is the batch size, throughput counts items (rows).
+    ``bucketed``: batches only within a length bucket, as the server forms them."""
     rows_per_request = int(next(iter(requests[0].values())).shape[0]) if model.layout.batched else 1
+    label = BUCKETED_LABEL if bucketed else SERVER_LABEL
     results = []
-    for size in tqdm(batch_sizes, disable=not progress, desc="in-process batch sizes", unit="size"):
-        batches = model.batches(requests, size)
+    for size in tqdm(batch_sizes, disable=not progress, desc=f"{label} batch sizes", unit="size"):
+        batches = model.batches(requests, size, bucketed)
         rows = size * rows_per_request
         windows = _measure(model, batches, rows, plan)
         measured, stable = choose_measured(windows, plan.stable_windows, plan.tolerance)
-        results.append(RunResult(SERVER_LABEL, "in-process", size, rows, tuple(windows), measured, stable))
+        results.append(RunResult(label, "in-process", size, rows, tuple(windows), measured, stable))
     return results
 
 

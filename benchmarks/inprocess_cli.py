@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from taskserve.benchmarks.cli_args import payload_from_args, plan_from
-from taskserve.benchmarks.inprocess import InProcessModel, best_batch, run_in_process
+from taskserve.benchmarks.inprocess import BUCKETED_LABEL, SERVER_LABEL, InProcessModel, best_batch, run_in_process
 from taskserve.benchmarks.machine import machine_info
 from taskserve.benchmarks.report import write_results
 from taskserve.benchmarks.stats import LatencySummary, RunResult
@@ -21,10 +21,17 @@ def run_in_process_cli(args: argparse.Namespace) -> tuple[list[RunResult], dict[
         # Requests of one item each: the sweep stacks them into batches like the server's batcher.
         args.batch_size = 1
         payload = payload_from_args(args, model.input_specs, model_dir)
-        runs = run_in_process(model, payload.requests, args.batch_sizes, plan_from(args), progress=not args.quiet)
+        # Both baselines: batches within the length buckets (the server's work) and consecutive requests.
+        runs = [
+            r for bucketed in (True, False)
+            for r in run_in_process(
+                model, payload.requests, args.batch_sizes, plan_from(args), progress=not args.quiet, bucketed=bucketed
+            )
+        ]  # fmt: skip
     finally:
         model.close()
-    best = best_batch(runs)
+    best = best_batch([r for r in runs if r.server == BUCKETED_LABEL])
+    plain = best_batch([r for r in runs if r.server == SERVER_LABEL])
     lat = LatencySummary.of(best.latencies_s)
     best_info = {
         "batch_size": int(best.load),
@@ -38,9 +45,12 @@ def run_in_process_cli(args: argparse.Namespace) -> tuple[list[RunResult], dict[
     }  # fmt: skip
     notes = [
         (
-            f"best batch size {best_info['batch_size']}: {best_info['items_per_s']} items/s "
+            f"length-bucketed (the server's batches): best batch size {best_info['batch_size']}: "
+            f"{best_info['items_per_s']} items/s "
             f"(batch latency p50 {best_info['batch_latency_p50_ms']} ms)"
         ),
+        f"without length bucketing (consecutive requests): best batch size {int(plain.load)}, "
+        f"{plain.items_per_s:.1f} items/s",
         "latency columns are per batch; throughput counts items",
     ]
     name = args.name or f"in-process-{args.model}"

@@ -60,19 +60,26 @@ class Recorder:
         self.items_per_request = items_per_request
         self._latencies: list[float] = []
         self._errors: Counter[str] = Counter()
+        self._failure_latencies: list[float] = []
         self._since = time.perf_counter()
 
     def ok(self, latency_s: float) -> None:
         self._latencies.append(latency_s)
 
-    def fail(self, code: str) -> None:
+    def fail(self, code: str, latency_s: float | None = None) -> None:
+        """A failed call; ``latency_s`` (how long it took to fail) is kept apart from the successes'."""
         self._errors[code] += 1
+        if latency_s is not None:
+            self._failure_latencies.append(latency_s)
 
     def take(self) -> Window:
         """Close the current window and start the next one."""
         now = time.perf_counter()
-        window = Window(now - self._since, tuple(self._latencies), dict(self._errors), self.items_per_request)
-        self._latencies, self._errors, self._since = [], Counter(), now
+        window = Window(
+            now - self._since, tuple(self._latencies), dict(self._errors), self.items_per_request,
+            tuple(self._failure_latencies),
+        )  # fmt: skip
+        self._latencies, self._errors, self._failure_latencies, self._since = [], Counter(), [], now
         return window
 
 
@@ -91,6 +98,16 @@ async def measure_windows(
         if is_stable(windows, plan.stable_windows, plan.tolerance, metric):
             break
     return windows
+
+
+async def _timed(rec: Recorder, call: Call, i: int, since: float) -> None:
+    """One call, recorded with its latency from ``since``; every failure is data, counted by status."""
+    try:
+        await call(i)
+    except Exception as err:  # noqa: BLE001
+        rec.fail(error_code(err), time.perf_counter() - since)
+    else:
+        rec.ok(time.perf_counter() - since)
 
 
 async def _stop(tasks: set[asyncio.Task[None]] | list[asyncio.Task[None]]) -> None:
@@ -114,14 +131,7 @@ async def run_closed_loop(
 
     async def caller() -> None:
         while True:
-            i = next(counter)
-            start = time.perf_counter()
-            try:
-                await call(i)
-            except Exception as err:  # noqa: BLE001 - every failure is data: count it by status
-                rec.fail(error_code(err))
-            else:
-                rec.ok(time.perf_counter() - start)
+            await _timed(rec, call, next(counter), time.perf_counter())
 
     tasks = [asyncio.create_task(caller()) for _ in range(concurrency)]
     try:
@@ -161,14 +171,6 @@ async def run_open_loop(
     stats = OpenLoopStats(lags_s=[])
     inflight: set[asyncio.Task[None]] = set()
 
-    async def one(i: int, scheduled: float) -> None:
-        try:
-            await call(i)
-        except Exception as err:  # noqa: BLE001 - counted by status like the closed loop
-            rec.fail(error_code(err))
-        else:
-            rec.ok(time.perf_counter() - scheduled)
-
     async def generator() -> None:
         scheduled = time.perf_counter()
         for i in itertools.count():
@@ -181,7 +183,7 @@ async def run_open_loop(
                 stats.shed += 1
                 rec.fail("CLIENT_SHED")
                 continue
-            task = asyncio.create_task(one(i, scheduled))
+            task = asyncio.create_task(_timed(rec, call, i, scheduled))
             inflight.add(task)
             task.add_done_callback(inflight.discard)
 

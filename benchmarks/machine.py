@@ -52,10 +52,41 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
     return versions
 
 
+# Results are what a run writes, not what it measures: a tree whose only changes are
+# results (an earlier step of ``make bench``) is still the commit it names.
+_NOT_SOURCE = ":(exclude)benchmarks/results"
+
+
+def tree_state() -> tuple[str | None, bool | None]:
+    """The checkout's commit, and whether anything but results differs from it (tracked
+    changes and untracked files git does not ignore); None where git cannot tell."""
+    commit = _git("rev-parse", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=normal", "--", ".", _NOT_SOURCE)
+    return commit, (bool(dirty) if dirty is not None else None)
+
+
+class DirtyTree(Exception):
+    """Results would not be reproducible from the commit they name."""
+
+
+def require_clean_tree(allow_dirty: bool) -> None:
+    """Refuse to measure on a tree that differs from its commit, unless ``allow_dirty``
+    (the results are then marked dirty)."""
+    commit, dirty = tree_state()
+    if allow_dirty:
+        return
+    if commit is None or dirty is None:
+        raise DirtyTree("cannot tell which commit this is (no git checkout?): pass --allow-dirty to measure anyway")
+    if dirty:
+        raise DirtyTree(
+            f"the working tree differs from commit {commit[:12]}: commit first so the results name what they "
+            "measured, or pass --allow-dirty (the results are then marked dirty)"
+        )
+
+
 def machine_info() -> dict[str, object]:
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    commit = _git("rev-parse", "HEAD")
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    commit, dirty = tree_state()
     return {
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
@@ -65,6 +96,6 @@ def machine_info() -> dict[str, object]:
         "python": platform.python_version(),
         "packages": package_versions(),
         "git_commit": commit,
-        "git_dirty": bool(dirty) if dirty is not None else None,
+        "git_dirty": dirty,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }

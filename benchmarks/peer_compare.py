@@ -1,8 +1,13 @@
 """``taskserve-bench peers``: taskserve, KServe, MLServer and a bare echo server, one model, one client.
 
-Every server serves the same ONNX file on 127.0.0.1 (taskserve with its
-config.yaml's instances and threads, the peers' one session with a thread per
-core unless ``--peer-intra-op-threads`` says otherwise); the same pre-encoded
+Every server serves the same ONNX file on 127.0.0.1. Each peer runs twice: at
+its default settings (``kserve``, ``mlserver``: one session with a thread per
+core unless ``--peer-intra-op-threads`` says otherwise) and at its best setting
+here, the headline (``kserve-tuned``: one single-thread session per core side by
+side; ``mlserver-tuned``: adaptive batching where the workload allows it, and
+``--mlserver-tuned-workers`` worker processes). taskserve runs its config.yaml;
+``taskserve-threaded`` is the same with ``inline_compute_us: 0`` (every batch on
+an instance thread) and ``taskserve-narrow`` without ``wide_when_alone``. The same pre-encoded
 v2 requests go to each; servers alternate at every load point and the whole
 sweep repeats (``--repeats``, at least 2), so each point is measured on each
 server more than once. ``--server-starts N`` runs all of that N times, each
@@ -41,7 +46,17 @@ from taskserve.benchmarks.stats import RunResult
 from taskserve.benchmarks.sweep import SweepTarget, run_sweep
 from taskserve.benchmarks.targets import bench_channel, v2_call
 
-SERVERS = ("taskserve", "kserve", "mlserver", "echo")
+SERVERS = (
+    "taskserve", "taskserve-threaded", "taskserve-narrow",
+    "kserve", "kserve-tuned", "mlserver", "mlserver-tuned", "echo",
+)  # fmt: skip
+DEFAULT_SERVERS = ("taskserve", "kserve-tuned", "kserve", "mlserver-tuned", "mlserver", "echo")
+# taskserve variants: config.yaml overrides.
+TASKSERVE_VARIANTS: dict[str, dict[str, object]] = {
+    "taskserve": {},
+    "taskserve-threaded": {"dynamic_batching": {"inline_compute_us": 0}},
+    "taskserve-narrow": {"runtime": {"wide_when_alone": False}},
+}
 
 
 def add_peer_args(p: argparse.ArgumentParser) -> None:
@@ -49,7 +64,9 @@ def add_peer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-repository", type=Path, required=True, help="taskserve repository holding the model")
     g.add_argument("--model", required=True)
     g.add_argument("--model-version", default="")
-    g.add_argument("--servers", default=",".join(SERVERS), help=f"comma-separated subset of {','.join(SERVERS)}")
+    g.add_argument(
+        "--servers", default=",".join(DEFAULT_SERVERS), help=f"comma-separated subset of {','.join(SERVERS)}"
+    )
     g.add_argument("--mode", choices=("closed", "open"), default="closed")
     g.add_argument("--concurrency", type=int_list, default=[1, 8, 32], help="closed loop, e.g. 1,8,32")
     g.add_argument("--rate", type=float_list, default=[50, 100, 200], help="open loop, requests/s")
@@ -60,7 +77,11 @@ def add_peer_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument("--kserve-venv", type=Path, default=REPO_ROOT / ".venv-kserve")
     g.add_argument("--mlserver-venv", type=Path, default=REPO_ROOT / ".venv-mlserver")
-    g.add_argument("--mlserver-workers", type=int, default=1, help="MLServer parallel_workers (0: in-process)")
+    g.add_argument("--mlserver-workers", type=int, default=1, help="mlserver's parallel_workers (default 1, its own)")
+    g.add_argument(
+        "--mlserver-tuned-workers", type=int, default=0,
+        help="mlserver-tuned's parallel_workers, each session with cores / workers threads (default: one per core)",
+    )  # fmt: skip
     g.add_argument(
         "--peer-intra-op-threads", type=int, default=0,
         help="onnxruntime intra-op threads of the peers' one session (default 0: one per core, "
@@ -97,17 +118,29 @@ def _same_shapes(payload: Payload) -> bool:
 def start_servers(
     names: list[str], mut: ModelUnderTest, args: argparse.Namespace, log_dir: Path, mlserver_batching: bool
 ) -> list[PeerProcess]:
+    from taskserve.server.runtimes.onnx_threads import usable_cores
+
+    cores = usable_cores()
     peers: list[PeerProcess] = []
     try:
         for name in names:
-            if name == "taskserve":
-                peers.append(start_taskserve(mut, log_dir))
+            if name in TASKSERVE_VARIANTS:
+                peers.append(start_taskserve(mut, log_dir, name, TASKSERVE_VARIANTS[name]))
             elif name == "echo":
                 peers.append(start_echo(log_dir))
             elif name == "kserve":
                 peers.append(start_kserve(mut, args.kserve_venv, log_dir))
+            elif name == "kserve-tuned":
+                peers.append(start_kserve(mut, args.kserve_venv, log_dir, name, sessions=cores, threads=1))
             elif name == "mlserver":
-                peers.append(start_mlserver(mut, args.mlserver_venv, log_dir, args.mlserver_workers, mlserver_batching))
+                # Its defaults: adaptive batching off (MLServer turns it on only when configured).
+                peers.append(start_mlserver(mut, args.mlserver_venv, log_dir, args.mlserver_workers, False))
+            elif name == "mlserver-tuned":
+                workers = args.mlserver_tuned_workers or cores
+                tuned = dataclasses.replace(mut, intra_op_threads=max(1, cores // workers))
+                peers.append(
+                    start_mlserver(tuned, args.mlserver_venv, log_dir, workers, mlserver_batching, name)
+                )
         for peer in peers:
             peer.wait_ready(mut.name, args.startup_timeout)
     except BaseException:
@@ -157,11 +190,11 @@ def run_peers(args: argparse.Namespace, summarize: Summary | None = None) -> tup
         probe.close()
     notes: list[str] = []
     mlserver_batching = _same_shapes(payload)
-    if "mlserver" in names and not mlserver_batching:
+    if "mlserver-tuned" in names and not mlserver_batching:
         notes.append(
-            "MLServer adaptive batching was turned off: it merges requests by concatenating their data under the "
-            "first request's shape, so requests of different shapes (variable-length text) cannot share a batch; "
-            "rerun with --fixed-length to compare with it on"
+            "mlserver-tuned ran without adaptive batching: MLServer merges requests by concatenating their data "
+            "under the first request's shape, so requests of different shapes (variable-length text) cannot share "
+            "a batch; the --fixed-length run compares with it on"
         )
     log_dir = Path(tempfile.mkdtemp(prefix="taskserve-peers-logs-"))
     runs: list[RunResult] = []

@@ -16,9 +16,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import yaml
 from taskserve.clients import ClientOptions, TaskServeClient, TaskServeError
 
 PEERS_DIR = Path(__file__).resolve().parent / "peers"
@@ -113,21 +116,66 @@ def _venv_version(python: Path, package: str) -> str:
     return out.stdout.strip()
 
 
-def spawn_taskserve(repo: Path, log_dir: Path, workdir: Path | None = None) -> PeerProcess:
+def link_tree(src: Path, dst: Path) -> None:
+    """``src`` (a file or folder) at ``dst`` as hard links, copied where links cannot cross
+    filesystems. Not symlinks: the server refuses model files that resolve outside the
+    repository (docs/security.md)."""
+
+    def link_or_copy(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if src.is_dir():
+        shutil.copytree(src.resolve(), dst, copy_function=link_or_copy)
+    else:
+        link_or_copy(str(src.resolve()), str(dst))
+
+
+def spawn_taskserve(repo: Path, log_dir: Path, workdir: Path | None = None, name: str = "taskserve") -> PeerProcess:
     """``taskserve-server`` on ``repo`` from this environment; ``workdir`` is removed on stop."""
     port = free_port()
     argv = [sys.executable, "-m", "taskserve.server.main", "--model-repository", str(repo), "--host", "127.0.0.1",
-            "--grpc-port", str(port), "--metrics-port", "-1", "--no-reflection"]  # fmt: skip
-    peer = _spawn("taskserve", argv, port, log_dir, workdir=workdir)
+            "--grpc-port", str(port), "--metrics-port", "-1", "--no-reflection", "--drain-delay", "0"]  # fmt: skip
+    peer = _spawn(name, argv, port, log_dir, workdir=workdir)
     peer.version = _venv_version(Path(sys.executable), "taskserve")
     return peer
 
 
-def start_taskserve(model: ModelUnderTest, log_dir: Path) -> PeerProcess:
-    # A repository holding only this model, so the server loads nothing else.
+def merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` laid over it, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def write_entry_variant(model_dir: Path, entry: Path, overrides: Mapping[str, Any]) -> Path:
+    """``entry``: ``model_dir``'s files (linked) under a config.yaml with ``overrides`` applied."""
+    entry.mkdir(parents=True)
+    for item in model_dir.iterdir():
+        if item.name != "config.yaml":
+            link_tree(item, entry / item.name)
+    config: dict[str, Any] = yaml.safe_load((model_dir / "config.yaml").read_text()) or {}
+    (entry / "config.yaml").write_text(yaml.safe_dump(merged(config, overrides), sort_keys=False))
+    return entry
+
+
+def start_taskserve(
+    model: ModelUnderTest, log_dir: Path, name: str = "taskserve", overrides: Mapping[str, Any] | None = None
+) -> PeerProcess:
+    """taskserve on a repository holding only this model (so it loads nothing else);
+    ``overrides`` change its config.yaml (a variant such as ``inline_compute_us: 0``)."""
     repo = Path(tempfile.mkdtemp(prefix="taskserve-peer-repo-"))
-    (repo / model.name).symlink_to(model.model_dir.resolve(), target_is_directory=True)
-    return spawn_taskserve(repo, log_dir, workdir=repo)
+    if overrides:
+        write_entry_variant(model.model_dir, repo / model.name, overrides)
+    else:
+        link_tree(model.model_dir, repo / model.name)
+    return spawn_taskserve(repo, log_dir, workdir=repo, name=name)
 
 
 def start_echo(log_dir: Path) -> PeerProcess:
@@ -146,18 +194,27 @@ def start_echo(log_dir: Path) -> PeerProcess:
     return peer
 
 
-def start_kserve(model: ModelUnderTest, venv: Path, log_dir: Path) -> PeerProcess:
+def start_kserve(
+    model: ModelUnderTest, venv: Path, log_dir: Path, name: str = "kserve", sessions: int = 1, threads: int = 0
+) -> PeerProcess:
+    """KServe serving ``sessions`` onnxruntime sessions (replicas of the model in its one
+    process; KServe's gRPC server has no multi-process workers) of ``threads`` intra-op
+    threads each (0: the model's peer setting)."""
     python = venv.resolve() / "bin" / "python"
     if not python.exists():
-        raise FileNotFoundError(f"{python} missing: run benchmarks/peers/setup.sh")
+        raise FileNotFoundError(f"{python} missing: run `make peers` (benchmarks/peers/setup.sh)")
     port = free_port()
+    threads = threads or model.intra_op_threads
     argv = [str(python), str(PEERS_DIR / "kserve_server.py"), "--model-file", str(model.onnx_file),
             "--model-name", model.name, "--grpc-port", str(port), "--http-port", str(free_port()),
-            "--intra-op-threads", str(model.intra_op_threads),
-            "--inter-op-threads", str(model.inter_op_threads)]  # fmt: skip
-    peer = _spawn("kserve", argv, port, log_dir)
+            "--intra-op-threads", str(threads), "--inter-op-threads", str(model.inter_op_threads),
+            "--sessions", str(sessions)]  # fmt: skip
+    peer = _spawn(name, argv, port, log_dir)
     peer.version = _venv_version(python, "kserve")
-    peer.notes.append("KServe: no dynamic batching in the model server; predict runs onnxruntime on a worker thread")
+    peer.notes.append(
+        f"{name}: no dynamic batching in KServe's model server; {sessions} onnxruntime session(s) of {threads} "
+        "intra-op thread(s), each request runs on a worker thread"
+    )
     return peer
 
 
@@ -184,21 +241,24 @@ def mlserver_settings(model: ModelUnderTest, workdir: Path, port: int, workers: 
     (model_folder / "model-settings.json").write_text(json.dumps(settings, indent=2))
 
 
-def start_mlserver(model: ModelUnderTest, venv: Path, log_dir: Path, workers: int, batching: bool) -> PeerProcess:
+def start_mlserver(
+    model: ModelUnderTest, venv: Path, log_dir: Path, workers: int, batching: bool, name: str = "mlserver"
+) -> PeerProcess:
     venv = venv.resolve()
     binary = venv / "bin" / "mlserver"
     if not binary.exists():
-        raise FileNotFoundError(f"{binary} missing: run benchmarks/peers/setup.sh")
+        raise FileNotFoundError(f"{binary} missing: run `make peers` (benchmarks/peers/setup.sh)")
     workdir = Path(tempfile.mkdtemp(prefix="mlserver-peer-"))
     port = free_port()
     mlserver_settings(model, workdir, port, workers, batching)
-    peer = _spawn("mlserver", [str(binary), "start", str(workdir)], port, log_dir, workdir=workdir)
+    peer = _spawn(name, [str(binary), "start", str(workdir)], port, log_dir, workdir=workdir)
     peer.version = _venv_version(venv / "bin" / "python", "mlserver")
+    threads = f"{model.intra_op_threads} intra-op thread(s) per worker's session"
     if batching and model.max_batch_size > 1:
         peer.notes.append(
-            f"MLServer: adaptive batching max_batch_size {model.max_batch_size}, "
-            f"max_batch_time {max(model.max_batch_delay_us, 1)} us; parallel_workers {workers}"
+            f"{name}: adaptive batching max_batch_size {model.max_batch_size}, "
+            f"max_batch_time {max(model.max_batch_delay_us, 1)} us; parallel_workers {workers}; {threads}"
         )
     else:
-        peer.notes.append(f"MLServer: adaptive batching off; parallel_workers {workers}")
+        peer.notes.append(f"{name}: adaptive batching off; parallel_workers {workers}; {threads}")
     return peer

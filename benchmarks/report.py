@@ -37,7 +37,8 @@ def markdown(name: str, meta: Mapping[str, object], runs: Sequence[RunResult], n
             f"- machine: {machine.get('cpu_model')}, {machine.get('cpus_usable')} usable cores, "
             f"{machine.get('memory_gib')} GiB, Python {machine.get('python')}"
         ),
-        f"- git commit: {machine.get('git_commit')}{' (dirty)' if machine.get('git_dirty') else ''}",
+        f"- git commit: {machine.get('git_commit')}"
+        f"{' (DIRTY: measured with uncommitted changes, --allow-dirty)' if machine.get('git_dirty') else ''}",
     ]
     config = meta.get("config", {})
     assert isinstance(config, Mapping)
@@ -45,15 +46,19 @@ def markdown(name: str, meta: Mapping[str, object], runs: Sequence[RunResult], n
     lines += [f"- {n}" for n in notes]
     lines += [
         "",
-        "| server | load | repeat | req/s | items/s | p50 ms | p90 ms | p95 ms | p99 ms | max ms | errors | stable |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "Latencies are of successful requests; failed ones are counted under errors, with their own p50.",
+        "",
+        "| server | load | repeat | req/s | items/s | p50 ms | p90 ms | p95 ms | p99 ms | max ms | errors "
+        "| failed p50 ms | stable |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for r in runs:
         lat = LatencySummary.of(r.latencies_s)
+        failed = f"{LatencySummary.of(r.failure_latencies_s).p50:.2f}" if r.failure_latencies_s else "-"
         lines.append(
             f"| {r.server} | {load_label(r.mode, r.load)} | {r.repeat} | {r.throughput_rps:.1f} | "
             f"{r.items_per_s:.1f} | {lat.p50:.2f} | {lat.p90:.2f} | {lat.p95:.2f} | "
-            f"{lat.p99:.2f} | {lat.max:.2f} | {_errors(r.errors)} | {'yes' if r.stable else 'no'} |"
+            f"{lat.p99:.2f} | {lat.max:.2f} | {_errors(r.errors)} | {failed} | {'yes' if r.stable else 'no'} |"
         )
     return "\n".join(lines) + "\n"
 

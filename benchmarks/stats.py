@@ -36,9 +36,11 @@ class Window:
     """One measurement window: what completed inside it."""
 
     duration_s: float
-    latencies_s: tuple[float, ...]
+    latencies_s: tuple[float, ...]  # successful calls only
     errors: Mapping[str, int]
     items_per_request: int = 1
+    # How long the failed calls took to fail: never mixed into the successes' latencies.
+    failure_latencies_s: tuple[float, ...] = ()
 
     @property
     def throughput_rps(self) -> float:
@@ -51,6 +53,7 @@ class Window:
             "duration_s": round(self.duration_s, 3),
             "requests": len(self.latencies_s),
             "errors": sum(self.errors.values()),
+            "failure_p50_ms": round(LatencySummary.of(self.failure_latencies_s).p50, 3),
             "throughput_rps": round(self.throughput_rps, 2),
             "p50_ms": round(lat.p50, 3),
             "p99_ms": round(lat.p99, 3),
@@ -62,17 +65,19 @@ def is_stable(windows: Sequence[Window], count: int, tolerance: float, metric: s
 
     ``metric`` is "throughput" (closed loop: the server sets the pace) or "p50"
     (open loop: the offered rate sets the throughput; latency shows whether the
-    server keeps up)."""
+    server keeps up). Windows in which nothing succeeded are never stable: a
+    server that only fails has no steady state worth a verdict."""
     if len(windows) < count:
         return False
     if metric == "p50":
         recent = [LatencySummary.of(w.latencies_s).p50 for w in windows[-count:]]
     else:
         recent = [w.throughput_rps for w in windows[-count:]]
+    if any(not w.latencies_s for w in windows[-count:]):
+        return False
     mean = sum(recent) / len(recent)
     if mean == 0:
-        # Nothing succeeded: settled only if every call failed (waiting longer won't help).
-        return all(bool(w.errors) for w in windows[-count:])
+        return False
     return (max(recent) - min(recent)) / mean <= tolerance
 
 
@@ -107,12 +112,32 @@ class RunResult:
         return dict(total)
 
     @property
+    def failure_latencies_s(self) -> list[float]:
+        return [x for w in self.measured for x in w.failure_latencies_s]
+
+    @property
+    def failed(self) -> int:
+        return sum(self.errors.values())
+
+    @property
     def throughput_rps(self) -> float:
         return len(self.latencies_s) / self.duration_s if self.duration_s > 0 else 0.0
 
     @property
     def items_per_s(self) -> float:
         return self.throughput_rps * self.items_per_request
+
+    @property
+    def unusable(self) -> str | None:
+        """Why this run cannot back a verdict (None: it can): a verdict needs a stable,
+        error-free run that served something."""
+        if not self.latencies_s:
+            return f"{self.server}: zero throughput ({self.failed} failed requests)"
+        if self.failed:
+            return f"{self.server}: {self.failed} failed requests"
+        if not self.stable:
+            return f"{self.server}: windows never stable"
+        return None
 
     def to_json(self) -> dict[str, object]:
         lat = LatencySummary.of(self.latencies_s)
@@ -128,7 +153,12 @@ class RunResult:
             "items_per_s": round(self.items_per_s, 3),
             "latency_ms": {k: round(v, 3) for k, v in asdict(lat).items()},
             "errors": self.errors,
+            "failed_requests": self.failed,
+            "failure_latency_ms": {
+                k: round(v, 3) for k, v in asdict(LatencySummary.of(self.failure_latencies_s)).items()
+            },
             "stable": self.stable,
+            "usable_for_verdict": self.unusable is None,
             "windows": [w.summary() for w in self.windows],
             **self.extra,
         }

@@ -13,6 +13,7 @@ from taskserve.clients.errors import (
     NotFound,
     ResourceExhausted,
     TaskServeError,
+    Unauthenticated,
     Unavailable,
     Unimplemented,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "TaskServeError",
     "TensorMetadata",
     "TlsConfig",
+    "Unauthenticated",
     "Unavailable",
     "Unimplemented",
 ]

@@ -1,10 +1,14 @@
 """Build sync and asyncio gRPC channels from ``ClientOptions``.
 
 Targets are anything gRPC resolves: ``host:port``, ``dns:///svc.ns.svc.cluster.local:8001``
-(every replica behind a Kubernetes headless Service, balanced round robin), ``unix:/path``.
+(every replica behind a Kubernetes headless Service, balanced round robin), ``unix:/path``,
+or a fixed list of servers, ``ipv4:10.0.0.1:8001,10.0.0.2:8001`` (see ``static_target``).
 """
 
 from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
 
 import grpc
 import grpc.aio
@@ -33,3 +37,28 @@ def create_aio_channel(target: str, options: ClientOptions | None = None) -> grp
             compression=opts.grpc_compression(),
         )
     return grpc.aio.insecure_channel(target, options=opts.channel_options(), compression=opts.grpc_compression())
+
+
+def static_target(addresses: Sequence[str]) -> str:
+    """One target for several servers given as ``IP:port`` (``[IPv6]:port``), e.g.
+    ``static_target(["10.0.0.1:8001", "10.0.0.2:8001"])`` -> ``"ipv4:10.0.0.1:8001,10.0.0.2:8001"``.
+
+    With the default ``load_balancing="round_robin"`` calls spread over every server, and a
+    call that fails UNAVAILABLE (a server stopping or gone) is retried on another one by the
+    retry policy. Host names need a DNS target instead: ``dns:///name:port``.
+    """
+    if not addresses:
+        raise ValueError("static_target needs at least one IP:port address")
+    families = set()
+    for address in addresses:
+        host, sep, port = address.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            families.add(ipaddress.ip_address(host).version)
+        except ValueError:
+            raise ValueError(f"{address!r} is not IP:port; use a dns:/// target for host names") from None
+        if not sep or not port.isdigit():
+            raise ValueError(f"{address!r} has no port")
+    if len(families) > 1:
+        raise ValueError("gRPC cannot mix IPv4 and IPv6 addresses in one static target")
+    return f"ipv{families.pop()}:" + ",".join(addresses)

@@ -56,6 +56,11 @@ class Internal(TaskServeError):
     """The server failed while handling the call."""
 
 
+class Unauthenticated(TaskServeError):
+    """The server wants a bearer token this call lacked (or did not accept): set
+    ``ClientOptions(metadata=(("authorization", "Bearer <token>"),))``; retrying will not help."""
+
+
 _BY_CODE: dict[grpc.StatusCode, type[TaskServeError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
@@ -66,6 +71,7 @@ _BY_CODE: dict[grpc.StatusCode, type[TaskServeError]] = {
     grpc.StatusCode.CANCELLED: Cancelled,
     grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
     grpc.StatusCode.INTERNAL: Internal,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 
 

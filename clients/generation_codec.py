@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from taskserve.clients.generated.taskserve.v1 import common_pb2, text_generation_pb2
+from taskserve.clients.generated.taskserve.v1 import common_pb2, text_generation_pb2, text_transform_pb2
 from taskserve.clients.results import (
     ChatMessage,
     FinishReason,
@@ -65,7 +65,8 @@ def generate_request(
     )  # fmt: skip
 
 
-def chunk(response: text_generation_pb2.GenerateResponse) -> GenerationChunk:
+def chunk(response: text_generation_pb2.GenerateResponse | text_transform_pb2.TransformResponse) -> GenerationChunk:
+    """A streamed message (the transform services' responses have the same fields)."""
     usage = (
         GenerationUsage(response.usage.prompt_tokens, response.usage.generated_tokens)
         if response.HasField("usage")

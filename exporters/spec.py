@@ -75,3 +75,5 @@ class ExportedModel:
     transformer: TransformerShape | None = None
     # What produced it, for export-info.json.
     source: dict[str, Any] = field(default_factory=dict)
+    # config.yaml's generation block: the entry runs on the generation engine.
+    generation: dict[str, Any] | None = None

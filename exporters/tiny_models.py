@@ -208,9 +208,11 @@ def byte_level_tokenizer(vocab_size: int = 400) -> Any:
     return fast
 
 
-def tiny_causal_lm(directory: Path, architecture: str = "llama", seed: int = 0) -> Path:
+def tiny_causal_lm(directory: Path, architecture: str = "llama", seed: int = 0, hidden_size: int = 32) -> Path:
     """A 2-layer, 32-wide decoder (``llama`` with grouped-query attention, or ``gpt2``) with a
-    byte-level tokenizer, a chat template and a generation config; 128 positions."""
+    byte-level tokenizer, a chat template and a generation config; 128 positions.
+    ``hidden_size`` 64 gives the llama heads of 16, the smallest ONNX Runtime's
+    GroupQueryAttention (the generation engine's graph) takes."""
     import torch
     import transformers
 
@@ -223,7 +225,7 @@ def tiny_causal_lm(directory: Path, architecture: str = "llama", seed: int = 0) 
     }
     if architecture == "llama":
         config: Any = transformers.LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
             initializer_range=0.2,
             **special,
@@ -240,4 +242,68 @@ def tiny_causal_lm(directory: Path, architecture: str = "llama", seed: int = 0) 
     model.eval().save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     transformers.GenerationConfig(**special).save_pretrained(directory)
+    return directory
+
+
+def seq2seq_tokenizer(vocab_size: int = 400) -> Any:
+    """A byte-level BPE tokenizer in the T5/BART manner: ``<pad>`` 0, ``</s>`` 1 (appended to
+    every encoded text), ``<s>`` 2, ``<unk>`` 3."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = list(SENTENCES) + list(QUESTIONS) + list(CONTEXTS) + UNICODE_SAMPLES
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "</s>", "<s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>",
+        model_max_length=128,
+    )  # fmt: skip
+
+
+def tiny_seq2seq(directory: Path, architecture: str = "t5", seed: int = 0) -> Path:
+    """A 2+2-layer, 32-wide encoder-decoder (``t5``, ``bart`` or ``marian``) with a byte-level tokenizer
+    and a generation config; 128 positions. Random weights: plumbing and equality only."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    tokenizer = seq2seq_tokenizer()
+    vocab = len(tokenizer)
+    if architecture == "t5":
+        config: Any = transformers.T5Config(
+            vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, initializer_factor=4.0,
+        )  # fmt: skip
+        model: Any = transformers.T5ForConditionalGeneration(config)
+    elif architecture == "bart":
+        config = transformers.BartConfig(
+            vocab_size=vocab, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+            pad_token_id=0, eos_token_id=1, bos_token_id=2, decoder_start_token_id=1, forced_eos_token_id=None,
+            forced_bos_token_id=None, init_std=0.2,
+        )  # fmt: skip
+        model = transformers.BartForConditionalGeneration(config)
+    elif architecture == "marian":
+        config = transformers.MarianConfig(
+            vocab_size=vocab, decoder_vocab_size=vocab, d_model=32, encoder_layers=2, decoder_layers=2,
+            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+            max_position_embeddings=128, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+            forced_eos_token_id=None, init_std=1.0,
+        )  # fmt: skip
+        model = transformers.MarianMTModel(config)
+    else:
+        raise ValueError(f"unknown architecture {architecture!r}; use t5, bart or marian")
+    model.eval().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    transformers.GenerationConfig(
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=config.decoder_start_token_id
+    ).save_pretrained(directory)
     return directory

@@ -105,6 +105,13 @@ class LimitExceeded(InvalidInput):
     reason = "limit"
 
 
+class ModelControlDisabled(TaskServeError):
+    """Load/unload asked of a server started with --model-control-mode none."""
+
+    code = Code.FAILED_PRECONDITION
+    reason = "model_control_disabled"
+
+
 class ConfigError(TaskServeError):
     """A model's config.yaml is invalid; the message names file, field and fix."""
 

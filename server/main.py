@@ -10,8 +10,10 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from taskserve.server.frontends.grpc.auth import TOKENS_ENV, TokenError, load_tokens
+from taskserve.server.frontends.grpc.tls import TlsFilesError
 from taskserve.server.gpu_metrics import GPU_METRICS_MODES, GpuMetricsUnavailable
 from taskserve.server.settings import ServerSettings
 
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 def parse_args(argv: list[str] | None) -> ServerSettings:
     p = argparse.ArgumentParser(prog="taskserve-server", description="Serve a model repository over gRPC.")
     p.add_argument("--model-repository", required=True, type=Path, help="directory of <model>/config.yaml + <version>/")
-    p.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0, for containers)")
+    p.add_argument("--host", default="127.0.0.1", help="gRPC address to bind (default loopback; 0.0.0.0 in containers)")
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (0: any free port)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics port (0: any, -1: off)")
     p.add_argument("--max-message-mb", type=int, default=256, help="largest request/response message, MiB")
@@ -38,6 +40,7 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
         help="GPU metrics through NVML on the metrics port (auto: when NVML works; on: refuse to start without)",
     )  # fmt: skip
     p.add_argument("--log-level", default=os.environ.get("TASKSERVE_LOG_LEVEL", "INFO"))
+    _add_edge_args(p)
     _add_limit_flags(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -45,7 +48,9 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
         p.error(f"--model-repository {a.model_repository} is not a directory")
     if a.gpu_metrics == "on" and a.metrics_port < 0:
         p.error("--gpu-metrics on needs the metrics endpoint: drop --metrics-port -1 or use --gpu-metrics off")
+    edge = _edge_settings(p, a)
     return ServerSettings(
+        **edge,
         model_repository=a.model_repository,
         host=a.host,
         grpc_port=a.grpc_port,
@@ -59,6 +64,54 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
         gpu_metrics=a.gpu_metrics,
         **{name: getattr(a, name) for name in _LIMIT_FLAGS},
     )
+
+
+def _add_edge_args(p: argparse.ArgumentParser) -> None:
+    """Transport security, authentication, model control, metrics bind and drain (docs/security.md)."""
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve gRPC over TLS (with --tls-key)")
+    p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", type=Path, help="PEM CA bundle: require client certificates it signed (mTLS)")
+    p.add_argument(
+        "--auth-tokens-file", type=Path,
+        help=f"bearer tokens, one per line (# comments); every RPC needs one. Also ${TOKENS_ENV} (comma-separated)",
+    )  # fmt: skip
+    p.add_argument("--auth-health", action="store_true", help="require a token for health and reflection too")
+    p.add_argument(
+        "--model-control-mode", choices=("none", "explicit"), default="none",
+        help="none: the repository is fixed at startup, v2 load/unload refused; explicit: allowed",
+    )  # fmt: skip
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address of the /metrics endpoint (default loopback)")
+    p.add_argument(
+        "--drain-delay", type=float, default=5.0,
+        help="seconds after SIGTERM that health says NOT_SERVING while RPCs are still accepted",
+    )  # fmt: skip
+    p.add_argument(
+        "--health-port", type=int, default=-1,
+        help="plaintext port with grpc.health.v1 only, for probes when the gRPC port uses TLS (-1: off)",
+    )  # fmt: skip
+
+
+def _edge_settings(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict[str, Any]:
+    if (a.tls_cert is None) != (a.tls_key is None):
+        p.error("--tls-cert and --tls-key go together")
+    if a.tls_client_ca is not None and a.tls_cert is None:
+        p.error("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    for flag, path in (("--tls-cert", a.tls_cert), ("--tls-key", a.tls_key), ("--tls-client-ca", a.tls_client_ca)):
+        if path is not None and not path.is_file():
+            p.error(f"{flag} {path} is not a file")
+    if a.drain_delay < 0:
+        p.error("--drain-delay must be >= 0")
+    try:
+        tokens = load_tokens(a.auth_tokens_file)
+    except TokenError as err:
+        p.error(str(err))
+    if a.auth_health and not tokens:
+        p.error(f"--auth-health needs tokens: --auth-tokens-file or ${TOKENS_ENV}")
+    return {
+        "tls_cert": a.tls_cert, "tls_key": a.tls_key, "tls_client_ca": a.tls_client_ca,
+        "auth_tokens": tokens, "auth_health": a.auth_health, "model_control_mode": a.model_control_mode,
+        "metrics_host": a.metrics_host, "drain_delay_s": a.drain_delay, "health_port": a.health_port,
+    }  # fmt: skip
 
 
 # Request limits (defaults in ServerSettings; a model's config.yaml ``limits`` overrides the per-model ones).
@@ -89,7 +142,8 @@ async def serve(settings: ServerSettings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await app.start()
     # Machine-readable line for scripts that start the server on port 0.
-    print(f"taskserve-server listening grpc={app.grpc_port} metrics={app.metrics_port}", flush=True)
+    health = f" health={app.health_port}" if app.health_port else ""
+    print(f"taskserve-server listening grpc={app.grpc_port} metrics={app.metrics_port}{health}", flush=True)
     freezing = asyncio.create_task(_freeze_startup_objects(app))
     await stop.wait()
     freezing.cancel()
@@ -118,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     try:
         asyncio.run(serve(settings))
-    except GpuMetricsUnavailable as err:
+    except (GpuMetricsUnavailable, TlsFilesError) as err:
         print(f"taskserve-server: error: {err}", file=sys.stderr, flush=True)
         return 1
     return 0

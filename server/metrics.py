@@ -97,6 +97,11 @@ class _Series:
         self.batch_size = _Histogram(_BATCH_BUCKETS)
         self.stages: dict[str, _Histogram] = {}
         self.pending = 0
+        # The generation engine's numbers (``generation_scheduler.py``); None until it reports.
+        self.first_token = _Histogram(_LATENCY_BUCKETS)
+        self.inter_token = _Histogram(_LATENCY_BUCKETS)
+        self.generated_tokens = 0
+        self.generation: tuple[int, int, float] | None = None
         self.load_seconds: float | None = None
         self.ready: int | None = None
         # (apply, payload) pairs recorded on the request path, not yet in the numbers above.
@@ -189,6 +194,30 @@ class ServerMetrics(Collector):
             labels=_LABELS,
         )
         ready = GaugeMetricFamily("taskserve_model_ready", "1 when the model version is ready", labels=_LABELS)
+        ttft = HistogramMetricFamily(
+            "taskserve_time_to_first_token_seconds",
+            "Generation engine: time from a sequence's arrival to its first token",
+            labels=_LABELS,
+        )
+        itl = HistogramMetricFamily(
+            "taskserve_inter_token_latency_seconds",
+            "Generation engine: time between consecutive tokens of one sequence",
+            labels=_LABELS,
+        )
+        generated = CounterMetricFamily(
+            "taskserve_generated_tokens", "Generation engine: tokens generated", labels=_LABELS
+        )
+        running = GaugeMetricFamily(
+            "taskserve_running_sequences", "Generation engine: sequences holding a cache slot", labels=_LABELS
+        )
+        waiting = GaugeMetricFamily(
+            "taskserve_waiting_sequences", "Generation engine: sequences waiting for a slot", labels=_LABELS
+        )
+        occupancy = GaugeMetricFamily(
+            "taskserve_kv_cache_occupancy",
+            "Generation engine: cached positions over the positions all slots hold (0..1)",
+            labels=_LABELS,
+        )
         for (model, version), s in items:
             labels = [model, version]
             with s.lock:  # one consistent reading per series
@@ -216,6 +245,14 @@ class ServerMetrics(Collector):
                     load.add_metric(labels, s.load_seconds)
                 if s.ready is not None:
                     ready.add_metric(labels, s.ready)
+                if s.generation is not None:
+                    for family, hist in ((ttft, s.first_token), (itl, s.inter_token)):
+                        buckets, total = hist.exposition()
+                        family.add_metric(labels, buckets, total)
+                    generated.add_metric(labels, s.generated_tokens, created=s.created)
+                    running.add_metric(labels, s.generation[0])
+                    waiting.add_metric(labels, s.generation[1])
+                    occupancy.add_metric(labels, s.generation[2])
         yield from counters.values()
         yield failure
         yield from histograms.values()
@@ -224,6 +261,7 @@ class ServerMetrics(Collector):
         yield rejected
         yield load
         yield ready
+        yield from (ttft, itl, generated, running, waiting, occupancy)
 
 
 @dataclass
@@ -277,6 +315,7 @@ class ModelMetrics:
         self._apply_success = self._fold_success
         self._apply_batch = self._fold_batch
         self._apply_stage = self._fold_stage
+        self._apply_token = self._fold_token
 
     def _record(self, apply: Callable[[Any], None], payload: Any) -> None:
         events = self._events
@@ -374,6 +413,24 @@ class ModelMetrics:
         for wait_ns in queue_ns:
             series.queue.observe(wait_ns / 1e9)
             s.queue.add(wait_ns)
+
+    def first_token(self, seconds: float) -> None:
+        """The generation engine emitted a sequence's first token ``seconds`` after it arrived."""
+        self._record(self._apply_token, (True, seconds))
+
+    def next_token(self, seconds: float) -> None:
+        """The generation engine emitted a further token ``seconds`` after the sequence's previous one."""
+        self._record(self._apply_token, (False, seconds))
+
+    def _fold_token(self, payload: tuple[bool, float]) -> None:
+        first, seconds = payload
+        s = self._s
+        (s.first_token if first else s.inter_token).observe(seconds)
+        s.generated_tokens += 1
+
+    def generation_state(self, running: int, waiting: int, occupancy: float) -> None:
+        """The engine's sequences and the share of its cache positions in use, after an iteration."""
+        self._s.generation = (running, waiting, occupancy)  # one store: atomic under the GIL
 
     def rejected(self, reason: str) -> None:
         s = self._s

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 # auto: GPU metrics when NVML works, silently none otherwise; on: NVML must work; off: never.
 GpuMetricsMode = Literal["auto", "on", "off"]
+# none: the repository is fixed at startup (v2 Load/Unload refused); explicit: Load/Unload allowed.
+ModelControlMode = Literal["none", "explicit"]
 
 
 @dataclass(frozen=True)
 class ServerSettings:
     model_repository: Path
-    host: str = "0.0.0.0"
+    # Loopback unless told otherwise: containers pass --host 0.0.0.0 (Dockerfile, chart).
+    host: str = "127.0.0.1"
     # 0 picks a free port (tests); the bound port is on ServingApp.grpc_port.
     grpc_port: int = 8001
     # 0 picks a free port; -1 disables the metrics endpoint.
@@ -30,6 +33,23 @@ class ServerSettings:
     max_connection_age_s: float = 0.0
     # GPU metrics through NVML on the metrics endpoint (see gpu_metrics.py).
     gpu_metrics: GpuMetricsMode = "auto"
+    # -- the edge: transport security, authentication, model control, drain (docs/security.md) --
+    # TLS on the gRPC port from PEM files; with tls_client_ca, clients must present a certificate it signed.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # Bearer tokens every RPC must carry (empty: no authentication). Never printed.
+    auth_tokens: tuple[str, ...] = field(default=(), repr=False)
+    # Also require a token for grpc.health.v1 and reflection (probes then need one).
+    auth_health: bool = False
+    model_control_mode: ModelControlMode = "none"
+    metrics_host: str = "127.0.0.1"
+    # After SIGTERM: seconds health says NOT_SERVING while new RPCs are still accepted, so load
+    # balancers and probes see it before the listener closes.
+    drain_delay_s: float = 5.0
+    # A plaintext port serving grpc.health.v1 only (-1: none), for probes that cannot speak
+    # TLS (the kubelet's gRPC probe) when the main port does. 0 picks a free port.
+    health_port: int = -1
     # Request limits (docs/robustness.md): the server's defaults; a model's config.yaml
     # ``limits`` overrides the per-model ones. Checked before any heavy work.
     max_items: int = 256

@@ -46,8 +46,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def demo_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo repository (real all-MiniLM-L6-v2 and EfficientNet-Lite0), exported once per run."""
-    from taskserve.exporters.demo import build_demo
+    from taskserve.exporters.demo import QUICK_MODELS, build_demo
 
     out = tmp_path_factory.mktemp("demo-repo")
-    build_demo(out)
+    build_demo(out, list(QUICK_MODELS))
     return out

@@ -28,6 +28,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--intra-op-threads", type=int, default=1)
     p.add_argument("--inter-op-threads", type=int, default=1)
     p.add_argument("--max-threads", type=int, default=4, help="KServe's gRPC worker threads")
+    p.add_argument("--sessions", type=int, default=1, help="onnxruntime sessions (replicas), one worker thread each")
     return p.parse_args()
 
 
@@ -77,24 +78,44 @@ def main() -> None:
             super().__init__(name)
             self.path = path
             self.session: Any = None
+            self.idle: Any = None
+            self.pool: Any = None
 
         def load(self) -> bool:
+            import queue
+            from concurrent.futures import ThreadPoolExecutor
+
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = args.intra_op_threads
             opts.inter_op_num_threads = args.inter_op_threads
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self.session = ort.InferenceSession(self.path, sess_options=opts, providers=["CPUExecutionProvider"])
+            # Replicas: each request takes a free session, so N run side by side.
+            self.idle = queue.SimpleQueue()
+            for _ in range(args.sessions):
+                self.idle.put(
+                    ort.InferenceSession(self.path, sess_options=opts, providers=["CPUExecutionProvider"])
+                )
+            self.session = self.idle.get()
+            self.idle.put(self.session)
+            # One session: asyncio's default executor, concurrent runs on it (the default setup).
+            self.pool = ThreadPoolExecutor(max_workers=args.sessions) if args.sessions > 1 else None
             self.ready = True
             return True
 
         def _run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-            return list(self.session.run(None, feed))
+            if self.pool is None:
+                return list(self.session.run(None, feed))
+            session = self.idle.get()
+            try:
+                return list(session.run(None, feed))
+            finally:
+                self.idle.put(session)
 
         async def predict(
             self, payload: InferRequest, headers: Any = None, response_headers: Any = None
         ) -> InferResponse:
             feed = {inp.name: inp.as_numpy() for inp in payload.inputs}
-            results = await asyncio.get_running_loop().run_in_executor(None, self._run, feed)
+            results = await asyncio.get_running_loop().run_in_executor(self.pool, self._run, feed)
             outputs = []
             for meta, array in zip(self.session.get_outputs(), results, strict=True):
                 out = InferOutput(name=meta.name, shape=list(array.shape), datatype=from_np_dtype(array.dtype))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from taskserve.exporters import engine_graph
 from taskserve.exporters import image_options as images
 from taskserve.exporters.errors import ExportError, UsageError
 from taskserve.exporters.graph_io import read_graph_io, serving_specs
@@ -38,6 +39,7 @@ IMAGE_TASKS = frozenset(
     {"image-classification", "object-detection", "image-segmentation", "image-text-match"}
 )
 MERGED_DECODER = "decoder_model_merged.onnx"
+ENCODER_FILE = "encoder_model.onnx"
 
 
 def _looks_like_path(model: str) -> bool:
@@ -73,6 +75,8 @@ def export_hf(model: str, optimum_task: str, work: Path, opset: int | None = Non
 
     task = OPTIMUM_TO_TASKSERVE[optimum_task]
     loaded = load_model(model, optimum_task)
+    if task == "text-generation" and engine_graph.supports(loaded.config):
+        return export_engine_decoder(model, loaded, work)
     raw = work / "optimum"
     try:
         with quiet():
@@ -170,6 +174,85 @@ def export_hf(model: str, optimum_task: str, work: Path, opset: int | None = Non
     )
 
 
+# The engine's defaults written into config.yaml (server/repository/config.py: GenerationConfig).
+ENGINE_DEFAULTS = {"max_num_seqs": 16, "max_num_batched_tokens": 512, "prefill_chunk_size": 256}
+ENGINE_MAX_MODEL_LEN = 2048
+
+
+def export_engine_decoder(model: str, loaded: Any, work: Path) -> ExportedModel:
+    """A Llama-family decoder as the generation engine's graph (``engine_graph.py``): resident
+    cache, last-position logits. Validated on a two-row prompt against the PyTorch model."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig
+
+    raw = work / "files"
+    source = Path(model).expanduser()
+    try:
+        with quiet():
+            tokenizer = AutoTokenizer.from_pretrained(str(source) if source.exists() else model)
+    except (OSError, ValueError) as err:
+        raise ExportError(f"cannot load the tokenizer of {model!r}: {str(err).strip().splitlines()[0]}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ExportError(
+            f"{model!r} has no fast tokenizer (tokenizer.json), which the server needs for text-generation; "
+            "save one with transformers' PreTrainedTokenizerFast.save_pretrained into the model directory"
+        )
+    tokenizer.save_pretrained(raw)
+    try:
+        with quiet():
+            GenerationConfig.from_pretrained(str(source) if source.exists() else model).save_pretrained(raw)
+    except OSError:
+        pass  # no generation config: eos ids come from the model config
+    extra = {name: raw / name for name in SERVED_FILES if (raw / name).is_file()}
+    config = loaded.config
+    max_length = _max_length(tokenizer, config)
+    onnx_dir = work / "onnx"
+    engine_graph.build_decoder_graph(loaded, onnx_dir / "model.onnx", max_length)
+
+    options: dict[str, Any] = {"tokenizer": "tokenizer.json", "max_length": max_length}
+    options.update(_task_options("text-generation", config, tokenizer))
+    options.pop("eos_token_id", None)
+    options["eos_token_ids"] = _eos_token_ids(raw, config)
+    if "generation_config.json" not in extra:
+        options.pop("generation_config", None)
+
+    # Validation: two prompts of 7 tokens from an empty cache, last-position logits.
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or int(config.hidden_size) // heads)
+    ids = np.random.default_rng(0).integers(0, int(config.vocab_size), size=(2, 7), dtype=np.int64)
+    with torch.inference_mode():
+        expected = loaded(torch.from_numpy(ids)).logits[:, -1].float().numpy()
+    feeds: dict[str, np.ndarray] = {
+        "input_ids": ids,
+        "seqlens_k": np.full(2, 6, np.int32),
+        "total_sequence_length": np.asarray(7, np.int32),
+    }
+    for layer in range(int(config.num_hidden_layers)):
+        for kind in ("key", "value"):
+            feeds[f"past_{kind}.{layer}"] = np.zeros((2, kv_heads, 16, head_dim), np.float32)
+    cases = [ValidationCase("model.onnx", feeds, {"logits": expected}, "model.onnx#prompt")]
+    return ExportedModel(
+        work_dir=onnx_dir,
+        task="text-generation",
+        onnx_files=["model.onnx"],
+        cases=cases,
+        inputs=None,
+        outputs=None,
+        max_batch_size=0,
+        task_options=options,
+        extra_files=extra,
+        source={
+            "kind": "huggingface",
+            "model": model,
+            "optimum_task": "text-generation",
+            "model_type": config.model_type,
+            "graph": "taskserve generation engine",
+        },
+        generation={**ENGINE_DEFAULTS, "max_model_len": min(max_length, ENGINE_MAX_MODEL_LEN)},
+    )
+
+
 def decoder_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """How a KV-cache decoder's steps are batched. Each row keeps its own past length:
     past key/values and the attention mask are padded at the start (zeros the mask
@@ -217,8 +300,10 @@ def _served_onnx_files(raw: Path) -> list[str]:
     if "model.onnx" in found:
         return ["model.onnx"]
     if "encoder_model.onnx" in found:
-        decoder = MERGED_DECODER if MERGED_DECODER in found else "decoder_model.onnx"
-        return ["encoder_model.onnx", decoder]
+        if MERGED_DECODER not in found:
+            raise ExportError("optimum exported no merged decoder (decoder_model_merged.onnx), which the server needs")
+        # The served graph first: the decoder; the encoder becomes its own entry (ENCODER_FILE).
+        return [MERGED_DECODER, ENCODER_FILE]
     if not found:
         raise ExportError("optimum produced no ONNX file")
     return found
@@ -266,8 +351,7 @@ def _task_options(task: str, config: Any, tokenizer: Any) -> dict[str, Any]:
             "num_layers": getattr(text_config, "num_hidden_layers", getattr(text_config, "n_layer", None)),
         }
         if task == "text2text-generation":
-            options["encoder_model"] = "encoder_model.onnx"
-            options["decoder_model"] = MERGED_DECODER
+            # encoder_model (the encoder entry's name) is added where the entries are written.
             options["decoder_start_token_id"] = getattr(config, "decoder_start_token_id", None)
         options["generation_config"] = "generation_config.json"
         return {k: v for k, v in options.items() if v is not None}

@@ -122,8 +122,42 @@ class RuntimeConfig(_Frozen):
     # Let idle intra-op threads spin-wait for work: lower latency per operator, but the
     # spinning steals cores from the event loop and other instances.
     allow_spinning: bool = False
+    # CPU: a batch that starts while nothing else of this model computes or waits runs
+    # on one extra session with alone_intra_op_threads threads (0: every usable core),
+    # so a lone request gets all cores while loaded instances stay narrow.
+    wide_when_alone: bool = False
+    alone_intra_op_threads: int = Field(default=0, ge=0)
     device_id: int = Field(default=0, ge=0)
     tensorrt: TensorRTOptions = TensorRTOptions()
+
+
+class GenerationConfig(_Frozen):
+    """The generation engine (``server/scheduling/generation_scheduler.py``): present for
+    decoders exported with a resident KV cache (``past_key.N`` bound in place). Absent, a
+    text-generation model runs its steps through the dynamic batcher instead."""
+
+    # Sequences decoding at once; each holds one cache slot of max_model_len positions.
+    max_num_seqs: int = Field(default=16, ge=1, le=1024)
+    # Tokens one iteration computes: one per running sequence plus prefill chunks.
+    max_num_batched_tokens: int = Field(default=512, ge=1, le=1_000_000)
+    # Positions one slot holds (prompt plus generated); at most what the graph's rotary table covers.
+    max_model_len: int = Field(default=2048, ge=2, le=1_000_000)
+    # Largest piece of one prompt computed in one iteration; 0: up to max_num_batched_tokens.
+    prefill_chunk_size: int = Field(default=0, ge=0, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _budget(self) -> GenerationConfig:
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"generation.max_num_batched_tokens ({self.max_num_batched_tokens}) is below max_num_seqs "
+                f"({self.max_num_seqs}): every running sequence needs a token per iteration; raise it"
+            )
+        if self.prefill_chunk_size > self.max_num_batched_tokens:
+            raise ValueError(
+                f"generation.prefill_chunk_size ({self.prefill_chunk_size}) exceeds max_num_batched_tokens "
+                f"({self.max_num_batched_tokens}); lower it"
+            )
+        return self
 
 
 class WarmupConfig(_Frozen):
@@ -180,6 +214,8 @@ class ModelConfig(_Frozen):
     limits: ModelLimits = ModelLimits()
     # Task-specific settings (tokenizer, pooling, image preprocessing, ...), validated by the task.
     task_options: dict[str, Any] = Field(default_factory=dict)
+    # The generation engine's settings; None: not an engine model.
+    generation: GenerationConfig | None = None
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ModelConfig:
@@ -196,6 +232,11 @@ class ModelConfig(_Frozen):
             dupes = {n for n in names if names.count(n) > 1}
             if dupes:
                 raise ValueError(f"{group} lists {sorted(dupes)} more than once; tensor names must be unique")
+        if self.generation is not None and (self.instance_count != 1 or self.platform != "onnxruntime"):
+            raise ValueError(
+                "a model with a generation block runs one onnxruntime instance that holds the KV cache; "
+                "set instance_count: 1 and platform: onnxruntime (raise generation.max_num_seqs instead)"
+            )
         input_names = {t.name for t in self.inputs or ()}
         for out in self.outputs or ():
             if out.unpad_like is not None and self.inputs is not None and out.unpad_like not in input_names:
@@ -237,10 +278,11 @@ def parse_model_config(data: dict[str, Any], source: Path, default_name: str) ->
 def load_model_config(model_dir: Path) -> ModelConfig:
     """Read and validate ``model_dir/config.yaml`` (a missing file means all defaults)."""
     path = model_dir / "config.yaml"
+    shown = Path(model_dir.name, "config.yaml")  # messages reach callers: no server paths
     if not path.exists():
-        return parse_model_config({}, path, model_dir.name)
+        return parse_model_config({}, shown, model_dir.name)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return parse_model_config(data, path, model_dir.name)
+        raise ConfigError(f"{shown}: not valid YAML: {err}") from None
+    return parse_model_config(data, shown, model_dir.name)

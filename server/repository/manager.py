@@ -19,6 +19,7 @@ from taskserve.clients.datatypes import numpy_dtype
 from taskserve.server.errors import ModelNotFound, ModelNotReady, TaskServeError
 from taskserve.server.metrics import ModelMetrics, ServerMetrics
 from taskserve.server.repository.config import ModelConfig, ModelLimits, load_model_config
+from taskserve.server.repository.paths import model_dir_inside, model_dir_names, resolve_inside, without_server_paths
 from taskserve.server.repository.tensors import resolve_tensors
 from taskserve.server.repository.versions import available_versions, select_versions
 from taskserve.server.runtimes import Runtime, TensorInfo, create_runtime
@@ -181,7 +182,7 @@ class ModelManager:
         entries: list[ModelIndexEntry] = []
         known = set(self._slots)
         if self.repository.is_dir():
-            known |= {p.name for p in self.repository.iterdir() if p.is_dir() and not p.name.startswith(".")}
+            known |= set(model_dir_names(self.repository))
         for name in sorted(known):
             slot = self._slots.get(name)
             if slot is None:
@@ -200,11 +201,11 @@ class ModelManager:
         """Model directories in the repository (each holds config.yaml or version folders)."""
         if not self.repository.is_dir():
             raise FileNotFoundError(f"model repository {self.repository} is not a directory")
-        return sorted(
-            p.name
-            for p in self.repository.iterdir()
-            if p.is_dir() and not p.name.startswith(".") and ((p / "config.yaml").exists() or available_versions(p))
-        )
+        return [
+            name
+            for name in model_dir_names(self.repository)
+            if (self.repository / name / "config.yaml").exists() or available_versions(self.repository / name)
+        ]
 
     async def load_all(self) -> None:
         """Load every model found, concurrently; failures are recorded, never raised."""
@@ -218,9 +219,9 @@ class ModelManager:
         """(Re)load a model from disk. A failure marks it UNAVAILABLE and raises nothing;
         the reason is in ``index()``. Loading a model that is loaded replaces it once
         the new one is ready."""
-        model_dir = self.repository / name
+        model_dir = model_dir_inside(self.repository, name)  # refuses names that leave the repository
         if not model_dir.is_dir():
-            raise ModelNotFound(f"model {name!r} is not in the repository {self.repository}")
+            raise ModelNotFound(f"model {name!r} is not in the model repository")
         async with self._lock(name):
             slot = self._slots.setdefault(name, _ModelSlot(name))
             old = dict(slot.versions)
@@ -228,10 +229,12 @@ class ModelManager:
             started = time.perf_counter()
             try:
                 config = await asyncio.to_thread(load_model_config, model_dir)
+                _check_config_files(model_dir, config)
                 config = config.model_copy(update={"limits": _merged_limits(config.limits, self._default_limits)})
                 new_versions = await self._load_versions(name, model_dir, config)
             except Exception as err:  # any failure stays with this model
                 reason = err.message if isinstance(err, TaskServeError) else f"{type(err).__name__}: {err}"
+                reason = without_server_paths(reason, self.repository)  # callers read reasons
                 log.error("model %s failed to load: %s", name, reason)
                 self._metrics.forget(name, keep=old)  # series of versions that never served
                 if not old:
@@ -260,8 +263,7 @@ class ModelManager:
         versions = select_versions(available_versions(model_dir), config.version_policy)
         if not versions:
             raise ModelNotReady(
-                f"{model_dir}: no version directory to serve "
-                f"(expected e.g. {model_dir}/1/{config.default_model_filename})"
+                f"{name}: no version directory to serve (expected e.g. {name}/1/{config.default_model_filename})"
             )
         loaded: dict[str, LoadedModel] = {}
         try:
@@ -277,9 +279,12 @@ class ModelManager:
 
     async def _load_version(self, name: str, version: str, model_dir: Path, config: ModelConfig) -> LoadedModel:
         started = time.perf_counter()
-        model_path = model_dir / version / config.default_model_filename
+        model_path = resolve_inside(model_dir, f"{version}/{config.default_model_filename}", "default_model_filename")
         metrics = self._metrics.for_model(name, version)
         runtimes: list[Runtime] = []
+
+        if config.generation is not None:
+            return await self._load_engine(name, version, model_dir, config, model_path, metrics, started)
 
         def load_and_warm() -> ModelConfig:
             sizes = [b for b in config.warmup.batch_sizes if config.max_batch_size == 0 or b <= config.max_batch_size]
@@ -314,6 +319,50 @@ class ModelManager:
             metrics=metrics,
             runtimes=runtimes,
             platform_description=runtimes[0].description,
+        )
+
+    async def _load_engine(
+        self,
+        name: str,
+        version: str,
+        model_dir: Path,
+        config: ModelConfig,
+        model_path: Path,
+        metrics: ModelMetrics,
+        started: float,
+    ) -> LoadedModel:
+        """A decoder served by the generation engine: one runner holding the resident KV cache."""
+        from taskserve.server.runtimes.onnx_decoder import OnnxDecoderRunner
+        from taskserve.server.scheduling.generation_scheduler import GenerationScheduler
+
+        assert config.generation is not None
+        runner = OnnxDecoderRunner(model_path, config)
+
+        def load_and_warm() -> ModelConfig:
+            runner.load()
+            resolved = resolve_tensors(config, runner.runtime.inputs, runner.runtime.outputs)
+            if config.warmup.enabled:
+                runner.warmup()
+            return resolved
+
+        try:
+            resolved = await asyncio.to_thread(load_and_warm)
+            scheduler = GenerationScheduler(name, config.generation, runner, metrics)
+            await scheduler.start()
+        except BaseException:
+            runner.close()
+            raise
+        metrics.loaded(time.perf_counter() - started)
+        metrics.set_ready(True)
+        return LoadedModel(
+            name=name,
+            version=version,
+            config=resolved,
+            model_dir=model_dir,
+            scheduler=scheduler,
+            metrics=metrics,
+            runtimes=[runner.runtime],
+            platform_description=runner.description,
         )
 
     async def unload(self, name: str, drain: bool = True) -> None:
@@ -353,3 +402,11 @@ class ModelManager:
     def _notify(self, name: str, ready: bool) -> None:
         for listener in self._listeners:
             listener(name, ready)
+
+
+def _check_config_files(model_dir: Path, config: ModelConfig) -> None:
+    """Files the config itself names must stay inside the model directory: refused at load,
+    before anything is read (tasks check their own task_options files where they open them)."""
+    if config.labels is not None:
+        resolve_inside(model_dir, config.labels, "labels")
+    resolve_inside(model_dir, f"1/{config.default_model_filename}", "default_model_filename")

@@ -45,6 +45,13 @@ class Runtime(abc.ABC):
     def infer(self, inputs: dict[str, np.ndarray], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run the model on a full batch. ``output_names`` None means every output."""
 
+    def infer_alone(
+        self, inputs: dict[str, np.ndarray], output_names: list[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """``infer`` for a batch that starts while no other batch of this model computes
+        or waits: a runtime that can use more of the machine then (a wider session) does."""
+        return self.infer(inputs, output_names)
+
     def warmup(self, inputs: dict[str, np.ndarray]) -> None:
         """Execute once on representative inputs so the first request pays no setup cost."""
         self.infer(inputs)

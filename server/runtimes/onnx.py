@@ -16,6 +16,15 @@ import numpy as np
 from taskserve.server.errors import InputRejected, RuntimeFailure
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.runtimes.base import Runtime, TensorInfo
+from taskserve.server.runtimes.onnx_threads import (
+    WIDE_SESSIONS,
+    alone_threads,
+    default_intra_op_threads,
+    instance_threads,
+    session_options,
+)
+
+__all__ = ["OnnxRuntime", "default_intra_op_threads"]
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +52,6 @@ _PROVIDER_NAMES = {
 }
 
 
-def default_intra_op_threads(instance_count: int) -> int:
-    """Split the cores between instances so N instances don't oversubscribe them."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, instance_count))
-
-
 def _dim(d: object) -> int:
     return d if isinstance(d, int) and d > 0 else -1
 
@@ -66,6 +69,9 @@ class OnnxRuntime(Runtime):
         self.config = config
         self._session: object | None = None
         self._native: Any = None
+        # The shared wide session a lone batch runs on (onnx_threads.py); None: none.
+        self._wide: Any = None
+        self._wide_key: tuple[Path, int] | None = None
         self._inputs: list[TensorInfo] = []
         self._outputs: list[TensorInfo] = []
         self._output_names: list[str] = []
@@ -80,7 +86,7 @@ class OnnxRuntime(Runtime):
             if ort_name not in available:
                 continue
             if name == "tensorrt":
-                cache = rc.tensorrt.cache_dir or str(self.model_path.parent / "trt_cache")
+                cache = rc.tensorrt.cache_dir or engine_cache_dir(self.model_path, self.config.name)
                 options: dict[str, object] = {
                     "device_id": rc.device_id,
                     "trt_fp16_enable": rc.tensorrt.fp16,
@@ -109,24 +115,22 @@ class OnnxRuntime(Runtime):
         if not self.model_path.is_file():
             raise RuntimeFailure(f"model file {self.model_path} does not exist")
         rc = self.config.runtime
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = rc.intra_op_threads or default_intra_op_threads(self.config.instance_count)
-        opts.inter_op_num_threads = rc.inter_op_threads
-        opts.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[rc.graph_optimization_level]
-        # Threads spin-wait by default, which steals the cores other instances and the
-        # event loop need between batches.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if rc.allow_spinning else "0")
+        threads = instance_threads(rc, self.config.instance_count)
         providers = self._select_providers(ort.get_available_providers())
-        try:
-            session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=providers)
-        except Exception as err:  # onnxruntime raises its own exception types
-            raise RuntimeFailure(f"onnxruntime could not load {self.model_path}: {err}") from err
+
+        def open_session(intra_op_threads: int) -> Any:
+            opts = session_options(ort, rc, intra_op_threads)
+            try:
+                return ort.InferenceSession(str(self.model_path), sess_options=opts, providers=providers)
+            except Exception as err:  # onnxruntime raises its own exception types
+                raise RuntimeFailure(f"onnxruntime could not load {self.model_path}: {err}") from err
+
+        session = open_session(threads)
         self.providers = session.get_providers()
+        wide = alone_threads(rc, self.config.instance_count)
+        if wide and self.providers[0] == "CPUExecutionProvider":
+            self._wide_key = (self.model_path.resolve(), wide)
+            self._wide = getattr(WIDE_SESSIONS.acquire(self._wide_key, lambda: open_session(wide)), "_sess", None)
         self._inputs = [
             TensorInfo(i.name, self._v2_type(i.type), tuple(_dim(d) for d in i.shape), _axis_names(i.shape))
             for i in session.get_inputs()
@@ -142,13 +146,23 @@ class OnnxRuntime(Runtime):
         # whole server-side time. The wrapper stays the fallback if onnxruntime renames it.
         self._native = getattr(session, "_sess", None)
         self._session = session
-        log.info("loaded %s with %s, %d intra-op threads", self.model_path, self.providers, opts.intra_op_num_threads)
+        log.info(
+            "loaded %s with %s, %d intra-op threads%s", self.model_path, self.providers, threads,
+            f" ({wide} when a batch computes alone)" if self._wide is not None else "",
+        )  # fmt: skip
 
     def _v2_type(self, ort_type: str) -> str:
         try:
             return _ORT_TO_V2[ort_type]
         except KeyError:
             raise RuntimeFailure(f"{self.model_path}: tensor type {ort_type} is not supported") from None
+
+    @property
+    def session(self) -> Any:
+        """The loaded ``onnxruntime.InferenceSession`` (for runners that bind buffers themselves)."""
+        if self._session is None:
+            raise RuntimeFailure(f"{self.model_path} is not loaded")
+        return self._session
 
     @property
     def inputs(self) -> list[TensorInfo]:
@@ -159,6 +173,16 @@ class OnnxRuntime(Runtime):
         return self._outputs
 
     def infer(self, inputs: dict[str, np.ndarray], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
+        return self._run(self._native, inputs, output_names)
+
+    def infer_alone(
+        self, inputs: dict[str, np.ndarray], output_names: list[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        return self._run(self._wide if self._wide is not None else self._native, inputs, output_names)
+
+    def _run(
+        self, native: Any, inputs: dict[str, np.ndarray], output_names: list[str] | None
+    ) -> dict[str, np.ndarray]:
         session = self._session
         if session is None:
             raise RuntimeFailure(f"{self.model_path} is not loaded")
@@ -167,8 +191,8 @@ class OnnxRuntime(Runtime):
         if self._text_inputs:
             feed = {k: (_as_text(v) if v.dtype == np.object_ else v) for k, v in inputs.items()}
         try:
-            if self._native is not None:
-                results = self._native.run(names, feed, None)
+            if native is not None:
+                results = native.run(names, feed, None)
             else:
                 results = session.run(names, feed)  # type: ignore[attr-defined]
         except Exception as err:
@@ -182,10 +206,32 @@ class OnnxRuntime(Runtime):
 
     def close(self) -> None:
         self._session = None
+        self._wide = None
+        if self._wide_key is not None:
+            WIDE_SESSIONS.release(self._wide_key)
+            self._wide_key = None
+
+    @property
+    def alone_width(self) -> int:
+        """Intra-op threads a lone batch computes on (0: no wide session)."""
+        return self._wide_key[1] if self._wide is not None and self._wide_key else 0
 
     @property
     def description(self) -> str:
         return f"onnxruntime {', '.join(self.providers)}"
+
+
+# A writable directory for TensorRT engine and timing caches when the model config sets no
+# runtime.tensorrt.cache_dir: the model repository is often read-only (a volume, an image).
+ENGINE_CACHE_ENV = "TASKSERVE_ENGINE_CACHE_DIR"
+
+
+def engine_cache_dir(model_path: Path, model_name: str) -> str:
+    """``$TASKSERVE_ENGINE_CACHE_DIR/<model>/<version>`` when set, else ``trt_cache`` beside the model file."""
+    root = os.environ.get(ENGINE_CACHE_ENV)
+    if root:
+        return str(Path(root) / model_name / model_path.parent.name)
+    return str(model_path.parent / "trt_cache")
 
 
 def _axis_names(shape: list[Any]) -> tuple[str | None, ...]:

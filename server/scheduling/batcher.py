@@ -292,13 +292,15 @@ class DynamicBatcher(Scheduler):
                 if outcome is not None:
                     self._resolve(entry, outcome)
             return
+        # Alone: nothing else computes and nothing waits, so this batch may take every core.
+        alone = not self._executing and not len(self._queue)
         instance.assigned += 1
         self._executing += len(batch.entries)
-        task = asyncio.get_running_loop().create_task(self._run_batch(instance, batch))
+        task = asyncio.get_running_loop().create_task(self._run_batch(instance, batch, alone))
         self._batch_tasks.add(task)
         task.add_done_callback(self._batch_tasks.discard)
 
-    async def _run_batch(self, instance: Instance, batch: Batch) -> None:
+    async def _run_batch(self, instance: Instance, batch: Batch, alone: bool) -> None:
         loop = asyncio.get_running_loop()
         try:
             outcomes: list[Outcome]
@@ -310,6 +312,7 @@ class DynamicBatcher(Scheduler):
                 self.layout,
                 self._clock,
                 self._metrics,
+                alone,
             )
             instance.record(seconds, batch.rows)
         except Exception as err:  # e.g. the executor was shut down

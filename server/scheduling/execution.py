@@ -106,10 +106,11 @@ def timed_execute_batch(
     layout: TensorLayout,
     clock: Callable[[], float],
     metrics: ModelMetrics | None,
+    alone: bool = False,
 ) -> tuple[list[Outcome], float]:
     """``execute_batch`` and the seconds it took."""
     start = time.perf_counter()
-    outcomes = execute_batch(runtime, batch, layout, clock, metrics)
+    outcomes = execute_batch(runtime, batch, layout, clock, metrics, alone)
     return outcomes, time.perf_counter() - start
 
 
@@ -119,8 +120,10 @@ def execute_batch(
     layout: TensorLayout,
     clock: Callable[[], float],
     metrics: ModelMetrics | None,
+    alone: bool = False,
 ) -> list[Outcome]:
-    """Run ``batch``; one outcome per entry, in order."""
+    """Run ``batch``; one outcome per entry, in order. ``alone``: nothing else of the
+    model computes or waits, so the runtime may use every core (``Runtime.infer_alone``)."""
     now = clock()
     outcomes: list[Outcome] = [None] * len(batch.entries)
     live: list[int] = []
@@ -137,7 +140,7 @@ def execute_batch(
         return outcomes
 
     failed: dict[int, Exception] = {}
-    computed = _compute_isolating(runtime, batch, live, layout, metrics, outcomes, failed)
+    computed = _compute_isolating(runtime, batch, live, layout, metrics, outcomes, failed, alone)
     if failed:
         for i, err in failed.items():
             outcomes[i] = _as_failure(err, layout, batch.entries[i].rows, others_computed=computed)
@@ -152,6 +155,7 @@ def _compute_isolating(
     metrics: ModelMetrics | None,
     outcomes: list[Outcome],
     failed: dict[int, Exception],
+    alone: bool = False,
 ) -> bool:
     """Compute the entries at ``indices``; when the batch fails, bisect it and compute
     each half on its own, down to single requests, so one request whose inputs break
@@ -159,7 +163,7 @@ def _compute_isolating(
     requests with one offender costs about 2 log2(n) extra executions, on this
     instance's thread. Returns whether any entry computed; failures land in ``failed``."""
     try:
-        _compute(runtime, batch, indices, layout, metrics, outcomes)
+        _compute(runtime, batch, indices, layout, metrics, outcomes, alone)
         return True
     except Exception as err:  # noqa: BLE001 - every failure is isolated, then classified
         if len(indices) == 1:
@@ -170,8 +174,8 @@ def _compute_isolating(
             layout.model, len(indices), err,
         )  # fmt: skip
     half = len(indices) // 2
-    left = _compute_isolating(runtime, batch, indices[:half], layout, metrics, outcomes, failed)
-    right = _compute_isolating(runtime, batch, indices[half:], layout, metrics, outcomes, failed)
+    left = _compute_isolating(runtime, batch, indices[:half], layout, metrics, outcomes, failed, alone)
+    right = _compute_isolating(runtime, batch, indices[half:], layout, metrics, outcomes, failed, alone)
     return left or right
 
 
@@ -182,6 +186,7 @@ def _compute(
     layout: TensorLayout,
     metrics: ModelMetrics | None,
     outcomes: list[Outcome],
+    alone: bool = False,
 ) -> None:
     """Collate, infer and split the entries at ``live``; their results go into ``outcomes``. Raises on failure."""
     entries = [batch.entries[i] for i in live]
@@ -191,7 +196,7 @@ def _compute(
     wanted = [e.request.output_names for e in entries]
     union = None if any(w is None for w in wanted) else sorted({n for w in wanted if w for n in w})
     input_done_ns = time.perf_counter_ns()
-    outputs = runtime.infer(collated.inputs, union)
+    outputs = (runtime.infer_alone if alone else runtime.infer)(collated.inputs, union)
     infer_done_ns = time.perf_counter_ns()
     per_request = split(outputs, collated, layout, wanted)
     end_ns = time.perf_counter_ns()

@@ -11,6 +11,7 @@ from taskserve.server.tasks.image_text_match import ImageTextMatcher
 from taskserve.server.tasks.object_detection import ObjectDetector
 from taskserve.server.tasks.question_answering import QuestionAnswerer
 from taskserve.server.tasks.sentence_embedding import SentenceEmbedder
+from taskserve.server.tasks.seq2seq import Seq2SeqGenerator
 from taskserve.server.tasks.text_classification import TextClassifier
 from taskserve.server.tasks.text_generation import TextGenerator
 from taskserve.server.tasks.token_classification import TokenClassifier
@@ -20,7 +21,7 @@ TASKS: dict[str, type[Task]] = {
     cls.task: cls
     for cls in (
         TextClassifier, TokenClassifier, SentenceEmbedder, QuestionAnswerer, MaskFiller,
-        ImageClassifier, ObjectDetector, ImageSegmenter, ImageTextMatcher, TextGenerator,
+        ImageClassifier, ObjectDetector, ImageSegmenter, ImageTextMatcher, TextGenerator, Seq2SeqGenerator,
     )
 }  # fmt: skip
 
@@ -35,6 +36,7 @@ __all__ = [
     "ObjectDetector",
     "QuestionAnswerer",
     "SentenceEmbedder",
+    "Seq2SeqGenerator",
     "Task",
     "TaskCache",
     "TaskContext",

@@ -24,6 +24,7 @@ import numpy as np
 from taskserve.clients.datatypes import numpy_dtype
 from taskserve.server.errors import Code, ConfigError, InvalidInput, Overloaded, WrongTask
 from taskserve.server.repository.config import ModelConfig, ModelLimits
+from taskserve.server.repository.paths import resolve_inside, shown
 from taskserve.server.scheduling.base import InferRequest, Scheduler
 
 T = TypeVar("T")
@@ -211,9 +212,10 @@ class Task:
     def _read_labels(self) -> list[str]:
         """Class names from the config's labels file, else task_options.id2label."""
         if self.model.config.labels:
-            path = self.model.model_dir / self.model.config.labels
+            path = resolve_inside(self.model.model_dir, self.model.config.labels, "labels")
             if not path.is_file():
-                raise TaskConfigError(f"model {self.model.name!r}: labels file {path} is missing")
+                shown_path = shown(path, self.model.model_dir)
+                raise TaskConfigError(f"model {self.model.name!r}: labels file {shown_path} is missing")
             return [line.rstrip("\r") for line in path.read_text(encoding="utf-8").splitlines()]
         id2label = self.options.get("id2label")
         if isinstance(id2label, Mapping):

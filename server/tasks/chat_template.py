@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from taskserve.server.errors import InvalidInput
+from taskserve.server.repository.paths import resolve_inside
 from taskserve.server.tasks.base import TaskConfigError
 
 TEMPLATE_FILE = "chat_template.jinja"
@@ -29,7 +30,7 @@ class ChatMessage:
 
 def read_chat_template(model_dir: Path, tokenizer_config: Mapping[str, object], model: str) -> str | None:
     """The model's chat template source, or None when it has none."""
-    path = model_dir / TEMPLATE_FILE
+    path = resolve_inside(model_dir, TEMPLATE_FILE, "chat template")
     if path.is_file():
         return path.read_text(encoding="utf-8")
     value = tokenizer_config.get("chat_template")

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from taskserve.server.errors import InvalidInput, LimitExceeded
+from taskserve.server.repository.paths import resolve_inside
 from taskserve.server.tasks.base import TaskConfigError
 
 # Encoded formats accepted; others (e.g. PSD, EPS) are refused rather than parsed.
@@ -217,7 +218,7 @@ def _center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
 def read_preprocessor_config(
     model_dir: Path, filename: str = "preprocessor_config.json"
 ) -> dict[str, object]:
-    path = model_dir / filename
+    path = resolve_inside(model_dir, filename, "task_options.preprocessor_config")
     if not path.is_file():
         return {}
     data = json.loads(path.read_text(encoding="utf-8"))

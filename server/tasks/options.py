@@ -59,6 +59,15 @@ TASK_OPTIONS: dict[str, dict[str, Any]] = {
         **_TEXT, "max_new_tokens": int, "max_new_tokens_limit": int, "max_concurrent_generations": int,
         "chat_template": str, "eos_token_id": int | list[int], "eos_token_ids": list[int],
         "generation_config": str, "num_layers": int,
+        # The transform services (translation, summarization, text2text) on a decoder.
+        "prompt_templates": dict[str, Any], "languages": list[str],
+    },
+    # An encoder-decoder: the encoder is its own entry (``encoder_model``, task tensor).
+    "text2text-generation": {
+        **_TEXT, "max_new_tokens": int, "max_new_tokens_limit": int, "max_concurrent_generations": int,
+        "encoder_model": str, "decoder_start_token_id": int, "eos_token_id": int | list[int],
+        "eos_token_ids": list[int], "generation_config": str, "num_layers": int,
+        "prompt_templates": dict[str, Any], "languages": list[str],
     },
 }  # fmt: skip
 

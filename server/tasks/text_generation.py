@@ -1,17 +1,22 @@
-"""Text generation: a prompt (or chat messages) -> text streamed token by token,
-with a decoder-only model exported with its KV cache (``past_key_values.N.key/value``
-in, ``logits`` and ``present.N.key/value`` out).
+"""Text generation: a prompt (or chat messages) -> text streamed token by token.
 
-Every model step (the prompt first, then one token at a time) is an ``InferRequest``
-to the model's scheduler, so the dynamic batcher runs the steps of concurrent
-generations together. The exporter declares how: past key/values and the attention
-mask are padded at the start (the mask hides the padding), the new token ids never,
-so steps of different past lengths share a batch and give what they give alone.
+Two ways to run the model, chosen by its entry:
 
-The per-step work here (arg-max or sampling over one row of logits, decoding one
-token) is small and runs on the event loop: the steps of concurrent generations
-then reach the batcher in the same loop turn and share a batch. Tokenizing the
-prompt and rendering the chat template run on the worker pool.
+- the generation engine (entries with a ``generation:`` block, exported by
+  ``taskserve-export`` for Llama-family decoders): the task hands the engine
+  (``scheduling/generation_scheduler.py``) a sequence with its ``TokenPicker``; the
+  engine batches every running sequence's next token into one model call over a
+  resident KV cache and streams the tokens back;
+- the request batcher (other decoders, exported by optimum with
+  ``past_key_values.N.key/value`` in, ``logits`` and ``present.N.key/value`` out):
+  every model step is an ``InferRequest`` carrying the whole cache; the exporter
+  declares past key/values and the attention mask padded at the start, so steps of
+  different past lengths share a batch.
+
+Either way the task owns what is about text: the chat template, the detokenizer that
+never splits a character, stop strings (held back until they resolve), the end of
+sequence, sampling settings, the concurrency cap. Tokenizing the prompt and rendering
+the chat template run on the worker pool.
 
 task_options: ``max_length`` (positions the model handles: prompt plus generated
 tokens), ``max_new_tokens`` (default per request, 256), ``max_new_tokens_limit``
@@ -33,7 +38,9 @@ import numpy as np
 from taskserve.clients.datatypes import numpy_dtype
 from taskserve.server.errors import GenerationCapExceeded, InvalidInput, Overloaded, RuntimeFailure
 from taskserve.server.repository.config import TensorConfig
+from taskserve.server.repository.paths import resolve_inside, shown
 from taskserve.server.scheduling.base import InferRequest
+from taskserve.server.scheduling.generation_scheduler import GenerationScheduler, SequenceRequest
 from taskserve.server.tasks.base import CallOptions, ServedModel, TaskConfigError, TaskContext
 from taskserve.server.tasks.chat_template import ChatMessage, ChatTemplate, read_chat_template, special_token
 from taskserve.server.tasks.decoding import Sampling, TextStream, TokenPicker
@@ -100,20 +107,25 @@ class TextGenerator(TextTask):
         inputs = {t.name: t for t in model.config.inputs or ()}
         if "input_ids" not in inputs:
             raise TaskConfigError(f"model {model.name!r} has no input_ids input; export it for text-generation")
-        self._batched = model.config.max_batch_size > 0
-        self._past = self._past_inputs(inputs)
-        self._presents = {name: name.replace("past_key_values.", "present.", 1) for name in self._past}
-        outputs = self.output_names() or set()
-        missing = sorted({"logits", *self._presents.values()} - outputs)
-        if missing:
-            raise TaskConfigError(
-                f"model {model.name!r} lacks output(s) {missing}; export it with its KV cache "
-                "(taskserve-export hf DIR --task text-generation)"
-            )
-        self._wanted = ("logits", *self._presents.values())
-        self._position_ids = "position_ids" in inputs
-        self._dtypes = {n: self.input_dtype(n) for n in ("input_ids", "attention_mask", "position_ids")}
+        scheduler = model.scheduler
+        self.engine = scheduler if isinstance(scheduler, GenerationScheduler) else None
         self.max_positions = self.tokenizer.max_length
+        if self.engine is not None:
+            self.max_positions = min(self.max_positions, self.engine.max_model_len)
+        else:
+            self._batched = model.config.max_batch_size > 0
+            self._past = self._past_inputs(inputs)
+            self._presents = {name: name.replace("past_key_values.", "present.", 1) for name in self._past}
+            outputs = self.output_names() or set()
+            missing = sorted({"logits", *self._presents.values()} - outputs)
+            if missing:
+                raise TaskConfigError(
+                    f"model {model.name!r} lacks output(s) {missing}; export it with its KV cache "
+                    "(taskserve-export hf DIR --task text-generation)"
+                )
+            self._wanted = ("logits", *self._presents.values())
+            self._position_ids = "position_ids" in inputs
+            self._dtypes = {n: self.input_dtype(n) for n in ("input_ids", "attention_mask", "position_ids")}
         self.default_max_new_tokens = self.option("max_new_tokens", 256)
         self.max_new_tokens_limit = self.option("max_new_tokens_limit", 4096)
         self.max_concurrent = self.option("max_concurrent_generations", 64)
@@ -123,9 +135,10 @@ class TextGenerator(TextTask):
         source = read_chat_template(model.model_dir, self.tokenizer.hf_config, model.name)
         configured = self.options.get("chat_template")
         if isinstance(configured, str):
-            path = model.model_dir / configured
+            path = resolve_inside(model.model_dir, configured, "task_options.chat_template")
             if not path.is_file():
-                raise TaskConfigError(f"model {model.name!r}: chat template file {path} is missing")
+                shown_path = shown(path, model.model_dir)
+                raise TaskConfigError(f"model {model.name!r}: chat template file {shown_path} is missing")
             source = path.read_text(encoding="utf-8")
         self.chat_template = ChatTemplate(source, self.tokenizer.hf_config, model.name) if source else None
 
@@ -155,7 +168,8 @@ class TextGenerator(TextTask):
     def _eos_ids(self) -> frozenset[int]:
         found: set[int] = set()
         values: list[object] = [self.options.get("eos_token_ids"), self.options.get("eos_token_id")]
-        path = self.model.model_dir / str(self.options.get("generation_config", "generation_config.json"))
+        configured = str(self.options.get("generation_config", "generation_config.json"))
+        path = resolve_inside(self.model.model_dir, configured, "task_options.generation_config")
         if path.is_file():
             values.append(json.loads(path.read_text(encoding="utf-8")).get("eos_token_id"))
         for value in values:
@@ -269,34 +283,70 @@ class TextGenerator(TextTask):
         prepared = await self.offload("preprocess", self.prepare, prompt, messages, params.max_new_tokens)
         picker = TokenPicker(params.sampling)
         stream = TextStream(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), prepared.ids, params.stop)
-        past = {name: np.zeros(shape, dtype) for name, (shape, dtype) in self._past.items()}
-        step_ids, position = prepared.ids, 0
+        tokens = (
+            self._engine_tokens(prepared, picker, options)
+            if self.engine is not None
+            else self._batched_tokens(prepared, picker, options)
+        )
         generated: list[int] = []
         unsent: list[int] = []
+        try:
+            async for token in tokens:
+                generated.append(token)
+                unsent.append(token)
+                finish: FinishReason | None = None
+                text = ""
+                if token in self.eos_ids:
+                    finish = FinishReason.EOS
+                else:
+                    text = stream.push(token)
+                    if stream.stopped:
+                        finish = FinishReason.STOP
+                    elif len(generated) >= prepared.max_new_tokens:
+                        finish = FinishReason.LENGTH
+                if finish is not None:
+                    text += stream.finish()
+                    usage = Usage(prompt_tokens=len(prepared.ids), generated_tokens=len(generated))
+                    yield GenerationChunk(text, tuple(unsent), finish, usage)
+                    return
+                if text:
+                    yield GenerationChunk(text, tuple(unsent))
+                    unsent = []
+            # The engine ended the sequence at its cache length (prepare keeps within it; kept as a guard).
+            usage = Usage(prompt_tokens=len(prepared.ids), generated_tokens=len(generated))
+            yield GenerationChunk(stream.finish(), tuple(unsent), FinishReason.LENGTH, usage)
+        finally:
+            await tokens.aclose()
+
+    async def _engine_tokens(
+        self, prepared: _Prompt, picker: TokenPicker, options: CallOptions
+    ) -> AsyncGenerator[int, None]:
+        assert self.engine is not None
+        request = SequenceRequest(
+            prompt=tuple(prepared.ids),
+            max_new_tokens=prepared.max_new_tokens,
+            pick=picker.pick,
+            stop_token_ids=self.eos_ids,
+            deadline=options.deadline,
+        )
+        sequence = self.engine.generate(request)
+        try:
+            async for token in sequence:
+                yield token
+        finally:
+            sequence.cancel()  # a stop string or a client gone: the slot frees at the next iteration
+
+    async def _batched_tokens(
+        self, prepared: _Prompt, picker: TokenPicker, options: CallOptions
+    ) -> AsyncGenerator[int, None]:
+        """Each step an InferRequest through the batcher, the cache travelling with it."""
+        past = {name: np.zeros(shape, dtype) for name, (shape, dtype) in self._past.items()}
+        step_ids, position = prepared.ids, 0
         while True:
             logits, past = await self._step(step_ids, position, past, options)
             position += len(step_ids)
             token = picker.pick(logits)
-            generated.append(token)
-            unsent.append(token)
-            finish: FinishReason | None = None
-            text = ""
-            if token in self.eos_ids:
-                finish = FinishReason.EOS
-            else:
-                text = stream.push(token)
-                if stream.stopped:
-                    finish = FinishReason.STOP
-                elif len(generated) >= prepared.max_new_tokens:
-                    finish = FinishReason.LENGTH
-            if finish is not None:
-                text += stream.finish()
-                usage = Usage(prompt_tokens=len(prepared.ids), generated_tokens=len(generated))
-                yield GenerationChunk(text, tuple(unsent), finish, usage)
-                return
-            if text:
-                yield GenerationChunk(text, tuple(unsent))
-                unsent = []
+            yield token
             step_ids = [token]
 
     async def _step(

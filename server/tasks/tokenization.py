@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from taskserve.server.errors import InvalidInput
+from taskserve.server.repository.paths import resolve_inside, shown
 from taskserve.server.tasks.base import TaskConfigError
 from tokenizers import Encoding, Tokenizer
 
@@ -44,10 +45,11 @@ class TextTokenizer:
     """
 
     def __init__(self, model_dir: Path, options: Mapping[str, object], model_name: str) -> None:
-        path = model_dir / str(options.get("tokenizer", "tokenizer.json"))
+        path = resolve_inside(model_dir, str(options.get("tokenizer", "tokenizer.json")), "task_options.tokenizer")
         if not path.is_file():
             raise TaskConfigError(
-                f"model {model_name!r}: tokenizer file {path} is missing; export the model with its tokenizer"
+                f"model {model_name!r}: tokenizer file {shown(path, model_dir)} is missing; "
+                "export the model with its tokenizer"
             )
         self.model_name = model_name
         self._plain = Tokenizer.from_file(str(path))
@@ -160,7 +162,7 @@ class TextTokenizer:
 
 
 def _read_tokenizer_config(model_dir: Path) -> dict[str, object]:
-    path = model_dir / "tokenizer_config.json"
+    path = resolve_inside(model_dir, "tokenizer_config.json", "tokenizer config")
     if not path.is_file():
         return {}
     data = json.loads(path.read_text(encoding="utf-8"))

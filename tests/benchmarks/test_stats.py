@@ -34,10 +34,28 @@ def test_stability_on_latency_for_open_loop() -> None:
     assert not is_stable(steady, 2, 0.05, metric="throughput")
 
 
-def test_all_failing_windows_count_as_settled() -> None:
+def test_windows_where_nothing_succeeded_are_never_stable() -> None:
     failing = [_window(0, errors={"UNAVAILABLE": 9}), _window(0, errors={"UNAVAILABLE": 7})]
-    assert is_stable(failing, 2, 0.05)
+    assert not is_stable(failing, 2, 0.05)
     assert not is_stable([_window(0), _window(0)], 2, 0.05)
+    assert not is_stable([_window(100), _window(0, errors={"UNAVAILABLE": 100})], 2, 0.5)
+
+
+def test_only_stable_error_free_runs_that_served_something_back_a_verdict() -> None:
+    ok = Window(1.0, (0.01,) * 50, {})
+    failing = Window(1.0, (0.01,) * 50, {"UNAVAILABLE": 2}, failure_latencies_s=(0.5, 0.7))
+    dead = Window(1.0, (), {"UNAVAILABLE": 9}, failure_latencies_s=(0.002,) * 9)
+    assert RunResult("a", "closed", 1, 1, (ok,), (ok,), True).unusable is None
+    assert "never stable" in (RunResult("a", "closed", 1, 1, (ok,), (ok,), False).unusable or "")
+    with_errors = RunResult("a", "closed", 1, 1, (failing,), (failing,), True)
+    assert "2 failed" in (with_errors.unusable or "")
+    zero = RunResult("kserve", "closed", 1, 1, (dead,), (dead,), False)
+    assert "zero throughput" in (zero.unusable or "") and zero.items_per_s == 0
+    # Failures are counted and their latencies reported apart from the successes'.
+    doc = with_errors.to_json()
+    assert doc["failed_requests"] == 2 and doc["usable_for_verdict"] is False
+    assert doc["latency_ms"]["max"] == pytest.approx(10.0)  # type: ignore[index]
+    assert doc["failure_latency_ms"]["max"] == pytest.approx(700.0)  # type: ignore[index]
 
 
 def test_measured_windows_are_the_stable_tail_else_all() -> None:

@@ -113,3 +113,18 @@ def test_raw_outputs_are_zero_copy_views() -> None:
     y = decode_infer_response(response)["y"]
     np.testing.assert_array_equal(y, [[0, 1], [2, 3]])
     assert not y.flags.writeable
+
+
+def test_round_robin_watches_server_health_unless_turned_off() -> None:
+    assert json.loads(ClientOptions().service_config())["healthCheckConfig"] == {"serviceName": ""}
+    assert "healthCheckConfig" not in json.loads(ClientOptions(health_check=False).service_config())
+
+
+def test_static_target_lists_servers_for_round_robin() -> None:
+    from taskserve.clients.channel import static_target
+
+    assert static_target(["10.0.0.1:8001", "10.0.0.2:8001"]) == "ipv4:10.0.0.1:8001,10.0.0.2:8001"
+    assert static_target(["[::1]:8001"]) == "ipv6:[::1]:8001"
+    for bad in ([], ["localhost:8001"], ["10.0.0.1"], ["10.0.0.1:1", "[::1]:2"]):
+        with pytest.raises(ValueError):
+            static_target(bad)

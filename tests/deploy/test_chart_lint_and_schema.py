@@ -78,7 +78,10 @@ def test_strict_validation_catches_a_broken_manifest() -> None:
     [
         ({"modelRepository": {"source": "s3"}}, "use image, pvc or init"),
         ({"modelRepository": {"source": "pvc"}}, "set modelRepository.pvc.claimName"),
-        ({"terminationGracePeriodSeconds": 30}, "must exceed preStopSleepSeconds + server.shutdownGrace"),
+        ({"terminationGracePeriodSeconds": 30}, "must exceed preStopSleepSeconds + server.drainDelay + server.sh"),
+        ({"gpu": {"enabled": True, "count": 0}}, "request at least 1 GPU, or set gpu.enabled=false"),
+        ({"tls": {"enabled": True}}, "set tls.secretName"),
+        ({"server": {"modelControlMode": "poll"}}, "use none or explicit"),
     ],
 )
 def test_bad_values_fail_with_a_message_that_says_what_to_fix(values: dict[str, Any], message: str) -> None:

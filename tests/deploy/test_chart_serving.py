@@ -4,6 +4,7 @@ Prometheus scraping, the two Services and where the model repository comes from.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,18 +34,19 @@ def test_startup_and_readiness_are_grpc_health_probes_on_the_grpc_port(grpc_port
 
 @pytest.mark.parametrize(
     "values",
-    [{}, {"server": {"shutdownGrace": 120}}, {"server": {"shutdownGrace": 2.5}, "preStopSleepSeconds": 0},
-     {"terminationGracePeriodSeconds": 90}],
-    ids=["default", "long-grace", "fractional-grace-no-prestop", "explicit"],
+    [{}, {"server": {"shutdownGrace": 120}}, {"server": {"shutdownGrace": 2.5, "drainDelay": 0.5}},
+     {"terminationGracePeriodSeconds": 90}, {"preStopSleepSeconds": 5, "server": {"drainDelay": 0}}],
+    ids=["default", "long-grace", "fractional-grace-and-delay", "explicit", "prestop-instead-of-drain-delay"],
 )  # fmt: skip
-def test_termination_grace_covers_prestop_and_the_servers_shutdown_grace(values: dict[str, Any]) -> None:
+def test_termination_grace_covers_prestop_drain_delay_and_the_servers_shutdown_grace(values: dict[str, Any]) -> None:
     r = render(values)
     grace = float(arg_value(r.server["args"], "--shutdown-grace"))
-    expected = values.get("server", {}).get("shutdownGrace", 30)
-    assert grace == expected
+    delay = float(arg_value(r.server["args"], "--drain-delay"))
+    assert grace == values.get("server", {}).get("shutdownGrace", 30)
+    assert delay == values.get("server", {}).get("drainDelay", 5)
     prestop = r.server.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", ["sleep", "0"])
     assert prestop[0] == "sleep"
-    assert r.pod_spec["terminationGracePeriodSeconds"] > float(prestop[1]) + grace
+    assert r.pod_spec["terminationGracePeriodSeconds"] > float(prestop[1]) + delay + grace
 
 
 def test_gpu_values_add_gpu_limits_node_selection_and_tolerations() -> None:
@@ -165,7 +167,7 @@ def test_model_repository_from_a_pvc_is_mounted_read_only() -> None:
 def test_model_repository_from_an_init_container_shares_an_empty_dir() -> None:
     r = render({"modelRepository": {"source": "init"}})
     (init,) = r.pod_spec["initContainers"]
-    assert init["command"] == ["taskserve-export", "demo", "--out", "/models"]
+    assert init["command"] == ["taskserve-export", "demo", "--out", "/models", "--without-generation"]
     assert init["image"] == "taskserve:0.1.0-exporter"
     volume = _volumes(r)[_mounts(init)["/models"]["name"]]
     assert "emptyDir" in volume
@@ -204,3 +206,49 @@ def test_pod_disruption_budget_selects_the_server_pods() -> None:
     )
     assert pdb["spec"]["maxUnavailable"] == 1
     assert render({"podDisruptionBudget": {"enabled": False}}).all("PodDisruptionBudget") == []
+
+
+def test_defaults_serve_the_demo_models_from_the_demo_image() -> None:
+    r = render()
+    assert r.server["image"] == "taskserve:0.1.0-demo"  # the Dockerfile's demo target: models in /models
+    # Other sources bring their own models: the server-only image.
+    assert render({"modelRepository": {"source": "init"}}).server["image"] == "taskserve:0.1.0"
+    pvc = {"modelRepository": {"source": "pvc", "pvc": {"claimName": "models"}}}
+    assert render(pvc).server["image"] == "taskserve:0.1.0"
+    assert render({"image": {"tag": "custom"}}).server["image"] == "taskserve:custom"
+
+
+def test_safe_edge_defaults_in_the_pod() -> None:
+    args = render().server["args"]
+    assert arg_value(args, "--model-control-mode") == "none"
+    assert arg_value(args, "--metrics-host") == "0.0.0.0"  # Prometheus scrapes the pod IP
+    assert "--tls-cert" not in args and "--auth-tokens-file" not in args
+
+
+def test_engine_cache_is_a_writable_empty_dir_by_default() -> None:
+    r = render()
+    env = {e["name"]: e.get("value") for e in r.server["env"]}
+    mount = _mounts(r.server)[env["TASKSERVE_ENGINE_CACHE_DIR"]]
+    assert "emptyDir" in _volumes(r)[mount["name"]] and not mount.get("readOnly")
+    assert r.server["securityContext"]["readOnlyRootFilesystem"] is True  # hence the volume
+    off = render({"engineCache": {"enabled": False}})
+    assert "TASKSERVE_ENGINE_CACHE_DIR" not in {e["name"] for e in off.server.get("env", [])}
+
+
+def test_tls_and_token_secrets_are_mounted_and_wired_to_the_flags() -> None:
+    values = {"tls": {"enabled": True, "secretName": "tls-secret", "clientAuth": True},
+              "auth": {"tokensSecret": {"name": "tokens-secret", "key": "list"}}}  # fmt: skip
+    r = render(values)
+    args = r.server["args"]
+    mounts, volumes = _mounts(r.server), _volumes(r)
+    for flag in ("--tls-cert", "--tls-key", "--tls-client-ca"):
+        path = Path(arg_value(args, flag))
+        secret = volumes[mounts[str(path.parent)]["name"]]["secret"]
+        assert secret["secretName"] == "tls-secret" and path.name in ("tls.crt", "tls.key", "ca.crt")
+    tokens = Path(arg_value(args, "--auth-tokens-file"))
+    secret = volumes[mounts[str(tokens.parent)]["name"]]["secret"]
+    assert secret["secretName"] == "tokens-secret" and secret["items"] == [{"key": "list", "path": tokens.name}]
+    # The kubelet's gRPC probe cannot speak TLS: it checks the plaintext health-only port.
+    health = int(arg_value(args, "--health-port"))
+    assert r.server["readinessProbe"]["grpc"]["port"] == health == r.server["startupProbe"]["grpc"]["port"]
+    assert port_named(r.server, "health") == health != port_named(r.server, "grpc")

@@ -60,7 +60,9 @@ def test_targets_and_the_default_is_the_server() -> None:
 def test_runtime_matches_the_chart_entrypoint_ports_and_user() -> None:
     runtime = _stages()["runtime"]
     assert _last(runtime, "ENTRYPOINT") == '["taskserve-server"]'
-    assert _last(runtime, "CMD") == '["--model-repository", "/models"]'
+    # The server binds loopback by default: the image listens on the container's interfaces.
+    cmd = '["--model-repository", "/models", "--host", "0.0.0.0", "--metrics-host", "0.0.0.0"]'
+    assert _last(runtime, "CMD") == cmd
     pod = render()
     assert {int(p) for p in _last(runtime, "EXPOSE").split()} == {
         p["containerPort"] for p in pod.server["ports"]

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from PIL import Image
-from taskserve.exporters.demo import DEFAULT_MODELS, ENTRY_NAMES, build_demo
+from taskserve.exporters.demo import ENTRY_NAMES, QUICK_MODELS, build_demo
 from taskserve.exporters.image_options import preprocess
 from taskserve.exporters.repository_entry import entry_complete
 from taskserve.server.repository.config import load_model_config
@@ -32,7 +32,7 @@ def _session(entry: Path) -> ort.InferenceSession:
 
 
 def test_demo_entries_are_complete(demo_repository: Path) -> None:
-    for key in DEFAULT_MODELS:
+    for key in QUICK_MODELS:
         name = ENTRY_NAMES[key]
         entry = demo_repository / name
         assert entry_complete(entry), key
@@ -40,6 +40,7 @@ def test_demo_entries_are_complete(demo_repository: Path) -> None:
     minilm = load_model_config(demo_repository / ENTRY_NAMES["minilm"])
     assert minilm.task == "sentence-embedding" and minilm.max_batch_size == 64
     assert minilm.instance_count == 2  # two batches side by side under load
+    assert minilm.runtime.wide_when_alone  # and a lone request on every core
     assert [(o.name, o.dims, o.unpad_like) for o in minilm.outputs or ()] == [
         ("sentence_embedding", (384,), None),
         ("token_embeddings", (-1, 384), "input_ids"),
@@ -92,8 +93,8 @@ def test_efficientnet_sees_the_cat(demo_repository: Path) -> None:
 
 
 def test_build_demo_skips_complete_entries(demo_repository: Path) -> None:
-    names = [ENTRY_NAMES[key] for key in DEFAULT_MODELS]
+    names = [ENTRY_NAMES[key] for key in QUICK_MODELS]
     stamps = {n: os.stat(demo_repository / n / "export-info.json").st_mtime_ns for n in names}
-    entries = build_demo(demo_repository)
+    entries = build_demo(demo_repository, list(QUICK_MODELS))
     assert entries == [demo_repository / n for n in names]
     assert {n: os.stat(demo_repository / n / "export-info.json").st_mtime_ns for n in names} == stamps

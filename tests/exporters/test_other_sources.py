@@ -151,10 +151,10 @@ def test_cli_torch_factory(tmp_path: Path) -> None:
 
     factory = "tests.exporters.test_other_sources:scorer_factory"
     argv = ["torch", factory, "--out", str(tmp_path), "--name", "sc", "--max-batch-size", "4", "--instances", "2",
-            "--quiet"]  # fmt: skip
+            "--wide-when-alone", "--quiet"]  # fmt: skip
     assert cli.main(argv) == 0
     config = load_model_config(tmp_path / "sc")
-    assert config.max_batch_size == 4 and config.instance_count == 2
+    assert config.max_batch_size == 4 and config.instance_count == 2 and config.runtime.wide_when_alone
     # Default axes: the 2-D integer input gets a sequence axis, the float one only a batch axis.
     assert [(t.name, t.dims) for t in config.inputs or ()] == [("input_ids", (-1,)), ("weights", (5,))]
 

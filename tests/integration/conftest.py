@@ -16,5 +16,5 @@ def core_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def core_server(core_repository: Path) -> Iterator[ServerThread]:
-    with running_server(core_repository) as server:
+    with running_server(core_repository, model_control_mode="explicit") as server:
         yield server

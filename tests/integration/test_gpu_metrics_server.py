@@ -86,7 +86,7 @@ async def test_no_metrics_endpoint_loads_no_nvml(repository: Path, monkeypatch: 
     try:
         assert app.gpu_metrics is None
     finally:
-        await app.stop(grace=1)
+        await app.stop(grace=1, drain_delay=0)
     assert nvml.calls.init == 0
 
 

@@ -56,9 +56,6 @@ def robust_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_entry(repo, "slow", slow_graph(width=1024, depth=64), SLOW_CONFIG)
     # Swapped to a new version again and again under load.
     write_entry(repo, "swap", add_sub_graph(), {"max_batch_size": 8, "dynamic_batching": {"max_queue_delay_us": 200}})
-    # Loads, but nothing serves its task: UNAVAILABLE with the reason.
-    write_entry(repo, "unserved-task", identity_graph(TensorProto.FLOAT, ["batch", 2]),
-                {"max_batch_size": 4, "task": "text2text-generation"})  # fmt: skip
     write_entry(repo, "unknown-option", identity_graph(TensorProto.FLOAT, ["batch", 2]),
                 {"max_batch_size": 4, "task": "text-classification", "task_options": {"top_kk": 3}})  # fmt: skip
     write_entry(repo, "wrong-option-type", identity_graph(TensorProto.FLOAT, ["batch", 2]),

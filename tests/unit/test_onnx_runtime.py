@@ -62,3 +62,29 @@ def test_cuda_provider_matches_cpu(model_path: Path) -> None:
     cpu = OnnxRuntime(model_path, _config(["cpu"]))
     cpu.load()
     np.testing.assert_allclose(_run(gpu)["OUTPUT1"], _run(cpu)["OUTPUT1"])
+
+
+def test_wide_when_alone_shares_one_wider_session_that_computes_the_same(model_path: Path) -> None:
+    config = ModelConfig.model_validate(
+        {
+            "name": "simple", "max_batch_size": 8, "instance_count": 2,
+            "runtime": {"execution_providers": ["cpu"], "intra_op_threads": 1, "wide_when_alone": True,
+                        "alone_intra_op_threads": 2},
+        }
+    )  # fmt: skip
+    first, second = OnnxRuntime(model_path, config), OnnxRuntime(model_path, config)
+    first.load()
+    second.load()
+    assert first.alone_width == second.alone_width == 2
+    assert first._wide is second._wide  # one wide session for the model, not one per instance
+    a = np.arange(8, dtype=np.float32).reshape(2, 4)
+    np.testing.assert_array_equal(first.infer_alone({"INPUT0": a, "INPUT1": a})["OUTPUT0"], _run(first)["OUTPUT0"])
+    first.close()
+    second.close()
+    # Off, or no wider than the instances' own threads: no extra session.
+    narrow = ModelConfig.model_validate(
+        {"name": "simple", "max_batch_size": 8, "runtime": {"execution_providers": ["cpu"], "wide_when_alone": True}}
+    )
+    alone = OnnxRuntime(model_path, narrow)
+    alone.load()
+    assert alone.alone_width == 0  # one instance already has every core

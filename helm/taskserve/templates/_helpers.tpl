@@ -34,7 +34,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{- define "taskserve.image" -}}
-{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- $default := ternary (printf "%s-demo" .Chart.AppVersion) .Chart.AppVersion (eq .Values.modelRepository.source "image") }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default $default) }}
 {{- end }}
 
 {{- define "taskserve.initImage" -}}
@@ -43,17 +44,17 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/*
-Pod termination grace: preStop sleep + the server's shutdown grace + time to unload.
-An explicit value must leave the server its whole shutdown grace after the preStop sleep.
+Pod termination grace: preStop sleep + drain delay + the server's shutdown grace + time to unload.
+An explicit value must leave the server its drain delay and whole shutdown grace after the preStop sleep.
 */}}
 {{- define "taskserve.terminationGrace" -}}
-{{- $grace := .Values.server.shutdownGrace | ceil | int }}
+{{- $grace := add (.Values.server.shutdownGrace | ceil | int) (.Values.server.drainDelay | ceil | int) }}
 {{- $preStop := .Values.preStopSleepSeconds | int }}
 {{- $set := .Values.terminationGracePeriodSeconds }}
 {{- if or (kindIs "invalid" $set) (eq (toString $set) "") }}
 {{- add $preStop $grace 15 }}
 {{- else if le (int $set) (add $preStop $grace) }}
-{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed preStopSleepSeconds + server.shutdownGrace (%d + %d)" (int $set) $preStop $grace) }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed preStopSleepSeconds + server.drainDelay + server.shutdownGrace (%d + %d)" (int $set) $preStop $grace) }}
 {{- else }}
 {{- int $set }}
 {{- end }}

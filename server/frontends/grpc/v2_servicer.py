@@ -16,11 +16,12 @@ import grpc
 from taskserve.clients.generated.inference import grpc_service_pb2 as pb
 from taskserve.clients.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from taskserve.clients.generated.inference import model_config_pb2 as mc
-from taskserve.server.errors import InvalidInput, ModelNotReady, Overloaded
+from taskserve.server.errors import InvalidInput, ModelControlDisabled, ModelNotReady, Overloaded
 from taskserve.server.frontends.grpc import codec
 from taskserve.server.frontends.grpc.status import describe, unary
 from taskserve.server.metrics import Duration
 from taskserve.server.repository.manager import LoadedModel, ModelManager, ModelState
+from taskserve.server.repository.paths import check_model_name
 from taskserve.server.scheduling.base import InferRequest
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,10 @@ def request_deadline(context: Context, timeout_us: int | None) -> float | None:
 
 
 class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, models: ModelManager, ready: Any, max_streams: int = 256) -> None:
+    def __init__(self, models: ModelManager, ready: Any, model_control: str = "none", max_streams: int = 256) -> None:
         self._models = models
+        # "explicit": RepositoryModelLoad/Unload allowed; "none": the repository is fixed at startup.
+        self._model_control = model_control
         # ModelStreamInfer streams open at once; beyond, new ones get RESOURCE_EXHAUSTED.
         self._max_streams = max_streams
         self._streams = 0
@@ -111,8 +114,10 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
+        self._check_model_control("load")
         if not request.model_name:
             raise InvalidInput("model_name is empty; name the model directory to load")
+        check_model_name(request.model_name)
         await self._models.load(request.model_name)
         if not self._models.is_ready(request.model_name):
             reason = next((e.reason for e in self._models.index() if e.name == request.model_name), "")
@@ -123,8 +128,16 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
+        self._check_model_control("unload")
         await self._models.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+    def _check_model_control(self, action: str) -> None:
+        if self._model_control != "explicit":
+            raise ModelControlDisabled(
+                f"model {action} is disabled: this server runs with --model-control-mode none (the repository "
+                "is fixed at startup); restart it with --model-control-mode explicit to load and unload models"
+            )
 
     # -- inference -------------------------------------------------------------
 

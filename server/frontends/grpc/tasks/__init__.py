@@ -29,6 +29,8 @@ from taskserve.clients.generated.taskserve.v1 import (
     text_classification_pb2_grpc,
     text_generation_pb2,
     text_generation_pb2_grpc,
+    text_transform_pb2,
+    text_transform_pb2_grpc,
     token_classification_pb2,
     token_classification_pb2_grpc,
 )
@@ -45,6 +47,11 @@ from taskserve.server.frontends.grpc.tasks.sentence_embedding import (
 )
 from taskserve.server.frontends.grpc.tasks.text_classification import TextClassificationServicer
 from taskserve.server.frontends.grpc.tasks.text_generation import TextGenerationServicer
+from taskserve.server.frontends.grpc.tasks.text_transform import (
+    SummarizationServicer,
+    Text2TextServicer,
+    TranslationServicer,
+)
 from taskserve.server.frontends.grpc.tasks.token_classification import TokenClassificationServicer
 from taskserve.server.repository.manager import ModelManager
 from taskserve.server.tasks.base import TaskCache, TaskContext, TaskLimits
@@ -80,6 +87,9 @@ def add_task_servicers(
         (image_segmentation_pb2, "ImageSegmentation", image_segmentation_pb2_grpc.add_ImageSegmentationServicer_to_server, ImageSegmentationServicer),
         (image_text_match_pb2, "ImageTextMatch", image_text_match_pb2_grpc.add_ImageTextMatchServicer_to_server, ImageTextMatchServicer),
         (text_generation_pb2, "TextGeneration", text_generation_pb2_grpc.add_TextGenerationServicer_to_server, TextGenerationServicer),
+        (text_transform_pb2, "Translation", text_transform_pb2_grpc.add_TranslationServicer_to_server, TranslationServicer),
+        (text_transform_pb2, "Summarization", text_transform_pb2_grpc.add_SummarizationServicer_to_server, SummarizationServicer),
+        (text_transform_pb2, "Text2Text", text_transform_pb2_grpc.add_Text2TextServicer_to_server, Text2TextServicer),
     ]  # fmt: skip
     names = []
     for module, service, add, servicer in registrations:

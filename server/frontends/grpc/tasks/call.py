@@ -11,7 +11,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 from taskserve.clients.generated.taskserve.v1 import common_pb2
-from taskserve.server.errors import InvalidInput
+from taskserve.server.errors import InvalidInput, WrongTask
 from taskserve.server.frontends.grpc.v2_servicer import request_deadline
 from taskserve.server.repository.manager import LoadedModel, ModelManager
 from taskserve.server.tasks.base import CallOptions, Task, TaskCache
@@ -43,16 +43,34 @@ class TaskServicer:
 
     @asynccontextmanager
     async def call(
-        self, ref: common_pb2.ModelRef, cls: type[TaskT], options: common_pb2.RequestOptions, context: Context
+        self,
+        ref: common_pb2.ModelRef,
+        cls: type[TaskT] | tuple[type[TaskT], ...],
+        options: common_pb2.RequestOptions,
+        context: Context,
     ) -> AsyncIterator[Call[TaskT]]:
+        """``cls``: the task class, or several when the service runs on models of
+        several tasks (the one matching the model's config is used)."""
         if not ref.name:
             raise InvalidInput("model.name is empty; name the model to use")
         model = self._models.get(ref.name, ref.version)
+        if isinstance(cls, tuple):
+            cls = _matching(model, cls)
         deadline = request_deadline(context, options.timeout_us or None)
         with model.metrics.track_request(time.perf_counter_ns(), deadline), self._tasks.context.admit():
             task = await self._tasks.get(model, cls)
             hints = CallOptions(priority=options.priority or None, deadline=deadline)
             yield Call(model, task, hints)
+
+
+def _matching(model: LoadedModel, classes: tuple[type[TaskT], ...]) -> type[TaskT]:
+    for cls in classes:
+        if cls.task == model.config.task:
+            return cls
+    raise WrongTask(
+        f"model {model.name!r} serves task {model.config.task!r}; this service needs one of "
+        f"{[c.task for c in classes]}"
+    )
 
 
 def image_source(image: common_pb2.Image, what: str) -> ImageSource:

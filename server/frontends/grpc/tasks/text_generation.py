@@ -13,7 +13,8 @@ from taskserve.server.tasks.chat_template import ChatMessage
 from taskserve.server.tasks.decoding import Sampling
 from taskserve.server.tasks.text_generation import FinishReason, GenerateParams, GenerationChunk, TextGenerator
 
-_FINISH = {
+# Shared with the transform services, which stream the same chunks.
+FINISH_REASONS = {
     None: pb.FINISH_REASON_UNSPECIFIED,
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.STOP: pb.FINISH_REASON_STOP,
@@ -36,7 +37,7 @@ def _params(request: pb.GenerateRequest) -> GenerateParams:
 
 def _response(served_by: common_pb2.ServedBy, chunk: GenerationChunk) -> pb.GenerateResponse:
     response = pb.GenerateResponse(
-        model=served_by, text=chunk.text, token_ids=chunk.token_ids, finish_reason=_FINISH[chunk.finish_reason]
+        model=served_by, text=chunk.text, token_ids=chunk.token_ids, finish_reason=FINISH_REASONS[chunk.finish_reason]
     )
     if chunk.usage is not None:
         response.usage.prompt_tokens = chunk.usage.prompt_tokens

@@ -1,0 +1,45 @@
+"""Requests and results of ``taskserve.v1.Translation``, ``Summarization`` and
+``Text2Text``: protobuf <-> client types. Shared by the sync and asyncio text namespaces."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from taskserve.clients.generated.taskserve.v1 import text_transform_pb2
+from taskserve.clients.generation_codec import chunk
+from taskserve.clients.results import Generation, GenerationChunk
+
+
+def decoding(
+    max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None, stop: Sequence[str]
+) -> text_transform_pb2.DecodingOptions:
+    """Checks what the client can check; the server checks the rest (limits, lengths)."""
+    if isinstance(stop, str):
+        raise TypeError("stop must be a list of strings, even for one stop string")
+    if max_new_tokens < 0 or top_k < 0 or temperature < 0:
+        raise ValueError("max_new_tokens, top_k and temperature must be >= 0")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if seed is not None and seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    return text_transform_pb2.DecodingOptions(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=list(stop)
+    )
+
+
+def transform_chunk(response: text_transform_pb2.TransformResponse) -> GenerationChunk:
+    return chunk(response)
+
+
+def transform_result(response: text_transform_pb2.TransformResponse) -> Generation:
+    piece = transform_chunk(response)
+    if piece.finish_reason is None or piece.usage is None or piece.served_by is None:
+        raise RuntimeError("the transform response lacks its finish reason or usage")
+    return Generation(piece.text, piece.token_ids, piece.finish_reason, piece.usage, piece.served_by)
+
+
+def request(cls: Any, ref: Any, opts: Any, text: str, options: text_transform_pb2.DecodingOptions, **extra: str) -> Any:
+    if not isinstance(text, str):
+        raise TypeError("text must be a string")
+    return cls(model=ref, options=opts, text=text, decoding=options, **extra)

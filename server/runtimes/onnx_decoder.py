@@ -1,0 +1,203 @@
+"""The CPU ``DecoderRunner`` (``runtimes/generation.py``): ONNX Runtime over the engine's
+decoder graph (``taskserve-export``'s ``exporters/engine_graph.py``), with the KV cache
+resident in preallocated per-slot buffers.
+
+Per layer one key and one value buffer of shape (max_slots, kv heads, max_model_len,
+head size), bound with ``IOBinding`` as both the graph's ``past_*`` input and its
+``present_*`` output: the attention kernel (``GroupQueryAttention``) writes the new
+tokens' keys/values in place and reads only each row's own positions, so a step
+copies nothing else. The buffers come from ``np.zeros``, whose pages the OS maps on
+first write: memory grows with the positions actually used.
+
+Decode rows (one token each) run as one model call over the slot range they span;
+slots in that range without a decode row (free, or halfway through their prompt) ride
+along as dummy rows that write past their own length, where the next real step
+overwrites. Prefill chunks run one call each. A GPU runner keeps this shape with
+device buffers (``OrtValue.ortvalue_from_shape_and_type(..., "cuda", id)``) in place of
+the numpy views: the seam is ``_cache_value``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from taskserve.server.errors import InvalidInput, RuntimeFailure
+from taskserve.server.repository.config import ModelConfig
+from taskserve.server.runtimes.generation import StepRow
+from taskserve.server.runtimes.onnx import OnnxRuntime
+
+log = logging.getLogger(__name__)
+
+# Graph metadata the exporter writes: positions its rotary tables cover.
+MAX_POSITIONS_KEY = "taskserve.max_positions"
+
+
+class OnnxDecoderRunner:
+    def __init__(self, model_path: Path, config: ModelConfig) -> None:
+        if config.generation is None:
+            raise RuntimeFailure(f"model {config.name!r} has no generation block; it is not an engine model")
+        self.config = config
+        self.runtime = OnnxRuntime(model_path, config)
+        self._settings = config.generation
+        self._session: Any = None
+        self._keys: list[np.ndarray] = []
+        self._values: list[np.ndarray] = []
+        self._lengths = np.zeros(0, np.int64)
+        self._vocab = 0
+        self._slots = 0
+        self._positions = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def load(self) -> None:
+        self.runtime.load()
+        session = self.runtime.session
+        names = {i.name: i for i in session.get_inputs()}
+        layers = sorted(int(n.split(".")[1]) for n in names if n.startswith("past_key."))
+        required = {"input_ids", "seqlens_k", "total_sequence_length"}
+        if not layers or not required <= set(names) or layers != list(range(len(layers))):
+            raise RuntimeFailure(
+                f"model {self.config.name!r}: the graph lacks the engine's inputs (input_ids, seqlens_k, "
+                "total_sequence_length, past_key.N); re-export it with taskserve-export"
+            )
+        shape = names["past_key.0"].shape
+        kv_heads, head_dim = shape[1], shape[3]
+        if not isinstance(kv_heads, int) or not isinstance(head_dim, int):
+            raise RuntimeFailure(
+                f"model {self.config.name!r}: past_key.0 has shape {shape}; heads and head size must be fixed"
+            )
+        meta = session.get_modelmeta().custom_metadata_map
+        covered = int(meta.get(MAX_POSITIONS_KEY, "0") or 0)
+        wanted = self._settings.max_model_len
+        if covered and wanted > covered:
+            raise RuntimeFailure(
+                f"model {self.config.name!r}: generation.max_model_len {wanted} exceeds the {covered} positions "
+                "the exported graph covers; lower it or re-export"
+            )
+        self._positions = wanted
+        self._slots = self._settings.max_num_seqs
+        logits = next(o for o in session.get_outputs() if o.name == "logits")
+        self._vocab = int(logits.shape[-1]) if isinstance(logits.shape[-1], int) else 0
+        cache = (self._slots, kv_heads, self._positions, head_dim)
+        self._keys = [np.zeros(cache, np.float32) for _ in layers]
+        self._values = [np.zeros(cache, np.float32) for _ in layers]
+        self._lengths = np.zeros(self._slots, np.int64)
+        self._session = session
+        log.info(
+            "model %r: %d cache slots of %d positions, %d layers (%.0f MiB reserved, mapped as used)",
+            self.config.name, self._slots, self._positions, len(layers), self.cache_bytes / 2**20,
+        )  # fmt: skip
+
+    def warmup(self) -> None:
+        """One prefill and one decode step in slot 0, so the first request pays no setup cost."""
+        self.step([StepRow(0, np.zeros(2, np.int64), 0)])
+        self.step([StepRow(0, np.zeros(1, np.int64), 2)])
+        self.release(0)
+
+    def close(self) -> None:
+        self._session = None
+        self._keys, self._values = [], []
+        self.runtime.close()
+
+    # -- DecoderRunner -----------------------------------------------------------------------
+
+    @property
+    def max_slots(self) -> int:
+        return self._slots
+
+    @property
+    def max_model_len(self) -> int:
+        return self._positions
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(b.nbytes for b in self._keys) + sum(b.nbytes for b in self._values)
+
+    @property
+    def description(self) -> str:
+        return f"{self.runtime.description}, resident KV cache ({self._slots} slots x {self._positions} positions)"
+
+    def release(self, slot: int) -> None:
+        self._lengths[slot] = 0
+
+    def step(self, rows: Sequence[StepRow]) -> np.ndarray:
+        if self._session is None:
+            raise RuntimeFailure(f"model {self.config.name!r} is not loaded")
+        for row in rows:
+            if row.encoder_ids is not None:
+                raise InvalidInput(f"model {self.config.name!r} is decoder-only; it takes no encoder input")
+            end = row.start + len(row.tokens)
+            if end > self._positions:
+                raise InvalidInput(
+                    f"model {self.config.name!r}: a sequence reached {end} positions, "
+                    f"over the {self._positions} a cache slot holds"
+                )
+            if row.start and row.start != self._lengths[row.slot]:
+                raise RuntimeFailure(f"slot {row.slot} holds {self._lengths[row.slot]} positions, not {row.start}")
+        out = np.empty((len(rows), self._vocab), np.float32)
+        decode = [i for i, r in enumerate(rows) if len(r.tokens) == 1]
+        if decode:
+            out[decode] = self._decode([rows[i] for i in decode])
+        for i, row in enumerate(rows):
+            if len(row.tokens) > 1:
+                totals = np.asarray([row.start + len(row.tokens)])
+                out[i] = self._run(row.slot, row.slot + 1, row.tokens[None], totals)[0]
+        for row in rows:
+            self._lengths[row.slot] = row.start + len(row.tokens)
+        return out
+
+    # -- execution -------------------------------------------------------------------------
+
+    def _decode(self, rows: list[StepRow]) -> np.ndarray:
+        lo = min(r.slot for r in rows)
+        hi = max(r.slot for r in rows) + 1
+        tokens = np.zeros((hi - lo, 1), np.int64)
+        # Dummy rows write at their own next position, which their next real step overwrites.
+        totals = self._lengths[lo:hi] + 1
+        if int(totals.max()) > self._positions:
+            totals = np.minimum(totals, self._positions)  # a full slot in the range is a finished one
+        index = []
+        for row in rows:
+            tokens[row.slot - lo, 0] = int(row.tokens[0])
+            totals[row.slot - lo] = row.start + 1
+            index.append(row.slot - lo)
+        logits = self._run(lo, hi, tokens, totals)
+        return logits[index]
+
+    def _cache_value(self, buffer: np.ndarray, lo: int, hi: int) -> Any:
+        """The OrtValue over slots [lo, hi) of one cache buffer (no copy: a contiguous view).
+        A device runner returns its device-resident value here."""
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_numpy(buffer[lo:hi])
+
+    def _run(self, lo: int, hi: int, tokens: np.ndarray, totals: np.ndarray) -> np.ndarray:
+        """One model call over slots [lo, hi): ``tokens`` (rows, n) new tokens, ``totals`` the
+        positions each row holds afterwards."""
+        session = self._session
+        binding = session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, np.int64))
+        binding.bind_cpu_input("seqlens_k", (totals - 1).astype(np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.asarray(int(totals.max()), np.int32))
+        for layer, (keys, values) in enumerate(zip(self._keys, self._values, strict=True)):
+            k = self._cache_value(keys, lo, hi)
+            v = self._cache_value(values, lo, hi)
+            binding.bind_ortvalue_input(f"past_key.{layer}", k)
+            binding.bind_ortvalue_output(f"present_key.{layer}", k)
+            binding.bind_ortvalue_input(f"past_value.{layer}", v)
+            binding.bind_ortvalue_output(f"present_value.{layer}", v)
+        logits = np.empty((hi - lo, self._vocab), np.float32)
+        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        try:
+            session.run_with_iobinding(binding)
+        except Exception as err:
+            raise RuntimeFailure(f"onnxruntime failed on model {self.config.name!r}: {err}") from err
+        return logits

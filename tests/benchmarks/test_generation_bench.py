@@ -1,0 +1,52 @@
+"""``taskserve-bench generation``'s plumbing: the sized repository, the decode rate, the verdicts.
+(The measurement itself runs a real model; its smoke command is in docs/generation.md.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from taskserve.benchmarks.cli import build_parser
+from taskserve.benchmarks.generation_bench import StreamTiming, ratios_and_verdicts, write_engine_repository
+
+
+def _entry(root: Path, generation: dict[str, int] | None) -> Path:
+    entry = root / "src" / "m"
+    (entry / "1").mkdir(parents=True)
+    (entry / "1" / "model.onnx").write_bytes(b"")
+    config = {"name": "m", "task": "text-generation", "task_options": {"max_concurrent_generations": 8}}
+    if generation is not None:
+        config["generation"] = generation
+    (entry / "config.yaml").write_text(yaml.safe_dump(config))
+    return entry
+
+
+def test_repository_is_sized_for_the_streams(tmp_path: Path) -> None:
+    entry = _entry(tmp_path, {"max_num_seqs": 16, "max_num_batched_tokens": 20, "max_model_len": 512})
+    repo = write_engine_repository(entry, "m", tmp_path / "work", streams=32, positions=1200)
+    config = yaml.safe_load((repo / "m" / "config.yaml").read_text())
+    assert config["generation"] == {"max_num_seqs": 32, "max_num_batched_tokens": 32, "max_model_len": 1200}
+    assert config["task_options"]["max_concurrent_generations"] == 48
+    assert (repo / "m" / "1" / "model.onnx").exists()
+
+
+def test_a_batcher_entry_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="generation block"):
+        write_engine_repository(_entry(tmp_path, None), "m", tmp_path / "work", streams=8, positions=100)
+
+
+def test_decode_rate_leaves_out_the_first_token() -> None:
+    assert StreamTiming(tokens=11, prompt_tokens=5, first_s=1.0, total_s=3.0).decode_tokens_per_s == 5.0
+    assert StreamTiming(tokens=1, prompt_tokens=5, first_s=1.0, total_s=1.0).decode_tokens_per_s == 0.0
+
+
+def test_verdicts_know_which_way_is_better() -> None:
+    verdicts = ratios_and_verdicts({"streams_8_vs_1_tokens_per_s": 4.0, "ttft_p50_busy_vs_idle": 1.5})
+    assert verdicts["streams_8_vs_1_tokens_per_s"].endswith("MISSED)")
+    assert verdicts["ttft_p50_busy_vs_idle"].endswith("met)")
+
+
+def test_cli_has_the_generation_mode() -> None:
+    args = build_parser().parse_args(["generation", "--model-repository", "/r", "--streams", "1,8"])
+    assert args.command == "generation" and args.streams == [1, 8] and args.long_context == 1000

@@ -1,0 +1,107 @@
+"""The generation engine on the tiny Llama entry: the runner's resident cache (chunked
+prefill, batched decode over slots of different lengths, dummy rows in gaps) gives the
+logits of one full forward pass, and the server reports the engine's metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from taskserve.clients.generated.taskserve.v1 import common_pb2 as common
+from taskserve.clients.generated.taskserve.v1 import text_generation_pb2 as tg
+from taskserve.clients.generated.taskserve.v1 import text_generation_pb2_grpc as tg_grpc
+from taskserve.server.repository.config import load_model_config
+from taskserve.server.runtimes.generation import StepRow
+from taskserve.server.runtimes.onnx_decoder import OnnxDecoderRunner
+
+from tests.support.server import ServerThread
+
+MODEL = "tiny-llama"
+
+
+def _full_logits(source: Path, ids: list[int]) -> np.ndarray:
+    """transformers' logits at every position of ``ids`` in one forward pass."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source).eval()
+    with torch.inference_mode():
+        out: np.ndarray = model(torch.tensor([ids])).logits[0].numpy()
+    return out
+
+
+@pytest.fixture(scope="module")
+def runner(task_repository: Path) -> OnnxDecoderRunner:
+    entry = task_repository / MODEL
+    config = load_model_config(entry)
+    assert config.generation is not None
+    loaded = OnnxDecoderRunner(entry / "1" / config.default_model_filename, config)
+    loaded.load()
+    return loaded
+
+
+def test_resident_cache_steps_equal_one_forward_pass(runner: OnnxDecoderRunner, tiny_sources: dict[str, Path]) -> None:
+    source = tiny_sources[MODEL]
+    a = [5, 9, 23, 44, 12, 7, 3, 61, 8]
+    b = [17, 2, 90, 33, 41]
+    ref_a, ref_b = _full_logits(source, a), _full_logits(source, b)
+    tokens = np.asarray
+    # Sequence a in slot 2 (slots 0 and 1 stay free), its prompt in two chunks; b in slot 4.
+    first = runner.step([StepRow(2, tokens(a[:4]), 0), StepRow(4, tokens(b[:2]), 0)])
+    np.testing.assert_allclose(first, [ref_a[3], ref_b[1]], atol=1e-4)
+    second = runner.step([StepRow(2, tokens(a[4:7]), 4), StepRow(4, tokens(b[2:3]), 2)])  # b: a one-token row
+    np.testing.assert_allclose(second, [ref_a[6], ref_b[2]], atol=1e-4)
+    # Decode rows of different lengths (7 and 3 cached) in one call over slots 2..4; slot 3 rides as a dummy row.
+    for offset in (0, 1):
+        step = runner.step([StepRow(2, tokens(a[7 + offset : 8 + offset]), 7 + offset),
+                            StepRow(4, tokens(b[3 + offset : 4 + offset]), 3 + offset)])  # fmt: skip
+        np.testing.assert_allclose(step, [ref_a[7 + offset], ref_b[3 + offset]], atol=1e-4)
+    runner.release(2)
+    runner.release(4)
+    # A released slot starts over.
+    again = runner.step([StepRow(2, tokens(b[:3]), 0)])
+    np.testing.assert_allclose(again[0], ref_b[2], atol=1e-4)
+    runner.release(2)
+
+
+def test_the_graph_returns_last_position_logits_and_binds_the_cache(runner: OnnxDecoderRunner) -> None:
+    session = runner.runtime.session
+    outputs = {o.name: o.shape for o in session.get_outputs()}
+    assert len(outputs["logits"]) == 2  # (batch, vocab): the last position only
+    inputs = {i.name for i in session.get_inputs()}
+    assert {"past_key.0", "past_value.1", "seqlens_k", "total_sequence_length"} <= inputs
+    assert "present_key.0" in outputs
+    assert runner.cache_bytes > 0 and runner.max_slots == 16
+
+
+def test_engine_metrics_are_exported(task_server: ServerThread, channel: grpc.Channel) -> None:
+    assert task_server.app is not None
+    registry = task_server.app.metrics.registry
+    labels = {"model": MODEL, "version": "1"}
+    before = registry.get_sample_value("taskserve_generated_tokens_total", labels) or 0.0
+    ttft_before = registry.get_sample_value("taskserve_time_to_first_token_seconds_count", labels) or 0.0
+    stub = tg_grpc.TextGenerationStub(channel)
+    messages = list(
+        stub.Generate(tg.GenerateRequest(model=common.ModelRef(name=MODEL), prompt="The cat", max_new_tokens=10))
+    )
+    generated = sum(len(m.token_ids) for m in messages)
+    assert registry.get_sample_value("taskserve_generated_tokens_total", labels) == before + generated
+    assert registry.get_sample_value("taskserve_time_to_first_token_seconds_count", labels) == ttft_before + 1
+    assert (registry.get_sample_value("taskserve_inter_token_latency_seconds_count", labels) or 0) >= generated - 1
+    assert registry.get_sample_value("taskserve_running_sequences", labels) is not None
+    assert registry.get_sample_value("taskserve_waiting_sequences", labels) == 0
+    occupancy = registry.get_sample_value("taskserve_kv_cache_occupancy", labels)
+    assert occupancy is not None and 0 <= occupancy <= 1
+
+
+def test_engine_exports_refuse_quantize_rather_than_write_an_unservable_entry(
+    tiny_sources: dict[str, Path], tmp_path: Path
+) -> None:
+    from taskserve.exporters.api import export_hf
+    from taskserve.exporters.errors import UsageError
+
+    with pytest.raises(UsageError, match="float32 only"):
+        export_hf(tiny_sources[MODEL], "text-generation", tmp_path, "q", quantize="int8", progress=False)
+    assert not (tmp_path / "q").exists()

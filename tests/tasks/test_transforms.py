@@ -1,0 +1,281 @@
+"""Translation, Summarization and Text2Text end to end through the typed client:
+- encoder-decoder models (tiny random-weight T5 and BART built from configs, exported as
+  an encoder entry plus a merged-decoder entry) checked token for token against
+  transformers' greedy ``generate``;
+- a tiny decoder with ``prompt_templates`` (the prompt-backed path), checked against the
+  TextGeneration service given the same rendered message."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from taskserve.clients import (
+    AsyncTaskServeClient,
+    ClientOptions,
+    FailedPrecondition,
+    InvalidArgument,
+    TaskServeClient,
+)
+
+from tests.support.server import ServerThread, running_server
+
+SEQ2SEQ = ["tiny-t5", "tiny-bart", "tiny-marian"]
+TEXTS = [
+    "The cat sat on the mat.",
+    "Paris is the capital and most populous city of France.",
+    "Stock markets fell sharply on Monday after the report.",
+]
+T5_TRANSLATION = "translate {source} to {target}: {text}"
+PROMPTS = {
+    "translation": "Translate from {source} to {target}: {text}",
+    "summarization": "Summarize in one sentence: {text}",
+    "text2text": "{text}",
+}
+
+
+def _set_options(entry: Path, **options: Any) -> None:
+    path = entry / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    config.setdefault("task_options", {}).update(options)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+@pytest.fixture(scope="session")
+def transform_sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from taskserve.exporters import tiny_models
+
+    root = tmp_path_factory.mktemp("transform-sources")
+    return {
+        "tiny-t5": tiny_models.tiny_seq2seq(root / "t5", "t5"),
+        "tiny-bart": tiny_models.tiny_seq2seq(root / "bart", "bart"),
+        "tiny-marian": tiny_models.tiny_seq2seq(root / "marian", "marian"),
+        "tiny-prompted": tiny_models.tiny_causal_lm(root / "llama", "llama"),
+    }
+
+
+@pytest.fixture(scope="session")
+def transform_server(
+    tmp_path_factory: pytest.TempPathFactory, transform_sources: dict[str, Path]
+) -> Iterator[ServerThread]:
+    from taskserve.exporters.api import export_hf
+
+    repo = tmp_path_factory.mktemp("transform-repo")
+    for name in SEQ2SEQ:
+        export_hf(transform_sources[name], "text2text-generation", repo, name, progress=False)
+    _set_options(
+        repo / "tiny-t5", prompt_templates={"translation": T5_TRANSLATION}, languages=["English", "German", "French"]
+    )
+    # A Marian model translates one language pair: the text as it is, languages checked.
+    _set_options(repo / "tiny-marian", languages=["en", "de"])
+    export_hf(transform_sources["tiny-prompted"], "text-generation", repo, "tiny-prompted", progress=False)
+    _set_options(repo / "tiny-prompted", prompt_templates=PROMPTS, languages=["English", "French"])
+    export_hf(transform_sources["tiny-prompted"], "text-generation", repo, "tiny-plain", progress=False)
+    with running_server(repo) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def client(transform_server: ServerThread) -> Iterator[TaskServeClient]:
+    with TaskServeClient(transform_server.address, ClientOptions(timeout_s=60)) as c:
+        yield c
+
+
+def _reference(source: Path, text: str, max_new_tokens: int) -> list[int]:
+    """transformers' greedy generate on the PyTorch model, without the decoder start token."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(source)(text)["input_ids"]
+    model = AutoModelForSeq2SeqLM.from_pretrained(source).eval()
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, 1:].tolist()  # type: ignore[no-any-return]
+
+
+def test_transform_services_are_registered(transform_server: ServerThread) -> None:
+    assert transform_server.app is not None
+    names = set(transform_server.app.service_names)
+    assert {"taskserve.v1.Translation", "taskserve.v1.Summarization", "taskserve.v1.Text2Text"} <= names
+
+
+@pytest.mark.parametrize("name", SEQ2SEQ)
+def test_encoder_decoder_greedy_equals_transformers_generate(
+    client: TaskServeClient, transform_sources: dict[str, Path], name: str
+) -> None:
+    for text in TEXTS:
+        whole = client.text.text2text(text, model=name, max_new_tokens=24)
+        assert list(whole.token_ids) == _reference(transform_sources[name], text, 24), text
+        assert whole.finish_reason in ("length", "eos") and whole.usage.generated_tokens == len(whole.token_ids)
+        streamed = list(client.text.text2text_stream(text, model=name, max_new_tokens=24))
+        assert streamed[-1].finish_reason == whole.finish_reason
+        assert "".join(c.text for c in streamed) == whole.text
+        assert [i for c in streamed for i in c.token_ids] == list(whole.token_ids)
+        summary = client.text.summarize(text, model=name, max_new_tokens=24)
+        assert summary.token_ids == whole.token_ids  # no summarization template: the text as it is
+
+
+def test_t5_translation_writes_the_request_into_its_template(
+    client: TaskServeClient, transform_sources: dict[str, Path]
+) -> None:
+    text = TEXTS[1]
+    result = client.text.translate(text, model="tiny-t5", source_language="English", target_language="German",
+                                   max_new_tokens=16)  # fmt: skip
+    rendered = T5_TRANSLATION.format(source="English", target="German", text=text)
+    assert list(result.token_ids) == _reference(transform_sources["tiny-t5"], rendered, 16)
+    assert result.served_by.name == "tiny-t5"
+
+
+def test_marian_translates_its_language_pair_only(client: TaskServeClient, transform_sources: dict[str, Path]) -> None:
+    result = client.text.translate(TEXTS[0], model="tiny-marian", source_language="en", target_language="de",
+                                   max_new_tokens=16)  # fmt: skip
+    assert list(result.token_ids) == _reference(transform_sources["tiny-marian"], TEXTS[0], 16)
+    with pytest.raises(InvalidArgument, match="'fr' is not one model 'tiny-marian' knows"):
+        client.text.translate(TEXTS[0], model="tiny-marian", source_language="en", target_language="fr")
+
+
+def test_concurrent_encoder_decoder_requests_equal_one_by_one(
+    client: TaskServeClient, transform_server: ServerThread
+) -> None:
+    alone = [client.text.text2text(t, model="tiny-bart", max_new_tokens=20).token_ids for t in TEXTS]
+
+    async def together(address: str) -> list[tuple[int, ...]]:
+        async with AsyncTaskServeClient(address) as aclient:
+            results = await asyncio.gather(
+                *(aclient.text.text2text(t, model="tiny-bart", max_new_tokens=20) for t in TEXTS)
+            )
+        return [r.token_ids for r in results]
+
+    assert asyncio.run(together(transform_server.address)) == alone
+
+
+def test_bad_requests_are_invalid_argument(client: TaskServeClient) -> None:
+    with pytest.raises(InvalidArgument, match="text is empty"):
+        client.text.text2text("  ", model="tiny-bart")
+    with pytest.raises(InvalidArgument, match="Klingon"):
+        client.text.translate("Hello.", model="tiny-t5", source_language="English", target_language="Klingon")
+    with pytest.raises(InvalidArgument, match="source_language"):
+        client.text.translate("Hello.", model="tiny-t5", target_language="German")
+    with pytest.raises(InvalidArgument, match="Klingon"):
+        client.text.translate("Hello.", model="tiny-prompted", source_language="Klingon", target_language="French")
+    with pytest.raises(InvalidArgument, match="empty"):
+        client.text.summarize("", model="tiny-prompted")
+    with pytest.raises(InvalidArgument, match="max_new_tokens"):
+        client.text.text2text("Hello.", model="tiny-bart", max_new_tokens=10_000)
+    with pytest.raises(InvalidArgument, match="too long|tokens|characters"):
+        client.text.text2text("word " * 400, model="tiny-t5")
+
+
+def test_models_without_the_ability_are_failed_precondition(client: TaskServeClient) -> None:
+    with pytest.raises(FailedPrecondition, match="prompt_templates"):
+        client.text.summarize("Some text.", model="tiny-plain")
+    with pytest.raises(FailedPrecondition, match="tensor"):
+        client.text.summarize("Some text.", model="tiny-t5-encoder")
+
+
+@pytest.mark.parametrize("kind", ["translation", "summarization", "text2text"])
+def test_prompt_backed_transforms_equal_text_generation_of_the_rendered_message(
+    client: TaskServeClient, kind: str
+) -> None:
+    text = TEXTS[0]
+    rendered = PROMPTS[kind].format(source="English", target="French", text=text)
+    expected = client.text.generate_text(
+        model="tiny-prompted", messages=[{"role": "user", "content": rendered}], max_new_tokens=12
+    )
+    if kind == "translation":
+        whole = client.text.translate(text, model="tiny-prompted", source_language="English",
+                                      target_language="French", max_new_tokens=12)  # fmt: skip
+        streamed = list(client.text.translate_stream(text, model="tiny-prompted", source_language="English",
+                                                     target_language="French", max_new_tokens=12))  # fmt: skip
+    elif kind == "summarization":
+        whole = client.text.summarize(text, model="tiny-prompted", max_new_tokens=12)
+        streamed = list(client.text.summarize_stream(text, model="tiny-prompted", max_new_tokens=12))
+    else:
+        whole = client.text.text2text(text, model="tiny-prompted", max_new_tokens=12)
+        streamed = list(client.text.text2text_stream(text, model="tiny-prompted", max_new_tokens=12))
+    assert (whole.text, whole.token_ids, whole.usage) == (expected.text, expected.token_ids, expected.usage)
+    assert [i for c in streamed for i in c.token_ids] == list(expected.token_ids)
+    assert streamed[-1].finish_reason == expected.finish_reason
+
+
+def test_async_client_transforms(transform_server: ServerThread) -> None:
+    async def run() -> tuple[Any, list[Any]]:
+        async with AsyncTaskServeClient(transform_server.address) as aclient:
+            whole = await aclient.text.summarize(TEXTS[2], model="tiny-t5", max_new_tokens=10)
+            chunks = [c async for c in aclient.text.summarize_stream(TEXTS[2], model="tiny-t5", max_new_tokens=10)]
+        return whole, chunks
+
+    whole, chunks = asyncio.run(run())
+    assert [i for c in chunks for i in c.token_ids] == list(whole.token_ids)
+    assert whole.usage.generated_tokens == len(whole.token_ids) > 0
+
+
+@dataclass(frozen=True)
+class _Row:
+    slot: int
+    tokens: np.ndarray
+    start: int
+    encoder_ids: np.ndarray | None = None
+
+
+def test_seq2seq_runner_for_the_engine_seam_interleaves_slots_like_generate(
+    transform_server: ServerThread, transform_sources: dict[str, Path]
+) -> None:
+    """The encoder-decoder runner the engine will use: two sequences stepping together in
+    one ``step`` call each iteration, each equal to transformers' greedy generate."""
+    from taskserve.server.repository.config import load_model_config
+    from taskserve.server.runtimes.onnx import OnnxRuntime
+    from taskserve.server.runtimes.seq2seq_runner import Seq2SeqRunner
+    from transformers import AutoTokenizer
+
+    assert transform_server.app is not None
+    repo = transform_server.app.models.repository
+    runtimes = []
+    for entry in (repo / "tiny-t5-encoder", repo / "tiny-t5"):
+        config = load_model_config(entry)
+        runtime = OnnxRuntime(entry / "1" / config.default_model_filename, config)
+        runtime.load()
+        runtimes.append(runtime)
+    runner = Seq2SeqRunner(runtimes[0], runtimes[1], max_slots=4, max_model_len=64)
+    tokenizer = AutoTokenizer.from_pretrained(transform_sources["tiny-t5"])
+    sources = {slot: np.asarray(tokenizer(TEXTS[slot])["input_ids"]) for slot in (0, 1)}
+    generated: dict[int, list[int]] = {0: [], 1: []}
+    rows = [_Row(slot, np.asarray([0]), 0, ids) for slot, ids in sources.items()]  # 0: T5's decoder start
+    for _ in range(12):
+        logits = runner.step(rows)
+        assert logits.shape == (2, runner.vocab_size)
+        rows = []
+        for i, slot in enumerate((0, 1)):
+            generated[slot].append(int(logits[i].argmax()))
+            rows.append(_Row(slot, np.asarray([generated[slot][-1]]), len(generated[slot])))
+    assert runner.cache_bytes > 0
+    for slot in (0, 1):
+        reference = _reference(transform_sources["tiny-t5"], TEXTS[slot], 12)
+        assert generated[slot][: len(reference)] == reference
+    runner.release(0)
+    with pytest.raises(Exception, match="encoder_ids"):
+        runner.step([_Row(0, np.asarray([0]), 0)])
+    runner.close()
+
+
+def test_encoder_decoder_export_writes_two_entries_the_server_serves(transform_server: ServerThread) -> None:
+    from taskserve.exporters.repository_entry import entry_complete
+    from taskserve.server.repository.config import load_model_config
+
+    assert transform_server.app is not None
+    repo = transform_server.app.models.repository
+    encoder, decoder = load_model_config(repo / "tiny-bart-encoder"), load_model_config(repo / "tiny-bart")
+    assert (encoder.task, encoder.max_batch_size) == ("tensor", 0)
+    assert (decoder.task, decoder.default_model_filename) == ("text2text-generation", "decoder_model_merged.onnx")
+    assert decoder.task_options["encoder_model"] == "tiny-bart-encoder"
+    assert decoder.task_options["decoder_start_token_id"] == 1
+    assert entry_complete(repo / "tiny-bart") and entry_complete(repo / "tiny-bart-encoder")
+    assert not (repo / "tiny-bart" / "1" / "encoder_model.onnx").exists()
+    models = transform_server.app.models
+    assert models.is_ready("tiny-bart-encoder") and models.is_ready("tiny-bart")

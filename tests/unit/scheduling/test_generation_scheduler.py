@@ -1,0 +1,207 @@
+"""The generation engine's scheduling, with a fake runner whose next token is the last
+input token plus one: admission, chunked prefill under the token budget, slots freed on
+stop, cancel and deadline, max_num_seqs, and every decode row in one step."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+from taskserve.server.errors import DeadlineExceeded, InvalidInput
+from taskserve.server.repository.config import GenerationConfig
+from taskserve.server.runtimes.generation import DecoderRunner, StepRow
+from taskserve.server.scheduling.generation_scheduler import GenerationScheduler, SequenceRequest
+
+VOCAB = 1000
+
+
+class FakeRunner:
+    """Checks the engine's bookkeeping against its own (a slot's length must match each row's start)."""
+
+    def __init__(self, slots: int = 8, positions: int = 256, step_s: float = 0.0) -> None:
+        self.lengths = [0] * slots
+        self.steps: list[list[StepRow]] = []
+        self.released: list[int] = []
+        self.step_s = step_s
+        self.lock = threading.Lock()
+        self._slots, self._positions = slots, positions
+
+    @property
+    def max_slots(self) -> int:
+        return self._slots
+
+    @property
+    def max_model_len(self) -> int:
+        return self._positions
+
+    @property
+    def vocab_size(self) -> int:
+        return VOCAB
+
+    @property
+    def cache_bytes(self) -> int:
+        return self._slots * self._positions
+
+    def step(self, rows: Sequence[StepRow]) -> np.ndarray:
+        assert self.lock.acquire(blocking=False), "the runner was called concurrently"
+        try:
+            assert len({r.slot for r in rows}) == len(rows)
+            logits = np.zeros((len(rows), VOCAB), np.float32)
+            for i, row in enumerate(rows):
+                assert row.start == self.lengths[row.slot], (row, self.lengths[row.slot])
+                self.lengths[row.slot] = row.start + len(row.tokens)
+                logits[i, (int(row.tokens[-1]) + 1) % VOCAB] = 1.0
+            self.steps.append(list(rows))
+            time.sleep(self.step_s)
+            return logits
+        finally:
+            self.lock.release()
+
+    def release(self, slot: int) -> None:
+        self.lengths[slot] = 0
+        self.released.append(slot)
+
+    def close(self) -> None:
+        pass
+
+
+def _greedy(logits: np.ndarray) -> int:
+    return int(np.argmax(logits))
+
+
+def _request(prompt: Sequence[int], new: int, **kwargs: object) -> SequenceRequest:
+    return SequenceRequest(tuple(prompt), new, _greedy, **kwargs)  # type: ignore[arg-type]
+
+
+async def _engine(runner: FakeRunner, **settings: int) -> GenerationScheduler:
+    checked: DecoderRunner = runner  # the fake satisfies the Protocol
+    engine = GenerationScheduler("fake", GenerationConfig(**settings), checked)
+    await engine.start()
+    return engine
+
+
+async def _collect(engine: GenerationScheduler, request: SequenceRequest) -> list[int]:
+    return [t async for t in engine.generate(request)]
+
+
+async def test_a_sequence_streams_its_tokens_and_frees_its_slot() -> None:
+    runner = FakeRunner()
+    engine = await _engine(runner)
+    assert await _collect(engine, _request([5, 6, 7], 4)) == [8, 9, 10, 11]
+    # Prompt in one step, then one decode step per token after the first.
+    assert [[len(r.tokens) for r in step] for step in runner.steps] == [[3], [1], [1], [1]]
+    assert runner.released == [0] and engine.inflight_count() == 0
+    await engine.stop()
+
+
+async def test_stop_token_ends_the_sequence_with_it() -> None:
+    engine = await _engine(FakeRunner())
+    assert await _collect(engine, _request([1], 10, stop_token_ids=frozenset({4}))) == [2, 3, 4]
+    await engine.stop()
+
+
+async def test_long_prompt_is_chunked_under_the_budget_and_never_stalls_running_streams() -> None:
+    runner = FakeRunner(step_s=0.001)
+    engine = await _engine(runner, max_num_seqs=3, max_num_batched_tokens=5, prefill_chunk_size=4)
+    running = [asyncio.ensure_future(_collect(engine, _request([100 * k], 40))) for k in (1, 2)]
+    while sum(len(r.tokens) == 1 for s in runner.steps for r in s) < 2:
+        await asyncio.sleep(0.001)
+    long = await _collect(engine, _request(list(range(500, 530)), 3))  # a 30-token prompt
+    assert long == [530, 531, 532]
+    assert await asyncio.gather(*running) == [list(range(101, 141)), list(range(201, 241))]
+    for step in runner.steps:
+        assert sum(len(r.tokens) for r in step) <= 5
+    prefill = [s for s in runner.steps if any(r.slot == 2 for r in s) and any(len(r.tokens) > 1 for r in s)]
+    # Two decode rows leave 3 tokens of the budget: the prompt went in chunks of 3 (the last 3 or less),
+    assert [len(r.tokens) for s in prefill for r in s if r.slot == 2] == [3] * 10
+    # and the running streams got their token in every one of those steps.
+    assert all(sorted(r.slot for r in s if len(r.tokens) == 1) == [0, 1] for s in prefill)
+    await engine.stop()
+
+
+async def test_max_num_seqs_bounds_the_running_set_and_all_decode_rows_share_one_step() -> None:
+    runner = FakeRunner(step_s=0.001)
+    engine = await _engine(runner, max_num_seqs=3, max_num_batched_tokens=64)
+    prompts = [[10 * i + 1, 10 * i + 2] for i in range(5)]
+    results = await asyncio.gather(*(_collect(engine, _request(p, 6)) for p in prompts))
+    assert results == [list(range(p[-1] + 1, p[-1] + 7)) for p in prompts]
+    assert max(len(step) for step in runner.steps) == 3
+    assert {r.slot for step in runner.steps for r in step} == {0, 1, 2}
+    # With three sequences decoding, each step carried all three decode rows.
+    assert any(sum(len(r.tokens) == 1 for r in step) == 3 for step in runner.steps)
+    assert engine.inflight_count() == 0 and len(runner.released) == 5
+    await engine.stop()
+
+
+async def test_cancel_frees_the_slot_for_a_waiting_sequence() -> None:
+    runner = FakeRunner(step_s=0.002)
+    engine = await _engine(runner, max_num_seqs=1, max_num_batched_tokens=16)
+    stream = engine.generate(_request([1], 200))
+    waiting = asyncio.ensure_future(_collect(engine, _request([500], 3)))
+    got = []
+    async for token in stream:
+        got.append(token)
+        if len(got) == 2:
+            break  # leaving the loop closes the stream: the engine cancels the sequence
+    assert await asyncio.wait_for(waiting, 5) == [501, 502, 503]
+    assert got == [2, 3] and runner.released[0] == 0
+    # The cancelled sequence stopped soon: far fewer than its 200 tokens were computed.
+    assert sum(1 for s in runner.steps for r in s if r.tokens[0] < 500) < 20
+    await engine.stop()
+
+
+async def test_deadline_ends_a_running_sequence_and_frees_its_slot() -> None:
+    runner = FakeRunner(step_s=0.002)
+    engine = await _engine(runner, max_num_seqs=1, max_num_batched_tokens=16)
+    with pytest.raises(DeadlineExceeded):
+        await _collect(engine, _request([1], 250, deadline=time.monotonic() + 0.05))
+    assert runner.released == [0]
+    assert await _collect(engine, _request([7], 2)) == [8, 9]
+    await engine.stop()
+
+
+async def test_sequences_longer_than_a_slot_are_refused() -> None:
+    engine = await _engine(FakeRunner(positions=16), max_model_len=4096)
+    with pytest.raises(InvalidInput, match="cache positions"):
+        engine.generate(_request(list(range(10)), 8))
+    with pytest.raises(InvalidInput, match="v2|TextGeneration"):
+        from taskserve.server.scheduling.base import InferRequest
+
+        await engine.submit(InferRequest(inputs={}))
+    await engine.stop()
+
+
+def test_config_checks_the_budget() -> None:
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        GenerationConfig(max_num_seqs=32, max_num_batched_tokens=16)
+    with pytest.raises(ValueError, match="prefill_chunk_size"):
+        GenerationConfig(max_num_batched_tokens=64, prefill_chunk_size=128)
+    from taskserve.server.repository.config import ModelConfig
+
+    with pytest.raises(ValueError, match="instance_count: 1"):
+        ModelConfig.model_validate({"name": "m", "instance_count": 2, "generation": {}})
+    assert ModelConfig.model_validate({"name": "m", "generation": {"max_num_seqs": 4}}).generation == GenerationConfig(
+        max_num_seqs=4
+    )
+
+
+async def test_stop_without_drain_ends_every_stream_and_is_idempotent() -> None:
+    from taskserve.server.errors import ModelNotReady
+
+    runner = FakeRunner(step_s=0.002)
+    engine = await _engine(runner, max_num_seqs=1, max_num_batched_tokens=16)
+    streams = [asyncio.ensure_future(_collect(engine, _request([k], 200))) for k in (1, 2)]
+    while not runner.steps:
+        await asyncio.sleep(0.001)
+    await engine.stop(drain=False)
+    await engine.stop(drain=False)
+    for stream in streams:
+        with pytest.raises(ModelNotReady):
+            await stream
+    assert engine.inflight_count() == 0
+    with pytest.raises(ModelNotReady):
+        engine.generate(_request([1], 2))
