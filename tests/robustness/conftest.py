@@ -65,7 +65,7 @@ def robust_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def robust_server(robust_repository: Path) -> Iterator[ServerThread]:
-    with running_server(robust_repository, max_streams=4) as server:
+    with running_server(robust_repository, max_streams=4, model_control_mode="explicit") as server:
         yield server
 
 
