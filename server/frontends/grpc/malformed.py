@@ -11,6 +11,7 @@ a request pays one try block and one ``is`` test, not an interceptor.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, cast
@@ -67,14 +68,23 @@ def _guard_handler(handler: Handler, what: str) -> Handler:
         replaced["unary_unary"] = unary_unary
     elif handler.unary_stream is not None:
         inner_us: Any = handler.unary_stream
+        if inspect.isasyncgenfunction(inner_us):
 
-        async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
-            if request.__class__ is Malformed:
-                await _refuse(context, request, what)
-            async for item in inner_us(request, context):
-                yield item
+            async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
+                if request.__class__ is Malformed:
+                    await _refuse(context, request, what)
+                async for item in inner_us(request, context):
+                    yield item
 
-        replaced["unary_stream"] = unary_stream
+            replaced["unary_stream"] = unary_stream
+        else:  # a coroutine that answers through context.write (grpc_health's Watch)
+
+            async def unary_stream_writer(request: Any, context: Context) -> Any:
+                if request.__class__ is Malformed:
+                    await _refuse(context, request, what)
+                return await inner_us(request, context)
+
+            replaced["unary_stream"] = unary_stream_writer
     elif handler.stream_unary is not None or handler.stream_stream is not None:
         streaming = handler.stream_stream is not None
         inner_s: Any = handler.stream_stream if streaming else handler.stream_unary
@@ -85,13 +95,19 @@ def _guard_handler(handler: Handler, what: str) -> Handler:
                     await _refuse(context, request, what)
                 yield request
 
-        if streaming:
+        if streaming and inspect.isasyncgenfunction(inner_s):
 
             async def stream_stream(requests: AsyncIterator[Any], context: Context) -> Any:
                 async for item in inner_s(checked(requests, context), context):
                     yield item
 
             replaced["stream_stream"] = stream_stream
+        elif streaming:  # answers through context.write
+
+            async def stream_stream_writer(requests: AsyncIterator[Any], context: Context) -> Any:
+                return await inner_s(checked(requests, context), context)
+
+            replaced["stream_stream"] = stream_stream_writer
         else:
 
             async def stream_unary(requests: AsyncIterator[Any], context: Context) -> Any:
