@@ -229,9 +229,11 @@ class TensorLayout:
                             "the model's config.yaml (server default: --max-variable-dim)"
                         )
         for axis_name, members in self.shared_axes:
+            # A size of 0 is a placeholder, not a length (a merged decoder's empty
+            # past key/values on its first step): only real lengths must agree.
             sizes = {(n, a): inputs[n].shape[a + self.batched] for n, a in members if n in inputs}
-            if len(set(sizes.values())) > 1:
-                detail = ", ".join(f"{n} has {size}" for (n, _), size in sizes.items())
+            if len({size for size in sizes.values() if size}) > 1:
+                detail = ", ".join(f"{n} has {size}" for (n, _), size in sizes.items() if size)
                 raise InvalidInput(
                     f"inputs of model {model!r} share the axis {axis_name!r} but disagree on its size: {detail}; "
                     "send them with equal lengths"

@@ -105,6 +105,8 @@ def test_inputs_sharing_a_named_axis_must_agree_on_its_size() -> None:
     assert layout.shared_axes == (("sequence", (("ids", 0), ("mask", 0))),)
     ok = {"ids": np.ones((2, 5), np.int64), "mask": np.ones((2, 5), np.int64)}
     assert layout.describe(ok, None, 8).rows == 2
+    # An empty tensor is a placeholder (a merged decoder's first-step past), not a length.
+    assert layout.describe({"ids": np.ones((1, 5), np.int64), "mask": np.ones((1, 0), np.int64)}, None, 8).rows == 1
     bad = {"ids": np.ones((1, 5), np.int64), "mask": np.ones((1, 7), np.int64)}
     with pytest.raises(InvalidInput, match="share the axis 'sequence'.*ids has 5, mask has 7"):
         layout.describe(bad, None, 8)
