@@ -82,6 +82,29 @@ class RuntimeFailure(TaskServeError):
     reason = "runtime_failure"
 
 
+class InputRejected(InvalidInput):
+    """The runtime refused a request's values (out of the model's domain: a token id
+    past the vocabulary, lengths that do not fit). Raised for a whole batch, it sends
+    the batch through bisection (scheduling/execution.py) so only the offender fails."""
+
+    reason = "out_of_domain"
+
+
+class SchedulingFailure(TaskServeError):
+    """A bug in the batcher or its executor: INTERNAL, never UNAVAILABLE (which
+    clients retry, here into the same bug)."""
+
+    code = Code.INTERNAL
+    reason = "internal"
+
+
+class LimitExceeded(InvalidInput):
+    """A request is over a configured size limit (items, characters, pixels, dims);
+    the message names the limit and how to raise it."""
+
+    reason = "limit"
+
+
 class ModelControlDisabled(TaskServeError):
     """Load/unload asked of a server started with --model-control-mode none."""
 
@@ -94,3 +117,10 @@ class ConfigError(TaskServeError):
 
     code = Code.INVALID_ARGUMENT
     reason = "bad_config"
+
+
+class GenerationCapExceeded(LimitExceeded):
+    """A generation request asks for more new tokens than the model's cap
+    (task_options.max_new_tokens_limit); counted under its own failure reason."""
+
+    reason = "generation_cap"

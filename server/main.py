@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
     )  # fmt: skip
     p.add_argument("--log-level", default=os.environ.get("TASKSERVE_LOG_LEVEL", "INFO"))
     _add_edge_args(p)
+    _add_limit_flags(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not a.model_repository.is_dir():
@@ -61,6 +62,7 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
         reflection=not a.no_reflection,
         max_connection_age_s=a.max_connection_age,
         gpu_metrics=a.gpu_metrics,
+        **{name: getattr(a, name) for name in _LIMIT_FLAGS},
     )
 
 
@@ -110,6 +112,24 @@ def _edge_settings(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict[st
         "auth_tokens": tokens, "auth_health": a.auth_health, "model_control_mode": a.model_control_mode,
         "metrics_host": a.metrics_host, "drain_delay_s": a.drain_delay, "health_port": a.health_port,
     }  # fmt: skip
+
+
+# Request limits (defaults in ServerSettings; a model's config.yaml ``limits`` overrides the per-model ones).
+_LIMIT_FLAGS = {
+    "max_items": "items (texts, images, pairs, messages) per typed request",
+    "max_text_chars": "characters per text",
+    "max_image_pixels": "pixels per image (read from its header, before decoding)",
+    "max_request_pixels": "pixels over all images of one request",
+    "max_variable_dim": "largest size of a variable (-1) dim of a v2 input",
+    "max_concurrent_requests": "typed requests processed at once (beyond: RESOURCE_EXHAUSTED)",
+    "max_streams": "ModelStreamInfer streams open at once (beyond: RESOURCE_EXHAUSTED)",
+}
+
+
+def _add_limit_flags(p: argparse.ArgumentParser) -> None:
+    for name, meaning in _LIMIT_FLAGS.items():
+        default = getattr(ServerSettings, name)
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=f"{meaning} (default {default})")
 
 
 async def serve(settings: ServerSettings) -> None:

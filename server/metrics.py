@@ -45,6 +45,8 @@ _LABELS = ["model", "version"]
 # that live long get promoted to the collector's oldest generation, which makes full
 # collections more frequent; 256 events fold in ~0.15 ms.
 _FOLD_EVERY = 256
+# A cancel this close to the request's deadline is the deadline (clocks of client and server differ).
+_DEADLINE_SLACK_S = 0.005
 
 
 class _Histogram:
@@ -133,6 +135,15 @@ class ServerMetrics(Collector):
             if series is None:
                 series = self._series[(model, version)] = _Series(time.time())
         return ModelMetrics(series)
+
+    def forget(self, model: str, version: str | None = None, keep: Iterable[str] = ()) -> None:
+        """Drop the series of a model's versions that no longer serve (all of them, or
+        ``version``; never those in ``keep``), so /metrics stops reporting them."""
+        kept = set(keep)
+        with self._lock:
+            for key in [k for k in self._series if k[0] == model]:
+                if (version is None or key[1] == version) and key[1] not in kept:
+                    del self._series[key]
 
     def describe(self) -> Iterable[Metric]:
         return ()  # families are only known at scrape time; nothing to check at register()
@@ -332,17 +343,21 @@ class ModelMetrics:
         # Milliseconds since the epoch, as v2 wants.
         self.statistics.last_inference_ms = max(self.statistics.last_inference_ms, finished_ns // 1_000_000)
 
-    def track_request(self, started_ns: int) -> _RequestTracker:
-        """Count the request wrapped in this block as a success, or as a failure by reason."""
-        return _RequestTracker(self, started_ns)
+    def track_request(self, started_ns: int, deadline: float | None = None) -> _RequestTracker:
+        """Count the request wrapped in this block as a success, or as a failure by reason.
+        ``deadline`` (monotonic) tells a client's deadline from its cancelling."""
+        return _RequestTracker(self, started_ns, deadline)
 
-    def request_raised(self, err: BaseException, duration_ns: int) -> None:
+    def request_raised(self, err: BaseException, duration_ns: int, deadline: float | None = None) -> None:
         """A request ended with ``err``: counted as a failure by its reason. Errors
-        that are neither TaskServeError nor cancellation are bugs, counted as "internal"."""
+        that are neither TaskServeError nor cancellation are bugs, counted as "internal".
+        gRPC cancels the handler when the client's deadline passes: that counts as
+        "timeout" (the deadline, monotonic, is then past), any other cancel as "cancelled"."""
         if isinstance(err, TaskServeError):
             self.request_failed(err.reason, duration_ns)
         elif isinstance(err, asyncio.CancelledError):
-            self.request_failed("cancelled", duration_ns)
+            timed_out = deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_S
+            self.request_failed("timeout" if timed_out else "cancelled", duration_ns)
         elif isinstance(err, Exception):
             self.request_failed("internal", duration_ns)
 
@@ -442,11 +457,12 @@ class _RequestTracker:
     """``with metrics.track_request(t0):`` — a class, not a generator context
     manager: it runs on every request, and this costs a third as much."""
 
-    __slots__ = ("_metrics", "_started_ns")
+    __slots__ = ("_deadline", "_metrics", "_started_ns")
 
-    def __init__(self, metrics: ModelMetrics, started_ns: int) -> None:
+    def __init__(self, metrics: ModelMetrics, started_ns: int, deadline: float | None = None) -> None:
         self._metrics = metrics
         self._started_ns = started_ns
+        self._deadline = deadline
 
     def __enter__(self) -> None:
         return None
@@ -456,4 +472,4 @@ class _RequestTracker:
         if err is None:
             self._metrics.request_succeeded(elapsed)
         else:
-            self._metrics.request_raised(err, elapsed)
+            self._metrics.request_raised(err, elapsed, self._deadline)

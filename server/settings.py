@@ -50,3 +50,13 @@ class ServerSettings:
     # A plaintext port serving grpc.health.v1 only (-1: none), for probes that cannot speak
     # TLS (the kubelet's gRPC probe) when the main port does. 0 picks a free port.
     health_port: int = -1
+    # Request limits (docs/robustness.md): the server's defaults; a model's config.yaml
+    # ``limits`` overrides the per-model ones. Checked before any heavy work.
+    max_items: int = 256
+    max_text_chars: int = 100_000
+    max_image_pixels: int = 40_000_000
+    max_request_pixels: int = 100_000_000
+    max_variable_dim: int = 65_536
+    # Typed requests and ModelStreamInfer streams open at once (beyond: RESOURCE_EXHAUSTED).
+    max_concurrent_requests: int = 1024
+    max_streams: int = 256

@@ -195,6 +195,23 @@ class WarmupConfig(_Frozen):
     variable_dim_size: int = Field(default=8, ge=1)
 
 
+class ModelLimits(_Frozen):
+    """Request size limits of one model, checked before any heavy work (decoding,
+    tokenizing, batching). Unset fields take the server's defaults (the --max-* flags
+    of taskserve-server; ``TaskLimits`` in server/tasks/base.py holds their values)."""
+
+    # Items (texts, images, pairs, chat messages) in one typed request.
+    max_items: int | None = Field(default=None, ge=1)
+    # Characters in one text.
+    max_text_chars: int | None = Field(default=None, ge=1)
+    # Pixels in one image (width x height, read from the header before decoding).
+    max_image_pixels: int | None = Field(default=None, ge=1)
+    # Pixels over all the images of one request.
+    max_request_pixels: int | None = Field(default=None, ge=1)
+    # Largest size of a variable (-1) dim of a v2 input.
+    max_variable_dim: int | None = Field(default=None, ge=1)
+
+
 class VersionPolicy(_Frozen):
     """Which numbered versions to serve: the newest ``latest``, ``all`` of them, or ``specific`` ones."""
 
@@ -223,6 +240,7 @@ class ModelConfig(_Frozen):
     warmup: WarmupConfig = WarmupConfig()
     version_policy: VersionPolicy = VersionPolicy()
     default_model_filename: str = "model.onnx"
+    limits: ModelLimits = ModelLimits()
     # Task-specific settings (tokenizer, pooling, image preprocessing, ...), validated by the task.
     task_options: dict[str, Any] = Field(default_factory=dict)
     # The generation engine's settings; None: not an engine model.

@@ -10,7 +10,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import numpy as np
 from taskserve.clients.datatypes import numpy_dtype
 from taskserve.server.errors import ModelNotFound, ModelNotReady, TaskServeError
 from taskserve.server.metrics import ModelMetrics, ServerMetrics
-from taskserve.server.repository.config import GenerationConfig, ModelConfig, load_model_config
+from taskserve.server.repository.config import GenerationConfig, ModelConfig, ModelLimits, load_model_config
 from taskserve.server.repository.paths import model_dir_inside, model_dir_names, resolve_inside, without_server_paths
 from taskserve.server.repository.tensors import resolve_tensors
 from taskserve.server.repository.versions import available_versions, select_versions
@@ -77,7 +77,6 @@ class _ModelSlot:
     config: ModelConfig | None = None
     versions: dict[str, LoadedModel] = field(default_factory=dict)
     default_version: str = ""
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def warmup_inputs(config: ModelConfig, batch_size: int) -> dict[str, np.ndarray]:
@@ -97,6 +96,11 @@ def warmup_inputs(config: ModelConfig, batch_size: int) -> dict[str, np.ndarray]
     return inputs
 
 
+def _merged_limits(own: ModelLimits, defaults: ModelLimits) -> ModelLimits:
+    """A model's limits: its config.yaml ``limits`` where set, the server's elsewhere."""
+    return defaults.model_copy(update=own.model_dump(exclude_none=True))
+
+
 class ModelManager:
     """Loads and serves the models of one repository directory.
 
@@ -104,11 +108,21 @@ class ModelManager:
     runs on worker threads. ``get`` is cheap and called on every request.
     """
 
-    def __init__(self, repository: Path, metrics: ServerMetrics) -> None:
+    def __init__(self, repository: Path, metrics: ServerMetrics, default_limits: ModelLimits | None = None) -> None:
         self.repository = repository
+        # The server's request limits; a model's config.yaml ``limits`` overrides them.
+        self._default_limits = default_limits or ModelLimits()
         self._metrics = metrics
         self._slots: dict[str, _ModelSlot] = {}
         self._listeners: list[Callable[[str, bool], None]] = []
+        # One lock per model name, kept apart from the slots: an Unload deletes the slot,
+        # and a Load waiting on that slot's lock would then fill an orphan nobody frees.
+        self._locks: dict[str, asyncio.Lock] = {}
+        # Checks a version must pass before it is READY (the front end wires its typed
+        # task's build and options check here: the manager sits below tasks and cannot
+        # import them), and callbacks for versions leaving service (to drop their caches).
+        self._load_checks: list[Callable[[LoadedModel], Awaitable[None]]] = []
+        self._retire_listeners: list[Callable[[LoadedModel], None]] = []
         self.startup_complete = False
 
     # -- queries ---------------------------------------------------------------
@@ -116,6 +130,18 @@ class ModelManager:
     def add_listener(self, listener: Callable[[str, bool], None]) -> None:
         """Called with (model name, ready) whenever a model's readiness changes."""
         self._listeners.append(listener)
+
+    def add_load_check(self, check: Callable[[LoadedModel], Awaitable[None]]) -> None:
+        """``await check(model)`` runs on each loaded version before it serves; raising
+        fails the load with the error's message as the model's reason."""
+        self._load_checks.append(check)
+
+    def add_retire_listener(self, listener: Callable[[LoadedModel], None]) -> None:
+        """Called with each version as it leaves service (unload, reload, failed load)."""
+        self._retire_listeners.append(listener)
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
 
     def model_names(self) -> list[str]:
         return sorted(self._slots)
@@ -197,19 +223,21 @@ class ModelManager:
         model_dir = model_dir_inside(self.repository, name)  # refuses names that leave the repository
         if not model_dir.is_dir():
             raise ModelNotFound(f"model {name!r} is not in the model repository")
-        slot = self._slots.setdefault(name, _ModelSlot(name))
-        async with slot.lock:
+        async with self._lock(name):
+            slot = self._slots.setdefault(name, _ModelSlot(name))
             old = dict(slot.versions)
             slot.state, slot.reason = (ModelState.LOADING, "") if not old else (slot.state, slot.reason)
             started = time.perf_counter()
             try:
                 config = await asyncio.to_thread(load_model_config, model_dir)
                 _check_config_files(model_dir, config)
+                config = config.model_copy(update={"limits": _merged_limits(config.limits, self._default_limits)})
                 new_versions = await self._load_versions(name, model_dir, config)
             except Exception as err:  # any failure stays with this model
                 reason = err.message if isinstance(err, TaskServeError) else f"{type(err).__name__}: {err}"
                 reason = without_server_paths(reason, self.repository)  # callers read reasons
                 log.error("model %s failed to load: %s", name, reason)
+                self._metrics.forget(name, keep=old)  # series of versions that never served
                 if not old:
                     slot.state, slot.reason = ModelState.UNAVAILABLE, reason
                     self._notify(name, False)
@@ -222,10 +250,15 @@ class ModelManager:
             slot.versions = new_versions
             slot.default_version = max(new_versions, key=int)
             slot.state, slot.reason = ModelState.READY, ""
+            for model in new_versions.values():
+                model.metrics.set_ready(True)
             elapsed = time.perf_counter() - started
             log.info("model %s ready (versions %s) in %.1fs", name, sorted(new_versions, key=int), elapsed)
             self._notify(name, True)
-        await self._retire(old.values())
+            # Reload: the new versions serve from here on; the old ones finish what they
+            # hold and free their runtimes. Under the lock, so a racing Unload or Load
+            # finds the old ones gone and nothing leaks.
+            await self._retire(old.values(), keep=new_versions)
 
     async def _load_versions(self, name: str, model_dir: Path, config: ModelConfig) -> dict[str, LoadedModel]:
         versions = select_versions(available_versions(model_dir), config.version_policy)
@@ -236,9 +269,12 @@ class ModelManager:
         loaded: dict[str, LoadedModel] = {}
         try:
             for version in versions:
-                loaded[str(version)] = await self._load_version(name, str(version), model_dir, config)
+                model = loaded[str(version)] = await self._load_version(name, str(version), model_dir, config)
+                for check in self._load_checks:
+                    await check(model)
         except BaseException:
-            await self._retire(loaded.values())
+            # The previously loaded versions (a reload) keep serving, and their series.
+            await self._retire(loaded.values(), keep=self._slots[name].versions if name in self._slots else {})
             raise
         return loaded
 
@@ -278,7 +314,6 @@ class ModelManager:
                 runtime.close()
             raise
         metrics.loaded(time.perf_counter() - started)
-        metrics.set_ready(True)
         return LoadedModel(
             name=name,
             version=version,
@@ -357,20 +392,32 @@ class ModelManager:
 
     async def unload(self, name: str, drain: bool = True) -> None:
         """Stop serving a model: refuse new requests, finish queued ones, free the runtimes."""
-        slot = self._slots.get(name)
-        if slot is None:
+        if name not in self._slots:
             raise ModelNotFound(f"model {name!r} is not loaded; loaded models: {self.model_names()}")
-        async with slot.lock:
+        async with self._lock(name):
+            slot = self._slots.get(name)
+            if slot is None:  # unloaded while this call waited for the lock
+                return
             slot.state = ModelState.UNLOADING
             self._notify(name, False)
             await self._retire(slot.versions.values(), drain)
             del self._slots[name]
+            self._metrics.forget(name)
 
-    async def _retire(self, models: Iterable[LoadedModel], drain: bool = True) -> None:
+    async def _retire(
+        self, models: Iterable[LoadedModel], drain: bool = True, keep: Mapping[str, LoadedModel] | None = None
+    ) -> None:
+        """Stop and free ``models``. Versions in ``keep`` (a reload's new ones) share their
+        metric series with the old: those stay, with ready 1; the others' series go."""
         for model in list(models):
-            model.metrics.set_ready(False)
+            if keep is None or model.version not in keep:
+                model.metrics.set_ready(False)
+            for listener in self._retire_listeners:
+                listener(model)
             # The scheduler owns the runtimes: stopping it closes them on their own threads.
             await model.scheduler.stop(drain=drain)
+            if keep is not None and model.version not in keep:
+                self._metrics.forget(model.name, model.version)
 
     async def stop(self, drain: bool = True) -> None:
         """Unload everything (graceful shutdown)."""

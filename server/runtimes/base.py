@@ -20,6 +20,9 @@ class TensorInfo:
     name: str
     datatype: str  # v2 name: FP32, INT64, ...
     shape: tuple[int, ...]
+    # Symbolic names of the axes (same length as shape; None: fixed or unnamed), when the
+    # graph has them: inputs that share a name share that axis, so their sizes must match.
+    axis_names: tuple[str | None, ...] = ()
 
 
 class Runtime(abc.ABC):

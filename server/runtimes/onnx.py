@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from taskserve.server.errors import RuntimeFailure
+from taskserve.server.errors import InputRejected, RuntimeFailure
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.runtimes import onnx_providers
 from taskserve.server.runtimes.base import Runtime, TensorInfo
@@ -101,7 +101,8 @@ class OnnxRuntime(Runtime):
             self._wide_key = (self.model_path.resolve(), wide)
             self._wide = getattr(WIDE_SESSIONS.acquire(self._wide_key, lambda: open_session(wide)), "_sess", None)
         self._inputs = [
-            TensorInfo(i.name, self._v2_type(i.type), tuple(_dim(d) for d in i.shape)) for i in session.get_inputs()
+            TensorInfo(i.name, self._v2_type(i.type), tuple(_dim(d) for d in i.shape), _axis_names(i.shape))
+            for i in session.get_inputs()
         ]
         self._outputs = [
             TensorInfo(o.name, self._v2_type(o.type), tuple(_dim(d) for d in o.shape)) for o in session.get_outputs()
@@ -175,7 +176,12 @@ class OnnxRuntime(Runtime):
             else:
                 results = session.run(names, feed)  # type: ignore[attr-defined]
         except Exception as err:
-            raise RuntimeFailure(f"onnxruntime failed on {self.model_path.parent.parent.name}: {err}") from err
+            message = f"onnxruntime failed on {self.model_path.parent.parent.name}: {err}"
+            # onnxruntime's INVALID_ARGUMENT status: the values are wrong (an index past a
+            # Gather's table, a shape a node refuses), not the runtime.
+            if type(err).__name__ == "InvalidArgument":
+                raise InputRejected(message) from err
+            raise RuntimeFailure(message) from err
         return dict(zip(names, results, strict=True))
 
     def close(self) -> None:
@@ -197,3 +203,7 @@ class OnnxRuntime(Runtime):
     def description(self) -> str:
         return f"onnxruntime {', '.join(self.providers)}"
 
+
+def _axis_names(shape: list[Any]) -> tuple[str | None, ...]:
+    """The graph's symbolic dim names (e.g. "sequence_length"), None for fixed or unnamed axes."""
+    return tuple(d if isinstance(d, str) and d else None for d in shape)

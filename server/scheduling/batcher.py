@@ -28,7 +28,14 @@ import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
 
-from taskserve.server.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded, TaskServeError
+from taskserve.server.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    ModelNotReady,
+    Overloaded,
+    SchedulingFailure,
+    TaskServeError,
+)
 from taskserve.server.metrics import ModelMetrics
 from taskserve.server.runtimes.base import Runtime
 from taskserve.server.scheduling.base import InferRequest, InferResult, Scheduler
@@ -215,7 +222,7 @@ class DynamicBatcher(Scheduler):
                 timeout = self._dispatch()
             except Exception:  # a bug here must not hang every caller
                 log.exception("batcher of model %r failed while forming a batch", self.model)
-                self._fail_queued(ModelNotReady(f"model {self.model!r} hit an internal scheduling error"))
+                self._fail_queued(SchedulingFailure(f"model {self.model!r} hit an internal scheduling error"))
                 timeout = None
             if self._state is _State.STOPPING and not len(self._queue) and not self._executing:
                 self._drained.set()
@@ -310,7 +317,7 @@ class DynamicBatcher(Scheduler):
             instance.record(seconds, batch.rows)
         except Exception as err:  # e.g. the executor was shut down
             log.exception("model %r: could not execute a batch", self.model)
-            failure = ModelNotReady(f"model {self.model!r} could not execute the request: {err}")
+            failure = SchedulingFailure(f"model {self.model!r} could not execute the request: {err}")
             outcomes = [failure] * len(batch.entries)
         finally:
             instance.assigned -= 1

@@ -12,7 +12,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from taskserve.server.errors import InvalidInput
+from taskserve.server.errors import InvalidInput, LimitExceeded
 from taskserve.server.repository.config import ModelConfig, Padding
 from taskserve.server.runtimes.base import TensorInfo
 
@@ -68,6 +68,12 @@ class TensorLayout:
     # Output name -> input whose padded axes it shares (sliced back per request).
     unpad_like: Mapping[str, str] | None = None
     length_buckets: tuple[int, ...] = ()
+    # Variable axes that several inputs share (the graph names them alike, e.g.
+    # input_ids and attention_mask on "sequence_length"): (axis name, ((input, axis), ...)).
+    # A request whose inputs disagree there breaks the model, and a batch with it.
+    shared_axes: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
+    # Largest size a variable dim may have (None: no limit); ModelConfig.limits.max_variable_dim.
+    max_variable_dim: int | None = None
     # Signatures of requests already checked, by (names, dtypes, shapes, outputs, max_rows):
     # a request is a pure function of those, and most traffic repeats a few shapes.
     _seen: dict[Hashable, RequestSignature] = field(default_factory=dict, compare=False, repr=False)
@@ -95,6 +101,13 @@ class TensorLayout:
         elif runtime_outputs:
             output_names = frozenset(t.name for t in runtime_outputs)
         unpad = {t.name: t.unpad_like for t in config.outputs or () if t.unpad_like is not None}
+        shared: dict[str, list[tuple[str, int]]] = {}
+        for info in runtime_inputs or ():
+            spec = inputs.get(info.name) if inputs is not None else None
+            names = info.axis_names[1:] if batched else info.axis_names
+            for axis, axis_name in enumerate(names):
+                if axis_name and spec is not None and axis < len(spec.dims) and spec.dims[axis] == -1:
+                    shared.setdefault(axis_name, []).append((info.name, axis))
         return cls(
             model=config.name,
             batched=batched,
@@ -102,6 +115,8 @@ class TensorLayout:
             output_names=output_names,
             unpad_like=unpad,
             length_buckets=config.dynamic_batching.length_buckets,
+            shared_axes=tuple((n, tuple(members)) for n, members in shared.items() if len(members) > 1),
+            max_variable_dim=config.limits.max_variable_dim,
         )
 
     def input_spec(self, name: str) -> InputSpec | None:
@@ -205,6 +220,24 @@ class TensorLayout:
             fixed = tuple(None if i in variable else n for i, n in enumerate(dims))
             key.append((name, array.dtype.str, fixed))
             length = max([length, *(dims[i] for i in variable)])
+            if self.max_variable_dim is not None:
+                for axis, size in enumerate(dims):
+                    if spec.dims[axis] == -1 and size > self.max_variable_dim:
+                        raise LimitExceeded(
+                            f"input {name!r} of model {model!r} has size {size} on variable axis {axis}, over the "
+                            f"limit of {self.max_variable_dim}; send less, or raise limits.max_variable_dim in "
+                            "the model's config.yaml (server default: --max-variable-dim)"
+                        )
+        for axis_name, members in self.shared_axes:
+            # A size of 0 is a placeholder, not a length (a merged decoder's empty
+            # past key/values on its first step): only real lengths must agree.
+            sizes = {(n, a): inputs[n].shape[a + self.batched] for n, a in members if n in inputs}
+            if len({size for size in sizes.values() if size}) > 1:
+                detail = ", ".join(f"{n} has {size}" for (n, _), size in sizes.items() if size)
+                raise InvalidInput(
+                    f"inputs of model {model!r} share the axis {axis_name!r} but disagree on its size: {detail}; "
+                    "send them with equal lengths"
+                )
         if self.batched and self.length_buckets:
             key.append(("bucket", self.bucket(length)))
         return RequestSignature(rows=rows, key=tuple(key), length=length)

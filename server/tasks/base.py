@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -22,7 +23,7 @@ from typing import ClassVar, Protocol, Self, TypeVar
 import numpy as np
 from taskserve.clients.datatypes import numpy_dtype
 from taskserve.server.errors import Code, ConfigError, InvalidInput, Overloaded, WrongTask
-from taskserve.server.repository.config import ModelConfig
+from taskserve.server.repository.config import ModelConfig, ModelLimits
 from taskserve.server.repository.paths import resolve_inside, shown
 from taskserve.server.scheduling.base import InferRequest, Scheduler
 
@@ -78,8 +79,15 @@ class TaskLimits:
     max_text_chars: int = 100_000
     # Pixels in one decoded image; larger ones are refused as decompression bombs.
     max_image_pixels: int = 40_000_000
+    # Pixels over all the images of one request (checked on the headers, before decoding).
+    max_request_pixels: int = 100_000_000
     # Typed requests being processed at once; beyond it callers get RESOURCE_EXHAUSTED at once.
     max_concurrent_requests: int = 1024
+
+    def for_model(self, limits: ModelLimits) -> TaskLimits:
+        """These limits with a model's config.yaml ``limits`` (its set fields) applied."""
+        overrides = {k: v for k, v in limits.model_dump().items() if v is not None and hasattr(self, k)}
+        return dataclasses.replace(self, **overrides) if overrides else self
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,8 @@ class Task:
         self.model = model
         self.context = context
         self.options: Mapping[str, object] = model.config.task_options
+        # The server's limits with this model's config.yaml ``limits`` applied.
+        self.limits = context.limits.for_model(model.config.limits)
         self._labels = self._read_labels()
 
     @classmethod
@@ -321,6 +331,12 @@ class TaskCache:
         assert isinstance(task, cls)
         return task
 
+    def forget(self, model: ServedModel) -> None:
+        """Drop the task built for ``model`` (a version leaving service), so it and the
+        model it holds are freed now rather than at the next reload."""
+        for key in [k for k, (m, _) in self._entries.items() if m is model]:
+            del self._entries[key]
+
     async def _load(self, model: ServedModel, cls: type[Task]) -> Task:
         loaded: Task = await self.context.run(cls.load, model, self.context)
         return loaded
@@ -338,7 +354,8 @@ def check_count(what: str, count: int, limits: TaskLimits) -> None:
         raise InvalidInput(f"{what}: the request holds none; send at least one")
     if count > limits.max_items:
         raise InvalidInput(
-            f"{what}: {count} items exceed the limit of {limits.max_items} per request; split the request"
+            f"{what}: {count} items exceed the limit of {limits.max_items} per request; split the request "
+            "(or raise limits.max_items in the model's config.yaml, or --max-items)"
         )
 
 
@@ -350,7 +367,8 @@ def check_texts(what: str, texts: Sequence[str], limits: TaskLimits) -> None:
             raise InvalidInput(f"{what}[{i}] is empty; every text needs some content")
         if len(text) > limits.max_text_chars:
             raise InvalidInput(
-                f"{what}[{i}] has {len(text)} characters, over the limit of {limits.max_text_chars}"
+                f"{what}[{i}] has {len(text)} characters, over the limit of {limits.max_text_chars}; shorten it "
+                "(or raise limits.max_text_chars in the model's config.yaml, or --max-text-chars)"
             )
 
 

@@ -107,7 +107,7 @@ class MaskFiller(TextTask):
         self, texts: Sequence[str], params: FillParams, options: CallOptions
     ) -> list[tuple[MaskPrediction, ...]]:
         """Per text, one prediction per mask token, in text order."""
-        check_texts("texts", texts, self.context.limits)
+        check_texts("texts", texts, self.limits)
         for i, text in enumerate(texts):
             if self.mask_token not in text:
                 raise InvalidInput(

@@ -52,7 +52,7 @@ class ImageTextMatcher(VisionTask, TextTask):
         self, images: Sequence[ImageSource], captions: Sequence[str], options: CallOptions
     ) -> list[ImageTextScores]:
         """Per image, its scores against every caption."""
-        check_texts("captions", captions, self.context.limits)
+        check_texts("captions", captions, self.limits)
         pixels = await self.pixels(images)
         tokens = await self.tokenize(captions, self.truncate(None), "captions")
         image_out = self.output_name("image_embeds", "image_embeds_output")

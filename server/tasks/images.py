@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from taskserve.server.errors import InvalidInput
+from taskserve.server.errors import InvalidInput, LimitExceeded
 from taskserve.server.repository.paths import resolve_inside
 from taskserve.server.tasks.base import TaskConfigError
 
@@ -47,6 +47,46 @@ class RawImage:
 
 # An image as callers send it: encoded bytes or raw pixels.
 ImageSource = bytes | RawImage
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def declared_size(source: ImageSource) -> tuple[int, int]:
+    """(width, height) an image declares, read from its header without decoding pixels
+    ((0, 0) when unreadable: decoding then explains). Cheap: a PNG's IHDR is read
+    directly, other formats through Pillow's lazy open, which stops after the header."""
+    if isinstance(source, RawImage):
+        return max(0, source.width), max(0, source.height)
+    if source[:8] == _PNG_SIGNATURE and len(source) >= 24 and source[12:16] == b"IHDR":
+        return int.from_bytes(source[16:20], "big"), int.from_bytes(source[20:24], "big")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            width, height = Image.open(io.BytesIO(source), formats=ALLOWED_FORMATS).size
+    except Exception:  # noqa: BLE001 - not an image we read; decode_image says why
+        return 0, 0
+    return int(width), int(height)
+
+
+def check_request_pixels(images: Sequence[ImageSource], max_image: int, max_request: int, what: str) -> None:
+    """Refuse, before any decoding, a request whose images declare more pixels than the
+    limits allow (one image, or all together): decoding them is the costly part."""
+    total = 0
+    for i, image in enumerate(images):
+        width, height = declared_size(image)
+        if width * height > max_image:
+            raise LimitExceeded(
+                f"{what}[{i}] is {width}x{height} pixels, over the limit of {max_image} per image; send a smaller "
+                "image (or raise limits.max_image_pixels in the model's config.yaml, or --max-image-pixels)"
+            )
+        total += width * height
+    if total > max_request:
+        raise LimitExceeded(
+            f"{what}: the images declare {total} pixels together, over the limit of {max_request} per request; "
+            "split the request (or raise limits.max_request_pixels in the model's config.yaml, "
+            "or --max-request-pixels)"
+        )
 
 
 def decode_image(source: ImageSource, max_pixels: int, what: str) -> np.ndarray:

@@ -102,8 +102,8 @@ class QuestionAnswerer(TextTask):
     task = "question-answering"
 
     def _check(self, items: Sequence[QAItem]) -> None:
-        check_count("items", len(items), self.context.limits)
-        limit = self.context.limits.max_text_chars
+        check_count("items", len(items), self.limits)
+        limit = self.limits.max_text_chars
         for i, item in enumerate(items):
             for field in ("question", "context"):
                 value: str = getattr(item, field)

@@ -70,7 +70,7 @@ class SentenceEmbedder(TextTask):
         self, texts: Sequence[str], params: EmbedParams, options: CallOptions, what: str = "texts"
     ) -> np.ndarray:
         """One float32 vector per text, (rows, dim)."""
-        check_texts(what, texts, self.context.limits)
+        check_texts(what, texts, self.limits)
         batch = await self.tokenize(texts, self.truncate(params.truncate), what)
         normalize = params.normalize if params.normalize is not None else self.option("normalize", True)
         return await self._vectors(batch, normalize, options)
@@ -97,11 +97,11 @@ class SentenceEmbedder(TextTask):
         """Cosine similarity of ``source`` to each candidate, (candidates,)."""
         if not source.strip():
             raise InvalidInput("source is empty; send the text to compare the candidates with")
-        if len(source) > self.context.limits.max_text_chars:
+        if len(source) > self.limits.max_text_chars:
             raise InvalidInput(
-                f"source has {len(source)} characters, over the limit of {self.context.limits.max_text_chars}"
+                f"source has {len(source)} characters, over the limit of {self.limits.max_text_chars}"
             )
-        check_texts("candidates", candidates, self.context.limits)
+        check_texts("candidates", candidates, self.limits)
         cut = self.truncate(truncate)
 
         def encode() -> TokenBatch:

@@ -50,7 +50,7 @@ class TextClassifier(TextTask):
         self, texts: Sequence[str], params: ClassifyTextParams, options: CallOptions
     ) -> list[tuple[LabelScore, ...]]:
         """One ranked label list per text, in order."""
-        check_texts("texts", texts, self.context.limits)
+        check_texts("texts", texts, self.limits)
         batch = await self.tokenize(texts, self.truncate(params.truncate))
         output = self.output_name("logits")
         logits = (await self.run_model(batch, options, [output]))[output].astype(np.float32)

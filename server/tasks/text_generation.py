@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from taskserve.clients.datatypes import numpy_dtype
-from taskserve.server.errors import InvalidInput, Overloaded, RuntimeFailure
+from taskserve.server.errors import GenerationCapExceeded, InvalidInput, Overloaded, RuntimeFailure
 from taskserve.server.repository.config import TensorConfig
 from taskserve.server.repository.paths import resolve_inside, shown
 from taskserve.server.scheduling.base import InferRequest
@@ -49,6 +49,8 @@ from taskserve.server.tasks.text import TextTask
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 # Stop strings per request, and characters per stop string.
 MAX_STOPS = 16
+# The roles chat templates know; anything else is refused before the template runs.
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP_CHARS = 256
 
 
@@ -183,7 +185,7 @@ class TextGenerator(TextTask):
 
     def check_params(self, prompt: str, messages: Sequence[ChatMessage], params: GenerateParams) -> None:
         """Everything that can be refused before tokenizing."""
-        limits = self.context.limits
+        limits = self.limits
         if prompt and messages:
             raise InvalidInput("send either prompt or messages, not both")
         if messages:
@@ -194,8 +196,10 @@ class TextGenerator(TextTask):
             if len(messages) > limits.max_items:
                 raise InvalidInput(f"messages: {len(messages)} exceed the limit of {limits.max_items}")
             for i, m in enumerate(messages):
-                if not m.role.strip():
-                    raise InvalidInput(f"messages[{i}].role is empty; use system, user or assistant")
+                if m.role not in CHAT_ROLES:
+                    raise InvalidInput(
+                        f"messages[{i}].role {m.role[:40]!r} is not a chat role; use one of {list(CHAT_ROLES)}"
+                    )
             chars = sum(len(m.content) for m in messages)
             if chars > limits.max_text_chars:
                 raise InvalidInput(f"messages hold {chars} characters, over the limit of {limits.max_text_chars}")
@@ -207,9 +211,9 @@ class TextGenerator(TextTask):
                     f"prompt has {len(prompt)} characters, over the limit of {limits.max_text_chars}"
                 )
         if params.max_new_tokens > self.max_new_tokens_limit:
-            raise InvalidInput(
+            raise GenerationCapExceeded(
                 f"max_new_tokens {params.max_new_tokens} is over the limit of {self.max_new_tokens_limit} "
-                f"for model {self.model.name!r}; ask for fewer"
+                f"for model {self.model.name!r}; ask for fewer (or raise task_options.max_new_tokens_limit)"
             )
         s = params.sampling
         if not (s.temperature >= 0 and np.isfinite(s.temperature)):

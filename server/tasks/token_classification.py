@@ -157,7 +157,7 @@ class TokenClassifier(TextTask):
         self, texts: Sequence[str], params: TagParams, options: CallOptions
     ) -> list[tuple[Entity, ...]]:
         """Entities per text, in text order."""
-        check_texts("texts", texts, self.context.limits)
+        check_texts("texts", texts, self.limits)
         batch = await self.tokenize(texts, self.truncate(params.truncate))
         output = self.output_name("logits")
         logits = (await self.run_model(batch, options, [output], per_token=[output]))[output].astype(

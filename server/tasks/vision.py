@@ -11,6 +11,7 @@ import numpy as np
 from taskserve.server.tasks.base import ServedModel, Task, TaskContext, check_count
 from taskserve.server.tasks.images import (
     ImageSource,
+    check_request_pixels,
     decode_image,
     preprocessing_from,
     read_preprocessor_config,
@@ -66,11 +67,12 @@ class VisionTask(Task):
 
     def _prepare(self, image: ImageSource, what: str) -> tuple[np.ndarray, tuple[int, int]]:
         """Blocking: decode and preprocess one image; also its original (height, width)."""
-        decoded = decode_image(image, self.context.limits.max_image_pixels, what)
+        decoded = decode_image(image, self.limits.max_image_pixels, what)
         return self.preprocessing.apply(decoded), (decoded.shape[0], decoded.shape[1])
 
     async def pixels(self, images: Sequence[ImageSource], what: str = "images") -> PixelBatch:
-        check_count(what, len(images), self.context.limits)
+        check_count(what, len(images), self.limits)
+        check_request_pixels(images, self.limits.max_image_pixels, self.limits.max_request_pixels, what)
         with self.stage("preprocess"):
             # One pool job per image: decoding is the heaviest per-item work, so images
             # decode in parallel across the pool.

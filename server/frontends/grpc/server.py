@@ -14,13 +14,16 @@ from taskserve.clients.generated.inference import grpc_service_pb2 as pb
 from taskserve.clients.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from taskserve.server.frontends.grpc.auth import BearerTokenInterceptor
 from taskserve.server.frontends.grpc.health import HealthReporter
+from taskserve.server.frontends.grpc.malformed import guard
 from taskserve.server.frontends.grpc.tasks import add_task_servicers
 from taskserve.server.frontends.grpc.tls import server_credentials
 from taskserve.server.frontends.grpc.v2_servicer import V2Servicer
 from taskserve.server.gpu_metrics import GpuCollector, start_gpu_metrics
 from taskserve.server.metrics import ServerMetrics
+from taskserve.server.repository.config import ModelLimits
 from taskserve.server.repository.manager import ModelManager
 from taskserve.server.settings import ServerSettings
+from taskserve.server.tasks.base import TaskLimits
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ class ServingApp:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.metrics = ServerMetrics()
-        self.models = ModelManager(settings.model_repository, self.metrics)
+        self.models = ModelManager(settings.model_repository, self.metrics, _model_limits(settings))
         self.health = HealthReporter()
         self.grpc_port = 0
         self.metrics_port = 0
@@ -79,11 +82,13 @@ class ServingApp:
             options += [("grpc.max_connection_age_ms", age_ms), ("grpc.max_connection_age_grace_ms", age_ms)]
         interceptors = [BearerTokenInterceptor(s.auth_tokens, s.auth_health)] if s.auth_tokens else []
         server = grpc.aio.server(options=options, interceptors=interceptors)
-        v2 = V2Servicer(self.models, self.ready, s.model_control_mode)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(v2, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        # Services register through guard(): malformed request messages get INVALID_ARGUMENT.
+        guarded = guard(server)
+        v2 = V2Servicer(self.models, self.ready, s.model_control_mode, s.max_streams)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(v2, guarded)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, guarded)
         names = [pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
-        names += add_task_servicers(server, self.models)
+        names += add_task_servicers(guarded, self.models, _task_limits(s))
         names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         self.service_names = names
         if s.reflection:
@@ -192,6 +197,27 @@ def _enable_reflection(server: grpc.aio.Server, names: list[str]) -> None:
         except KeyError:
             POOL.AddSerializedFile(descriptor.serialized_pb)
     reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server, pool=POOL)
+
+
+def _model_limits(s: ServerSettings) -> ModelLimits:
+    """The server's per-model limit defaults (the --max-* flags)."""
+    return ModelLimits(
+        max_items=s.max_items,
+        max_text_chars=s.max_text_chars,
+        max_image_pixels=s.max_image_pixels,
+        max_request_pixels=s.max_request_pixels,
+        max_variable_dim=s.max_variable_dim,
+    )
+
+
+def _task_limits(s: ServerSettings) -> TaskLimits:
+    return TaskLimits(
+        max_items=s.max_items,
+        max_text_chars=s.max_text_chars,
+        max_image_pixels=s.max_image_pixels,
+        max_request_pixels=s.max_request_pixels,
+        max_concurrent_requests=s.max_concurrent_requests,
+    )
 
 
 def create_server(settings: ServerSettings) -> ServingApp:

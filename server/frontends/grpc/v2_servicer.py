@@ -16,7 +16,7 @@ import grpc
 from taskserve.clients.generated.inference import grpc_service_pb2 as pb
 from taskserve.clients.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from taskserve.clients.generated.inference import model_config_pb2 as mc
-from taskserve.server.errors import InvalidInput, ModelControlDisabled, ModelNotReady
+from taskserve.server.errors import InvalidInput, ModelControlDisabled, ModelNotReady, Overloaded
 from taskserve.server.frontends.grpc import codec
 from taskserve.server.frontends.grpc.status import describe, unary
 from taskserve.server.metrics import Duration
@@ -45,10 +45,13 @@ def request_deadline(context: Context, timeout_us: int | None) -> float | None:
 
 
 class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, models: ModelManager, ready: Any, model_control: str = "none") -> None:
+    def __init__(self, models: ModelManager, ready: Any, model_control: str = "none", max_streams: int = 256) -> None:
         self._models = models
         # "explicit": RepositoryModelLoad/Unload allowed; "none": the repository is fixed at startup.
         self._model_control = model_control
+        # ModelStreamInfer streams open at once; beyond, new ones get RESOURCE_EXHAUSTED.
+        self._max_streams = max_streams
+        self._streams = 0
         # Callable telling whether the server as a whole is ready (startup done, not draining).
         self._server_ready = ready
 
@@ -145,6 +148,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         started = time.perf_counter_ns()
         model = self._models.get(request.model_name, request.model_version)
         metrics = model.metrics
+        deadline = None
         try:
             config = model.config
             inputs = codec.decode_inputs(request, config)
@@ -153,18 +157,19 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             if request.parameters:
                 priority = codec.int_parameter(request.parameters, "priority")
                 timeout_us = codec.int_parameter(request.parameters, "timeout")
+            deadline = request_deadline(context, timeout_us)
             infer_request = InferRequest(
                 inputs=inputs,
                 output_names=outputs,
                 priority=priority or None,
-                deadline=request_deadline(context, timeout_us),
+                deadline=deadline,
             )
             result = await model.scheduler.submit(infer_request)
             encode_started = time.perf_counter_ns()
             response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
             codec.encode_outputs(response, result.outputs, outputs)
         except BaseException as err:
-            metrics.request_raised(err, time.perf_counter_ns() - started)
+            metrics.request_raised(err, time.perf_counter_ns() - started, deadline)
             raise
         ended = time.perf_counter_ns()
         metrics.request_succeeded(ended - started, encode_ns=ended - encode_started)
@@ -177,6 +182,24 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests run concurrently; each answer (or error) is sent as it completes."""
+        if self._streams >= self._max_streams:
+            code, message = describe(
+                Overloaded(
+                    f"the server has {self._streams} ModelStreamInfer streams open, its limit; retry with backoff "
+                    "(or raise --max-streams)"
+                )
+            )
+            await context.abort(code, message)
+        self._streams += 1
+        try:
+            async for item in self._stream(request_iterator, context):
+                yield item
+        finally:
+            self._streams -= 1
+
+    async def _stream(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         limit = asyncio.Semaphore(STREAM_CONCURRENCY)
 

@@ -56,12 +56,10 @@ class TaskServicer:
         model = self._models.get(ref.name, ref.version)
         if isinstance(cls, tuple):
             cls = _matching(model, cls)
-        with model.metrics.track_request(time.perf_counter_ns()), self._tasks.context.admit():
+        deadline = request_deadline(context, options.timeout_us or None)
+        with model.metrics.track_request(time.perf_counter_ns(), deadline), self._tasks.context.admit():
             task = await self._tasks.get(model, cls)
-            hints = CallOptions(
-                priority=options.priority or None,
-                deadline=request_deadline(context, options.timeout_us or None),
-            )
+            hints = CallOptions(priority=options.priority or None, deadline=deadline)
             yield Call(model, task, hints)
 
 
