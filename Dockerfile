@@ -38,6 +38,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY clients ./clients
+COPY protocol ./protocol
 COPY exporters ./exporters
 COPY benchmarks ./benchmarks
 # `server` pulls the CPU onnxruntime; both wheels own the same module, so a GPU build

@@ -15,8 +15,8 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from taskserve.clients.generated.inference import grpc_service_pb2 as pb
-from taskserve.clients.generated.inference import grpc_service_pb2_grpc as pb_grpc
+from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
+from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 
 
 class EchoServicer(pb_grpc.GRPCInferenceServiceServicer):

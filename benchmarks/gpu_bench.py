@@ -34,13 +34,13 @@ import yaml
 from taskserve.benchmarks.loadgen import Call, WindowPlan, run_closed_loop
 from taskserve.benchmarks.peer_servers import PeerProcess, spawn_taskserve
 from taskserve.benchmarks.stats import LatencySummary, Window
-from taskserve.clients.generated.taskserve.v1 import common_pb2 as common
-from taskserve.clients.generated.taskserve.v1 import image_classification_pb2 as ic
-from taskserve.clients.generated.taskserve.v1 import image_classification_pb2_grpc as ic_grpc
-from taskserve.clients.generated.taskserve.v1 import sentence_embedding_pb2 as se
-from taskserve.clients.generated.taskserve.v1 import sentence_embedding_pb2_grpc as se_grpc
-from taskserve.clients.generated.taskserve.v1 import text_generation_pb2 as tg
-from taskserve.clients.generated.taskserve.v1 import text_generation_pb2_grpc as tg_grpc
+from taskserve.protocol.generated.taskserve.v1 import common_pb2 as common
+from taskserve.protocol.generated.taskserve.v1 import image_classification_pb2 as ic
+from taskserve.protocol.generated.taskserve.v1 import image_classification_pb2_grpc as ic_grpc
+from taskserve.protocol.generated.taskserve.v1 import sentence_embedding_pb2 as se
+from taskserve.protocol.generated.taskserve.v1 import sentence_embedding_pb2_grpc as se_grpc
+from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2 as tg
+from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2_grpc as tg_grpc
 
 MODELS = {"minilm": "all-MiniLM-L6-v2-torch", "efficientnet": "efficientnet-lite0-torch"}
 # (ratio, goal) from the issue; all "higher is better".
@@ -108,8 +108,8 @@ def variant_repository(models: Path, root: Path, wanted: Sequence[str]) -> dict[
 def wait_loaded(server: PeerProcess, names: Sequence[str], timeout: float) -> dict[str, str]:
     """Wait until every model is READY or UNAVAILABLE; {name: reason} of those not READY."""
     import grpc
-    from taskserve.clients.generated.inference import grpc_service_pb2 as pb
-    from taskserve.clients.generated.inference import grpc_service_pb2_grpc as pb_grpc
+    from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
+    from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 
     deadline = time.monotonic() + timeout
     states: dict[str, tuple[str, str]] = {}

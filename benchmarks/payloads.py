@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from taskserve.clients.datatypes import numpy_dtype
 from taskserve.clients.metadata import TensorMetadata
+from taskserve.protocol.datatypes import numpy_dtype
 
 Request = dict[str, np.ndarray]
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")

@@ -16,8 +16,10 @@ from taskserve.benchmarks.loadgen import Call
 from taskserve.benchmarks.payloads import Payload
 from taskserve.clients import text_codec, vision_codec
 from taskserve.clients.channel import create_aio_channel
-from taskserve.clients.generated.inference import grpc_service_pb2_grpc as v2_grpc
-from taskserve.clients.generated.taskserve.v1 import (
+from taskserve.clients.options import ClientOptions
+from taskserve.clients.v2_codec import encode_infer_request
+from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as v2_grpc
+from taskserve.protocol.generated.taskserve.v1 import (
     fill_mask_pb2_grpc,
     image_classification_pb2_grpc,
     image_segmentation_pb2_grpc,
@@ -26,9 +28,7 @@ from taskserve.clients.generated.taskserve.v1 import (
     text_classification_pb2_grpc,
     token_classification_pb2_grpc,
 )
-from taskserve.clients.generated.taskserve.v1.common_pb2 import ModelRef, RequestOptions
-from taskserve.clients.options import ClientOptions
-from taskserve.clients.v2_codec import encode_infer_request
+from taskserve.protocol.generated.taskserve.v1.common_pb2 import ModelRef, RequestOptions
 
 
 def bench_channel(address: str, timeout_s: float) -> grpc.aio.Channel:

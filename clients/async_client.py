@@ -15,14 +15,14 @@ import numpy.typing as npt
 from taskserve.clients.calls import AsyncCaller
 from taskserve.clients.channel import create_aio_channel
 from taskserve.clients.errors import TaskServeError, Unavailable, error_for
-from taskserve.clients.generated.inference import grpc_service_pb2 as pb
-from taskserve.clients.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from taskserve.clients.image_generation import AsyncImageGenerationNamespace
 from taskserve.clients.metadata import ModelMetadata, ServerMetadata
 from taskserve.clients.options import ClientOptions
 from taskserve.clients.text import AsyncTextNamespace
 from taskserve.clients.v2_codec import ParameterValue, decode_infer_response, encode_infer_request
 from taskserve.clients.vision import AsyncVisionNamespace
+from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
+from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 
 
 class AsyncTaskServeClient:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from taskserve.clients.generated.taskserve.v1 import common_pb2, text_generation_pb2, text_transform_pb2
 from taskserve.clients.results import (
     ChatMessage,
     FinishReason,
@@ -16,6 +15,7 @@ from taskserve.clients.results import (
     GenerationUsage,
     ServedBy,
 )
+from taskserve.protocol.generated.taskserve.v1 import common_pb2, text_generation_pb2, text_transform_pb2
 
 Message = ChatMessage | Mapping[str, str]
 

@@ -21,10 +21,10 @@ import grpc
 import grpc.aio
 import numpy as np
 from taskserve.clients.calls import AsyncCaller, SyncCaller
-from taskserve.clients.generated.taskserve.v1 import image_generation_pb2 as pb
-from taskserve.clients.generated.taskserve.v1 import image_generation_pb2_grpc as pb_grpc
 from taskserve.clients.images import ImageInput, to_image_proto
 from taskserve.clients.text_codec import model_ref, request_options
+from taskserve.protocol.generated.taskserve.v1 import image_generation_pb2 as pb
+from taskserve.protocol.generated.taskserve.v1 import image_generation_pb2_grpc as pb_grpc
 
 SCHEDULERS = {
     None: pb.DIFFUSION_SCHEDULER_UNSPECIFIED,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import numpy.typing as npt
-from taskserve.clients.generated.taskserve.v1 import common_pb2
+from taskserve.protocol.generated.taskserve.v1 import common_pb2
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage

@@ -19,7 +19,10 @@ from taskserve.clients import generation_codec as gen_codec
 from taskserve.clients import text_codec as codec
 from taskserve.clients import transform_codec as tx
 from taskserve.clients.calls import AsyncCaller, SyncCaller
-from taskserve.clients.generated.taskserve.v1 import (
+from taskserve.clients.generation_codec import Message
+from taskserve.clients.results import AnswerSpan, Classification, Entity, Generation, GenerationChunk, MaskPrediction
+from taskserve.clients.text_codec import Aggregation, ScoreFunction, model_ref, request_options
+from taskserve.protocol.generated.taskserve.v1 import (
     fill_mask_pb2_grpc,
     question_answering_pb2_grpc,
     sentence_embedding_pb2_grpc,
@@ -30,9 +33,6 @@ from taskserve.clients.generated.taskserve.v1 import (
     text_transform_pb2_grpc,
     token_classification_pb2_grpc,
 )
-from taskserve.clients.generation_codec import Message
-from taskserve.clients.results import AnswerSpan, Classification, Entity, Generation, GenerationChunk, MaskPrediction
-from taskserve.clients.text_codec import Aggregation, ScoreFunction, model_ref, request_options
 
 # What the streaming RPCs send: generation and transform messages have the same fields.
 _Streamed = TypeVar("_Streamed", text_generation_pb2.GenerateResponse, text_transform_pb2.TransformResponse)

@@ -11,14 +11,6 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
-from taskserve.clients.generated.taskserve.v1 import (
-    common_pb2,
-    fill_mask_pb2,
-    question_answering_pb2,
-    sentence_embedding_pb2,
-    text_classification_pb2,
-    token_classification_pb2,
-)
 from taskserve.clients.results import (
     AnswerSpan,
     Classification,
@@ -26,6 +18,14 @@ from taskserve.clients.results import (
     LabelScore,
     MaskCompletion,
     MaskPrediction,
+)
+from taskserve.protocol.generated.taskserve.v1 import (
+    common_pb2,
+    fill_mask_pb2,
+    question_answering_pb2,
+    sentence_embedding_pb2,
+    text_classification_pb2,
+    token_classification_pb2,
 )
 
 ScoreFunction = Literal["softmax", "sigmoid", "none"]

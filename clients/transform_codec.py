@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from taskserve.clients.generated.taskserve.v1 import text_transform_pb2
 from taskserve.clients.generation_codec import chunk
 from taskserve.clients.results import Generation, GenerationChunk
+from taskserve.protocol.generated.taskserve.v1 import text_transform_pb2
 
 
 def decoding(

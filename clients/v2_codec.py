@@ -11,13 +11,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
-from taskserve.clients.datatypes import (
+from taskserve.protocol.datatypes import (
     deserialize_bytes_tensor,
     numpy_dtype,
     serialize_bytes_tensor,
     v2_datatype,
 )
-from taskserve.clients.generated.inference import grpc_service_pb2 as pb
+from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 
 ParameterValue = bool | int | float | str
 

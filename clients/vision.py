@@ -13,15 +13,15 @@ import grpc
 import grpc.aio
 from taskserve.clients import vision_codec as codec
 from taskserve.clients.calls import AsyncCaller, SyncCaller
-from taskserve.clients.generated.taskserve.v1 import (
+from taskserve.clients.results import Classification, Detections, ImageTextScores, Segmentation
+from taskserve.clients.text_codec import classifications, model_ref, request_options
+from taskserve.clients.vision_codec import Images
+from taskserve.protocol.generated.taskserve.v1 import (
     image_classification_pb2_grpc,
     image_segmentation_pb2_grpc,
     image_text_match_pb2_grpc,
     object_detection_pb2_grpc,
 )
-from taskserve.clients.results import Classification, Detections, ImageTextScores, Segmentation
-from taskserve.clients.text_codec import classifications, model_ref, request_options
-from taskserve.clients.vision_codec import Images
 
 
 class VisionNamespace:

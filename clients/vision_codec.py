@@ -6,13 +6,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
-from taskserve.clients.generated.taskserve.v1 import (
-    common_pb2,
-    image_classification_pb2,
-    image_segmentation_pb2,
-    image_text_match_pb2,
-    object_detection_pb2,
-)
 from taskserve.clients.images import ImageInput, to_image_protos
 from taskserve.clients.results import (
     BoundingBox,
@@ -23,6 +16,13 @@ from taskserve.clients.results import (
     Segmentation,
 )
 from taskserve.clients.text_codec import check_texts
+from taskserve.protocol.generated.taskserve.v1 import (
+    common_pb2,
+    image_classification_pb2,
+    image_segmentation_pb2,
+    image_text_match_pb2,
+    object_detection_pb2,
+)
 
 Images = Sequence[ImageInput] | npt.NDArray[np.uint8]
 

@@ -155,7 +155,7 @@ PY
 
   section "imports"
   local generated=ok server=ok
-  timeout 60 "$PYTHON" -c "import taskserve.clients.generated.inference.grpc_service_pb2_grpc" 2>"$OUT/.import.err" \
+  timeout 60 "$PYTHON" -c "import taskserve.protocol.generated.inference.grpc_service_pb2_grpc" 2>"$OUT/.import.err" \
     || generated=$(tail -n 1 "$OUT/.import.err")
   echo "generated protobuf/grpc code: $generated"
   timeout 60 "$PYTHON" -c "import taskserve.server.frontends.grpc.server" 2>"$OUT/.import.err" \

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from taskserve.clients.datatypes import numpy_dtype
+from taskserve.protocol.datatypes import numpy_dtype
 from taskserve.server.errors import ModelNotFound, ModelNotReady, TaskServeError
 from taskserve.server.metrics import ModelMetrics, ServerMetrics
 from taskserve.server.repository.config import GenerationConfig, ModelConfig, ModelLimits, load_model_config

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from taskserve.clients.datatypes import numpy_dtype
+from taskserve.protocol.datatypes import numpy_dtype
 from taskserve.server.errors import InvalidInput, RuntimeFailure
 from taskserve.server.runtimes.base import Runtime
 from taskserve.server.runtimes.generation import StepRow

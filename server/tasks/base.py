@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import ClassVar, Protocol, Self, TypeVar
 
 import numpy as np
-from taskserve.clients.datatypes import numpy_dtype
+from taskserve.protocol.datatypes import numpy_dtype
 from taskserve.server.errors import Code, ConfigError, InvalidInput, Overloaded, WrongTask
 from taskserve.server.repository.config import ModelConfig, ModelLimits
 from taskserve.server.repository.paths import resolve_inside, shown

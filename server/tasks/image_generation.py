@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from taskserve.clients.datatypes import numpy_dtype
+from taskserve.protocol.datatypes import numpy_dtype
 from taskserve.server.errors import DeadlineExceeded, InvalidInput, Overloaded
 from taskserve.server.scheduling.base import InferRequest
 from taskserve.server.tasks.base import CallOptions, ServedModel, Task, TaskConfigError, TaskContext

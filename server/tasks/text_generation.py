@@ -35,7 +35,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from taskserve.clients.datatypes import numpy_dtype
+from taskserve.protocol.datatypes import numpy_dtype
 from taskserve.server.errors import GenerationCapExceeded, InvalidInput, Overloaded, RuntimeFailure
 from taskserve.server.repository.config import TensorConfig
 from taskserve.server.repository.paths import resolve_inside, shown

@@ -15,10 +15,10 @@ from typing import Any, Self
 import grpc
 import grpc.aio
 import numpy as np
-from taskserve.clients.datatypes import numpy_dtype
-from taskserve.clients.generated.inference import grpc_service_pb2 as pb
-from taskserve.clients.generated.inference import grpc_service_pb2_grpc as pb_grpc
-from taskserve.clients.generated.taskserve.v1 import (
+from taskserve.protocol.datatypes import numpy_dtype
+from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
+from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
+from taskserve.protocol.generated.taskserve.v1 import (
     common_pb2,
     fill_mask_pb2,
     fill_mask_pb2_grpc,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from taskserve.clients import ClientOptions, RetryPolicy, TlsConfig
 from taskserve.clients.errors import DeadlineExceeded, TaskServeError, error_for
-from taskserve.clients.generated.inference import grpc_service_pb2 as pb
 from taskserve.clients.v2_codec import decode_infer_response, encode_infer_request, parameter_value
+from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 
 
 def test_service_config_has_retry_and_load_balancing() -> None:

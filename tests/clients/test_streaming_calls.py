@@ -12,7 +12,7 @@ import grpc.aio
 import pytest
 from taskserve.clients import ClientOptions, DeadlineExceeded, InvalidArgument
 from taskserve.clients.calls import AsyncCaller, SyncCaller
-from taskserve.clients.generated.inference import grpc_service_pb2 as pb
+from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 
 from tests.clients.client_fakes import Recorder, ServerThread
 

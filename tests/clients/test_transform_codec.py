@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from taskserve.clients import transform_codec as tx
-from taskserve.clients.generated.taskserve.v1 import common_pb2, text_generation_pb2, text_transform_pb2
+from taskserve.protocol.generated.taskserve.v1 import common_pb2, text_generation_pb2, text_transform_pb2
 
 
 def test_decoding_options_are_checked_before_sending() -> None:

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 from taskserve.clients import DeadlineExceeded, InvalidArgument, TaskServeClient
-from taskserve.clients.generated.taskserve.v1 import image_generation_pb2 as pb
-from taskserve.clients.generated.taskserve.v1 import image_generation_pb2_grpc as pb_grpc
 from taskserve.clients.image_generation import ImageProgress, ImageResult
+from taskserve.protocol.generated.taskserve.v1 import image_generation_pb2 as pb
+from taskserve.protocol.generated.taskserve.v1 import image_generation_pb2_grpc as pb_grpc
 from taskserve.server.tasks.diffusion.pipeline import GenerationParams, Mode, PipelineSpec, spec_from_options
 from taskserve.server.tasks.diffusion.schedulers import SchedulerKind
 

@@ -59,8 +59,8 @@ def gpu_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _v2(address: str) -> Any:
     """The v2 service through the generated stubs (tritonclient need not be on the GPU machine)."""
     import grpc
-    from taskserve.clients.generated.inference import grpc_service_pb2 as pb
-    from taskserve.clients.generated.inference import grpc_service_pb2_grpc as pb_grpc
+    from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
+    from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 
     return pb, pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(address))
 
@@ -187,9 +187,9 @@ def gpu_repo(gpu_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 def test_concurrent_requests_batch_on_the_gpu(gpu_repo: Path) -> None:
     _torch_cuda()
     import grpc
-    from taskserve.clients.generated.taskserve.v1 import common_pb2 as common
-    from taskserve.clients.generated.taskserve.v1 import sentence_embedding_pb2 as se
-    from taskserve.clients.generated.taskserve.v1 import sentence_embedding_pb2_grpc as se_grpc
+    from taskserve.protocol.generated.taskserve.v1 import common_pb2 as common
+    from taskserve.protocol.generated.taskserve.v1 import sentence_embedding_pb2 as se
+    from taskserve.protocol.generated.taskserve.v1 import sentence_embedding_pb2_grpc as se_grpc
 
     from tests.support.server import running_server
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from taskserve.clients.generated.inference import grpc_service_pb2_grpc as pb_grpc
+from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from tokenizers import Tokenizer
 
 from tests.support.server import ServerThread

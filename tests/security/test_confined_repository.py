@@ -9,8 +9,8 @@ from pathlib import Path
 import grpc
 import pytest
 from onnx import TensorProto
-from taskserve.clients.generated.inference import grpc_service_pb2 as pb
-from taskserve.clients.generated.inference import grpc_service_pb2_grpc as pb_grpc
+from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
+from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from taskserve.server.errors import InvalidInput
 from taskserve.server.repository.paths import OutsideModelDir, check_model_name, resolve_inside, shown
 from taskserve.server.tasks.tokenization import TextTokenizer

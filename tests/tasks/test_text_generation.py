@@ -21,9 +21,9 @@ from taskserve.clients import (
     NotFound,
     TaskServeClient,
 )
-from taskserve.clients.generated.taskserve.v1 import common_pb2 as common
-from taskserve.clients.generated.taskserve.v1 import text_generation_pb2 as tg
-from taskserve.clients.generated.taskserve.v1 import text_generation_pb2_grpc as tg_grpc
+from taskserve.protocol.generated.taskserve.v1 import common_pb2 as common
+from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2 as tg
+from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2_grpc as tg_grpc
 
 from tests.support.server import ServerThread
 

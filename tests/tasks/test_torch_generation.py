@@ -13,9 +13,9 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from taskserve.clients.generated.taskserve.v1 import common_pb2 as common
-from taskserve.clients.generated.taskserve.v1 import text_generation_pb2 as tg
-from taskserve.clients.generated.taskserve.v1 import text_generation_pb2_grpc as tg_grpc
+from taskserve.protocol.generated.taskserve.v1 import common_pb2 as common
+from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2 as tg
+from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2_grpc as tg_grpc
 
 from tests.support.server import running_server
 

@@ -9,17 +9,17 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from taskserve.clients.generated.taskserve.v1 import common_pb2 as common
-from taskserve.clients.generated.taskserve.v1 import fill_mask_pb2 as fm
-from taskserve.clients.generated.taskserve.v1 import fill_mask_pb2_grpc as fm_grpc
-from taskserve.clients.generated.taskserve.v1 import question_answering_pb2 as qa
-from taskserve.clients.generated.taskserve.v1 import question_answering_pb2_grpc as qa_grpc
-from taskserve.clients.generated.taskserve.v1 import sentence_embedding_pb2 as se
-from taskserve.clients.generated.taskserve.v1 import sentence_embedding_pb2_grpc as se_grpc
-from taskserve.clients.generated.taskserve.v1 import text_classification_pb2 as tc
-from taskserve.clients.generated.taskserve.v1 import text_classification_pb2_grpc as tc_grpc
-from taskserve.clients.generated.taskserve.v1 import token_classification_pb2 as tk
-from taskserve.clients.generated.taskserve.v1 import token_classification_pb2_grpc as tk_grpc
+from taskserve.protocol.generated.taskserve.v1 import common_pb2 as common
+from taskserve.protocol.generated.taskserve.v1 import fill_mask_pb2 as fm
+from taskserve.protocol.generated.taskserve.v1 import fill_mask_pb2_grpc as fm_grpc
+from taskserve.protocol.generated.taskserve.v1 import question_answering_pb2 as qa
+from taskserve.protocol.generated.taskserve.v1 import question_answering_pb2_grpc as qa_grpc
+from taskserve.protocol.generated.taskserve.v1 import sentence_embedding_pb2 as se
+from taskserve.protocol.generated.taskserve.v1 import sentence_embedding_pb2_grpc as se_grpc
+from taskserve.protocol.generated.taskserve.v1 import text_classification_pb2 as tc
+from taskserve.protocol.generated.taskserve.v1 import text_classification_pb2_grpc as tc_grpc
+from taskserve.protocol.generated.taskserve.v1 import token_classification_pb2 as tk
+from taskserve.protocol.generated.taskserve.v1 import token_classification_pb2_grpc as tk_grpc
 
 TEXTS = [
     "The cat sat on the mat.",

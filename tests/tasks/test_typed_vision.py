@@ -13,14 +13,14 @@ import onnxruntime as ort
 import pytest
 import yaml
 from PIL import Image
-from taskserve.clients.generated.taskserve.v1 import common_pb2 as common
-from taskserve.clients.generated.taskserve.v1 import image_segmentation_pb2 as seg
-from taskserve.clients.generated.taskserve.v1 import image_segmentation_pb2_grpc as seg_grpc
-from taskserve.clients.generated.taskserve.v1 import image_text_match_pb2 as itm
-from taskserve.clients.generated.taskserve.v1 import image_text_match_pb2_grpc as itm_grpc
-from taskserve.clients.generated.taskserve.v1 import object_detection_pb2 as od
-from taskserve.clients.generated.taskserve.v1 import object_detection_pb2_grpc as od_grpc
 from taskserve.exporters.image_options import preprocess
+from taskserve.protocol.generated.taskserve.v1 import common_pb2 as common
+from taskserve.protocol.generated.taskserve.v1 import image_segmentation_pb2 as seg
+from taskserve.protocol.generated.taskserve.v1 import image_segmentation_pb2_grpc as seg_grpc
+from taskserve.protocol.generated.taskserve.v1 import image_text_match_pb2 as itm
+from taskserve.protocol.generated.taskserve.v1 import image_text_match_pb2_grpc as itm_grpc
+from taskserve.protocol.generated.taskserve.v1 import object_detection_pb2 as od
+from taskserve.protocol.generated.taskserve.v1 import object_detection_pb2_grpc as od_grpc
 
 
 def _photo(width: int, height: int, seed: int) -> Image.Image:

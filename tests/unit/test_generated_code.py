@@ -8,7 +8,7 @@ import sys
 
 def test_generated_code_matches_protos() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "taskserve.clients.codegen", "--check"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "taskserve.protocol.codegen", "--check"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     assert "matches" in result.stdout
@@ -18,7 +18,7 @@ def test_generated_code_coexists_with_tritonclient() -> None:
     # tritonclient registers another `inference` package in protobuf's default pool.
     code = (
         "import tritonclient.grpc\n"
-        "from taskserve.clients.generated.inference import grpc_service_pb2 as pb\n"
+        "from taskserve.protocol.generated.inference import grpc_service_pb2 as pb\n"
         "r = pb.ModelInferRequest(model_name='m')\n"
         "assert pb.ModelInferRequest.FromString(r.SerializeToString()).model_name == 'm'\n"
     )

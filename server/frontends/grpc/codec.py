@@ -9,14 +9,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from taskserve.clients.datatypes import (
+from taskserve.protocol.datatypes import (
     V2_TO_NUMPY,
     deserialize_bytes_tensor,
     numpy_dtype,
     serialize_bytes_tensor,
     v2_datatype,
 )
-from taskserve.clients.generated.inference import grpc_service_pb2 as pb
+from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from taskserve.server.errors import InvalidInput
 from taskserve.server.repository.config import ModelConfig, TensorConfig
 

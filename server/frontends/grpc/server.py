@@ -10,8 +10,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.exposition import start_http_server
-from taskserve.clients.generated.inference import grpc_service_pb2 as pb
-from taskserve.clients.generated.inference import grpc_service_pb2_grpc as pb_grpc
+from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
+from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from taskserve.server.frontends.grpc.auth import BearerTokenInterceptor
 from taskserve.server.frontends.grpc.health import HealthReporter
 from taskserve.server.frontends.grpc.malformed import guard
@@ -184,11 +184,11 @@ class ServingApp:
 
 
 def _enable_reflection(server: grpc.aio.Server, names: list[str]) -> None:
-    """Reflection over taskserve's private descriptor pool (see clients/codegen.py),
+    """Reflection over taskserve's private descriptor pool (see protocol/codegen.py),
     with the health and reflection protos copied into it so every listed service resolves."""
     from google.protobuf.descriptor import FileDescriptor
     from grpc_reflection.v1alpha import reflection, reflection_pb2
-    from taskserve.clients.generated._pool import POOL
+    from taskserve.protocol.generated._pool import POOL
 
     for descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
         assert isinstance(descriptor, FileDescriptor)

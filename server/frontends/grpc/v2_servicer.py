@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from taskserve.clients.generated.inference import grpc_service_pb2 as pb
-from taskserve.clients.generated.inference import grpc_service_pb2_grpc as pb_grpc
-from taskserve.clients.generated.inference import model_config_pb2 as mc
+from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
+from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
+from taskserve.protocol.generated.inference import model_config_pb2 as mc
 from taskserve.server.errors import InvalidInput, ModelControlDisabled, ModelNotReady, Overloaded
 from taskserve.server.frontends.grpc import codec
 from taskserve.server.frontends.grpc.status import describe, unary

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from taskserve.clients.generated.taskserve.v1 import (
+from taskserve.protocol.generated.taskserve.v1 import (
     fill_mask_pb2,
     fill_mask_pb2_grpc,
     image_classification_pb2,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import grpc
-from taskserve.clients.generated.taskserve.v1 import common_pb2
+from taskserve.protocol.generated.taskserve.v1 import common_pb2
 from taskserve.server.errors import InvalidInput, WrongTask
 from taskserve.server.frontends.grpc.v2_servicer import request_deadline
 from taskserve.server.repository.manager import LoadedModel, ModelManager

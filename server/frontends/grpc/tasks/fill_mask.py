@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from taskserve.clients.generated.taskserve.v1 import fill_mask_pb2 as pb
-from taskserve.clients.generated.taskserve.v1 import fill_mask_pb2_grpc as pb_grpc
+from taskserve.protocol.generated.taskserve.v1 import fill_mask_pb2 as pb
+from taskserve.protocol.generated.taskserve.v1 import fill_mask_pb2_grpc as pb_grpc
 from taskserve.server.frontends.grpc.status import unary
 from taskserve.server.frontends.grpc.tasks.call import Context, TaskServicer, optional_bool
 from taskserve.server.tasks.fill_mask import FillParams, MaskFiller, MaskPrediction

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from taskserve.clients.generated.taskserve.v1 import object_detection_pb2 as pb
-from taskserve.clients.generated.taskserve.v1 import object_detection_pb2_grpc as pb_grpc
+from taskserve.protocol.generated.taskserve.v1 import object_detection_pb2 as pb
+from taskserve.protocol.generated.taskserve.v1 import object_detection_pb2_grpc as pb_grpc
 from taskserve.server.frontends.grpc.status import unary
 from taskserve.server.frontends.grpc.tasks.call import Context, TaskServicer, image_sources
 from taskserve.server.tasks.object_detection import DetectParams, ImageDetections, ObjectDetector

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from taskserve.clients.generated.taskserve.v1 import question_answering_pb2 as pb
-from taskserve.clients.generated.taskserve.v1 import question_answering_pb2_grpc as pb_grpc
+from taskserve.protocol.generated.taskserve.v1 import question_answering_pb2 as pb
+from taskserve.protocol.generated.taskserve.v1 import question_answering_pb2_grpc as pb_grpc
 from taskserve.server.frontends.grpc.status import unary
 from taskserve.server.frontends.grpc.tasks.call import Context, TaskServicer
 from taskserve.server.tasks.question_answering import AnswerParams, QAItem, QuestionAnswerer

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from taskserve.clients.generated.taskserve.v1 import common_pb2
-from taskserve.clients.generated.taskserve.v1 import text_generation_pb2 as pb
-from taskserve.clients.generated.taskserve.v1 import text_generation_pb2_grpc as pb_grpc
+from taskserve.protocol.generated.taskserve.v1 import common_pb2
+from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2 as pb
+from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2_grpc as pb_grpc
 from taskserve.server.frontends.grpc.status import server_stream
 from taskserve.server.frontends.grpc.tasks.call import Context, TaskServicer
 from taskserve.server.tasks.chat_template import ChatMessage

@@ -7,9 +7,9 @@ import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
-from taskserve.clients.generated.taskserve.v1 import common_pb2
-from taskserve.clients.generated.taskserve.v1 import text_transform_pb2 as pb
-from taskserve.clients.generated.taskserve.v1 import text_transform_pb2_grpc as pb_grpc
+from taskserve.protocol.generated.taskserve.v1 import common_pb2
+from taskserve.protocol.generated.taskserve.v1 import text_transform_pb2 as pb
+from taskserve.protocol.generated.taskserve.v1 import text_transform_pb2_grpc as pb_grpc
 from taskserve.server.frontends.grpc.status import server_stream, unary
 from taskserve.server.frontends.grpc.tasks.call import Context, TaskServicer
 from taskserve.server.frontends.grpc.tasks.text_generation import FINISH_REASONS

@@ -1,1 +1,0 @@
-"""Code generated from protos/ by taskserve.clients.codegen."""
