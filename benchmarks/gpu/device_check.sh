@@ -70,7 +70,7 @@ checks() {
   section "layout"
   rm -rf build/devcheck/taskserve build/devcheck/site
   mkdir -p build/devcheck/taskserve
-  for p in server exporters clients benchmarks; do ln -s "$ROOT/$p" "build/devcheck/taskserve/$p"; done
+  for p in server exporters clients protocol benchmarks; do ln -s "$ROOT/$p" "build/devcheck/taskserve/$p"; done
   local path="$ROOT/build/devcheck"
   if compgen -G "$WHEELS/*.whl" >/dev/null; then
     if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
