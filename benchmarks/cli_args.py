@@ -38,7 +38,12 @@ def add_measurement_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--name", help="results file name (default: <mode>-<model>)")
     g.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default benchmarks/results)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.add_argument(
+    add_allow_dirty(g)
+
+
+def add_allow_dirty(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Every mode that writes results refuses a dirty tree unless told (benchmarks/machine.py)."""
+    p.add_argument(
         "--allow-dirty", action="store_true",
         help="measure on a working tree that differs from its commit (the results are marked dirty)",
     )  # fmt: skip

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from taskserve.benchmarks.cli_args import int_list
+from taskserve.benchmarks.cli_args import add_allow_dirty, int_list
 from taskserve.benchmarks.machine import machine_info
 from taskserve.benchmarks.peer_servers import PeerProcess, spawn_taskserve
 from taskserve.benchmarks.report import DEFAULT_OUT, write_results
@@ -92,6 +92,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 def build_parser(sub: Any) -> None:
     p = sub.add_parser("generation", help="generation engine targets: streams, context length, TTFT, vs transformers")
     add_generation_args(p)
+    add_allow_dirty(p)
 
 
 def write_engine_repository(model_dir: Path, model: str, root: Path, streams: int, positions: int) -> Path:

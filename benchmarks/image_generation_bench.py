@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from taskserve.benchmarks.cli_args import add_allow_dirty
 from taskserve.benchmarks.machine import machine_info
 from taskserve.benchmarks.report import DEFAULT_OUT, write_results
 from taskserve.benchmarks.stats import LatencySummary, RunResult, Window
@@ -50,6 +51,7 @@ def build_parser(sub: Any) -> None:
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--name", default="image-generation-tiny-sd")
+    add_allow_dirty(p)
 
 
 def _window(elapsed: float, latencies: list[float], errors: dict[str, int]) -> Window:

@@ -12,13 +12,17 @@ import argparse
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from taskserve.benchmarks.machine import DirtyTree, require_clean_tree
 
 MODEL = "all-MiniLM-L6-v2"
+GENERATION_MODEL = "SmolLM2-135M-Instruct"
 RESULTS = Path(__file__).resolve().parent / "results"
+# SmolLM2's weights as a transformers folder: the generation step compares with `generate` on them.
+SMOLLM2_SOURCE = Path("build/bench/smollm2-source")
 # Published once, now measured inside another result: removed when make bench has run.
 # (KServe with one thread per session is the kserve-tuned row of peers-all-MiniLM-L6-v2.)
 SUPERSEDED = (f"peers-{MODEL}-kserve-1-thread",)
@@ -31,22 +35,36 @@ class Step:
     name: str  # results file name (without extension)
     minutes: int  # expected on the 2-core machine these were first measured on
     argv: tuple[str, ...]
+    # Run before the step (e.g. materialize weights); None: nothing to prepare.
+    prepare: Callable[[], None] | None = None
+
+
+def _smollm2_source() -> None:
+    if not (SMOLLM2_SOURCE / "config.json").is_file():
+        from taskserve.exporters import smollm2
+
+        smollm2.materialize(SMOLLM2_SOURCE)
 
 
 def steps(repo: Path) -> list[Step]:
     peers = ("peers", "--model-repository", str(repo), "--model", MODEL, "--concurrency", "1,8,32",
-             "--repeats", "2", "--server-starts", "2", "--window", "4", "--max-windows", "4")  # fmt: skip
+             "--repeats", "2", "--server-starts", "2", "--window", "4", "--max-windows", "4", "--quiet")  # fmt: skip
     return [
         Step(f"peers-{MODEL}", 20, (*peers, "--name", f"peers-{MODEL}")),
         # Same-length requests: MLServer's adaptive batching can merge them (mlserver-tuned).
         Step(f"peers-{MODEL}-fixed-length", 20, (*peers, "--fixed-length", "--name", f"peers-{MODEL}-fixed-length")),
         Step(f"batching-{MODEL}", 8, ("batching", "--model-repository", str(repo), "--model", MODEL,
-                                      "--repeats", "2", "--name", f"batching-{MODEL}")),  # fmt: skip
+                                      "--repeats", "2", "--name", f"batching-{MODEL}", "--quiet")),  # fmt: skip
         Step(f"layouts-{MODEL}", 5, ("layouts", "--model-repository", str(repo), "--model", MODEL,
-                                     "--repeats", "3", "--name", f"layouts-{MODEL}")),  # fmt: skip
+                                     "--repeats", "3", "--name", f"layouts-{MODEL}", "--quiet")),  # fmt: skip
         Step("floor-tiny", 7, ("floor", "--repeats", "2", "--server-starts", "4", "--window", "3",
-                               "--name", "floor-tiny")),  # fmt: skip
+                               "--name", "floor-tiny", "--quiet")),  # fmt: skip
         Step("export_bench", 6, ("export",)),
+        Step(f"generation-{GENERATION_MODEL}", 8, ("generation", "--model-repository", str(repo), "--model",
+                                                   GENERATION_MODEL, "--source", str(SMOLLM2_SOURCE), "--quiet"),
+             prepare=_smollm2_source),  # fmt: skip
+        Step("image-generation-tiny-sd", 6, ("image-generation", "--size", "64", "--steps", "50", "--requests", "8",
+                                             "--repeats", "3", "--concurrency", "4")),  # fmt: skip
     ]
 
 
@@ -74,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     for s in plan:
         print(f"--- {s.name} ({(time.monotonic() - started) / 60:.0f} min in)", flush=True)
-        rc = subprocess.call([sys.executable, "-m", "taskserve.benchmarks.cli", *s.argv, "--quiet"]
-                             if s.argv[0] != "export" else [sys.executable, "-m", "taskserve.benchmarks.cli", *s.argv])
+        if s.prepare is not None:
+            s.prepare()
+        rc = subprocess.call([sys.executable, "-m", "taskserve.benchmarks.cli", *s.argv])
         if rc != 0:
             print(f"make bench: {s.name} failed (exit {rc})", file=sys.stderr)
             return rc
