@@ -61,10 +61,11 @@ def steps(repo: Path) -> list[Step]:
                                "--name", "floor-tiny", "--quiet")),  # fmt: skip
         Step("export_bench", 6, ("export",)),
         Step(f"generation-{GENERATION_MODEL}", 8, ("generation", "--model-repository", str(repo), "--model",
-                                                   GENERATION_MODEL, "--source", str(SMOLLM2_SOURCE), "--quiet"),
+                                                   GENERATION_MODEL, "--source", str(SMOLLM2_SOURCE), "--quiet",
+                                                   "--name", f"generation-{GENERATION_MODEL}"),
              prepare=_smollm2_source),  # fmt: skip
         Step("image-generation-tiny-sd", 6, ("image-generation", "--size", "64", "--steps", "50", "--requests", "8",
-                                             "--repeats", "3", "--concurrency", "4")),  # fmt: skip
+                                             "--repeats", "3", "--concurrency", "4", "--name", "image-generation-tiny-sd")),  # fmt: skip
     ]
 
 
