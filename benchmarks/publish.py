@@ -65,7 +65,8 @@ def steps(repo: Path) -> list[Step]:
                                                    "--name", f"generation-{GENERATION_MODEL}"),
              prepare=_smollm2_source),  # fmt: skip
         Step("image-generation-tiny-sd", 6, ("image-generation", "--size", "64", "--steps", "50", "--requests", "8",
-                                             "--repeats", "3", "--concurrency", "4", "--name", "image-generation-tiny-sd")),  # fmt: skip
+                                             "--repeats", "3", "--concurrency", "4",
+                                             "--name", "image-generation-tiny-sd")),  # fmt: skip
     ]
 
 
