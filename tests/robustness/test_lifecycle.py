@@ -126,11 +126,11 @@ async def test_a_task_without_a_registered_typed_task_is_refused(robust_server: 
 
     assert robust_server.app is not None
     model = robust_server.app.models.get("simple")
-    config = model.config.model_copy(update={"task": "image-generation"})
+    config = model.config.model_copy(update={"task": "audio-classification"})
     fake = type("Fake", (), {"name": "fake", "version": "1", "config": config, "model_dir": model.model_dir})()
     context = TaskContext(workers=1)
     try:
-        with pytest.raises(TaskConfigError, match="task 'image-generation' is not served by this server"):
+        with pytest.raises(TaskConfigError, match="task 'audio-classification' is not served by this server"):
             await check_servable(TaskCache(context), fake)
         await check_servable(TaskCache(context), model)  # task tensor: nothing to build
     finally:
