@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from taskserve.clients.generation_codec import chunk
+from taskserve.clients.generation_codec import check_decoding, chunk
 from taskserve.clients.results import Generation, GenerationChunk
 from taskserve.protocol.generated.taskserve.v1 import text_transform_pb2
 
@@ -15,14 +15,7 @@ def decoding(
     max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None, stop: Sequence[str]
 ) -> text_transform_pb2.DecodingOptions:
     """Checks what the client can check; the server checks the rest (limits, lengths)."""
-    if isinstance(stop, str):
-        raise TypeError("stop must be a list of strings, even for one stop string")
-    if max_new_tokens < 0 or top_k < 0 or temperature < 0:
-        raise ValueError("max_new_tokens, top_k and temperature must be >= 0")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if seed is not None and seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    check_decoding(max_new_tokens, temperature, top_k, top_p, seed, stop)
     return text_transform_pb2.DecodingOptions(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=list(stop)
     )
