@@ -89,11 +89,7 @@ class _TransformServicer(TaskServicer):
         async for by, chunk in self._generate(request, kind, context):
             served_by = by
             chunks.append(chunk)
-        last = chunks[-1]
-        ids = tuple(i for c in chunks for i in c.token_ids)
-        return _response(
-            served_by, GenerationChunk("".join(c.text for c in chunks), ids, last.finish_reason, last.usage)
-        )
+        return _joined(served_by, chunks)
 
 
 class TranslationServicer(_TransformServicer, pb_grpc.TranslationServicer):
