@@ -35,10 +35,9 @@ from taskserve.server.tasks.text import TextTask
 from taskserve.server.tasks.text_generation import (
     MAX_STOP_CHARS,
     MAX_STOPS,
-    FinishReason,
     GenerateParams,
     GenerationChunk,
-    Usage,
+    TokenChunks,
 )
 from taskserve.server.tasks.transform import PromptTemplates, TransformInput, TransformKind, read_languages
 
@@ -161,30 +160,15 @@ class Seq2SeqGenerator(TextTask):
                 encoder_states=hidden[0],
             )
         )
-        generated: list[int] = []
-        unsent: list[int] = []
+        chunks = TokenChunks(stream, self.eos_ids, limit, len(ids))
         try:
             async for token in sequence:
-                generated.append(token)
-                unsent.append(token)
-                finish: FinishReason | None = None
-                piece = ""
-                if token in self.eos_ids:
-                    finish = FinishReason.EOS
-                else:
-                    piece = stream.push(token)
-                    if stream.stopped:
-                        finish = FinishReason.STOP
-                    elif len(generated) >= limit:
-                        finish = FinishReason.LENGTH
-                if finish is not None:
-                    piece += stream.finish()
-                    yield GenerationChunk(piece, tuple(unsent), finish, Usage(len(ids), len(generated)))
+                chunk = chunks.push(token)
+                if chunk is not None:
+                    yield chunk
+                if chunks.finished:
                     return
-                if piece:
-                    yield GenerationChunk(piece, tuple(unsent))
-                    unsent = []
             # The engine ended the sequence at its cache length (the limit keeps within it; kept as a guard).
-            yield GenerationChunk(stream.finish(), tuple(unsent), FinishReason.LENGTH, Usage(len(ids), len(generated)))
+            yield chunks.cut()
         finally:
             sequence.cancel()  # a stop string or a client gone: the slot frees at the next iteration

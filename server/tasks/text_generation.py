@@ -93,6 +93,48 @@ class GenerationChunk:
     usage: Usage | None = None
 
 
+class TokenChunks:
+    """Turns generated tokens into chunks: the text as it decodes, the finish reason and
+    usage on the last. Shared by the decoder-only and the encoder-decoder generators."""
+
+    def __init__(self, stream: TextStream, eos_ids: frozenset[int], limit: int, prompt_tokens: int) -> None:
+        self._stream, self._eos_ids, self._limit, self._prompt_tokens = stream, eos_ids, limit, prompt_tokens
+        self._generated = 0
+        self._unsent: list[int] = []
+        self.finished = False
+
+    def push(self, token: int) -> GenerationChunk | None:
+        """The chunk this token completes, if any; ``finished`` once it is the last."""
+        self._generated += 1
+        self._unsent.append(token)
+        finish: FinishReason | None = None
+        text = ""
+        if token in self._eos_ids:
+            finish = FinishReason.EOS
+        else:
+            text = self._stream.push(token)
+            if self._stream.stopped:
+                finish = FinishReason.STOP
+            elif self._generated >= self._limit:
+                finish = FinishReason.LENGTH
+        if finish is not None:
+            self.finished = True
+            return self._last(text + self._stream.finish(), finish)
+        if not text:
+            return None
+        chunk = GenerationChunk(text, tuple(self._unsent))
+        self._unsent = []
+        return chunk
+
+    def cut(self) -> GenerationChunk:
+        """The last chunk when the engine ended the sequence at its cache length."""
+        return self._last(self._stream.finish(), FinishReason.LENGTH)
+
+    def _last(self, text: str, finish: FinishReason) -> GenerationChunk:
+        usage = Usage(prompt_tokens=self._prompt_tokens, generated_tokens=self._generated)
+        return GenerationChunk(text, tuple(self._unsent), finish, usage)
+
+
 @dataclass(frozen=True)
 class _Prompt:
     ids: list[int]
@@ -288,33 +330,16 @@ class TextGenerator(TextTask):
             if self.engine is not None
             else self._batched_tokens(prepared, picker, options)
         )
-        generated: list[int] = []
-        unsent: list[int] = []
+        chunks = TokenChunks(stream, self.eos_ids, prepared.max_new_tokens, len(prepared.ids))
         try:
             async for token in tokens:
-                generated.append(token)
-                unsent.append(token)
-                finish: FinishReason | None = None
-                text = ""
-                if token in self.eos_ids:
-                    finish = FinishReason.EOS
-                else:
-                    text = stream.push(token)
-                    if stream.stopped:
-                        finish = FinishReason.STOP
-                    elif len(generated) >= prepared.max_new_tokens:
-                        finish = FinishReason.LENGTH
-                if finish is not None:
-                    text += stream.finish()
-                    usage = Usage(prompt_tokens=len(prepared.ids), generated_tokens=len(generated))
-                    yield GenerationChunk(text, tuple(unsent), finish, usage)
+                chunk = chunks.push(token)
+                if chunk is not None:
+                    yield chunk
+                if chunks.finished:
                     return
-                if text:
-                    yield GenerationChunk(text, tuple(unsent))
-                    unsent = []
             # The engine ended the sequence at its cache length (prepare keeps within it; kept as a guard).
-            usage = Usage(prompt_tokens=len(prepared.ids), generated_tokens=len(generated))
-            yield GenerationChunk(stream.finish(), tuple(unsent), FinishReason.LENGTH, usage)
+            yield chunks.cut()
         finally:
             await tokens.aclose()
 
