@@ -26,7 +26,7 @@ import json
 from collections.abc import AsyncGenerator, AsyncIterator
 
 import numpy as np
-from taskserve.server.errors import InvalidInput, Overloaded, RuntimeFailure
+from taskserve.server.errors import InvalidInput, RuntimeFailure
 from taskserve.server.scheduling.base import InferRequest
 from taskserve.server.scheduling.generation_scheduler import GenerationScheduler, SequenceRequest
 from taskserve.server.tasks.base import CallOptions, ServedModel, TaskConfigError, TaskContext
@@ -38,6 +38,7 @@ from taskserve.server.tasks.text_generation import (
     GenerateParams,
     GenerationChunk,
     TokenChunks,
+    generation_slot,
 )
 from taskserve.server.tasks.transform import PromptTemplates, TransformInput, TransformKind, read_languages
 
@@ -114,18 +115,12 @@ class Seq2SeqGenerator(TextTask):
         """Stream the output text; cancelling the consumer ends the loop at the step in flight."""
         text = self.templates.render(request, self.languages, self.context.limits)
         self.check_params(params)
-        if self.active >= self.max_concurrent:
-            raise Overloaded(
-                f"model {self.model.name!r} is running {self.active} generations, its limit "
-                "(task_options.max_concurrent_generations); retry with backoff"
-            )
-        self.active += 1
         steps = self._generate(text, params, options, encoder)
         try:
-            async for chunk in steps:
-                yield chunk
+            with generation_slot(self):
+                async for chunk in steps:
+                    yield chunk
         finally:
-            self.active -= 1
             await steps.aclose()
 
     async def _generate(

@@ -31,8 +31,10 @@ from __future__ import annotations
 import enum
 import json
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from taskserve.protocol.datatypes import numpy_dtype
@@ -91,6 +93,28 @@ class GenerationChunk:
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+
+
+class _Bounded(Protocol):
+    model: ServedModel
+    active: int
+    max_concurrent: int
+
+
+@contextmanager
+def generation_slot(task: _Bounded) -> Iterator[None]:
+    """One of the model's concurrent generations (task_options.max_concurrent_generations),
+    held for the body; over the limit: Overloaded. Shared with the encoder-decoder task."""
+    if task.active >= task.max_concurrent:
+        raise Overloaded(
+            f"model {task.model.name!r} is running {task.active} generations, its limit "
+            "(task_options.max_concurrent_generations); retry with backoff"
+        )
+    task.active += 1
+    try:
+        yield
+    finally:
+        task.active -= 1
 
 
 class TokenChunks:
@@ -305,18 +329,12 @@ class TextGenerator(TextTask):
         """Stream the continuation. Cancelling the consumer (the client went away, the
         deadline passed) cancels the step in flight and ends the loop."""
         self.check_params(prompt, messages, params)
-        if self.active >= self.max_concurrent:
-            raise Overloaded(
-                f"model {self.model.name!r} is running {self.active} generations, its limit "
-                "(task_options.max_concurrent_generations); retry with backoff"
-            )
-        self.active += 1
         steps = self._generate(prompt, messages, params, options)
         try:
-            async for chunk in steps:
-                yield chunk
+            with generation_slot(self):
+                async for chunk in steps:
+                    yield chunk
         finally:
-            self.active -= 1
             await steps.aclose()  # a consumer that stopped early ends the loop now, not at garbage collection
 
     async def _generate(
