@@ -34,6 +34,20 @@ def _message(message: Message, i: int) -> text_generation_pb2.ChatMessage:
     raise TypeError(f"messages[{i}] must be a ChatMessage or a mapping with 'role' and 'content'")
 
 
+def check_decoding(
+    max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None, stop: Sequence[str]
+) -> None:
+    """The decoding settings' client-side checks, shared by generation and the transforms."""
+    if isinstance(stop, str):
+        raise TypeError("stop must be a list of strings, even for one stop string")
+    if max_new_tokens < 0 or top_k < 0 or temperature < 0:
+        raise ValueError("max_new_tokens, top_k and temperature must be >= 0")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if seed is not None and seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+
+
 def generate_request(
     ref: common_pb2.ModelRef,
     opts: common_pb2.RequestOptions,
@@ -49,14 +63,7 @@ def generate_request(
     """Checks what the client can check; the server checks the rest (limits, lengths)."""
     if (prompt is None) == (messages is None):
         raise ValueError("pass either prompt or messages")
-    if isinstance(stop, str):
-        raise TypeError("stop must be a list of strings, even for one stop string")
-    if max_new_tokens < 0 or top_k < 0 or temperature < 0:
-        raise ValueError("max_new_tokens, top_k and temperature must be >= 0")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if seed is not None and seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    check_decoding(max_new_tokens, temperature, top_k, top_p, seed, stop)
     return text_generation_pb2.GenerateRequest(
         model=ref, options=opts, prompt=prompt or "",
         messages=[_message(m, i) for i, m in enumerate(messages or ())],

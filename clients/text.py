@@ -180,8 +180,8 @@ class TextNamespace:
     ) -> Generation:  # fmt: skip
         """``text`` in ``target_language`` (languages as the model names them)."""
         req = tx.request(
-            text_transform_pb2.TranslateRequest, model_ref(model, version), request_options(priority, queue_timeout_us),
-            text, tx.decoding(max_new_tokens, temperature, top_k, top_p, seed, stop),
+            text_transform_pb2.TranslateRequest, text, model, version, priority, queue_timeout_us,
+            max_new_tokens, temperature, top_k, top_p, seed, stop,
             source_language=source_language, target_language=target_language,
         )  # fmt: skip
         return tx.transform_result(self._caller.unary(self._translation.Translate, req, timeout))
@@ -193,8 +193,8 @@ class TextNamespace:
         priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
     ) -> Iterator[GenerationChunk]:  # fmt: skip
         req = tx.request(
-            text_transform_pb2.TranslateRequest, model_ref(model, version), request_options(priority, queue_timeout_us),
-            text, tx.decoding(max_new_tokens, temperature, top_k, top_p, seed, stop),
+            text_transform_pb2.TranslateRequest, text, model, version, priority, queue_timeout_us,
+            max_new_tokens, temperature, top_k, top_p, seed, stop,
             source_language=source_language, target_language=target_language,
         )  # fmt: skip
         return self._chunks(self._caller.server_stream(self._translation.TranslateStream, req, timeout))
@@ -206,8 +206,8 @@ class TextNamespace:
         priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
     ) -> Generation:  # fmt: skip
         req = tx.request(
-            text_transform_pb2.SummarizeRequest, model_ref(model, version), request_options(priority, queue_timeout_us),
-            text, tx.decoding(max_new_tokens, temperature, top_k, top_p, seed, stop),
+            text_transform_pb2.SummarizeRequest, text, model, version, priority, queue_timeout_us,
+            max_new_tokens, temperature, top_k, top_p, seed, stop,
         )  # fmt: skip
         return tx.transform_result(self._caller.unary(self._summarization.Summarize, req, timeout))
 
@@ -218,8 +218,8 @@ class TextNamespace:
         priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
     ) -> Iterator[GenerationChunk]:  # fmt: skip
         req = tx.request(
-            text_transform_pb2.SummarizeRequest, model_ref(model, version), request_options(priority, queue_timeout_us),
-            text, tx.decoding(max_new_tokens, temperature, top_k, top_p, seed, stop),
+            text_transform_pb2.SummarizeRequest, text, model, version, priority, queue_timeout_us,
+            max_new_tokens, temperature, top_k, top_p, seed, stop,
         )  # fmt: skip
         return self._chunks(self._caller.server_stream(self._summarization.SummarizeStream, req, timeout))
 
@@ -230,8 +230,8 @@ class TextNamespace:
         priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
     ) -> Generation:  # fmt: skip
         req = tx.request(
-            text_transform_pb2.Text2TextRequest, model_ref(model, version), request_options(priority, queue_timeout_us),
-            text, tx.decoding(max_new_tokens, temperature, top_k, top_p, seed, stop),
+            text_transform_pb2.Text2TextRequest, text, model, version, priority, queue_timeout_us,
+            max_new_tokens, temperature, top_k, top_p, seed, stop,
         )  # fmt: skip
         return tx.transform_result(self._caller.unary(self._text2text.Generate, req, timeout))
 
@@ -242,8 +242,8 @@ class TextNamespace:
         priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
     ) -> Iterator[GenerationChunk]:  # fmt: skip
         req = tx.request(
-            text_transform_pb2.Text2TextRequest, model_ref(model, version), request_options(priority, queue_timeout_us),
-            text, tx.decoding(max_new_tokens, temperature, top_k, top_p, seed, stop),
+            text_transform_pb2.Text2TextRequest, text, model, version, priority, queue_timeout_us,
+            max_new_tokens, temperature, top_k, top_p, seed, stop,
         )  # fmt: skip
         return self._chunks(self._caller.server_stream(self._text2text.GenerateStream, req, timeout))
 
@@ -374,8 +374,8 @@ class AsyncTextNamespace:
     ) -> Generation:  # fmt: skip
         """``text`` in ``target_language`` (languages as the model names them)."""
         req = tx.request(
-            text_transform_pb2.TranslateRequest, model_ref(model, version), request_options(priority, queue_timeout_us),
-            text, tx.decoding(max_new_tokens, temperature, top_k, top_p, seed, stop),
+            text_transform_pb2.TranslateRequest, text, model, version, priority, queue_timeout_us,
+            max_new_tokens, temperature, top_k, top_p, seed, stop,
             source_language=source_language, target_language=target_language,
         )  # fmt: skip
         return tx.transform_result(await self._caller.unary(self._translation.Translate, req, timeout))
@@ -387,8 +387,8 @@ class AsyncTextNamespace:
         priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
     ) -> AsyncIterator[GenerationChunk]:  # fmt: skip
         req = tx.request(
-            text_transform_pb2.TranslateRequest, model_ref(model, version), request_options(priority, queue_timeout_us),
-            text, tx.decoding(max_new_tokens, temperature, top_k, top_p, seed, stop),
+            text_transform_pb2.TranslateRequest, text, model, version, priority, queue_timeout_us,
+            max_new_tokens, temperature, top_k, top_p, seed, stop,
             source_language=source_language, target_language=target_language,
         )  # fmt: skip
         return self._chunks(self._caller.server_stream(self._translation.TranslateStream, req, timeout))
@@ -400,8 +400,8 @@ class AsyncTextNamespace:
         priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
     ) -> Generation:  # fmt: skip
         req = tx.request(
-            text_transform_pb2.SummarizeRequest, model_ref(model, version), request_options(priority, queue_timeout_us),
-            text, tx.decoding(max_new_tokens, temperature, top_k, top_p, seed, stop),
+            text_transform_pb2.SummarizeRequest, text, model, version, priority, queue_timeout_us,
+            max_new_tokens, temperature, top_k, top_p, seed, stop,
         )  # fmt: skip
         return tx.transform_result(await self._caller.unary(self._summarization.Summarize, req, timeout))
 
@@ -412,8 +412,8 @@ class AsyncTextNamespace:
         priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
     ) -> AsyncIterator[GenerationChunk]:  # fmt: skip
         req = tx.request(
-            text_transform_pb2.SummarizeRequest, model_ref(model, version), request_options(priority, queue_timeout_us),
-            text, tx.decoding(max_new_tokens, temperature, top_k, top_p, seed, stop),
+            text_transform_pb2.SummarizeRequest, text, model, version, priority, queue_timeout_us,
+            max_new_tokens, temperature, top_k, top_p, seed, stop,
         )  # fmt: skip
         return self._chunks(self._caller.server_stream(self._summarization.SummarizeStream, req, timeout))
 
@@ -424,8 +424,8 @@ class AsyncTextNamespace:
         priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
     ) -> Generation:  # fmt: skip
         req = tx.request(
-            text_transform_pb2.Text2TextRequest, model_ref(model, version), request_options(priority, queue_timeout_us),
-            text, tx.decoding(max_new_tokens, temperature, top_k, top_p, seed, stop),
+            text_transform_pb2.Text2TextRequest, text, model, version, priority, queue_timeout_us,
+            max_new_tokens, temperature, top_k, top_p, seed, stop,
         )  # fmt: skip
         return tx.transform_result(await self._caller.unary(self._text2text.Generate, req, timeout))
 
@@ -436,7 +436,7 @@ class AsyncTextNamespace:
         priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
     ) -> AsyncIterator[GenerationChunk]:  # fmt: skip
         req = tx.request(
-            text_transform_pb2.Text2TextRequest, model_ref(model, version), request_options(priority, queue_timeout_us),
-            text, tx.decoding(max_new_tokens, temperature, top_k, top_p, seed, stop),
+            text_transform_pb2.Text2TextRequest, text, model, version, priority, queue_timeout_us,
+            max_new_tokens, temperature, top_k, top_p, seed, stop,
         )  # fmt: skip
         return self._chunks(self._caller.server_stream(self._text2text.GenerateStream, req, timeout))

@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from taskserve.clients.generation_codec import chunk
+from taskserve.clients.generation_codec import check_decoding, chunk
 from taskserve.clients.results import Generation, GenerationChunk
+from taskserve.clients.text_codec import model_ref, request_options
 from taskserve.protocol.generated.taskserve.v1 import text_transform_pb2
 
 
@@ -15,14 +16,7 @@ def decoding(
     max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None, stop: Sequence[str]
 ) -> text_transform_pb2.DecodingOptions:
     """Checks what the client can check; the server checks the rest (limits, lengths)."""
-    if isinstance(stop, str):
-        raise TypeError("stop must be a list of strings, even for one stop string")
-    if max_new_tokens < 0 or top_k < 0 or temperature < 0:
-        raise ValueError("max_new_tokens, top_k and temperature must be >= 0")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if seed is not None and seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    check_decoding(max_new_tokens, temperature, top_k, top_p, seed, stop)
     return text_transform_pb2.DecodingOptions(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=list(stop)
     )
@@ -39,7 +33,15 @@ def transform_result(response: text_transform_pb2.TransformResponse) -> Generati
     return Generation(piece.text, piece.token_ids, piece.finish_reason, piece.usage, piece.served_by)
 
 
-def request(cls: Any, ref: Any, opts: Any, text: str, options: text_transform_pb2.DecodingOptions, **extra: str) -> Any:
+def request(
+    cls: Any, text: str, model: str, version: str, priority: int, queue_timeout_us: int,
+    max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None, stop: Sequence[str],
+    **extra: str,
+) -> Any:  # fmt: skip
+    """One transform request from a client method's arguments (sync and asyncio alike)."""
     if not isinstance(text, str):
         raise TypeError("text must be a string")
-    return cls(model=ref, options=opts, text=text, decoding=options, **extra)
+    return cls(
+        model=model_ref(model, version), options=request_options(priority, queue_timeout_us), text=text,
+        decoding=decoding(max_new_tokens, temperature, top_k, top_p, seed, stop), **extra,
+    )  # fmt: skip

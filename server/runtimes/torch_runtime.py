@@ -398,10 +398,9 @@ class TorchRuntime(Runtime):
         global _threads_set
         with _threads_lock:
             if not _threads_set:
-                from taskserve.server.runtimes.onnx import default_intra_op_threads
+                from taskserve.server.runtimes.onnx_threads import instance_threads
 
-                threads = self.config.runtime.intra_op_threads or default_intra_op_threads(self.config.instance_count)
-                torch.set_num_threads(threads)
+                torch.set_num_threads(instance_threads(self.config.runtime, self.config.instance_count))
                 _threads_set = True
 
     @property

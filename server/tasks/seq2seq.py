@@ -26,7 +26,7 @@ import json
 from collections.abc import AsyncGenerator, AsyncIterator
 
 import numpy as np
-from taskserve.server.errors import InvalidInput, Overloaded, RuntimeFailure
+from taskserve.server.errors import InvalidInput, RuntimeFailure
 from taskserve.server.scheduling.base import InferRequest
 from taskserve.server.scheduling.generation_scheduler import GenerationScheduler, SequenceRequest
 from taskserve.server.tasks.base import CallOptions, ServedModel, TaskConfigError, TaskContext
@@ -35,10 +35,10 @@ from taskserve.server.tasks.text import TextTask
 from taskserve.server.tasks.text_generation import (
     MAX_STOP_CHARS,
     MAX_STOPS,
-    FinishReason,
     GenerateParams,
     GenerationChunk,
-    Usage,
+    TokenChunks,
+    generation_slot,
 )
 from taskserve.server.tasks.transform import PromptTemplates, TransformInput, TransformKind, read_languages
 
@@ -115,18 +115,12 @@ class Seq2SeqGenerator(TextTask):
         """Stream the output text; cancelling the consumer ends the loop at the step in flight."""
         text = self.templates.render(request, self.languages, self.context.limits)
         self.check_params(params)
-        if self.active >= self.max_concurrent:
-            raise Overloaded(
-                f"model {self.model.name!r} is running {self.active} generations, its limit "
-                "(task_options.max_concurrent_generations); retry with backoff"
-            )
-        self.active += 1
         steps = self._generate(text, params, options, encoder)
         try:
-            async for chunk in steps:
-                yield chunk
+            with generation_slot(self):
+                async for chunk in steps:
+                    yield chunk
         finally:
-            self.active -= 1
             await steps.aclose()
 
     async def _generate(
@@ -161,30 +155,15 @@ class Seq2SeqGenerator(TextTask):
                 encoder_states=hidden[0],
             )
         )
-        generated: list[int] = []
-        unsent: list[int] = []
+        chunks = TokenChunks(stream, self.eos_ids, limit, len(ids))
         try:
             async for token in sequence:
-                generated.append(token)
-                unsent.append(token)
-                finish: FinishReason | None = None
-                piece = ""
-                if token in self.eos_ids:
-                    finish = FinishReason.EOS
-                else:
-                    piece = stream.push(token)
-                    if stream.stopped:
-                        finish = FinishReason.STOP
-                    elif len(generated) >= limit:
-                        finish = FinishReason.LENGTH
-                if finish is not None:
-                    piece += stream.finish()
-                    yield GenerationChunk(piece, tuple(unsent), finish, Usage(len(ids), len(generated)))
+                chunk = chunks.push(token)
+                if chunk is not None:
+                    yield chunk
+                if chunks.finished:
                     return
-                if piece:
-                    yield GenerationChunk(piece, tuple(unsent))
-                    unsent = []
             # The engine ended the sequence at its cache length (the limit keeps within it; kept as a guard).
-            yield GenerationChunk(stream.finish(), tuple(unsent), FinishReason.LENGTH, Usage(len(ids), len(generated)))
+            yield chunks.cut()
         finally:
             sequence.cancel()  # a stop string or a client gone: the slot frees at the next iteration

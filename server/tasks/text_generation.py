@@ -31,8 +31,10 @@ from __future__ import annotations
 import enum
 import json
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from taskserve.protocol.datatypes import numpy_dtype
@@ -91,6 +93,70 @@ class GenerationChunk:
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+
+
+class _Bounded(Protocol):
+    model: ServedModel
+    active: int
+    max_concurrent: int
+
+
+@contextmanager
+def generation_slot(task: _Bounded) -> Iterator[None]:
+    """One of the model's concurrent generations (task_options.max_concurrent_generations),
+    held for the body; over the limit: Overloaded. Shared with the encoder-decoder task."""
+    if task.active >= task.max_concurrent:
+        raise Overloaded(
+            f"model {task.model.name!r} is running {task.active} generations, its limit "
+            "(task_options.max_concurrent_generations); retry with backoff"
+        )
+    task.active += 1
+    try:
+        yield
+    finally:
+        task.active -= 1
+
+
+class TokenChunks:
+    """Turns generated tokens into chunks: the text as it decodes, the finish reason and
+    usage on the last. Shared by the decoder-only and the encoder-decoder generators."""
+
+    def __init__(self, stream: TextStream, eos_ids: frozenset[int], limit: int, prompt_tokens: int) -> None:
+        self._stream, self._eos_ids, self._limit, self._prompt_tokens = stream, eos_ids, limit, prompt_tokens
+        self._generated = 0
+        self._unsent: list[int] = []
+        self.finished = False
+
+    def push(self, token: int) -> GenerationChunk | None:
+        """The chunk this token completes, if any; ``finished`` once it is the last."""
+        self._generated += 1
+        self._unsent.append(token)
+        finish: FinishReason | None = None
+        text = ""
+        if token in self._eos_ids:
+            finish = FinishReason.EOS
+        else:
+            text = self._stream.push(token)
+            if self._stream.stopped:
+                finish = FinishReason.STOP
+            elif self._generated >= self._limit:
+                finish = FinishReason.LENGTH
+        if finish is not None:
+            self.finished = True
+            return self._last(text + self._stream.finish(), finish)
+        if not text:
+            return None
+        chunk = GenerationChunk(text, tuple(self._unsent))
+        self._unsent = []
+        return chunk
+
+    def cut(self) -> GenerationChunk:
+        """The last chunk when the engine ended the sequence at its cache length."""
+        return self._last(self._stream.finish(), FinishReason.LENGTH)
+
+    def _last(self, text: str, finish: FinishReason) -> GenerationChunk:
+        usage = Usage(prompt_tokens=self._prompt_tokens, generated_tokens=self._generated)
+        return GenerationChunk(text, tuple(self._unsent), finish, usage)
 
 
 @dataclass(frozen=True)
@@ -263,18 +329,12 @@ class TextGenerator(TextTask):
         """Stream the continuation. Cancelling the consumer (the client went away, the
         deadline passed) cancels the step in flight and ends the loop."""
         self.check_params(prompt, messages, params)
-        if self.active >= self.max_concurrent:
-            raise Overloaded(
-                f"model {self.model.name!r} is running {self.active} generations, its limit "
-                "(task_options.max_concurrent_generations); retry with backoff"
-            )
-        self.active += 1
         steps = self._generate(prompt, messages, params, options)
         try:
-            async for chunk in steps:
-                yield chunk
+            with generation_slot(self):
+                async for chunk in steps:
+                    yield chunk
         finally:
-            self.active -= 1
             await steps.aclose()  # a consumer that stopped early ends the loop now, not at garbage collection
 
     async def _generate(
@@ -288,33 +348,16 @@ class TextGenerator(TextTask):
             if self.engine is not None
             else self._batched_tokens(prepared, picker, options)
         )
-        generated: list[int] = []
-        unsent: list[int] = []
+        chunks = TokenChunks(stream, self.eos_ids, prepared.max_new_tokens, len(prepared.ids))
         try:
             async for token in tokens:
-                generated.append(token)
-                unsent.append(token)
-                finish: FinishReason | None = None
-                text = ""
-                if token in self.eos_ids:
-                    finish = FinishReason.EOS
-                else:
-                    text = stream.push(token)
-                    if stream.stopped:
-                        finish = FinishReason.STOP
-                    elif len(generated) >= prepared.max_new_tokens:
-                        finish = FinishReason.LENGTH
-                if finish is not None:
-                    text += stream.finish()
-                    usage = Usage(prompt_tokens=len(prepared.ids), generated_tokens=len(generated))
-                    yield GenerationChunk(text, tuple(unsent), finish, usage)
+                chunk = chunks.push(token)
+                if chunk is not None:
+                    yield chunk
+                if chunks.finished:
                     return
-                if text:
-                    yield GenerationChunk(text, tuple(unsent))
-                    unsent = []
             # The engine ended the sequence at its cache length (prepare keeps within it; kept as a guard).
-            usage = Usage(prompt_tokens=len(prepared.ids), generated_tokens=len(generated))
-            yield GenerationChunk(stream.finish(), tuple(unsent), FinishReason.LENGTH, usage)
+            yield chunks.cut()
         finally:
             await tokens.aclose()
 

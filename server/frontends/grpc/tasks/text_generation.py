@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
-from taskserve.protocol.generated.taskserve.v1 import common_pb2
+from taskserve.protocol.generated.taskserve.v1 import common_pb2, text_transform_pb2
 from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2 as pb
 from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2_grpc as pb_grpc
 from taskserve.server.frontends.grpc.status import server_stream
@@ -13,7 +14,7 @@ from taskserve.server.tasks.chat_template import ChatMessage
 from taskserve.server.tasks.decoding import Sampling
 from taskserve.server.tasks.text_generation import FinishReason, GenerateParams, GenerationChunk, TextGenerator
 
-# Shared with the transform services, which stream the same chunks.
+# Generation and the transform services stream the same chunks (see chunk_response).
 FINISH_REASONS = {
     None: pb.FINISH_REASON_UNSPECIFIED,
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -22,21 +23,26 @@ FINISH_REASONS = {
 }
 
 
-def _params(request: pb.GenerateRequest) -> GenerateParams:
+def generate_params(fields: pb.GenerateRequest | text_transform_pb2.DecodingOptions) -> GenerateParams:
+    """The decoding settings; a generate request and the transforms' DecodingOptions name them alike."""
     return GenerateParams(
-        max_new_tokens=request.max_new_tokens,
+        max_new_tokens=fields.max_new_tokens,
         sampling=Sampling(
-            temperature=request.temperature,
-            top_k=request.top_k,
-            top_p=request.top_p or 1.0,
-            seed=request.seed if request.HasField("seed") else None,
+            temperature=fields.temperature,
+            top_k=fields.top_k,
+            top_p=fields.top_p or 1.0,
+            seed=fields.seed if fields.HasField("seed") else None,
         ),
-        stop=tuple(request.stop),
+        stop=tuple(fields.stop),
     )
 
 
-def _response(served_by: common_pb2.ServedBy, chunk: GenerationChunk) -> pb.GenerateResponse:
-    response = pb.GenerateResponse(
+# The streamed messages of generation and of the transforms have the same fields.
+_Response = TypeVar("_Response", pb.GenerateResponse, text_transform_pb2.TransformResponse)
+
+
+def chunk_response(cls: type[_Response], served_by: common_pb2.ServedBy, chunk: GenerationChunk) -> _Response:
+    response = cls(
         model=served_by, text=chunk.text, token_ids=chunk.token_ids, finish_reason=FINISH_REASONS[chunk.finish_reason]
     )
     if chunk.usage is not None:
@@ -47,11 +53,9 @@ def _response(served_by: common_pb2.ServedBy, chunk: GenerationChunk) -> pb.Gene
 
 class TextGenerationServicer(TaskServicer, pb_grpc.TextGenerationServicer):
     @server_stream
-    async def Generate(
-        self, request: pb.GenerateRequest, context: Context
-    ) -> AsyncIterator[pb.GenerateResponse]:
-        params = _params(request)
+    async def Generate(self, request: pb.GenerateRequest, context: Context) -> AsyncIterator[pb.GenerateResponse]:
+        params = generate_params(request)
         messages = [ChatMessage(m.role, m.content) for m in request.messages]
         async with self.call(request.model, TextGenerator, request.options, context) as call:
             async for chunk in call.task.generate(request.prompt, messages, params, call.options):
-                yield _response(call.served_by, chunk)
+                yield chunk_response(pb.GenerateResponse, call.served_by, chunk)

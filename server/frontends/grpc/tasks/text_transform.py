@@ -12,44 +12,24 @@ from taskserve.protocol.generated.taskserve.v1 import text_transform_pb2 as pb
 from taskserve.protocol.generated.taskserve.v1 import text_transform_pb2_grpc as pb_grpc
 from taskserve.server.frontends.grpc.status import server_stream, unary
 from taskserve.server.frontends.grpc.tasks.call import Context, TaskServicer
-from taskserve.server.frontends.grpc.tasks.text_generation import FINISH_REASONS
+from taskserve.server.frontends.grpc.tasks.text_generation import chunk_response, generate_params
 from taskserve.server.repository.manager import ModelManager
 from taskserve.server.tasks.base import TaskCache
-from taskserve.server.tasks.decoding import Sampling
 from taskserve.server.tasks.seq2seq import Seq2SeqGenerator
-from taskserve.server.tasks.text_generation import GenerateParams, GenerationChunk, TextGenerator
+from taskserve.server.tasks.text_generation import GenerationChunk, TextGenerator
 from taskserve.server.tasks.transform import PromptTransforms, TransformInput, TransformKind
 
 _TASKS: tuple[type[TextGenerator] | type[Seq2SeqGenerator], ...] = (Seq2SeqGenerator, TextGenerator)
 
 
-def _params(decoding: pb.DecodingOptions) -> GenerateParams:
-    return GenerateParams(
-        max_new_tokens=decoding.max_new_tokens,
-        sampling=Sampling(
-            temperature=decoding.temperature,
-            top_k=decoding.top_k,
-            top_p=decoding.top_p or 1.0,
-            seed=decoding.seed if decoding.HasField("seed") else None,
-        ),
-        stop=tuple(decoding.stop),
-    )
-
-
-def _response(served_by: common_pb2.ServedBy, chunk: GenerationChunk) -> pb.TransformResponse:
-    response = pb.TransformResponse(
-        model=served_by, text=chunk.text, token_ids=chunk.token_ids, finish_reason=FINISH_REASONS[chunk.finish_reason]
-    )
-    if chunk.usage is not None:
-        response.usage.prompt_tokens = chunk.usage.prompt_tokens
-        response.usage.generated_tokens = chunk.usage.generated_tokens
-    return response
-
-
 def _joined(served_by: common_pb2.ServedBy, chunks: list[GenerationChunk]) -> pb.TransformResponse:
     last = chunks[-1]
     ids = tuple(i for c in chunks for i in c.token_ids)
-    return _response(served_by, GenerationChunk("".join(c.text for c in chunks), ids, last.finish_reason, last.usage))
+    return chunk_response(
+        pb.TransformResponse,
+        served_by,
+        GenerationChunk("".join(c.text for c in chunks), ids, last.finish_reason, last.usage),
+    )
 
 
 class _TransformServicer(TaskServicer):
@@ -66,7 +46,7 @@ class _TransformServicer(TaskServicer):
         item = TransformInput(
             kind, request.text, getattr(request, "source_language", ""), getattr(request, "target_language", "")
         )
-        params = _params(request.decoding)
+        params = generate_params(request.decoding)
         async with self.call(request.model, _TASKS, request.options, context) as call:
             task = call.task
             if isinstance(task, TextGenerator):
@@ -81,7 +61,7 @@ class _TransformServicer(TaskServicer):
 
     async def _stream(self, request: Any, kind: TransformKind, context: Context) -> AsyncIterator[pb.TransformResponse]:
         async for served_by, chunk in self._generate(request, kind, context):
-            yield _response(served_by, chunk)
+            yield chunk_response(pb.TransformResponse, served_by, chunk)
 
     async def _whole(self, request: Any, kind: TransformKind, context: Context) -> pb.TransformResponse:
         chunks: list[GenerationChunk] = []
@@ -89,11 +69,7 @@ class _TransformServicer(TaskServicer):
         async for by, chunk in self._generate(request, kind, context):
             served_by = by
             chunks.append(chunk)
-        last = chunks[-1]
-        ids = tuple(i for c in chunks for i in c.token_ids)
-        return _response(
-            served_by, GenerationChunk("".join(c.text for c in chunks), ids, last.finish_reason, last.usage)
-        )
+        return _joined(served_by, chunks)
 
 
 class TranslationServicer(_TransformServicer, pb_grpc.TranslationServicer):
