@@ -33,11 +33,10 @@ from taskserve.server.tasks.base import CallOptions, ServedModel, TaskConfigErro
 from taskserve.server.tasks.decoding import TextStream, TokenPicker
 from taskserve.server.tasks.text import TextTask
 from taskserve.server.tasks.text_generation import (
-    MAX_STOP_CHARS,
-    MAX_STOPS,
     GenerateParams,
     GenerationChunk,
     TokenChunks,
+    check_decoding,
     generation_slot,
 )
 from taskserve.server.tasks.transform import PromptTemplates, TransformInput, TransformKind, read_languages
@@ -86,21 +85,7 @@ class Seq2SeqGenerator(TextTask):
         return data if isinstance(data, dict) else {}
 
     def check_params(self, params: GenerateParams) -> None:
-        if params.max_new_tokens > self.max_new_tokens_limit:
-            raise InvalidInput(
-                f"max_new_tokens {params.max_new_tokens} is over the limit of {self.max_new_tokens_limit} "
-                f"for model {self.model.name!r}; ask for fewer"
-            )
-        s = params.sampling
-        if not (s.temperature >= 0 and np.isfinite(s.temperature)):
-            raise InvalidInput(f"temperature must be >= 0 (0: greedy), got {s.temperature}")
-        if not 0 < s.top_p <= 1:
-            raise InvalidInput(f"top_p must be in (0, 1], got {s.top_p}")
-        if len(params.stop) > MAX_STOPS:
-            raise InvalidInput(f"stop holds {len(params.stop)} strings, over the limit of {MAX_STOPS}")
-        for i, stop in enumerate(params.stop):
-            if not stop or len(stop) > MAX_STOP_CHARS:
-                raise InvalidInput(f"stop[{i}] must have 1 to {MAX_STOP_CHARS} characters")
+        check_decoding(params, self.max_new_tokens_limit, self.model.name)
 
     def prepare(self, text: str) -> list[int]:
         """Blocking: tokenize the encoder's input (too long for the model: INVALID_ARGUMENT)."""

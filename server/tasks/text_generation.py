@@ -165,6 +165,30 @@ class _Prompt:
     max_new_tokens: int
 
 
+
+def check_decoding(params: GenerateParams, max_new_tokens_limit: int, model: str) -> None:
+    """The decoding settings every generating task refuses before any work: the generation
+    cap (its own failure reason), sampling ranges and stop strings."""
+    if params.max_new_tokens > max_new_tokens_limit:
+        raise GenerationCapExceeded(
+            f"max_new_tokens {params.max_new_tokens} is over the limit of {max_new_tokens_limit} "
+            f"for model {model!r}; ask for fewer (or raise task_options.max_new_tokens_limit)"
+        )
+    s = params.sampling
+    if not (s.temperature >= 0 and np.isfinite(s.temperature)):
+        raise InvalidInput(f"temperature must be >= 0 (0: greedy), got {s.temperature}")
+    if not 0 < s.top_p <= 1:
+        raise InvalidInput(f"top_p must be in (0, 1], got {s.top_p}")
+    if s.top_k < 0:
+        raise InvalidInput(f"top_k must be >= 0 (0: no limit), got {s.top_k}")
+    if len(params.stop) > MAX_STOPS:
+        raise InvalidInput(f"stop holds {len(params.stop)} strings, over the limit of {MAX_STOPS}")
+    for i, stop in enumerate(params.stop):
+        if not stop:
+            raise InvalidInput(f"stop[{i}] is empty; every stop string needs some text")
+        if len(stop) > MAX_STOP_CHARS:
+            raise InvalidInput(f"stop[{i}] has {len(stop)} characters, over the limit of {MAX_STOP_CHARS}")
+
 class TextGenerator(TextTask):
     task = "text-generation"
 
@@ -276,25 +300,7 @@ class TextGenerator(TextTask):
                 raise InvalidInput(
                     f"prompt has {len(prompt)} characters, over the limit of {limits.max_text_chars}"
                 )
-        if params.max_new_tokens > self.max_new_tokens_limit:
-            raise GenerationCapExceeded(
-                f"max_new_tokens {params.max_new_tokens} is over the limit of {self.max_new_tokens_limit} "
-                f"for model {self.model.name!r}; ask for fewer (or raise task_options.max_new_tokens_limit)"
-            )
-        s = params.sampling
-        if not (s.temperature >= 0 and np.isfinite(s.temperature)):
-            raise InvalidInput(f"temperature must be >= 0 (0: greedy), got {s.temperature}")
-        if not 0 < s.top_p <= 1:
-            raise InvalidInput(f"top_p must be in (0, 1], got {s.top_p}")
-        if s.top_k < 0:
-            raise InvalidInput(f"top_k must be >= 0 (0: no limit), got {s.top_k}")
-        if len(params.stop) > MAX_STOPS:
-            raise InvalidInput(f"stop holds {len(params.stop)} strings, over the limit of {MAX_STOPS}")
-        for i, stop in enumerate(params.stop):
-            if not stop:
-                raise InvalidInput(f"stop[{i}] is empty; every stop string needs some text")
-            if len(stop) > MAX_STOP_CHARS:
-                raise InvalidInput(f"stop[{i}] has {len(stop)} characters, over the limit of {MAX_STOP_CHARS}")
+        check_decoding(params, self.max_new_tokens_limit, self.model.name)
 
     def prepare(self, prompt: str, messages: Sequence[ChatMessage], requested: int) -> _Prompt:
         """Blocking: render, tokenize and fit the prompt and the tokens to generate into the model's positions."""
