@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 from taskserve.benchmarks.cli_args import add_allow_dirty, int_list
 from taskserve.benchmarks.machine import machine_info
-from taskserve.benchmarks.peer_servers import PeerProcess, spawn_taskserve
+from taskserve.benchmarks.peer_servers import PeerProcess, link_tree, spawn_taskserve
 from taskserve.benchmarks.report import DEFAULT_OUT, write_results
 from taskserve.benchmarks.stats import RunResult, Window
 from taskserve.clients import ClientOptions, TaskServeClient
@@ -102,7 +102,7 @@ def write_engine_repository(model_dir: Path, model: str, root: Path, streams: in
     entry.mkdir(parents=True)
     for item in model_dir.iterdir():
         if item.name != "config.yaml":
-            (entry / item.name).symlink_to(item.resolve(), target_is_directory=item.is_dir())
+            link_tree(item, entry / item.name)
     config = yaml.safe_load((model_dir / "config.yaml").read_text())
     generation = config.get("generation")
     if not isinstance(generation, dict):

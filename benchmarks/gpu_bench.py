@@ -32,7 +32,7 @@ import grpc.aio
 import numpy as np
 import yaml
 from taskserve.benchmarks.loadgen import Call, WindowPlan, run_closed_loop
-from taskserve.benchmarks.peer_servers import PeerProcess, spawn_taskserve
+from taskserve.benchmarks.peer_servers import PeerProcess, link_tree, spawn_taskserve
 from taskserve.benchmarks.stats import LatencySummary, Window
 from taskserve.protocol.generated.taskserve.v1 import common_pb2 as common
 from taskserve.protocol.generated.taskserve.v1 import image_classification_pb2 as ic
@@ -99,7 +99,7 @@ def variant_repository(models: Path, root: Path, wanted: Sequence[str]) -> dict[
             dest.mkdir(parents=True)
             for item in source.iterdir():
                 if item.name != "config.yaml":
-                    (dest / item.name).symlink_to(item.resolve(), target_is_directory=item.is_dir())
+                    link_tree(item, dest / item.name)
             (dest / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
             made[key].append(dest.name)
     return made
@@ -352,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
         made = variant_repository(args.models, repo, args.variants.split(","))
         if args.smollm2 and (args.models / args.smollm2).is_dir():
-            (repo / args.smollm2).symlink_to((args.models / args.smollm2).resolve(), target_is_directory=True)
+            link_tree(args.models / args.smollm2, repo / args.smollm2)
         elif args.smollm2:
             failures.append(f"smollm2: no entry {args.smollm2!r} in {args.models}")
         if not made:
