@@ -86,8 +86,8 @@ class OnnxRuntime(Runtime):
             self.config, ort.get_available_providers(), self.model_path, self.gpu
         )
 
-        def open_session(intra_op_threads: int) -> Any:
-            opts = session_options(ort, rc, intra_op_threads)
+        def open_session(intra_op_threads: int, alone: bool = False) -> Any:
+            opts = session_options(ort, rc, intra_op_threads, alone)
             try:
                 return ort.InferenceSession(str(self.model_path), sess_options=opts, providers=providers)
             except Exception as err:  # onnxruntime raises its own exception types
@@ -99,7 +99,7 @@ class OnnxRuntime(Runtime):
         wide = alone_threads(rc, self.config.instance_count)
         if wide and self.providers[0] == "CPUExecutionProvider":
             self._wide_key = (self.model_path.resolve(), wide)
-            self._wide = getattr(WIDE_SESSIONS.acquire(self._wide_key, lambda: open_session(wide)), "_sess", None)
+            self._wide = getattr(WIDE_SESSIONS.acquire(self._wide_key, lambda: open_session(wide, alone=True)), "_sess", None)
         self._inputs = [
             TensorInfo(i.name, self._v2_type(i.type), tuple(_dim(d) for d in i.shape), _axis_names(i.shape))
             for i in session.get_inputs()

@@ -47,8 +47,9 @@ def alone_threads(rc: RuntimeConfig, instance_count: int) -> int:
     return wide if wide > instance_threads(rc, instance_count) else 0
 
 
-def session_options(ort: Any, rc: RuntimeConfig, intra_op_threads: int) -> Any:
-    """``onnxruntime.SessionOptions`` for one session of ``intra_op_threads`` threads."""
+def session_options(ort: Any, rc: RuntimeConfig, intra_op_threads: int, alone: bool = False) -> Any:
+    """``onnxruntime.SessionOptions`` for one session of ``intra_op_threads`` threads;
+    ``alone``: the wide session a lone batch runs on."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = intra_op_threads
     opts.inter_op_num_threads = rc.inter_op_threads
@@ -60,8 +61,11 @@ def session_options(ort: Any, rc: RuntimeConfig, intra_op_threads: int) -> Any:
     )
     opts.graph_optimization_level = levels[_OPT_LEVELS.index(rc.graph_optimization_level)]
     # Threads spin-wait by default, which steals the cores other instances and the
-    # event loop need between batches.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if rc.allow_spinning else "0")
+    # event loop need between batches. The wide session runs only while nothing else of
+    # the model computes, so there its spinning takes no core from another batch, and it
+    # saves the wake-up of every thread at every operator, most of a small batch's time.
+    spin = rc.allow_spinning or alone
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return opts
 
 
