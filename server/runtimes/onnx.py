@@ -99,7 +99,8 @@ class OnnxRuntime(Runtime):
         wide = alone_threads(rc, self.config.instance_count)
         if wide and self.providers[0] == "CPUExecutionProvider":
             self._wide_key = (self.model_path.resolve(), wide)
-            self._wide = getattr(WIDE_SESSIONS.acquire(self._wide_key, lambda: open_session(wide, alone=True)), "_sess", None)
+            shared = WIDE_SESSIONS.acquire(self._wide_key, lambda: open_session(wide, alone=True))
+            self._wide = getattr(shared, "_sess", None)
         self._inputs = [
             TensorInfo(i.name, self._v2_type(i.type), tuple(_dim(d) for d in i.shape), _axis_names(i.shape))
             for i in session.get_inputs()
