@@ -5,14 +5,19 @@ chat template answers a factual question."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from taskserve.clients import ClientOptions, TaskServeClient
 from taskserve.exporters.demo import ENTRY_NAMES
+from taskserve.protocol.generated.taskserve.v1 import common_pb2 as common
+from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2 as tg
+from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2_grpc as tg_grpc
 from taskserve.server.repository.config import load_model_config
 
 from tests.support.server import ServerThread, running_server
@@ -114,3 +119,41 @@ def test_smollm2_summarizes_through_its_prompt_template(smollm2_server: ServerTh
     assert "Eiffel" in summary.text and summary.finish_reason in ("eos", "length")
     assert [i for c in streamed for i in c.token_ids] == list(summary.token_ids)
     assert summary.usage.prompt_tokens > 100
+
+
+def test_a_client_that_goes_away_stops_the_generation(smollm2_server: ServerThread) -> None:
+    """On the real model a 200-token answer takes seconds, so the cancel always lands while
+    the engine is still decoding (a tiny model could finish first): the sequence leaves at
+    the next iteration (the one in flight may finish) and no step runs afterwards."""
+    assert smollm2_server.app is not None
+    app = smollm2_server.app
+    registry = app.metrics.registry
+    labels = {"model": MODEL, "version": "1"}
+
+    def value(name: str, **extra: str) -> float:
+        return registry.get_sample_value(name, {**labels, **extra}) or 0.0
+
+    cancelled = value("taskserve_request_failure_total", reason="cancelled")
+    steps = value("taskserve_execution_count_total")
+    with grpc.insecure_channel(smollm2_server.address) as channel:
+        call = tg_grpc.TextGenerationStub(channel).Generate(
+            tg.GenerateRequest(model=common.ModelRef(name=MODEL), prompt=PROMPTS[1], max_new_tokens=200),
+            timeout=60,
+        )
+        next(call)
+        call.cancel()
+    for _ in range(500):
+        if value("taskserve_request_failure_total", reason="cancelled") > cancelled:
+            break
+        time.sleep(0.01)
+    assert value("taskserve_request_failure_total", reason="cancelled") == cancelled + 1
+    # The iteration in flight when the cancel landed may still finish; then the sequence is gone.
+    scheduler = app.models.get(MODEL, "").scheduler
+    for _ in range(500):
+        if scheduler.inflight_count() == 0:
+            break
+        time.sleep(0.01)
+    assert scheduler.inflight_count() == 0
+    ran = value("taskserve_execution_count_total") - steps
+    time.sleep(0.3)
+    assert value("taskserve_execution_count_total") - steps == ran < 200  # no step once it left
