@@ -226,19 +226,39 @@ def test_bad_parameters_are_invalid_argument(client: Any, call: str, kwargs: dic
             gen.inpaint(_image(), mask, PROMPT, model=NAME, **settings)
 
 
-def test_a_passed_deadline_stops_the_loop(client: Any) -> None:
-    started = time.monotonic()
+def test_a_passed_deadline_stops_the_loop(sd_server: ServerThread, client: Any) -> None:
+    app = sd_server.app
+    assert app is not None
+    registry = app.metrics.registry
+
+    def unet_calls() -> float:
+        return registry.get_sample_value("taskserve_execution_count_total", {"model": NAME, "version": "1"}) or 0.0
+
+    before = unet_calls()
+    # 150 steps take longer than 0.3 s even on a quiet machine (a few ms per step), so the
+    # deadline always passes mid-loop or before it.
     with pytest.raises(DeadlineExceeded):
         client.image_generation.text_to_image(
-            PROMPT, model=NAME, width=SIZE, height=SIZE, steps=150, seed=1, timeout=1.0
+            PROMPT, model=NAME, width=SIZE, height=SIZE, steps=150, seed=1, timeout=0.3
         )
-    # 150 steps take far longer than this: the loop stopped at a step, not at the end.
-    assert time.monotonic() - started < 30
+    # The loop stopped at a step: the UNet gets no more calls, and fewer than the 150 a
+    # finished loop would have made.
+    unet = app.models.get(NAME)
+    time.sleep(1)
+    samples = []
+    for _ in range(40):
+        samples.append(unet.scheduler.inflight_count())
+        time.sleep(0.025)
+    assert samples == [0] * 40
+    assert unet_calls() - before < 150
     # The server is fine afterwards.
     assert client.image_generation.text_to_image(PROMPT, model=NAME, width=SIZE, height=SIZE, steps=1, seed=1)
 
 
 def test_cancelling_a_stream_stops_the_generation(sd_server: ServerThread, client: Any) -> None:
+    assert sd_server.app is not None
+    labels = {"model": NAME, "version": "1"}
+    before = sd_server.app.metrics.registry.get_sample_value("taskserve_execution_count_total", labels) or 0.0
     with grpc.insecure_channel(sd_server.address) as channel:
         stub = pb_grpc.ImageGenerationStub(channel)
         request = pb.TextToImageRequest(
@@ -260,6 +280,8 @@ def test_cancelling_a_stream_stops_the_generation(sd_server: ServerThread, clien
         samples.append(unet.scheduler.inflight_count())
         time.sleep(0.025)
     assert samples == [0] * 40
+    # ... and it ended before its 150 steps.
+    assert (app.metrics.registry.get_sample_value("taskserve_execution_count_total", labels) or 0.0) - before < 150
 
 
 def test_exporter_validation_table_matches_diffusers(tiny_pipeline: TinyPipeline) -> None:
