@@ -226,39 +226,44 @@ def test_bad_parameters_are_invalid_argument(client: Any, call: str, kwargs: dic
             gen.inpaint(_image(), mask, PROMPT, model=NAME, **settings)
 
 
+def _unet_calls(app: Any) -> float:
+    labels = {"model": NAME, "version": "1"}
+    return app.metrics.registry.get_sample_value("taskserve_execution_count_total", labels) or 0.0
+
+
+def _assert_loop_stopped(app: Any, calls_before: float, settle_s: float) -> None:
+    """The denoising loop ended at the step it awaited: after ``settle_s`` the UNet gets no
+    more calls (a loop still running would keep one in flight almost all the time), and it
+    made fewer than the 150 a finished loop would have."""
+    unet = app.models.get(NAME)
+    time.sleep(settle_s)
+    samples = []
+    for _ in range(40):
+        samples.append(unet.scheduler.inflight_count())
+        time.sleep(0.025)
+    assert samples == [0] * 40
+    assert _unet_calls(app) - calls_before < 150
+
+
 def test_a_passed_deadline_stops_the_loop(sd_server: ServerThread, client: Any) -> None:
     app = sd_server.app
     assert app is not None
-    registry = app.metrics.registry
-
-    def unet_calls() -> float:
-        return registry.get_sample_value("taskserve_execution_count_total", {"model": NAME, "version": "1"}) or 0.0
-
-    before = unet_calls()
+    before = _unet_calls(app)
     # 150 steps take longer than 0.3 s even on a quiet machine (a few ms per step), so the
     # deadline always passes mid-loop or before it.
     with pytest.raises(DeadlineExceeded):
         client.image_generation.text_to_image(
             PROMPT, model=NAME, width=SIZE, height=SIZE, steps=150, seed=1, timeout=0.3
         )
-    # The loop stopped at a step: the UNet gets no more calls, and fewer than the 150 a
-    # finished loop would have made.
-    unet = app.models.get(NAME)
-    time.sleep(1)
-    samples = []
-    for _ in range(40):
-        samples.append(unet.scheduler.inflight_count())
-        time.sleep(0.025)
-    assert samples == [0] * 40
-    assert unet_calls() - before < 150
+    _assert_loop_stopped(app, before, settle_s=1)
     # The server is fine afterwards.
     assert client.image_generation.text_to_image(PROMPT, model=NAME, width=SIZE, height=SIZE, steps=1, seed=1)
 
 
 def test_cancelling_a_stream_stops_the_generation(sd_server: ServerThread, client: Any) -> None:
-    assert sd_server.app is not None
-    labels = {"model": NAME, "version": "1"}
-    before = sd_server.app.metrics.registry.get_sample_value("taskserve_execution_count_total", labels) or 0.0
+    app = sd_server.app
+    assert app is not None
+    before = _unet_calls(app)
     with grpc.insecure_channel(sd_server.address) as channel:
         stub = pb_grpc.ImageGenerationStub(channel)
         request = pb.TextToImageRequest(
@@ -269,19 +274,7 @@ def test_cancelling_a_stream_stops_the_generation(sd_server: ServerThread, clien
         first = next(call)
         assert first.progress.step == 1 and first.progress.total == 150
         call.cancel()
-    app = sd_server.app
-    assert app is not None
-    # The denoising loop ends at the step it awaits: after a moment the UNet gets no more
-    # calls (a loop still running would keep one in flight almost all the time).
-    unet = app.models.get(NAME)
-    time.sleep(2)
-    samples = []
-    for _ in range(40):
-        samples.append(unet.scheduler.inflight_count())
-        time.sleep(0.025)
-    assert samples == [0] * 40
-    # ... and it ended before its 150 steps.
-    assert (app.metrics.registry.get_sample_value("taskserve_execution_count_total", labels) or 0.0) - before < 150
+    _assert_loop_stopped(app, before, settle_s=2)
 
 
 def test_exporter_validation_table_matches_diffusers(tiny_pipeline: TinyPipeline) -> None:
