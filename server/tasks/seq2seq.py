@@ -142,13 +142,7 @@ class Seq2SeqGenerator(TextTask):
         )
         chunks = TokenChunks(stream, self.eos_ids, limit, len(ids))
         try:
-            async for token in sequence:
-                chunk = chunks.push(token)
-                if chunk is not None:
-                    yield chunk
-                if chunks.finished:
-                    return
-            # The engine ended the sequence at its cache length (the limit keeps within it; kept as a guard).
-            yield chunks.cut()
+            async for chunk in chunks.of(sequence):
+                yield chunk
         finally:
             sequence.cancel()  # a stop string or a client gone: the slot frees at the next iteration

@@ -31,7 +31,7 @@ from __future__ import annotations
 import enum
 import json
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -153,6 +153,17 @@ class TokenChunks:
     def cut(self) -> GenerationChunk:
         """The last chunk when the engine ended the sequence at its cache length."""
         return self._last(self._stream.finish(), FinishReason.LENGTH)
+
+    async def of(self, tokens: AsyncIterable[int]) -> AsyncGenerator[GenerationChunk, None]:
+        """The chunks of ``tokens`` until the generation finishes; the caller stops ``tokens``."""
+        async for token in tokens:
+            chunk = self.push(token)
+            if chunk is not None:
+                yield chunk
+            if self.finished:
+                return
+        # The engine ended the sequence at its cache length (the limit keeps within it; kept as a guard).
+        yield self.cut()
 
     def _last(self, text: str, finish: FinishReason) -> GenerationChunk:
         usage = Usage(prompt_tokens=self._prompt_tokens, generated_tokens=self._generated)
@@ -356,14 +367,8 @@ class TextGenerator(TextTask):
         )
         chunks = TokenChunks(stream, self.eos_ids, prepared.max_new_tokens, len(prepared.ids))
         try:
-            async for token in tokens:
-                chunk = chunks.push(token)
-                if chunk is not None:
-                    yield chunk
-                if chunks.finished:
-                    return
-            # The engine ended the sequence at its cache length (prepare keeps within it; kept as a guard).
-            yield chunks.cut()
+            async for chunk in chunks.of(tokens):
+                yield chunk
         finally:
             await tokens.aclose()
 
