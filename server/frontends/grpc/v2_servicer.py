@@ -33,7 +33,8 @@ SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["model_repository", "statistics", "model_configuration", "health", "metrics"]
 # Most requests a ModelStreamInfer stream has in flight at once.
 STREAM_CONCURRENCY = 64
-_PLATFORM = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
+# Triton's platform names where one fits; torch entries are safetensors + config, not TorchScript.
+_PLATFORM = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "torch": "pytorch"}
 
 
 def request_deadline(context: Context, timeout_us: int | None) -> float | None:
