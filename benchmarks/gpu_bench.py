@@ -105,6 +105,22 @@ def variant_repository(models: Path, root: Path, wanted: Sequence[str]) -> dict[
     return made
 
 
+def decode_entry(source: Path, dest: Path, streams: int) -> dict[str, Any]:
+    """The text-generation entry for the decode part, with room for ``streams`` sequences on
+    the generation engine (the demo writes 16); returns its generation block."""
+    config = yaml.safe_load((source / "config.yaml").read_text())
+    dest.mkdir(parents=True)
+    for item in source.iterdir():
+        if item.name != "config.yaml":
+            link_tree(item, dest / item.name)
+    generation = config.get("generation")
+    if generation is not None:
+        generation["max_num_seqs"] = max(int(generation.get("max_num_seqs", 16)), streams)
+        generation["max_num_batched_tokens"] = max(int(generation.get("max_num_batched_tokens", 512)), streams)
+    (dest / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return dict(generation or {})
+
+
 def wait_loaded(server: PeerProcess, names: Sequence[str], timeout: float) -> dict[str, str]:
     """Wait until every model is READY or UNAVAILABLE; {name: reason} of those not READY."""
     import grpc
@@ -351,8 +367,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             p.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
         made = variant_repository(args.models, repo, args.variants.split(","))
+        generation: dict[str, Any] = {}
         if args.smollm2 and (args.models / args.smollm2).is_dir():
-            link_tree(args.models / args.smollm2, repo / args.smollm2)
+            generation = decode_entry(args.models / args.smollm2, repo / args.smollm2, max(streams, default=1))
+            log(f"{args.smollm2}: generation {generation or 'none (steps through the batcher)'}")
         elif args.smollm2:
             failures.append(f"smollm2: no entry {args.smollm2!r} in {args.models}")
         if not made:
@@ -388,7 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     found = ratios(points, max(concurrency) if concurrency else 64)
     meta = {"name": args.name, "machine": machine(), "seconds": round(time.monotonic() - started, 1),
-            "concurrency": concurrency, "window_s": args.window_s, "failures": failures}  # fmt: skip
+            "concurrency": concurrency, "window_s": args.window_s, "smollm2_generation": generation,
+            "failures": failures}  # fmt: skip
     result = {**meta, "points": [vars(pt) for pt in points], "ratios": found, "targets": TARGETS}
     (args.out / f"gpu-{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / f"gpu-{args.name}.md").write_text(markdown(meta, points, found))

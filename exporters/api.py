@@ -28,9 +28,9 @@ def export_hf(
     optimum_task, _ = resolve_hf_task(task)
     model_ref = str(model)
     return run_export(
-        # A torch entry of a decoder keeps the step interface of the batcher path: the engine's
-        # graph (resident cache, GroupQueryAttention) exists only as ONNX.
-        lambda work: source(model_ref, optimum_task, work, opset=opset, engine=options.get("format") != "torch"),
+        # Decoders the engine supports export for it in either format (ONNX: its graph; torch: a
+        # causal-lm entry with a generation block, the cache on the device); others step through the batcher.
+        lambda work: source(model_ref, optimum_task, work, opset=opset),
         ExportOptions(out=Path(out), name=name, **options),
         f"{model_ref} ({optimum_task})",
     )

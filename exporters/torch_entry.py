@@ -107,7 +107,7 @@ def write_torch_files(exported: ExportedModel, work: Path) -> dict[str, Path]:
             f"{', '.join(AUTO_CLASS_FOR_TASK)} and EfficientNet-Lite0; this {exported.task} model has no torch entry "
             "(export it as ONNX)"
         )
-    if exported.inputs is None or exported.outputs is None:
+    if exported.generation is None and (exported.inputs is None or exported.outputs is None):
         raise UsageError("--format torch needs a model with declared inputs and outputs")
     entry = exported.torch_entry(work)
     for path in entry.files.values():
@@ -120,14 +120,17 @@ def write_torch_files(exported: ExportedModel, work: Path) -> dict[str, Path]:
 def check_torch_entry(
     config: dict[str, Any], version_dir: Path, exported: ExportedModel, tolerance: float
 ) -> float:
-    """Run the written files through the server's TorchRuntime (fp32, CPU) on the export's
-    validation cases; return the largest difference or raise ValidationFailed."""
+    """Run the written files through the server's own torch code (fp32, CPU) on the export's
+    validation cases: TorchRuntime, or for engine entries (a generation block) the engine's
+    TorchDecoderRunner. Return the largest difference or raise ValidationFailed."""
     from taskserve.server.repository.config import parse_model_config
     from taskserve.server.runtimes.torch_runtime import SPEC_FILE, TorchRuntime
 
     checked = dict(config)
     checked["runtime"] = {**checked.get("runtime", {}), "torch": {"device": "cpu", "dtype": "fp32"}}
     model_config = parse_model_config(checked, Path(str(config["name"])) / "config.yaml", str(config["name"]))
+    if model_config.generation is not None:
+        return _check_engine_entry(model_config, version_dir / SPEC_FILE, exported, tolerance)
     runtime = TorchRuntime(version_dir / SPEC_FILE, model_config)
     runtime.load()
     worst = 0.0
@@ -147,4 +150,32 @@ def check_torch_entry(
                     )
     finally:
         runtime.close()
+    return worst
+
+
+def _check_engine_entry(config: Any, spec_path: Path, exported: ExportedModel, tolerance: float) -> float:
+    """The engine graph's validation case (prompts from an empty cache, last-position logits),
+    each prompt prefilled into its own slot of the server's TorchDecoderRunner."""
+    from taskserve.server.runtimes.generation import StepRow
+    from taskserve.server.runtimes.torch_decoder import TorchDecoderRunner
+
+    runner = TorchDecoderRunner(spec_path, config)
+    runner.load()
+    worst = 0.0
+    try:
+        for case in exported.cases:
+            prompts = np.asarray(case.inputs["input_ids"], np.int64)
+            expected = np.asarray(case.expected["logits"], np.float64)
+            got = runner.step([StepRow(slot, ids, 0) for slot, ids in enumerate(prompts)])
+            diff = float(np.max(np.abs(got.astype(np.float64) - expected)))
+            worst = max(worst, diff)
+            if not diff <= tolerance:
+                raise ValidationFailed(
+                    f"the torch entry's logits differ from the source model by {diff:.3g} (tolerance {tolerance:g}) "
+                    f"on {case.label or 'a validation case'}"
+                )
+            for slot in range(len(prompts)):
+                runner.release(slot)
+    finally:
+        runner.close()
     return worst

@@ -259,6 +259,8 @@ def export_engine_decoder(model: str, loaded: Any, work: Path) -> ExportedModel:
             "graph": "taskserve generation engine",
         },
         generation={**ENGINE_DEFAULTS, "max_model_len": min(max_length, ENGINE_MAX_MODEL_LEN)},
+        # --format torch: the same model as a causal-lm entry the engine runs in torch (TorchDecoderRunner).
+        torch_entry=transformers_entry(loaded, "text-generation-with-past"),
     )
 
 

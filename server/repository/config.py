@@ -261,10 +261,12 @@ class ModelConfig(_Frozen):
             dupes = {n for n in names if names.count(n) > 1}
             if dupes:
                 raise ValueError(f"{group} lists {sorted(dupes)} more than once; tensor names must be unique")
-        if self.generation is not None and (self.instance_count != 1 or self.platform != "onnxruntime"):
+        if self.generation is not None and (
+            self.instance_count != 1 or self.platform not in ("onnxruntime", "torch") or len(self.gpus or ()) > 1
+        ):
             raise ValueError(
-                "a model with a generation block runs one onnxruntime instance that holds the KV cache; "
-                "set instance_count: 1 and platform: onnxruntime (raise generation.max_num_seqs instead)"
+                "a model with a generation block runs one instance that holds the KV cache: set instance_count: 1, "
+                "at most one GPU in gpus, and platform onnxruntime or torch (raise generation.max_num_seqs instead)"
             )
         self._check_gpus()
         input_names = {t.name for t in self.inputs or ()}

@@ -49,14 +49,16 @@ class LoadedModel:
     metrics: ModelMetrics
     runtimes: list[Runtime]
     platform_description: str = ""
+    # What a model without batcher runtimes (a torch decoder on the engine) declares.
+    tensors: tuple[list[TensorInfo], list[TensorInfo]] | None = None
 
     @property
     def inputs(self) -> list[TensorInfo]:
-        return self.runtimes[0].inputs
+        return self.tensors[0] if self.tensors is not None else self.runtimes[0].inputs
 
     @property
     def outputs(self) -> list[TensorInfo]:
-        return self.runtimes[0].outputs
+        return self.tensors[1] if self.tensors is not None else self.runtimes[0].outputs
 
 
 @dataclass
@@ -336,18 +338,24 @@ class ModelManager:
         started: float,
     ) -> LoadedModel:
         """A decoder served by the generation engine: one runner holding the resident KV cache
-        (decoder-only graphs: OnnxDecoderRunner; text2text-generation: optimum's merged decoder
-        in a Seq2SeqRunner, the encoder staying its own entry)."""
+        (decoder-only graphs: OnnxDecoderRunner; torch causal-lm entries: TorchDecoderRunner, the
+        cache on the device; text2text-generation: optimum's merged decoder in a Seq2SeqRunner,
+        the encoder staying its own entry)."""
         from taskserve.server.runtimes.generation import DecoderRunner
-        from taskserve.server.runtimes.onnx_decoder import OnnxDecoderRunner
-        from taskserve.server.runtimes.seq2seq_runner import Seq2SeqRunner
         from taskserve.server.scheduling.generation_scheduler import GenerationScheduler
 
         settings = config.generation or GenerationConfig()
-        runtime: Runtime
-        runner: DecoderRunner
+        placements = instance_placements(config)
+        check_placements(config, placements)  # a GPU this machine lacks: UNAVAILABLE, with the reason
+        gpu = placements[0].gpu
+        runtimes: list[Runtime] = []
+        tensors: tuple[list[TensorInfo], list[TensorInfo]] | None = None
+        load_and_warm: Callable[[], tuple[ModelConfig, DecoderRunner, str]]
         if config.task == "text2text-generation":
-            runtime = create_runtime(model_path, config)
+            from taskserve.server.runtimes.seq2seq_runner import Seq2SeqRunner
+
+            runtime = create_runtime(model_path, config, gpu)
+            runtimes.append(runtime)
             close = runtime.close
 
             def load_and_warm() -> tuple[ModelConfig, DecoderRunner, str]:
@@ -358,9 +366,27 @@ class ModelManager:
                 seq2seq = Seq2SeqRunner(runtime, settings.max_num_seqs, settings.max_model_len)
                 return resolved, seq2seq, seq2seq.description
 
+        elif config.platform == "torch":
+            # The only place the engine imports torch, and only for torch entries.
+            from taskserve.server.runtimes.torch_decoder import TorchDecoderRunner
+
+            torch_decoder = TorchDecoderRunner(model_path, config, gpu)
+            close = torch_decoder.close
+
+            def load_and_warm() -> tuple[ModelConfig, DecoderRunner, str]:
+                nonlocal tensors
+                torch_decoder.load()
+                tensors = (torch_decoder.inputs, torch_decoder.outputs)
+                resolved = resolve_tensors(config, *tensors)
+                if config.warmup.enabled:
+                    torch_decoder.warmup()
+                return resolved, torch_decoder, torch_decoder.description
+
         else:
-            decoder = OnnxDecoderRunner(model_path, config)
-            runtime = decoder.runtime
+            from taskserve.server.runtimes.onnx_decoder import OnnxDecoderRunner
+
+            decoder = OnnxDecoderRunner(model_path, config, gpu)
+            runtimes.append(decoder.runtime)
             close = decoder.close
 
             def load_and_warm() -> tuple[ModelConfig, DecoderRunner, str]:
@@ -386,8 +412,9 @@ class ModelManager:
             model_dir=model_dir,
             scheduler=scheduler,
             metrics=metrics,
-            runtimes=[runtime],
+            runtimes=runtimes,
             platform_description=description,
+            tensors=tensors,
         )
 
     async def unload(self, name: str, drain: bool = True) -> None:

@@ -1,20 +1,24 @@
-"""The CPU ``DecoderRunner`` (``runtimes/generation.py``): ONNX Runtime over the engine's
+"""The ONNX Runtime ``DecoderRunner`` (``runtimes/generation.py``) over the engine's
 decoder graph (``taskserve-export``'s ``exporters/engine_graph.py``), with the KV cache
-resident in preallocated per-slot buffers.
+resident in preallocated per-slot host buffers.
 
 Per layer one key and one value buffer of shape (max_slots, kv heads, max_model_len,
 head size), bound with ``IOBinding`` as both the graph's ``past_*`` input and its
 ``present_*`` output: the attention kernel (``GroupQueryAttention``) writes the new
 tokens' keys/values in place and reads only each row's own positions, so a step
 copies nothing else. The buffers come from ``np.zeros``, whose pages the OS maps on
-first write: memory grows with the positions actually used.
+first write: memory grows with the positions actually used. A slot range is bound by
+address (an offset into the buffer), so a step creates no per-layer OrtValues.
+
+The graph is float32, and ONNX Runtime's CUDA ``GroupQueryAttention`` takes float16 and
+bfloat16 only: under the CUDA provider that node would run on the CPU anyway, so the
+cache stays in host memory. On a GPU, decoders run on the engine as torch entries
+(``runtimes/torch_decoder.py``), whose cache lives on the device.
 
 Decode rows (one token each) run as one model call over the slot range they span;
 slots in that range without a decode row (free, or halfway through their prompt) ride
 along as dummy rows that write past their own length, where the next real step
-overwrites. Prefill chunks run one call each. A GPU runner keeps this shape with
-device buffers (``OrtValue.ortvalue_from_shape_and_type(..., "cuda", id)``) in place of
-the numpy views: the seam is ``_cache_value``.
+overwrites. Prefill chunks run one call each.
 """
 
 from __future__ import annotations
@@ -37,15 +41,17 @@ MAX_POSITIONS_KEY = "taskserve.max_positions"
 
 
 class OnnxDecoderRunner:
-    def __init__(self, model_path: Path, config: ModelConfig) -> None:
+    def __init__(self, model_path: Path, config: ModelConfig, gpu: int | None = None) -> None:
         if config.generation is None:
             raise RuntimeFailure(f"model {config.name!r} has no generation block; it is not an engine model")
         self.config = config
-        self.runtime = OnnxRuntime(model_path, config)
+        self.runtime = OnnxRuntime(model_path, config, gpu)
         self._settings = config.generation
         self._session: Any = None
         self._keys: list[np.ndarray] = []
         self._values: list[np.ndarray] = []
+        self._slot_bytes = 0
+        self._slot_shape: tuple[int, int, int] = (0, 0, 0)
         self._lengths = np.zeros(0, np.int64)
         self._vocab = 0
         self._slots = 0
@@ -82,7 +88,9 @@ class OnnxDecoderRunner:
         self._slots = self._settings.max_num_seqs
         logits = next(o for o in session.get_outputs() if o.name == "logits")
         self._vocab = int(logits.shape[-1]) if isinstance(logits.shape[-1], int) else 0
-        cache = (self._slots, kv_heads, self._positions, head_dim)
+        self._slot_shape = (kv_heads, self._positions, head_dim)
+        self._slot_bytes = kv_heads * self._positions * head_dim * np.dtype(np.float32).itemsize
+        cache = (self._slots, *self._slot_shape)
         self._keys = [np.zeros(cache, np.float32) for _ in layers]
         self._values = [np.zeros(cache, np.float32) for _ in layers]
         self._lengths = np.zeros(self._slots, np.int64)
@@ -119,7 +127,7 @@ class OnnxDecoderRunner:
 
     @property
     def cache_bytes(self) -> int:
-        return sum(b.nbytes for b in self._keys) + sum(b.nbytes for b in self._values)
+        return (len(self._keys) + len(self._values)) * self._slots * self._slot_bytes
 
     @property
     def description(self) -> str:
@@ -172,13 +180,6 @@ class OnnxDecoderRunner:
         logits = self._run(lo, hi, tokens, totals)
         return logits[index]
 
-    def _cache_value(self, buffer: np.ndarray, lo: int, hi: int) -> Any:
-        """The OrtValue over slots [lo, hi) of one cache buffer (no copy: a contiguous view).
-        A device runner returns its device-resident value here."""
-        import onnxruntime as ort
-
-        return ort.OrtValue.ortvalue_from_numpy(buffer[lo:hi])
-
     def _run(self, lo: int, hi: int, tokens: np.ndarray, totals: np.ndarray) -> np.ndarray:
         """One model call over slots [lo, hi): ``tokens`` (rows, n) new tokens, ``totals`` the
         positions each row holds afterwards."""
@@ -187,13 +188,15 @@ class OnnxDecoderRunner:
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, np.int64))
         binding.bind_cpu_input("seqlens_k", (totals - 1).astype(np.int32))
         binding.bind_cpu_input("total_sequence_length", np.asarray(int(totals.max()), np.int32))
+        # Slots [lo, hi) are contiguous in every buffer: bind that range by address, as the
+        # past input and the present output both, so the kernel updates the cache in place.
+        shape = [hi - lo, *self._slot_shape]
+        offset = lo * self._slot_bytes
         for layer, (keys, values) in enumerate(zip(self._keys, self._values, strict=True)):
-            k = self._cache_value(keys, lo, hi)
-            v = self._cache_value(values, lo, hi)
-            binding.bind_ortvalue_input(f"past_key.{layer}", k)
-            binding.bind_ortvalue_output(f"present_key.{layer}", k)
-            binding.bind_ortvalue_input(f"past_value.{layer}", v)
-            binding.bind_ortvalue_output(f"present_value.{layer}", v)
+            for kind, buffer in (("key", keys), ("value", values)):
+                address = buffer.ctypes.data + offset
+                binding.bind_input(f"past_{kind}.{layer}", "cpu", 0, np.float32, shape, address)
+                binding.bind_output(f"present_{kind}.{layer}", "cpu", 0, np.float32, shape, address)
         logits = np.empty((hi - lo, self._vocab), np.float32)
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         try:
@@ -201,3 +204,4 @@ class OnnxDecoderRunner:
         except Exception as err:
             raise RuntimeFailure(f"onnxruntime failed on model {self.config.name!r}: {err}") from err
         return logits
+

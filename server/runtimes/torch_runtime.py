@@ -71,7 +71,7 @@ _threads_lock = threading.Lock()
 _threads_set = False
 # Models load on concurrent threads, and transformers' from_pretrained builds modules under
 # a process-wide meta-device context: a module built beside it would get meta parameters.
-_build_lock = threading.Lock()
+BUILD_LOCK = threading.Lock()
 
 
 # -- EfficientNet-Lite0 (efficientnet_pytorch state-dict names) --------------------------
@@ -308,6 +308,18 @@ def build_module(
     return HeadOutputs(model, output_names).eval()
 
 
+def set_cpu_threads(config: ModelConfig) -> None:
+    """torch's intra-op threads, sized like an onnxruntime instance's; process-wide, so the
+    first CPU instance sets them."""
+    global _threads_set
+    with _threads_lock:
+        if not _threads_set:
+            from taskserve.server.runtimes.onnx_threads import instance_threads
+
+            torch.set_num_threads(instance_threads(config.runtime, config.instance_count))
+            _threads_set = True
+
+
 @dataclass
 class _Graph:
     graph: Any  # torch.cuda.CUDAGraph
@@ -375,7 +387,7 @@ class TorchRuntime(Runtime):
         self._specs = {t.name: t for t in config.inputs}
         self._out_types = {t.name: t.datatype for t in config.outputs}
         try:
-            with _build_lock:
+            with BUILD_LOCK:
                 module = build_module(self.model_path.parent, spec, tuple(self._out_types), tuple(self._specs))
         except RuntimeFailure:
             raise
@@ -384,7 +396,7 @@ class TorchRuntime(Runtime):
                 f"model {config.name!r}: cannot build the torch module: {type(err).__name__}: {err}"
             ) from err
         if self.device == "cpu":
-            self._set_cpu_threads()
+            set_cpu_threads(self.config)
         else:
             torch.cuda.set_device(torch.device(self.device))
             self._stream = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
@@ -394,14 +406,6 @@ class TorchRuntime(Runtime):
             self._batch_sizes = graph_batch_sizes(config.max_batch_size, config.dynamic_batching.preferred_batch_sizes)
         log.info("loaded %s on %s (%s)", config.name, self.device, str(self.dtype).removeprefix("torch."))
 
-    def _set_cpu_threads(self) -> None:
-        global _threads_set
-        with _threads_lock:
-            if not _threads_set:
-                from taskserve.server.runtimes.onnx_threads import instance_threads
-
-                torch.set_num_threads(instance_threads(self.config.runtime, self.config.instance_count))
-                _threads_set = True
 
     @property
     def inputs(self) -> list[TensorInfo]:

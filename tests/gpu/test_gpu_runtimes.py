@@ -5,7 +5,9 @@ benchmarks/gpu/device_check.sh on the lent H200):
   (all-MiniLM-L6-v2 and EfficientNet-Lite0 torch entries), with and without CUDA graphs;
 - concurrent requests batched on the GPU through the server; memory released on unload;
 - onnxruntime's CUDA provider with I/O binding (when onnxruntime-gpu is installed);
-- the native TensorRT runtime on an engine built here (when TensorRT is installed).
+- the native TensorRT runtime on an engine built here (when TensorRT is installed);
+- the generation engine's torch runner (KV cache on the device) in fp16 within tolerance of
+  the CPU fp32 runner, decode steps of concurrent streams batched on the GPU, memory released.
 
 Models: ``TASKSERVE_GPU_MODELS`` (a repository holding the torch entries, as device_check.sh
 unpacks them) or, failing that, the demo builder (needs the PyPI model packages).
@@ -309,3 +311,105 @@ def test_a_gpu_model_beside_a_cpu_model(gpu_models: Path, tmp_path: Path) -> Non
         index = _index(server.address)
         assert index["effnet-gpu0"].state == "READY" and index["effnet-cpu"].state == "READY"
         assert index["effnet-missing"].state == "UNAVAILABLE" and "GPU(s)" in index["effnet-missing"].reason
+
+
+@pytest.fixture(scope="module")
+def tiny_decoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama (random weights, GQA, heads of 16) as a torch entry on the generation engine."""
+    _torch_cuda()
+    from taskserve.exporters import tiny_models
+
+    root = tmp_path_factory.mktemp("tiny-decoder")
+    source = tiny_models.tiny_causal_lm(root / "source", "llama", hidden_size=64)
+    entry = root / "repo" / "tiny-llama-torch"
+    (entry / "1").mkdir(parents=True)
+    for item in source.iterdir():
+        weights = item.suffix == ".safetensors" or item.name == "config.json"
+        os.link(item, (entry / "1" if weights else entry) / item.name)
+    (entry / "1" / "torch_model.json").write_text('{"format": 1, "architecture": "causal-lm"}\n')
+    config = {
+        "name": "tiny-llama-torch", "task": "text-generation", "platform": "torch",
+        "default_model_filename": "torch_model.json",
+        "generation": {"max_num_seqs": 16, "max_num_batched_tokens": 256, "max_model_len": 128},
+        "task_options": {"tokenizer": "tokenizer.json", "max_length": 128, "eos_token_ids": []},
+    }  # fmt: skip
+    (entry / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return entry
+
+
+def _decoder(entry: Path, **torch_options: Any) -> Any:
+    from taskserve.server.repository.config import load_model_config
+    from taskserve.server.runtimes.torch_decoder import TorchDecoderRunner
+
+    config = load_model_config(entry)
+    runtime = config.runtime.model_copy(update={"torch": config.runtime.torch.model_copy(update=torch_options)})
+    runner = TorchDecoderRunner(entry / "1" / "torch_model.json", config.model_copy(update={"runtime": runtime}))
+    runner.load()
+    return runner
+
+
+def test_torch_decoder_fp16_on_cuda_within_tolerance_of_cpu_fp32_and_frees_its_cache(tiny_decoder: Path) -> None:
+    torch = _torch_cuda()
+    from taskserve.server.runtimes.generation import StepRow
+
+    gc.collect()
+    baseline = torch.cuda.memory_allocated(0)
+    gpu = _decoder(tiny_decoder, device="cuda")
+    cpu = _decoder(tiny_decoder, device="cpu", dtype="fp32")
+    assert "cuda" in gpu.description and "float16" in gpu.description
+    assert torch.cuda.memory_allocated(0) - baseline >= gpu.cache_bytes  # the cache is device memory
+    rng = np.random.default_rng(0)
+    prompts = {0: rng.integers(0, 400, 7), 3: rng.integers(0, 400, 19), 9: rng.integers(0, 400, 2)}
+    lengths = {slot: len(p) for slot, p in prompts.items()}
+    worst = 0.0
+    rows = [StepRow(slot, p, 0) for slot, p in prompts.items()]
+    for _ in range(6):  # the prompts, then five decode steps of all three slots in one call
+        want, got = cpu.step(rows), gpu.step(rows)
+        scale = max(1.0, float(np.abs(want).max()))
+        worst = max(worst, float(np.abs(got - want).max()) / scale)
+        picks = [int(np.argmax(w)) for w in want]
+        rows = [StepRow(r.slot, np.array([t]), lengths[r.slot]) for r, t in zip(rows, picks, strict=True)]
+        for r in rows:
+            lengths[r.slot] += 1
+    assert worst < 3e-2, worst  # of the largest logit; fp16 keeps 11 bits
+    cpu.close()
+    gpu.close()
+    gc.collect()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated(0) - baseline < 2 * 2**20
+
+
+def test_torch_decoder_streams_share_decode_steps_on_the_gpu(tiny_decoder: Path) -> None:
+    _torch_cuda()
+    from taskserve.protocol.generated.taskserve.v1 import common_pb2 as common
+    from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2 as tg
+    from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2_grpc as tg_grpc
+
+    from tests.support.server import running_server
+
+    with running_server(tiny_decoder.parent) as server:
+        import grpc
+
+        assert server.app is not None
+        loaded = server.app.models.get("tiny-llama-torch")
+        assert "cuda" in loaded.platform_description and "KV cache on the device" in loaded.platform_description
+        registry = server.app.metrics.registry
+        labels = {"model": "tiny-llama-torch", "version": "1"}
+        steps_before = registry.get_sample_value("taskserve_execution_count_total", labels) or 0.0
+        with grpc.insecure_channel(server.address) as channel:
+            stub = tg_grpc.TextGenerationStub(channel)
+
+            def tokens(i: int) -> int:
+                request = tg.GenerateRequest(
+                    model=common.ModelRef(name="tiny-llama-torch"), prompt=f"stream {i} says", max_new_tokens=24,
+                    temperature=0,
+                )  # fmt: skip
+                return sum(len(reply.token_ids) for reply in stub.Generate(request, timeout=60))
+
+            with ThreadPoolExecutor(8) as pool:
+                counts = list(pool.map(tokens, range(8)))
+        steps = (registry.get_sample_value("taskserve_execution_count_total", labels) or 0.0) - steps_before
+    assert counts == [24] * 8
+    # 192 tokens in far fewer engine iterations: the streams' decode rows shared steps.
+    assert steps < sum(counts) / 2, (steps, counts)
+

@@ -54,14 +54,19 @@ def _reference(source: Path, prompts: list[list[int]], max_new_tokens: int) -> l
     return results
 
 
-def test_smollm2_greedy_64_tokens_equal_transformers_alone_and_together(
-    smollm2_server: ServerThread, smollm2_source: Path
-) -> None:
+@pytest.fixture(scope="module")
+def expected_64(smollm2_source: Path) -> list[list[int]]:
+    """transformers' greedy 64 tokens after each of PROMPTS (both entries are checked against them)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_source)
-    prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
-    expected = _reference(smollm2_source, prompt_ids, 64)
+    return _reference(smollm2_source, [tokenizer(p)["input_ids"] for p in PROMPTS], 64)
+
+
+def test_smollm2_greedy_64_tokens_equal_transformers_alone_and_together(
+    smollm2_server: ServerThread, expected_64: list[list[int]]
+) -> None:
+    expected = expected_64
     with TaskServeClient(smollm2_server.address, ClientOptions(timeout_s=120)) as client:
 
         def ids(prompt: str) -> list[int]:
@@ -157,3 +162,54 @@ def test_a_client_that_goes_away_stops_the_generation(smollm2_server: ServerThre
     ran = value("taskserve_execution_count_total") - steps
     time.sleep(0.3)
     assert value("taskserve_execution_count_total") - steps == ran < 200  # no step once it left
+
+
+@pytest.fixture(scope="module")
+def smollm2_torch_server(
+    smollm2_repository: Path, smollm2_source: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerThread]:
+    """The same weights as a torch entry on the engine (TorchDecoderRunner, the cache on the
+    model's device): the demo entry's tokenizer, templates and options, with its version
+    directory holding the transformers files instead of the ONNX graph (``--format torch``
+    writes the same; exporting SmolLM2 again would cost a minute)."""
+    import os
+
+    import yaml
+
+    repo = tmp_path_factory.mktemp("smollm2-torch")
+    entry = repo / MODEL
+    version = entry / "1"
+    version.mkdir(parents=True)
+    for path in (smollm2_repository / MODEL).iterdir():
+        if path.is_file():
+            os.link(path, entry / path.name)
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        os.link(smollm2_source / name, version / name)
+    (version / "torch_model.json").write_text('{"format": 1, "architecture": "causal-lm"}\n')
+    config = yaml.safe_load((entry / "config.yaml").read_text())
+    config.update(platform="torch", default_model_filename="torch_model.json")
+    config["generation"]["max_model_len"] = 256  # 64 new tokens after short prompts; a smaller cache
+    (entry / "config.yaml").unlink()  # a hard link: rewriting it in place would change the ONNX entry's
+    (entry / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    with running_server(repo) as server:
+        yield server
+
+
+def test_smollm2_as_a_torch_entry_on_the_engine_equals_transformers(
+    smollm2_torch_server: ServerThread, expected_64: list[list[int]]
+) -> None:
+    assert smollm2_torch_server.app is not None
+    loaded = smollm2_torch_server.app.models.get(MODEL, "")
+    assert type(loaded.scheduler).__name__ == "GenerationScheduler"
+    assert "KV cache on the device" in loaded.platform_description
+    expected = expected_64
+    with TaskServeClient(smollm2_torch_server.address, ClientOptions(timeout_s=120)) as client:
+
+        def ids(prompt: str) -> list[int]:
+            return [i for c in client.text.generate(model=MODEL, prompt=prompt, max_new_tokens=64) for i in c.token_ids]
+
+        alone = [ids(p) for p in PROMPTS]
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            together = list(pool.map(ids, PROMPTS))
+    assert alone == expected
+    assert together == expected

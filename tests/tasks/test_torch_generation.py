@@ -1,6 +1,11 @@
-"""A KV-cache decoder as a torch entry (``causal-lm``): the generation engine drives it with
-the ONNX decoder's step tensors, and greedy decoding gives the ONNX entry's tokens, alone
-and with concurrent generations whose steps share batches (left-padded past)."""
+"""KV-cache decoders as torch entries (``causal-lm``), both ways the server runs them:
+
+- a Llama-family decoder exports with a generation block and runs on the generation engine
+  through ``TorchDecoderRunner`` (the KV cache on the model's device, here the CPU);
+- other decoders (GPT-2) keep the ONNX decoder's step tensors and step through the batcher.
+
+Either way greedy decoding gives the ONNX entry's tokens, alone and with concurrent
+generations whose steps share batches."""
 
 from __future__ import annotations
 
@@ -11,34 +16,48 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import yaml
+from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
+from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from taskserve.protocol.generated.taskserve.v1 import common_pb2 as common
 from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2 as tg
 from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2_grpc as tg_grpc
 
-from tests.support.server import running_server
+from tests.support.server import ServerThread, running_server
 
 PROMPTS = ["The cat", "Once upon a time in a land far away", "x", "Hello there, how are"]
+# torch entry -> the ONNX entry of the same weights it must agree with.
+PAIRS = {"llama-torch": "tiny-llama", "gpt2-torch": "tiny-gpt2"}
 
 
 @pytest.fixture(scope="module")
-def channel(
-    tiny_sources: dict[str, Path], task_repository: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[grpc.Channel]:
+def torch_repo(tiny_sources: dict[str, Path], task_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from taskserve.exporters.api import export_hf
 
     repo = tmp_path_factory.mktemp("torch-generation")
-    # Hard links, not a symlink: the server refuses model files that resolve outside its repository.
-    shutil.copytree(task_repository / "tiny-llama", repo / "tiny-llama", copy_function=os.link)
-    export_hf(tiny_sources["tiny-llama"], "text-generation", repo, "llama-torch", format="torch", progress=False)
-    config_path = repo / "llama-torch" / "config.yaml"
-    config = yaml.safe_load(config_path.read_text())
-    assert config["platform"] == "torch"
+    for torch_name, onnx_name in PAIRS.items():
+        # Hard links, not a symlink: the server refuses model files that resolve outside its repository.
+        shutil.copytree(task_repository / onnx_name, repo / onnx_name, copy_function=os.link)
+        export_hf(tiny_sources[onnx_name], "text-generation", repo, torch_name, format="torch", progress=False)
+    gpt2 = repo / "gpt2-torch" / "config.yaml"
+    config = yaml.safe_load(gpt2.read_text())
     # As the ONNX entry: steps run on the instance thread, so concurrent ones share batches.
     config["dynamic_batching"]["inline_compute_us"] = 0
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    with running_server(repo) as server, grpc.insecure_channel(server.address) as ch:
+    gpt2.write_text(yaml.safe_dump(config, sort_keys=False))
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(torch_repo: Path) -> Iterator[ServerThread]:
+    with running_server(torch_repo) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def channel(server: ServerThread) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(server.address) as ch:
         yield ch
 
 
@@ -48,15 +67,78 @@ def _ids(channel: grpc.Channel, model: str, prompt: str) -> list[int]:
     return [t for reply in stub.Generate(request, timeout=60) for t in reply.token_ids]
 
 
-def test_greedy_tokens_equal_the_onnx_entry(channel: grpc.Channel) -> None:
+def test_a_llama_torch_entry_runs_on_the_engine_with_its_cache_on_the_device(
+    torch_repo: Path, server: ServerThread, channel: grpc.Channel
+) -> None:
+    config = yaml.safe_load((torch_repo / "llama-torch" / "config.yaml").read_text())
+    assert config["platform"] == "torch" and "generation" in config and "dynamic_batching" not in config
+    assert config["generation"]["max_model_len"] == 128  # the tiny model's positions
+    assert server.app is not None
+    loaded = server.app.models.get("llama-torch")
+    assert "KV cache on the device" in loaded.platform_description
+    metadata = pb_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(pb.ModelMetadataRequest(name="llama-torch"))
+    assert [t.name for t in metadata.inputs] == ["input_ids"] and [t.name for t in metadata.outputs] == ["logits"]
+    assert metadata.platform == "pytorch"
+    # The GPT-2 entry keeps the step tensors of the batcher path.
+    assert "generation" not in yaml.safe_load((torch_repo / "gpt2-torch" / "config.yaml").read_text())
+
+
+@pytest.mark.parametrize("torch_name", sorted(PAIRS))
+def test_greedy_tokens_equal_the_onnx_entry(channel: grpc.Channel, torch_name: str) -> None:
     for prompt in PROMPTS:
-        got = _ids(channel, "llama-torch", prompt)
-        assert got and got == _ids(channel, "tiny-llama", prompt), prompt
+        got = _ids(channel, torch_name, prompt)
+        assert got and got == _ids(channel, PAIRS[torch_name], prompt), prompt
 
 
-def test_concurrent_generations_share_steps_and_stay_equal(channel: grpc.Channel) -> None:
-    alone = {p: _ids(channel, "llama-torch", p) for p in PROMPTS}
+@pytest.mark.parametrize("torch_name", sorted(PAIRS))
+def test_concurrent_generations_share_steps_and_stay_equal(channel: grpc.Channel, torch_name: str) -> None:
+    alone = {p: _ids(channel, torch_name, p) for p in PROMPTS}
     with ThreadPoolExecutor(8) as pool:
-        together = list(pool.map(lambda i: _ids(channel, "llama-torch", PROMPTS[i % 4]), range(8)))
+        together = list(pool.map(lambda i: _ids(channel, torch_name, PROMPTS[i % 4]), range(8)))
     for i, ids in enumerate(together):
         assert ids == alone[PROMPTS[i % 4]]
+
+
+def test_the_torch_runner_matches_transformers_across_chunks_slots_and_reuse(
+    torch_repo: Path, tiny_sources: dict[str, Path]
+) -> None:
+    """The runner alone: a chunked prompt, decode rows of three slots in one call in a
+    different order each step, and a released slot reused; every logit row against
+    transformers on the whole sequence."""
+    import torch
+    import transformers
+    from taskserve.server.repository.config import load_model_config
+    from taskserve.server.runtimes.generation import StepRow
+    from taskserve.server.runtimes.torch_decoder import TorchDecoderRunner
+
+    entry = torch_repo / "llama-torch"
+    runner = TorchDecoderRunner(entry / "1" / "torch_model.json", load_model_config(entry))
+    runner.load()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_sources["tiny-llama"])).eval()
+
+    def expected(ids: list[int]) -> np.ndarray:
+        with torch.inference_mode():
+            return reference(torch.tensor([ids])).logits[0, -1].numpy()  # type: ignore[no-any-return]
+
+    rng = np.random.default_rng(3)
+    prompts = {0: rng.integers(0, 400, 5), 5: rng.integers(0, 400, 11), 2: rng.integers(0, 400, 1)}
+    seqs = {slot: [int(t) for t in p] for slot, p in prompts.items()}
+    last = {0: runner.step([StepRow(0, prompts[0], 0)])[0]}
+    runner.step([StepRow(5, prompts[5][:6], 0)])
+    last[5] = runner.step([StepRow(5, prompts[5][6:], 6)])[0]  # the prompt's second chunk
+    last[2] = runner.step([StepRow(2, prompts[2], 0)])[0]
+    worst = max(float(np.abs(last[s] - expected(seqs[s])).max()) for s in seqs)
+    for order in ([2, 0, 5], [5, 2, 0], [0, 5, 2]):
+        rows = [StepRow(s, np.array([int(np.argmax(last[s]))]), len(seqs[s])) for s in order]
+        for row in rows:
+            seqs[row.slot].append(int(row.tokens[0]))
+        for row, logits in zip(rows, runner.step(rows), strict=True):
+            last[row.slot] = logits
+            worst = max(worst, float(np.abs(logits - expected(seqs[row.slot])).max()))
+    assert worst < 1e-4
+    runner.release(5)
+    reused = runner.step([StepRow(5, prompts[2], 0)])[0]
+    assert np.abs(reused - expected([int(prompts[2][0])])).max() < 1e-4
+    # layers x (keys, values) x slots x kv heads x positions x head size x fp32
+    assert runner.cache_bytes == 2 * 2 * 16 * 2 * 128 * 16 * 4
+    runner.close()

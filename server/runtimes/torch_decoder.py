@@ -1,0 +1,274 @@
+"""The PyTorch ``DecoderRunner`` (``runtimes/generation.py``): a Llama-family causal LM
+(``platform: torch``, ``causal-lm`` entries with a ``generation:`` block) whose KV cache
+stays on the model's device between steps.
+
+Per layer one key and one value tensor of shape (max_slots, kv heads, max_model_len,
+head size) on the device (fp16 on CUDA, fp32 on the CPU). A step sends only the new
+token ids to the device and brings back only the last position's logits: the keys and
+values of the new tokens are written into their slots in place, and attention reads
+each row's own slot up to the longest row's length, masked to the row's positions.
+No cache ever crosses to the host.
+
+The layers are transformers' own modules (embeddings, projections, norms, MLP); only
+attention is written here, because transformers' caches are one tensor per batch, not
+per slot. Rotary tables come from the model's rotary module, as the ONNX engine graph's
+(``exporters/engine_graph.py``), so rope scaling variants match.
+
+Decode rows (one token each) run as one batched call whatever their slots; each prefill
+chunk runs as its own call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from taskserve.server.errors import InvalidInput, RuntimeFailure
+from taskserve.server.repository.config import ModelConfig
+from taskserve.server.runtimes.base import TensorInfo
+from taskserve.server.runtimes.generation import StepRow
+from taskserve.server.runtimes.torch_runtime import BUILD_LOCK, choose_device, read_spec, set_cpu_threads
+from torch.nn import functional as F
+
+log = logging.getLogger(__name__)
+
+# What this runner computes attention for: the same family the ONNX engine graph takes.
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+class TorchDecoderRunner:
+    def __init__(self, model_path: Path, config: ModelConfig, gpu: int | None = None) -> None:
+        if config.generation is None:
+            raise RuntimeFailure(f"model {config.name!r} has no generation block; it is not an engine model")
+        self.config = config
+        self.model_path = model_path
+        self.gpu = gpu
+        self.device = "cpu"
+        self.dtype = torch.float32
+        self._settings = config.generation
+        self._model: Any = None
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._cos: torch.Tensor | None = None
+        self._sin: torch.Tensor | None = None
+        self._lengths = np.zeros(0, np.int64)
+        self._slots = 0
+        self._positions = 0
+        self._vocab = 0
+        self._heads = 0
+        self._kv_heads = 0
+        self._head_dim = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def load(self) -> None:
+        name = self.config.name
+        spec = read_spec(self.model_path.parent, self.model_path.name)
+        if spec["architecture"] != "causal-lm":
+            raise RuntimeFailure(
+                f"model {name!r}: a generation block needs a 'causal-lm' torch entry, not {spec['architecture']!r}"
+            )
+        self.device, self.dtype = choose_device(self.config, self.gpu, torch.cuda.is_available())
+        try:
+            import transformers
+
+            with BUILD_LOCK:
+                model: Any = transformers.AutoModelForCausalLM.from_pretrained(
+                    str(self.model_path.parent / spec.get("model_dir", ".")), local_files_only=True
+                )
+        except Exception as err:  # transformers/safetensors raise many types
+            raise RuntimeFailure(f"model {name!r}: cannot build the torch model: {type(err).__name__}: {err}") from err
+        hf = model.config
+        if hf.model_type not in MODEL_TYPES or getattr(hf, "hidden_act", "silu") != "silu":
+            raise RuntimeFailure(
+                f"model {name!r}: the generation engine runs {', '.join(MODEL_TYPES)} models in torch, not "
+                f"{hf.model_type!r}; remove the generation block to serve it through the dynamic batcher"
+            )
+        wanted = self._settings.max_model_len
+        window = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", True) else None
+        if window and window < wanted:
+            raise RuntimeFailure(
+                f"model {name!r} attends within a sliding window of {window} positions; set "
+                f"generation.max_model_len to at most {window}"
+            )
+        trained = int(getattr(hf, "max_position_embeddings", 0) or 0)
+        if trained and wanted > trained:
+            raise RuntimeFailure(
+                f"model {name!r}: generation.max_model_len {wanted} exceeds the model's {trained} positions; lower it"
+            )
+        if self.device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(self.device))
+        else:
+            set_cpu_threads(self.config)
+        self._model = model.to(device=self.device, dtype=self.dtype).eval()
+        self._heads = int(hf.num_attention_heads)
+        self._kv_heads = int(getattr(hf, "num_key_value_heads", None) or self._heads)
+        self._head_dim = int(getattr(hf, "head_dim", None) or int(hf.hidden_size) // self._heads)
+        self._vocab = int(hf.vocab_size)
+        self._positions = wanted
+        self._slots = self._settings.max_num_seqs
+        self._rotary_tables(model.model.rotary_emb)
+        shape = (self._slots, self._kv_heads, self._positions, self._head_dim)
+        layers = len(model.model.layers)
+        self._keys = [self._zeros(shape) for _ in range(layers)]
+        self._values = [self._zeros(shape) for _ in range(layers)]
+        self._lengths = np.zeros(self._slots, np.int64)
+        log.info(
+            "model %r on %s (%s): %d cache slots of %d positions, %d layers (%.0f MiB on the device)",
+            name, self.device, str(self.dtype).removeprefix("torch."), self._slots, self._positions, layers,
+            self.cache_bytes / 2**20,
+        )  # fmt: skip
+
+    def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        # Zeros, never uninitialized memory: attention reads up to the longest row, and a NaN
+        # pattern there would poison the masked softmax. On the CPU, numpy's zeroed pages are
+        # mapped on first write, so memory grows with the positions used.
+        if self.device == "cpu" and self.dtype == torch.float32:
+            return torch.from_numpy(np.zeros(shape, np.float32))
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def _rotary_tables(self, rotary: Any) -> None:
+        positions = torch.arange(self._positions, dtype=torch.float32)
+        freqs = torch.outer(positions, rotary.inv_freq.detach().to("cpu", torch.float32))
+        scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        table = torch.cat((freqs, freqs), dim=-1)
+        self._cos = (table.cos() * scaling).to(self.device, self.dtype)
+        self._sin = (table.sin() * scaling).to(self.device, self.dtype)
+
+    def warmup(self) -> None:
+        """One prefill and one decode step in slot 0, so the first request pays no setup cost."""
+        self.step([StepRow(0, np.zeros(2, np.int64), 0)])
+        self.step([StepRow(0, np.zeros(1, np.int64), 2)])
+        self.release(0)
+
+    def close(self) -> None:
+        on_gpu = self._model is not None and self.device.startswith("cuda")
+        self._model = None
+        self._keys, self._values = [], []
+        self._cos = self._sin = None
+        if on_gpu:
+            torch.cuda.empty_cache()
+
+    # -- what the server declares --------------------------------------------------------
+
+    @property
+    def inputs(self) -> list[TensorInfo]:
+        return [TensorInfo("input_ids", "INT64", (-1, -1))]
+
+    @property
+    def outputs(self) -> list[TensorInfo]:
+        return [TensorInfo("logits", "FP32", (-1, self._vocab))]
+
+    @property
+    def description(self) -> str:
+        return (
+            f"torch on {self.device} ({str(self.dtype).removeprefix('torch.')}), KV cache on the device "
+            f"({self._slots} slots x {self._positions} positions)"
+        )
+
+    # -- DecoderRunner -----------------------------------------------------------------------
+
+    @property
+    def max_slots(self) -> int:
+        return self._slots
+
+    @property
+    def max_model_len(self) -> int:
+        return self._positions
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self._keys, *self._values))
+
+    def release(self, slot: int) -> None:
+        self._lengths[slot] = 0
+
+    def step(self, rows: Sequence[StepRow]) -> np.ndarray:
+        if self._model is None:
+            raise RuntimeFailure(f"model {self.config.name!r} is not loaded")
+        for row in rows:
+            if row.encoder_states is not None:
+                raise InvalidInput(f"model {self.config.name!r} is decoder-only; it takes no encoder input")
+            end = row.start + len(row.tokens)
+            if end > self._positions:
+                raise InvalidInput(
+                    f"model {self.config.name!r}: a sequence reached {end} positions, "
+                    f"over the {self._positions} a cache slot holds"
+                )
+            if row.start and row.start != self._lengths[row.slot]:
+                raise RuntimeFailure(f"slot {row.slot} holds {self._lengths[row.slot]} positions, not {row.start}")
+        out = np.empty((len(rows), self._vocab), np.float32)
+        try:
+            with torch.inference_mode():
+                decode = [i for i, r in enumerate(rows) if len(r.tokens) == 1]
+                if decode:
+                    out[decode] = self._forward([rows[i] for i in decode])
+                for i, row in enumerate(rows):
+                    if len(row.tokens) > 1:
+                        out[i] = self._forward([row])[0]
+        except Exception as err:  # CUDA out of memory, kernel failures: the engine fails these rows
+            raise RuntimeFailure(f"torch failed on model {self.config.name!r}: {type(err).__name__}: {err}") from err
+        for row in rows:
+            self._lengths[row.slot] = row.start + len(row.tokens)
+        return out
+
+    # -- execution -------------------------------------------------------------------------
+
+    def _forward(self, rows: list[StepRow]) -> np.ndarray:
+        """One model call over rows with the same number of new tokens; the last position's
+        logits per row, float32 on the host."""
+        model, device = self._model, self.device
+        assert self._cos is not None and self._sin is not None
+        count, new = len(rows), len(rows[0].tokens)
+        tokens = torch.from_numpy(np.stack([r.tokens for r in rows]).astype(np.int64, copy=False)).to(device)
+        starts = np.asarray([r.start for r in rows], np.int64)
+        total = int(starts.max()) + new
+        positions = torch.from_numpy(starts[:, None] + np.arange(new, dtype=np.int64)).to(device)  # (rows, new)
+        slots = torch.as_tensor([r.slot for r in rows], dtype=torch.int64, device=device)
+        # Row b's query i (position p) sees keys 0..p of its own slot.
+        mask = (torch.arange(total, device=device)[None, None, :] <= positions[:, :, None])[:, None]
+        cos = self._cos[positions][:, None]  # (rows, 1, new, head size)
+        sin = self._sin[positions][:, None]
+        slot_index = slots[:, None].expand(count, new)
+        one_slot = rows[0].slot if count == 1 else None
+
+        hidden = model.model.embed_tokens(tokens)
+        for layer, block in enumerate(model.model.layers):
+            attn = block.self_attn
+            normed = block.input_layernorm(hidden)
+            q = attn.q_proj(normed).view(count, new, self._heads, self._head_dim).transpose(1, 2)
+            k = attn.k_proj(normed).view(count, new, self._kv_heads, self._head_dim).transpose(1, 2)
+            v = attn.v_proj(normed).view(count, new, self._kv_heads, self._head_dim)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            cache_k, cache_v = self._keys[layer], self._values[layer]
+            # The new tokens' keys/values go into their slots at their positions, in place.
+            cache_k[slot_index, :, positions] = k.transpose(1, 2)
+            cache_v[slot_index, :, positions] = v
+            if one_slot is not None:  # a view: no copy of the slot's cache
+                keys = cache_k[one_slot : one_slot + 1, :, :total]
+                values = cache_v[one_slot : one_slot + 1, :, :total]
+            else:
+                keys = cache_k[:, :, :total].index_select(0, slots)
+                values = cache_v[:, :, :total].index_select(0, slots)
+            context = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, enable_gqa=self._kv_heads != self._heads
+            )
+            hidden = hidden + attn.o_proj(context.transpose(1, 2).reshape(count, new, self._heads * self._head_dim))
+            hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
+        last = model.model.norm(hidden[:, -1])
+        logits: np.ndarray = model.lm_head(last).float().cpu().numpy()
+        return logits
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
