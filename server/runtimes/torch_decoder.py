@@ -74,9 +74,10 @@ class TorchDecoderRunner:
             )
         self.device, self.dtype = choose_device(self.config, self.gpu, torch.cuda.is_available())
         try:
-            import transformers
-
+            # The import too: transformers' lazy module is not safe to initialize from two loading threads.
             with BUILD_LOCK:
+                import transformers
+
                 model: Any = transformers.AutoModelForCausalLM.from_pretrained(
                     str(self.model_path.parent / spec.get("model_dir", ".")), local_files_only=True
                 )

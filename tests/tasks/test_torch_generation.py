@@ -25,7 +25,7 @@ from taskserve.protocol.generated.taskserve.v1 import common_pb2 as common
 from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2 as tg
 from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2_grpc as tg_grpc
 
-from tests.support.server import ServerThread, running_server
+from tests.support.server import ServerProcess, ServerThread, running_server
 
 PROMPTS = ["The cat", "Once upon a time in a land far away", "x", "Hello there, how are"]
 # torch entry -> the ONNX entry of the same weights it must agree with.
@@ -142,3 +142,29 @@ def test_the_torch_runner_matches_transformers_across_chunks_slots_and_reuse(
     # layers x (keys, values) x slots x kv heads x positions x head size x fp32
     assert runner.cache_bytes == 2 * 2 * 16 * 2 * 128 * 16 * 4
     runner.close()
+
+
+def test_torch_entries_on_and_off_the_engine_load_side_by_side_in_a_fresh_process(torch_repo: Path) -> None:
+    """Both load transformers on their own loading threads. The first use in a process races
+    inside transformers' lazy module unless every torch loader holds the same lock: MiniLM
+    beside SmolLM2 failed 3 of 3 starts with "module 'transformers' has no attribute
+    'AutoModel'" before the engine's runner took it."""
+    import time
+
+    server = ServerProcess(torch_repo)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                states = {m.name: (m.state, m.reason) for m in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models}
+                if len(states) == 4 and all(state in ("READY", "UNAVAILABLE") for state, _ in states.values()):
+                    break
+                time.sleep(0.2)
+        assert {name: state for name, (state, _) in states.items()} == dict.fromkeys(
+            ["gpt2-torch", "llama-torch", "tiny-gpt2", "tiny-llama"], "READY"
+        ), states
+    finally:
+        server.terminate()
+        server.wait()
+
