@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+from taskserve.server.errors import InvalidInput, RuntimeFailure
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,3 +90,55 @@ class DecoderRunner(Protocol):
     def cache_bytes(self) -> int:
         """Bytes reserved for the KV cache (all slots), for the occupancy gauge."""
         ...
+
+
+
+class SlotCacheRunner:
+    """What the decoder-only runners share: the slot bookkeeping behind the ``DecoderRunner``
+    properties, ``release`` and the warm-up. ``_lengths[slot]`` is the positions the slot's
+    cache holds; subclasses set the sizes at load and implement ``step``."""
+
+    _slots = 0
+    _positions = 0
+    _vocab = 0
+    _lengths = np.zeros(0, np.int64)
+
+    def step(self, rows: Sequence[StepRow]) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def max_slots(self) -> int:
+        return self._slots
+
+    @property
+    def max_model_len(self) -> int:
+        return self._positions
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    def release(self, slot: int) -> None:
+        self._lengths[slot] = 0
+
+    def warmup(self) -> None:
+        """One prefill and one decode step in slot 0, so the first request pays no setup cost."""
+        self.step([StepRow(0, np.zeros(2, np.int64), 0)])
+        self.step([StepRow(0, np.zeros(1, np.int64), 2)])
+        self.release(0)
+
+
+def check_decoder_rows(model: str, rows: Sequence[StepRow], max_model_len: int, lengths: np.ndarray) -> None:
+    """What a decoder-only runner checks before a step: no encoder input, room in the slot,
+    and each continuing row starting where its slot's cache ends (``lengths`` per slot)."""
+    for row in rows:
+        if row.encoder_states is not None:
+            raise InvalidInput(f"model {model!r} is decoder-only; it takes no encoder input")
+        end = row.start + len(row.tokens)
+        if end > max_model_len:
+            raise InvalidInput(
+                f"model {model!r}: a sequence reached {end} positions, over the {max_model_len} a cache slot holds"
+            )
+        if row.start and row.start != lengths[row.slot]:
+            raise RuntimeFailure(f"slot {row.slot} holds {lengths[row.slot]} positions, not {row.start}")
+

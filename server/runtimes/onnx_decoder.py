@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from taskserve.server.errors import InvalidInput, RuntimeFailure
+from taskserve.server.errors import RuntimeFailure
 from taskserve.server.repository.config import ModelConfig
-from taskserve.server.runtimes.generation import StepRow
+from taskserve.server.runtimes.generation import SlotCacheRunner, StepRow, check_decoder_rows
 from taskserve.server.runtimes.onnx import OnnxRuntime
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 MAX_POSITIONS_KEY = "taskserve.max_positions"
 
 
-class OnnxDecoderRunner:
+class OnnxDecoderRunner(SlotCacheRunner):
     def __init__(self, model_path: Path, config: ModelConfig, gpu: int | None = None) -> None:
         if config.generation is None:
             raise RuntimeFailure(f"model {config.name!r} has no generation block; it is not an engine model")
@@ -52,10 +52,6 @@ class OnnxDecoderRunner:
         self._values: list[np.ndarray] = []
         self._slot_bytes = 0
         self._slot_shape: tuple[int, int, int] = (0, 0, 0)
-        self._lengths = np.zeros(0, np.int64)
-        self._vocab = 0
-        self._slots = 0
-        self._positions = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -100,30 +96,12 @@ class OnnxDecoderRunner:
             self.config.name, self._slots, self._positions, len(layers), self.cache_bytes / 2**20,
         )  # fmt: skip
 
-    def warmup(self) -> None:
-        """One prefill and one decode step in slot 0, so the first request pays no setup cost."""
-        self.step([StepRow(0, np.zeros(2, np.int64), 0)])
-        self.step([StepRow(0, np.zeros(1, np.int64), 2)])
-        self.release(0)
-
     def close(self) -> None:
         self._session = None
         self._keys, self._values = [], []
         self.runtime.close()
 
     # -- DecoderRunner -----------------------------------------------------------------------
-
-    @property
-    def max_slots(self) -> int:
-        return self._slots
-
-    @property
-    def max_model_len(self) -> int:
-        return self._positions
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab
 
     @property
     def cache_bytes(self) -> int:
@@ -133,23 +111,10 @@ class OnnxDecoderRunner:
     def description(self) -> str:
         return f"{self.runtime.description}, resident KV cache ({self._slots} slots x {self._positions} positions)"
 
-    def release(self, slot: int) -> None:
-        self._lengths[slot] = 0
-
     def step(self, rows: Sequence[StepRow]) -> np.ndarray:
         if self._session is None:
             raise RuntimeFailure(f"model {self.config.name!r} is not loaded")
-        for row in rows:
-            if row.encoder_states is not None:
-                raise InvalidInput(f"model {self.config.name!r} is decoder-only; it takes no encoder input")
-            end = row.start + len(row.tokens)
-            if end > self._positions:
-                raise InvalidInput(
-                    f"model {self.config.name!r}: a sequence reached {end} positions, "
-                    f"over the {self._positions} a cache slot holds"
-                )
-            if row.start and row.start != self._lengths[row.slot]:
-                raise RuntimeFailure(f"slot {row.slot} holds {self._lengths[row.slot]} positions, not {row.start}")
+        check_decoder_rows(self.config.name, rows, self._positions, self._lengths)
         out = np.empty((len(rows), self._vocab), np.float32)
         decode = [i for i, r in enumerate(rows) if len(r.tokens) == 1]
         if decode:

@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from taskserve.server.errors import InvalidInput, RuntimeFailure
+from taskserve.server.errors import RuntimeFailure
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.runtimes.base import TensorInfo
-from taskserve.server.runtimes.generation import StepRow
+from taskserve.server.runtimes.generation import SlotCacheRunner, StepRow, check_decoder_rows
 from taskserve.server.runtimes.torch_runtime import BUILD_LOCK, choose_device, read_spec, set_cpu_threads
 from torch.nn import functional as F
 
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
-class TorchDecoderRunner:
+class TorchDecoderRunner(SlotCacheRunner):
     def __init__(self, model_path: Path, config: ModelConfig, gpu: int | None = None) -> None:
         if config.generation is None:
             raise RuntimeFailure(f"model {config.name!r} has no generation block; it is not an engine model")
@@ -55,10 +55,6 @@ class TorchDecoderRunner:
         self._values: list[torch.Tensor] = []
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
-        self._lengths = np.zeros(0, np.int64)
-        self._slots = 0
-        self._positions = 0
-        self._vocab = 0
         self._heads = 0
         self._kv_heads = 0
         self._head_dim = 0
@@ -140,12 +136,6 @@ class TorchDecoderRunner:
         self._cos = (table.cos() * scaling).to(self.device, self.dtype)
         self._sin = (table.sin() * scaling).to(self.device, self.dtype)
 
-    def warmup(self) -> None:
-        """One prefill and one decode step in slot 0, so the first request pays no setup cost."""
-        self.step([StepRow(0, np.zeros(2, np.int64), 0)])
-        self.step([StepRow(0, np.zeros(1, np.int64), 2)])
-        self.release(0)
-
     def close(self) -> None:
         on_gpu = self._model is not None and self.device.startswith("cuda")
         self._model = None
@@ -174,38 +164,13 @@ class TorchDecoderRunner:
     # -- DecoderRunner -----------------------------------------------------------------------
 
     @property
-    def max_slots(self) -> int:
-        return self._slots
-
-    @property
-    def max_model_len(self) -> int:
-        return self._positions
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab
-
-    @property
     def cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self._keys, *self._values))
-
-    def release(self, slot: int) -> None:
-        self._lengths[slot] = 0
 
     def step(self, rows: Sequence[StepRow]) -> np.ndarray:
         if self._model is None:
             raise RuntimeFailure(f"model {self.config.name!r} is not loaded")
-        for row in rows:
-            if row.encoder_states is not None:
-                raise InvalidInput(f"model {self.config.name!r} is decoder-only; it takes no encoder input")
-            end = row.start + len(row.tokens)
-            if end > self._positions:
-                raise InvalidInput(
-                    f"model {self.config.name!r}: a sequence reached {end} positions, "
-                    f"over the {self._positions} a cache slot holds"
-                )
-            if row.start and row.start != self._lengths[row.slot]:
-                raise RuntimeFailure(f"slot {row.slot} holds {self._lengths[row.slot]} positions, not {row.start}")
+        check_decoder_rows(self.config.name, rows, self._positions, self._lengths)
         out = np.empty((len(rows), self._vocab), np.float32)
         try:
             with torch.inference_mode():

@@ -66,18 +66,22 @@ def expected_64(smollm2_source: Path) -> list[list[int]]:
 def test_smollm2_greedy_64_tokens_equal_transformers_alone_and_together(
     smollm2_server: ServerThread, expected_64: list[list[int]]
 ) -> None:
-    expected = expected_64
-    with TaskServeClient(smollm2_server.address, ClientOptions(timeout_s=120)) as client:
+    assert all(len(e) == 64 for e in expected_64)  # no early end: the comparison covers all 64 tokens
+    alone, together = _greedy_64(smollm2_server.address)
+    assert alone == expected_64
+    assert together == expected_64
+
+
+def _greedy_64(address: str) -> tuple[list[list[int]], list[list[int]]]:
+    """64 greedy tokens after each of PROMPTS: one at a time, then all at once."""
+    with TaskServeClient(address, ClientOptions(timeout_s=120)) as client:
 
         def ids(prompt: str) -> list[int]:
             return [i for c in client.text.generate(model=MODEL, prompt=prompt, max_new_tokens=64) for i in c.token_ids]
 
         alone = [ids(p) for p in PROMPTS]
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
-            together = list(pool.map(ids, PROMPTS))
-    assert all(len(e) == 64 for e in expected)  # no early end: the comparison covers all 64 tokens
-    assert alone == expected
-    assert together == expected
+            return alone, list(pool.map(ids, PROMPTS))
 
 
 def test_smollm2_answers_paris_through_its_chat_template(smollm2_server: ServerThread) -> None:
@@ -202,14 +206,6 @@ def test_smollm2_as_a_torch_entry_on_the_engine_equals_transformers(
     loaded = smollm2_torch_server.app.models.get(MODEL, "")
     assert type(loaded.scheduler).__name__ == "GenerationScheduler"
     assert "KV cache on the device" in loaded.platform_description
-    expected = expected_64
-    with TaskServeClient(smollm2_torch_server.address, ClientOptions(timeout_s=120)) as client:
-
-        def ids(prompt: str) -> list[int]:
-            return [i for c in client.text.generate(model=MODEL, prompt=prompt, max_new_tokens=64) for i in c.token_ids]
-
-        alone = [ids(p) for p in PROMPTS]
-        with ThreadPoolExecutor(len(PROMPTS)) as pool:
-            together = list(pool.map(ids, PROMPTS))
-    assert alone == expected
-    assert together == expected
+    alone, together = _greedy_64(smollm2_torch_server.address)
+    assert alone == expected_64
+    assert together == expected_64
