@@ -67,6 +67,10 @@ task_options: {pooling: mean}
         ({"instance_count": 0}, "instance_count"),
         ({"unknown_field": 1}, "unknown_field"),
         ({"name": "other"}, "does not match its directory"),
+        # The generation engine: one runner holds the cache, on one device.
+        ({"generation": {}, "instance_count": 2}, "runs one instance that holds the KV cache"),
+        ({"generation": {}, "platform": "tensorrt"}, "platform onnxruntime or torch"),
+        ({"generation": {}, "platform": "torch", "gpus": [0, 1]}, "at most one GPU"),
     ],
 )  # fmt: skip
 def test_invalid_configs_explain_themselves(data: dict[str, object], expected: str) -> None:
