@@ -128,12 +128,18 @@ class SlotCacheRunner:
         self.release(0)
 
 
-def check_decoder_rows(model: str, rows: Sequence[StepRow], max_model_len: int, lengths: np.ndarray) -> None:
-    """What a decoder-only runner checks before a step: no encoder input, room in the slot,
-    and each continuing row starting where its slot's cache ends (``lengths`` per slot)."""
+def check_decoder_rows(
+    model: str, rows: Sequence[StepRow], max_model_len: int, lengths: np.ndarray, vocab_size: int
+) -> None:
+    """What a decoder-only runner checks before a step: no encoder input, token ids inside the
+    vocabulary (on CUDA an id past the embedding table is a device-side assert that poisons
+    the process's context for every model), room in the slot, and each continuing row
+    starting where its slot's cache ends (``lengths`` per slot)."""
     for row in rows:
         if row.encoder_states is not None:
             raise InvalidInput(f"model {model!r} is decoder-only; it takes no encoder input")
+        if vocab_size and len(row.tokens) and (int(row.tokens.min()) < 0 or int(row.tokens.max()) >= vocab_size):
+            raise InvalidInput(f"model {model!r}: token ids must lie in [0, {vocab_size})")
         end = row.start + len(row.tokens)
         if end > max_model_len:
             raise InvalidInput(

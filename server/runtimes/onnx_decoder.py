@@ -114,7 +114,7 @@ class OnnxDecoderRunner(SlotCacheRunner):
     def step(self, rows: Sequence[StepRow]) -> np.ndarray:
         if self._session is None:
             raise RuntimeFailure(f"model {self.config.name!r} is not loaded")
-        check_decoder_rows(self.config.name, rows, self._positions, self._lengths)
+        check_decoder_rows(self.config.name, rows, self._positions, self._lengths, self._vocab)
         out = np.empty((len(rows), self._vocab), np.float32)
         decode = [i for i, r in enumerate(rows) if len(r.tokens) == 1]
         if decode:

@@ -170,7 +170,7 @@ class TorchDecoderRunner(SlotCacheRunner):
     def step(self, rows: Sequence[StepRow]) -> np.ndarray:
         if self._model is None:
             raise RuntimeFailure(f"model {self.config.name!r} is not loaded")
-        check_decoder_rows(self.config.name, rows, self._positions, self._lengths)
+        check_decoder_rows(self.config.name, rows, self._positions, self._lengths, self._vocab)
         out = np.empty((len(rows), self._vocab), np.float32)
         try:
             with torch.inference_mode():

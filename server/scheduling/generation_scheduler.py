@@ -148,6 +148,10 @@ class GenerationScheduler(Scheduler):
             raise InvalidInput("the prompt has no tokens")
         if request.max_new_tokens < 1:
             raise InvalidInput("max_new_tokens must be at least 1")
+        vocab = self.runner.vocab_size
+        # Checked here, alone: inside a step one bad row would fail every sequence sharing it.
+        if vocab and (min(request.prompt) < 0 or max(request.prompt) >= vocab):
+            raise InvalidInput(f"prompt token ids must lie in [0, {vocab}), the vocabulary of model {self.name!r}")
         needed = len(request.prompt) + request.max_new_tokens - 1
         if needed > self.max_model_len:
             raise InvalidInput(

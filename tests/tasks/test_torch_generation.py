@@ -107,6 +107,7 @@ def test_the_torch_runner_matches_transformers_across_chunks_slots_and_reuse(
     transformers on the whole sequence."""
     import torch
     import transformers
+    from taskserve.server.errors import InvalidInput
     from taskserve.server.repository.config import load_model_config
     from taskserve.server.runtimes.generation import StepRow
     from taskserve.server.runtimes.torch_decoder import TorchDecoderRunner
@@ -136,6 +137,12 @@ def test_the_torch_runner_matches_transformers_across_chunks_slots_and_reuse(
             last[row.slot] = logits
             worst = max(worst, float(np.abs(logits - expected(seqs[row.slot])).max()))
     assert worst < 1e-4
+    # An id past the embedding table is refused before the device sees it (on CUDA it would be
+    # a device-side assert); the slot is untouched and decodes on.
+    with pytest.raises(InvalidInput, match="token ids"):
+        runner.step([StepRow(0, np.array([runner.vocab_size]), len(seqs[0]))])
+    after = runner.step([StepRow(0, np.array([int(np.argmax(last[0]))]), len(seqs[0]))])[0]
+    assert np.abs(after - expected([*seqs[0], int(np.argmax(last[0]))])).max() < 1e-4
     runner.release(5)
     reused = runner.step([StepRow(5, prompts[2], 0)])[0]
     assert np.abs(reused - expected([int(prompts[2][0])])).max() < 1e-4

@@ -175,6 +175,19 @@ async def test_sequences_longer_than_a_slot_are_refused() -> None:
     await engine.stop()
 
 
+async def test_a_prompt_outside_the_vocabulary_is_refused_alone() -> None:
+    """Checked before it joins a step: inside one, its row would fail every sequence there."""
+    runner = FakeRunner()
+    engine = await _engine(runner)
+    running = asyncio.ensure_future(_collect(engine, _request([5, 6], 6)))
+    for bad in ([1, VOCAB], [-1, 2]):
+        with pytest.raises(InvalidInput, match=rf"token ids must lie in \[0, {VOCAB}\)"):
+            engine.generate(_request(bad, 2))
+    assert await running == [7, 8, 9, 10, 11, 12]
+    assert all(int(r.tokens.max()) < VOCAB for step in runner.steps for r in step)
+    await engine.stop()
+
+
 def test_config_checks_the_budget() -> None:
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         GenerationConfig(max_num_seqs=32, max_num_batched_tokens=16)
