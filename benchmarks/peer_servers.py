@@ -16,13 +16,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import yaml
 from taskserve.clients import ClientOptions, TaskServeClient, TaskServeError
+from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
+from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 
 PEERS_DIR = Path(__file__).resolve().parent / "peers"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -63,8 +66,14 @@ class PeerProcess:
         return f"127.0.0.1:{self.port}"
 
     def wait_ready(self, model: str, timeout: float) -> None:
+        """Until ``model`` is ready; fails at once, with the server's reason, when the
+        process exits or the server's repository index says the model failed to load."""
         deadline = time.monotonic() + timeout
-        with TaskServeClient(self.address, ClientOptions(retry=None, timeout_s=5)) as client:
+        # No health watch: the server is usually not listening yet, so the client could not
+        # tell whether it serves grpc.health.v1, and gRPC logs an ERROR where it does not.
+        options = ClientOptions(retry=None, timeout_s=5, health_check=False)
+        with TaskServeClient(self.address, options) as client:
+            index = pb_grpc.GRPCInferenceServiceStub(client.channel).RepositoryIndex
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     raise RuntimeError(
@@ -75,6 +84,14 @@ class PeerProcess:
                         return
                 except TaskServeError:
                     pass
+                try:
+                    reason = load_failure(index(pb.RepositoryIndexRequest(), timeout=2).models, model)
+                except grpc.RpcError:
+                    reason = None  # not listening yet, or a peer without RepositoryIndex
+                if reason is not None:
+                    raise RuntimeError(
+                        f"{self.name} failed to load {model}: {reason}; log: {self.log_path}\n{self.log_tail()}"
+                    )
                 time.sleep(0.25)
         raise TimeoutError(f"{self.name} not ready after {timeout}s; log: {self.log_path}\n{self.log_tail()}")
 
@@ -95,6 +112,16 @@ class PeerProcess:
                 self.proc.wait(10)
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def load_failure(index: Iterable[pb.RepositoryIndexResponse.ModelIndex], model: str) -> str | None:
+    """The reason ``model`` failed to load, from a v2 repository index, or None while it may
+    still become ready. A failure is UNAVAILABLE with a reason; "unloaded" (nothing tried
+    yet, as a server lists its models before loading them) is not one."""
+    for entry in index:
+        if entry.name == model and entry.state == "UNAVAILABLE" and entry.reason not in ("", "unloaded"):
+            return entry.reason
+    return None
 
 
 def _spawn(name: str, argv: list[str], port: int, log_dir: Path, workdir: Path | None = None) -> PeerProcess:

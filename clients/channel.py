@@ -9,14 +9,36 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from dataclasses import replace
 
 import grpc
 import grpc.aio
+from taskserve.clients.health_probe import serves_health
 from taskserve.clients.options import ClientOptions
+
+# Enough for a round trip to a reachable server; an unreachable one costs this once per channel.
+_PROBE_TIMEOUT_S = 1.0
 
 
 def create_channel(target: str, options: ClientOptions | None = None) -> grpc.Channel:
-    opts = options or ClientOptions()
+    return _sync_channel(target, _decide_health_watch(target, options or ClientOptions()))
+
+
+def create_aio_channel(target: str, options: ClientOptions | None = None) -> grpc.aio.Channel:
+    """Built in the calling thread; the first channel to a round_robin target with
+    ``health_check`` makes one blocking call there (see ``_decide_health_watch``)."""
+    opts = _decide_health_watch(target, options or ClientOptions())
+    if opts.tls is not None:
+        return grpc.aio.secure_channel(
+            target,
+            opts.tls.credentials(),
+            options=opts.channel_options(),
+            compression=opts.grpc_compression(),
+        )
+    return grpc.aio.insecure_channel(target, options=opts.channel_options(), compression=opts.grpc_compression())
+
+
+def _sync_channel(target: str, opts: ClientOptions) -> grpc.Channel:
     if opts.tls is not None:
         return grpc.secure_channel(
             target,
@@ -27,16 +49,17 @@ def create_channel(target: str, options: ClientOptions | None = None) -> grpc.Ch
     return grpc.insecure_channel(target, options=opts.channel_options(), compression=opts.grpc_compression())
 
 
-def create_aio_channel(target: str, options: ClientOptions | None = None) -> grpc.aio.Channel:
-    opts = options or ClientOptions()
-    if opts.tls is not None:
-        return grpc.aio.secure_channel(
-            target,
-            opts.tls.credentials(),
-            options=opts.channel_options(),
-            compression=opts.grpc_compression(),
-        )
-    return grpc.aio.insecure_channel(target, options=opts.channel_options(), compression=opts.grpc_compression())
+def _decide_health_watch(target: str, opts: ClientOptions) -> ClientOptions:
+    """``opts``, without the health watch where the target lacks the health service.
+    Only round_robin watches health (gRPC's pick_first never does), so only it asks."""
+    if not (opts.health_check and opts.load_balancing == "round_robin"):
+        return opts
+    # One connection, no retries, no waiting: an absent or slow server is "no answer".
+    probe = replace(opts, health_check=False, load_balancing="pick_first", retry=None, wait_for_ready=False)
+    timeout_s = min(opts.timeout_s, _PROBE_TIMEOUT_S)
+    if serves_health(target, lambda: _sync_channel(target, probe), timeout_s):
+        return opts
+    return replace(opts, health_check=False)
 
 
 def static_target(addresses: Sequence[str]) -> str:

@@ -95,8 +95,9 @@ class ClientOptions:
     load_balancing: LoadBalancing = "round_robin"
     # With round_robin, watch each server's grpc.health.v1 status and skip servers that say
     # NOT_SERVING (a draining server is left before it closes its port). Servers without the
-    # health service count as healthy. Turn off against a server run with --auth-health: the
-    # health watch carries no per-call token.
+    # health service count as healthy: building the channel asks once per target, so gRPC
+    # logs no error for them (see health_probe). Turn off against a server run with
+    # --auth-health: the health watch carries no per-call token.
     health_check: bool = True
     compression: Compression = "none"
     max_send_message_bytes: int = 64 * 1024 * 1024

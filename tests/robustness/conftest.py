@@ -16,6 +16,7 @@ from tests.support.server import ServerThread, running_server
 from tests.support.tiny_models import add_sub_graph, identity_graph, slow_graph, write_entry
 
 TEXTCLS = "tiny-textcls"
+SLOW_ROWS = "slow-rows"
 # One instance, no batching, a short queue, ~10 ms per request: compute-bound, so the
 # overload test's 4x rate stays within what the gRPC client and server carry.
 SLOW_CONFIG = {
@@ -54,6 +55,12 @@ def robust_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     write_entry(repo, "simple", add_sub_graph(), {"max_batch_size": 8, "dynamic_batching": {"max_queue_delay_us": 500}})
     write_entry(repo, "slow", slow_graph(width=1024, depth=64), SLOW_CONFIG)
+    # The same chain without a batch dimension: a request's row count sets its compute
+    # (~5 ms a row on one thread here), so one request can outlast a client's deadline.
+    write_entry(repo, SLOW_ROWS, slow_graph(width=1024, depth=64), {
+        "max_batch_size": 0, "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1, 1024]}],
+        "runtime": {"intra_op_threads": 1},
+    })  # fmt: skip
     # Swapped to a new version again and again under load.
     write_entry(repo, "swap", add_sub_graph(), {"max_batch_size": 8, "dynamic_batching": {"max_queue_delay_us": 200}})
     write_entry(repo, "unknown-option", identity_graph(TensorProto.FLOAT, ["batch", 2]),

@@ -20,7 +20,7 @@ from taskserve.server.tasks.images import check_request_pixels, declared_size
 
 from tests.support.server import ServerThread
 
-from .conftest import TEXTCLS
+from .conftest import SLOW_ROWS, TEXTCLS
 from .v2 import infer_request
 
 METHODS = [
@@ -143,16 +143,23 @@ def test_streams_in_flight_are_limited(robust_server: ServerThread) -> None:
 
 def test_a_client_deadline_counts_as_timeout(robust_server: ServerThread, robust_channel: grpc.Channel) -> None:
     stub = pb_grpc.GRPCInferenceServiceStub(robust_channel)
-    x = np.ones((1, 1024), np.float32)
-    before = _failures(robust_server, "slow", "timeout")
-    for _ in range(3):
-        with pytest.raises(grpc.RpcError):
-            stub.ModelInfer(infer_request("slow", INPUT0=x), timeout=0.0005)
-    deadline = time.monotonic() + 10
-    while _failures(robust_server, "slow", "timeout") == before and time.monotonic() < deadline:
+    # 512 rows compute for ~2.5 s here (several times the deadline on any CPU), and a
+    # 250 ms deadline leaves ample time for the request to reach the handler even on a
+    # loaded machine: the server sees the request and its deadline passes there.
+    big = np.ones((512, 1024), np.float32)
+    before = _failures(robust_server, SLOW_ROWS, "timeout")
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(infer_request(SLOW_ROWS, INPUT0=big), timeout=0.25)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+    # The server counts the failure when gRPC cancels its handler, around the time the client gives up.
+    wait_until = time.monotonic() + 10
+    while _failures(robust_server, SLOW_ROWS, "timeout") == before and time.monotonic() < wait_until:
         time.sleep(0.05)
-    assert _failures(robust_server, "slow", "timeout") > before
-    assert _failures(robust_server, "slow", "cancelled") == 0
+    assert _failures(robust_server, SLOW_ROWS, "timeout") == before + 1
+    assert _failures(robust_server, SLOW_ROWS, "cancelled") == 0
+    # One instance: a small request without a deadline returns once the abandoned
+    # compute is over, so that compute does not spill into the next tests.
+    stub.ModelInfer(infer_request(SLOW_ROWS, INPUT0=np.ones((1, 1024), np.float32)), timeout=60)
 
 
 def _failures(server: ServerThread, model: str, reason: str) -> float:
