@@ -175,8 +175,10 @@ PY
   done
   local bench_timeout
   bench_timeout=$(budget "$BENCH_TIMEOUT")
+  # 24 model points and 3 decode points must fit the budget: short windows (a GPU serves
+  # thousands of requests in 2 s), or the last points (SmolLM2's decode) would be skipped.
   timeout "$bench_timeout" "$PYTHON" -m taskserve.benchmarks.gpu_bench --models "$MODELS" --out "$OUT/results" \
-    --name h200 --budget-s $((bench_timeout - 40)) "${smollm2_args[@]}"
+    --name h200 --budget-s $((bench_timeout - 40)) --window-s 2 --warmup-s 0.5 --decode-seconds 6 "${smollm2_args[@]}"
   local bench_rc=$?
 
   section "fake-NVML unit tests (this machine's prometheus-client)"
