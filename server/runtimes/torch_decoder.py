@@ -16,12 +16,19 @@ per slot. Rotary tables come from the model's rotary module, as the ONNX engine 
 
 Decode rows (one token each) run as one batched call whatever their slots; each prefill
 chunk runs as its own call.
+
+``runtime.torch.cuda_graphs``: on CUDA, decode calls replay captured CUDA graphs, one per
+(rows, length) bucket: the rows are padded up to the next power of two with rows in a
+scratch slot past the real ones, and attention reads up to the next length edge (masked
+to each row's positions, so the extra keys change nothing). A capture that fails turns
+graphs off for the runner (``graph_failure`` says why); decode then runs eagerly.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +38,7 @@ from taskserve.server.errors import RuntimeFailure
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.runtimes.base import TensorInfo
 from taskserve.server.runtimes.generation import SlotCacheRunner, StepRow, check_decoder_rows
+from taskserve.server.runtimes.graph_shapes import graph_batch_sizes
 from taskserve.server.runtimes.torch_runtime import BUILD_LOCK, choose_device, read_spec, set_cpu_threads
 from torch.nn import functional as F
 
@@ -38,10 +46,26 @@ log = logging.getLogger(__name__)
 
 # What this runner computes attention for: the same family the ONNX engine graph takes.
 MODEL_TYPES = ("llama", "mistral", "qwen2")
+# The shortest attention length a decode graph is captured for; longer ones double up to max_model_len.
+MIN_GRAPH_LENGTH = 32
+
+
+@dataclass
+class _DecodeGraph:
+    graph: Any  # torch.cuda.CUDAGraph
+    tokens: torch.Tensor  # (rows, 1)
+    slots: torch.Tensor  # (rows,)
+    positions: torch.Tensor  # (rows, 1)
+    logits: torch.Tensor  # (rows, vocab) float32
 
 
 class TorchDecoderRunner(SlotCacheRunner):
-    def __init__(self, model_path: Path, config: ModelConfig, gpu: int | None = None) -> None:
+    """``static_shapes``: pad decode calls to the graph buckets (default: when CUDA graphs are
+    on); without CUDA the padded calls run eagerly, which is how CPU tests check the padding."""
+
+    def __init__(
+        self, model_path: Path, config: ModelConfig, gpu: int | None = None, static_shapes: bool | None = None
+    ) -> None:
         if config.generation is None:
             raise RuntimeFailure(f"model {config.name!r} has no generation block; it is not an engine model")
         self.config = config
@@ -58,6 +82,14 @@ class TorchDecoderRunner(SlotCacheRunner):
         self._heads = 0
         self._kv_heads = 0
         self._head_dim = 0
+        self._static_shapes = static_shapes
+        self._graphs: dict[tuple[int, int], _DecodeGraph] = {}
+        self._pool: Any = None
+        self._capture = False
+        self._batch_buckets: tuple[int, ...] = ()
+        self._length_buckets: tuple[int, ...] = ()
+        # Why CUDA graphs were turned off for this runner (a capture failed), if they were.
+        self.graph_failure = ""
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -109,7 +141,17 @@ class TorchDecoderRunner(SlotCacheRunner):
         self._positions = wanted
         self._slots = self._settings.max_num_seqs
         self._rotary_tables(model.model.rotary_emb)
-        shape = (self._slots, self._kv_heads, self._positions, self._head_dim)
+        self._capture = self.device.startswith("cuda") and self.config.runtime.torch.cuda_graphs
+        if self._static_shapes is None:
+            self._static_shapes = self._capture
+        self._batch_buckets = graph_batch_sizes(self._slots)
+        edges, edge = [], MIN_GRAPH_LENGTH
+        while edge < self._positions:
+            edges.append(edge)
+            edge *= 2
+        self._length_buckets = (*edges, self._positions)
+        # Padding rows of static-shape calls write into one scratch slot past the real ones.
+        shape = (self._slots + int(self._static_shapes), self._kv_heads, self._positions, self._head_dim)
         layers = len(model.model.layers)
         self._keys = [self._zeros(shape) for _ in range(layers)]
         self._values = [self._zeros(shape) for _ in range(layers)]
@@ -138,6 +180,8 @@ class TorchDecoderRunner(SlotCacheRunner):
 
     def close(self) -> None:
         on_gpu = self._model is not None and self.device.startswith("cuda")
+        self._graphs.clear()
+        self._pool = None
         self._model = None
         self._keys, self._values = [], []
         self._cos = self._sin = None
@@ -156,10 +200,16 @@ class TorchDecoderRunner(SlotCacheRunner):
 
     @property
     def description(self) -> str:
+        graphs = ", CUDA graphs for decode" if self._capture and not self.graph_failure else ""
         return (
             f"torch on {self.device} ({str(self.dtype).removeprefix('torch.')}), KV cache on the device "
-            f"({self._slots} slots x {self._positions} positions)"
+            f"({self._slots} slots x {self._positions} positions){graphs}"
         )
+
+    @property
+    def graph_count(self) -> int:
+        """Decode graphs captured so far."""
+        return len(self._graphs)
 
     # -- DecoderRunner -----------------------------------------------------------------------
 
@@ -175,7 +225,9 @@ class TorchDecoderRunner(SlotCacheRunner):
         try:
             with torch.inference_mode():
                 decode = [i for i, r in enumerate(rows) if len(r.tokens) == 1]
-                if decode:
+                if decode and self._static_shapes:
+                    out[decode] = self._decode_static([rows[i] for i in decode])
+                elif decode:
                     out[decode] = self._forward([rows[i] for i in decode])
                 for i, row in enumerate(rows):
                     if len(row.tokens) > 1:
@@ -191,20 +243,80 @@ class TorchDecoderRunner(SlotCacheRunner):
     def _forward(self, rows: list[StepRow]) -> np.ndarray:
         """One model call over rows with the same number of new tokens; the last position's
         logits per row, float32 on the host."""
-        model, device = self._model, self.device
-        assert self._cos is not None and self._sin is not None
-        count, new = len(rows), len(rows[0].tokens)
+        device = self.device
+        new = len(rows[0].tokens)
         tokens = torch.from_numpy(np.stack([r.tokens for r in rows]).astype(np.int64, copy=False)).to(device)
         starts = np.asarray([r.start for r in rows], np.int64)
-        total = int(starts.max()) + new
         positions = torch.from_numpy(starts[:, None] + np.arange(new, dtype=np.int64)).to(device)  # (rows, new)
         slots = torch.as_tensor([r.slot for r in rows], dtype=torch.int64, device=device)
+        one_slot = rows[0].slot if len(rows) == 1 else None
+        logits: np.ndarray = self._compute(tokens, slots, positions, int(starts.max()) + new, one_slot).cpu().numpy()
+        return logits
+
+    def _decode_static(self, rows: list[StepRow]) -> np.ndarray:
+        """Decode rows padded to a (rows, length) bucket: replayed from a CUDA graph when
+        graphs are on, else computed eagerly on the same padded shapes."""
+        count = len(rows)
+        batch = next(b for b in self._batch_buckets if b >= count)
+        length = next(edge for edge in self._length_buckets if edge >= max(r.start for r in rows) + 1)
+        tokens = np.zeros((batch, 1), np.int64)
+        slots = np.full(batch, self._slots, np.int64)  # padding rows: position 0 of the scratch slot
+        positions = np.zeros((batch, 1), np.int64)
+        for i, row in enumerate(rows):
+            tokens[i, 0], slots[i], positions[i, 0] = int(row.tokens[0]), row.slot, row.start
+        host = (torch.from_numpy(tokens), torch.from_numpy(slots), torch.from_numpy(positions))
+        graph = self._graph(batch, length, host) if self._capture and not self.graph_failure else None
+        if graph is None:
+            on_device = [t.to(self.device) for t in host]
+            logits = self._compute(on_device[0], on_device[1], on_device[2], length, None)
+        else:
+            for static, value in zip((graph.tokens, graph.slots, graph.positions), host, strict=True):
+                static.copy_(value)
+            graph.graph.replay()
+            logits = graph.logits
+        result: np.ndarray = logits[:count].cpu().numpy()
+        return result
+
+    def _graph(self, batch: int, length: int, host: tuple[torch.Tensor, ...]) -> _DecodeGraph | None:
+        """The graph of one bucket, captured on first use (its warm-up runs compute this very
+        call's rows, which the replay then recomputes identically). None: capture failed."""
+        found = self._graphs.get((batch, length))
+        if found is not None:
+            return found
+        try:
+            tokens, slots, positions = [t.to(self.device) for t in host]
+            side = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # cuBLAS workspaces and lazy kernels before capture
+                    self._compute(tokens, slots, positions, length, None)
+            torch.cuda.current_stream().wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self._compute(tokens, slots, positions, length, None)
+        except Exception as err:  # noqa: BLE001 - any capture failure: run eagerly from now on
+            self.graph_failure = f"{type(err).__name__}: {err}"
+            log.warning("model %r: CUDA graph capture failed, decoding eagerly: %s", self.config.name, err)
+            return None
+        found = self._graphs[(batch, length)] = _DecodeGraph(graph, tokens, slots, positions, logits)
+        return found
+
+    def _compute(
+        self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, total: int, one_slot: int | None
+    ) -> torch.Tensor:
+        """The model over device tensors: ``tokens`` and ``positions`` (rows, new), ``slots``
+        (rows,); attention reads ``total`` positions of each row's slot (``one_slot``: the
+        only row's, as a view). Returns the last position's float32 logits on the device."""
+        model, device = self._model, self.device
+        assert self._cos is not None and self._sin is not None
+        count, new = tokens.shape
         # Row b's query i (position p) sees keys 0..p of its own slot.
         mask = (torch.arange(total, device=device)[None, None, :] <= positions[:, :, None])[:, None]
         cos = self._cos[positions][:, None]  # (rows, 1, new, head size)
         sin = self._sin[positions][:, None]
         slot_index = slots[:, None].expand(count, new)
-        one_slot = rows[0].slot if count == 1 else None
 
         hidden = model.model.embed_tokens(tokens)
         for layer, block in enumerate(model.model.layers):
@@ -231,7 +343,7 @@ class TorchDecoderRunner(SlotCacheRunner):
             hidden = hidden + attn.o_proj(context.transpose(1, 2).reshape(count, new, self._heads * self._head_dim))
             hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
         last = model.model.norm(hidden[:, -1])
-        logits: np.ndarray = model.lm_head(last).float().cpu().numpy()
+        logits: torch.Tensor = model.lm_head(last).float()
         return logits
 
 

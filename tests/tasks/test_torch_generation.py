@@ -175,3 +175,39 @@ def test_torch_entries_on_and_off_the_engine_load_side_by_side_in_a_fresh_proces
         server.terminate()
         server.wait()
 
+
+
+def test_decode_padded_to_graph_buckets_equals_unpadded(torch_repo: Path) -> None:
+    """What CUDA graphs replay, computed eagerly on the CPU: decode rows padded up to the next
+    power of two (rows in the scratch slot) and attention read up to the next length edge give
+    the unpadded logits, across bucket edges (3 rows -> 4, 5 -> 8; length 32 -> 64)."""
+    from taskserve.server.repository.config import load_model_config
+    from taskserve.server.runtimes.generation import StepRow
+    from taskserve.server.runtimes.torch_decoder import TorchDecoderRunner
+
+    entry = torch_repo / "llama-torch"
+    config = load_model_config(entry)
+    plain = TorchDecoderRunner(entry / "1" / "torch_model.json", config)
+    padded = TorchDecoderRunner(entry / "1" / "torch_model.json", config, static_shapes=True)
+    plain.load()
+    padded.load()
+    assert padded.cache_bytes == plain.cache_bytes * 17 // 16  # one scratch slot past the 16
+    rng = np.random.default_rng(5)
+    lengths = {0: 30, 1: 2, 2: 10, 3: 31, 4: 5}
+    last: dict[int, np.ndarray] = {}
+    for slot, n in lengths.items():
+        prompt = rng.integers(0, 400, n)
+        want, got = plain.step([StepRow(slot, prompt, 0)])[0], padded.step([StepRow(slot, prompt, 0)])[0]
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        last[slot] = want
+    for slots in ([0], [0, 1, 2], [4, 3, 2, 1, 0], [3, 0], [1, 3, 0]):
+        rows = [StepRow(s, np.array([int(np.argmax(last[s]))]), lengths[s]) for s in slots]
+        want, got = plain.step(rows), padded.step(rows)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        for row, logits in zip(rows, want, strict=True):
+            last[row.slot] = logits
+            lengths[row.slot] += 1
+    assert lengths[0] > 32 and lengths[3] > 32  # decoded across the first length edge
+    assert padded.graph_count == 0  # no CUDA here: the padded calls ran eagerly
+    plain.close()
+    padded.close()
