@@ -105,10 +105,14 @@ def variant_repository(models: Path, root: Path, wanted: Sequence[str]) -> dict[
     return made
 
 
-def decode_entry(source: Path, dest: Path, streams: int) -> dict[str, Any]:
+def decode_entry(source: Path, dest: Path, streams: int, cuda_graphs: bool = False) -> dict[str, Any]:
     """The text-generation entry for the decode part, with room for ``streams`` sequences on
-    the generation engine (the demo writes 16); returns its generation block."""
+    the generation engine (the demo writes 16), optionally with CUDA graphs for decode (torch
+    entries); returns its generation block."""
     config = yaml.safe_load((source / "config.yaml").read_text())
+    if cuda_graphs:
+        torch_options = config.setdefault("runtime", {}).setdefault("torch", {})
+        torch_options["cuda_graphs"] = True
     dest.mkdir(parents=True)
     for item in source.iterdir():
         if item.name != "config.yaml":
@@ -119,6 +123,10 @@ def decode_entry(source: Path, dest: Path, streams: int) -> dict[str, Any]:
         generation["max_num_batched_tokens"] = max(int(generation.get("max_num_batched_tokens", 512)), streams)
     (dest / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return dict(generation or {})
+
+
+def _platform(entry: Path) -> str:
+    return str(yaml.safe_load((entry / "config.yaml").read_text()).get("platform", "onnxruntime"))
 
 
 def wait_loaded(server: PeerProcess, names: Sequence[str], timeout: float) -> dict[str, str]:
@@ -221,9 +229,11 @@ async def measure_models(
 
 async def measure_decode(
     address: str, model: str, streams: Sequence[int], tokens: int, seconds: float, deadline: float,
-    log: Callable[[str], None],
+    log: Callable[[str], None], variant: str = "decode",
 ) -> list[Point]:  # fmt: skip
-    """Generated tokens per second with N concurrent greedy streams of ``tokens`` new tokens each."""
+    """Generated tokens per second with N concurrent greedy streams of ``tokens`` new tokens each.
+    Each point first runs one generation per stream (CUDA graphs of its shapes get captured
+    there, not in the window)."""
     points = []
     prompts = sentences(64, seed=1)
     async with grpc.aio.insecure_channel(address) as channel:
@@ -239,13 +249,13 @@ async def measure_decode(
             return count
 
         for n in streams:
-            point = Point("smollm2", "decode", n)
+            point = Point("smollm2", variant, n)
             if time.monotonic() + seconds + 5 > deadline:
                 point.note = "skipped: over the time budget"
                 points.append(point)
                 continue
             try:
-                await one(0)  # warm-up
+                await asyncio.gather(*(one(i) for i in range(n)))  # warm-up
                 started = time.perf_counter()
                 latencies: list[float] = []
                 counts = await asyncio.gather(*(_stream(one, s, n, started + seconds, latencies) for s in range(n)))
@@ -256,8 +266,8 @@ async def measure_decode(
             except Exception as err:
                 point.note = f"failed: {type(err).__name__}: {err}"[:300]
             points.append(point)
-            log(f"smollm2 decode streams={n:<3d} {point.items_per_s:9.1f} tokens/s  p50 {point.p50_ms:8.1f} ms/request "
-                f"{point.note}")  # fmt: skip
+            log(f"smollm2 {variant} streams={n:<3d} {point.items_per_s:9.1f} tokens/s  "
+                f"p50 {point.p50_ms:8.1f} ms/request {point.note}")  # fmt: skip
     return points
 
 
@@ -282,7 +292,7 @@ def ratios(points: Sequence[Point], top: int) -> dict[str, float | None]:
     def ratio(a: float, b: float) -> float | None:
         return round(a / b, 2) if a > 0 and b > 0 else None
 
-    streams = sorted({p.concurrency for p in points if p.model == "smollm2"})
+    streams = sorted({p.concurrency for p in points if p.model == "smollm2" and p.variant == "decode"})
     return {
         "minilm_c64_batched_vs_mbs1": ratio(
             _find(points, "minilm", "gpu", top), _find(points, "minilm", "gpu-mbs1", top)
@@ -341,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--streams", default="1,8,32")
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--decode-seconds", type=float, default=8.0)
+    p.add_argument("--decode-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="also decode with CUDA graphs (a second entry with runtime.torch.cuda_graphs)")
     p.add_argument("--warmup-s", type=float, default=1.0)
     p.add_argument("--window-s", type=float, default=3.0)
     p.add_argument("--variants", default="gpu,gpu-mbs1,cpu", help=f"of {', '.join(VARIANTS)}")
@@ -368,16 +380,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
         made = variant_repository(args.models, repo, args.variants.split(","))
         generation: dict[str, Any] = {}
+        graphs_entry = ""
         if args.smollm2 and (args.models / args.smollm2).is_dir():
             generation = decode_entry(args.models / args.smollm2, repo / args.smollm2, max(streams, default=1))
             log(f"{args.smollm2}: generation {generation or 'none (steps through the batcher)'}")
+            if generation and args.decode_graphs and _platform(args.models / args.smollm2) == "torch":
+                graphs_entry = f"{args.smollm2}-graphs"
+                decode_entry(args.models / args.smollm2, repo / graphs_entry, max(streams, default=1), cuda_graphs=True)
         elif args.smollm2:
             failures.append(f"smollm2: no entry {args.smollm2!r} in {args.models}")
         if not made:
             failures.append(f"no torch entries ({', '.join(MODELS.values())}) in {args.models}")
         log(f"variants: {made}")
         server = spawn_taskserve(repo, work)
-        names = [v for variants in made.values() for v in variants] + ([args.smollm2] if args.smollm2 else [])
+        names = [v for variants in made.values() for v in variants] + [n for n in (args.smollm2, graphs_entry) if n]
         not_ready = wait_loaded(server, names, args.startup_timeout)
         for name, reason in not_ready.items():
             failures.append(f"{name} not ready: {reason}")
@@ -395,6 +411,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     measure_decode(server.address, args.smollm2, streams, args.decode_tokens, args.decode_seconds,
                                    deadline, log)
                 )  # fmt: skip
+                if graphs_entry and graphs_entry not in not_ready:
+                    # The same with CUDA graphs, at the ends of the range (after the ratio's points).
+                    points += asyncio.run(
+                        measure_decode(server.address, graphs_entry, sorted({min(streams), max(streams)}),
+                                       args.decode_tokens, args.decode_seconds, deadline, log, "decode-graphs")
+                    )  # fmt: skip
             except Exception as err:
                 failures.append(f"smollm2: {type(err).__name__}: {err}"[:300])
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from taskserve.benchmarks.gpu_bench import Point, markdown, ratios, variant_repository
+from taskserve.benchmarks.gpu_bench import Point, decode_entry, markdown, ratios, variant_repository
 
 
 def test_variants_change_only_placement_batching_and_device(tmp_path: Path) -> None:
@@ -33,6 +33,9 @@ def test_ratios_and_report() -> None:
         Point("efficientnet", "gpu", 64, items_per_s=3000.0),
         Point("smollm2", "decode", 1, items_per_s=100.0),
         Point("smollm2", "decode", 32, items_per_s=1500.0),
+        # The CUDA-graph variant is reported beside the ratio, never in it.
+        Point("smollm2", "decode-graphs", 1, items_per_s=400.0),
+        Point("smollm2", "decode-graphs", 64, items_per_s=9000.0),
     ]
     found = ratios(points, 64)
     assert found == {
@@ -45,3 +48,20 @@ def test_ratios_and_report() -> None:
     assert "| minilm_c64_batched_vs_mbs1 | 6.25 | >= 5 | yes |" in report
     assert "| efficientnet_c64_gpu_fp16_vs_cpu | n/a | >= 20 | n/a |" in report
     assert "- failed: x not ready: reason" in report and "log" not in report.split("failed:")[1].splitlines()[0]
+
+
+def test_the_decode_entry_has_room_for_every_stream_and_optional_graphs(tmp_path: Path) -> None:
+    source = tmp_path / "SmolLM2-torch"
+    (source / "1").mkdir(parents=True)
+    (source / "1" / "torch_model.json").write_text("{}")
+    config = {"platform": "torch", "generation": {"max_num_seqs": 16, "max_num_batched_tokens": 512}}
+    (source / "config.yaml").write_text(yaml.safe_dump(config))
+    assert decode_entry(source, tmp_path / "eager", 32)["max_num_seqs"] == 32
+    decode_entry(source, tmp_path / "graphs", 32, cuda_graphs=True)
+    eager = yaml.safe_load((tmp_path / "eager" / "config.yaml").read_text())
+    graphs = yaml.safe_load((tmp_path / "graphs" / "config.yaml").read_text())
+    assert "runtime" not in eager and graphs["runtime"] == {"torch": {"cuda_graphs": True}}
+    assert graphs["generation"] == {"max_num_seqs": 32, "max_num_batched_tokens": 512}
+    assert (tmp_path / "graphs" / "1" / "torch_model.json").is_file()
+    assert yaml.safe_load((source / "config.yaml").read_text()) == config  # the source entry is untouched
+

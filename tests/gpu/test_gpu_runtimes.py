@@ -379,6 +379,36 @@ def test_torch_decoder_fp16_on_cuda_within_tolerance_of_cpu_fp32_and_frees_its_c
     assert torch.cuda.memory_allocated(0) - baseline < 2 * 2**20
 
 
+def test_torch_decoder_cuda_graphs_replay_equals_eager(tiny_decoder: Path) -> None:
+    """Decode from captured graphs (rows padded to 1/4, lengths to 32/64) against eager decode
+    on the same device, crossing a length edge; the graphs were captured, not skipped."""
+    _torch_cuda()
+    from taskserve.server.runtimes.generation import StepRow
+
+    eager = _decoder(tiny_decoder, device="cuda")
+    graphs = _decoder(tiny_decoder, device="cuda", cuda_graphs=True)
+    rng = np.random.default_rng(1)
+    lengths = {0: 29, 4: 3, 7: 12}
+    last = {}
+    for slot, n in lengths.items():
+        prompt = rng.integers(0, 400, n)
+        last[slot] = eager.step([StepRow(slot, prompt, 0)])[0]
+        graphs.step([StepRow(slot, prompt, 0)])
+    worst = 0.0
+    for slots in ([0], [0, 4, 7], [7, 0, 4], [0], [4, 0, 7], [0, 7], [0, 4, 7]):
+        rows = [StepRow(s, np.array([int(np.argmax(last[s]))]), lengths[s]) for s in slots]
+        want, got = eager.step(rows), graphs.step(rows)
+        worst = max(worst, float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max())))
+        for row, logits in zip(rows, want, strict=True):
+            last[row.slot] = logits
+            lengths[row.slot] += 1
+    assert graphs.graph_failure == ""
+    assert graphs.graph_count >= 3  # (1, 32), (4, 32), (1, 64) at least
+    assert worst < 1e-2, worst
+    eager.close()
+    graphs.close()
+
+
 def test_torch_decoder_streams_share_decode_steps_on_the_gpu(tiny_decoder: Path) -> None:
     _torch_cuda()
     from taskserve.protocol.generated.taskserve.v1 import common_pb2 as common
