@@ -110,6 +110,7 @@ def decode_entry(source: Path, dest: Path, streams: int, cuda_graphs: bool = Fal
     the generation engine (the demo writes 16), optionally with CUDA graphs for decode (torch
     entries); returns its generation block."""
     config = yaml.safe_load((source / "config.yaml").read_text())
+    config.pop("name", None)  # the entry may live under another directory name
     if cuda_graphs:
         torch_options = config.setdefault("runtime", {}).setdefault("torch", {})
         torch_options["cuda_graphs"] = True

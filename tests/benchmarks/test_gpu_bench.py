@@ -54,13 +54,15 @@ def test_the_decode_entry_has_room_for_every_stream_and_optional_graphs(tmp_path
     source = tmp_path / "SmolLM2-torch"
     (source / "1").mkdir(parents=True)
     (source / "1" / "torch_model.json").write_text("{}")
-    config = {"platform": "torch", "generation": {"max_num_seqs": 16, "max_num_batched_tokens": 512}}
+    generation = {"max_num_seqs": 16, "max_num_batched_tokens": 512}
+    config = {"name": "SmolLM2-torch", "platform": "torch", "generation": generation}
     (source / "config.yaml").write_text(yaml.safe_dump(config))
     assert decode_entry(source, tmp_path / "eager", 32)["max_num_seqs"] == 32
     decode_entry(source, tmp_path / "graphs", 32, cuda_graphs=True)
     eager = yaml.safe_load((tmp_path / "eager" / "config.yaml").read_text())
     graphs = yaml.safe_load((tmp_path / "graphs" / "config.yaml").read_text())
     assert "runtime" not in eager and graphs["runtime"] == {"torch": {"cuda_graphs": True}}
+    assert "name" not in graphs  # served under its own directory name
     assert graphs["generation"] == {"max_num_seqs": 32, "max_num_batched_tokens": 512}
     assert (tmp_path / "graphs" / "1" / "torch_model.json").is_file()
     assert yaml.safe_load((source / "config.yaml").read_text()) == config  # the source entry is untouched
