@@ -357,7 +357,8 @@ def test_torch_decoder_fp16_on_cuda_within_tolerance_of_cpu_fp32_and_frees_its_c
     gpu = _decoder(tiny_decoder, device="cuda")
     cpu = _decoder(tiny_decoder, device="cpu", dtype="fp32")
     assert "cuda" in gpu.description and "float16" in gpu.description
-    assert torch.cuda.memory_allocated(0) - baseline >= gpu.cache_bytes  # the cache is device memory
+    loaded = torch.cuda.memory_allocated(0) - baseline
+    assert loaded >= gpu.cache_bytes  # the cache is device memory
     rng = np.random.default_rng(0)
     prompts = {0: rng.integers(0, 400, 7), 3: rng.integers(0, 400, 19), 9: rng.integers(0, 400, 2)}
     lengths = {slot: len(p) for slot, p in prompts.items()}
@@ -376,7 +377,9 @@ def test_torch_decoder_fp16_on_cuda_within_tolerance_of_cpu_fp32_and_frees_its_c
     gpu.close()
     gc.collect()
     torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated(0) - baseline < 2 * 2**20
+    # The tiny model and its cache take well under a MiB: freed means (almost) nothing left of them.
+    left = torch.cuda.memory_allocated(0) - baseline
+    assert left <= loaded // 20, (loaded, left)
 
 
 def test_torch_decoder_cuda_graphs_replay_equals_eager(tiny_decoder: Path) -> None:
