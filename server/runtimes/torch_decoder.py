@@ -26,6 +26,7 @@ graphs off for the runner (``graph_failure`` says why); decode then runs eagerly
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -222,8 +223,11 @@ class TorchDecoderRunner(SlotCacheRunner):
             raise RuntimeFailure(f"model {self.config.name!r} is not loaded")
         check_decoder_rows(self.config.name, rows, self._positions, self._lengths, self._vocab)
         out = np.empty((len(rows), self._vocab), np.float32)
+        # The engine's thread is not the loading one: make the model's GPU current on it (streams,
+        # graph capture and the graph pool follow the current device).
+        device = torch.cuda.device(self.device) if self.device.startswith("cuda") else contextlib.nullcontext()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), device:
                 decode = [i for i, r in enumerate(rows) if len(r.tokens) == 1]
                 if decode and self._static_shapes:
                     out[decode] = self._decode_static([rows[i] for i in decode])
