@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from taskserve.server.errors import RuntimeFailure
 from taskserve.server.repository.config import ModelConfig
+from taskserve.server.runtimes import onnx_providers
 from taskserve.server.runtimes.generation import SlotCacheRunner, StepRow, check_decoder_rows
 from taskserve.server.runtimes.onnx import OnnxRuntime
 
@@ -91,6 +92,13 @@ class OnnxDecoderRunner(SlotCacheRunner):
         self._values = [np.zeros(cache, np.float32) for _ in layers]
         self._lengths = np.zeros(self._slots, np.int64)
         self._session = session
+        if onnx_providers.uses_cuda(self.runtime.providers):
+            log.warning(
+                "model %r: the engine graph is float32, and ONNX Runtime's CUDA GroupQueryAttention takes "
+                "float16/bfloat16 only, so its attention runs on the CPU with copies every step; for generation "
+                "on a GPU export the model with --format torch (docs/gpu.md)",
+                self.config.name,
+            )
         log.info(
             "model %r: %d cache slots of %d positions, %d layers (%.0f MiB reserved, mapped as used)",
             self.config.name, self._slots, self._positions, len(layers), self.cache_bytes / 2**20,

@@ -105,3 +105,25 @@ def test_engine_exports_refuse_quantize_rather_than_write_an_unservable_entry(
     with pytest.raises(UsageError, match="float32 only"):
         export_hf(tiny_sources[MODEL], "text-generation", tmp_path, "q", quantize="int8", progress=False)
     assert not (tmp_path / "q").exists()
+
+
+def test_an_engine_graph_under_cuda_warns_that_its_attention_stays_on_the_cpu(
+    task_repository: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fp32 graph's GroupQueryAttention has no CUDA kernel: the operator learns to export
+    for torch instead (the session's providers are faked; no GPU here)."""
+    from taskserve.server.runtimes import onnx_providers
+
+    entry = task_repository / MODEL
+    config = load_model_config(entry)
+    quiet = OnnxDecoderRunner(entry / "1" / config.default_model_filename, config)
+    faked = OnnxDecoderRunner(entry / "1" / config.default_model_filename, config)
+    with caplog.at_level("WARNING"):
+        quiet.load()  # the CPU provider: nothing to say
+        assert not [r for r in caplog.records if r.levelname == "WARNING"]
+        monkeypatch.setattr(onnx_providers, "uses_cuda", lambda active: True)
+        faked.load()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "--format torch" in warnings[0] and "GroupQueryAttention" in warnings[0]
+    quiet.close()
+    faked.close()
