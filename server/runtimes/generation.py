@@ -92,7 +92,6 @@ class DecoderRunner(Protocol):
         ...
 
 
-
 class SlotCacheRunner:
     """What the decoder-only runners share: the slot bookkeeping behind the ``DecoderRunner``
     properties, ``release`` and the warm-up. ``_lengths[slot]`` is the positions the slot's
@@ -147,4 +146,3 @@ def check_decoder_rows(
             )
         if row.start and row.start != lengths[row.slot]:
             raise RuntimeFailure(f"slot {row.slot} holds {lengths[row.slot]} positions, not {row.start}")
-

@@ -51,8 +51,6 @@ class OnnxDecoderRunner(SlotCacheRunner):
         self._session: Any = None
         self._keys: list[np.ndarray] = []
         self._values: list[np.ndarray] = []
-        self._slot_bytes = 0
-        self._slot_shape: tuple[int, int, int] = (0, 0, 0)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -85,9 +83,7 @@ class OnnxDecoderRunner(SlotCacheRunner):
         self._slots = self._settings.max_num_seqs
         logits = next(o for o in session.get_outputs() if o.name == "logits")
         self._vocab = int(logits.shape[-1]) if isinstance(logits.shape[-1], int) else 0
-        self._slot_shape = (kv_heads, self._positions, head_dim)
-        self._slot_bytes = kv_heads * self._positions * head_dim * np.dtype(np.float32).itemsize
-        cache = (self._slots, *self._slot_shape)
+        cache = (self._slots, kv_heads, self._positions, head_dim)
         self._keys = [np.zeros(cache, np.float32) for _ in layers]
         self._values = [np.zeros(cache, np.float32) for _ in layers]
         self._lengths = np.zeros(self._slots, np.int64)
@@ -113,7 +109,7 @@ class OnnxDecoderRunner(SlotCacheRunner):
 
     @property
     def cache_bytes(self) -> int:
-        return (len(self._keys) + len(self._values)) * self._slots * self._slot_bytes
+        return sum(b.nbytes for b in self._keys) + sum(b.nbytes for b in self._values)
 
     @property
     def description(self) -> str:
@@ -161,13 +157,12 @@ class OnnxDecoderRunner(SlotCacheRunner):
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, np.int64))
         binding.bind_cpu_input("seqlens_k", (totals - 1).astype(np.int32))
         binding.bind_cpu_input("total_sequence_length", np.asarray(int(totals.max()), np.int32))
-        # Slots [lo, hi) are contiguous in every buffer: bind that range by address, as the
-        # past input and the present output both, so the kernel updates the cache in place.
-        shape = [hi - lo, *self._slot_shape]
-        offset = lo * self._slot_bytes
+        # Slots [lo, hi) are a contiguous view of every buffer: bind it by address, as the past
+        # input and the present output both, so the kernel updates the cache in place.
         for layer, (keys, values) in enumerate(zip(self._keys, self._values, strict=True)):
             for kind, buffer in (("key", keys), ("value", values)):
-                address = buffer.ctypes.data + offset
+                view = buffer[lo:hi]
+                shape, address = list(view.shape), view.ctypes.data
                 binding.bind_input(f"past_{kind}.{layer}", "cpu", 0, np.float32, shape, address)
                 binding.bind_output(f"present_{kind}.{layer}", "cpu", 0, np.float32, shape, address)
         logits = np.empty((hi - lo, self._vocab), np.float32)
@@ -177,4 +172,3 @@ class OnnxDecoderRunner(SlotCacheRunner):
         except Exception as err:
             raise RuntimeFailure(f"onnxruntime failed on model {self.config.name!r}: {err}") from err
         return logits
-
