@@ -146,11 +146,9 @@ class TorchDecoderRunner(SlotCacheRunner):
         if self._static_shapes is None:
             self._static_shapes = self._capture
         self._batch_buckets = graph_batch_sizes(self._slots)
-        edges, edge = [], MIN_GRAPH_LENGTH
-        while edge < self._positions:
-            edges.append(edge)
-            edge *= 2
-        self._length_buckets = (*edges, self._positions)
+        # The same doubling for lengths, from MIN_GRAPH_LENGTH (or the whole slot, when shorter).
+        shortest = min(MIN_GRAPH_LENGTH, self._positions)
+        self._length_buckets = tuple(e for e in graph_batch_sizes(self._positions) if e >= shortest)
         # Padding rows of static-shape calls write into one scratch slot past the real ones.
         shape = (self._slots + int(self._static_shapes), self._kv_heads, self._positions, self._head_dim)
         layers = len(model.model.layers)
