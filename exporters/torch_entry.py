@@ -141,13 +141,7 @@ def check_torch_entry(
             wanted = [n for n in case.expected if n in {t.name for t in exported.outputs or ()}]
             got = runtime.infer({k: np.asarray(v) for k, v in case.inputs.items()}, wanted)
             for name in wanted:
-                diff = float(np.max(np.abs(got[name].astype(np.float64) - np.asarray(case.expected[name], np.float64))))
-                worst = max(worst, diff)
-                if not diff <= tolerance:
-                    raise ValidationFailed(
-                        f"the torch entry's output {name!r} differs from the source model by {diff:.3g} "
-                        f"(tolerance {tolerance:g}) on {case.label or 'a validation case'}"
-                    )
+                worst = max(worst, _checked_diff(name, got[name], case.expected[name], tolerance, case.label))
     finally:
         runtime.close()
     return worst
@@ -165,17 +159,22 @@ def _check_engine_entry(config: Any, spec_path: Path, exported: ExportedModel, t
     try:
         for case in exported.cases:
             prompts = np.asarray(case.inputs["input_ids"], np.int64)
-            expected = np.asarray(case.expected["logits"], np.float64)
             got = runner.step([StepRow(slot, ids, 0) for slot, ids in enumerate(prompts)])
-            diff = float(np.max(np.abs(got.astype(np.float64) - expected)))
-            worst = max(worst, diff)
-            if not diff <= tolerance:
-                raise ValidationFailed(
-                    f"the torch entry's logits differ from the source model by {diff:.3g} (tolerance {tolerance:g}) "
-                    f"on {case.label or 'a validation case'}"
-                )
+            worst = max(worst, _checked_diff("logits", got, case.expected["logits"], tolerance, case.label))
             for slot in range(len(prompts)):
                 runner.release(slot)
     finally:
         runner.close()
     return worst
+
+
+def _checked_diff(name: str, got: np.ndarray, expected: Any, tolerance: float, label: str) -> float:
+    """The largest difference of output ``name`` from the source model's; ValidationFailed past ``tolerance``."""
+    diff = float(np.max(np.abs(np.asarray(got, np.float64) - np.asarray(expected, np.float64))))
+    if not diff <= tolerance:
+        raise ValidationFailed(
+            f"the torch entry's output {name!r} differs from the source model by {diff:.3g} "
+            f"(tolerance {tolerance:g}) on {label or 'a validation case'}"
+        )
+    return diff
+

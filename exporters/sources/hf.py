@@ -71,15 +71,13 @@ def load_model(model: str, optimum_task: str) -> Any:
     return loaded.eval()
 
 
-def export_hf(
-    model: str, optimum_task: str, work: Path, opset: int | None = None, engine: bool = True
-) -> ExportedModel:
-    """``engine``: decoders the generation engine supports get its graph (``engine_graph.py``)."""
+def export_hf(model: str, optimum_task: str, work: Path, opset: int | None = None) -> ExportedModel:
+    """Decoders the generation engine supports get its graph (``engine_graph.py``), for either format."""
     from optimum.exporters.onnx import onnx_export_from_model
 
     task = OPTIMUM_TO_TASKSERVE[optimum_task]
     loaded = load_model(model, optimum_task)
-    if engine and task == "text-generation" and engine_graph.supports(loaded.config):
+    if task == "text-generation" and engine_graph.supports(loaded.config):
         return export_engine_decoder(model, loaded, work)
     raw = work / "optimum"
     try:
