@@ -108,8 +108,8 @@ def variant_repository(models: Path, root: Path, wanted: Sequence[str]) -> dict[
 def decode_entry(source: Path, dest: Path, streams: int, cuda_graphs: bool = False) -> dict[str, Any]:
     """The text-generation entry for the decode part, with room for ``streams`` sequences on
     the generation engine (the demo writes 16), optionally with CUDA graphs for decode (torch
-    entries); returns its generation block."""
-    config = yaml.safe_load((source / "config.yaml").read_text())
+    entries); returns the config written."""
+    config: dict[str, Any] = yaml.safe_load((source / "config.yaml").read_text())
     config.pop("name", None)  # the entry may live under another directory name
     if cuda_graphs:
         torch_options = config.setdefault("runtime", {}).setdefault("torch", {})
@@ -123,11 +123,7 @@ def decode_entry(source: Path, dest: Path, streams: int, cuda_graphs: bool = Fal
         generation["max_num_seqs"] = max(int(generation.get("max_num_seqs", 16)), streams)
         generation["max_num_batched_tokens"] = max(int(generation.get("max_num_batched_tokens", 512)), streams)
     (dest / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    return dict(generation or {})
-
-
-def _platform(entry: Path) -> str:
-    return str(yaml.safe_load((entry / "config.yaml").read_text()).get("platform", "onnxruntime"))
+    return config
 
 
 def wait_loaded(server: PeerProcess, names: Sequence[str], timeout: float) -> dict[str, str]:
@@ -383,9 +379,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         generation: dict[str, Any] = {}
         graphs_entry = ""
         if args.smollm2 and (args.models / args.smollm2).is_dir():
-            generation = decode_entry(args.models / args.smollm2, repo / args.smollm2, max(streams, default=1))
+            written = decode_entry(args.models / args.smollm2, repo / args.smollm2, max(streams, default=1))
+            generation = dict(written.get("generation") or {})
             log(f"{args.smollm2}: generation {generation or 'none (steps through the batcher)'}")
-            if generation and args.decode_graphs and _platform(args.models / args.smollm2) == "torch":
+            if generation and args.decode_graphs and written.get("platform") == "torch":
                 graphs_entry = f"{args.smollm2}-graphs"
                 decode_entry(args.models / args.smollm2, repo / graphs_entry, max(streams, default=1), cuda_graphs=True)
         elif args.smollm2:

@@ -57,7 +57,7 @@ def test_the_decode_entry_has_room_for_every_stream_and_optional_graphs(tmp_path
     generation = {"max_num_seqs": 16, "max_num_batched_tokens": 512}
     config = {"name": "SmolLM2-torch", "platform": "torch", "generation": generation}
     (source / "config.yaml").write_text(yaml.safe_dump(config))
-    assert decode_entry(source, tmp_path / "eager", 32)["max_num_seqs"] == 32
+    assert decode_entry(source, tmp_path / "eager", 32)["generation"]["max_num_seqs"] == 32
     decode_entry(source, tmp_path / "graphs", 32, cuda_graphs=True)
     eager = yaml.safe_load((tmp_path / "eager" / "config.yaml").read_text())
     graphs = yaml.safe_load((tmp_path / "graphs" / "config.yaml").read_text())
