@@ -36,11 +36,7 @@ ARG EXTRAS=server
 RUN python3 -m venv /opt/venv && pip install --no-cache-dir --upgrade pip
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY server ./server
-COPY clients ./clients
-COPY protocol ./protocol
-COPY exporters ./exporters
-COPY benchmarks ./benchmarks
+COPY src ./src
 # `server` pulls the CPU onnxruntime; both wheels own the same module, so a GPU build
 # must keep only onnxruntime-gpu (reinstalled after the uninstall removed shared files).
 RUN pip install --no-cache-dir ".[${EXTRAS}]" \

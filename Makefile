@@ -60,19 +60,15 @@ lint: setup
 	# The layering rules (pyproject.toml [tool.importlinter]).
 	$(VENV)/bin/lint-imports --no-cache
 
-# mypy cannot follow the editable install's import hook (clients/ is taskserve.clients),
-# so it reads the packages through a symlinked taskserve/ layout under build/.
 typecheck: setup
-	rm -rf build/typecheck && mkdir -p build/typecheck/taskserve
-	for p in server exporters clients protocol benchmarks; do ln -s $(CURDIR)/$$p build/typecheck/taskserve/$$p; done
-	MYPYPATH=build/typecheck $(VENV)/bin/mypy --strict -p taskserve.server -p taskserve.exporters -p taskserve.clients -p taskserve.protocol -p taskserve.benchmarks
+	$(VENV)/bin/mypy --strict -p taskserve.server -p taskserve.exporters -p taskserve.clients -p taskserve.protocol -p taskserve.benchmarks
 
 # Repeated code in what people write: the `duplicates` command has no exclude option, and in a
 # git checkout it reads every tracked file, so it reads a copy of the tree (tracked and
 # untracked-but-not-ignored files) outside the checkout, without the generated
-# protocol/generated/ (regenerated from protos/, never edited by hand).
+# src/taskserve/protocol/generated/ (regenerated from protos/, never edited by hand).
 duplicates:
-	@copy=$$(mktemp -d) && git ls-files -z -co --exclude-standard -- . ':(exclude)protocol/generated' \
+	@copy=$$(mktemp -d) && git ls-files -z -co --exclude-standard -- . ':(exclude)src/taskserve/protocol/generated' \
 	  | xargs -0 cp --parents -t $$copy && duplicates --repo $$copy --most $${MOST:-40} --seconds 120; \
 	  rm -rf $$copy
 

@@ -15,8 +15,7 @@
 #   SMOLLM2=1 bash benchmarks/gpu/pack_models.sh -> build/devcheck/smollm2/part-NN (optional:
 #     the SmolLM2 torch entry in fp16, ~260 MB in 60 MB parts, one per call; joined into models/)
 #
-# 1. Layout: build/devcheck/taskserve/ symlinks server/, exporters/, clients/, benchmarks/ and
-#    goes on PYTHONPATH with the wheels installed into build/devcheck/site (and onnxruntime-gpu
+# 1. Layout: src/ goes on PYTHONPATH with the wheels installed into build/devcheck/site (and onnxruntime-gpu
 #    into build/devcheck/site-ort, ahead of the machine's CPU onnxruntime, when all parts came).
 # 2. nvidia-smi, versions, imports.
 # 3. The gpu tests: tests/gpu (PyTorch runtime fp16 vs CPU fp32, CUDA graphs, batching on the
@@ -68,10 +67,8 @@ budget() { local left=$((TOTAL_SECONDS - SECONDS - 10)); [ "$left" -lt "$1" ] &&
 checks() {
   local started=$SECONDS wheels=none
   section "layout"
-  rm -rf build/devcheck/taskserve build/devcheck/site
-  mkdir -p build/devcheck/taskserve
-  for p in server exporters clients protocol benchmarks; do ln -s "$ROOT/$p" "build/devcheck/taskserve/$p"; done
-  local path="$ROOT/build/devcheck"
+  rm -rf build/devcheck/site
+  local path="$ROOT/src"
   if compgen -G "$WHEELS/*.whl" >/dev/null; then
     if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
         --target build/devcheck/site "$WHEELS"/*.whl; then

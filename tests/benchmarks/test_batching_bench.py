@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from taskserve.benchmarks.batching_bench import ratios, verdicts, write_variant_repository
 from taskserve.benchmarks.cli import main as bench_main
 from taskserve.benchmarks.stats import RunResult, Window

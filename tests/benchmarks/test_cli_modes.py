@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from taskserve.benchmarks.cli import main
 from taskserve.benchmarks.echo_server import start_echo_server
-
 from tests.benchmarks.bench_models import build_bench_repository
 from tests.clients.client_fakes import ServerThread as FakeServer
 from tests.support.server import ServerThread, running_server

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from taskserve.benchmarks.floor_bench import MODEL, p50_ratio, write_tiny_model
 from taskserve.benchmarks.stats import RunResult, Window
 from taskserve.server.repository.config import load_model_config

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from taskserve.benchmarks.cli import build_parser
 from taskserve.benchmarks.generation_bench import StreamTiming, ratios_and_verdicts, write_engine_repository
 

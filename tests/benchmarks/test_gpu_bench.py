@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+
 from taskserve.benchmarks.gpu_bench import Point, decode_entry, markdown, ratios, variant_repository
 
 

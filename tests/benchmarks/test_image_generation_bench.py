@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from taskserve.benchmarks.cli import build_parser
 from taskserve.benchmarks.image_generation_bench import summarize
 from taskserve.benchmarks.stats import RunResult, Window

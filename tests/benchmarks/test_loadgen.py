@@ -6,6 +6,7 @@ import asyncio
 
 import grpc
 import pytest
+
 from taskserve.benchmarks.loadgen import WindowPlan, error_code, run_closed_loop, run_open_loop
 from taskserve.clients.errors import error_for
 

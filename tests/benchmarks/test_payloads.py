@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from taskserve.benchmarks.payloads import build_payload, detect_kind, find_tokenizer
 from taskserve.clients.metadata import TensorMetadata as T
 

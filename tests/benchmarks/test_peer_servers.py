@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from taskserve.benchmarks.peer_servers import load_failure, spawn_taskserve
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
-
 from tests.support.tiny_models import add_sub_graph, write_entry
 
 

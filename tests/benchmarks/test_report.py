@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from taskserve.benchmarks.machine import REPO_ROOT, machine_info
 from taskserve.benchmarks.report import write_results
 from taskserve.benchmarks.stats import RunResult, Window

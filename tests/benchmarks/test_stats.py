@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from taskserve.benchmarks.stats import LatencySummary, RunResult, Window, choose_measured, is_stable
 
 

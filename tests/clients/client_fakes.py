@@ -15,6 +15,7 @@ from typing import Any, Self
 import grpc
 import grpc.aio
 import numpy as np
+
 from taskserve.protocol.datatypes import numpy_dtype
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 import pytest
+
 from taskserve.clients import (
     AsyncTaskServeClient,
     ClientOptions,
@@ -15,7 +16,6 @@ from taskserve.clients import (
     NotFound,
     Unavailable,
 )
-
 from tests.clients.client_fakes import Recorder, ServerThread
 
 # Async fixtures live on the session loop (pyproject), so the tests must run there too.

@@ -9,9 +9,9 @@ import logging
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from taskserve.clients import ClientOptions, TaskServeClient, Unavailable
 from taskserve.clients.channel import static_target
-
 from tests.clients.client_fakes import Recorder, Registrar, ServerThread, add_all_fakes
 
 

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from taskserve.clients import ClientOptions, RetryPolicy, TlsConfig
 from taskserve.clients.errors import DeadlineExceeded, TaskServeError, error_for
 from taskserve.clients.v2_codec import decode_infer_response, encode_infer_request, parameter_value

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from onnx import TensorProto
-from taskserve.clients import AsyncTaskServeClient, InvalidArgument, NotFound, TaskServeClient
 
+from taskserve.clients import AsyncTaskServeClient, InvalidArgument, NotFound, TaskServeClient
 from tests.support.server import ServerThread, running_server
 from tests.support.tiny_models import add_sub_graph, identity_graph, write_entry
 

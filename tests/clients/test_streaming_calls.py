@@ -10,10 +10,10 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+
 from taskserve.clients import ClientOptions, DeadlineExceeded, InvalidArgument
 from taskserve.clients.calls import AsyncCaller, SyncCaller
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
-
 from tests.clients.client_fakes import Recorder, ServerThread
 
 METHOD = "/test.Streamer/Count"

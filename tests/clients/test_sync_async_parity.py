@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
+
 from taskserve.clients import AsyncTaskServeClient, TaskServeClient
 
 # What may differ between the two spellings of one API: async iterators, aio channels, callers.

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from taskserve.clients import AsyncTaskServeClient, InvalidArgument, TaskServeClient
 from taskserve.protocol.generated.taskserve.v1 import text_classification_pb2, token_classification_pb2
-
 from tests.clients.client_fakes import Recorder, ServerThread
 
 

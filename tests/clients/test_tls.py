@@ -9,8 +9,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from taskserve.clients import ClientOptions, TaskServeClient, TlsConfig, Unavailable
 
+from taskserve.clients import ClientOptions, TaskServeClient, TlsConfig, Unavailable
 from tests.clients.client_fakes import ServerThread
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")

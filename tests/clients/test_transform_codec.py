@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from taskserve.clients import transform_codec as tx
 from taskserve.protocol.generated.taskserve.v1 import common_pb2, text_generation_pb2, text_transform_pb2
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+
 from taskserve.clients import (
     ClientOptions,
     DeadlineExceeded,
@@ -18,7 +19,6 @@ from taskserve.clients import (
     Unavailable,
     Unimplemented,
 )
-
 from tests.clients.client_fakes import Recorder, ServerThread
 
 

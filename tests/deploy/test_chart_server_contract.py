@@ -15,9 +15,9 @@ import pytest
 import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
+
 from taskserve.server.main import parse_args
 from taskserve.server.metrics import ServerMetrics
-
 from tests.deploy.chart import ALL_FEATURES, port_named, render
 from tests.support.certs import make_test_pki
 from tests.support.server import ServerProcess

@@ -117,7 +117,7 @@ def _context_paths() -> list[Path]:
 
 
 def test_every_package_folder_is_in_the_context_and_copied() -> None:
-    folders = set(PYPROJECT["tool"]["setuptools"]["package-dir"].values())
+    folders = set(PYPROJECT["tool"]["setuptools"]["packages"]["find"]["where"])
     copied = {rest.split()[0] for w, rest in _stages()["venv"] if w == "COPY"}
     assert folders <= copied
     top = {p.parts[0] for p in _context_paths()}
@@ -137,8 +137,11 @@ def test_the_build_context_builds_a_wheel_with_every_package(tmp_path: Path) -> 
     )  # fmt: skip
     (wheel,) = (tmp_path / "dist").glob("taskserve-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for package in PYPROJECT["tool"]["setuptools"]["packages"]:
-        assert package.replace(".", "/") + "/__init__.py" in names, package
+    (src,) = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["where"]
+    packages = [p.relative_to(ROOT / src).as_posix() for p in (ROOT / src).rglob("__init__.py")]
+    assert "taskserve/server/__init__.py" in packages
+    for package in packages:
+        assert package in names, package
     entry_points = (
         zipfile.ZipFile(wheel)
         .read(next(n for n in names if n.endswith(".dist-info/entry_points.txt")))

@@ -12,13 +12,13 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
+
 from taskserve.clients import DeadlineExceeded, InvalidArgument, TaskServeClient
 from taskserve.clients.image_generation import ImageProgress, ImageResult
 from taskserve.protocol.generated.taskserve.v1 import image_generation_pb2 as pb
 from taskserve.protocol.generated.taskserve.v1 import image_generation_pb2_grpc as pb_grpc
 from taskserve.server.tasks.diffusion.pipeline import GenerationParams, Mode, PipelineSpec, spec_from_options
 from taskserve.server.tasks.diffusion.schedulers import SchedulerKind
-
 from tests.diffusion.conftest import NAME, TinyPipeline
 from tests.support.server import ServerThread
 

@@ -9,12 +9,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from taskserve.server.errors import InvalidInput, Overloaded
 from taskserve.server.repository.config import load_model_config
 from taskserve.server.tasks.base import CallOptions, TaskContext
 from taskserve.server.tasks.diffusion.pipeline import Mode
 from taskserve.server.tasks.image_generation import GeneratedImages, GenerationProgress, ImageGenerator, ImageRequest
-
 from tests.diffusion.conftest import NAME, TinyPipeline
 from tests.tasks.fakes import FakeModel, FakeScheduler
 

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import MetricsHandler
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+
 from taskserve.server.gpu_metrics import GpuCollector, start_gpu_metrics
 
 pytestmark = pytest.mark.gpu

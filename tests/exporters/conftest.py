@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from taskserve.exporters.api import export_hf
 from taskserve.exporters.pipeline import ExportResult
 from taskserve.exporters.tiny_models import tiny_bert

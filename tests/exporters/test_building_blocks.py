@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+
 from taskserve.exporters.errors import UsageError
 from taskserve.exporters.graph_io import serving_specs
 from taskserve.exporters.progress import format_table

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from taskserve.exporters import cli, demo
 from taskserve.exporters.errors import UsageError
 

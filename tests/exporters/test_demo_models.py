@@ -10,11 +10,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from PIL import Image
+from tokenizers import Tokenizer
+
 from taskserve.exporters.demo import ENTRY_NAMES, QUICK_MODELS, build_demo
 from taskserve.exporters.image_options import preprocess
 from taskserve.exporters.repository_entry import entry_complete
 from taskserve.server.repository.config import load_model_config
-from tokenizers import Tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -79,6 +80,7 @@ def test_minilm_onnx_matches_sentence_transformers(demo_repository: Path) -> Non
 
 def test_efficientnet_sees_the_cat(demo_repository: Path) -> None:
     from skimage import data
+
     from taskserve.exporters.efficientnet_lite import imagenet_labels
 
     entry = demo_repository / ENTRY_NAMES["efficientnet-lite0"]

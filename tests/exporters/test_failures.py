@@ -8,6 +8,7 @@ from pathlib import Path
 import onnx
 import pytest
 from onnx import numpy_helper
+
 from taskserve.exporters import cli
 from taskserve.exporters.errors import ValidationFailed
 from taskserve.exporters.sources import hf

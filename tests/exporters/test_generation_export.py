@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
+
 from taskserve.exporters.cli import main
 from taskserve.exporters.sources.hf import decoder_specs
 from taskserve.exporters.tiny_models import tiny_causal_lm

@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
+
 from taskserve.exporters.api import (
     export_hf,
     export_onnx_file,

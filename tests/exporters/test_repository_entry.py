@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from taskserve.exporters import repository_entry
 from taskserve.exporters.errors import ExportError
 from taskserve.exporters.repository_entry import entry_complete, write_entry

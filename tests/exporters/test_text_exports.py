@@ -12,11 +12,11 @@ import onnxruntime as ort
 import pytest
 import torch
 import transformers
+from tokenizers import Tokenizer
+
 from taskserve.exporters.pipeline import ExportResult
 from taskserve.exporters.tiny_models import TEXT_LABELS
 from taskserve.server.repository.config import load_model_config
-from tokenizers import Tokenizer
-
 from tests.exporters.conftest import QUANTIZED, TINY_TEXT
 
 HEADS = {

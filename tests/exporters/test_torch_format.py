@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from taskserve.exporters import cli
 from taskserve.exporters.api import export_hf
 from taskserve.exporters.pipeline import ExportResult

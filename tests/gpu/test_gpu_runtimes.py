@@ -61,6 +61,7 @@ def gpu_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _v2(address: str) -> Any:
     """The v2 service through the generated stubs (tritonclient need not be on the GPU machine)."""
     import grpc
+
     from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
     from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -189,10 +190,10 @@ def gpu_repo(gpu_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 def test_concurrent_requests_batch_on_the_gpu(gpu_repo: Path) -> None:
     _torch_cuda()
     import grpc
+
     from taskserve.protocol.generated.taskserve.v1 import common_pb2 as common
     from taskserve.protocol.generated.taskserve.v1 import sentence_embedding_pb2 as se
     from taskserve.protocol.generated.taskserve.v1 import sentence_embedding_pb2_grpc as se_grpc
-
     from tests.support.server import running_server
 
     texts = [f"sentence number {i} about the weather and the markets" for i in range(64)]
@@ -417,7 +418,6 @@ def test_torch_decoder_streams_share_decode_steps_on_the_gpu(tiny_decoder: Path)
     from taskserve.protocol.generated.taskserve.v1 import common_pb2 as common
     from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2 as tg
     from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2_grpc as tg_grpc
-
     from tests.support.server import running_server
 
     with running_server(tiny_decoder.parent) as server:

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from onnx import TensorProto
 from prometheus_client.parser import text_string_to_metric_families
+
 from taskserve.server.frontends.grpc.server import create_server
 from taskserve.server.gpu_metrics import GpuMetricsUnavailable
 from taskserve.server.settings import ServerSettings
-
 from tests.support.fake_nvml import (
     NVML_ERROR_LIBRARY_NOT_FOUND,
     FakeGpu,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 from onnx import TensorProto
-from taskserve.server.runtimes import devices
 
+from taskserve.server.runtimes import devices
 from tests.support.server import running_server
 from tests.support.tiny_models import add_sub_graph, write_entry
 

@@ -12,12 +12,12 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
+
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from taskserve.protocol.generated.taskserve.v1 import common_pb2, text_classification_pb2
 from taskserve.server.errors import LimitExceeded
 from taskserve.server.tasks.images import check_request_pixels, declared_size
-
 from tests.support.server import ServerThread
 
 from .conftest import SLOW_ROWS, TEXTCLS

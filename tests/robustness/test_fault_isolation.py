@@ -13,9 +13,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from tokenizers import Tokenizer
 
+from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.support.server import ServerThread
 
 from .conftest import TEXTCLS

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from taskserve.protocol.generated.taskserve.v1 import common_pb2, text_classification_pb2
-
 from tests.support.server import ServerThread
 
 from .conftest import TEXTCLS, rss_bytes

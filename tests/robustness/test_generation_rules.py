@@ -8,12 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from taskserve.server.errors import Code, GenerationCapExceeded, InvalidInput
 from taskserve.server.metrics import ServerMetrics
 from taskserve.server.tasks.base import CallOptions, TaskContext
 from taskserve.server.tasks.chat_template import ChatMessage
 from taskserve.server.tasks.text_generation import GenerateParams, TextGenerator
-
 from tests.tasks.test_generation_task import EOS, decoder_model
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
-
 from tests.support.server import ServerProcess, ServerThread
 from tests.support.tiny_models import slow_graph, write_entry
 

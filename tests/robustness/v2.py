@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 
 _DATATYPES = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32"}

@@ -9,12 +9,12 @@ from pathlib import Path
 import grpc
 import pytest
 from onnx import TensorProto
+
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from taskserve.server.errors import InvalidInput
 from taskserve.server.repository.paths import OutsideModelDir, check_model_name, resolve_inside, shown
 from taskserve.server.tasks.tokenization import TextTokenizer
-
 from tests.support.server import ServerThread, running_server
 from tests.support.tiny_models import add_sub_graph, identity_graph, write_entry
 

@@ -16,9 +16,9 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from taskserve.clients import ClientOptions, RetryPolicy, TaskServeClient, TaskServeError
 from taskserve.clients.channel import static_target
-
 from tests.support.server import ServerProcess
 
 X = np.ones((1, 4), np.float32)

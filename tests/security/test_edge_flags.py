@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from taskserve.server.frontends.grpc.auth import BearerTokenInterceptor, TokenError, load_tokens, parse_tokens
 from taskserve.server.main import parse_args
-
 from tests.support.certs import Pki
 
 

@@ -9,11 +9,11 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from taskserve.clients import ClientOptions, TaskServeClient, TlsConfig, Unauthenticated, Unavailable
 from taskserve.clients.channel import create_channel
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
-
 from tests.security.conftest import TOKENS
 from tests.support.certs import Pki
 from tests.support.server import ServerProcess, ServerThread, running_server

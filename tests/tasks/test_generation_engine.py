@@ -9,13 +9,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+
 from taskserve.protocol.generated.taskserve.v1 import common_pb2 as common
 from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2 as tg
 from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2_grpc as tg_grpc
 from taskserve.server.repository.config import load_model_config
 from taskserve.server.runtimes.generation import StepRow
 from taskserve.server.runtimes.onnx_decoder import OnnxDecoderRunner
-
 from tests.support.server import ServerThread
 
 MODEL = "tiny-llama"

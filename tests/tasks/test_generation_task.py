@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
 from taskserve.server.errors import InvalidInput, Overloaded
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.scheduling.base import InferRequest, InferResult
@@ -19,8 +21,6 @@ from taskserve.server.tasks.base import CallOptions, TaskConfigError, TaskContex
 from taskserve.server.tasks.chat_template import ChatMessage
 from taskserve.server.tasks.decoding import IncrementalDecoder, Sampling, TextStream, TokenPicker
 from taskserve.server.tasks.text_generation import FinishReason, GenerateParams, GenerationChunk, TextGenerator
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
 from tests.tasks.fakes import FakeModel, FakeScheduler
 
 VOCAB = 300  # 256 byte tokens, then <eos> (256)

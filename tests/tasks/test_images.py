@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+
 from taskserve.server.errors import InvalidInput
 from taskserve.server.tasks.base import TaskConfigError
 from taskserve.server.tasks.images import RawImage, decode_image, preprocessing_from

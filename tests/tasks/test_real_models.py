@@ -10,12 +10,12 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
+
 from taskserve.protocol.generated.taskserve.v1 import common_pb2 as common
 from taskserve.protocol.generated.taskserve.v1 import image_classification_pb2 as ic
 from taskserve.protocol.generated.taskserve.v1 import image_classification_pb2_grpc as ic_grpc
 from taskserve.protocol.generated.taskserve.v1 import sentence_embedding_pb2 as se
 from taskserve.protocol.generated.taskserve.v1 import sentence_embedding_pb2_grpc as se_grpc
-
 from tests.support.server import running_server
 
 MINILM = common.ModelRef(name="all-MiniLM-L6-v2")

@@ -8,13 +8,13 @@ import grpc
 import numpy as np
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from taskserve.protocol.generated.taskserve.v1 import common_pb2 as common
 from taskserve.protocol.generated.taskserve.v1 import text_classification_pb2 as tc
 from taskserve.protocol.generated.taskserve.v1 import text_classification_pb2_grpc as tc_grpc
 from taskserve.server.errors import Overloaded
 from taskserve.server.tasks.base import CallOptions, TaskContext, TaskLimits
 from taskserve.server.tasks.text_classification import ClassifyTextParams, TextClassifier
-
 from tests.support.server import ServerThread
 from tests.tasks.fakes import fake_model, write_tokenizer
 

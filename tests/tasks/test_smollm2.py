@@ -13,13 +13,13 @@ from typing import Any
 
 import grpc
 import pytest
+
 from taskserve.clients import ClientOptions, TaskServeClient
 from taskserve.exporters.demo import ENTRY_NAMES
 from taskserve.protocol.generated.taskserve.v1 import common_pb2 as common
 from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2 as tg
 from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2_grpc as tg_grpc
 from taskserve.server.repository.config import load_model_config
-
 from tests.support.server import ServerThread, running_server
 
 # The session fixtures (materialize ~15 s, export ~1 min) count against the first test: far longer on a busy machine.

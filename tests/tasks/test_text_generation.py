@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+
 from taskserve.clients import (
     AsyncTaskServeClient,
     ClientOptions,
@@ -23,7 +24,6 @@ from taskserve.clients import (
 from taskserve.protocol.generated.taskserve.v1 import common_pb2 as common
 from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2 as tg
 from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2_grpc as tg_grpc
-
 from tests.support.server import ServerThread
 
 DECODERS = ["tiny-llama", "tiny-gpt2"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from taskserve.server.errors import InvalidInput, WrongTask
 from taskserve.server.tasks.base import CallOptions, ScoreFunction, TaskCache, TaskContext, TaskLimits
 from taskserve.server.tasks.fill_mask import FillParams, MaskFiller
@@ -14,7 +15,6 @@ from taskserve.server.tasks.question_answering import AnswerParams, QAItem, Ques
 from taskserve.server.tasks.sentence_embedding import EmbedParams, SentenceEmbedder
 from taskserve.server.tasks.text_classification import ClassifyTextParams, TextClassifier
 from taskserve.server.tasks.token_classification import Aggregation, TagParams, TokenClassifier
-
 from tests.tasks.fakes import FakeModel, fake_model, wordpiece_tokenizer, write_tokenizer
 
 TOK = wordpiece_tokenizer()

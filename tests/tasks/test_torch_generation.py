@@ -19,12 +19,12 @@ import grpc
 import numpy as np
 import pytest
 import yaml
+
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from taskserve.protocol.generated.taskserve.v1 import common_pb2 as common
 from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2 as tg
 from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2_grpc as tg_grpc
-
 from tests.support.server import ServerProcess, ServerThread, running_server
 
 PROMPTS = ["The cat", "Once upon a time in a land far away", "x", "Hello there, how are"]
@@ -107,6 +107,7 @@ def test_the_torch_runner_matches_transformers_across_chunks_slots_and_reuse(
     transformers on the whole sequence."""
     import torch
     import transformers
+
     from taskserve.server.errors import InvalidInput
     from taskserve.server.repository.config import load_model_config
     from taskserve.server.runtimes.generation import StepRow

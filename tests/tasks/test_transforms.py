@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+
 from taskserve.clients import (
     AsyncTaskServeClient,
     ClientOptions,
@@ -23,7 +24,6 @@ from taskserve.clients import (
     InvalidArgument,
     TaskServeClient,
 )
-
 from tests.support.server import ServerThread, running_server
 
 SEQ2SEQ = ["tiny-t5", "tiny-bart", "tiny-marian"]
@@ -241,11 +241,12 @@ def test_seq2seq_runner_interleaves_slots_like_generate(
     iteration, each equal to transformers' greedy generate. Slots 0 and 1 (sources of different
     lengths, started together) share one decoder call per step; slot 2, started three steps
     later, holds a different cache length and gets its own."""
+    from transformers import AutoTokenizer
+
     from taskserve.server.repository.config import load_model_config
     from taskserve.server.runtimes.generation import StepRow
     from taskserve.server.runtimes.onnx import OnnxRuntime
     from taskserve.server.runtimes.seq2seq_runner import Seq2SeqRunner
-    from transformers import AutoTokenizer
 
     assert transform_server.app is not None
     repo = transform_server.app.models.repository

@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+
 from taskserve.protocol.generated.taskserve.v1 import common_pb2 as common
 from taskserve.protocol.generated.taskserve.v1 import fill_mask_pb2 as fm
 from taskserve.protocol.generated.taskserve.v1 import fill_mask_pb2_grpc as fm_grpc

@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 import yaml
 from PIL import Image
+
 from taskserve.exporters.image_options import preprocess
 from taskserve.protocol.generated.taskserve.v1 import common_pb2 as common
 from taskserve.protocol.generated.taskserve.v1 import image_segmentation_pb2 as seg

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from taskserve.server.errors import ConfigError
 from taskserve.server.repository.config import VersionPolicy, load_model_config, parse_model_config
 from taskserve.server.repository.versions import select_versions

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from taskserve.server.errors import ConfigError, ModelNotReady
 from taskserve.server.repository.config import ModelConfig, parse_model_config
 from taskserve.server.runtimes import devices

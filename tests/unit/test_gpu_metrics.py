@@ -9,8 +9,8 @@ import sys
 import pytest
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from taskserve.server.gpu_metrics import GpuCollector, GpuMetricsUnavailable, start_gpu_metrics
 
+from taskserve.server.gpu_metrics import GpuCollector, GpuMetricsUnavailable, start_gpu_metrics
 from tests.support.fake_nvml import (
     NVML_ERROR_LIBRARY_NOT_FOUND,
     NVML_ERROR_UNKNOWN,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.runtimes.graph_shapes import bucket, graph_batch_sizes
 

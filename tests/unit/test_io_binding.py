@@ -10,9 +10,9 @@ import numpy as np
 import onnxruntime
 import pytest
 from onnx import TensorProto
+
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.runtimes.io_binding import IoBinder
-
 from tests.support.tiny_models import add_sub_graph, identity_graph, write_entry
 
 

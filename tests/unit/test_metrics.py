@@ -6,6 +6,7 @@ import threading
 
 import pytest
 from prometheus_client import generate_latest
+
 from taskserve.server.errors import InvalidInput
 from taskserve.server.metrics import ServerMetrics
 

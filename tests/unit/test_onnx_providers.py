@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from taskserve.server.errors import RuntimeFailure
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.runtimes.onnx_providers import (

@@ -8,10 +8,10 @@ import numpy as np
 import onnxruntime
 import pytest
 from onnx import TensorProto
+
 from taskserve.server.errors import RuntimeFailure
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.runtimes.onnx import OnnxRuntime
-
 from tests.support.tiny_models import add_sub_graph, write_entry
 
 

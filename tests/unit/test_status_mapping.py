@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+
 from taskserve.server import errors
 from taskserve.server.frontends.grpc.status import describe
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from taskserve.server.errors import RuntimeFailure
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.runtimes import tensorrt as trt_runtime

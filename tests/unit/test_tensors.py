@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from taskserve.server.errors import ConfigError
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.repository.tensors import resolve_tensors

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from taskserve.server.errors import RuntimeFailure
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.runtimes.torch_runtime import EfficientNetLite0, TorchRuntime, choose_device, read_spec

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable
 
 import numpy as np
+
 from taskserve.server.runtimes.base import Runtime, TensorInfo
 
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import numpy as np
+
 from taskserve.server.metrics import ModelMetrics
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.scheduling.base import InferRequest

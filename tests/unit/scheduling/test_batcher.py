@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+
 from taskserve.server.errors import DeadlineExceeded, InvalidInput, ModelNotReady, Overloaded, RuntimeFailure
 from taskserve.server.metrics import ServerMetrics
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.runtimes.base import Runtime, TensorInfo
 from taskserve.server.scheduling.base import InferRequest, InferResult

@@ -8,6 +8,7 @@ import threading
 
 import numpy as np
 import pytest
+
 from taskserve.server.errors import (
     Code,
     InputRejected,

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
+
 from taskserve.server.errors import DeadlineExceeded, InvalidInput
 from taskserve.server.repository.config import GenerationConfig
 from taskserve.server.runtimes.generation import DecoderRunner, StepRow

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+
 from taskserve.server.errors import RuntimeFailure
 from taskserve.server.metrics import ServerMetrics
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from taskserve.server.errors import InvalidInput, RuntimeFailure
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.runtimes.base import TensorInfo

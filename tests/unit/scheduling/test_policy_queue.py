@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from taskserve.server.scheduling.base import InferRequest
 from taskserve.server.scheduling.policy import BatchPolicy
 from taskserve.server.scheduling.request_queue import PendingRequest, RequestQueue

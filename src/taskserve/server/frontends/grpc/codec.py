@@ -1,0 +1,282 @@
+"""KServe v2 messages <-> numpy tensors, with the input checks the protocol needs.
+
+Every check names the tensor, what was expected and what was received, and
+raises InvalidInput (INVALID_ARGUMENT).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from taskserve.protocol.datatypes import (
+    V2_TO_NUMPY,
+    deserialize_bytes_tensor,
+    numpy_dtype,
+    serialize_bytes_tensor,
+    v2_datatype,
+)
+from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
+from taskserve.server.errors import InvalidInput
+from taskserve.server.repository.config import ModelConfig, TensorConfig
+
+# Typed-contents field per datatype. FP16 (and BF16) have none: raw only, as in the spec.
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def _shape_matches(shape: tuple[int, ...], dims: tuple[int, ...]) -> bool:
+    return len(shape) == len(dims) and all(d == -1 or d == s for s, d in zip(shape, dims, strict=True))
+
+
+def expected_shape(config: ModelConfig, tensor: TensorConfig) -> list[int]:
+    """The full shape callers must send, -1 for variable, batch dimension included."""
+    return ([-1] if config.max_batch_size > 0 else []) + list(tensor.dims)
+
+
+# The common output dtypes, looked up without v2_datatype's normalisation.
+_DATATYPES = {np.dtype(t): v2_datatype(np.dtype(t)) for t in (np.float32, np.float16, np.int64, np.int32, np.bool_)}
+
+
+def _shape_ok(shape: tuple[int, ...], dims: tuple[int, ...], max_batch_size: int) -> bool:
+    """The common case of ``_check_shape`` in one pass, without building messages."""
+    if max_batch_size > 0:
+        if len(shape) != len(dims) + 1 or not 1 <= shape[0] <= max_batch_size:
+            return False
+        shape = shape[1:]
+    elif len(shape) != len(dims):
+        return False
+    if shape == dims:
+        return True  # no variable dims (or they match literally): one tuple comparison
+    for s, d in zip(shape, dims, strict=True):
+        if s != d and (d != -1 or s < 0):
+            return False
+    return True
+
+
+def _check_shape(config: ModelConfig, spec: TensorConfig, shape: tuple[int, ...]) -> None:
+    if any(s < 0 for s in shape):
+        raise InvalidInput(f"input {spec.name!r}: shape {list(shape)} has a negative dimension")
+    if config.max_batch_size > 0:
+        if not shape or not _shape_matches(shape[1:], spec.dims):
+            raise InvalidInput(
+                f"input {spec.name!r}: expected shape {expected_shape(config, spec)} "
+                f"(batch dimension first), got {list(shape)}"
+            )
+        if shape[0] < 1 or shape[0] > config.max_batch_size:
+            raise InvalidInput(
+                f"input {spec.name!r}: batch size {shape[0]} is outside 1..{config.max_batch_size} "
+                f"(max_batch_size of model {config.name!r})"
+            )
+    elif not _shape_matches(shape, spec.dims):
+        raise InvalidInput(f"input {spec.name!r}: expected shape {list(spec.dims)}, got {list(shape)}")
+
+
+def _decode_raw(spec: TensorConfig, datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        try:
+            flat = deserialize_bytes_tensor(raw, count)
+        except ValueError as err:
+            raise InvalidInput(f"input {spec.name!r}: {err}") from None
+        return flat.reshape(shape)
+    dtype = V2_TO_NUMPY.get(datatype) or numpy_dtype(datatype)  # the fallback raises, naming the type
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        raise InvalidInput(
+            f"input {spec.name!r}: raw contents hold {len(raw)} bytes, but shape {list(shape)} of {datatype} "
+            f"needs {expected} bytes ({count} elements x {dtype.itemsize})"
+        )
+    return np.ndarray(shape, dtype, raw)  # a read-only view of the bytes, like frombuffer + reshape
+
+
+def _decode_typed(
+    spec: TensorConfig, datatype: str, shape: tuple[int, ...], contents: pb.InferTensorContents
+) -> np.ndarray:
+    field = _CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise InvalidInput(f"input {spec.name!r}: {datatype} data must be sent in raw_input_contents")
+    values = getattr(contents, field)
+    count = math.prod(shape)
+    if len(values) != count:
+        raise InvalidInput(
+            f"input {spec.name!r}: {field} holds {len(values)} elements, shape {list(shape)} needs {count}"
+        )
+    if datatype == "BYTES":
+        arr = np.empty(count, dtype=np.object_)
+        arr[:] = list(values)
+        return arr.reshape(shape)
+    return np.asarray(values, dtype=numpy_dtype(datatype)).reshape(shape)
+
+
+def _check_utf8(name: str, array: np.ndarray) -> None:
+    # ONNX string tensors hold UTF-8 text; arbitrary bytes cannot reach the model intact.
+    for index, item in enumerate(array.reshape(-1)):
+        try:
+            bytes(item).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise InvalidInput(
+                f"input {name!r}: element {index} is not valid UTF-8 ({err.reason} at byte {err.start}); "
+                "BYTES inputs of ONNX models must be UTF-8 text"
+            ) from None
+
+
+class _Inputs:
+    """A model's input specs by name, with what decoding raw contents needs per input."""
+
+    __slots__ = ("config", "specs", "raw")
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.specs = {t.name: t for t in config.inputs or ()}
+        # name -> (datatype, dims, numpy dtype, item size) for fixed-size datatypes.
+        self.raw = {
+            t.name: (t.datatype, t.dims, V2_TO_NUMPY[t.datatype], V2_TO_NUMPY[t.datatype].itemsize)
+            for t in config.inputs or ()
+            if t.datatype != "BYTES"
+        }
+
+
+# Per config object (looked up for every request; configs are few).
+_INPUTS: dict[int, _Inputs] = {}
+
+
+def _inputs_of(config: ModelConfig) -> _Inputs:
+    cached = _INPUTS.get(id(config))
+    if cached is not None and cached.config is config:
+        return cached
+    if len(_INPUTS) > 256:
+        _INPUTS.clear()  # many reloads: forget configs of unloaded models
+    cached = _INPUTS[id(config)] = _Inputs(config)
+    return cached
+
+
+def decode_inputs(request: pb.ModelInferRequest, config: ModelConfig) -> dict[str, np.ndarray]:
+    """Check a ModelInfer request against the model's inputs and return its tensors.
+
+    Raw contents of fixed-size types (what every client sends) take the flat loop
+    below: every request of every model passes here, so each check is one comparison
+    and anything unusual goes through ``_decode_one``, which names what is wrong.
+    """
+    table = _inputs_of(config)
+    inputs = request.inputs
+    raw = request.raw_input_contents
+    tensors: dict[str, np.ndarray] = {}
+    if raw:
+        if len(raw) != len(inputs):
+            raise InvalidInput(
+                f"raw_input_contents has {len(raw)} entries but the request has {len(inputs)} inputs; "
+                "send one entry per input, in order"
+            )
+        max_batch_size = config.max_batch_size
+        fixed = table.raw
+        for index, tensor in enumerate(inputs):
+            name = tensor.name  # each read of a message field builds a new str
+            entry = fixed.get(name)
+            if entry is None or name in tensors:
+                tensors[name] = _decode_one(table, tensor, raw[index], tensors)  # BYTES, or an error to explain
+                continue
+            datatype, dims, dtype, itemsize = entry
+            shape = tuple(tensor.shape)
+            data = raw[index]
+            if (
+                tensor.datatype != datatype
+                or not _shape_ok(shape, dims, max_batch_size)
+                or len(data) != math.prod(shape) * itemsize
+                or tensor.HasField("contents")
+            ):
+                tensors[name] = _decode_one(table, tensor, data, tensors)  # raises, naming what is wrong
+                continue
+            tensors[name] = np.ndarray(shape, dtype, data)  # a read-only view of the bytes
+    else:
+        for tensor in inputs:
+            tensors[tensor.name] = _decode_one(table, tensor, None, tensors)
+    specs = table.specs
+    if len(tensors) != len(specs):
+        missing = [name for name, spec in specs.items() if name not in tensors and not spec.optional]
+        if missing:
+            raise InvalidInput(f"model {config.name!r} needs inputs {missing}, which the request does not have")
+    if config.max_batch_size > 0 and len(tensors) > 1:
+        batch_sizes = {name: arr.shape[0] for name, arr in tensors.items()}
+        if len(set(batch_sizes.values())) > 1:
+            raise InvalidInput(f"inputs disagree on the batch size: {batch_sizes}")
+    return tensors
+
+
+def _decode_one(
+    table: _Inputs, tensor: pb.ModelInferRequest.InferInputTensor, data: bytes | None, seen: dict[str, np.ndarray]
+) -> np.ndarray:
+    """Every check on one input, with the message that names what is wrong."""
+    config = table.config
+    name, datatype = tensor.name, tensor.datatype
+    spec = table.specs.get(name)
+    if spec is None:
+        raise InvalidInput(f"model {config.name!r} has no input {name!r}; its inputs are {sorted(table.specs)}")
+    if name in seen:
+        raise InvalidInput(f"input {name!r} appears more than once")
+    if datatype != spec.datatype:
+        raise InvalidInput(f"input {name!r}: expected datatype {spec.datatype}, got {datatype!r}")
+    shape = tuple(tensor.shape)
+    if not _shape_ok(shape, spec.dims, config.max_batch_size):
+        _check_shape(config, spec, shape)  # raises, naming what is wrong
+    if data is None:
+        array = _decode_typed(spec, datatype, shape, tensor.contents)
+    else:
+        if tensor.HasField("contents"):
+            raise InvalidInput(f"input {name!r}: send data either in contents or raw_input_contents, not both")
+        array = _decode_raw(spec, datatype, shape, data)
+    if datatype == "BYTES":
+        _check_utf8(name, array)
+    return array
+
+
+def requested_outputs(request: pb.ModelInferRequest, config: ModelConfig) -> tuple[str, ...] | None:
+    if not request.outputs:
+        return None
+    names = [o.name for o in request.outputs]
+    known = {t.name for t in config.outputs or ()}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InvalidInput(f"model {config.name!r} has no outputs {unknown}; its outputs are {sorted(known)}")
+    return tuple(dict.fromkeys(names))
+
+
+def int_parameter(params: object, key: str) -> int | None:
+    """An integer request parameter (int64 or uint64), None when absent."""
+    param = params.get(key)  # type: ignore[attr-defined]
+    if param is None:
+        return None
+    which = param.WhichOneof("parameter_choice")
+    if which not in ("int64_param", "uint64_param"):
+        raise InvalidInput(f"parameter {key!r} must be an integer (int64_param or uint64_param), got {which}")
+    value = int(getattr(param, which))
+    if value < 0:
+        raise InvalidInput(f"parameter {key!r} must not be negative, got {value}")
+    return value
+
+
+def encode_outputs(
+    response: pb.ModelInferResponse, outputs: dict[str, np.ndarray], order: tuple[str, ...] | None
+) -> None:
+    """Append outputs as raw contents (what Triton does over gRPC), in requested order."""
+    for name in order or tuple(outputs):
+        array = outputs[name]
+        datatype = _DATATYPES.get(array.dtype) or v2_datatype(array.dtype)
+        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        if datatype == "BYTES":
+            response.raw_output_contents.append(serialize_bytes_tensor(np.asarray(array, dtype=np.object_)))
+        else:
+            response.raw_output_contents.append(array.tobytes())  # C order whatever the layout

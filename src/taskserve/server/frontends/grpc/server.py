@@ -1,0 +1,227 @@
+"""Builds and runs the gRPC server: v2 protocol, typed task services, health,
+reflection, plus the Prometheus endpoint. ``create_server`` is the factory tests use."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.exposition import start_http_server
+
+from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
+from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
+from taskserve.server.frontends.grpc.auth import BearerTokenInterceptor
+from taskserve.server.frontends.grpc.health import HealthReporter
+from taskserve.server.frontends.grpc.malformed import guard
+from taskserve.server.frontends.grpc.tasks import add_task_servicers
+from taskserve.server.frontends.grpc.tls import server_credentials
+from taskserve.server.frontends.grpc.v2_servicer import V2Servicer
+from taskserve.server.gpu_metrics import GpuCollector, start_gpu_metrics
+from taskserve.server.metrics import ServerMetrics
+from taskserve.server.repository.config import ModelLimits
+from taskserve.server.repository.manager import ModelManager
+from taskserve.server.settings import ServerSettings
+from taskserve.server.tasks.base import TaskLimits
+
+log = logging.getLogger(__name__)
+
+
+class ServingApp:
+    """One server: its gRPC server, model manager, health and metrics endpoint.
+
+    ``start`` binds the ports and begins loading models in the background (health
+    says NOT_SERVING until they are ready); ``stop`` drains and shuts down. Both
+    run on the event loop that serves the requests.
+    """
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.metrics = ServerMetrics()
+        self.models = ModelManager(settings.model_repository, self.metrics, _model_limits(settings))
+        self.health = HealthReporter()
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self.health_port = 0
+        self._health_server: grpc.aio.Server | None = None
+        self._draining = False
+        self._server: grpc.aio.Server | None = None
+        self._http: Any = None
+        self.gpu_metrics: GpuCollector | None = None
+        self._loading: asyncio.Task[None] | None = None
+        self.service_names: list[str] = []
+
+    def ready(self) -> bool:
+        if self._draining or not self.models.startup_complete:
+            return False
+        return self.models.all_ready() if self.settings.strict_readiness else True
+
+    async def start(self) -> None:
+        """Raises ``GpuMetricsUnavailable`` (before binding any port) for ``gpu_metrics="on"`` without NVML."""
+        s = self.settings
+        if s.metrics_port >= 0:
+            # GPU metrics live on the metrics endpoint: without one, NVML is not even loaded.
+            self.gpu_metrics = start_gpu_metrics(s.gpu_metrics, self.metrics.registry)
+        try:
+            await self._start()
+        except BaseException:
+            if self.gpu_metrics is not None:
+                self.gpu_metrics.close()
+            raise
+
+    async def _start(self) -> None:
+        s = self.settings
+        options: list[tuple[str, int]] = [
+            ("grpc.max_receive_message_length", s.max_receive_message_bytes),
+            ("grpc.max_send_message_length", s.max_send_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        if s.max_connection_age_s > 0:
+            age_ms = int(s.max_connection_age_s * 1000)
+            options += [("grpc.max_connection_age_ms", age_ms), ("grpc.max_connection_age_grace_ms", age_ms)]
+        interceptors = [BearerTokenInterceptor(s.auth_tokens, s.auth_health)] if s.auth_tokens else []
+        server = grpc.aio.server(options=options, interceptors=interceptors)
+        # Services register through guard(): malformed request messages get INVALID_ARGUMENT.
+        guarded = guard(server)
+        v2 = V2Servicer(self.models, self.ready, s.model_control_mode, s.max_streams)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(v2, guarded)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, guarded)
+        names = [pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
+        names += add_task_servicers(guarded, self.models, _task_limits(s))
+        names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+        self.service_names = names
+        if s.reflection:
+            _enable_reflection(server, names)
+        address = f"[{s.host}]:{s.grpc_port}" if ":" in s.host else f"{s.host}:{s.grpc_port}"
+        if s.tls_cert is not None and s.tls_key is not None:
+            credentials = server_credentials(s.tls_cert, s.tls_key, s.tls_client_ca)
+            self.grpc_port = server.add_secure_port(address, credentials)
+        else:
+            self.grpc_port = server.add_insecure_port(address)
+        if self.grpc_port == 0:
+            raise OSError(f"could not bind gRPC port {address}")
+        await server.start()
+        self._server = server
+        if s.health_port >= 0:
+            await self._start_health_port(s)
+        if s.metrics_port >= 0:
+            self._http, _ = start_http_server(s.metrics_port, addr=s.metrics_host, registry=self.metrics.registry)
+            self.metrics_port = self._http.server_port
+        await self.health.set_overall(False)
+        self.models.add_listener(self._on_model_change)
+        log.info(
+            "gRPC on %s:%d (%s%s, model control %s), metrics on %s:%d", s.host, self.grpc_port,
+            "mutual TLS" if s.tls_client_ca else "TLS" if s.tls_cert else "plaintext",
+            ", bearer tokens" if s.auth_tokens else "", s.model_control_mode, s.metrics_host, self.metrics_port,
+        )  # fmt: skip
+        self._loading = asyncio.create_task(self._load_models())
+
+    async def _start_health_port(self, s: ServerSettings) -> None:
+        """grpc.health.v1 alone, in plaintext, on its own port: what a probe that cannot speak
+        TLS checks. It shares the health state, so it turns NOT_SERVING with the main port."""
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, health_server)
+        address = f"[{s.host}]:{s.health_port}" if ":" in s.host else f"{s.host}:{s.health_port}"
+        self.health_port = health_server.add_insecure_port(address)
+        if self.health_port == 0:
+            raise OSError(f"could not bind the health port {address}")
+        await health_server.start()
+        self._health_server = health_server
+
+    def _on_model_change(self, name: str, ready: bool) -> None:
+        # Called from the manager on the event loop; health updates are coroutines.
+        asyncio.get_running_loop().create_task(self._update_health(name, ready))
+
+    async def _update_health(self, name: str, ready: bool) -> None:
+        await self.health.set_model(name, ready)
+        await self.health.set_overall(self.ready())
+
+    async def _load_models(self) -> None:
+        try:
+            await self.models.load_all()
+        except Exception:
+            log.exception("loading the model repository failed")
+            self.models.startup_complete = True
+        await self.health.set_overall(self.ready())
+
+    async def wait_until_loaded(self) -> None:
+        if self._loading is not None:
+            await asyncio.shield(self._loading)
+
+    async def stop(self, grace: float | None = None, drain_delay: float | None = None) -> None:
+        """Say NOT_SERVING, keep accepting requests for ``drain_delay`` seconds, then stop
+        accepting, let in-flight ones finish within ``grace``, unload models. Idempotent."""
+        if self._draining:
+            return
+        self._draining = True
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        delay = self.settings.drain_delay_s if drain_delay is None else drain_delay
+        await self.health.drain()
+        if delay > 0:
+            # Probes and load balancers need time to see NOT_SERVING and move traffic away;
+            # requests that still arrive meanwhile are served, not refused.
+            log.info("draining: NOT_SERVING, still accepting requests for %.1fs", delay)
+            await asyncio.sleep(delay)
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        if self._server is not None:
+            # Refuses new RPCs at once and waits up to `grace` for in-flight ones.
+            await self._server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
+        await self.models.stop(drain=True)
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        if self.gpu_metrics is not None:
+            self.gpu_metrics.close()
+        log.info("server stopped")
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+def _enable_reflection(server: grpc.aio.Server, names: list[str]) -> None:
+    """Reflection over taskserve's private descriptor pool (see protocol/codegen.py),
+    with the health and reflection protos copied into it so every listed service resolves."""
+    from google.protobuf.descriptor import FileDescriptor
+    from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+    from taskserve.protocol.generated._pool import POOL
+
+    for descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        assert isinstance(descriptor, FileDescriptor)
+        try:
+            POOL.FindFileByName(descriptor.name)
+        except KeyError:
+            POOL.AddSerializedFile(descriptor.serialized_pb)
+    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server, pool=POOL)
+
+
+def _model_limits(s: ServerSettings) -> ModelLimits:
+    """The server's per-model limit defaults (the --max-* flags)."""
+    return ModelLimits(
+        max_items=s.max_items,
+        max_text_chars=s.max_text_chars,
+        max_image_pixels=s.max_image_pixels,
+        max_request_pixels=s.max_request_pixels,
+        max_variable_dim=s.max_variable_dim,
+    )
+
+
+def _task_limits(s: ServerSettings) -> TaskLimits:
+    return TaskLimits(
+        max_items=s.max_items,
+        max_text_chars=s.max_text_chars,
+        max_image_pixels=s.max_image_pixels,
+        max_request_pixels=s.max_request_pixels,
+        max_concurrent_requests=s.max_concurrent_requests,
+    )
+
+
+def create_server(settings: ServerSettings) -> ServingApp:
+    """Build a server; call ``await app.start()`` on the event loop that will serve it."""
+    return ServingApp(settings)

@@ -1,0 +1,103 @@
+"""The typed per-task gRPC services (package ``taskserve.v1``): thin servicers
+that decode protobuf, call a task from ``taskserve.server.tasks`` and encode
+its answer. They share the models and schedulers of the v2 protocol."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from taskserve.protocol.generated.taskserve.v1 import (
+    fill_mask_pb2,
+    fill_mask_pb2_grpc,
+    image_classification_pb2,
+    image_classification_pb2_grpc,
+    image_generation_pb2,
+    image_generation_pb2_grpc,
+    image_segmentation_pb2,
+    image_segmentation_pb2_grpc,
+    image_text_match_pb2,
+    image_text_match_pb2_grpc,
+    object_detection_pb2,
+    object_detection_pb2_grpc,
+    question_answering_pb2,
+    question_answering_pb2_grpc,
+    sentence_embedding_pb2,
+    sentence_embedding_pb2_grpc,
+    text_classification_pb2,
+    text_classification_pb2_grpc,
+    text_generation_pb2,
+    text_generation_pb2_grpc,
+    text_transform_pb2,
+    text_transform_pb2_grpc,
+    token_classification_pb2,
+    token_classification_pb2_grpc,
+)
+from taskserve.server.frontends.grpc.tasks.call import TaskServicer
+from taskserve.server.frontends.grpc.tasks.fill_mask import FillMaskServicer
+from taskserve.server.frontends.grpc.tasks.image_classification import ImageClassificationServicer
+from taskserve.server.frontends.grpc.tasks.image_generation import ImageGenerationServicer
+from taskserve.server.frontends.grpc.tasks.image_segmentation import ImageSegmentationServicer
+from taskserve.server.frontends.grpc.tasks.image_text_match import ImageTextMatchServicer
+from taskserve.server.frontends.grpc.tasks.object_detection import ObjectDetectionServicer
+from taskserve.server.frontends.grpc.tasks.question_answering import QuestionAnsweringServicer
+from taskserve.server.frontends.grpc.tasks.sentence_embedding import (
+    SentenceEmbeddingServicer,
+    SentenceSimilarityServicer,
+)
+from taskserve.server.frontends.grpc.tasks.text_classification import TextClassificationServicer
+from taskserve.server.frontends.grpc.tasks.text_generation import TextGenerationServicer
+from taskserve.server.frontends.grpc.tasks.text_transform import (
+    SummarizationServicer,
+    Text2TextServicer,
+    TranslationServicer,
+)
+from taskserve.server.frontends.grpc.tasks.token_classification import TokenClassificationServicer
+from taskserve.server.repository.manager import ModelManager
+from taskserve.server.tasks.base import TaskCache, TaskContext, TaskLimits
+from taskserve.server.tasks.readiness import check_servable
+
+__all__ = ["add_task_servicers"]
+
+
+def add_task_servicers(
+    server: grpc.aio.Server,
+    models: ModelManager,
+    limits: TaskLimits | None = None,
+    workers: int | None = None,
+) -> list[str]:
+    """Register every typed service on ``server``; returns their full names (for
+    reflection and health). They share one worker pool for pre- and post-processing,
+    sized to the machine's cores unless ``workers`` says otherwise."""
+    context = TaskContext(limits, workers or min(8, os.cpu_count() or 2), models=models.get)
+    tasks = TaskCache(context)
+    # READY means it can serve: each version's typed task is checked and built at load
+    # (tasks/readiness.py); the manager is below tasks, so the front end wires it in.
+    models.add_load_check(functools.partial(check_servable, tasks))
+    models.add_retire_listener(tasks.forget)
+    registrations: list[tuple[Any, str, Callable[[Any, grpc.aio.Server], None], type[TaskServicer]]] = [
+        (text_classification_pb2, "TextClassification", text_classification_pb2_grpc.add_TextClassificationServicer_to_server, TextClassificationServicer),
+        (token_classification_pb2, "TokenClassification", token_classification_pb2_grpc.add_TokenClassificationServicer_to_server, TokenClassificationServicer),
+        (sentence_embedding_pb2, "SentenceEmbedding", sentence_embedding_pb2_grpc.add_SentenceEmbeddingServicer_to_server, SentenceEmbeddingServicer),
+        (sentence_embedding_pb2, "SentenceSimilarity", sentence_embedding_pb2_grpc.add_SentenceSimilarityServicer_to_server, SentenceSimilarityServicer),
+        (question_answering_pb2, "QuestionAnswering", question_answering_pb2_grpc.add_QuestionAnsweringServicer_to_server, QuestionAnsweringServicer),
+        (fill_mask_pb2, "FillMask", fill_mask_pb2_grpc.add_FillMaskServicer_to_server, FillMaskServicer),
+        (image_classification_pb2, "ImageClassification", image_classification_pb2_grpc.add_ImageClassificationServicer_to_server, ImageClassificationServicer),
+        (object_detection_pb2, "ObjectDetection", object_detection_pb2_grpc.add_ObjectDetectionServicer_to_server, ObjectDetectionServicer),
+        (image_segmentation_pb2, "ImageSegmentation", image_segmentation_pb2_grpc.add_ImageSegmentationServicer_to_server, ImageSegmentationServicer),
+        (image_text_match_pb2, "ImageTextMatch", image_text_match_pb2_grpc.add_ImageTextMatchServicer_to_server, ImageTextMatchServicer),
+        (text_generation_pb2, "TextGeneration", text_generation_pb2_grpc.add_TextGenerationServicer_to_server, TextGenerationServicer),
+        (text_transform_pb2, "Translation", text_transform_pb2_grpc.add_TranslationServicer_to_server, TranslationServicer),
+        (text_transform_pb2, "Summarization", text_transform_pb2_grpc.add_SummarizationServicer_to_server, SummarizationServicer),
+        (text_transform_pb2, "Text2Text", text_transform_pb2_grpc.add_Text2TextServicer_to_server, Text2TextServicer),
+        (image_generation_pb2, "ImageGeneration", image_generation_pb2_grpc.add_ImageGenerationServicer_to_server, ImageGenerationServicer),
+    ]  # fmt: skip
+    names = []
+    for module, service, add, servicer in registrations:
+        add(servicer(models, tasks), server)
+        names.append(module.DESCRIPTOR.services_by_name[service].full_name)
+    return names

@@ -1,0 +1,313 @@
+"""The KServe v2 / Open Inference Protocol servicer (``inference.GRPCInferenceService``).
+
+Thin: decode -> scheduler -> encode. Model lookup, batching and execution
+live below; this module only speaks protobuf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
+from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
+from taskserve.protocol.generated.inference import model_config_pb2 as mc
+from taskserve.server.errors import InvalidInput, ModelControlDisabled, ModelNotReady, Overloaded
+from taskserve.server.frontends.grpc import codec
+from taskserve.server.frontends.grpc.status import describe, unary
+from taskserve.server.metrics import Duration
+from taskserve.server.repository.manager import LoadedModel, ModelManager, ModelState
+from taskserve.server.repository.paths import check_model_name
+from taskserve.server.scheduling.base import InferRequest
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+SERVER_NAME = "taskserve"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["model_repository", "statistics", "model_configuration", "health", "metrics"]
+# Most requests a ModelStreamInfer stream has in flight at once.
+STREAM_CONCURRENCY = 64
+# Triton's platform names where one fits; torch entries are safetensors + config, not TorchScript.
+_PLATFORM = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "torch": "pytorch"}
+
+
+def request_deadline(context: Context, timeout_us: int | None) -> float | None:
+    """The earlier of the gRPC deadline and the request's own timeout, as monotonic time."""
+    remaining = context.time_remaining()
+    if timeout_us:
+        remaining = timeout_us / 1e6 if remaining is None else min(remaining, timeout_us / 1e6)
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, models: ModelManager, ready: Any, model_control: str = "none", max_streams: int = 256) -> None:
+        self._models = models
+        # "explicit": RepositoryModelLoad/Unload allowed; "none": the repository is fixed at startup.
+        self._model_control = model_control
+        # ModelStreamInfer streams open at once; beyond, new ones get RESOURCE_EXHAUSTED.
+        self._max_streams = max_streams
+        self._streams = 0
+        # Callable telling whether the server as a whole is ready (startup done, not draining).
+        self._server_ready = ready
+
+    # -- health and metadata ---------------------------------------------------
+
+    @unary
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @unary
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=bool(self._server_ready()))
+
+    @unary
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self._models.is_ready(request.name, request.version))
+
+    @unary
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+
+    @unary
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
+        model = self._models.get(request.name, request.version)
+        config = model.config
+        response = pb.ModelMetadataResponse(
+            name=model.name, versions=self._models.versions(model.name), platform=_PLATFORM[config.platform]
+        )
+        for spec in config.inputs or ():
+            response.inputs.add(name=spec.name, datatype=spec.datatype, shape=codec.expected_shape(config, spec))
+        for spec in config.outputs or ():
+            response.outputs.add(name=spec.name, datatype=spec.datatype, shape=codec.expected_shape(config, spec))
+        return response
+
+    @unary
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
+        model = self._models.get(request.name, request.version)
+        return pb.ModelConfigResponse(config=_model_config_message(model))
+
+    @unary
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
+        if request.name:
+            models = [self._models.get(request.name, request.version)]
+        else:
+            models = self._models.loaded_models()
+        return pb.ModelStatisticsResponse(model_stats=[_statistics_message(m) for m in models])
+
+    # -- repository ------------------------------------------------------------
+
+    @unary
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
+        response = pb.RepositoryIndexResponse()
+        for entry in self._models.index():
+            if request.ready and entry.state != ModelState.READY:
+                continue
+            response.models.add(name=entry.name, version=entry.version, state=entry.state.value, reason=entry.reason)
+        return response
+
+    @unary
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Context
+    ) -> pb.RepositoryModelLoadResponse:
+        self._check_model_control("load")
+        if not request.model_name:
+            raise InvalidInput("model_name is empty; name the model directory to load")
+        check_model_name(request.model_name)
+        await self._models.load(request.model_name)
+        if not self._models.is_ready(request.model_name):
+            reason = next((e.reason for e in self._models.index() if e.name == request.model_name), "")
+            raise ModelNotReady(f"model {request.model_name!r} failed to load: {reason}")
+        return pb.RepositoryModelLoadResponse()
+
+    @unary
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Context
+    ) -> pb.RepositoryModelUnloadResponse:
+        self._check_model_control("unload")
+        await self._models.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    def _check_model_control(self, action: str) -> None:
+        if self._model_control != "explicit":
+            raise ModelControlDisabled(
+                f"model {action} is disabled: this server runs with --model-control-mode none (the repository "
+                "is fixed at startup); restart it with --model-control-mode explicit to load and unload models"
+            )
+
+    # -- inference -------------------------------------------------------------
+
+    async def _infer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        # Every v2 request passes here: written flat (no context managers, no helper for
+        # the common cases) because each Python call costs on a tiny model, where this
+        # method is most of the server's time (see README, "Results": the floor).
+        started = time.perf_counter_ns()
+        model = self._models.get(request.model_name, request.model_version)
+        metrics = model.metrics
+        deadline = None
+        try:
+            config = model.config
+            inputs = codec.decode_inputs(request, config)
+            outputs = codec.requested_outputs(request, config) if request.outputs else None
+            priority = timeout_us = None
+            if request.parameters:
+                priority = codec.int_parameter(request.parameters, "priority")
+                timeout_us = codec.int_parameter(request.parameters, "timeout")
+            deadline = request_deadline(context, timeout_us)
+            infer_request = InferRequest(
+                inputs=inputs,
+                output_names=outputs,
+                priority=priority or None,
+                deadline=deadline,
+            )
+            result = await model.scheduler.submit(infer_request)
+            encode_started = time.perf_counter_ns()
+            response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+            codec.encode_outputs(response, result.outputs, outputs)
+        except BaseException as err:
+            metrics.request_raised(err, time.perf_counter_ns() - started, deadline)
+            raise
+        ended = time.perf_counter_ns()
+        metrics.request_succeeded(ended - started, encode_ns=ended - encode_started)
+        return response
+
+    # The method itself, not a wrapper awaiting _infer: one coroutine fewer per request.
+    ModelInfer = unary(_infer)  # type: ignore[assignment]  # same signature; mypy reads a bare Callable
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests run concurrently; each answer (or error) is sent as it completes."""
+        if self._streams >= self._max_streams:
+            code, message = describe(
+                Overloaded(
+                    f"the server has {self._streams} ModelStreamInfer streams open, its limit; retry with backoff "
+                    "(or raise --max-streams)"
+                )
+            )
+            await context.abort(code, message)
+        self._streams += 1
+        try:
+            async for item in self._stream(request_iterator, context):
+                yield item
+        finally:
+            self._streams -= 1
+
+    async def _stream(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        limit = asyncio.Semaphore(STREAM_CONCURRENCY)
+
+        async def run_one(req: pb.ModelInferRequest) -> None:
+            try:
+                response = await self._infer(req, context)
+                await results.put(pb.ModelStreamInferResponse(infer_response=response))
+            except Exception as err:  # errors travel in-band; the stream stays open
+                _, message = describe(err)
+                await results.put(
+                    pb.ModelStreamInferResponse(
+                        error_message=message,
+                        infer_response=pb.ModelInferResponse(
+                            model_name=req.model_name, model_version=req.model_version, id=req.id
+                        ),
+                    )
+                )
+            finally:
+                limit.release()
+
+        async def read_all() -> None:
+            tasks: set[asyncio.Task[None]] = set()
+            try:
+                async for req in request_iterator:
+                    await limit.acquire()
+                    task = asyncio.create_task(run_one(req))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*tasks)
+            finally:
+                await results.put(None)
+
+        reader = asyncio.create_task(read_all())
+        try:
+            while (item := await results.get()) is not None:
+                yield item
+        finally:
+            reader.cancel()
+
+
+def _model_config_message(model: LoadedModel) -> mc.ModelConfig:
+    config = model.config
+    message = mc.ModelConfig(
+        name=model.name,
+        platform=_PLATFORM[config.platform],
+        backend="onnxruntime" if config.platform == "onnxruntime" else "tensorrt",
+        max_batch_size=config.max_batch_size,
+        default_model_filename=config.default_model_filename,
+    )
+    for spec in config.inputs or ():
+        message.input.add(
+            name=spec.name,
+            data_type=mc.DataType.Value(_config_type(spec.datatype)),
+            dims=spec.dims,
+            optional=spec.optional,
+        )
+    for spec in config.outputs or ():
+        message.output.add(name=spec.name, data_type=mc.DataType.Value(_config_type(spec.datatype)), dims=spec.dims)
+        if config.labels:
+            message.output[-1].label_filename = config.labels
+    message.instance_group.add(name=model.name, count=config.instance_count, kind=mc.ModelInstanceGroup.KIND_CPU)
+    db = config.dynamic_batching
+    if config.max_batch_size > 1:
+        message.dynamic_batching.preferred_batch_size.extend(db.preferred_batch_sizes)
+        message.dynamic_batching.max_queue_delay_microseconds = db.max_queue_delay_us
+        message.dynamic_batching.priority_levels = db.priority_levels
+        message.dynamic_batching.default_priority_level = db.default_priority
+        message.dynamic_batching.default_queue_policy.max_queue_size = db.max_queue_size
+        message.dynamic_batching.default_queue_policy.default_timeout_microseconds = db.default_timeout_us
+        message.dynamic_batching.default_queue_policy.allow_timeout_override = True
+    policy = config.version_policy
+    if policy.all:
+        message.version_policy.all.SetInParent()
+    elif policy.specific:
+        message.version_policy.specific.versions.extend(policy.specific)
+    else:
+        message.version_policy.latest.num_versions = policy.latest or 1
+    message.parameters["task"].string_value = config.task
+    return message
+
+
+def _config_type(datatype: str) -> str:
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+
+
+def _duration(message: pb.StatisticDuration, value: Duration) -> None:
+    message.count = value.count
+    message.ns = value.ns
+
+
+def _statistics_message(model: LoadedModel) -> pb.ModelStatistics:
+    s = model.metrics.snapshot()
+    message = pb.ModelStatistics(
+        name=model.name,
+        version=model.version,
+        last_inference=s.last_inference_ms,
+        inference_count=s.inference_count,
+        execution_count=s.execution_count,
+    )
+    stats = message.inference_stats
+    for name in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+        _duration(getattr(stats, name), getattr(s, name))
+    for size in sorted(s.batches):
+        batch = message.batch_stats.add(batch_size=size)
+        _duration(batch.compute_input, s.batches[size].compute_input)
+        _duration(batch.compute_infer, s.batches[size].compute_infer)
+        _duration(batch.compute_output, s.batches[size].compute_output)
+    return message

@@ -1,0 +1,465 @@
+"""Owns every model version the server serves: loading, readiness, unloading.
+
+Each model loads on its own worker thread, so a slow or broken model never
+blocks the others; a failure leaves that model UNAVAILABLE with its reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from taskserve.protocol.datatypes import numpy_dtype
+from taskserve.server.errors import ModelNotFound, ModelNotReady, TaskServeError
+from taskserve.server.metrics import ModelMetrics, ServerMetrics
+from taskserve.server.repository.config import GenerationConfig, ModelConfig, ModelLimits, load_model_config
+from taskserve.server.repository.paths import model_dir_inside, model_dir_names, resolve_inside, without_server_paths
+from taskserve.server.repository.tensors import resolve_tensors
+from taskserve.server.repository.versions import available_versions, select_versions
+from taskserve.server.runtimes import Runtime, TensorInfo, create_runtime
+from taskserve.server.runtimes.devices import check_placements, instance_placements
+from taskserve.server.scheduling.base import Scheduler
+from taskserve.server.scheduling.factory import create_scheduler
+
+log = logging.getLogger(__name__)
+
+
+class ModelState(enum.Enum):
+    LOADING = "LOADING"
+    READY = "READY"
+    UNLOADING = "UNLOADING"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass
+class LoadedModel:
+    """One servable model version. ``config`` has inputs/outputs resolved against the graph."""
+
+    name: str
+    version: str
+    config: ModelConfig
+    model_dir: Path
+    scheduler: Scheduler
+    metrics: ModelMetrics
+    runtimes: list[Runtime]
+    platform_description: str = ""
+    # What a model without batcher runtimes (a torch decoder on the engine) declares.
+    tensors: tuple[list[TensorInfo], list[TensorInfo]] | None = None
+
+    @property
+    def inputs(self) -> list[TensorInfo]:
+        return self.tensors[0] if self.tensors is not None else self.runtimes[0].inputs
+
+    @property
+    def outputs(self) -> list[TensorInfo]:
+        return self.tensors[1] if self.tensors is not None else self.runtimes[0].outputs
+
+
+@dataclass
+class ModelIndexEntry:
+    name: str
+    version: str
+    state: ModelState
+    reason: str = ""
+
+
+@dataclass
+class _ModelSlot:
+    """Everything known about one model directory."""
+
+    name: str
+    state: ModelState = ModelState.LOADING
+    reason: str = ""
+    config: ModelConfig | None = None
+    versions: dict[str, LoadedModel] = field(default_factory=dict)
+    default_version: str = ""
+
+
+def warmup_inputs(config: ModelConfig, batch_size: int) -> dict[str, np.ndarray]:
+    """Representative inputs: variable dims at the configured size, ones everywhere."""
+    inputs: dict[str, np.ndarray] = {}
+    size = config.warmup.variable_dim_size
+    for tensor in config.inputs or ():
+        if tensor.optional:
+            continue
+        dims = [size if d == -1 else d for d in tensor.dims]
+        shape = ([batch_size] if config.max_batch_size > 0 else []) + dims
+        if tensor.datatype == "BYTES":
+            arr = np.full(shape, b"warmup", dtype=np.object_)
+        else:
+            arr = np.ones(shape, dtype=numpy_dtype(tensor.datatype))
+        inputs[tensor.name] = arr
+    return inputs
+
+
+def _merged_limits(own: ModelLimits, defaults: ModelLimits) -> ModelLimits:
+    """A model's limits: its config.yaml ``limits`` where set, the server's elsewhere."""
+    return defaults.model_copy(update=own.model_dump(exclude_none=True))
+
+
+class ModelManager:
+    """Loads and serves the models of one repository directory.
+
+    Coroutines run on the server's event loop; blocking work (loading, warmup)
+    runs on worker threads. ``get`` is cheap and called on every request.
+    """
+
+    def __init__(self, repository: Path, metrics: ServerMetrics, default_limits: ModelLimits | None = None) -> None:
+        self.repository = repository
+        # The server's request limits; a model's config.yaml ``limits`` overrides them.
+        self._default_limits = default_limits or ModelLimits()
+        self._metrics = metrics
+        self._slots: dict[str, _ModelSlot] = {}
+        self._listeners: list[Callable[[str, bool], None]] = []
+        # One lock per model name, kept apart from the slots: an Unload deletes the slot,
+        # and a Load waiting on that slot's lock would then fill an orphan nobody frees.
+        self._locks: dict[str, asyncio.Lock] = {}
+        # Checks a version must pass before it is READY (the front end wires its typed
+        # task's build and options check here: the manager sits below tasks and cannot
+        # import them), and callbacks for versions leaving service (to drop their caches).
+        self._load_checks: list[Callable[[LoadedModel], Awaitable[None]]] = []
+        self._retire_listeners: list[Callable[[LoadedModel], None]] = []
+        self.startup_complete = False
+
+    # -- queries ---------------------------------------------------------------
+
+    def add_listener(self, listener: Callable[[str, bool], None]) -> None:
+        """Called with (model name, ready) whenever a model's readiness changes."""
+        self._listeners.append(listener)
+
+    def add_load_check(self, check: Callable[[LoadedModel], Awaitable[None]]) -> None:
+        """``await check(model)`` runs on each loaded version before it serves; raising
+        fails the load with the error's message as the model's reason."""
+        self._load_checks.append(check)
+
+    def add_retire_listener(self, listener: Callable[[LoadedModel], None]) -> None:
+        """Called with each version as it leaves service (unload, reload, failed load)."""
+        self._retire_listeners.append(listener)
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def model_names(self) -> list[str]:
+        return sorted(self._slots)
+
+    def get(self, name: str, version: str = "") -> LoadedModel:
+        slot = self._slots.get(name)
+        if slot is None:
+            raise ModelNotFound(f"model {name!r} is not in the repository; available models: {self.model_names()}")
+        if slot.state != ModelState.READY:
+            detail = f": {slot.reason}" if slot.reason else ""
+            raise ModelNotReady(f"model {name!r} is {slot.state.value}{detail}")
+        key = version or slot.default_version
+        model = slot.versions.get(key)
+        if model is None:
+            raise ModelNotFound(
+                f"model {name!r} has no version {version!r} being served; served versions: {sorted(slot.versions)}"
+            )
+        return model
+
+    def versions(self, name: str) -> list[str]:
+        slot = self._slots.get(name)
+        return sorted(slot.versions, key=int) if slot else []
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.get(name, version)
+        except TaskServeError:
+            return False
+        return True
+
+    def all_ready(self) -> bool:
+        return bool(self._slots) and all(s.state == ModelState.READY for s in self._slots.values())
+
+    def loaded_models(self) -> list[LoadedModel]:
+        return [m for s in self._slots.values() for m in s.versions.values()]
+
+    def index(self) -> list[ModelIndexEntry]:
+        """Every model directory found, including ones that failed or are not loaded."""
+        entries: list[ModelIndexEntry] = []
+        known = set(self._slots)
+        if self.repository.is_dir():
+            known |= set(model_dir_names(self.repository))
+        for name in sorted(known):
+            slot = self._slots.get(name)
+            if slot is None:
+                entries.append(ModelIndexEntry(name, "", ModelState.UNAVAILABLE, "unloaded"))
+            elif slot.versions:
+                entries.extend(
+                    ModelIndexEntry(name, v, slot.state, slot.reason) for v in sorted(slot.versions, key=int)
+                )
+            else:
+                entries.append(ModelIndexEntry(name, "", slot.state, slot.reason))
+        return entries
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def discover(self) -> list[str]:
+        """Model directories in the repository (each holds config.yaml or version folders)."""
+        if not self.repository.is_dir():
+            raise FileNotFoundError(f"model repository {self.repository} is not a directory")
+        return [
+            name
+            for name in model_dir_names(self.repository)
+            if (self.repository / name / "config.yaml").exists() or available_versions(self.repository / name)
+        ]
+
+    async def load_all(self) -> None:
+        """Load every model found, concurrently; failures are recorded, never raised."""
+        names = self.discover()
+        for name in names:
+            self._slots.setdefault(name, _ModelSlot(name))
+        await asyncio.gather(*(self.load(name) for name in names))
+        self.startup_complete = True
+
+    async def load(self, name: str) -> None:
+        """(Re)load a model from disk. A failure marks it UNAVAILABLE and raises nothing;
+        the reason is in ``index()``. Loading a model that is loaded replaces it once
+        the new one is ready."""
+        model_dir = model_dir_inside(self.repository, name)  # refuses names that leave the repository
+        if not model_dir.is_dir():
+            raise ModelNotFound(f"model {name!r} is not in the model repository")
+        async with self._lock(name):
+            slot = self._slots.setdefault(name, _ModelSlot(name))
+            old = dict(slot.versions)
+            slot.state, slot.reason = (ModelState.LOADING, "") if not old else (slot.state, slot.reason)
+            started = time.perf_counter()
+            try:
+                config = await asyncio.to_thread(load_model_config, model_dir)
+                _check_config_files(model_dir, config)
+                config = config.model_copy(update={"limits": _merged_limits(config.limits, self._default_limits)})
+                new_versions = await self._load_versions(name, model_dir, config)
+            except Exception as err:  # any failure stays with this model
+                reason = err.message if isinstance(err, TaskServeError) else f"{type(err).__name__}: {err}"
+                reason = without_server_paths(reason, self.repository)  # callers read reasons
+                log.error("model %s failed to load: %s", name, reason)
+                self._metrics.forget(name, keep=old)  # series of versions that never served
+                if not old:
+                    slot.state, slot.reason = ModelState.UNAVAILABLE, reason
+                    self._notify(name, False)
+                else:
+                    log.warning("keeping the previously loaded versions of %s", name)
+                if not isinstance(err, TaskServeError):
+                    log.debug("load traceback", exc_info=True)
+                return
+            slot.config = config
+            slot.versions = new_versions
+            slot.default_version = max(new_versions, key=int)
+            slot.state, slot.reason = ModelState.READY, ""
+            for model in new_versions.values():
+                model.metrics.set_ready(True)
+            elapsed = time.perf_counter() - started
+            log.info("model %s ready (versions %s) in %.1fs", name, sorted(new_versions, key=int), elapsed)
+            self._notify(name, True)
+            # Reload: the new versions serve from here on; the old ones finish what they
+            # hold and free their runtimes. Under the lock, so a racing Unload or Load
+            # finds the old ones gone and nothing leaks.
+            await self._retire(old.values(), keep=new_versions)
+
+    async def _load_versions(self, name: str, model_dir: Path, config: ModelConfig) -> dict[str, LoadedModel]:
+        versions = select_versions(available_versions(model_dir), config.version_policy)
+        if not versions:
+            raise ModelNotReady(
+                f"{name}: no version directory to serve (expected e.g. {name}/1/{config.default_model_filename})"
+            )
+        loaded: dict[str, LoadedModel] = {}
+        try:
+            for version in versions:
+                model = loaded[str(version)] = await self._load_version(name, str(version), model_dir, config)
+                for check in self._load_checks:
+                    await check(model)
+        except BaseException:
+            # The previously loaded versions (a reload) keep serving, and their series.
+            await self._retire(loaded.values(), keep=self._slots[name].versions if name in self._slots else {})
+            raise
+        return loaded
+
+    async def _load_version(self, name: str, version: str, model_dir: Path, config: ModelConfig) -> LoadedModel:
+        started = time.perf_counter()
+        model_path = resolve_inside(model_dir, f"{version}/{config.default_model_filename}", "default_model_filename")
+        metrics = self._metrics.for_model(name, version)
+        runtimes: list[Runtime] = []
+
+        # Encoder-decoders always step on the engine; entries exported before it wrote their block get its defaults.
+        if config.generation is not None or config.task == "text2text-generation":
+            return await self._load_engine(name, version, model_dir, config, model_path, metrics, started)
+
+        def load_and_warm() -> ModelConfig:
+            sizes = [b for b in config.warmup.batch_sizes if config.max_batch_size == 0 or b <= config.max_batch_size]
+            resolved: ModelConfig | None = None
+            placements = instance_placements(config)
+            check_placements(config, placements)  # a GPU this machine lacks: UNAVAILABLE, with the reason
+            for placement in placements:
+                runtime = create_runtime(model_path, config, gpu=placement.gpu)
+                runtimes.append(runtime)
+                runtime.load()
+                if resolved is None:  # every instance loads the same graph: check it once
+                    resolved = resolve_tensors(config, runtime.inputs, runtime.outputs)
+                if config.warmup.enabled:
+                    for batch in sizes or [1]:
+                        runtime.warmup(warmup_inputs(resolved, batch))
+            assert resolved is not None  # instance_count >= 1
+            return resolved
+
+        try:
+            resolved = await asyncio.to_thread(load_and_warm)
+            scheduler = create_scheduler(resolved, runtimes, metrics)
+            await scheduler.start()
+        except BaseException:
+            for runtime in runtimes:
+                runtime.close()
+            raise
+        metrics.loaded(time.perf_counter() - started)
+        return LoadedModel(
+            name=name,
+            version=version,
+            config=resolved,
+            model_dir=model_dir,
+            scheduler=scheduler,
+            metrics=metrics,
+            runtimes=runtimes,
+            platform_description=runtimes[0].description,
+        )
+
+    async def _load_engine(
+        self,
+        name: str,
+        version: str,
+        model_dir: Path,
+        config: ModelConfig,
+        model_path: Path,
+        metrics: ModelMetrics,
+        started: float,
+    ) -> LoadedModel:
+        """A decoder served by the generation engine: one runner holding the resident KV cache
+        (decoder-only graphs: OnnxDecoderRunner; torch causal-lm entries: TorchDecoderRunner, the
+        cache on the device; text2text-generation: optimum's merged decoder in a Seq2SeqRunner,
+        the encoder staying its own entry)."""
+        from taskserve.server.runtimes.generation import DecoderRunner
+        from taskserve.server.scheduling.generation_scheduler import GenerationScheduler
+
+        settings = config.generation or GenerationConfig()
+        placements = instance_placements(config)
+        check_placements(config, placements)  # a GPU this machine lacks: UNAVAILABLE, with the reason
+        gpu = placements[0].gpu
+        runtimes: list[Runtime] = []
+        tensors: tuple[list[TensorInfo], list[TensorInfo]] | None = None
+        load_and_warm: Callable[[], tuple[ModelConfig, DecoderRunner, str]]
+        if config.task == "text2text-generation":
+            from taskserve.server.runtimes.seq2seq_runner import Seq2SeqRunner
+
+            runtime = create_runtime(model_path, config, gpu)
+            runtimes.append(runtime)
+            close = runtime.close
+
+            def load_and_warm() -> tuple[ModelConfig, DecoderRunner, str]:
+                runtime.load()
+                resolved = resolve_tensors(config, runtime.inputs, runtime.outputs)
+                if config.warmup.enabled:
+                    runtime.warmup(warmup_inputs(resolved, 1))
+                seq2seq = Seq2SeqRunner(runtime, settings.max_num_seqs, settings.max_model_len)
+                return resolved, seq2seq, seq2seq.description
+
+        elif config.platform == "torch":
+            # The only place the engine imports torch, and only for torch entries.
+            from taskserve.server.runtimes.torch_decoder import TorchDecoderRunner
+
+            torch_decoder = TorchDecoderRunner(model_path, config, gpu)
+            close = torch_decoder.close
+
+            def load_and_warm() -> tuple[ModelConfig, DecoderRunner, str]:
+                nonlocal tensors
+                torch_decoder.load()
+                tensors = (torch_decoder.inputs, torch_decoder.outputs)
+                resolved = resolve_tensors(config, *tensors)
+                if config.warmup.enabled:
+                    torch_decoder.warmup()
+                return resolved, torch_decoder, torch_decoder.description
+
+        else:
+            from taskserve.server.runtimes.onnx_decoder import OnnxDecoderRunner
+
+            decoder = OnnxDecoderRunner(model_path, config, gpu)
+            runtimes.append(decoder.runtime)
+            close = decoder.close
+
+            def load_and_warm() -> tuple[ModelConfig, DecoderRunner, str]:
+                decoder.load()
+                resolved = resolve_tensors(config, decoder.runtime.inputs, decoder.runtime.outputs)
+                if config.warmup.enabled:
+                    decoder.warmup()
+                return resolved, decoder, decoder.description
+
+        try:
+            resolved, runner, description = await asyncio.to_thread(load_and_warm)
+            scheduler = GenerationScheduler(name, settings, runner, metrics)
+            await scheduler.start()
+        except BaseException:
+            close()
+            raise
+        metrics.loaded(time.perf_counter() - started)
+        metrics.set_ready(True)
+        return LoadedModel(
+            name=name,
+            version=version,
+            config=resolved,
+            model_dir=model_dir,
+            scheduler=scheduler,
+            metrics=metrics,
+            runtimes=runtimes,
+            platform_description=description,
+            tensors=tensors,
+        )
+
+    async def unload(self, name: str, drain: bool = True) -> None:
+        """Stop serving a model: refuse new requests, finish queued ones, free the runtimes."""
+        if name not in self._slots:
+            raise ModelNotFound(f"model {name!r} is not loaded; loaded models: {self.model_names()}")
+        async with self._lock(name):
+            slot = self._slots.get(name)
+            if slot is None:  # unloaded while this call waited for the lock
+                return
+            slot.state = ModelState.UNLOADING
+            self._notify(name, False)
+            await self._retire(slot.versions.values(), drain)
+            del self._slots[name]
+            self._metrics.forget(name)
+
+    async def _retire(
+        self, models: Iterable[LoadedModel], drain: bool = True, keep: Mapping[str, LoadedModel] | None = None
+    ) -> None:
+        """Stop and free ``models``. Versions in ``keep`` (a reload's new ones) share their
+        metric series with the old: those stay, with ready 1; the others' series go."""
+        for model in list(models):
+            if keep is None or model.version not in keep:
+                model.metrics.set_ready(False)
+            for listener in self._retire_listeners:
+                listener(model)
+            # The scheduler owns the runtimes: stopping it closes them on their own threads.
+            await model.scheduler.stop(drain=drain)
+            if keep is not None and model.version not in keep:
+                self._metrics.forget(model.name, model.version)
+
+    async def stop(self, drain: bool = True) -> None:
+        """Unload everything (graceful shutdown)."""
+        for name in list(self._slots):
+            await self.unload(name, drain)
+
+    def _notify(self, name: str, ready: bool) -> None:
+        for listener in self._listeners:
+            listener(name, ready)
+
+
+def _check_config_files(model_dir: Path, config: ModelConfig) -> None:
+    """Files the config itself names must stay inside the model directory: refused at load,
+    before anything is read (tasks check their own task_options files where they open them)."""
+    if config.labels is not None:
+        resolve_inside(model_dir, config.labels, "labels")
+    resolve_inside(model_dir, f"1/{config.default_model_filename}", "default_model_filename")

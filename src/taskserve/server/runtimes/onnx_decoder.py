@@ -1,0 +1,175 @@
+"""The ONNX Runtime ``DecoderRunner`` (``runtimes/generation.py``) over the engine's
+decoder graph (``taskserve-export``'s ``exporters/engine_graph.py``), with the KV cache
+resident in preallocated per-slot host buffers.
+
+Per layer one key and one value buffer of shape (max_slots, kv heads, max_model_len,
+head size), bound with ``IOBinding`` as both the graph's ``past_*`` input and its
+``present_*`` output: the attention kernel (``GroupQueryAttention``) writes the new
+tokens' keys/values in place and reads only each row's own positions, so a step
+copies nothing else. The buffers come from ``np.zeros``, whose pages the OS maps on
+first write: memory grows with the positions actually used. A slot range is bound by
+address (an offset into the buffer), so a step creates no per-layer OrtValues.
+
+The graph is float32, and ONNX Runtime's CUDA ``GroupQueryAttention`` takes float16 and
+bfloat16 only: under the CUDA provider that node would run on the CPU anyway, so the
+cache stays in host memory. On a GPU, decoders run on the engine as torch entries
+(``runtimes/torch_decoder.py``), whose cache lives on the device.
+
+Decode rows (one token each) run as one model call over the slot range they span;
+slots in that range without a decode row (free, or halfway through their prompt) ride
+along as dummy rows that write past their own length, where the next real step
+overwrites. Prefill chunks run one call each.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from taskserve.server.errors import RuntimeFailure
+from taskserve.server.repository.config import ModelConfig
+from taskserve.server.runtimes import onnx_providers
+from taskserve.server.runtimes.generation import SlotCacheRunner, StepRow, check_decoder_rows
+from taskserve.server.runtimes.onnx import OnnxRuntime
+
+log = logging.getLogger(__name__)
+
+# Graph metadata the exporter writes: positions its rotary tables cover.
+MAX_POSITIONS_KEY = "taskserve.max_positions"
+
+
+class OnnxDecoderRunner(SlotCacheRunner):
+    def __init__(self, model_path: Path, config: ModelConfig, gpu: int | None = None) -> None:
+        if config.generation is None:
+            raise RuntimeFailure(f"model {config.name!r} has no generation block; it is not an engine model")
+        self.config = config
+        self.runtime = OnnxRuntime(model_path, config, gpu)
+        self._settings = config.generation
+        self._session: Any = None
+        self._keys: list[np.ndarray] = []
+        self._values: list[np.ndarray] = []
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def load(self) -> None:
+        self.runtime.load()
+        session = self.runtime.session
+        names = {i.name: i for i in session.get_inputs()}
+        layers = sorted(int(n.split(".")[1]) for n in names if n.startswith("past_key."))
+        required = {"input_ids", "seqlens_k", "total_sequence_length"}
+        if not layers or not required <= set(names) or layers != list(range(len(layers))):
+            raise RuntimeFailure(
+                f"model {self.config.name!r}: the graph lacks the engine's inputs (input_ids, seqlens_k, "
+                "total_sequence_length, past_key.N); re-export it with taskserve-export"
+            )
+        shape = names["past_key.0"].shape
+        kv_heads, head_dim = shape[1], shape[3]
+        if not isinstance(kv_heads, int) or not isinstance(head_dim, int):
+            raise RuntimeFailure(
+                f"model {self.config.name!r}: past_key.0 has shape {shape}; heads and head size must be fixed"
+            )
+        meta = session.get_modelmeta().custom_metadata_map
+        covered = int(meta.get(MAX_POSITIONS_KEY, "0") or 0)
+        wanted = self._settings.max_model_len
+        if covered and wanted > covered:
+            raise RuntimeFailure(
+                f"model {self.config.name!r}: generation.max_model_len {wanted} exceeds the {covered} positions "
+                "the exported graph covers; lower it or re-export"
+            )
+        self._positions = wanted
+        self._slots = self._settings.max_num_seqs
+        logits = next(o for o in session.get_outputs() if o.name == "logits")
+        self._vocab = int(logits.shape[-1]) if isinstance(logits.shape[-1], int) else 0
+        cache = (self._slots, kv_heads, self._positions, head_dim)
+        self._keys = [np.zeros(cache, np.float32) for _ in layers]
+        self._values = [np.zeros(cache, np.float32) for _ in layers]
+        self._lengths = np.zeros(self._slots, np.int64)
+        self._session = session
+        if onnx_providers.uses_cuda(self.runtime.providers):
+            log.warning(
+                "model %r: the engine graph is float32, and ONNX Runtime's CUDA GroupQueryAttention takes "
+                "float16/bfloat16 only, so its attention runs on the CPU with copies every step; for generation "
+                "on a GPU export the model with --format torch (docs/gpu.md)",
+                self.config.name,
+            )
+        log.info(
+            "model %r: %d cache slots of %d positions, %d layers (%.0f MiB reserved, mapped as used)",
+            self.config.name, self._slots, self._positions, len(layers), self.cache_bytes / 2**20,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        self._session = None
+        self._keys, self._values = [], []
+        self.runtime.close()
+
+    # -- DecoderRunner -----------------------------------------------------------------------
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(b.nbytes for b in self._keys) + sum(b.nbytes for b in self._values)
+
+    @property
+    def description(self) -> str:
+        return f"{self.runtime.description}, resident KV cache ({self._slots} slots x {self._positions} positions)"
+
+    def step(self, rows: Sequence[StepRow]) -> np.ndarray:
+        if self._session is None:
+            raise RuntimeFailure(f"model {self.config.name!r} is not loaded")
+        check_decoder_rows(self.config.name, rows, self._positions, self._lengths, self._vocab)
+        out = np.empty((len(rows), self._vocab), np.float32)
+        decode = [i for i, r in enumerate(rows) if len(r.tokens) == 1]
+        if decode:
+            out[decode] = self._decode([rows[i] for i in decode])
+        for i, row in enumerate(rows):
+            if len(row.tokens) > 1:
+                totals = np.asarray([row.start + len(row.tokens)])
+                out[i] = self._run(row.slot, row.slot + 1, row.tokens[None], totals)[0]
+        for row in rows:
+            self._lengths[row.slot] = row.start + len(row.tokens)
+        return out
+
+    # -- execution -------------------------------------------------------------------------
+
+    def _decode(self, rows: list[StepRow]) -> np.ndarray:
+        lo = min(r.slot for r in rows)
+        hi = max(r.slot for r in rows) + 1
+        tokens = np.zeros((hi - lo, 1), np.int64)
+        # Dummy rows write at their own next position, which their next real step overwrites.
+        totals = self._lengths[lo:hi] + 1
+        if int(totals.max()) > self._positions:
+            totals = np.minimum(totals, self._positions)  # a full slot in the range is a finished one
+        index = []
+        for row in rows:
+            tokens[row.slot - lo, 0] = int(row.tokens[0])
+            totals[row.slot - lo] = row.start + 1
+            index.append(row.slot - lo)
+        logits = self._run(lo, hi, tokens, totals)
+        return logits[index]
+
+    def _run(self, lo: int, hi: int, tokens: np.ndarray, totals: np.ndarray) -> np.ndarray:
+        """One model call over slots [lo, hi): ``tokens`` (rows, n) new tokens, ``totals`` the
+        positions each row holds afterwards."""
+        session = self._session
+        binding = session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, np.int64))
+        binding.bind_cpu_input("seqlens_k", (totals - 1).astype(np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.asarray(int(totals.max()), np.int32))
+        # Slots [lo, hi) are a contiguous view of every buffer: bind it by address, as the past
+        # input and the present output both, so the kernel updates the cache in place.
+        for layer, (keys, values) in enumerate(zip(self._keys, self._values, strict=True)):
+            for kind, buffer in (("key", keys), ("value", values)):
+                view = buffer[lo:hi]
+                shape, address = list(view.shape), view.ctypes.data
+                binding.bind_input(f"past_{kind}.{layer}", "cpu", 0, np.float32, shape, address)
+                binding.bind_output(f"present_{kind}.{layer}", "cpu", 0, np.float32, shape, address)
+        logits = np.empty((hi - lo, self._vocab), np.float32)
+        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        try:
+            session.run_with_iobinding(binding)
+        except Exception as err:
+            raise RuntimeFailure(f"onnxruntime failed on model {self.config.name!r}: {err}") from err
+        return logits

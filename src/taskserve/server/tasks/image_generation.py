@@ -1,0 +1,379 @@
+"""Image generation with a Stable Diffusion pipeline: text to image, image to image, inpainting.
+
+The model this task is loaded for is the pipeline's UNet; ``task_options.parts`` names
+the entries of the text encoder and the VAE decoder and encoder, each served by its
+own batcher (see exporters/diffusion.py). The denoising loop (server/tasks/diffusion)
+runs here: every UNet call is one ``InferRequest`` to the UNet's batcher, so the steps
+of concurrent requests with the same latent size share a batch, and classifier-free
+guidance adds rows (negative and positive prompt) to a call, never a call.
+
+Every parameter is checked before any model runs (``InvalidInput``). Cancelling the
+caller stops the loop at the step being awaited; a deadline that passes stops it at
+the next step.
+
+task_options (written by the exporter): ``parts``, ``latent_channels``,
+``unet_in_channels``, ``vae_scale_factor``, ``scaling_factor``, ``size_multiple`` (8),
+``default_size``, ``max_pixels`` (1048576), ``max_steps`` (150), ``max_images`` (4),
+``default_scheduler`` (ddim), ``scheduler_config`` (scheduler_config.json),
+``max_concurrent_generations`` (16), plus the tokenizer's keys (``max_length`` 77).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import io
+import json
+import math
+import secrets
+import time
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from taskserve.protocol.datatypes import numpy_dtype
+from taskserve.server.errors import DeadlineExceeded, InvalidInput, Overloaded
+from taskserve.server.scheduling.base import InferRequest
+from taskserve.server.tasks.base import CallOptions, ServedModel, Task, TaskConfigError, TaskContext
+from taskserve.server.tasks.diffusion.pipeline import (
+    GenerationParams,
+    Mode,
+    denoising_steps,
+    generate,
+    image_seed,
+    latent_preview,
+    spec_from_options,
+)
+from taskserve.server.tasks.diffusion.schedulers import SchedulerKind, make_scheduler
+from taskserve.server.tasks.images import ImageSource, decode_image
+from taskserve.server.tasks.tokenization import TextTokenizer
+
+DEFAULT_GUIDANCE = 7.5
+DEFAULT_STRENGTH = {Mode.IMAGE_TO_IMAGE: 0.8, Mode.INPAINT: 1.0}
+
+
+class OutputFormat(enum.Enum):
+    PNG = "png"
+    RAW_RGB = "raw-rgb"
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One call's parameters as the caller sent them (0 / None: the default)."""
+
+    mode: Mode
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 0
+    height: int = 0
+    steps: int = 0
+    guidance_scale: float | None = None
+    seed: int | None = None
+    num_images: int = 0
+    scheduler: SchedulerKind | None = None
+    strength: float | None = None
+    image: ImageSource | None = None
+    mask: ImageSource | None = None
+    output_format: OutputFormat = OutputFormat.PNG
+    preview: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationProgress:
+    """Step ``step`` of ``total`` is done; ``previews``: one small PNG per image when asked."""
+
+    step: int
+    total: int
+    previews: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class GeneratedImages:
+    images: tuple[bytes, ...]
+    width: int
+    height: int
+    seeds: tuple[int, ...]
+    steps: int
+    output_format: OutputFormat
+
+
+GenerationEvent = GenerationProgress | GeneratedImages
+
+
+@dataclass(frozen=True)
+class _Checked:
+    params: GenerationParams
+    token_ids: np.ndarray
+    image: np.ndarray | None
+    mask: np.ndarray | None
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+class _ServedParts:
+    """The pipeline's parts as batcher requests (``diffusion.pipeline.Parts``)."""
+
+    def __init__(self, unet: ServedModel, parts: Mapping[str, ServedModel], options: CallOptions) -> None:
+        self._unet = unet
+        self._parts = parts
+        self._options = options
+
+    async def _call(self, model: ServedModel, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        declared = {t.name: t for t in model.config.inputs or ()}
+        feeds = {
+            name: value.astype(numpy_dtype(declared[name].datatype), copy=False) if name in declared else value
+            for name, value in inputs.items()
+        }
+        rows = next(iter(feeds.values())).shape[0]
+        limit = model.config.max_batch_size
+        chunks = [feeds] if limit <= 0 or rows <= limit else [
+            {k: v[i : i + limit] for k, v in feeds.items()} for i in range(0, rows, limit)
+        ]  # fmt: skip
+        opts = self._options
+        results = await asyncio.gather(
+            *(
+                model.scheduler.submit(InferRequest(inputs=c, priority=opts.priority, deadline=opts.deadline))
+                for c in chunks
+            )
+        )
+        outputs = [next(iter(r.outputs.values())).astype(np.float32, copy=False) for r in results]
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+
+    async def encode_text(self, input_ids: np.ndarray) -> np.ndarray:
+        return await self._call(self._parts["text_encoder"], {"input_ids": input_ids})
+
+    async def unet(self, sample: np.ndarray, timestep: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+        inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": hidden}
+        return await self._call(self._unet, inputs)
+
+    async def decode(self, latents: np.ndarray) -> np.ndarray:
+        return await self._call(self._parts["vae_decoder"], {"latent_sample": latents})
+
+    async def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        return await self._call(self._parts["vae_encoder"], {"sample": pixels})
+
+
+class ImageGenerator(Task):
+    task = "image-generation"
+
+    def __init__(self, model: ServedModel, context: TaskContext) -> None:
+        super().__init__(model, context)
+        self.tokenizer = TextTokenizer(model.model_dir, self.options, model.name)
+        path = model.model_dir / self.option("scheduler_config", "scheduler_config.json")
+        if not path.is_file():
+            raise TaskConfigError(f"model {model.name!r}: scheduler config {path.name} is missing; re-export it")
+        scheduler_config: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            self.spec = spec_from_options(self.options, scheduler_config)
+        except ValueError as err:
+            raise TaskConfigError(f"model {model.name!r}: {err}") from None
+        # Schedulers this pipeline's config supports, and why the others are refused.
+        self.unsupported: dict[SchedulerKind, str] = {}
+        for kind in SchedulerKind:
+            try:
+                make_scheduler(kind, scheduler_config)
+            except ValueError as err:
+                self.unsupported[kind] = str(err)
+        parts = self.option("parts", {}, dict)
+        missing = sorted({"text_encoder", "vae_decoder"} - set(parts))
+        if missing:
+            raise TaskConfigError(f"model {model.name!r}: task_options.parts lacks {missing}; re-export the pipeline")
+        self.part_names: dict[str, str] = {str(k): str(v) for k, v in parts.items()}
+        self.size_multiple = max(8, self.option("size_multiple", 8))
+        self.default_size = self.option("default_size", 512)
+        self.max_pixels = self.option("max_pixels", 1024 * 1024)
+        self.max_steps = min(self.option("max_steps", 150), int(scheduler_config.get("num_train_timesteps", 1000)))
+        self.max_images = self.option("max_images", 4)
+        self.max_concurrent = self.option("max_concurrent_generations", 16)
+        try:
+            self.default_scheduler = SchedulerKind(self.option("default_scheduler", SchedulerKind.DDIM.value))
+        except ValueError:
+            raise TaskConfigError(
+                f"model {model.name!r}: task_options.default_scheduler must be one of "
+                f"{[k.value for k in SchedulerKind]}"
+            ) from None
+        # Generations running now; touched on the event loop only.
+        self.active = 0
+
+    # -- checks, all before any model runs ---------------------------------------------
+
+    def _check_size(self, width: int, height: int, what: str) -> None:
+        for name, value in (("width", width), ("height", height)):
+            if value <= 0 or value % self.size_multiple:
+                raise InvalidInput(
+                    f"{what} {name} {value} must be a positive multiple of {self.size_multiple} for model "
+                    f"{self.model.name!r}"
+                )
+        if width * height > self.max_pixels:
+            raise InvalidInput(
+                f"{what} {width}x{height} is {width * height} pixels, over model {self.model.name!r}'s "
+                f"limit of {self.max_pixels}"
+            )
+
+    def _check_numbers(self, request: ImageRequest) -> tuple[float, float, int, SchedulerKind]:
+        if request.steps <= 0 or request.steps > self.max_steps:
+            raise InvalidInput(f"settings.steps must be between 1 and {self.max_steps}, got {request.steps}")
+        guidance = DEFAULT_GUIDANCE if request.guidance_scale is None else request.guidance_scale
+        if not math.isfinite(guidance) or guidance < 0:
+            raise InvalidInput(f"settings.guidance_scale must be >= 0, got {guidance}")
+        strength = 1.0
+        if request.mode is not Mode.TEXT_TO_IMAGE:
+            strength = DEFAULT_STRENGTH[request.mode] if request.strength is None else request.strength
+            if not math.isfinite(strength) or not 0.0 < strength <= 1.0:
+                raise InvalidInput(f"strength must be in (0, 1], got {strength}")
+        count = request.num_images or 1
+        if count > self.max_images:
+            raise InvalidInput(
+                f"settings.num_images {count} is over model {self.model.name!r}'s limit of {self.max_images}"
+            )
+        kind = request.scheduler or self.default_scheduler
+        if kind in self.unsupported:
+            raise InvalidInput(
+                f"model {self.model.name!r} cannot run the {kind.value} scheduler with its scheduler config: "
+                f"{self.unsupported[kind]}"
+            )
+        limit = self.context.limits.max_text_chars
+        for name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+            if len(text) > limit:
+                raise InvalidInput(f"settings.{name} has {len(text)} characters, over the limit of {limit}")
+        latent_only = self.spec.unet_in_channels != self.spec.latent_channels
+        if latent_only and request.mode is not Mode.INPAINT:
+            raise InvalidInput(f"model {self.model.name!r} is an inpainting pipeline; call Inpaint")
+        if request.mode is Mode.IMAGE_TO_IMAGE or request.mode is Mode.INPAINT:
+            if request.image is None:
+                raise InvalidInput("image is empty; send the image to start from")
+            if request.mode is Mode.INPAINT and request.mask is None:
+                raise InvalidInput("mask is empty; send a mask (white = repaint) of the image's size")
+            if (request.width or request.height) and not (request.width and request.height):
+                raise InvalidInput("set both settings.width and settings.height, or neither")
+            if request.width:
+                self._check_size(request.width, request.height, "settings")
+        else:
+            self._check_size(request.width or self.default_size, request.height or self.default_size, "settings")
+        return guidance, strength, count, kind
+
+    def _prepare(self, request: ImageRequest) -> _Checked:
+        """Blocking (decoding, tokenizing): runs on the worker pool."""
+        guidance, strength, count, kind = self._check_numbers(request)
+        width, height = request.width or self.default_size, request.height or self.default_size
+        image = mask = None
+        if request.image is not None and request.mode is not Mode.TEXT_TO_IMAGE:
+            image = decode_image(request.image, self.context.limits.max_image_pixels, "image")
+            height, width = image.shape[:2]
+            if request.width and (request.width, request.height) != (width, height):
+                raise InvalidInput(
+                    f"settings asks for {request.width}x{request.height} but the image is {width}x{height}; "
+                    "leave width and height 0 or match the image"
+                )
+            self._check_size(width, height, "image")
+        if request.mask is not None and request.mode is Mode.INPAINT:
+            rgb = decode_image(request.mask, self.context.limits.max_image_pixels, "mask")
+            if rgb.shape[:2] != (height, width):
+                raise InvalidInput(
+                    f"mask is {rgb.shape[1]}x{rgb.shape[0]} but the image is {width}x{height}; they must match"
+                )
+            mask = np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.uint8)
+        seed = secrets.randbits(63) if request.seed is None else request.seed
+        params = GenerationParams(
+            mode=request.mode, width=width, height=height, steps=request.steps, guidance_scale=guidance,
+            seed=seed, num_images=count, scheduler=kind, strength=strength,
+        )  # fmt: skip
+        texts = [request.negative_prompt, request.prompt] if params.guided else [request.prompt]
+        encodings = self.tokenizer.encode(texts, truncate=True, what="prompt")
+        ids = np.full((len(texts), self.tokenizer.max_length), self.tokenizer.pad_id, dtype=np.int64)
+        for row, enc in enumerate(encodings):
+            ids[row, : len(enc.ids)] = enc.ids
+        return _Checked(params, ids, image, mask)
+
+    def _resolve_parts(self, mode: Mode) -> dict[str, ServedModel]:
+        lookup = self.context.models
+        if lookup is None:
+            raise TaskConfigError("image generation needs the server's model lookup (TaskContext.models)")
+        wanted = ["text_encoder", "vae_decoder"]
+        if mode is not Mode.TEXT_TO_IMAGE:
+            wanted.append("vae_encoder")
+        if "vae_encoder" in wanted and "vae_encoder" not in self.part_names:
+            raise InvalidInput(f"model {self.model.name!r} has no VAE encoder part; it serves TextToImage only")
+        return {key: lookup(self.part_names[key]) for key in wanted}
+
+    # -- running ---------------------------------------------------------------------
+
+    def _encode(self, pixels: np.ndarray, fmt: OutputFormat) -> tuple[bytes, ...]:
+        if fmt is OutputFormat.RAW_RGB:
+            return tuple(np.ascontiguousarray(p).tobytes() for p in pixels)
+        return tuple(_png(p) for p in pixels)
+
+    async def generate(self, request: ImageRequest, options: CallOptions) -> AsyncGenerator[GenerationEvent, None]:
+        """Progress after each step, then the images (the last event)."""
+        checked = await self.offload("preprocess", self._prepare, request)
+        parts = self._resolve_parts(request.mode)
+        if self.active >= self.max_concurrent:
+            raise Overloaded(
+                f"model {self.model.name!r} is running {self.active} generations, its limit; retry with backoff"
+            )
+        self.active += 1
+        try:
+            events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
+
+            async def on_step(step: int, total: int, latents: np.ndarray) -> None:
+                previews: tuple[bytes, ...] = ()
+                if request.preview:
+                    previews = await self.offload(
+                        "postprocess", lambda: tuple(_png(p) for p in latent_preview(latents))
+                    )
+                events.put_nowait(GenerationProgress(step, total, previews))
+                if options.deadline is not None and time.monotonic() > options.deadline and step < total:
+                    raise DeadlineExceeded(f"the deadline passed after step {step} of {total}; no images")
+
+            async def run() -> None:
+                try:
+                    served = _ServedParts(self.model, parts, options)
+                    pixels = await generate(
+                        served, self.spec, checked.params, checked.token_ids, checked.image, checked.mask, on_step
+                    )
+                    encoded = await self.offload("postprocess", self._encode, pixels, request.output_format)
+                    p = checked.params
+                    events.put_nowait(
+                        GeneratedImages(
+                            images=encoded,
+                            width=p.width,
+                            height=p.height,
+                            seeds=tuple(image_seed(p.seed, i) for i in range(p.num_images)),
+                            steps=denoising_steps(p.steps, p.strength),
+                            output_format=request.output_format,
+                        )  # fmt: skip
+                    )
+                except Exception as err:  # handed to the consumer, which raises it
+                    events.put_nowait(err)
+
+            runner = asyncio.ensure_future(run())
+            try:
+                while True:
+                    event = await events.get()
+                    if isinstance(event, BaseException):
+                        raise event
+                    yield event
+                    if isinstance(event, GeneratedImages):
+                        return
+            finally:
+                # The consumer stopped (cancelled, deadline, error): stop the loop at the step it awaits.
+                runner.cancel()
+        finally:
+            self.active -= 1
+
+    async def run(self, request: ImageRequest, options: CallOptions) -> GeneratedImages:
+        """The images only (the unary calls)."""
+        # Closed here, not by the garbage collector: the generation's slot is freed at once.
+        async with contextlib.aclosing(self.generate(request, options)) as events:
+            async for event in events:
+                if isinstance(event, GeneratedImages):
+                    return event
+        raise AssertionError("generate ends with the images")  # pragma: no cover

@@ -1,0 +1,117 @@
+"""Sentence embeddings: texts -> vectors, and cosine similarity between texts.
+
+task_options: ``embedding_output`` (default "sentence_embedding" when the model has it, else
+"last_hidden_state"), ``pooled_in_graph`` (true: the output already holds one vector
+per text), ``pooling`` ("mean" | "cls" | "max" | "none"; default "none" for a pooled
+output, "mean" for token states), ``normalize`` (default true; false cannot undo a
+normalization inside the graph), ``truncation``, plus the tokenizer's keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from taskserve.server.errors import InvalidInput
+from taskserve.server.tasks.base import CallOptions, TaskConfigError, check_texts
+from taskserve.server.tasks.text import TextTask
+from taskserve.server.tasks.tokenization import TokenBatch
+
+POOLINGS = ("mean", "cls", "max", "none")
+
+
+@dataclass(frozen=True)
+class EmbedParams:
+    # None: task_options.normalize (default true).
+    normalize: bool | None = None
+    truncate: bool | None = None
+
+
+def pool(states: np.ndarray, mask: np.ndarray, method: str) -> np.ndarray:
+    """Token states (rows, tokens, dim) to one vector per row, ignoring padding."""
+    if method == "cls":
+        first: np.ndarray = states[:, 0]
+        return first
+    weights = mask[:, : states.shape[1], None].astype(np.float32)
+    if method == "max":
+        peak: np.ndarray = np.where(weights > 0, states, -np.inf).max(axis=1)
+        return peak
+    summed = (states * weights).sum(axis=1)
+    out: np.ndarray = summed / np.clip(weights.sum(axis=1), 1e-9, None)
+    return out
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    out: np.ndarray = vectors / np.clip(norms, 1e-12, None)
+    return out
+
+
+class SentenceEmbedder(TextTask):
+    task = "sentence-embedding"
+
+    def _output_and_pooling(self) -> tuple[str, str]:
+        names = self.output_names()
+        pooled = "sentence_embedding"
+        default = pooled if names is None or pooled in names else "last_hidden_state"
+        output = self.output_name(default, "embedding_output")
+        if self.option("pooled_in_graph", False):
+            # task_options.pooling then only describes what the graph does.
+            return output, "none"
+        pooling = self.option("pooling", "none" if output == pooled else "mean")
+        if pooling not in POOLINGS:
+            raise TaskConfigError(
+                f"model {self.model.name!r}: task_options.pooling {pooling!r} is not one of {POOLINGS}"
+            )
+        return output, pooling
+
+    async def embed(
+        self, texts: Sequence[str], params: EmbedParams, options: CallOptions, what: str = "texts"
+    ) -> np.ndarray:
+        """One float32 vector per text, (rows, dim)."""
+        check_texts(what, texts, self.limits)
+        batch = await self.tokenize(texts, self.truncate(params.truncate), what)
+        normalize = params.normalize if params.normalize is not None else self.option("normalize", True)
+        return await self._vectors(batch, normalize, options)
+
+    async def _vectors(self, batch: TokenBatch, normalize: bool, options: CallOptions) -> np.ndarray:
+        output, pooling = self._output_and_pooling()
+        per_token = [output] if pooling != "none" else []
+        states = (await self.run_model(batch, options, [output], per_token))[output].astype(np.float32)
+
+        def postprocess() -> np.ndarray:
+            vectors = pool(states, batch.arrays["attention_mask"], pooling) if pooling != "none" else states
+            if vectors.ndim != 2:
+                raise TaskConfigError(
+                    f"model {self.model.name!r}: output {output!r} has shape {states.shape}; set task_options.pooling "
+                    "to pool token states into one vector per text"
+                )
+            return l2_normalize(vectors) if normalize else vectors
+
+        return await self.offload("postprocess", postprocess)
+
+    async def compare(
+        self, source: str, candidates: Sequence[str], truncate: bool | None, options: CallOptions
+    ) -> np.ndarray:
+        """Cosine similarity of ``source`` to each candidate, (candidates,)."""
+        if not source.strip():
+            raise InvalidInput("source is empty; send the text to compare the candidates with")
+        if len(source) > self.limits.max_text_chars:
+            raise InvalidInput(
+                f"source has {len(source)} characters, over the limit of {self.limits.max_text_chars}"
+            )
+        check_texts("candidates", candidates, self.limits)
+        cut = self.truncate(truncate)
+
+        def encode() -> TokenBatch:
+            encodings = self.tokenizer.encode([source], cut, "source") + self.tokenizer.encode(
+                candidates, cut, "candidates"
+            )
+            return self.batch(encodings)
+
+        batch = await self.offload("preprocess", encode)
+        vectors = await self._vectors(batch, True, options)
+        scores: np.ndarray = np.clip(vectors[1:] @ vectors[0], -1.0, 1.0)
+        return scores
