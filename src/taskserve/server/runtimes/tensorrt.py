@@ -162,3 +162,7 @@ class TensorRTRuntime(Runtime):
     @property
     def description(self) -> str:
         return "tensorrt"
+
+    @property
+    def on_gpu(self) -> bool:
+        return True

@@ -528,6 +528,10 @@ class TorchRuntime(Runtime):
     def description(self) -> str:
         return f"torch {torch.__version__} {self.device} {str(self.dtype).removeprefix('torch.')}"
 
+    @property
+    def on_gpu(self) -> bool:
+        return self.device != "cpu"
+
 
 class TorchDeviceMemory:
     """Device buffers and a stream from torch's CUDA caching allocator, for runtimes that

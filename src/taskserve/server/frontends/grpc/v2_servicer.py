@@ -36,6 +36,8 @@ EXTENSIONS = ["model_repository", "statistics", "model_configuration", "health",
 STREAM_CONCURRENCY = 64
 # Triton's platform names where one fits; torch entries are safetensors + config, not TorchScript.
 _PLATFORM = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "torch": "pytorch"}
+# Triton's backend names for the same platforms.
+_BACKEND = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch": "pytorch"}
 
 
 def request_deadline(context: Context, timeout_us: int | None) -> float | None:
@@ -248,7 +250,7 @@ def _model_config_message(model: LoadedModel) -> mc.ModelConfig:
     message = mc.ModelConfig(
         name=model.name,
         platform=_PLATFORM[config.platform],
-        backend="onnxruntime" if config.platform == "onnxruntime" else "tensorrt",
+        backend=_BACKEND[config.platform],
         max_batch_size=config.max_batch_size,
         default_model_filename=config.default_model_filename,
     )
@@ -263,7 +265,9 @@ def _model_config_message(model: LoadedModel) -> mc.ModelConfig:
         message.output.add(name=spec.name, data_type=mc.DataType.Value(_config_type(spec.datatype)), dims=spec.dims)
         if config.labels:
             message.output[-1].label_filename = config.labels
-    message.instance_group.add(name=model.name, count=config.instance_count, kind=mc.ModelInstanceGroup.KIND_CPU)
+    message.instance_group.add(
+        name=model.name, count=config.instance_count, kind=_instance_kind(model), gpus=list(config.gpus)
+    )
     db = config.dynamic_batching
     if config.max_batch_size > 1:
         message.dynamic_batching.preferred_batch_size.extend(db.preferred_batch_sizes)
@@ -282,6 +286,15 @@ def _model_config_message(model: LoadedModel) -> mc.ModelConfig:
         message.version_policy.latest.num_versions = policy.latest or 1
     message.parameters["task"].string_value = config.task
     return message
+
+
+def _instance_kind(model: LoadedModel) -> mc.ModelInstanceGroup.Kind.ValueType:
+    """Where the loaded instances run, as Triton reports a resolved kind (``count`` is per GPU
+    when ``gpus`` is set, as in Triton). Engine entries have no batcher runtimes: their
+    placement is the config's ``gpus``."""
+    if model.config.gpus or any(runtime.on_gpu for runtime in model.runtimes):
+        return mc.ModelInstanceGroup.KIND_GPU
+    return mc.ModelInstanceGroup.KIND_CPU
 
 
 def _config_type(datatype: str) -> str:
