@@ -19,6 +19,7 @@ from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_g
 from taskserve.protocol.generated.inference import model_config_pb2 as mc
 from taskserve.server.errors import InvalidInput, ModelControlDisabled, ModelNotReady, Overloaded
 from taskserve.server.frontends.grpc import codec
+from taskserve.server.frontends.grpc.deadlines import request_deadline
 from taskserve.server.frontends.grpc.status import describe, unary
 from taskserve.server.metrics import Duration
 from taskserve.server.repository.manager import LoadedModel, ModelManager, ModelState
@@ -38,14 +39,6 @@ STREAM_CONCURRENCY = 64
 _PLATFORM = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "torch": "pytorch"}
 # Triton's backend names for the same platforms.
 _BACKEND = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch": "pytorch"}
-
-
-def request_deadline(context: Context, timeout_us: int | None) -> float | None:
-    """The earlier of the gRPC deadline and the request's own timeout, as monotonic time."""
-    remaining = context.time_remaining()
-    if timeout_us:
-        remaining = timeout_us / 1e6 if remaining is None else min(remaining, timeout_us / 1e6)
-    return None if remaining is None else time.monotonic() + remaining
 
 
 class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
