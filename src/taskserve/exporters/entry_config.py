@@ -57,7 +57,7 @@ def build_config(
             config["dynamic_batching"]["length_buckets"] = list(length_buckets)
     runtime: dict[str, Any] = {}
     if int8:
-        # Dynamic int8 kernels (MatMulInteger, QAttention) exist on CPU only.
+        # The integer kernels (MatMulInteger, QAttention, MatMulNBits at accuracy level 4) are the CPU's.
         runtime["execution_providers"] = ["cpu"]
     if tensorrt and not native_engine:
         runtime["execution_providers"] = ["tensorrt", "cuda", "cpu"]
