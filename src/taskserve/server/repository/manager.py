@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from taskserve.protocol.datatypes import numpy_dtype
-from taskserve.server.errors import ModelNotFound, ModelNotReady, TaskServeError
+from taskserve.server.errors import ModelNotFound, ModelNotReady, TaskServeError, caller_safe
 from taskserve.server.metrics import ModelMetrics, ServerMetrics
 from taskserve.server.repository.config import GenerationConfig, ModelConfig, ModelLimits, load_model_config
 from taskserve.server.repository.paths import model_dir_inside, model_dir_names, resolve_inside, without_server_paths
@@ -29,6 +29,9 @@ from taskserve.server.scheduling.base import Scheduler
 from taskserve.server.scheduling.factory import create_scheduler
 
 log = logging.getLogger(__name__)
+
+# Characters of a load failure's reason that are kept (RepositoryIndex carries every reason).
+MAX_REASON_CHARS = 1024
 
 
 class ModelState(enum.Enum):
@@ -238,7 +241,9 @@ class ModelManager:
                 new_versions = await self._load_versions(name, model_dir, config)
             except Exception as err:  # any failure stays with this model
                 reason = err.message if isinstance(err, TaskServeError) else f"{type(err).__name__}: {err}"
-                reason = without_server_paths(reason, self.repository)  # callers read reasons
+                # Callers read reasons (RepositoryIndex, each refused request) and every load logs
+                # one: no server paths, addresses or tracebacks, and short.
+                reason = caller_safe(without_server_paths(reason, self.repository), MAX_REASON_CHARS)
                 log.error("model %s failed to load: %s", name, reason)
                 self._metrics.forget(name, keep=old)  # series of versions that never served
                 if not old:
