@@ -1,6 +1,7 @@
 """READY means it can serve: the check a model version passes at load, before it
 is marked READY. Its task must be one this server serves (a registered typed task,
-or ``tensor`` for the v2 protocol only), its ``task_options`` must validate, and its
+or ``tensor`` for the v2 protocol only), its ``task_options`` must validate (files they name
+inside the model directory), and its
 task object (tokenizer, labels, preprocessing) must build, which also warms it.
 
 The model manager sits below the tasks and cannot import them; the front end wires
@@ -29,7 +30,7 @@ async def check_servable(tasks: TaskCache, model: ServedModel) -> None:
             f"model {model.name!r}: task {task!r} is not served by this server (typed tasks: {sorted(TASKS)}); "
             f"set task: {TENSOR_TASK} to serve the model through the v2 protocol only"
         )
-    problems = options_problems(task, dict(model.config.task_options))
+    problems = options_problems(task, dict(model.config.task_options), model.model_dir)
     if problems:
         raise TaskConfigError(f"model {model.name!r}: " + "; ".join(problems) + "; fix config.yaml")
     await tasks.get(model, cls)
