@@ -128,6 +128,8 @@ class ModelManager:
         # task's build and options check here: the manager sits below tasks and cannot
         # import them), and callbacks for versions leaving service (to drop their caches).
         self._load_checks: list[Callable[[LoadedModel], Awaitable[None]]] = []
+        # Checks of a config before any version loads (the tasks' options and the files they name).
+        self._config_checks: list[Callable[[Path, ModelConfig], None]] = []
         self._retire_listeners: list[Callable[[LoadedModel], None]] = []
         self.startup_complete = False
 
@@ -141,6 +143,11 @@ class ModelManager:
         """``await check(model)`` runs on each loaded version before it serves; raising
         fails the load with the error's message as the model's reason."""
         self._load_checks.append(check)
+
+    def add_config_check(self, check: Callable[[Path, ModelConfig], None]) -> None:
+        """``check(model_dir, config)`` runs on each parsed config before anything of the model
+        is loaded or read; raising fails the load with the error's message as the reason."""
+        self._config_checks.append(check)
 
     def add_retire_listener(self, listener: Callable[[LoadedModel], None]) -> None:
         """Called with each version as it leaves service (unload, reload, failed load)."""
@@ -237,6 +244,8 @@ class ModelManager:
             try:
                 config = await asyncio.to_thread(load_model_config, model_dir)
                 _check_config_files(model_dir, config)
+                for config_check in self._config_checks:
+                    config_check(model_dir, config)
                 config = config.model_copy(update={"limits": _merged_limits(config.limits, self._default_limits)})
                 new_versions = await self._load_versions(name, model_dir, config)
             except Exception as err:  # any failure stays with this model
