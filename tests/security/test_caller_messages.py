@@ -221,3 +221,28 @@ def test_stored_reasons_are_capped_in_the_index_and_the_log(
     }
     for line in lines:
         assert len(line) <= MAX_REASON_CHARS + 100, len(line)
+
+
+def test_a_config_yaml_that_is_not_a_regular_file_is_refused_without_reading(tmp_path: Path) -> None:
+    """A FIFO would block its load thread forever; a directory used to quote the OSError's path."""
+    import os
+    import threading
+
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / "config.yaml")
+    (tmp_path / "dir" / "config.yaml").mkdir(parents=True)
+    for name in ("fifo", "dir"):
+        outcome: list[BaseException] = []
+
+        def load(model_dir: Path = tmp_path / name, outcome: list[BaseException] = outcome) -> None:
+            try:
+                load_model_config(model_dir)
+            except BaseException as err:  # noqa: BLE001 - handed to the test thread
+                outcome.append(err)
+
+        worker = threading.Thread(target=load, daemon=True)  # daemon: a blocked read must not hang the run
+        worker.start()
+        worker.join(timeout=30)
+        assert not worker.is_alive(), f"{name}: reading config.yaml blocked"
+        assert len(outcome) == 1 and isinstance(outcome[0], ConfigError), outcome
+        assert outcome[0].message == f"{name}/config.yaml: is not a regular file; make it one"

@@ -18,7 +18,7 @@ from onnx import TensorProto
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from taskserve.server.tasks.options import TASK_OPTIONS, file_options
-from tests.support.server import ServerThread, running_server
+from tests.support.server import running_server
 from tests.support.tiny_models import identity_graph, write_entry
 
 SECRET = "top-secret-value-4711"

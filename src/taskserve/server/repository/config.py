@@ -390,6 +390,8 @@ def load_model_config(model_dir: Path) -> ModelConfig:
     if not link.exists() and not link.is_symlink():
         return parse_model_config({}, shown, model_dir.name)
     path = resolve_inside(model_dir, "config.yaml", "config.yaml")
+    if not path.is_file():  # a directory, a FIFO (whose read would never end), a dangling link
+        raise ConfigError(f"{shown}: is not a regular file; make it one")
     try:
         data = _parse_yaml(path.read_text(encoding="utf-8"), shown) or {}
     except yaml.YAMLError as err:
