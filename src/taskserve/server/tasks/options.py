@@ -78,7 +78,7 @@ TASK_OPTIONS: dict[str, dict[str, Any]] = {
     # ``num_layers`` is written by the exporter (describes the past key/values).
     "text-generation": {
         **_TEXT, "max_new_tokens": int, "max_new_tokens_limit": int, "max_concurrent_generations": int,
-        "chat_template": ModelFile(), "eos_token_id": int | list[int], "eos_token_ids": list[int],
+        "chat_template": ModelFile("chat_template.jinja"), "eos_token_id": int | list[int], "eos_token_ids": list[int],
         "generation_config": ModelFile("generation_config.json"), "num_layers": int,
         # The transform services (translation, summarization, text2text) on a decoder.
         "prompt_templates": dict[str, Any], "languages": list[str],
