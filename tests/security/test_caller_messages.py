@@ -246,3 +246,12 @@ def test_a_config_yaml_that_is_not_a_regular_file_is_refused_without_reading(tmp
         assert not worker.is_alive(), f"{name}: reading config.yaml blocked"
         assert len(outcome) == 1 and isinstance(outcome[0], ConfigError), outcome
         assert outcome[0].message == f"{name}/config.yaml: is not a regular file; make it one"
+
+
+def test_a_refused_config_value_is_quoted_short(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.yaml").write_text(yaml.safe_dump({"labels": ["x" * 10_000]}))
+    with pytest.raises(ConfigError) as err:
+        load_model_config(tmp_path / "m")
+    assert "labels: Input should be a valid string (got ['xxx" in err.value.message
+    assert len(err.value.message) < 300, len(err.value.message)

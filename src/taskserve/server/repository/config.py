@@ -295,13 +295,19 @@ class ModelConfig(_Frozen):
             raise ValueError("gpus is set but runtime.torch.device is 'cpu'; remove one of them")
 
 
+def _quoted(value: Any, limit: int = 80) -> str:
+    """A short repr of a refused value: enough to find it in the file, never the whole of it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _format_validation_error(path: Path, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         lines.append(
-            f"  {loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "value_error" and "input" in e else "")
+            f"  {loc}: {msg}" + (f" (got {_quoted(e['input'])})" if e["type"] != "value_error" and "input" in e else "")
         )
     return f"{path}: invalid model configuration:\n" + "\n".join(lines)
 
