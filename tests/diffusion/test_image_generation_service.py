@@ -211,6 +211,8 @@ def test_stream_reports_every_step_with_previews_then_the_images(client: Any) ->
         ("img", {"width": 64, "height": 64}, "match the image"),
         ("inpaint", {"mask": np.zeros((16, 16), dtype=np.uint8)}, "mask is 16x16"),
         ("inpaint", {"strength": -0.1}, "strength"),
+        # Pillow's own message named its BytesIO object, memory address included.
+        ("inpaint", {"mask": b"not an image"}, "mask could not be decoded: it is not a JPEG, PNG"),
     ],
 )
 def test_bad_parameters_are_invalid_argument(client: Any, call: str, kwargs: dict[str, Any], message: str) -> None:

@@ -5,6 +5,18 @@ below the front end imports grpc."""
 from __future__ import annotations
 
 import enum
+import re
+
+# What a caller-visible message may hold (status details, RepositoryIndex reasons): messages
+# built from library exceptions (OSError, PIL, onnxruntime, yaml) can carry server paths,
+# object addresses and whole tracebacks; ``caller_safe`` strips them and caps the length.
+MAX_MESSAGE_CHARS = 2048
+# An absolute path of two or more components, not part of a relative one ("1/model.onnx")
+# or of a URL.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/<>~-])/(?:[^\s'\"/:,;()<>\[\]{}]+/)+[^\s'\"/:,;()<>\[\]{}]+")
+_ADDRESS = re.compile(r"\s+at 0x[0-9A-Fa-f]+|0x[0-9A-Fa-f]{6,}")
+_TRACEBACK = "Traceback (most recent call last)"
+SERVER_PATH = "<server path>"
 
 
 class Code(enum.Enum):
@@ -18,6 +30,21 @@ class Code(enum.Enum):
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     CANCELLED = "CANCELLED"
     INTERNAL = "INTERNAL"
+
+
+def caller_safe(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``message`` as a caller may see it: absolute paths replaced by ``<server path>``,
+    memory addresses and tracebacks removed, at most ``limit`` characters (cut with "…").
+    Paths inside the model repository should be made relative first (``<model>/<file>``,
+    repository/paths.py ``without_server_paths``), which keeps them useful."""
+    cut = message.find(_TRACEBACK)
+    if cut >= 0:
+        message = message[:cut].rstrip() or "(details in the server log)"
+    message = _ADDRESS.sub("", message)
+    message = _ABSOLUTE_PATH.sub(SERVER_PATH, message)
+    if len(message) > limit:
+        message = message[: limit - 1] + "…"
+    return message
 
 
 class TaskServeError(Exception):

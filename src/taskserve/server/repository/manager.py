@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from taskserve.protocol.datatypes import numpy_dtype
-from taskserve.server.errors import ModelNotFound, ModelNotReady, TaskServeError
+from taskserve.server.errors import ModelNotFound, ModelNotReady, TaskServeError, caller_safe
 from taskserve.server.metrics import ModelMetrics, ServerMetrics
 from taskserve.server.repository.config import GenerationConfig, ModelConfig, ModelLimits, load_model_config
 from taskserve.server.repository.paths import model_dir_inside, model_dir_names, resolve_inside, without_server_paths
@@ -29,6 +29,9 @@ from taskserve.server.scheduling.base import Scheduler
 from taskserve.server.scheduling.factory import create_scheduler
 
 log = logging.getLogger(__name__)
+
+# Characters of a load failure's reason that are kept (RepositoryIndex carries every reason).
+MAX_REASON_CHARS = 1024
 
 
 class ModelState(enum.Enum):
@@ -125,6 +128,8 @@ class ModelManager:
         # task's build and options check here: the manager sits below tasks and cannot
         # import them), and callbacks for versions leaving service (to drop their caches).
         self._load_checks: list[Callable[[LoadedModel], Awaitable[None]]] = []
+        # Checks of a config before any version loads (the tasks' options and the files they name).
+        self._config_checks: list[Callable[[Path, ModelConfig], None]] = []
         self._retire_listeners: list[Callable[[LoadedModel], None]] = []
         self.startup_complete = False
 
@@ -138,6 +143,11 @@ class ModelManager:
         """``await check(model)`` runs on each loaded version before it serves; raising
         fails the load with the error's message as the model's reason."""
         self._load_checks.append(check)
+
+    def add_config_check(self, check: Callable[[Path, ModelConfig], None]) -> None:
+        """``check(model_dir, config)`` runs on each parsed config before anything of the model
+        is loaded or read; raising fails the load with the error's message as the reason."""
+        self._config_checks.append(check)
 
     def add_retire_listener(self, listener: Callable[[LoadedModel], None]) -> None:
         """Called with each version as it leaves service (unload, reload, failed load)."""
@@ -234,11 +244,15 @@ class ModelManager:
             try:
                 config = await asyncio.to_thread(load_model_config, model_dir)
                 _check_config_files(model_dir, config)
+                for config_check in self._config_checks:
+                    config_check(model_dir, config)
                 config = config.model_copy(update={"limits": _merged_limits(config.limits, self._default_limits)})
                 new_versions = await self._load_versions(name, model_dir, config)
             except Exception as err:  # any failure stays with this model
                 reason = err.message if isinstance(err, TaskServeError) else f"{type(err).__name__}: {err}"
-                reason = without_server_paths(reason, self.repository)  # callers read reasons
+                # Callers read reasons (RepositoryIndex, each refused request) and every load logs
+                # one: no server paths, addresses or tracebacks, and short.
+                reason = caller_safe(without_server_paths(reason, self.repository), MAX_REASON_CHARS)
                 log.error("model %s failed to load: %s", name, reason)
                 self._metrics.forget(name, keep=old)  # series of versions that never served
                 if not old:

@@ -47,14 +47,14 @@ def resolve_inside(model_dir: Path, relative: str, what: str = "file") -> Path:
     ``what`` names the config field in the message, e.g. "labels". The returned path need not
     exist; callers check that and report it with ``shown``.
     """
+    # The value is never repeated: it may be a server path, or lead to one through a symlink.
     if not relative or PurePosixPath(relative).is_absolute() or Path(relative).is_absolute():
-        # An absolute value is a server path: not repeated to callers.
         raise OutsideModelDir(f"{model_dir.name}: {what} must be a path relative to the model directory")
     root = model_dir.resolve()
     target = (root / relative).resolve()
     if target != root and root not in target.parents:
         raise OutsideModelDir(
-            f"{model_dir.name}: {what} {relative!r} resolves outside the model directory; "
+            f"{model_dir.name}: {what} resolves outside the model directory; "
             "keep the file inside it (symlinks included)"
         )
     return target

@@ -37,6 +37,7 @@ from PIL import Image
 
 from taskserve.protocol.datatypes import numpy_dtype
 from taskserve.server.errors import DeadlineExceeded, InvalidInput, Overloaded
+from taskserve.server.repository.paths import resolve_inside, shown
 from taskserve.server.scheduling.base import InferRequest
 from taskserve.server.tasks.base import CallOptions, ServedModel, Task, TaskConfigError, TaskContext
 from taskserve.server.tasks.diffusion.pipeline import (
@@ -118,6 +119,23 @@ def _png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _read_scheduler_config(model: ServedModel, configured: str) -> dict[str, Any]:
+    """The pipeline's scheduler_config.json, confined to the model directory."""
+    path = resolve_inside(model.model_dir, configured, "task_options.scheduler_config")
+    where = shown(path, model.model_dir)
+    if not path.is_file():
+        raise TaskConfigError(f"model {model.name!r}: scheduler config {where} is missing; re-export it")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise TaskConfigError(
+            f"model {model.name!r}: scheduler config {where} is not readable JSON ({type(err).__name__}); re-export it"
+        ) from None
+    if not isinstance(data, dict):
+        raise TaskConfigError(f"model {model.name!r}: scheduler config {where} is not a JSON object; re-export it")
+    return data
+
+
 class _ServedParts:
     """The pipeline's parts as batcher requests (``diffusion.pipeline.Parts``)."""
 
@@ -167,10 +185,7 @@ class ImageGenerator(Task):
     def __init__(self, model: ServedModel, context: TaskContext) -> None:
         super().__init__(model, context)
         self.tokenizer = TextTokenizer(model.model_dir, self.options, model.name)
-        path = model.model_dir / self.option("scheduler_config", "scheduler_config.json")
-        if not path.is_file():
-            raise TaskConfigError(f"model {model.name!r}: scheduler config {path.name} is missing; re-export it")
-        scheduler_config: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        scheduler_config = _read_scheduler_config(model, str(self.option("scheduler_config", "scheduler_config.json")))
         try:
             self.spec = spec_from_options(self.options, scheduler_config)
         except ValueError as err:

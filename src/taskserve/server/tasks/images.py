@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from taskserve.server.errors import InvalidInput, LimitExceeded
+from taskserve.server.errors import InvalidInput, LimitExceeded, caller_safe
 from taskserve.server.repository.paths import resolve_inside
 from taskserve.server.tasks.base import TaskConfigError
 
@@ -115,8 +115,15 @@ def decode_image(source: ImageSource, max_pixels: int, what: str) -> np.ndarray:
         raise InvalidInput(
             f"{what} declares too many pixels (over {max_pixels}); send a smaller image"
         ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise InvalidInput(f"{what} could not be decoded as {', '.join(ALLOWED_FORMATS)}: {err}") from None
+    except UnidentifiedImageError:
+        # Pillow's message names its file object, address included: say what went wrong instead.
+        raise InvalidInput(
+            f"{what} could not be decoded: it is not a {', '.join(ALLOWED_FORMATS)} image"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise InvalidInput(
+            f"{what} could not be decoded as {', '.join(ALLOWED_FORMATS)}: {caller_safe(str(err), 200)}"
+        ) from None
     return np.asarray(rgb, dtype=np.uint8)
 
 

@@ -59,7 +59,7 @@ from taskserve.server.frontends.grpc.tasks.text_transform import (
 from taskserve.server.frontends.grpc.tasks.token_classification import TokenClassificationServicer
 from taskserve.server.repository.manager import ModelManager
 from taskserve.server.tasks.base import TaskCache, TaskContext, TaskLimits
-from taskserve.server.tasks.readiness import check_servable
+from taskserve.server.tasks.readiness import check_options, check_servable
 
 __all__ = ["add_task_servicers"]
 
@@ -77,6 +77,7 @@ def add_task_servicers(
     tasks = TaskCache(context)
     # READY means it can serve: each version's typed task is checked and built at load
     # (tasks/readiness.py); the manager is below tasks, so the front end wires it in.
+    models.add_config_check(check_options)  # task options, and the files they name confined, first
     models.add_load_check(functools.partial(check_servable, tasks))
     models.add_retire_listener(tasks.forget)
     registrations: list[tuple[Any, str, Callable[[Any, grpc.aio.Server], None], type[TaskServicer]]] = [
