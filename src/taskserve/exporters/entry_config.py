@@ -55,7 +55,7 @@ def build_config(
         config["dynamic_batching"] = {"max_queue_delay_us": max_queue_delay_us, "max_queue_size": 1024}
         if length_buckets:
             config["dynamic_batching"]["length_buckets"] = list(length_buckets)
-    runtime: dict[str, Any] = {}
+    runtime: dict[str, Any] = dict(exported.runtime)
     if int8:
         # Dynamic int8 kernels (MatMulInteger, QAttention) exist on CPU only.
         runtime["execution_providers"] = ["cpu"]
