@@ -4,23 +4,31 @@ own pipeline on the same weights with the same scheduler, steps and noise."""
 from __future__ import annotations
 
 import io
+import json
+import math
+import os
+import re
+import shutil
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from taskserve.clients import DeadlineExceeded, InvalidArgument, TaskServeClient
 from taskserve.clients.image_generation import ImageProgress, ImageResult
+from taskserve.exporters.diffusion import diffusers_reference
 from taskserve.protocol.generated.taskserve.v1 import image_generation_pb2 as pb
 from taskserve.protocol.generated.taskserve.v1 import image_generation_pb2_grpc as pb_grpc
 from taskserve.server.tasks.diffusion.pipeline import GenerationParams, Mode, PipelineSpec, spec_from_options
 from taskserve.server.tasks.diffusion.schedulers import SchedulerKind
 from tests.diffusion.conftest import NAME, TinyPipeline
-from tests.support.server import ServerThread
+from tests.support.server import ServerThread, running_server
 
 SIZE = 32  # pixels; the tiny VAE's latents are 16x16
 PROMPT, NEGATIVE = "the cat and the dog", "blurry"
@@ -303,3 +311,67 @@ def test_async_client_matches_the_sync_client(client: Any, sd_server: ServerThre
     assert data == expected
     assert isinstance(events[-1], ImageResult) and events[-1].images[0].data == expected
     assert [e.step for e in events[:-1]] == [1, 2]
+
+
+def _rss_mb() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 2**20
+
+
+def _parts_calls(app: Any) -> float:
+    return sum(
+        app.metrics.registry.get_sample_value("taskserve_execution_count_total", {"model": m, "version": "1"}) or 0.0
+        for m in (NAME, f"{NAME}-vae-encoder", f"{NAME}-vae-decoder")
+    )
+
+
+def test_image_to_image_at_the_largest_allowed_size_fits_its_memory_budget(
+    tiny_pipeline: TinyPipeline, tmp_path: Path
+) -> None:
+    """The size limit follows from the attention memory budget (256 MiB here, to keep the
+    test short); at the largest size it allows, image-to-image completes, matches diffusers,
+    and leaves the server's memory where it was. Past it, the call is refused before any part runs."""
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_pipeline.repo, repo)
+    config_path = repo / NAME / "config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["task_options"]["attention_memory_budget"] = budget = 256 << 20
+    config_path.write_text(yaml.safe_dump(config))
+    with running_server(repo) as server, TaskServeClient(server.address) as client:
+        gen, app = client.image_generation, server.app
+        assert app is not None
+        with pytest.raises(InvalidArgument, match=r"limit of \d+") as refused:
+            gen.image_to_image(np.zeros((1040, 1040, 3), np.uint8), PROMPT, model=NAME, steps=1, timeout=60)
+        limit = int(re.search(r"limit of (\d+)", str(refused.value)).group(1))  # type: ignore[union-attr]
+        side = math.isqrt(limit) // 8 * 8
+        # The budget decides: the attention of one image of `side` fits it, of the next size up does not.
+        per_pixel2 = float(config["task_options"]["attention_bytes"])
+        assert per_pixel2 * ((side // 2) ** 2) ** 2 <= budget < per_pixel2 * (((side + 8) // 2) ** 2) ** 2
+        image = _image()[:1, :1].repeat(side, axis=0).repeat(side, axis=1)
+        image[side // 4 : side // 2] = 200
+        gen.image_to_image(_image(), PROMPT, model=NAME, steps=1, seed=1, timeout=120)  # sessions warm
+        before = _rss_mb()
+        for _ in range(2):
+            ours = gen.image_to_image(image, PROMPT, model=NAME, negative_prompt=NEGATIVE, steps=2, strength=1.0,
+                                      seed=5, scheduler="euler", timeout=300)[0].pixels()  # fmt: skip
+        growth = _rss_mb() - before
+        assert ours.shape == (side, side, 3)
+        # One part's attention alone takes most of the budget at this size: had any kept it, memory would show it.
+        assert growth < 128, f"RSS grew {growth} MB"
+
+        calls = _parts_calls(app)
+        past = np.zeros((side + 8, side + 8, 3), np.uint8)
+        with pytest.raises(InvalidArgument, match=f"limit of {limit}"):
+            gen.image_to_image(past, PROMPT, model=NAME, steps=1, timeout=60)
+        with pytest.raises(InvalidArgument, match=r"budget of 0.25 GiB.*at most \d+ pixels per image for 4 images"):
+            gen.image_to_image(image, PROMPT, model=NAME, steps=1, num_images=4, timeout=60)
+        assert _parts_calls(app) == calls
+    spec = spec_from_options(config["task_options"], json.loads((repo / NAME / "scheduler_config.json").read_text()))
+    theirs = diffusers_reference(
+        tiny_pipeline.pipe, spec,
+        GenerationParams(mode=Mode.IMAGE_TO_IMAGE, width=side, height=side, steps=2, guidance_scale=7.5, seed=5,
+                         num_images=1, scheduler=SchedulerKind.EULER, strength=1.0),
+        PROMPT, NEGATIVE, image,
+    )[0]  # fmt: skip
+    MEASURED[f"image-to-image {side}x{side}"] = diff = _max_diff(ours, theirs)
+    assert diff <= 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,7 @@ def _declaring(fmt: str, width: int, height: int) -> bytes:
     data = bytearray(buffer.getvalue())
     if fmt == "PNG":
         data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+        data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # IHDR's CRC, so Pillow reads it
     else:  # the SOF0 segment: FFC0, length (2), precision (1), height (2), width (2)
         sof = data.index(b"\xff\xc0")
         data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")

@@ -29,6 +29,20 @@ def _latent_tokens(key: str, example: dict[str, Any], vae_scale_factor: int) -> 
     return height * width
 
 
+def _recorder(scores: list[int]) -> Any:
+    """A forward pre-hook appending each self-attention call's scores (heads x tokens**2 x rows)."""
+
+    def record(layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+        if context is not None:
+            return  # cross-attention
+        tokens = hidden.shape[2] * hidden.shape[3] if hidden.ndim == 4 else hidden.shape[1]
+        scores.append(int(layer.heads) * int(tokens) ** 2 * int(hidden.shape[0]))
+
+    return record
+
+
 def attention_bytes(pipe: Any, modules: dict[str, tuple[Any, dict[str, Any], Any, Any]]) -> float:
     """Bytes of attention scores one image needs per squared latent pixel, in the worst part."""
     import torch
@@ -38,15 +52,7 @@ def attention_bytes(pipe: Any, modules: dict[str, tuple[Any, dict[str, Any], Any
     for key, rows in _ROWS_PER_IMAGE.items():
         module, example, _, _ = modules[key]
         scores: list[int] = []
-
-        def record(layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
-            if context is not None:
-                return  # cross-attention
-            tokens = hidden.shape[2] * hidden.shape[3] if hidden.ndim == 4 else hidden.shape[1]
-            scores.append(int(layer.heads) * int(tokens) ** 2 * int(hidden.shape[0]))
-
+        record = _recorder(scores)
         layers = [m for m in module.modules() if isinstance(m, Attention)]
         handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in layers]
         try:

@@ -39,6 +39,7 @@ from taskserve.exporters.progress import Steps, format_table
 from taskserve.exporters.repository_entry import check_writable
 from taskserve.exporters.spec import ExportedModel
 from taskserve.exporters.validate import open_session
+from taskserve.server.tasks.diffusion.budget import DEFAULT_BUDGET, AttentionBudget
 from taskserve.server.tasks.diffusion.pipeline import (
     GenerationParams,
     Mode,
@@ -48,7 +49,6 @@ from taskserve.server.tasks.diffusion.pipeline import (
     generate,
     spec_from_options,
 )
-from taskserve.server.tasks.diffusion.budget import DEFAULT_BUDGET, AttentionBudget
 from taskserve.server.tasks.diffusion.schedulers import SchedulerKind
 
 log = logging.getLogger("taskserve.exporters.diffusion")
