@@ -9,6 +9,8 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -356,8 +358,9 @@ def test_image_to_image_at_the_largest_allowed_size_fits_its_memory_budget(
                                       seed=5, scheduler="euler", timeout=300)[0].pixels()  # fmt: skip
         growth = _rss_mb() - before
         assert ours.shape == (side, side, 3)
-        # One part's attention alone takes most of the budget at this size: had any kept it, memory would show it.
-        assert growth < 128, f"RSS grew {growth} MB"
+        # Each part's attention peak takes most of the budget at this size; ONNX Runtime's arena
+        # kept all three (about 3x the budget, measured); what stays now is under one.
+        assert growth < budget >> 20, f"RSS grew {growth} MB"
 
         calls = _parts_calls(app)
         past = np.zeros((side + 8, side + 8, 3), np.uint8)
@@ -375,3 +378,46 @@ def test_image_to_image_at_the_largest_allowed_size_fits_its_memory_budget(
     )[0]  # fmt: skip
     MEASURED[f"image-to-image {side}x{side}"] = diff = _max_diff(ours, theirs)
     assert diff <= 1
+
+
+_PEAK_SCRIPT = """
+import resource, sys, numpy as np, onnxruntime as ort
+path, feed_name, rows, channels, side = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+opts = ort.SessionOptions()
+opts.intra_op_num_threads = 1
+opts.enable_cpu_mem_arena = False
+session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+feed = {feed_name: np.zeros((rows, channels, side, side), np.float32)}
+if feed_name == "sample" and channels == 4:
+    feed["timestep"] = np.full((rows,), 500.0, np.float32)
+    feed["encoder_hidden_states"] = np.zeros((rows, 77, 32), np.float32)
+session.run(None, feed)  # shapes settle, small memory
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+feed[feed_name] = np.zeros((rows, channels, side * 4, side * 4), np.float32)
+session.run(None, feed)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+"""
+
+
+def test_attention_bytes_predict_each_parts_peak_memory(tiny_pipeline: TinyPipeline, spec: PipelineSpec) -> None:
+    """The exporter's attention_bytes (the basis of the size limit) is what ONNX Runtime
+    really allocates: each part's peak at a 128x128 image is the prediction plus the rest,
+    which grows linearly with the image and is under half of it at this size."""
+    options = yaml.safe_load((tiny_pipeline.repo / NAME / "config.yaml").read_text())["task_options"]
+    # VAE: one head at latent resolution; UNet: eight heads at a quarter of the tokens, two rows.
+    assert options["attention_bytes"] == 8.0
+    latent = 128 // spec.vae_scale_factor
+    predicted = 8.0 * (latent * latent) ** 2
+    parts = {  # entry, input, rows, channels, side / 4 of that input
+        "vae encoder": (f"{NAME}-vae-encoder", "sample", 1, 3, 32),
+        "vae decoder": (f"{NAME}-vae-decoder", "latent_sample", 1, 4, latent // 4),
+        "guided unet": (NAME, "sample", 2, 4, latent // 4),
+    }
+    for what, (entry, name, rows, channels, side) in parts.items():
+        model = str(tiny_pipeline.repo / entry / "1" / "model.onnx")
+        out = subprocess.run(
+            [sys.executable, "-c", _PEAK_SCRIPT, model, name, str(rows), str(channels), str(side)],
+            capture_output=True, text=True, timeout=120, check=True,
+        )  # fmt: skip
+        measured = int(out.stdout.strip().splitlines()[-1])
+        assert 0.8 * predicted <= measured <= 1.5 * predicted, f"{what}: {measured} bytes, predicted {predicted}"
