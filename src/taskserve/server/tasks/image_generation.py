@@ -15,8 +15,7 @@ task_options (written by the exporter): ``parts``, ``latent_channels``,
 ``unet_in_channels``, ``vae_scale_factor``, ``scaling_factor``, ``size_multiple`` (8),
 ``default_size``, ``max_pixels`` (1048576), ``attention_bytes`` and ``attention_memory_budget``
 (1 GiB: the largest size follows from them, see diffusion/budget.py), ``max_steps`` (150),
-``max_images`` (4),
-``default_scheduler`` (ddim), ``scheduler_config`` (scheduler_config.json),
+``max_images`` (4), ``default_scheduler`` (ddim), ``scheduler_config`` (scheduler_config.json),
 ``max_concurrent_generations`` (16), plus the tokenizer's keys (``max_length`` 77).
 """
 
