@@ -143,6 +143,10 @@ class RuntimeConfig(_Frozen):
     # Let idle intra-op threads spin-wait for work: lower latency per operator, but the
     # spinning steals cores from the event loop and other instances.
     allow_spinning: bool = False
+    # onnxruntime's CPU memory arena keeps freed activation memory for the next run. A model
+    # whose shapes vary widely (images of any size) should turn it off: the arena would keep
+    # the largest run's peak for as long as the model is loaded.
+    cpu_memory_arena: bool = True
     # CPU: a batch that starts while nothing else of this model computes or waits runs
     # on one extra session with alone_intra_op_threads threads (0: every usable core),
     # so a lone request gets all cores while loaded instances stay narrow.
