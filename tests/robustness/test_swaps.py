@@ -6,17 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from taskserve.protocol.generated.taskserve.v1 import common_pb2
 from taskserve.protocol.generated.taskserve.v1 import text_classification_pb2 as tc
 from taskserve.protocol.generated.taskserve.v1 import text_classification_pb2_grpc as tc_grpc
-from taskserve.server.repository.manager import LoadedModel
+from taskserve.server.errors import ModelNotReady
+from taskserve.server.metrics import ServerMetrics
+from taskserve.server.repository.manager import LoadedModel, ModelManager
 from taskserve.server.runtimes.onnx import OnnxRuntime
+from taskserve.server.scheduling.base import InferRequest
 from tests.support.server import ServerThread
 
 from .conftest import TEXTCLS
@@ -113,3 +118,44 @@ def test_unload_load_cycles_leave_one_runtime_and_one_task(robust_server: Server
     model = robust_server.app.models.get(TEXTCLS)
     holders = [e[0] for c in caches for e in c._entries.values() if e[0].name == TEXTCLS]
     assert len(holders) == 1 and holders[0] is model  # the serving version's task only
+
+
+async def _wait_for(condition: object, timeout: float = 30.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():  # type: ignore[operator]
+            await asyncio.sleep(0.005)
+
+
+async def test_a_swapped_out_version_serves_its_leases_then_stops(robust_repository: Path) -> None:
+    manager = ModelManager(robust_repository, ServerMetrics())
+    await manager.load("simple")
+    x = np.arange(4, dtype=np.float32)[None]
+    request = InferRequest(inputs={"INPUT0": x, "INPUT1": x})
+    try:
+        old = manager.get("simple")
+        old.leases.take()  # a request that resolved the version and has not submitted yet
+        reload = asyncio.create_task(manager.load("simple"))
+        await _wait_for(lambda: manager.get("simple") is not old)  # the new version serves
+        # The old one still serves the request it accepted; the reload waits for it.
+        assert (await old.scheduler.submit(request)).outputs
+        assert not reload.done()
+        old.leases.give_back()
+        await asyncio.wait_for(reload, 30)
+        with pytest.raises(ModelNotReady, match="shutting down"):
+            await old.scheduler.submit(request)
+    finally:
+        await manager.stop()
+
+
+async def test_a_lease_held_past_the_swap_grace_does_not_block_the_swap(robust_repository: Path) -> None:
+    others = runtimes("simple")[1]  # the in-process server's, when it runs
+    manager = ModelManager(robust_repository, ServerMetrics(), retire_grace_s=0.05)
+    await manager.load("simple")
+    try:
+        old = manager.get("simple")
+        old.leases.take()  # never given back (a stuck client)
+        await asyncio.wait_for(manager.load("simple"), 30)
+        assert manager.get("simple") is not old
+        assert runtimes("simple")[1] == others + manager.get("simple").config.instance_count
+    finally:
+        await manager.stop()

@@ -26,6 +26,7 @@ from taskserve.server.repository.tensors import resolve_tensors
 from taskserve.server.repository.versions import available_versions, select_versions
 from taskserve.server.runtimes import Runtime, TensorInfo, create_runtime
 from taskserve.server.runtimes.devices import check_placements, instance_placements
+from taskserve.server.runtimes.memory import release_freed_memory
 from taskserve.server.scheduling.base import Scheduler
 from taskserve.server.scheduling.factory import create_scheduler
 
@@ -455,7 +456,8 @@ class ModelManager:
         No new request finds ``models`` any more (the slot serves the new versions, or is
         UNLOADING); with ``drain`` the requests that resolved them before are answered by
         them first (their leases), then their tasks are dropped and their schedulers stop."""
-        for model in list(models):
+        retired = list(models)
+        for model in retired:
             if keep is None or model.version not in keep:
                 model.metrics.set_ready(False)
             if drain and not await model.leases.wait_released(self._retire_grace_s):
@@ -469,6 +471,10 @@ class ModelManager:
             await model.scheduler.stop(drain=drain)
             if keep is not None and model.version not in keep:
                 self._metrics.forget(model.name, model.version)
+        if retired:
+            # Their runtimes closed, so their sessions are freed; without this the freed
+            # pages stay in the process's RSS (runtimes/memory.py).
+            await asyncio.to_thread(release_freed_memory)
 
     async def stop(self, drain: bool = True) -> None:
         """Unload everything (graceful shutdown)."""
