@@ -79,6 +79,7 @@ async def _reloads_under_callers(address: str) -> tuple[list[grpc.StatusCode], l
 def test_reloads_under_typed_and_v2_callers_fail_nothing_and_free_the_old(robust_server: ServerThread) -> None:
     # Before leases: a typed request that resolved the old version, then tokenized on the
     # worker pool while the swap stopped it, failed with UNAVAILABLE "shutting down".
+    gc.collect()  # earlier tests' garbage (failed requests' tracebacks hold models); none after
     codes, details = asyncio.run(_reloads_under_callers(robust_server.address))
     failed = [c for c in codes if c != grpc.StatusCode.OK]
     print(f"swaps: {RELOADS} reloads, {len(codes)} requests, {len(failed)} failed {sorted(set(details))[:3]}")
@@ -111,6 +112,7 @@ def test_unload_load_cycles_leave_one_runtime_and_one_task(robust_server: Server
     # kept the batcher and its runtimes (whose native session ``close`` left open) in a
     # cycle until a full collection, one more per cycle.
     assert robust_server.app is not None
+    gc.collect()  # earlier tests' garbage; the cycles themselves are counted without one
     counts = asyncio.run(_cycles(robust_server, CYCLES))
     instances = robust_server.app.models.get(TEXTCLS).config.instance_count
     assert counts == [(instances, instances, 1)] * CYCLES
