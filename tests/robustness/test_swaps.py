@@ -161,3 +161,13 @@ async def test_a_lease_held_past_the_swap_grace_does_not_block_the_swap(robust_r
         assert runtimes("simple")[1] == others + manager.get("simple").config.instance_count
     finally:
         await manager.stop()
+
+
+def test_swap_grace_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from taskserve.server.main import parse_args
+
+    assert parse_args(["--model-repository", str(tmp_path)]).swap_grace_s == 30.0
+    assert parse_args(["--model-repository", str(tmp_path), "--swap-grace", "5"]).swap_grace_s == 5.0
+    with pytest.raises(SystemExit):
+        parse_args(["--model-repository", str(tmp_path), "--swap-grace", "-1"])
+    assert "--swap-grace must be >= 0" in capsys.readouterr().err
