@@ -29,6 +29,10 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics port (0: any, -1: off)")
     p.add_argument("--max-message-mb", type=int, default=256, help="largest request/response message, MiB")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument(
+        "--swap-grace", type=float, default=30.0,
+        help="seconds a model version that a reload or unload retires keeps serving the requests it already had",
+    )  # fmt: skip
     p.add_argument("--strict-readiness", action="store_true", help="ready only when every model is READY")
     p.add_argument(
         "--max-connection-age", type=float, default=0.0,
@@ -46,6 +50,8 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not a.model_repository.is_dir():
         p.error(f"--model-repository {a.model_repository} is not a directory")
+    if a.swap_grace < 0:
+        p.error("--swap-grace must be >= 0")
     if a.gpu_metrics == "on" and a.metrics_port < 0:
         p.error("--gpu-metrics on needs the metrics endpoint: drop --metrics-port -1 or use --gpu-metrics off")
     edge = _edge_settings(p, a)
@@ -58,6 +64,7 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
         max_receive_message_bytes=a.max_message_mb * 1024 * 1024,
         max_send_message_bytes=a.max_message_mb * 1024 * 1024,
         shutdown_grace_s=a.shutdown_grace,
+        swap_grace_s=a.swap_grace,
         strict_readiness=a.strict_readiness,
         reflection=not a.no_reflection,
         max_connection_age_s=a.max_connection_age,

@@ -25,6 +25,9 @@ class ServerSettings:
     max_send_message_bytes: int = 256 * 1024 * 1024
     # How long in-flight requests get to finish after SIGTERM.
     shutdown_grace_s: float = 30.0
+    # How long a model version that a reload or unload takes out of service keeps serving
+    # the requests that resolved it before (then it stops, refusing what is left).
+    swap_grace_s: float = 30.0
     # Ready only when every model in the repository is READY (otherwise: once startup loading finished).
     strict_readiness: bool = False
     reflection: bool = True

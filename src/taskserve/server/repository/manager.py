@@ -20,11 +20,13 @@ from taskserve.protocol.datatypes import numpy_dtype
 from taskserve.server.errors import ModelNotFound, ModelNotReady, TaskServeError, caller_safe
 from taskserve.server.metrics import ModelMetrics, ServerMetrics
 from taskserve.server.repository.config import GenerationConfig, ModelConfig, ModelLimits, load_model_config
+from taskserve.server.repository.leases import Leases
 from taskserve.server.repository.paths import model_dir_inside, model_dir_names, resolve_inside, without_server_paths
 from taskserve.server.repository.tensors import resolve_tensors
 from taskserve.server.repository.versions import available_versions, select_versions
 from taskserve.server.runtimes import Runtime, TensorInfo, create_runtime
 from taskserve.server.runtimes.devices import check_placements, instance_placements
+from taskserve.server.runtimes.memory import release_freed_memory
 from taskserve.server.scheduling.base import Scheduler
 from taskserve.server.scheduling.factory import create_scheduler
 
@@ -55,6 +57,9 @@ class LoadedModel:
     platform_description: str = ""
     # What a model without batcher runtimes (a torch decoder on the engine) declares.
     tensors: tuple[list[TensorInfo], list[TensorInfo]] | None = None
+    # Requests that resolved this version and are not answered yet (leases.py): a swap
+    # retires it only once they are done.
+    leases: Leases = field(default_factory=Leases, repr=False, compare=False)
 
     @property
     def inputs(self) -> list[TensorInfo]:
@@ -114,8 +119,18 @@ class ModelManager:
     runs on worker threads. ``get`` is cheap and called on every request.
     """
 
-    def __init__(self, repository: Path, metrics: ServerMetrics, default_limits: ModelLimits | None = None) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        metrics: ServerMetrics,
+        default_limits: ModelLimits | None = None,
+        *,
+        retire_grace_s: float = 30.0,
+    ) -> None:
         self.repository = repository
+        # How long a version leaving service (reload, unload) waits for the requests that
+        # already resolved it before it stops; what still runs then is refused (UNAVAILABLE).
+        self._retire_grace_s = retire_grace_s
         # The server's request limits; a model's config.yaml ``limits`` overrides them.
         self._default_limits = default_limits or ModelLimits()
         self._metrics = metrics
@@ -450,16 +465,30 @@ class ModelManager:
         self, models: Iterable[LoadedModel], drain: bool = True, keep: Mapping[str, LoadedModel] | None = None
     ) -> None:
         """Stop and free ``models``. Versions in ``keep`` (a reload's new ones) share their
-        metric series with the old: those stay, with ready 1; the others' series go."""
-        for model in list(models):
+        metric series with the old: those stay, with ready 1; the others' series go.
+
+        No new request finds ``models`` any more (the slot serves the new versions, or is
+        UNLOADING); with ``drain`` the requests that resolved them before are answered by
+        them first (their leases), then their tasks are dropped and their schedulers stop."""
+        retired = list(models)
+        for model in retired:
             if keep is None or model.version not in keep:
                 model.metrics.set_ready(False)
+            if drain and not await model.leases.wait_released(self._retire_grace_s):
+                log.warning(
+                    "model %s version %s: %d requests still running after %.0fs; stopping it anyway",
+                    model.name, model.version, model.leases.held, self._retire_grace_s,
+                )  # fmt: skip
             for listener in self._retire_listeners:
                 listener(model)
             # The scheduler owns the runtimes: stopping it closes them on their own threads.
             await model.scheduler.stop(drain=drain)
             if keep is not None and model.version not in keep:
                 self._metrics.forget(model.name, model.version)
+        if retired:
+            # Their runtimes closed, so their sessions are freed; without this the freed
+            # pages stay in the process's RSS (runtimes/memory.py).
+            await asyncio.to_thread(release_freed_memory)
 
     async def stop(self, drain: bool = True) -> None:
         """Unload everything (graceful shutdown)."""

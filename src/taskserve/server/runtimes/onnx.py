@@ -197,7 +197,10 @@ class OnnxRuntime(Runtime):
         if self._binder is not None:
             self._binder.close()
             self._binder = None
+        # Both handles to the C++ session go: ``_native`` alone keeps its weights and arena
+        # alive for as long as anything still references this runtime.
         self._session = None
+        self._native = None
         self._wide = None
         if self._wide_key is not None:
             WIDE_SESSIONS.release(self._wide_key)

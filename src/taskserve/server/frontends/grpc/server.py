@@ -40,7 +40,9 @@ class ServingApp:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.metrics = ServerMetrics()
-        self.models = ModelManager(settings.model_repository, self.metrics, _model_limits(settings))
+        self.models = ModelManager(
+            settings.model_repository, self.metrics, _model_limits(settings), retire_grace_s=settings.swap_grace_s
+        )
         self.health = HealthReporter()
         self.grpc_port = 0
         self.metrics_port = 0

@@ -146,6 +146,8 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self._models.get(request.model_name, request.model_version)
         metrics = model.metrics
         deadline = None
+        leases = model.leases  # held until answered: a swap lets this version finish it
+        leases.take()
         try:
             config = model.config
             inputs = codec.decode_inputs(request, config)
@@ -168,6 +170,8 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         except BaseException as err:
             metrics.request_raised(err, time.perf_counter_ns() - started, deadline)
             raise
+        finally:
+            leases.give_back()
         ended = time.perf_counter_ns()
         metrics.request_succeeded(ended - started, encode_ns=ended - encode_started)
         return response
