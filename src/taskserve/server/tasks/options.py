@@ -96,6 +96,8 @@ TASK_OPTIONS: dict[str, dict[str, Any]] = {
         "vae_scale_factor": int, "scaling_factor": float | int, "size_multiple": int, "default_size": int,
         "max_pixels": int, "max_steps": int, "max_images": int, "default_scheduler": str,
         "scheduler_config": ModelFile("scheduler_config.json"), "max_concurrent_generations": int,
+        # The size limit's inputs (tasks/diffusion/budget.py): measured by the exporter, and its budget.
+        "attention_bytes": float | int, "attention_memory_budget": int,
     },
 }  # fmt: skip
 
