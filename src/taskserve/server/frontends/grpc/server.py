@@ -13,7 +13,7 @@ from prometheus_client.exposition import start_http_server
 
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
-from taskserve.server.frontends.grpc.auth import BearerTokenInterceptor
+from taskserve.server.frontends.grpc.auth import BearerTokenInterceptor, withhold_header_bytes
 from taskserve.server.frontends.grpc.health import HealthReporter
 from taskserve.server.frontends.grpc.malformed import guard
 from taskserve.server.frontends.grpc.tasks import add_task_servicers
@@ -81,6 +81,7 @@ class ServingApp:
         if s.max_connection_age_s > 0:
             age_ms = int(s.max_connection_age_s * 1000)
             options += [("grpc.max_connection_age_ms", age_ms), ("grpc.max_connection_age_grace_ms", age_ms)]
+        withhold_header_bytes()  # with or without tokens: any header may carry a secret
         interceptors = [BearerTokenInterceptor(s.auth_tokens, s.auth_health)] if s.auth_tokens else []
         server = grpc.aio.server(options=options, interceptors=interceptors)
         # Services register through guard(): malformed request messages get INVALID_ARGUMENT.
