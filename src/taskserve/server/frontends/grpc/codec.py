@@ -1,7 +1,10 @@
 """KServe v2 messages <-> numpy tensors, with the input checks the protocol needs.
 
 Every check names the tensor, what was expected and what was received, and
-raises InvalidInput (INVALID_ARGUMENT).
+raises InvalidInput (INVALID_ARGUMENT); what the caller sent is quoted with a short cap.
+Work per element is bounded by the declared shape, checked first, and BYTES inputs (a
+Python object per element) by ``limits.max_bytes_elements``; requests large enough to
+take time are decoded on the worker pool, never on the event loop (``decode_off_loop``).
 """
 
 from __future__ import annotations
@@ -18,8 +21,13 @@ from taskserve.protocol.datatypes import (
     v2_datatype,
 )
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
-from taskserve.server.errors import InvalidInput
+from taskserve.server.errors import InvalidInput, LimitExceeded, quoted
 from taskserve.server.repository.config import ModelConfig, TensorConfig
+from taskserve.server.settings import ServerSettings
+
+# A request whose serialized size is over this is decoded on the worker pool: decoding
+# and validating it (a copy, a Python loop over BYTES elements) would hold the event loop.
+OFFLOAD_BYTES = 64 * 1024
 
 # Typed-contents field per datatype. FP16 (and BF16) have none: raw only, as in the spec.
 _CONTENTS_FIELD = {
@@ -134,13 +142,20 @@ def _check_utf8(name: str, array: np.ndarray) -> None:
             ) from None
 
 
+def decode_off_loop(request: pb.ModelInferRequest) -> bool:
+    """Whether ``request`` is large enough that ``decode_inputs`` belongs on the worker pool
+    (one C call: the serialized size; small requests stay on the loop, a thread hop costs more)."""
+    return request.ByteSize() > OFFLOAD_BYTES
+
+
 class _Inputs:
     """A model's input specs by name, with what decoding raw contents needs per input."""
 
-    __slots__ = ("config", "specs", "raw")
+    __slots__ = ("config", "specs", "raw", "max_bytes_elements")
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
+        self.max_bytes_elements = config.limits.max_bytes_elements or ServerSettings.max_bytes_elements
         self.specs = {t.name: t for t in config.inputs or ()}
         # name -> (datatype, dims, numpy dtype, item size) for fixed-size datatypes.
         self.raw = {
@@ -224,14 +239,21 @@ def _decode_one(
     name, datatype = tensor.name, tensor.datatype
     spec = table.specs.get(name)
     if spec is None:
-        raise InvalidInput(f"model {config.name!r} has no input {name!r}; its inputs are {sorted(table.specs)}")
+        raise InvalidInput(f"model {config.name!r} has no input {quoted(name)}; its inputs are {sorted(table.specs)}")
     if name in seen:
         raise InvalidInput(f"input {name!r} appears more than once")
     if datatype != spec.datatype:
-        raise InvalidInput(f"input {name!r}: expected datatype {spec.datatype}, got {datatype!r}")
+        raise InvalidInput(f"input {name!r}: expected datatype {spec.datatype}, got {quoted(datatype)}")
     shape = tuple(tensor.shape)
     if not _shape_ok(shape, spec.dims, config.max_batch_size):
         _check_shape(config, spec, shape)  # raises, naming what is wrong
+    if datatype == "BYTES" and math.prod(shape) > table.max_bytes_elements:
+        # Before decoding: each element is a Python object, so the count is the cost.
+        raise LimitExceeded(
+            f"input {name!r}: shape {list(shape)} has {math.prod(shape)} BYTES elements, over the limit of "
+            f"{table.max_bytes_elements}; send fewer per request, or raise limits.max_bytes_elements in "
+            "config.yaml (--max-bytes-elements for the server)"
+        )
     if data is None:
         array = _decode_typed(spec, datatype, shape, tensor.contents)
     else:
@@ -250,7 +272,9 @@ def requested_outputs(request: pb.ModelInferRequest, config: ModelConfig) -> tup
     known = {t.name for t in config.outputs or ()}
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise InvalidInput(f"model {config.name!r} has no outputs {unknown}; its outputs are {sorted(known)}")
+        shown = ", ".join(quoted(n) for n in unknown[:4])
+        shown += f" and {len(unknown) - 4} more" if len(unknown) > 4 else ""
+        raise InvalidInput(f"model {config.name!r} has no outputs {shown}; its outputs are {sorted(known)}")
     return tuple(dict.fromkeys(names))
 
 

@@ -16,7 +16,7 @@ from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_g
 from taskserve.server.frontends.grpc.auth import BearerTokenInterceptor, withhold_header_bytes
 from taskserve.server.frontends.grpc.health import HealthReporter
 from taskserve.server.frontends.grpc.malformed import guard
-from taskserve.server.frontends.grpc.tasks import add_task_servicers
+from taskserve.server.frontends.grpc.tasks import add_task_servicers, task_context
 from taskserve.server.frontends.grpc.tls import server_credentials
 from taskserve.server.frontends.grpc.v2_servicer import V2Servicer
 from taskserve.server.gpu_metrics import GpuCollector, start_gpu_metrics
@@ -40,7 +40,9 @@ class ServingApp:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.metrics = ServerMetrics()
-        self.models = ModelManager(settings.model_repository, self.metrics, _model_limits(settings))
+        self.models = ModelManager(
+            settings.model_repository, self.metrics, _model_limits(settings), max_name_chars=settings.max_name_chars
+        )
         self.health = HealthReporter()
         self.grpc_port = 0
         self.metrics_port = 0
@@ -86,11 +88,13 @@ class ServingApp:
         server = grpc.aio.server(options=options, interceptors=interceptors)
         # Services register through guard(): malformed request messages get INVALID_ARGUMENT.
         guarded = guard(server)
-        v2 = V2Servicer(self.models, self.ready, s.model_control_mode, s.max_streams)
+        # One worker pool for CPU-heavy request work: typed pre/post-processing, large v2 decodes.
+        tasks = task_context(self.models, _task_limits(s))
+        v2 = V2Servicer(self.models, self.ready, s.model_control_mode, s.max_streams, workers=tasks.executor)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(v2, guarded)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, guarded)
         names = [pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
-        names += add_task_servicers(guarded, self.models, _task_limits(s))
+        names += add_task_servicers(guarded, self.models, context=tasks)
         names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         self.service_names = names
         if s.reflection:
@@ -210,6 +214,7 @@ def _model_limits(s: ServerSettings) -> ModelLimits:
         max_image_pixels=s.max_image_pixels,
         max_request_pixels=s.max_request_pixels,
         max_variable_dim=s.max_variable_dim,
+        max_bytes_elements=s.max_bytes_elements,
     )
 
 
