@@ -3,8 +3,9 @@
 Every check names the tensor, what was expected and what was received, and
 raises InvalidInput (INVALID_ARGUMENT); what the caller sent is quoted with a short cap.
 Work per element is bounded by the declared shape, checked first, and BYTES inputs (a
-Python object per element) by ``limits.max_bytes_elements``; requests large enough to
-take time are decoded on the worker pool, never on the event loop (``decode_off_loop``).
+Python object per element) by ``limits.max_bytes_elements``; requests whose declared
+tensors are large enough to take time are decoded on the worker pool, never on the event
+loop (``decode_small_inputs`` answers None for them, before touching their contents).
 """
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ from taskserve.server.errors import InvalidInput, LimitExceeded, quoted
 from taskserve.server.repository.config import ModelConfig, TensorConfig
 from taskserve.server.settings import ServerSettings
 
-# A request whose serialized size is over this is decoded on the worker pool: decoding
-# and validating it (a copy, a Python loop over BYTES elements) would hold the event loop.
-OFFLOAD_BYTES = 64 * 1024
+# Tensors the event loop decodes itself: raw contents of fixed-size types up to this many
+# bytes (a view and a copy), and up to INLINE_ELEMENTS elements where each element is Python
+# work (BYTES, typed contents). Anything larger goes to the worker pool: a thread hop costs
+# less than holding every other caller.
+INLINE_RAW_BYTES = 1 << 20
+INLINE_ELEMENTS = 1024
 
 # Typed-contents field per datatype. FP16 (and BF16) have none: raw only, as in the spec.
 _CONTENTS_FIELD = {
@@ -142,12 +146,6 @@ def _check_utf8(name: str, array: np.ndarray) -> None:
             ) from None
 
 
-def decode_off_loop(request: pb.ModelInferRequest) -> bool:
-    """Whether ``request`` is large enough that ``decode_inputs`` belongs on the worker pool
-    (one C call: the serialized size; small requests stay on the loop, a thread hop costs more)."""
-    return request.ByteSize() > OFFLOAD_BYTES
-
-
 class _Inputs:
     """A model's input specs by name, with what decoding raw contents needs per input."""
 
@@ -180,9 +178,21 @@ def _inputs_of(config: ModelConfig) -> _Inputs:
 
 
 def decode_inputs(request: pb.ModelInferRequest, config: ModelConfig) -> dict[str, np.ndarray]:
-    """Check a ModelInfer request against the model's inputs and return its tensors.
+    """Check a ModelInfer request against the model's inputs and return its tensors
+    (blocking for large tensors: call it on a worker thread when ``decode_small_inputs`` declines)."""
+    tensors = _decode(request, config, inline=False)
+    assert tensors is not None  # only the inline pass declines
+    return tensors
 
-    Raw contents of fixed-size types (what every client sends) take the flat loop
+
+def decode_small_inputs(request: pb.ModelInferRequest, config: ModelConfig) -> dict[str, np.ndarray] | None:
+    """``decode_inputs`` for the event loop: None, before any contents are touched, when a
+    tensor declares more than the loop may decode (INLINE_RAW_BYTES, INLINE_ELEMENTS)."""
+    return _decode(request, config, inline=True)
+
+
+def _decode(request: pb.ModelInferRequest, config: ModelConfig, inline: bool) -> dict[str, np.ndarray] | None:
+    """Raw contents of fixed-size types (what every client sends) take the flat loop
     below: every request of every model passes here, so each check is one comparison
     and anything unusual goes through ``_decode_one``, which names what is wrong.
     """
@@ -201,16 +211,21 @@ def decode_inputs(request: pb.ModelInferRequest, config: ModelConfig) -> dict[st
         for index, tensor in enumerate(inputs):
             name = tensor.name  # each read of a message field builds a new str
             entry = fixed.get(name)
+            shape = tuple(tensor.shape)
+            count = math.prod(shape)
             if entry is None or name in tensors:
+                if inline and count > INLINE_ELEMENTS:
+                    return None
                 tensors[name] = _decode_one(table, tensor, raw[index], tensors)  # BYTES, or an error to explain
                 continue
             datatype, dims, dtype, itemsize = entry
-            shape = tuple(tensor.shape)
-            data = raw[index]
+            if inline and count * itemsize > INLINE_RAW_BYTES:
+                return None
+            data = raw[index]  # a copy: after the size check
             if (
                 tensor.datatype != datatype
                 or not _shape_ok(shape, dims, max_batch_size)
-                or len(data) != math.prod(shape) * itemsize
+                or len(data) != count * itemsize
                 or tensor.HasField("contents")
             ):
                 tensors[name] = _decode_one(table, tensor, data, tensors)  # raises, naming what is wrong
@@ -218,6 +233,8 @@ def decode_inputs(request: pb.ModelInferRequest, config: ModelConfig) -> dict[st
             tensors[name] = np.ndarray(shape, dtype, data)  # a read-only view of the bytes
     else:
         for tensor in inputs:
+            if inline and math.prod(tensor.shape) > INLINE_ELEMENTS:
+                return None
             tensors[tensor.name] = _decode_one(table, tensor, None, tensors)
     specs = table.specs
     if len(tensors) != len(specs):

@@ -165,11 +165,10 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         deadline = None
         try:
             config = model.config
-            if codec.decode_off_loop(request):
+            inputs = codec.decode_small_inputs(request, config)
+            if inputs is None:  # large tensors: decoded and checked on the worker pool, never on the loop
                 loop = asyncio.get_running_loop()
                 inputs = await loop.run_in_executor(self._workers, codec.decode_inputs, request, config)
-            else:
-                inputs = codec.decode_inputs(request, config)
             outputs = codec.requested_outputs(request, config) if request.outputs else None
             priority = timeout_us = None
             if request.parameters:
