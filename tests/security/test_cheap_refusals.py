@@ -24,7 +24,7 @@ from taskserve.protocol.generated.taskserve.v1 import (
 )
 from tests.security.conftest import TOKENS
 from tests.support.raw_h2 import raw_grpc_call
-from tests.support.server import ServerProcess
+from tests.support.server import ServerProcess, running_server
 
 BODY_MB = 48
 MB = 1024 * 1024
@@ -174,3 +174,24 @@ def test_odd_header_bytes_are_refused_and_never_logged(small_repository: Path, t
             assert shown[:12] not in logged, logged[-3000:]
     for token in TOKENS:
         assert token not in logged
+
+
+def test_a_method_path_that_is_not_utf8_does_not_stop_the_server(small_repository: Path) -> None:
+    """grpc's accept loop fails on such a path before any of our code runs, and grpc then shuts
+    the whole server down; the server serves again on the same port."""
+    with running_server(small_repository, auth_tokens=TOKENS) as server:
+        bad = b"/inference.GRPCInferenceService/Server\xffLive"
+        raw_grpc_call(server.address, bad, [(b"authorization", f"Bearer {TOKENS[0]}".encode())])
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            metadata = (("authorization", f"Bearer {TOKENS[0]}"),)
+            # wait_for_ready: connection refused while the port is rebound is waited out, to the deadline.
+            answer = stub.ServerLive(pb.ServerLiveRequest(), metadata=metadata, timeout=30, wait_for_ready=True)
+            assert answer.live
+            assert stub.ModelReady(pb.ModelReadyRequest(name="simple"), metadata=metadata, timeout=10).ready
+            # Reflection and the typed services came back too.
+            with pytest.raises(grpc.RpcError) as err:
+                sentence_embedding_pb2_grpc.SentenceEmbeddingStub(channel).Embed(
+                    sentence_embedding_pb2.EmbedRequest(), metadata=metadata, timeout=10
+                )
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

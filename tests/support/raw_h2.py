@@ -31,7 +31,11 @@ class RawAnswer:
 
 
 def raw_grpc_call(
-    address: str, method: str, metadata: list[tuple[bytes, bytes]], message: bytes = b"", timeout: float = 10
+    address: str,
+    method: str | bytes,
+    metadata: list[tuple[bytes, bytes]],
+    message: bytes = b"",
+    timeout: float = 10,
 ) -> RawAnswer:
     """Send ``message`` (serialized protobuf) to ``method`` with ``metadata`` as given, byte for byte."""
     host, port = address.rsplit(":", 1)
@@ -41,8 +45,9 @@ def raw_grpc_call(
     with socket.create_connection((host, int(port)), timeout=timeout) as sock:
         conn.initiate_connection()
         stream = conn.get_next_available_stream_id()
+        path = method if isinstance(method, bytes) else method.encode()
         headers = [
-            (b":method", b"POST"), (b":scheme", b"http"), (b":path", method.encode()),
+            (b":method", b"POST"), (b":scheme", b"http"), (b":path", path),
             (b":authority", address.encode()), (b"content-type", b"application/grpc"), (b"te", b"trailers"),
             *metadata,
         ]  # fmt: skip
