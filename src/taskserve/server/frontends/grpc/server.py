@@ -153,7 +153,11 @@ class ServingApp:
             if self._draining:
                 return
             log.error("the gRPC server stopped unasked (%s in grpc's accept loop); serving again", failure)
-            self._server, _ = await self._serve_grpc(self.grpc_port, attempts=40)
+            try:
+                self._server, _ = await self._serve_grpc(self.grpc_port, attempts=40)
+            except OSError as err:
+                log.critical("the gRPC port stays closed: %s", err)  # probes fail and the pod is replaced
+                return
 
     async def _start_health_port(self, s: ServerSettings) -> None:
         """grpc.health.v1 alone, in plaintext, on its own port: what a probe that cannot speak
