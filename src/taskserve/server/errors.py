@@ -18,6 +18,19 @@ _ADDRESS = re.compile(r"\s+at 0x[0-9A-Fa-f]+|0x[0-9A-Fa-f]{6,}")
 _TRACEBACK = "Traceback (most recent call last)"
 SERVER_PATH = "<server path>"
 
+# Characters of a caller-supplied string (a model name, version, input name) an error message
+# quotes: enough to recognise it, short enough that a hostile one cannot bloat the status
+# (gRPC carries the message in a header, capped by the peers' header limits).
+QUOTE_CHARS = 64
+
+
+def quoted(value: str | bytes, limit: int = QUOTE_CHARS) -> str:
+    """``value`` for an error message: its repr, cut to ``limit`` characters and its length
+    noted when longer. Every message that echoes what a caller sent goes through here."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} {'characters' if isinstance(value, str) else 'bytes'})"
+
 
 class Code(enum.Enum):
     """Status codes, named as gRPC names them (the front end maps by name)."""

@@ -128,6 +128,8 @@ _LIMIT_FLAGS = {
     "max_image_pixels": "pixels per image (read from its header, before decoding)",
     "max_request_pixels": "pixels over all images of one request",
     "max_variable_dim": "largest size of a variable (-1) dim of a v2 input",
+    "max_bytes_elements": "elements of one v2 BYTES input, refused before decoding",
+    "max_name_chars": "characters of a model name or version in a request, checked first",
     "max_concurrent_requests": "typed requests processed at once (beyond: RESOURCE_EXHAUSTED)",
     "max_streams": "ModelStreamInfer streams open at once (beyond: RESOURCE_EXHAUSTED)",
 }

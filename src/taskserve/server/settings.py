@@ -60,6 +60,10 @@ class ServerSettings:
     max_image_pixels: int = 40_000_000
     max_request_pixels: int = 100_000_000
     max_variable_dim: int = 65_536
+    # Elements of one v2 BYTES input (each costs Python work to decode): refused beyond, before decoding.
+    max_bytes_elements: int = 65_536
+    # Characters of a model name or version in a request, checked before any lookup or file access.
+    max_name_chars: int = 255
     # Typed requests and ModelStreamInfer streams open at once (beyond: RESOURCE_EXHAUSTED).
     max_concurrent_requests: int = 1024
     max_streams: int = 256

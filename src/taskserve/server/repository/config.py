@@ -216,6 +216,8 @@ class ModelLimits(_Frozen):
     max_request_pixels: int | None = Field(default=None, ge=1)
     # Largest size of a variable (-1) dim of a v2 input.
     max_variable_dim: int | None = Field(default=None, ge=1)
+    # Elements of one v2 BYTES input (refused before they are decoded one by one).
+    max_bytes_elements: int | None = Field(default=None, ge=1)
 
 
 class VersionPolicy(_Frozen):

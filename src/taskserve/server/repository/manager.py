@@ -17,11 +17,18 @@ from pathlib import Path
 import numpy as np
 
 from taskserve.protocol.datatypes import numpy_dtype
-from taskserve.server.errors import ModelNotFound, ModelNotReady, TaskServeError, caller_safe
+from taskserve.server.errors import ModelNotFound, ModelNotReady, TaskServeError, caller_safe, quoted
 from taskserve.server.metrics import ModelMetrics, ServerMetrics
 from taskserve.server.repository.config import GenerationConfig, ModelConfig, ModelLimits, load_model_config
 from taskserve.server.repository.leases import Leases
-from taskserve.server.repository.paths import model_dir_inside, model_dir_names, resolve_inside, without_server_paths
+from taskserve.server.repository.paths import (
+    MAX_NAME_CHARS,
+    check_name_length,
+    model_dir_inside,
+    model_dir_names,
+    resolve_inside,
+    without_server_paths,
+)
 from taskserve.server.repository.tensors import resolve_tensors
 from taskserve.server.repository.versions import available_versions, select_versions
 from taskserve.server.runtimes import Runtime, TensorInfo, create_runtime
@@ -124,10 +131,13 @@ class ModelManager:
         repository: Path,
         metrics: ServerMetrics,
         default_limits: ModelLimits | None = None,
+        max_name_chars: int = MAX_NAME_CHARS,
         *,
         retire_grace_s: float = 30.0,
     ) -> None:
         self.repository = repository
+        # Longest model name or version a request may name, checked before any lookup.
+        self.max_name_chars = max_name_chars
         # How long a version leaving service (reload, unload) waits for the requests that
         # already resolved it before it stops; what still runs then is refused (UNAVAILABLE).
         self._retire_grace_s = retire_grace_s
@@ -174,10 +184,19 @@ class ModelManager:
     def model_names(self) -> list[str]:
         return sorted(self._slots)
 
+    def check_name(self, name: str, version: str = "") -> None:
+        """LimitExceeded (INVALID_ARGUMENT) for a name or version over ``max_name_chars``."""
+        if len(name) > self.max_name_chars or len(version) > self.max_name_chars:
+            check_name_length(name, self.max_name_chars)
+            check_name_length(version, self.max_name_chars, "model version")
+
     def get(self, name: str, version: str = "") -> LoadedModel:
+        self.check_name(name, version)
         slot = self._slots.get(name)
         if slot is None:
-            raise ModelNotFound(f"model {name!r} is not in the repository; available models: {self.model_names()}")
+            raise ModelNotFound(
+                f"model {quoted(name)} is not in the repository; available models: {self.model_names()}"
+            )
         if slot.state != ModelState.READY:
             detail = f": {slot.reason}" if slot.reason else ""
             raise ModelNotReady(f"model {name!r} is {slot.state.value}{detail}")
@@ -185,7 +204,8 @@ class ModelManager:
         model = slot.versions.get(key)
         if model is None:
             raise ModelNotFound(
-                f"model {name!r} has no version {version!r} being served; served versions: {sorted(slot.versions)}"
+                f"model {name!r} has no version {quoted(version)} being served; "
+                f"served versions: {sorted(slot.versions)}"
             )
         return model
 
@@ -194,6 +214,8 @@ class ModelManager:
         return sorted(slot.versions, key=int) if slot else []
 
     def is_ready(self, name: str, version: str = "") -> bool:
+        """Whether ``name`` (``version``) serves; raises only for a name or version over the limit."""
+        self.check_name(name, version)
         try:
             self.get(name, version)
         except TaskServeError:
@@ -248,9 +270,10 @@ class ModelManager:
         """(Re)load a model from disk. A failure marks it UNAVAILABLE and raises nothing;
         the reason is in ``index()``. Loading a model that is loaded replaces it once
         the new one is ready."""
+        self.check_name(name)
         model_dir = model_dir_inside(self.repository, name)  # refuses names that leave the repository
         if not model_dir.is_dir():
-            raise ModelNotFound(f"model {name!r} is not in the model repository")
+            raise ModelNotFound(f"model {quoted(name)} is not in the model repository")
         async with self._lock(name):
             slot = self._slots.setdefault(name, _ModelSlot(name))
             old = dict(slot.versions)
@@ -449,8 +472,9 @@ class ModelManager:
 
     async def unload(self, name: str, drain: bool = True) -> None:
         """Stop serving a model: refuse new requests, finish queued ones, free the runtimes."""
+        self.check_name(name)
         if name not in self._slots:
-            raise ModelNotFound(f"model {name!r} is not loaded; loaded models: {self.model_names()}")
+            raise ModelNotFound(f"model {quoted(name)} is not loaded; loaded models: {self.model_names()}")
         async with self._lock(name):
             slot = self._slots.get(name)
             if slot is None:  # unloaded while this call waited for the lock

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor
 from typing import Any
 
 import grpc
@@ -17,7 +18,7 @@ import grpc
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from taskserve.protocol.generated.inference import model_config_pb2 as mc
-from taskserve.server.errors import InvalidInput, ModelControlDisabled, ModelNotReady, Overloaded
+from taskserve.server.errors import InvalidInput, ModelControlDisabled, ModelNotReady, Overloaded, quoted
 from taskserve.server.frontends.grpc import codec
 from taskserve.server.frontends.grpc.deadlines import request_deadline
 from taskserve.server.frontends.grpc.status import describe, unary
@@ -42,8 +43,17 @@ _BACKEND = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch": "pyto
 
 
 class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, models: ModelManager, ready: Any, model_control: str = "none", max_streams: int = 256) -> None:
+    def __init__(
+        self,
+        models: ModelManager,
+        ready: Any,
+        model_control: str = "none",
+        max_streams: int = 256,
+        workers: Executor | None = None,
+    ) -> None:
         self._models = models
+        # The pool that decodes large requests (the typed tasks' worker pool): never the event loop.
+        self._workers = workers
         # "explicit": RepositoryModelLoad/Unload allowed; "none": the repository is fixed at startup.
         self._model_control = model_control
         # ModelStreamInfer streams open at once; beyond, new ones get RESOURCE_EXHAUSTED.
@@ -111,6 +121,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
+        self._models.check_name(request.model_name)
         self._check_model_control("load")
         if not request.model_name:
             raise InvalidInput("model_name is empty; name the model directory to load")
@@ -118,13 +129,14 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         await self._models.load(request.model_name)
         if not self._models.is_ready(request.model_name):
             reason = next((e.reason for e in self._models.index() if e.name == request.model_name), "")
-            raise ModelNotReady(f"model {request.model_name!r} failed to load: {reason}")
+            raise ModelNotReady(f"model {quoted(request.model_name)} failed to load: {reason}")
         return pb.RepositoryModelLoadResponse()
 
     @unary
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
+        self._models.check_name(request.model_name)
         self._check_model_control("unload")
         await self._models.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
@@ -150,7 +162,10 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         leases.take()
         try:
             config = model.config
-            inputs = codec.decode_inputs(request, config)
+            inputs = codec.decode_small_inputs(request, config)
+            if inputs is None:  # large tensors: decoded and checked on the worker pool, never on the loop
+                loop = asyncio.get_running_loop()
+                inputs = await loop.run_in_executor(self._workers, codec.decode_inputs, request, config)
             outputs = codec.requested_outputs(request, config) if request.outputs else None
             priority = timeout_us = None
             if request.parameters:

@@ -61,7 +61,12 @@ from taskserve.server.repository.manager import ModelManager
 from taskserve.server.tasks.base import TaskCache, TaskContext, TaskLimits
 from taskserve.server.tasks.readiness import check_options, check_servable
 
-__all__ = ["add_task_servicers"]
+__all__ = ["add_task_servicers", "task_context"]
+
+
+def task_context(models: ModelManager, limits: TaskLimits | None = None, workers: int | None = None) -> TaskContext:
+    """The typed tasks' shared state: limits and the worker pool, sized to the machine's cores."""
+    return TaskContext(limits, workers or min(8, os.cpu_count() or 2), models=models.get)
 
 
 def add_task_servicers(
@@ -69,11 +74,13 @@ def add_task_servicers(
     models: ModelManager,
     limits: TaskLimits | None = None,
     workers: int | None = None,
+    context: TaskContext | None = None,
 ) -> list[str]:
     """Register every typed service on ``server``; returns their full names (for
     reflection and health). They share one worker pool for pre- and post-processing,
-    sized to the machine's cores unless ``workers`` says otherwise."""
-    context = TaskContext(limits, workers or min(8, os.cpu_count() or 2), models=models.get)
+    sized to the machine's cores unless ``workers`` says otherwise; ``context`` (from
+    ``task_context``) shares it with the caller."""
+    context = context or task_context(models, limits, workers)
     tasks = TaskCache(context)
     # READY means it can serve: each version's typed task is checked and built at load
     # (tasks/readiness.py); the manager is below tasks, so the front end wires it in.
