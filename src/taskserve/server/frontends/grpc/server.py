@@ -16,6 +16,7 @@ from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_g
 from taskserve.server.frontends.grpc.auth import BearerTokenInterceptor
 from taskserve.server.frontends.grpc.health import HealthReporter
 from taskserve.server.frontends.grpc.malformed import guard
+from taskserve.server.frontends.grpc.streams import StreamGate, StreamLimits, limit_streams
 from taskserve.server.frontends.grpc.tasks import add_task_servicers
 from taskserve.server.frontends.grpc.tls import server_credentials
 from taskserve.server.frontends.grpc.v2_servicer import V2Servicer
@@ -52,6 +53,8 @@ class ServingApp:
         self.gpu_metrics: GpuCollector | None = None
         self._loading: asyncio.Task[None] | None = None
         self.service_names: list[str] = []
+        # Write timeout and per-connection cap of every response stream but health's Watch.
+        self.streams = StreamGate(StreamLimits(settings.stream_write_timeout_s, settings.max_streams_per_connection))
 
     def ready(self) -> bool:
         if self._draining or not self.models.startup_complete:
@@ -83,13 +86,15 @@ class ServingApp:
             options += [("grpc.max_connection_age_ms", age_ms), ("grpc.max_connection_age_grace_ms", age_ms)]
         interceptors = [BearerTokenInterceptor(s.auth_tokens, s.auth_health)] if s.auth_tokens else []
         server = grpc.aio.server(options=options, interceptors=interceptors)
-        # Services register through guard(): malformed request messages get INVALID_ARGUMENT.
+        # Services register through guard(): malformed request messages get INVALID_ARGUMENT;
+        # and, but for health, through limit_streams(): clients that do not read cannot hold them.
         guarded = guard(server)
+        limited = guard(limit_streams(server, self.streams))
         v2 = V2Servicer(self.models, self.ready, s.model_control_mode, s.max_streams)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(v2, guarded)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(v2, limited)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, guarded)
         names = [pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
-        names += add_task_servicers(guarded, self.models, _task_limits(s))
+        names += add_task_servicers(limited, self.models, _task_limits(s))
         names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         self.service_names = names
         if s.reflection:
