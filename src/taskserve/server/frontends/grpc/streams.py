@@ -64,9 +64,6 @@ class StreamGate:
         # Peer connection -> its response streams open now (no entry at zero).
         self._open: dict[str, int] = {}
 
-    def open_on(self, peer: str) -> int:
-        return self._open.get(peer, 0)
-
     @contextmanager
     def _counted(self, peer: str) -> Iterator[None]:
         held = self._open.get(peer, 0)
