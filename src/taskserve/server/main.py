@@ -55,6 +55,10 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
     if a.gpu_metrics == "on" and a.metrics_port < 0:
         p.error("--gpu-metrics on needs the metrics endpoint: drop --metrics-port -1 or use --gpu-metrics off")
     edge = _edge_settings(p, a)
+    if not a.stream_write_timeout_s > 0:
+        p.error("--stream-write-timeout must be > 0")
+    if a.max_streams_per_connection < 1:
+        p.error("--max-streams-per-connection must be >= 1")
     return ServerSettings(
         **edge,
         model_repository=a.model_repository,
@@ -70,6 +74,7 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
         max_connection_age_s=a.max_connection_age,
         gpu_metrics=a.gpu_metrics,
         **{name: getattr(a, name) for name in _LIMIT_FLAGS},
+        stream_write_timeout_s=a.stream_write_timeout_s,
     )
 
 
@@ -131,7 +136,8 @@ _LIMIT_FLAGS = {
     "max_bytes_elements": "elements of one v2 BYTES input, refused before decoding",
     "max_name_chars": "characters of a model name or version in a request, checked first",
     "max_concurrent_requests": "typed requests processed at once (beyond: RESOURCE_EXHAUSTED)",
-    "max_streams": "ModelStreamInfer streams open at once (beyond: RESOURCE_EXHAUSTED)",
+    "max_streams": "ModelStreamInfer streams with requests in flight at once (beyond: RESOURCE_EXHAUSTED)",
+    "max_streams_per_connection": "response streams one client connection holds open (beyond: RESOURCE_EXHAUSTED)",
 }
 
 
@@ -139,6 +145,11 @@ def _add_limit_flags(p: argparse.ArgumentParser) -> None:
     for name, meaning in _LIMIT_FLAGS.items():
         default = getattr(ServerSettings, name)
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=f"{meaning} (default {default})")
+    default_timeout = ServerSettings.stream_write_timeout_s
+    p.add_argument(
+        "--stream-write-timeout", type=float, default=default_timeout, dest="stream_write_timeout_s",
+        help=f"seconds a streamed answer may wait for its client to read, then the stream ends ({default_timeout:g})",
+    )  # fmt: skip
 
 
 async def serve(settings: ServerSettings) -> None:

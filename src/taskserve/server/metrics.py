@@ -353,10 +353,12 @@ class ModelMetrics:
         """A request ended with ``err``: counted as a failure by its reason. Errors
         that are neither TaskServeError nor cancellation are bugs, counted as "internal".
         gRPC cancels the handler when the client's deadline passes: that counts as
-        "timeout" (the deadline, monotonic, is then past), any other cancel as "cancelled"."""
+        "timeout" (the deadline, monotonic, is then past), any other cancel as "cancelled".
+        A streaming handler closed before its end (GeneratorExit: the client went away or
+        stopped reading while an answer was being written) is a cancel too."""
         if isinstance(err, TaskServeError):
             self.request_failed(err.reason, duration_ns)
-        elif isinstance(err, asyncio.CancelledError):
+        elif isinstance(err, (asyncio.CancelledError, GeneratorExit)):
             timed_out = deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_S
             self.request_failed("timeout" if timed_out else "cancelled", duration_ns)
         elif isinstance(err, Exception):

@@ -66,4 +66,10 @@ class ServerSettings:
     max_name_chars: int = 255
     # Typed requests and ModelStreamInfer streams open at once (beyond: RESOURCE_EXHAUSTED).
     max_concurrent_requests: int = 1024
+    # ModelStreamInfer streams with requests in flight or answers unsent (idle ones do not count).
     max_streams: int = 256
+    # -- slow readers (frontends/grpc/streams.py): response streams of one client connection
+    # open at once, and how long one answer may wait for its client to read before the
+    # stream is ended (its generation slot freed).
+    max_streams_per_connection: int = 32
+    stream_write_timeout_s: float = 30.0

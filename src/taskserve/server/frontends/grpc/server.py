@@ -17,6 +17,7 @@ from taskserve.server.frontends.grpc.auth import BearerTokenInterceptor, withhol
 from taskserve.server.frontends.grpc.health import HealthReporter
 from taskserve.server.frontends.grpc.malformed import guard
 from taskserve.server.frontends.grpc.registry import ServiceRegistry
+from taskserve.server.frontends.grpc.streams import StreamGate, StreamLimits, limit_streams
 from taskserve.server.frontends.grpc.tasks import add_task_servicers, task_context
 from taskserve.server.frontends.grpc.tls import server_credentials
 from taskserve.server.frontends.grpc.v2_servicer import V2Servicer
@@ -60,6 +61,8 @@ class ServingApp:
         self._options: list[tuple[str, int]] = []
         self._interceptors: list[grpc.aio.ServerInterceptor] = []
         self.service_names: list[str] = []
+        # Write timeout and per-connection cap of every response stream but health's Watch.
+        self.streams = StreamGate(StreamLimits(settings.stream_write_timeout_s, settings.max_streams_per_connection))
 
     def ready(self) -> bool:
         if self._draining or not self.models.startup_complete:
@@ -94,15 +97,17 @@ class ServingApp:
         self._options = options
         # Services register once, into a registry that any gRPC server built later gets too.
         registry = ServiceRegistry()
-        # Services register through guard(): malformed request messages get INVALID_ARGUMENT.
+        # Services register through guard(): malformed request messages get INVALID_ARGUMENT;
+        # and, but for health, through limit_streams(): clients that do not read cannot hold them.
         guarded = guard(registry.as_server())
+        limited = guard(limit_streams(registry.as_server(), self.streams))
         # One worker pool for CPU-heavy request work: typed pre/post-processing, large v2 decodes.
         tasks = task_context(self.models, _task_limits(s))
         v2 = V2Servicer(self.models, self.ready, s.model_control_mode, s.max_streams, workers=tasks.executor)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(v2, guarded)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(v2, limited)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, guarded)
         names = [pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
-        names += add_task_servicers(guarded, self.models, context=tasks)
+        names += add_task_servicers(limited, self.models, context=tasks)
         names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         self.service_names = names
         if s.reflection:

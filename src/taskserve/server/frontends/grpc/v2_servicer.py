@@ -56,7 +56,8 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         self._workers = workers
         # "explicit": RepositoryModelLoad/Unload allowed; "none": the repository is fixed at startup.
         self._model_control = model_control
-        # ModelStreamInfer streams open at once; beyond, new ones get RESOURCE_EXHAUSTED.
+        # ModelStreamInfer streams with requests in flight or answers unsent; beyond, a request
+        # that would make one more busy is answered in-band with RESOURCE_EXHAUSTED.
         self._max_streams = max_streams
         self._streams = 0
         # Callable telling whether the server as a whole is ready (startup done, not draining).
@@ -198,63 +199,85 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests run concurrently; each answer (or error) is sent as it completes."""
-        if self._streams >= self._max_streams:
-            code, message = describe(
-                Overloaded(
-                    f"the server has {self._streams} ModelStreamInfer streams open, its limit; retry with backoff "
-                    "(or raise --max-streams)"
-                )
-            )
-            await context.abort(code, message)
-        self._streams += 1
-        try:
-            async for item in self._stream(request_iterator, context):
-                yield item
-        finally:
-            self._streams -= 1
+        async for item in self._stream(request_iterator, context):
+            yield item
 
     async def _stream(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        """The caller (streams.StreamGate) awaits each write before asking for the next answer,
+        and a request holds its permit until its answer is written: at most STREAM_CONCURRENCY
+        requests are in flight or answered-but-unsent, and past that no request is read, so
+        a client that does not read its answers is stopped by HTTP/2 flow control, not buffered.
+        ``--max-streams`` counts streams with work (idle streams cost a coroutine, are capped
+        per connection, and do not keep other callers out)."""
+        # (answer, whether it answers a request counted in ``pending``); None ends the stream.
+        results: asyncio.Queue[tuple[pb.ModelStreamInferResponse, bool] | None] = asyncio.Queue()
         limit = asyncio.Semaphore(STREAM_CONCURRENCY)
+        tasks: set[asyncio.Task[None]] = set()
+        pending = 0  # requests read whose answer is not written yet; > 0: counted in self._streams
+
+        def refused(req: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            _, message = describe(
+                Overloaded(
+                    f"the server has {self._streams} ModelStreamInfer streams with requests in flight, its limit "
+                    "(--max-streams); retry with backoff"
+                )
+            )
+            return _error_response(req, message)
 
         async def run_one(req: pb.ModelInferRequest) -> None:
             try:
                 response = await self._infer(req, context)
-                await results.put(pb.ModelStreamInferResponse(infer_response=response))
+                results.put_nowait((pb.ModelStreamInferResponse(infer_response=response), True))
             except Exception as err:  # errors travel in-band; the stream stays open
                 _, message = describe(err)
-                await results.put(
-                    pb.ModelStreamInferResponse(
-                        error_message=message,
-                        infer_response=pb.ModelInferResponse(
-                            model_name=req.model_name, model_version=req.model_version, id=req.id
-                        ),
-                    )
-                )
-            finally:
-                limit.release()
+                results.put_nowait((_error_response(req, message), True))
 
         async def read_all() -> None:
-            tasks: set[asyncio.Task[None]] = set()
+            nonlocal pending
             try:
                 async for req in request_iterator:
                     await limit.acquire()
-                    task = asyncio.create_task(run_one(req))
+                    if pending == 0:
+                        if self._streams >= self._max_streams:
+                            results.put_nowait((refused(req), False))
+                            continue  # the refusal holds the permit until written, like an answer
+                        self._streams += 1
+                    pending += 1
+                    task = asyncio.create_task(run_one(req), name="ModelStreamInfer request")
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 if tasks:
                     await asyncio.gather(*tasks)
             finally:
-                await results.put(None)
+                results.put_nowait(None)
 
-        reader = asyncio.create_task(read_all())
+        reader = asyncio.create_task(read_all(), name="ModelStreamInfer reader")
         try:
             while (item := await results.get()) is not None:
-                yield item
+                answer, counted = item
+                yield answer
+                # Written (the gate awaits each write): the request's permit frees, and a
+                # stream left with nothing pending no longer counts against --max-streams.
+                limit.release()
+                if counted:
+                    pending -= 1
+                    if pending == 0:
+                        self._streams -= 1
         finally:
             reader.cancel()
+            for task in tasks:
+                task.cancel()
+            if pending:
+                self._streams -= 1
+
+
+def _error_response(req: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    return pb.ModelStreamInferResponse(
+        error_message=message,
+        infer_response=pb.ModelInferResponse(model_name=req.model_name, model_version=req.model_version, id=req.id),
+    )
 
 
 def _model_config_message(model: LoadedModel) -> mc.ModelConfig:
