@@ -206,6 +206,28 @@ def test_a_client_that_disconnects_stops_its_generation(server: ServerThread, ba
         time.sleep(0.05)
 
 
+def test_a_client_that_leaves_an_unstreamed_answer_stops_its_generation(server: ServerThread, base_url: str) -> None:
+    """Not streamed, the answer is one body at the end: a client that gives up meanwhile
+    (here a read timeout, which closes the connection) must not hold the slot until then."""
+    assert server.app is not None
+    registry = server.app.metrics.registry
+    cancelled = {"model": SMOL, "version": "1", "protocol": "http", "outcome": "cancelled"}
+    generated = {"model": SMOL, "version": "1"}
+    before = registry.get_sample_value("taskserve_protocol_requests_total", cancelled) or 0.0
+    tokens_before = registry.get_sample_value("taskserve_generated_tokens_total", generated) or 0.0
+    body = {"model": SMOL, "prompt": PROMPT, "max_tokens": 1000, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base_url}/completions", json=body, timeout=httpx.Timeout(10, read=1.0))
+    deadline = time.monotonic() + 60
+    while (registry.get_sample_value("taskserve_protocol_requests_total", cancelled) or 0.0) < before + 1 or (
+        registry.get_sample_value("taskserve_running_sequences", generated) or 0.0
+    ) > 0:
+        assert time.monotonic() < deadline, "the generation kept running after its client left"
+        time.sleep(0.05)
+    tokens = (registry.get_sample_value("taskserve_generated_tokens_total", generated) or 0.0) - tokens_before
+    assert tokens < 1000
+
+
 def _first_lines(lines: Iterator[str], count: int) -> list[str]:
     found: list[str] = []
     for line in lines:
