@@ -127,18 +127,29 @@ def test_async_client_streams_chat_and_completes(base_url: str, typed: TaskServe
     assert completion == expected.text
 
 
-def test_embeddings_float_and_base64_equal_the_typed_service(client: openai.OpenAI, typed: TaskServeClient) -> None:
+def test_embeddings_float_and_base64_equal_the_typed_service(
+    client: openai.OpenAI, typed: TaskServeClient, openai_repository: Path
+) -> None:
     texts = ["a first sentence", "and a second, longer one"]
     expected = typed.text.embed(texts, model=EMBED_MODEL)
     floats = client.embeddings.create(model=EMBED_MODEL, input=texts, encoding_format="float")
     np.testing.assert_allclose(np.array([d.embedding for d in floats.data]), expected, rtol=0, atol=1e-6)
     assert [d.index for d in floats.data] == [0, 1]
+    # Usage counts the tokens the texts became: [CLS] and [SEP] around each, no padding.
+    tokens = _tokens(openai_repository / EMBED_MODEL / "tokenizer.json", texts)
+    assert tokens > 2 * len(texts) and floats.usage.prompt_tokens == floats.usage.total_tokens == tokens
     # The SDK asks for base64 by default and decodes it itself; decode a raw one by hand too.
     default = client.embeddings.create(model=EMBED_MODEL, input=texts[0])
     np.testing.assert_array_equal(np.array(default.data[0].embedding, dtype=np.float32), expected[0])
     raw = client.embeddings.with_raw_response.create(model=EMBED_MODEL, input=texts, encoding_format="base64")
     encoded = raw.http_response.json()["data"][1]["embedding"]
     np.testing.assert_array_equal(np.frombuffer(base64.b64decode(encoded), dtype="<f4"), expected[1])
+
+
+def _tokens(tokenizer: Path, texts: list[str]) -> int:
+    from tokenizers import Tokenizer
+
+    return sum(len(Tokenizer.from_file(str(tokenizer)).encode(t).ids) for t in texts)
 
 
 def test_images_come_back_as_png_of_the_asked_size(client: openai.OpenAI) -> None:

@@ -83,14 +83,14 @@ def build_router(parts: ServingParts) -> APIRouter:
     async def embeddings(body: EmbeddingRequest) -> dict[str, Any]:
         texts = body.texts()
         async with task_call(parts, body.model, SentenceEmbedder) as call:
-            vectors = await call.task.embed(texts, EmbedParams(), call.options, what="input")
+            vectors, tokens = await call.task.embed_counted(texts, EmbedParams(), call.options, what="input")
         if body.dimensions is not None and body.dimensions != vectors.shape[1]:
             # Checked after: the dimension is the model's output's, known for sure only now.
             raise _dimensions(body.dimensions, vectors.shape[1], body.model)
         encode: Callable[[np.ndarray], Any] = _base64 if body.encoding_format == "base64" else _floats
         data = [{"object": "embedding", "index": i, "embedding": encode(row)} for i, row in enumerate(vectors)]
-        # Token counts are not reported by the embedding task; usage says so with zeros (as TEI does).
-        return {"object": "list", "data": data, "model": body.model, "usage": {"prompt_tokens": 0, "total_tokens": 0}}
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return {"object": "list", "data": data, "model": body.model, "usage": usage}
 
     @router.post("/images/generations")
     async def images(body: ImageGenerationRequest, request: Request) -> dict[str, Any]:
