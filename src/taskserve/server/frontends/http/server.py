@@ -19,13 +19,10 @@ from collections.abc import Iterator
 import uvicorn
 from fastapi import FastAPI
 
+from taskserve.server.frontends.http import HttpStartError
 from taskserve.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
-
-
-class HttpStartError(OSError):
-    """The HTTP port cannot be bound, or its TLS files cannot be used; names which."""
 
 
 class _Server(uvicorn.Server):
