@@ -87,4 +87,7 @@ class HttpDoor:
         self.config.timeout_graceful_shutdown = max(0, math.ceil(grace))
         self._server.should_exit = True
         task, self._task = self._task, None
-        await task
+        try:
+            await task
+        except Exception:  # the drain of the other door and the models' unload must still run
+            log.exception("the HTTP door failed while stopping")
