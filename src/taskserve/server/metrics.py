@@ -399,6 +399,10 @@ class ModelMetrics:
         """A streamed generation sent its first text chunk ``seconds`` after the request arrived."""
         self._record(self._apply_first_chunk, (protocol, seconds))
 
+    def first_chunk_timer(self, protocol: str, started_ns: int) -> Callable[[], None]:
+        """A callable recording the time from ``started_ns`` (perf_counter_ns) to its call."""
+        return lambda: self.first_chunk(protocol, (time.perf_counter_ns() - started_ns) / 1e9)
+
     def _fold_first_chunk(self, payload: tuple[str, float]) -> None:
         protocol, seconds = payload
         hists = self._s.door_first_chunk
