@@ -53,6 +53,13 @@ class ServerSettings:
     # A plaintext port serving grpc.health.v1 only (-1: none), for probes that cannot speak
     # TLS (the kubelet's gRPC probe) when the main port does. 0 picks a free port.
     health_port: int = -1
+    # -- the HTTP door (docs/http.md): OpenAI-compatible API and KServe v2 REST --
+    # Off (-1) unless given; 0 picks a free port (the bound one is on ServingApp.http_port).
+    # Bound to ``host``, with the same TLS files and tokens as the gRPC port.
+    http_port: int = -1
+    # Largest HTTP request body; a larger Content-Length is refused (413) before the body is read.
+    max_http_body_bytes: int = 256 * 1024 * 1024
+    # Server-sent event streams share stream_write_timeout_s (below) with the gRPC streams.
     # Request limits (docs/robustness.md): the server's defaults; a model's config.yaml
     # ``limits`` overrides the per-model ones. Checked before any heavy work.
     max_items: int = 256
@@ -68,8 +75,8 @@ class ServerSettings:
     max_concurrent_requests: int = 1024
     # ModelStreamInfer streams with requests in flight or answers unsent (idle ones do not count).
     max_streams: int = 256
-    # -- slow readers (frontends/grpc/streams.py): response streams of one client connection
-    # open at once, and how long one answer may wait for its client to read before the
-    # stream is ended (its generation slot freed).
+    # -- slow readers (frontends/grpc/streams.py, and the HTTP door's server-sent events):
+    # response streams of one client connection open at once, and how long one answer may
+    # wait for its client to read before the stream is ended (its generation slot freed).
     max_streams_per_connection: int = 32
     stream_write_timeout_s: float = 30.0

@@ -99,6 +99,9 @@ class CallOptions:
     priority: int | None = None
     # Absolute time.monotonic() after which the request must not be computed.
     deadline: float | None = None
+    # Called once when a streaming task has its first chunk ready: the front end times it,
+    # per door (metrics' taskserve_protocol_time_to_first_chunk_seconds).
+    first_chunk: Callable[[], None] | None = None
 
 
 class TaskContext:

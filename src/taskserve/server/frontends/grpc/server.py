@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,15 +18,19 @@ from taskserve.server.frontends.grpc.health import HealthReporter
 from taskserve.server.frontends.grpc.malformed import guard
 from taskserve.server.frontends.grpc.registry import ServiceRegistry
 from taskserve.server.frontends.grpc.streams import StreamGate, StreamLimits, limit_streams
-from taskserve.server.frontends.grpc.tasks import add_task_servicers, task_context
+from taskserve.server.frontends.grpc.tasks import add_task_servicers
 from taskserve.server.frontends.grpc.tls import server_credentials
 from taskserve.server.frontends.grpc.v2_servicer import V2Servicer
+from taskserve.server.frontends.parts import ServingParts, build_tasks
 from taskserve.server.gpu_metrics import GpuCollector, start_gpu_metrics
 from taskserve.server.metrics import ServerMetrics
 from taskserve.server.repository.config import ModelLimits
 from taskserve.server.repository.manager import ModelManager
 from taskserve.server.settings import ServerSettings
 from taskserve.server.tasks.base import TaskLimits
+
+if TYPE_CHECKING:
+    from taskserve.server.frontends.http.server import HttpDoor
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,9 @@ class ServingApp:
         self.grpc_port = 0
         self.metrics_port = 0
         self.health_port = 0
+        # The HTTP door's bound port (0 while it is off).
+        self.http_port = 0
+        self._http_door: HttpDoor | None = None
         self._health_server: grpc.aio.Server | None = None
         self._draining = False
         self._server: grpc.aio.Server | None = None
@@ -63,6 +70,14 @@ class ServingApp:
         self.service_names: list[str] = []
         # Write timeout and per-connection cap of every response stream but health's Watch.
         self.streams = StreamGate(StreamLimits(settings.stream_write_timeout_s, settings.max_streams_per_connection))
+        # What both doors share: tasks (worker pool, admission), models, metrics, readiness.
+        self.parts = ServingParts(
+            settings=settings,
+            models=self.models,
+            tasks=build_tasks(self.models, _task_limits(settings)),
+            metrics=self.metrics,
+            ready=self.ready,
+        )
 
     def ready(self) -> bool:
         if self._draining or not self.models.startup_complete:
@@ -102,12 +117,12 @@ class ServingApp:
         guarded = guard(registry.as_server())
         limited = guard(limit_streams(registry.as_server(), self.streams))
         # One worker pool for CPU-heavy request work: typed pre/post-processing, large v2 decodes.
-        tasks = task_context(self.models, _task_limits(s))
-        v2 = V2Servicer(self.models, self.ready, s.model_control_mode, s.max_streams, workers=tasks.executor)
+        workers = self.parts.tasks.context.executor
+        v2 = V2Servicer(self.models, self.ready, s.model_control_mode, s.max_streams, workers=workers)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(v2, limited)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, guarded)
         names = [pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
-        names += add_task_servicers(limited, self.models, context=tasks)
+        names += add_task_servicers(limited, self.models, tasks=self.parts.tasks)
         names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         self.service_names = names
         if s.reflection:
@@ -115,6 +130,20 @@ class ServingApp:
         self._registry = registry
         self._server, self.grpc_port = await self._serve_grpc(s.grpc_port)
         self._guarding = asyncio.create_task(self._serve_again_if_stopped())
+        if s.http_port >= 0:
+            # Same process and event loop as the gRPC server (http/server.py); imported only
+            # when asked for, so a gRPC-only server does not load the ASGI stack.
+            from taskserve.server.frontends.http.app import create_http_app
+            from taskserve.server.frontends.http.server import HttpDoor
+
+            door = HttpDoor(create_http_app(self.parts), s)
+            try:
+                self.http_port = await door.start()
+            except BaseException:
+                self._guarding.cancel()
+                await self._server.stop(0)
+                raise
+            self._http_door = door
         if s.health_port >= 0:
             await self._start_health_port(s)
         if s.metrics_port >= 0:
@@ -123,7 +152,8 @@ class ServingApp:
         await self.health.set_overall(False)
         self.models.add_listener(self._on_model_change)
         log.info(
-            "gRPC on %s:%d (%s%s, model control %s), metrics on %s:%d", s.host, self.grpc_port,
+            "gRPC on %s:%d%s (%s%s, model control %s), metrics on %s:%d", s.host, self.grpc_port,
+            f", HTTP on {s.host}:{self.http_port}" if self._http_door else "",
             "mutual TLS" if s.tls_client_ca else "TLS" if s.tls_cert else "plaintext",
             ", bearer tokens" if s.auth_tokens else "", s.model_control_mode, s.metrics_host, self.metrics_port,
         )  # fmt: skip
@@ -213,9 +243,11 @@ class ServingApp:
             await asyncio.sleep(delay)
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
-        if self._server is not None:
-            # Refuses new RPCs at once and waits up to `grace` for in-flight ones.
-            await self._server.stop(grace)
+        # Both doors refuse new requests at once and wait up to `grace` for in-flight ones.
+        stopping = [self._server.stop(grace)] if self._server is not None else []
+        if self._http_door is not None:
+            stopping.append(self._http_door.stop(grace))
+        await asyncio.gather(*stopping)
         if self._guarding is not None:
             self._guarding.cancel()
         if self._health_server is not None:

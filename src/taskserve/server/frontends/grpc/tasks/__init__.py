@@ -4,8 +4,6 @@ its answer. They share the models and schedulers of the v2 protocol."""
 
 from __future__ import annotations
 
-import functools
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -57,16 +55,11 @@ from taskserve.server.frontends.grpc.tasks.text_transform import (
     TranslationServicer,
 )
 from taskserve.server.frontends.grpc.tasks.token_classification import TokenClassificationServicer
+from taskserve.server.frontends.parts import build_tasks
 from taskserve.server.repository.manager import ModelManager
-from taskserve.server.tasks.base import TaskCache, TaskContext, TaskLimits
-from taskserve.server.tasks.readiness import check_options, check_servable
+from taskserve.server.tasks.base import TaskCache, TaskLimits
 
-__all__ = ["add_task_servicers", "task_context"]
-
-
-def task_context(models: ModelManager, limits: TaskLimits | None = None, workers: int | None = None) -> TaskContext:
-    """The typed tasks' shared state: limits and the worker pool, sized to the machine's cores."""
-    return TaskContext(limits, workers or min(8, os.cpu_count() or 2), models=models.get)
+__all__ = ["add_task_servicers"]
 
 
 def add_task_servicers(
@@ -74,19 +67,14 @@ def add_task_servicers(
     models: ModelManager,
     limits: TaskLimits | None = None,
     workers: int | None = None,
-    context: TaskContext | None = None,
+    tasks: TaskCache | None = None,
 ) -> list[str]:
     """Register every typed service on ``server``; returns their full names (for
     reflection and health). They share one worker pool for pre- and post-processing,
-    sized to the machine's cores unless ``workers`` says otherwise; ``context`` (from
-    ``task_context``) shares it with the caller."""
-    context = context or task_context(models, limits, workers)
-    tasks = TaskCache(context)
-    # READY means it can serve: each version's typed task is checked and built at load
-    # (tasks/readiness.py); the manager is below tasks, so the front end wires it in.
-    models.add_config_check(check_options)  # task options, and the files they name confined, first
-    models.add_load_check(functools.partial(check_servable, tasks))
-    models.add_retire_listener(tasks.forget)
+    sized to the machine's cores unless ``workers`` says otherwise; ``tasks``: the
+    cache the other doors share (frontends/parts.py), built here when not given."""
+    if tasks is None:
+        tasks = build_tasks(models, limits, workers)
     registrations: list[tuple[Any, str, Callable[[Any, grpc.aio.Server], None], type[TaskServicer]]] = [
         (text_classification_pb2, "TextClassification", text_classification_pb2_grpc.add_TextClassificationServicer_to_server, TextClassificationServicer),
         (token_classification_pb2, "TokenClassification", token_classification_pb2_grpc.add_TokenClassificationServicer_to_server, TokenClassificationServicer),

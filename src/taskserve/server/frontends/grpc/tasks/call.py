@@ -61,9 +61,11 @@ class TaskServicer:
             if isinstance(cls, tuple):
                 cls = _matching(model, cls)
             deadline = request_deadline(context, options.timeout_us or None)
-            with model.metrics.track_request(time.perf_counter_ns(), deadline), self._tasks.context.admit():
+            started = time.perf_counter_ns()
+            with model.metrics.track_request(started, deadline), self._tasks.context.admit():
                 task = await self._tasks.get(model, cls)
-                hints = CallOptions(priority=options.priority or None, deadline=deadline)
+                first_chunk = model.metrics.first_chunk_timer("grpc", started)
+                hints = CallOptions(priority=options.priority or None, deadline=deadline, first_chunk=first_chunk)
                 yield Call(model, task, hints)
 
 
