@@ -84,6 +84,40 @@ def _greedy_64(address: str) -> tuple[list[list[int]], list[list[int]]]:
             return alone, list(pool.map(ids, PROMPTS))
 
 
+def test_exported_tokenizer_adds_a_bos_token_only_where_the_gguf_says(
+    smollm2_repository: Path, smollm2_source: Path, smollm2_server: ServerThread
+) -> None:
+    """SmolLM2's GGUF says ``tokenizer.ggml.add_bos_token: false`` (llama.cpp reads a prompt
+    as its plain tokens); the exported tokenizer.json, the source folder's transformers
+    tokenizer and the served prompt agree with it: no extra leading <|im_start|>."""
+    import gguf
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from taskserve.exporters import smollm2
+
+    fields = gguf.GGUFReader(str(smollm2.package_dir() / smollm2.GGUF_FILE)).fields
+
+    def scalar(name: str) -> Any:
+        return fields[name].parts[fields[name].data[0]][0]
+
+    add_bos, bos = bool(scalar("tokenizer.ggml.add_bos_token")), int(scalar("tokenizer.ggml.bos_token_id"))
+    assert add_bos is False
+    exported = Tokenizer.from_file(str(smollm2_repository / MODEL / "tokenizer.json"))
+    plain = exported.encode(PROMPTS[0], add_special_tokens=False).ids
+    assert exported.encode(PROMPTS[0]).ids == ([bos] if add_bos else []) + plain
+    assert AutoTokenizer.from_pretrained(smollm2_source)(PROMPTS[0])["input_ids"] == plain
+    # A rendered chat prompt starts with the template's own <|im_start|>, once.
+    rendered = AutoTokenizer.from_pretrained(smollm2_source).apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
+    )
+    chat = exported.encode(rendered).ids
+    assert chat[0] == bos and chat[1] != bos
+    with TaskServeClient(smollm2_server.address, ClientOptions(timeout_s=120)) as client:
+        served = client.text.generate_text(model=MODEL, prompt=PROMPTS[0], max_new_tokens=1)
+    assert served.usage.prompt_tokens == len(plain)
+
+
 def test_smollm2_answers_paris_through_its_chat_template(smollm2_server: ServerThread) -> None:
     with TaskServeClient(smollm2_server.address, ClientOptions(timeout_s=120)) as client:
         answer = client.text.generate_text(
