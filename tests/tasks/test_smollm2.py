@@ -143,8 +143,8 @@ def test_smollm2_entry_runs_on_the_generation_engine(smollm2_server: ServerThrea
     assert config.generation.max_num_seqs == 16 and config.generation.max_model_len == 2048
     assert config.task_options["max_length"] == 8192
     assert (smollm2_server.app.models.repository / MODEL / "chat_template.jinja").is_file()
-    scheduler = smollm2_server.app.models.get(MODEL, "").scheduler
-    assert type(scheduler).__name__ == "GenerationScheduler"
+    loaded = smollm2_server.app.models.get(MODEL, "")
+    assert loaded.scheduler is None and type(loaded.engine).__name__ == "GenerationScheduler"
 
 
 EIFFEL = (
@@ -191,12 +191,13 @@ def test_a_client_that_goes_away_stops_the_generation(smollm2_server: ServerThre
         time.sleep(0.01)
     assert value("taskserve_request_failure_total", reason="cancelled") == cancelled + 1
     # The iteration in flight when the cancel landed may still finish; then the sequence is gone.
-    scheduler = app.models.get(MODEL, "").scheduler
+    engine = app.models.get(MODEL, "").engine
+    assert engine is not None
     for _ in range(500):
-        if scheduler.inflight_count() == 0:
+        if engine.inflight_count() == 0:
             break
         time.sleep(0.01)
-    assert scheduler.inflight_count() == 0
+    assert engine.inflight_count() == 0
     ran = value("taskserve_execution_count_total") - steps
     time.sleep(0.3)
     assert value("taskserve_execution_count_total") - steps == ran < 200  # no step once it left
@@ -238,7 +239,7 @@ def test_smollm2_as_a_torch_entry_on_the_engine_equals_transformers(
 ) -> None:
     assert smollm2_torch_server.app is not None
     loaded = smollm2_torch_server.app.models.get(MODEL, "")
-    assert type(loaded.scheduler).__name__ == "GenerationScheduler"
+    assert type(loaded.engine).__name__ == "GenerationScheduler"
     assert "KV cache on the device" in loaded.platform_description
     alone, together = _greedy_64(smollm2_torch_server.address)
     assert alone == expected_64

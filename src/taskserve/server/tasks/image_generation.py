@@ -38,7 +38,7 @@ from PIL import Image
 from taskserve.protocol.datatypes import numpy_dtype
 from taskserve.server.errors import DeadlineExceeded, InvalidInput, Overloaded
 from taskserve.server.scheduling.base import InferRequest
-from taskserve.server.tasks.base import CallOptions, ServedModel, Task, TaskConfigError, TaskContext
+from taskserve.server.tasks.base import CallOptions, ServedModel, Task, TaskConfigError, TaskContext, batcher_of
 from taskserve.server.tasks.diffusion.pipeline import (
     GenerationParams,
     Mode,
@@ -140,7 +140,7 @@ class _ServedParts:
         opts = self._options
         results = await asyncio.gather(
             *(
-                model.scheduler.submit(InferRequest(inputs=c, priority=opts.priority, deadline=opts.deadline))
+                batcher_of(model).submit(InferRequest(inputs=c, priority=opts.priority, deadline=opts.deadline))
                 for c in chunks
             )
         )

@@ -29,8 +29,8 @@ import numpy as np
 
 from taskserve.server.errors import InvalidInput, RuntimeFailure
 from taskserve.server.scheduling.base import InferRequest
-from taskserve.server.scheduling.generation_scheduler import GenerationScheduler, SequenceRequest
-from taskserve.server.tasks.base import CallOptions, ServedModel, TaskConfigError, TaskContext
+from taskserve.server.scheduling.engine_api import SequenceRequest
+from taskserve.server.tasks.base import CallOptions, ServedModel, TaskConfigError, TaskContext, batcher_of
 from taskserve.server.tasks.decoding import TextStream, TokenPicker
 from taskserve.server.tasks.text import TextTask
 from taskserve.server.tasks.text_generation import (
@@ -51,14 +51,14 @@ class Seq2SeqGenerator(TextTask):
         name = model.name
         inputs = {t.name: t for t in model.config.inputs or ()}
         needed = {"input_ids", "encoder_hidden_states", "encoder_attention_mask", "use_cache_branch"}
-        scheduler = model.scheduler
-        if not needed <= set(inputs) or not isinstance(scheduler, GenerationScheduler):
+        engine = model.engine
+        if not needed <= set(inputs) or engine is None:
             raise TaskConfigError(
                 f"model {name!r} is not an encoder-decoder's merged decoder served by the generation engine "
                 f"(inputs {sorted(needed)} and a generation: block in config.yaml); export it with "
                 "taskserve-export hf DIR --task text2text-generation"
             )
-        self.engine = scheduler
+        self.engine = engine
         self.encoder_model = self.option("encoder_model", f"{name}-encoder")
         generation = self._generation_config()
         start = self.options.get("decoder_start_token_id", generation.get("decoder_start_token_id"))
@@ -114,7 +114,7 @@ class Seq2SeqGenerator(TextTask):
     ) -> AsyncGenerator[GenerationChunk, None]:
         ids = await self.offload("preprocess", self.prepare, text)
         mask = np.ones((1, len(ids)), dtype=np.int64)
-        encoded = await encoder.scheduler.submit(
+        encoded = await batcher_of(encoder).submit(
             InferRequest(
                 inputs={"input_ids": np.asarray([ids], dtype=np.int64), "attention_mask": mask},
                 output_names=("last_hidden_state",), priority=options.priority, deadline=options.deadline,

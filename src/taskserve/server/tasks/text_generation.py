@@ -4,7 +4,7 @@ Two ways to run the model, chosen by its entry:
 
 - the generation engine (entries with a ``generation:`` block, exported by
   ``taskserve-export`` for Llama-family decoders): the task hands the engine
-  (``scheduling/generation_scheduler.py``) a sequence with its ``TokenPicker``; the
+  (``scheduling/engine_api.py``) a sequence with its ``TokenPicker``; the
   engine batches every running sequence's next token into one model call over a
   resident KV cache and streams the tokens back;
 - the request batcher (other decoders, exported by optimum with
@@ -43,8 +43,8 @@ from taskserve.server.errors import GenerationCapExceeded, InvalidInput, Overloa
 from taskserve.server.repository.config import TensorConfig
 from taskserve.server.repository.paths import resolve_inside, shown
 from taskserve.server.scheduling.base import InferRequest
-from taskserve.server.scheduling.generation_scheduler import GenerationScheduler, SequenceRequest
-from taskserve.server.tasks.base import CallOptions, ServedModel, TaskConfigError, TaskContext
+from taskserve.server.scheduling.engine_api import SequenceRequest
+from taskserve.server.tasks.base import CallOptions, ServedModel, TaskConfigError, TaskContext, batcher_of
 from taskserve.server.tasks.chat_template import ChatMessage, ChatTemplate, read_chat_template, special_token
 from taskserve.server.tasks.decoding import Sampling, TextStream, TokenPicker
 from taskserve.server.tasks.text import TextTask
@@ -209,8 +209,7 @@ class TextGenerator(TextTask):
         inputs = {t.name: t for t in model.config.inputs or ()}
         if "input_ids" not in inputs:
             raise TaskConfigError(f"model {model.name!r} has no input_ids input; export it for text-generation")
-        scheduler = model.scheduler
-        self.engine = scheduler if isinstance(scheduler, GenerationScheduler) else None
+        self.engine = model.engine
         self.max_positions = self.tokenizer.max_length
         if self.engine is not None:
             self.max_positions = min(self.max_positions, self.engine.max_model_len)
@@ -417,7 +416,7 @@ class TextGenerator(TextTask):
         if self._position_ids:
             inputs["position_ids"] = np.arange(start, end, dtype=self._dtypes["position_ids"])[None]
         inputs.update(past)
-        result = await self.model.scheduler.submit(
+        result = await batcher_of(self.model).submit(
             InferRequest(inputs=inputs, output_names=self._wanted, priority=options.priority, deadline=options.deadline)
         )
         outputs = result.outputs

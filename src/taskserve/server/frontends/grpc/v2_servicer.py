@@ -153,6 +153,11 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         deadline = None
         try:
             config = model.config
+            if model.scheduler is None:
+                raise InvalidInput(
+                    f"model {model.name!r} runs on the generation engine with a resident KV cache; "
+                    "use the TextGeneration service"
+                )
             inputs = codec.decode_inputs(request, config)
             outputs = codec.requested_outputs(request, config) if request.outputs else None
             priority = timeout_us = None
