@@ -14,8 +14,12 @@ attention is written here, because transformers' caches are one tensor per batch
 per slot. Rotary tables come from the model's rotary module, as the ONNX engine graph's
 (``exporters/engine_graph.py``), so rope scaling variants match.
 
-Decode rows (one token each) run as one batched call whatever their slots; each prefill
-chunk runs as its own call.
+Decode rows (one token each) run as one batched call whatever their slots. The prefill
+chunks of one step (several sequences' prompts) run as one call too, padded on the right
+to the longest: a padding token writes its key/value past its row's end, in its own slot,
+where no real query looks and the row's next real token overwrites it; each row's logits
+come from its last real token. Chunks of very different lengths go in separate calls
+(padding a 2-token chunk up to 512 would compute 510 wasted tokens).
 
 ``runtime.torch.cuda_graphs``: on CUDA, decode calls replay captured CUDA graphs, one per
 (rows, length) bucket: the rows are padded up to the next power of two with rows in a
@@ -232,9 +236,8 @@ class TorchDecoderRunner(SlotCacheRunner):
                     out[decode] = self._decode_static([rows[i] for i in decode])
                 elif decode:
                     out[decode] = self._forward([rows[i] for i in decode])
-                for i, row in enumerate(rows):
-                    if len(row.tokens) > 1:
-                        out[i] = self._forward([row])[0]
+                for group in self._prefill_groups([i for i, r in enumerate(rows) if len(r.tokens) > 1], rows):
+                    out[group] = self._forward([rows[i] for i in group])
         except Exception as err:  # CUDA out of memory, kernel failures: the engine fails these rows
             raise RuntimeFailure(f"torch failed on model {self.config.name!r}: {type(err).__name__}: {err}") from err
         for row in rows:
@@ -243,17 +246,38 @@ class TorchDecoderRunner(SlotCacheRunner):
 
     # -- execution -------------------------------------------------------------------------
 
+    def _prefill_groups(self, indices: list[int], rows: Sequence[StepRow]) -> list[list[int]]:
+        """Prefill rows (by index) in calls: longest first, a row joins the current call while
+        it is at least half the call's longest and its padding stays inside its slot."""
+        groups: list[list[int]] = []
+        longest = 0
+        for i in sorted(indices, key=lambda i: -len(rows[i].tokens)):
+            n = len(rows[i].tokens)
+            fits = rows[i].start + longest <= self._positions
+            if groups and 2 * n >= longest and fits:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+                longest = n
+        return groups
+
     def _forward(self, rows: list[StepRow]) -> np.ndarray:
-        """One model call over rows with the same number of new tokens; the last position's
-        logits per row, float32 on the host."""
+        """One model call over rows of any number of new tokens (padded on the right to the
+        longest, inside each row's slot); each row's last real token's logits, float32 on the host."""
         device = self.device
-        new = len(rows[0].tokens)
-        tokens = torch.from_numpy(np.stack([r.tokens for r in rows]).astype(np.int64, copy=False)).to(device)
+        counts = np.asarray([len(r.tokens) for r in rows], np.int64)
+        new = int(counts.max())
+        padded = np.zeros((len(rows), new), np.int64)
+        for i, row in enumerate(rows):
+            padded[i, : len(row.tokens)] = row.tokens
+        tokens = torch.from_numpy(padded).to(device)
         starts = np.asarray([r.start for r in rows], np.int64)
         positions = torch.from_numpy(starts[:, None] + np.arange(new, dtype=np.int64)).to(device)  # (rows, new)
         slots = torch.as_tensor([r.slot for r in rows], dtype=torch.int64, device=device)
         one_slot = rows[0].slot if len(rows) == 1 else None
-        logits: np.ndarray = self._compute(tokens, slots, positions, int(starts.max()) + new, one_slot).cpu().numpy()
+        last = None if bool((counts == new).all()) else torch.from_numpy(counts - 1).to(device)
+        total = int(starts.max()) + new
+        logits: np.ndarray = self._compute(tokens, slots, positions, total, one_slot, last).cpu().numpy()
         return logits
 
     def _decode_static(self, rows: list[StepRow]) -> np.ndarray:
@@ -307,11 +331,18 @@ class TorchDecoderRunner(SlotCacheRunner):
         return found
 
     def _compute(
-        self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, total: int, one_slot: int | None
+        self,
+        tokens: torch.Tensor,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        total: int,
+        one_slot: int | None,
+        last: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The model over device tensors: ``tokens`` and ``positions`` (rows, new), ``slots``
         (rows,); attention reads ``total`` positions of each row's slot (``one_slot``: the
-        only row's, as a view). Returns the last position's float32 logits on the device."""
+        only row's, as a view). Returns float32 logits on the device of each row's last
+        position, or of position ``last[row]`` (rows padded on the right)."""
         model, device = self._model, self.device
         assert self._cos is not None and self._sin is not None
         count, new = tokens.shape
@@ -345,8 +376,8 @@ class TorchDecoderRunner(SlotCacheRunner):
             )
             hidden = hidden + attn.o_proj(context.transpose(1, 2).reshape(count, new, self._heads * self._head_dim))
             hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
-        last = model.model.norm(hidden[:, -1])
-        logits: torch.Tensor = model.lm_head(last).float()
+        final = hidden[:, -1] if last is None else hidden[torch.arange(count, device=device), last]
+        logits: torch.Tensor = model.lm_head(model.model.norm(final)).float()
         return logits
 
 
