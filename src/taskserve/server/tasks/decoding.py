@@ -31,21 +31,60 @@ class Sampling:
     top_p: float = 1.0
     # None: a fresh random seed.
     seed: int | None = None
+    # Applied greedy or sampling, before the temperature. 1.0: none (transformers' and vLLM's
+    # repetition_penalty, over the prompt's and the generated tokens).
+    repetition_penalty: float = 1.0
+    # OpenAI's: subtracted once per token generated so far / once per time it was generated.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
 
 class TokenPicker:
     """Greedy argmax or seeded sampling (temperature, then top-k, then top-p, as
-    transformers orders them) over one row of logits."""
+    transformers orders them) over one row of logits, after the penalties: repetition
+    (over ``prompt_ids`` and the tokens picked so far), then presence and frequency
+    (over the tokens picked so far), as vLLM applies them."""
 
-    def __init__(self, sampling: Sampling) -> None:
+    def __init__(self, sampling: Sampling, prompt_ids: Sequence[int] = ()) -> None:
         self.sampling = sampling
         self._rng = np.random.default_rng(sampling.seed)
+        self._prompt = np.unique(np.asarray(prompt_ids, np.int64)) if sampling.penalized else np.zeros(0, np.int64)
+        # Token -> times picked (only kept when a penalty needs it).
+        self._counts: dict[int, int] = {}
 
     def pick(self, logits: np.ndarray) -> int:
+        s = self.sampling
+        if s.penalized:
+            logits = self._penalize(logits)
+        token = self._choose(logits)
+        if s.penalized:
+            self._counts[token] = self._counts.get(token, 0) + 1
+        return token
+
+    def _penalize(self, logits: np.ndarray) -> np.ndarray:
+        s = self.sampling
+        out = logits.astype(np.float32, copy=True)
+        vocab = out.shape[0]
+        generated = np.fromiter(self._counts, np.int64, len(self._counts))
+        generated = generated[generated < vocab]
+        if s.repetition_penalty != 1.0:
+            seen = np.union1d(self._prompt[self._prompt < vocab], generated)
+            values = out[seen]
+            out[seen] = np.where(values > 0, values / s.repetition_penalty, values * s.repetition_penalty)
+        if len(generated) and (s.presence_penalty or s.frequency_penalty):
+            counts = np.asarray([self._counts[int(t)] for t in generated], np.float32)
+            out[generated] -= s.presence_penalty + s.frequency_penalty * counts
+        return out
+
+    def _choose(self, logits: np.ndarray) -> int:
         s = self.sampling
         if s.greedy:
             return int(np.argmax(logits))  # the first of equal maxima, as torch.argmax

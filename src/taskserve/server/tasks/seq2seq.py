@@ -127,7 +127,7 @@ class Seq2SeqGenerator(TextTask):
                 f"expected [1, {len(ids)}, hidden size]"
             )
         limit = params.max_new_tokens or min(self.default_max_new_tokens, self.max_new_tokens_limit)
-        picker = TokenPicker(params.sampling)
+        picker = TokenPicker(params.sampling, [self.decoder_start])  # penalties see the decoder's tokens
         stream = TextStream(
             lambda t: self.tokenizer.decode(t, skip_special_tokens=True), [self.decoder_start], params.stop
         )

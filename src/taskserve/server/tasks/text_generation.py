@@ -55,6 +55,8 @@ MAX_STOPS = 16
 # The roles chat templates know; anything else is refused before the template runs.
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP_CHARS = 256
+# Beyond it a penalty only erases the seen tokens; a typo (100 for 1.00) is refused instead.
+MAX_REPETITION_PENALTY = 10.0
 
 
 class FinishReason(enum.Enum):
@@ -193,6 +195,13 @@ def check_decoding(params: GenerateParams, max_new_tokens_limit: int, model: str
         raise InvalidInput(f"top_p must be in (0, 1], got {s.top_p}")
     if s.top_k < 0:
         raise InvalidInput(f"top_k must be >= 0 (0: no limit), got {s.top_k}")
+    if not 0 < s.repetition_penalty <= MAX_REPETITION_PENALTY:
+        raise InvalidInput(
+            f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY}] (1: none), got {s.repetition_penalty}"
+        )
+    for name, value in (("presence_penalty", s.presence_penalty), ("frequency_penalty", s.frequency_penalty)):
+        if not -2 <= value <= 2:
+            raise InvalidInput(f"{name} must be in [-2, 2] (0: none), got {value}")
     if len(params.stop) > MAX_STOPS:
         raise InvalidInput(f"stop holds {len(params.stop)} strings, over the limit of {MAX_STOPS}")
     for i, stop in enumerate(params.stop):
@@ -358,7 +367,7 @@ class TextGenerator(TextTask):
         self, prompt: str, messages: Sequence[ChatMessage], params: GenerateParams, options: CallOptions
     ) -> AsyncGenerator[GenerationChunk, None]:
         prepared = await self.offload("preprocess", self.prepare, prompt, messages, params.max_new_tokens)
-        picker = TokenPicker(params.sampling)
+        picker = TokenPicker(params.sampling, prepared.ids)
         stream = TextStream(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), prepared.ids, params.stop)
         tokens = (
             self._engine_tokens(prepared, picker, options)
