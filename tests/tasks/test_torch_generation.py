@@ -225,6 +225,41 @@ def test_prefill_chunks_of_several_sequences_run_as_one_call_and_equal_one_at_a_
     alone.close()
 
 
+def test_the_torch_runner_samples_where_the_logits_are(torch_repo: Path) -> None:
+    """``sample``: greedy rows take their argmax in the runner (their sampler's host ``pick``
+    is never called: no logits row leaves), sampling rows use their own seeded sampler on
+    their row alone; rows inside their prompt pick nothing. Same tokens as ``step`` + host picks."""
+    from taskserve.server.repository.config import load_model_config
+    from taskserve.server.runtimes.generation import StepRow
+    from taskserve.server.runtimes.sampling import Sampling, TokenSampler
+    from taskserve.server.runtimes.torch_decoder import TorchDecoderRunner
+
+    class DeviceOnly(TokenSampler):
+        def pick(self, logits: np.ndarray) -> int:
+            raise AssertionError("a greedy row's logits reached the host sampler")
+
+    entry = torch_repo / "llama-torch"
+    config = load_model_config(entry)
+    sampling = TorchDecoderRunner(entry / "1" / "torch_model.json", config)
+    reference = TorchDecoderRunner(entry / "1" / "torch_model.json", config)
+    sampling.load()
+    reference.load()
+    rng = np.random.default_rng(2)
+    rows = [StepRow(0, rng.integers(0, 400, 6), 0), StepRow(1, rng.integers(0, 400, 3), 0),
+            StepRow(2, rng.integers(0, 400, 4), 0)]  # fmt: skip
+    hot = Sampling(temperature=1.5, seed=7)
+    got = sampling.sample(rows, [DeviceOnly(Sampling()), TokenSampler(hot), None])
+    logits = reference.step(rows)
+    assert got == [int(np.argmax(logits[0])), TokenSampler(hot).pick(logits[1]), None]
+    # A greedy row with a penalty needs its history: its logits row goes to its sampler.
+    penalized, prompt = Sampling(repetition_penalty=1.5), rows[0].tokens.tolist()
+    decode = [StepRow(0, np.array([got[0]]), 6)]
+    got = sampling.sample(decode, [TokenSampler(penalized, prompt)])
+    assert got == [TokenSampler(penalized, prompt).pick(reference.step(decode)[0])]
+    sampling.close()
+    reference.close()
+
+
 def test_decode_padded_to_graph_buckets_equals_unpadded(torch_repo: Path) -> None:
     """What CUDA graphs replay, computed eagerly on the CPU: decode rows padded up to the next
     power of two (rows in the scratch slot) and attention read up to the next length edge give

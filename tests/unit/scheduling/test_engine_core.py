@@ -10,17 +10,19 @@ import numpy as np
 import pytest
 
 from taskserve.server.errors import DeadlineExceeded, InvalidInput, RuntimeFailure
+from taskserve.server.runtimes.sampling import Sampling, TokenSampler
 from taskserve.server.scheduling.engine_api import SequenceRequest
 from taskserve.server.scheduling.engine_core import EngineCore, EngineLimits, SequenceOutput, StepPlan
 from taskserve.server.scheduling.kv_slots import SlotAllocator
 
 
-def _never(logits: np.ndarray) -> int:
-    raise AssertionError("the core never picks tokens itself")
+class _Never(TokenSampler):
+    def pick(self, logits: np.ndarray) -> int:
+        raise AssertionError("the core never picks tokens itself")
 
 
 def _request(prompt: Sequence[int], new: int, **kwargs: object) -> SequenceRequest:
-    return SequenceRequest(tuple(prompt), new, _never, **kwargs)  # type: ignore[arg-type]
+    return SequenceRequest(tuple(prompt), new, _Never(Sampling()), **kwargs)  # type: ignore[arg-type]
 
 
 def _core(

@@ -17,6 +17,7 @@ import pytest
 from taskserve.server.errors import DeadlineExceeded, InvalidInput
 from taskserve.server.repository.config import GenerationConfig
 from taskserve.server.runtimes.generation import DecoderRunner, StepRow
+from taskserve.server.runtimes.sampling import Sampling, TokenSampler, sample_rows
 from taskserve.server.scheduling.generation_scheduler import GenerationScheduler, SequenceRequest
 
 VOCAB = 1000
@@ -66,6 +67,9 @@ class FakeRunner:
         finally:
             self.lock.release()
 
+    def sample(self, rows: Sequence[StepRow], samplers: Sequence[TokenSampler | None]) -> list[int | None]:
+        return sample_rows(self.step(rows), samplers)
+
     def release(self, slot: int) -> None:
         self.lengths[slot] = 0
         self.released.append(slot)
@@ -74,12 +78,8 @@ class FakeRunner:
         pass
 
 
-def _greedy(logits: np.ndarray) -> int:
-    return int(np.argmax(logits))
-
-
 def _request(prompt: Sequence[int], new: int, **kwargs: object) -> SequenceRequest:
-    return SequenceRequest(tuple(prompt), new, _greedy, **kwargs)  # type: ignore[arg-type]
+    return SequenceRequest(tuple(prompt), new, TokenSampler(Sampling()), **kwargs)  # type: ignore[arg-type]
 
 
 async def _engine(runner: FakeRunner, **settings: int) -> GenerationScheduler:

@@ -4,7 +4,8 @@ stays on the model's device between steps.
 
 Per layer one key and one value tensor of shape (max_slots, kv heads, max_model_len,
 head size) on the device (fp16 on CUDA, fp32 on the CPU). A step sends only the new
-token ids to the device and brings back only the last position's logits: the keys and
+token ids to the device and samples there (``sample``): greedy rows bring back only their
+token id, rows that sample (temperature, penalties) their last position's logits row: the keys and
 values of the new tokens are written into their slots in place, and attention reads
 each row's own slot up to the longest row's length, masked to the row's positions.
 No cache ever crosses to the host.
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,11 +42,12 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from taskserve.server.errors import RuntimeFailure
+from taskserve.server.errors import InvalidInput, RuntimeFailure
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.runtimes.base import TensorInfo
 from taskserve.server.runtimes.generation import SlotCacheRunner, StepRow, check_decoder_rows
 from taskserve.server.runtimes.graph_shapes import graph_batch_sizes
+from taskserve.server.runtimes.sampling import TokenSampler
 from taskserve.server.runtimes.torch_runtime import BUILD_LOCK, choose_device, read_spec, set_cpu_threads
 
 log = logging.getLogger(__name__)
@@ -222,24 +224,56 @@ class TorchDecoderRunner(SlotCacheRunner):
         return sum(t.numel() * t.element_size() for t in (*self._keys, *self._values))
 
     def step(self, rows: Sequence[StepRow]) -> np.ndarray:
+        with self._on_device():
+            logits: np.ndarray = self._run(rows).cpu().numpy()
+        return logits
+
+    def sample(self, rows: Sequence[StepRow], samplers: Sequence[TokenSampler | None]) -> list[int | None]:
+        """Greedy rows take their argmax on the device: only their token ids cross to the host.
+        Rows that sample (temperature, penalties) bring their own logits row over."""
+        picked: list[int | None] = [None] * len(rows)
+        with self._on_device():
+            logits = self._run(rows)
+            greedy = [i for i, s in enumerate(samplers) if s is not None and s.greedy_only]
+            if greedy:
+                index = torch.as_tensor(greedy, device=logits.device)
+                for i, token in zip(greedy, logits.index_select(0, index).argmax(dim=-1).tolist(), strict=True):
+                    picked[i] = int(token)
+            others = [i for i, s in enumerate(samplers) if s is not None and not s.greedy_only]
+            host = logits[others].cpu().numpy() if others else None
+        for j, i in enumerate(others):
+            sampler = samplers[i]
+            assert sampler is not None and host is not None
+            picked[i] = sampler.pick(host[j])
+        return picked
+
+    @contextlib.contextmanager
+    def _on_device(self) -> Iterator[None]:
+        """Inference mode with the model's GPU current (the engine's thread is not the loading
+        one; streams, graph capture and the graph pool follow the current device); a failure
+        (CUDA out of memory, a kernel) becomes RuntimeFailure: the engine fails these rows."""
         if self._model is None:
             raise RuntimeFailure(f"model {self.config.name!r} is not loaded")
-        check_decoder_rows(self.config.name, rows, self._positions, self._lengths, self._vocab)
-        out = np.empty((len(rows), self._vocab), np.float32)
-        # The engine's thread is not the loading one: make the model's GPU current on it (streams,
-        # graph capture and the graph pool follow the current device).
         device = torch.cuda.device(self.device) if self.device.startswith("cuda") else contextlib.nullcontext()
         try:
             with torch.inference_mode(), device:
-                decode = [i for i, r in enumerate(rows) if len(r.tokens) == 1]
-                if decode and self._static_shapes:
-                    out[decode] = self._decode_static([rows[i] for i in decode])
-                elif decode:
-                    out[decode] = self._forward([rows[i] for i in decode])
-                for group in self._prefill_groups([i for i, r in enumerate(rows) if len(r.tokens) > 1], rows):
-                    out[group] = self._forward([rows[i] for i in group])
-        except Exception as err:  # CUDA out of memory, kernel failures: the engine fails these rows
+                yield
+        except (RuntimeFailure, InvalidInput):
+            raise
+        except Exception as err:
             raise RuntimeFailure(f"torch failed on model {self.config.name!r}: {type(err).__name__}: {err}") from err
+
+    def _run(self, rows: Sequence[StepRow]) -> torch.Tensor:
+        """The step's float32 logits (rows, vocab), left on the device."""
+        check_decoder_rows(self.config.name, rows, self._positions, self._lengths, self._vocab)
+        out = torch.empty((len(rows), self._vocab), dtype=torch.float32, device=self.device)
+        decode = [i for i, r in enumerate(rows) if len(r.tokens) == 1]
+        if decode and self._static_shapes:
+            out[decode] = self._decode_static([rows[i] for i in decode])
+        elif decode:
+            out[decode] = self._forward([rows[i] for i in decode])
+        for group in self._prefill_groups([i for i, r in enumerate(rows) if len(r.tokens) > 1], rows):
+            out[group] = self._forward([rows[i] for i in group])
         for row in rows:
             self._lengths[row.slot] = row.start + len(row.tokens)
         return out
@@ -261,9 +295,9 @@ class TorchDecoderRunner(SlotCacheRunner):
                 longest = n
         return groups
 
-    def _forward(self, rows: list[StepRow]) -> np.ndarray:
+    def _forward(self, rows: list[StepRow]) -> torch.Tensor:
         """One model call over rows of any number of new tokens (padded on the right to the
-        longest, inside each row's slot); each row's last real token's logits, float32 on the host."""
+        longest, inside each row's slot); each row's last real token's logits, float32 on the device."""
         device = self.device
         counts = np.asarray([len(r.tokens) for r in rows], np.int64)
         new = int(counts.max())
@@ -277,10 +311,9 @@ class TorchDecoderRunner(SlotCacheRunner):
         one_slot = rows[0].slot if len(rows) == 1 else None
         last = None if bool((counts == new).all()) else torch.from_numpy(counts - 1).to(device)
         total = int(starts.max()) + new
-        logits: np.ndarray = self._compute(tokens, slots, positions, total, one_slot, last).cpu().numpy()
-        return logits
+        return self._compute(tokens, slots, positions, total, one_slot, last)
 
-    def _decode_static(self, rows: list[StepRow]) -> np.ndarray:
+    def _decode_static(self, rows: list[StepRow]) -> torch.Tensor:
         """Decode rows padded to a (rows, length) bucket: replayed from a CUDA graph when
         graphs are on, else computed eagerly on the same padded shapes."""
         count = len(rows)
@@ -301,8 +334,7 @@ class TorchDecoderRunner(SlotCacheRunner):
                 static.copy_(value)
             graph.graph.replay()
             logits = graph.logits
-        result: np.ndarray = logits[:count].cpu().numpy()
-        return result
+        return logits[:count]  # the graph's static buffer: the caller copies it out before the next replay
 
     def _graph(self, batch: int, length: int, host: tuple[torch.Tensor, ...]) -> _DecodeGraph | None:
         """The graph of one bucket, captured on first use (its warm-up runs compute this very

@@ -9,12 +9,13 @@ one it needs and never inspects a scheduler's type.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
+from taskserve.server.runtimes.sampling import TokenSampler
 from taskserve.server.scheduling.base import Lifecycle
 
 
@@ -24,8 +25,9 @@ class SequenceRequest:
 
     prompt: tuple[int, ...]
     max_new_tokens: int
-    # Logits row (vocab,) -> next token. Runs on the engine's runner thread; owned by this sequence alone.
-    pick: Callable[[np.ndarray], int]
+    # Picks the next token where the logits are: on the runner's thread, inside
+    # ``DecoderRunner.sample``. Owned by this sequence alone (it holds its seeded generator).
+    sampler: TokenSampler
     # Tokens after which the sequence ends (end of sequence); the token itself is delivered.
     stop_token_ids: frozenset[int] = frozenset()
     # Absolute time.monotonic().

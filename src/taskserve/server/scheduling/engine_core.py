@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import collections
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from taskserve.server.errors import DeadlineExceeded, InvalidInput, TaskServeError
 from taskserve.server.runtimes.generation import StepRow
+from taskserve.server.runtimes.sampling import TokenSampler
 from taskserve.server.scheduling.engine_api import SequenceRequest
 from taskserve.server.scheduling.kv_slots import SlotAllocator
 
@@ -41,12 +42,12 @@ from taskserve.server.scheduling.kv_slots import SlotAllocator
 @dataclass(frozen=True, slots=True)
 class ScheduledRow:
     """One sequence's row in a step; ``samples``: the row completes the prompt (or decodes),
-    so the runner picks the sequence's next token from its logits."""
+    so the runner samples the sequence's next token (``sampler``) from its logits."""
 
     seq_id: int
     row: StepRow
     samples: bool
-    pick: Callable[[np.ndarray], int]
+    sampler: TokenSampler
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +199,7 @@ class EngineCore:
         for sequence in self._running:
             if sequence.prefilled:
                 row = StepRow(sequence.slot, np.asarray([sequence.last_token], np.int64), sequence.computed)
-                rows.append(ScheduledRow(sequence.seq_id, row, True, sequence.request.pick))
+                rows.append(ScheduledRow(sequence.seq_id, row, True, sequence.request.sampler))
                 budget -= 1
         for sequence in self._running:
             if budget <= 0:
@@ -266,7 +267,7 @@ class EngineCore:
         encoder = sequence.request.encoder_states if sequence.computed == 0 else None
         row = StepRow(sequence.slot, chunk, sequence.computed, encoder)
         completes = sequence.computed + size >= len(prompt)
-        rows.append(ScheduledRow(sequence.seq_id, row, completes, sequence.request.pick))
+        rows.append(ScheduledRow(sequence.seq_id, row, completes, sequence.request.sampler))
         return size
 
     def _expire(self, now: float) -> None:

@@ -2,8 +2,8 @@
 
 ``engine_core.EngineCore`` decides (admission, token budget, chunked prefill, slots,
 finishing); ``runtimes/generation.py``'s ``DecoderRunner`` computes; this module only
-moves between them: plan on the event loop, run the step (the model call and each
-sampling row's ``pick``) on the runner's own thread, update the core, deliver the tokens
+moves between them: plan on the event loop, run the step (the model call and the
+sampling, ``DecoderRunner.sample``) on the runner's own thread, update the core, deliver the tokens
 to each sequence's stream, record the metrics. The engine knows nothing of tokenizers or
 gRPC: the task turns tokens into text, decides on stop strings and cancels the stream
 when it has seen enough.
@@ -15,16 +15,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-
-import numpy as np
 
 from taskserve.server.errors import ModelNotReady, RuntimeFailure, TaskServeError
 from taskserve.server.metrics import ModelMetrics
 from taskserve.server.repository.config import GenerationConfig
 from taskserve.server.runtimes.generation import DecoderRunner, StepRow
+from taskserve.server.runtimes.sampling import TokenSampler
 from taskserve.server.scheduling.engine_api import GenerationEngine, SequenceRequest
 from taskserve.server.scheduling.engine_core import EngineCore, EngineLimits, SequenceOutput, StepPlan
 
@@ -244,10 +243,9 @@ def _release(runner: DecoderRunner, slots: Sequence[int]) -> None:
 
 
 def _execute(runner: DecoderRunner, plan: StepPlan) -> list[int | None]:
-    """On the runner's thread: reset the slots whose sequences left, run the step, then
-    pick the next token of every row that completes its prompt or decodes."""
+    """On the runner's thread: reset the slots whose sequences left, run the step; the runner
+    samples the next token of every row that completes its prompt or decodes."""
     _release(runner, plan.released_slots)
     rows: list[StepRow] = plan.step_rows
-    logits = runner.step(rows)
-    picks: list[Callable[[np.ndarray], int] | None] = [r.pick if r.samples else None for r in plan.rows]
-    return [pick(logits[i]) if pick is not None else None for i, pick in enumerate(picks)]
+    samplers: list[TokenSampler | None] = [r.sampler if r.samples else None for r in plan.rows]
+    return runner.sample(rows, samplers)

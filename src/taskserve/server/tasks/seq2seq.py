@@ -135,7 +135,7 @@ class Seq2SeqGenerator(TextTask):
             SequenceRequest(
                 prompt=(self.decoder_start,),
                 max_new_tokens=limit,
-                pick=picker.pick,
+                sampler=picker,
                 stop_token_ids=self.eos_ids,
                 deadline=options.deadline,
                 encoder_states=hidden[0],

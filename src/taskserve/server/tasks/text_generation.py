@@ -388,7 +388,7 @@ class TextGenerator(TextTask):
         request = SequenceRequest(
             prompt=tuple(prepared.ids),
             max_new_tokens=prepared.max_new_tokens,
-            pick=picker.pick,
+            sampler=picker,
             stop_token_ids=self.eos_ids,
             deadline=options.deadline,
         )
