@@ -155,7 +155,10 @@ class GenerationScheduler(GenerationEngine):
             return
         self._stopping = True
         if drain and self._task is not None and not self._task.done():
-            await self._idle.wait()
+            # Until the work is done, or the loop is (a loop that died would never set idle).
+            idle = asyncio.ensure_future(self._idle.wait())
+            await asyncio.wait({idle, self._task}, return_when=asyncio.FIRST_COMPLETED)
+            idle.cancel()
         self._deliver(self.core.abort_all(ModelNotReady(f"model {self.name!r} was unloaded; retry")))
         if self._task is not None:
             self._task.cancel()
