@@ -134,6 +134,12 @@ class GenerationScheduler(GenerationEngine):
         return GenerationStream(self, seq_id, delivery)
 
     @property
+    def idle(self) -> bool:
+        """No sequence unfinished and no step in flight (set by the loop once the last step's
+        results are in). Safe to read from any thread."""
+        return self._idle.is_set()
+
+    @property
     def running_count(self) -> int:
         return self.core.num_running
 
