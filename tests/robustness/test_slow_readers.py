@@ -43,7 +43,7 @@ _STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from taskserve.exporters import tiny_models
+    from tests.support import tiny_hf_models as tiny_models
     from taskserve.exporters.api import export_hf
 
     repo = tmp_path_factory.mktemp("slow-readers-repo")
