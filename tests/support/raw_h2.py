@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 
 
 @dataclass
@@ -59,8 +60,16 @@ def raw_grpc_call(
             data = sock.recv(65536)
             if not data:
                 break
-            for event in conn.receive_data(data):
-                if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+            try:
+                events = conn.receive_data(data)
+            except h2.exceptions.ProtocolError:
+                # Frames after the server closed the connection (a PING behind its GOAWAY, say):
+                # the connection is over, and so is the answer.
+                break
+            for event in events:
+                if isinstance(event, h2.events.ConnectionTerminated):
+                    answer.ended = True
+                elif isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
                     answer.headers.update((bytes(k), bytes(v)) for k, v in event.headers)
                 elif isinstance(event, h2.events.DataReceived):
                     conn.acknowledge_received_data(event.flow_controlled_length, stream)
