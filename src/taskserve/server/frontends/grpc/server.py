@@ -16,7 +16,7 @@ from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_g
 from taskserve.server.frontends.grpc.auth import BearerTokenInterceptor
 from taskserve.server.frontends.grpc.health import HealthReporter
 from taskserve.server.frontends.grpc.malformed import guard
-from taskserve.server.frontends.grpc.tasks import add_task_servicers
+from taskserve.server.frontends.grpc.tasks import add_task_servicers, build_tasks
 from taskserve.server.frontends.grpc.tls import server_credentials
 from taskserve.server.frontends.grpc.v2_servicer import V2Servicer
 from taskserve.server.gpu_metrics import GpuCollector, start_gpu_metrics
@@ -85,11 +85,12 @@ class ServingApp:
         server = grpc.aio.server(options=options, interceptors=interceptors)
         # Services register through guard(): malformed request messages get INVALID_ARGUMENT.
         guarded = guard(server)
-        v2 = V2Servicer(self.models, self.ready, s.model_control_mode, s.max_streams)
+        tasks = build_tasks(self.models, _task_limits(s))
+        v2 = V2Servicer(self.models, self.ready, s.model_control_mode, s.max_streams, tasks=tasks)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(v2, guarded)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, guarded)
         names = [pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
-        names += add_task_servicers(guarded, self.models, _task_limits(s))
+        names += add_task_servicers(guarded, self.models, tasks=tasks)
         names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         self.service_names = names
         if s.reflection:

@@ -18,12 +18,14 @@ from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from taskserve.protocol.generated.inference import model_config_pb2 as mc
 from taskserve.server.errors import InvalidInput, ModelControlDisabled, ModelNotReady, Overloaded
-from taskserve.server.frontends.grpc import codec
+from taskserve.server.frontends.grpc import codec, v2_faces
 from taskserve.server.frontends.grpc.status import describe, unary
+from taskserve.server.frontends.v2.faces import FACED_TASKS, Faces, has_face, is_decoupled
 from taskserve.server.metrics import Duration
 from taskserve.server.repository.manager import LoadedModel, ModelManager, ModelState
 from taskserve.server.repository.paths import check_model_name
 from taskserve.server.scheduling.base import InferRequest
+from taskserve.server.tasks.base import TaskCache
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,14 @@ def request_deadline(context: Context, timeout_us: int | None) -> float | None:
 
 
 class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, models: ModelManager, ready: Any, model_control: str = "none", max_streams: int = 256) -> None:
+    def __init__(
+        self, models: ModelManager, ready: Any, model_control: str = "none", max_streams: int = 256,
+        tasks: TaskCache | None = None,
+    ) -> None:  # fmt: skip
         self._models = models
+        # The faces of generating models (text_input -> text_output, prompt -> image); they run
+        # the typed services' task objects (``tasks``). Without them those models refuse infer.
+        self._faces = Faces(tasks, models.get) if tasks is not None else None
         # "explicit": RepositoryModelLoad/Unload allowed; "none": the repository is fixed at startup.
         self._model_control = model_control
         # ModelStreamInfer streams open at once; beyond, new ones get RESOURCE_EXHAUSTED.
@@ -78,7 +86,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     @unary
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
         model = self._models.get(request.name, request.version)
-        config = model.config
+        config = self._faces.config(model) if self._faces is not None else model.config
         response = pb.ModelMetadataResponse(
             name=model.name, versions=self._models.versions(model.name), platform=_PLATFORM[config.platform]
         )
@@ -91,7 +99,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     @unary
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
         model = self._models.get(request.name, request.version)
-        return pb.ModelConfigResponse(config=_model_config_message(model))
+        return pb.ModelConfigResponse(config=model_config_message(model, self._faces))
 
     @unary
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
@@ -149,6 +157,8 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         # method is most of the server's time (see README, "Results": the floor).
         started = time.perf_counter_ns()
         model = self._models.get(request.model_name, request.model_version)
+        if model.config.task in FACED_TASKS and self._faces is not None and has_face(model):
+            return await v2_faces.infer(self._faces, model, request, context)
         metrics = model.metrics
         deadline = None
         try:
@@ -207,6 +217,10 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def run_one(req: pb.ModelInferRequest) -> None:
             try:
+                if (faced := self._faced(req)) is not None:  # one request, possibly many responses
+                    async for response in v2_faces.stream(self._faces, faced, req, context):  # type: ignore[arg-type]
+                        await results.put(pb.ModelStreamInferResponse(infer_response=response))
+                    return
                 response = await self._infer(req, context)
                 await results.put(pb.ModelStreamInferResponse(infer_response=response))
             except Exception as err:  # errors travel in-band; the stream stays open
@@ -243,8 +257,17 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
 
 
-def _model_config_message(model: LoadedModel) -> mc.ModelConfig:
-    config = model.config
+    def _faced(self, request: pb.ModelInferRequest) -> LoadedModel | None:
+        """The model of a streamed request when it has a face (its responses come from v2_faces)."""
+        if self._faces is None:
+            return None
+        model = self._models.get(request.model_name, request.model_version)
+        return model if model.config.task in FACED_TASKS and has_face(model) else None
+
+
+def model_config_message(model: LoadedModel, faces: Faces | None = None) -> mc.ModelConfig:
+    """Triton's ModelConfig for ``model``: its own tensors, or its face's (``faces``)."""
+    config = faces.config(model) if faces is not None else model.config
     message = mc.ModelConfig(
         name=model.name,
         platform=_PLATFORM[config.platform],
@@ -281,6 +304,8 @@ def _model_config_message(model: LoadedModel) -> mc.ModelConfig:
     else:
         message.version_policy.latest.num_versions = policy.latest or 1
     message.parameters["task"].string_value = config.task
+    if faces is not None and is_decoupled(model):
+        message.model_transaction_policy.decoupled = True
     return message
 
 

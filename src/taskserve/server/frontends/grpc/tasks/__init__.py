@@ -61,7 +61,18 @@ from taskserve.server.repository.manager import ModelManager
 from taskserve.server.tasks.base import TaskCache, TaskContext, TaskLimits
 from taskserve.server.tasks.readiness import check_servable
 
-__all__ = ["add_task_servicers"]
+__all__ = ["add_task_servicers", "build_tasks"]
+
+
+def build_tasks(models: ModelManager, limits: TaskLimits | None = None, workers: int | None = None) -> TaskCache:
+    """The task objects every door shares (typed services, v2 faces), wired into the manager."""
+    context = TaskContext(limits, workers or min(8, os.cpu_count() or 2), models=models.get)
+    tasks = TaskCache(context)
+    # READY means it can serve: each version's typed task is checked and built at load
+    # (tasks/readiness.py); the manager is below tasks, so the front end wires it in.
+    models.add_load_check(functools.partial(check_servable, tasks))
+    models.add_retire_listener(tasks.forget)
+    return tasks
 
 
 def add_task_servicers(
@@ -69,16 +80,13 @@ def add_task_servicers(
     models: ModelManager,
     limits: TaskLimits | None = None,
     workers: int | None = None,
+    tasks: TaskCache | None = None,
 ) -> list[str]:
     """Register every typed service on ``server``; returns their full names (for
     reflection and health). They share one worker pool for pre- and post-processing,
     sized to the machine's cores unless ``workers`` says otherwise."""
-    context = TaskContext(limits, workers or min(8, os.cpu_count() or 2), models=models.get)
-    tasks = TaskCache(context)
-    # READY means it can serve: each version's typed task is checked and built at load
-    # (tasks/readiness.py); the manager is below tasks, so the front end wires it in.
-    models.add_load_check(functools.partial(check_servable, tasks))
-    models.add_retire_listener(tasks.forget)
+    if tasks is None:
+        tasks = build_tasks(models, limits, workers)
     registrations: list[tuple[Any, str, Callable[[Any, grpc.aio.Server], None], type[TaskServicer]]] = [
         (text_classification_pb2, "TextClassification", text_classification_pb2_grpc.add_TextClassificationServicer_to_server, TextClassificationServicer),
         (token_classification_pb2, "TokenClassification", token_classification_pb2_grpc.add_TokenClassificationServicer_to_server, TokenClassificationServicer),
