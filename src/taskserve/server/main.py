@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from taskserve.server.frontends.grpc.auth import TOKENS_ENV, TokenError, load_tokens
 from taskserve.server.frontends.grpc.tls import TlsFilesError
+from taskserve.server.frontends.http.server import HttpStartError
 from taskserve.server.gpu_metrics import GPU_METRICS_MODES, GpuMetricsUnavailable
 from taskserve.server.settings import ServerSettings
 
@@ -41,6 +42,7 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
     )  # fmt: skip
     p.add_argument("--log-level", default=os.environ.get("TASKSERVE_LOG_LEVEL", "INFO"))
     _add_edge_args(p)
+    _add_http_args(p)
     _add_limit_flags(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -49,8 +51,15 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
     if a.gpu_metrics == "on" and a.metrics_port < 0:
         p.error("--gpu-metrics on needs the metrics endpoint: drop --metrics-port -1 or use --gpu-metrics off")
     edge = _edge_settings(p, a)
+    if a.max_http_body_mb <= 0:
+        p.error("--max-http-body-mb must be > 0")
+    if a.stream_write_timeout <= 0:
+        p.error("--stream-write-timeout must be > 0 seconds")
     return ServerSettings(
         **edge,
+        http_port=a.http_port,
+        max_http_body_bytes=a.max_http_body_mb * 1024 * 1024,
+        stream_write_timeout_s=a.stream_write_timeout,
         model_repository=a.model_repository,
         host=a.host,
         grpc_port=a.grpc_port,
@@ -88,6 +97,24 @@ def _add_edge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--health-port", type=int, default=-1,
         help="plaintext port with grpc.health.v1 only, for probes when the gRPC port uses TLS (-1: off)",
+    )  # fmt: skip
+
+
+def _add_http_args(p: argparse.ArgumentParser) -> None:
+    """The HTTP door (docs/http.md): OpenAI-compatible API and KServe v2 REST."""
+    p.add_argument(
+        "--http-port", type=int, default=-1,
+        help="HTTP port: OpenAI-compatible /v1 and KServe v2 REST, bound to --host with the same TLS and tokens "
+        "(-1: off, the default; 0: any free port)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-http-body-mb", type=int, default=256,
+        help="largest HTTP request body, MiB; larger ones get 413 before they are read (default 256)",
+    )  # fmt: skip
+    p.add_argument(
+        "--stream-write-timeout", type=float, default=ServerSettings.stream_write_timeout_s,
+        help="seconds a streamed response may wait on a client that stops reading before it is ended "
+        f"and its generation slot freed (default {ServerSettings.stream_write_timeout_s:g})",
     )  # fmt: skip
 
 
@@ -143,7 +170,8 @@ async def serve(settings: ServerSettings) -> None:
     await app.start()
     # Machine-readable line for scripts that start the server on port 0.
     health = f" health={app.health_port}" if app.health_port else ""
-    print(f"taskserve-server listening grpc={app.grpc_port} metrics={app.metrics_port}{health}", flush=True)
+    http = f" http={app.http_port}" if app.http_port else ""
+    print(f"taskserve-server listening grpc={app.grpc_port} metrics={app.metrics_port}{health}{http}", flush=True)
     freezing = asyncio.create_task(_freeze_startup_objects(app))
     await stop.wait()
     freezing.cancel()
@@ -172,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     try:
         asyncio.run(serve(settings))
-    except (GpuMetricsUnavailable, TlsFilesError) as err:
+    except (GpuMetricsUnavailable, TlsFilesError, HttpStartError) as err:
         print(f"taskserve-server: error: {err}", file=sys.stderr, flush=True)
         return 1
     return 0

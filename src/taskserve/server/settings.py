@@ -50,6 +50,15 @@ class ServerSettings:
     # A plaintext port serving grpc.health.v1 only (-1: none), for probes that cannot speak
     # TLS (the kubelet's gRPC probe) when the main port does. 0 picks a free port.
     health_port: int = -1
+    # -- the HTTP door (docs/http.md): OpenAI-compatible API and KServe v2 REST --
+    # Off (-1) unless given; 0 picks a free port (the bound one is on ServingApp.http_port).
+    # Bound to ``host``, with the same TLS files and tokens as the gRPC port.
+    http_port: int = -1
+    # Largest HTTP request body; a larger Content-Length is refused (413) before the body is read.
+    max_http_body_bytes: int = 256 * 1024 * 1024
+    # A streamed response (server-sent events) whose client has not taken a chunk for this long
+    # is ended, freeing its generation slot.
+    stream_write_timeout_s: float = 30.0
     # Request limits (docs/robustness.md): the server's defaults; a model's config.yaml
     # ``limits`` overrides the per-model ones. Checked before any heavy work.
     max_items: int = 256

@@ -8,7 +8,6 @@ unless ``--auth-health``.
 
 from __future__ import annotations
 
-import hmac
 import os
 import string
 from collections.abc import Awaitable, Callable, Iterable
@@ -17,6 +16,8 @@ from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
+
+from taskserve.server.frontends.tokens import TokenCheck
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -83,25 +84,20 @@ def _abort_handler(handler: grpc.RpcMethodHandler[Req, Resp], message: str) -> g
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: Iterable[str], protect_health: bool = False) -> None:
-        self._tokens = [t.encode() for t in tokens]
-        if not self._tokens:
+        tokens = tuple(tokens)
+        if not tokens:
             raise TokenError("authentication needs at least one token")
+        # The constant-time comparison is shared with the HTTP door (frontends/tokens.py).
+        self._check = TokenCheck(tokens)
         self._public = () if protect_health else PUBLIC_PREFIXES
 
     def authorized(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
-        presented = b""
+        raw: bytes | None = None
         for key, value in metadata or ():
             if key == "authorization":
                 raw = value if isinstance(value, bytes) else value.encode("utf-8", "replace")
-                scheme, _, presented = raw.partition(b" ")
-                if scheme.lower() != b"bearer":
-                    presented = b""
                 break
-        # Compare with every token, no early exit: the time taken says nothing about which matched.
-        matched = False
-        for token in self._tokens:
-            matched |= hmac.compare_digest(presented.strip(), token)
-        return matched and bool(presented)
+        return self._check.accepts(raw)
 
     async def intercept_service(
         self,

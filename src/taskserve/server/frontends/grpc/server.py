@@ -16,9 +16,12 @@ from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_g
 from taskserve.server.frontends.grpc.auth import BearerTokenInterceptor
 from taskserve.server.frontends.grpc.health import HealthReporter
 from taskserve.server.frontends.grpc.malformed import guard
-from taskserve.server.frontends.grpc.tasks import add_task_servicers, build_tasks
+from taskserve.server.frontends.grpc.tasks import add_task_servicers
 from taskserve.server.frontends.grpc.tls import server_credentials
 from taskserve.server.frontends.grpc.v2_servicer import V2Servicer
+from taskserve.server.frontends.http.app import create_http_app
+from taskserve.server.frontends.http.server import HttpDoor
+from taskserve.server.frontends.parts import ServingParts, build_tasks
 from taskserve.server.gpu_metrics import GpuCollector, start_gpu_metrics
 from taskserve.server.metrics import ServerMetrics
 from taskserve.server.repository.config import ModelLimits
@@ -45,6 +48,9 @@ class ServingApp:
         self.grpc_port = 0
         self.metrics_port = 0
         self.health_port = 0
+        # The HTTP door's bound port (0 while it is off).
+        self.http_port = 0
+        self._http_door: HttpDoor | None = None
         self._health_server: grpc.aio.Server | None = None
         self._draining = False
         self._server: grpc.aio.Server | None = None
@@ -52,6 +58,14 @@ class ServingApp:
         self.gpu_metrics: GpuCollector | None = None
         self._loading: asyncio.Task[None] | None = None
         self.service_names: list[str] = []
+        # What both doors share: tasks (worker pool, admission), models, metrics, readiness.
+        self.parts = ServingParts(
+            settings=settings,
+            models=self.models,
+            tasks=build_tasks(self.models, _task_limits(settings)),
+            metrics=self.metrics,
+            ready=self.ready,
+        )
 
     def ready(self) -> bool:
         if self._draining or not self.models.startup_complete:
@@ -85,12 +99,11 @@ class ServingApp:
         server = grpc.aio.server(options=options, interceptors=interceptors)
         # Services register through guard(): malformed request messages get INVALID_ARGUMENT.
         guarded = guard(server)
-        tasks = build_tasks(self.models, _task_limits(s))
-        v2 = V2Servicer(self.models, self.ready, s.model_control_mode, s.max_streams, tasks=tasks)
+        v2 = V2Servicer(self.models, self.ready, s.model_control_mode, s.max_streams, tasks=self.parts.tasks)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(v2, guarded)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, guarded)
         names = [pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
-        names += add_task_servicers(guarded, self.models, tasks=tasks)
+        names += add_task_servicers(guarded, self.models, tasks=self.parts.tasks)
         names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         self.service_names = names
         if s.reflection:
@@ -105,6 +118,15 @@ class ServingApp:
             raise OSError(f"could not bind gRPC port {address}")
         await server.start()
         self._server = server
+        if s.http_port >= 0:
+            # Same process and event loop as the gRPC server (http/server.py).
+            door = HttpDoor(create_http_app(self.parts), s)
+            try:
+                self.http_port = await door.start()
+            except BaseException:
+                await server.stop(0)
+                raise
+            self._http_door = door
         if s.health_port >= 0:
             await self._start_health_port(s)
         if s.metrics_port >= 0:
@@ -113,7 +135,8 @@ class ServingApp:
         await self.health.set_overall(False)
         self.models.add_listener(self._on_model_change)
         log.info(
-            "gRPC on %s:%d (%s%s, model control %s), metrics on %s:%d", s.host, self.grpc_port,
+            "gRPC on %s:%d%s (%s%s, model control %s), metrics on %s:%d", s.host, self.grpc_port,
+            f", HTTP on {s.host}:{self.http_port}" if self._http_door else "",
             "mutual TLS" if s.tls_client_ca else "TLS" if s.tls_cert else "plaintext",
             ", bearer tokens" if s.auth_tokens else "", s.model_control_mode, s.metrics_host, self.metrics_port,
         )  # fmt: skip
@@ -167,9 +190,11 @@ class ServingApp:
             await asyncio.sleep(delay)
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
-        if self._server is not None:
-            # Refuses new RPCs at once and waits up to `grace` for in-flight ones.
-            await self._server.stop(grace)
+        # Both doors refuse new requests at once and wait up to `grace` for in-flight ones.
+        stopping = [self._server.stop(grace)] if self._server is not None else []
+        if self._http_door is not None:
+            stopping.append(self._http_door.stop(grace))
+        await asyncio.gather(*stopping)
         if self._health_server is not None:
             await self._health_server.stop(0)
         await self.models.stop(drain=True)

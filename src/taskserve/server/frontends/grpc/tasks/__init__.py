@@ -4,8 +4,6 @@ its answer. They share the models and schedulers of the v2 protocol."""
 
 from __future__ import annotations
 
-import functools
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -57,22 +55,11 @@ from taskserve.server.frontends.grpc.tasks.text_transform import (
     TranslationServicer,
 )
 from taskserve.server.frontends.grpc.tasks.token_classification import TokenClassificationServicer
+from taskserve.server.frontends.parts import build_tasks
 from taskserve.server.repository.manager import ModelManager
-from taskserve.server.tasks.base import TaskCache, TaskContext, TaskLimits
-from taskserve.server.tasks.readiness import check_servable
+from taskserve.server.tasks.base import TaskCache, TaskLimits
 
-__all__ = ["add_task_servicers", "build_tasks"]
-
-
-def build_tasks(models: ModelManager, limits: TaskLimits | None = None, workers: int | None = None) -> TaskCache:
-    """The task objects every door shares (typed services, v2 faces), wired into the manager."""
-    context = TaskContext(limits, workers or min(8, os.cpu_count() or 2), models=models.get)
-    tasks = TaskCache(context)
-    # READY means it can serve: each version's typed task is checked and built at load
-    # (tasks/readiness.py); the manager is below tasks, so the front end wires it in.
-    models.add_load_check(functools.partial(check_servable, tasks))
-    models.add_retire_listener(tasks.forget)
-    return tasks
+__all__ = ["add_task_servicers"]
 
 
 def add_task_servicers(
@@ -84,7 +71,8 @@ def add_task_servicers(
 ) -> list[str]:
     """Register every typed service on ``server``; returns their full names (for
     reflection and health). They share one worker pool for pre- and post-processing,
-    sized to the machine's cores unless ``workers`` says otherwise."""
+    sized to the machine's cores unless ``workers`` says otherwise; ``tasks``: the
+    cache the other doors share (frontends/parts.py), built here when not given."""
     if tasks is None:
         tasks = build_tasks(models, limits, workers)
     registrations: list[tuple[Any, str, Callable[[Any, grpc.aio.Server], None], type[TaskServicer]]] = [

@@ -1,0 +1,46 @@
+"""The HTTP door itself: served beside gRPC in the same process and loop, on a free port
+bound to --host, off unless asked for, with OpenAI's error body on /v1."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import httpx
+
+from tests.support.server import running_server
+
+
+def test_http_door_is_off_unless_asked_for(tiny_repository: Path) -> None:
+    with running_server(tiny_repository) as server:
+        assert server.app is not None and server.app.http_port == 0
+
+
+def test_http_door_serves_beside_grpc_on_the_same_loop(tiny_repository: Path) -> None:
+    threads_before = {t.ident for t in threading.enumerate()}
+    with running_server(tiny_repository, http_port=0) as server:
+        app = server.app
+        assert app is not None and app.http_port > 0 and app.http_port != app.grpc_port
+        # No loop or thread of its own: uvicorn runs as a task on the serving loop.
+        assert "http-door" in server.run(_task_names())
+        assert not [t for t in threading.enumerate() if t.ident not in threads_before and "uvicorn" in t.name]
+        base = f"http://127.0.0.1:{app.http_port}"
+        models = httpx.get(f"{base}/v1/models", timeout=10)
+        assert models.status_code == 200
+        assert [m["id"] for m in models.json()["data"]] == ["simple"]
+        assert httpx.get(f"{base}/health", timeout=10).status_code == 200
+        missing = httpx.get(f"{base}/v1/nothing-here", timeout=10)
+        assert missing.status_code == 404
+        assert missing.json()["error"]["type"] == "not_found_error"
+    # Stopped with the server: the port refuses connections.
+    try:
+        httpx.get(f"{base}/health", timeout=2)
+    except httpx.ConnectError:
+        pass
+    else:
+        raise AssertionError("the HTTP door still answers after the server stopped")
+
+
+async def _task_names() -> set[str]:
+    return {task.get_name() for task in asyncio.all_tasks()}
