@@ -17,13 +17,15 @@ import grpc
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from taskserve.protocol.generated.inference import model_config_pb2 as mc
-from taskserve.server.errors import InvalidInput, ModelControlDisabled, ModelNotReady, Overloaded
+from taskserve.server.errors import Overloaded
 from taskserve.server.frontends.grpc import codec, v2_faces
 from taskserve.server.frontends.grpc.status import describe, unary
 from taskserve.server.frontends.v2.faces import FACED_TASKS, Faces, has_face, is_decoupled
+from taskserve.server.frontends.v2.service import EXTENSIONS, SERVER_NAME, SERVER_VERSION, load_model, unload_model
+from taskserve.server.frontends.v2.service import PLATFORM as _PLATFORM
+from taskserve.server.frontends.v2.tensors import expected_shape
 from taskserve.server.metrics import Duration
 from taskserve.server.repository.manager import LoadedModel, ModelManager, ModelState
-from taskserve.server.repository.paths import check_model_name
 from taskserve.server.scheduling.base import InferRequest
 from taskserve.server.tasks.base import TaskCache
 
@@ -31,13 +33,8 @@ log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
-SERVER_NAME = "taskserve"
-SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["model_repository", "statistics", "model_configuration", "health", "metrics"]
 # Most requests a ModelStreamInfer stream has in flight at once.
 STREAM_CONCURRENCY = 64
-# Triton's platform names where one fits; torch entries are safetensors + config, not TorchScript.
-_PLATFORM = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "torch": "pytorch"}
 
 
 def request_deadline(context: Context, timeout_us: int | None) -> float | None:
@@ -91,9 +88,9 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             name=model.name, versions=self._models.versions(model.name), platform=_PLATFORM[config.platform]
         )
         for spec in config.inputs or ():
-            response.inputs.add(name=spec.name, datatype=spec.datatype, shape=codec.expected_shape(config, spec))
+            response.inputs.add(name=spec.name, datatype=spec.datatype, shape=expected_shape(config, spec))
         for spec in config.outputs or ():
-            response.outputs.add(name=spec.name, datatype=spec.datatype, shape=codec.expected_shape(config, spec))
+            response.outputs.add(name=spec.name, datatype=spec.datatype, shape=expected_shape(config, spec))
         return response
 
     @unary
@@ -124,30 +121,15 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
-        self._check_model_control("load")
-        if not request.model_name:
-            raise InvalidInput("model_name is empty; name the model directory to load")
-        check_model_name(request.model_name)
-        await self._models.load(request.model_name)
-        if not self._models.is_ready(request.model_name):
-            reason = next((e.reason for e in self._models.index() if e.name == request.model_name), "")
-            raise ModelNotReady(f"model {request.model_name!r} failed to load: {reason}")
+        await load_model(self._models, self._model_control, request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     @unary
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
-        self._check_model_control("unload")
-        await self._models.unload(request.model_name)
+        await unload_model(self._models, self._model_control, request.model_name)
         return pb.RepositoryModelUnloadResponse()
-
-    def _check_model_control(self, action: str) -> None:
-        if self._model_control != "explicit":
-            raise ModelControlDisabled(
-                f"model {action} is disabled: this server runs with --model-control-mode none (the repository "
-                "is fixed at startup); restart it with --model-control-mode explicit to load and unload models"
-            )
 
     # -- inference -------------------------------------------------------------
 

@@ -95,14 +95,28 @@ def text_request(tensors: Mapping[str, np.ndarray], parameters: Mapping[str, obj
     raw = _scalar(tensors, "sampling_parameters")
     if raw is not None:
         sampling.update(_sampling_json(_text(raw, "sampling_parameters")))
+    # Triton's generate extension callers often send these two as request parameters too.
     stream = _scalar(tensors, "stream")
+    if stream is None:
+        stream = _flag(parameters, "stream")
     exclude = _scalar(tensors, "exclude_input_in_output")
+    if exclude is None:
+        exclude = _flag(parameters, "exclude_input_in_output")
     return TextRequest(
         prompt=prompt,
         params=_params(sampling),
         stream=bool(stream) if stream is not None else False,
         exclude_input=bool(exclude) if exclude is not None else None,
     )
+
+
+def _flag(parameters: Mapping[str, object], key: str) -> bool | None:
+    value = parameters.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, bool):
+        raise InvalidInput(f"parameter {key!r} must be a bool, got {str(value)[:40]!r}")
+    return value
 
 
 def _sampling_json(text: str) -> dict[str, object]:
