@@ -7,18 +7,23 @@ from __future__ import annotations
 
 import json
 import queue
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+import tritonclient.http as tchttp
 from tritonclient.utils import InferenceServerException
 
 from taskserve.protocol.generated.taskserve.v1 import common_pb2 as common
 from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2 as tg
 from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2_grpc as tg_grpc
-from tests.support.server import ServerThread
+from tests.support.server import ServerThread, running_server
 
 MODEL = "tiny-llama"
 PROMPT = "Paris is the capital and most populous city of"
@@ -174,3 +179,67 @@ def test_an_error_in_a_stream_travels_in_band(client: Any) -> None:
     with pytest.raises(InferenceServerException) as err:
         streamed(client, convention_inputs("", {"max_tokens": 4}, stream=True))
     assert "prompt is empty" in err.value.message()
+
+
+# -- the same convention over KServe v2 REST: infer, generate, generate_stream -----------------
+
+
+@pytest.fixture(scope="module")
+def http_base(task_repository: Path) -> Iterator[str]:
+    with running_server(task_repository, http_port=0) as server:
+        assert server.app is not None
+        yield f"http://127.0.0.1:{server.app.http_port}"
+
+
+def test_rest_infer_through_tritonclient_http(http_base: str, channel: grpc.Channel) -> None:
+    expected, _ = typed_text(channel, PROMPT, 12)
+    client = tchttp.InferenceServerClient(http_base.removeprefix("http://"))
+    try:
+        inputs = [tchttp.InferInput("text_input", [1], "BYTES"), tchttp.InferInput("sampling_parameters", [1], "BYTES")]
+        inputs[0].set_data_from_numpy(np.array([PROMPT.encode()], dtype=np.object_))
+        inputs[1].set_data_from_numpy(np.array([json.dumps({"max_tokens": 12}).encode()], dtype=np.object_))
+        for binary in (False, True):
+            outputs = [tchttp.InferRequestedOutput("text_output", binary_data=binary)]
+            value = client.infer(MODEL, inputs, outputs=outputs).as_numpy("text_output")[0]
+            # tritonclient gives JSON strings as str, binary ones as bytes.
+            assert (value.decode() if binary else value) == PROMPT + expected
+        meta = client.get_model_metadata(MODEL)
+        assert [t["name"] for t in meta["inputs"]][0] == "text_input"
+        assert client.get_model_config(MODEL)["model_transaction_policy"] == {"decoupled": True}
+    finally:
+        client.close()
+
+
+def test_generate_returns_the_typed_services_greedy_text(http_base: str, channel: grpc.Channel) -> None:
+    expected, _ = typed_text(channel, PROMPT, 12)
+    body = {"text_input": PROMPT, "parameters": {"max_tokens": 12, "temperature": 0, "exclude_input_in_output": True}}
+    response = httpx.post(f"{http_base}/v2/models/{MODEL}/generate", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"model_name": MODEL, "model_version": "1", "text_output": expected}
+
+
+def test_generate_stream_with_curl_sends_one_event_per_chunk(http_base: str, channel: grpc.Channel) -> None:
+    expected, chunks = typed_text(channel, PROMPT, 16)
+    body = json.dumps({"text_input": PROMPT, "sampling_parameters": {"max_tokens": 16}})
+    done = subprocess.run(
+        ["curl", "-sS", "-N", "--max-time", "60", "-X", "POST", "-H", "Content-Type: application/json",
+         "-d", body, f"{http_base}/v2/models/{MODEL}/generate_stream"],
+        capture_output=True, text=True, timeout=90, check=True,
+    )  # fmt: skip
+    events = [json.loads(line.removeprefix("data: ")) for line in done.stdout.splitlines() if line.startswith("data: ")]
+    assert len(events) == chunks > 1
+    assert "".join(e["text_output"] for e in events) == expected
+    assert all(e["model_name"] == MODEL for e in events)
+
+
+def test_generate_refusals_have_kserve_bodies(http_base: str) -> None:
+    bad = httpx.post(
+        f"{http_base}/v2/models/{MODEL}/generate_stream",
+        json={"text_input": PROMPT, "sampling_parameters": {"max_tokens": 0}},
+        timeout=30,
+    )
+    assert bad.status_code == 400 and bad.json() == {"error": "max_tokens must be at least 1, got 0"}
+    other = httpx.post(f"{http_base}/v2/models/tiny-textcls/generate", json={"text_input": "hi"}, timeout=30)
+    assert other.status_code == 400 and "does not generate text" in other.json()["error"]
+    unknown = httpx.post(f"{http_base}/v2/models/{MODEL}/generate", json={"prompt": "hi"}, timeout=30)
+    assert unknown.status_code == 400 and "has no input 'prompt'" in unknown.json()["error"]
