@@ -84,6 +84,7 @@ ALL_FEATURES: dict[str, Any] = {
     "server": {"strictReadiness": True, "extraArgs": ["--no-reflection"], "modelControlMode": "explicit"},
     "tls": {"enabled": True, "secretName": "taskserve-tls", "clientAuth": True},
     "auth": {"tokensSecret": {"name": "taskserve-tokens"}},
+    "http": {"enabled": True, "readinessProbe": True},
     "imagePullSecrets": [{"name": "regcred"}],
     "serviceAccount": {"name": "taskserve"},
     "priorityClassName": "high",

@@ -103,6 +103,11 @@ class _Series:
         self.inter_token = _Histogram(_LATENCY_BUCKETS)
         self.generated_tokens = 0
         self.generation: tuple[int, int, float] | None = None
+        # The same requests again, by the door they came through (grpc, http): durations,
+        # outcomes ("success" or the failure reason) and time to a stream's first chunk.
+        self.door_request: dict[str, _Histogram] = {}
+        self.door_outcome: dict[tuple[str, str], int] = {}
+        self.door_first_chunk: dict[str, _Histogram] = {}
         self.load_seconds: float | None = None
         self.ready: int | None = None
         # (apply, payload) pairs recorded on the request path, not yet in the numbers above.
@@ -145,6 +150,34 @@ class ServerMetrics(Collector):
             for key in [k for k in self._series if k[0] == model]:
                 if (version is None or key[1] == version) and key[1] not in kept:
                     del self._series[key]
+
+    @staticmethod
+    def _door_families(items: list[tuple[tuple[str, str], _Series]]) -> Iterable[Metric]:
+        """The request families by protocol. Separate families, so the label sets of the
+        existing ones (and every query and dashboard built on them) stay as they were."""
+        labels = [*_LABELS, "protocol"]
+        outcomes = CounterMetricFamily(
+            "taskserve_protocol_requests", "Requests by protocol and outcome (success or the failure reason)",
+            labels=[*labels, "outcome"],
+        )  # fmt: skip
+        durations = HistogramMetricFamily(
+            "taskserve_protocol_request_duration_seconds", "End-to-end request time by protocol", labels=labels
+        )
+        first_chunk = HistogramMetricFamily(
+            "taskserve_protocol_time_to_first_chunk_seconds",
+            "Streamed generation: time from a request's arrival to its first text chunk, by protocol",
+            labels=labels,
+        )
+        for (model, version), s in items:
+            with s.lock:
+                s.fold()
+                for (protocol, outcome), count in sorted(s.door_outcome.items()):
+                    outcomes.add_metric([model, version, protocol, outcome], count, created=s.created)
+                for family, hists in ((durations, s.door_request), (first_chunk, s.door_first_chunk)):
+                    for protocol, hist in sorted(hists.items()):
+                        buckets, total = hist.exposition()
+                        family.add_metric([model, version, protocol], buckets, total)
+        yield from (outcomes, durations, first_chunk)
 
     def describe(self) -> Iterable[Metric]:
         return ()  # families are only known at scrape time; nothing to check at register()
@@ -256,6 +289,7 @@ class ServerMetrics(Collector):
                     occupancy.add_metric(labels, s.generation[2])
         yield from counters.values()
         yield failure
+        yield from self._door_families(items)
         yield from histograms.values()
         yield stages
         yield pending
@@ -317,6 +351,7 @@ class ModelMetrics:
         self._apply_batch = self._fold_batch
         self._apply_stage = self._fold_stage
         self._apply_token = self._fold_token
+        self._apply_first_chunk = self._fold_first_chunk
 
     def _record(self, apply: Callable[[Any], None], payload: Any) -> None:
         events = self._events
@@ -325,48 +360,74 @@ class ModelMetrics:
             with self._lock:
                 self._s.fold()
 
-    def request_succeeded(self, duration_ns: int, encode_ns: int | None = None) -> None:
+    def request_succeeded(self, duration_ns: int, encode_ns: int | None = None, protocol: str = "grpc") -> None:
         """A request finished; ``encode_ns`` (optional) is its "encode" stage, recorded
         in the same event because the v2 front end times both for every request."""
         # The wall clock is read now: v2's last_inference is when the request finished.
-        self._record(self._apply_success, (duration_ns, time.time_ns(), encode_ns))
+        self._record(self._apply_success, (duration_ns, time.time_ns(), encode_ns, protocol))
 
-    def _fold_success(self, payload: tuple[int, int, int | None]) -> None:
-        duration_ns, finished_ns, encode_ns = payload
+    def _fold_success(self, payload: tuple[int, int, int | None, str]) -> None:
+        duration_ns, finished_ns, encode_ns, protocol = payload
         if encode_ns is not None:
             self._fold_stage(("encode", encode_ns))
         s = self._s
         s.success += 1
         s.request.observe(duration_ns / 1e9)
+        self._fold_door(protocol, "success", duration_ns)
         success = self.statistics.success
         success.count += 1
         success.ns += duration_ns
         # Milliseconds since the epoch, as v2 wants.
         self.statistics.last_inference_ms = max(self.statistics.last_inference_ms, finished_ns // 1_000_000)
 
-    def track_request(self, started_ns: int, deadline: float | None = None) -> _RequestTracker:
-        """Count the request wrapped in this block as a success, or as a failure by reason.
-        ``deadline`` (monotonic) tells a client's deadline from its cancelling."""
-        return _RequestTracker(self, started_ns, deadline)
+    def _fold_door(self, protocol: str, outcome: str, duration_ns: int) -> None:
+        s = self._s
+        hist = s.door_request.get(protocol)
+        if hist is None:
+            hist = s.door_request[protocol] = _Histogram(_LATENCY_BUCKETS)
+        hist.observe(duration_ns / 1e9)
+        key = (protocol, outcome)
+        s.door_outcome[key] = s.door_outcome.get(key, 0) + 1
 
-    def request_raised(self, err: BaseException, duration_ns: int, deadline: float | None = None) -> None:
+    def track_request(self, started_ns: int, deadline: float | None = None, protocol: str = "grpc") -> _RequestTracker:
+        """Count the request wrapped in this block as a success, or as a failure by reason.
+        ``deadline`` (monotonic) tells a client's deadline from its cancelling; ``protocol``:
+        the door it came through (grpc, http)."""
+        return _RequestTracker(self, started_ns, deadline, protocol)
+
+    def first_chunk(self, protocol: str, seconds: float) -> None:
+        """A streamed generation sent its first text chunk ``seconds`` after the request arrived."""
+        self._record(self._apply_first_chunk, (protocol, seconds))
+
+    def _fold_first_chunk(self, payload: tuple[str, float]) -> None:
+        protocol, seconds = payload
+        hists = self._s.door_first_chunk
+        hist = hists.get(protocol)
+        if hist is None:
+            hist = hists[protocol] = _Histogram(_LATENCY_BUCKETS)
+        hist.observe(seconds)
+
+    def request_raised(
+        self, err: BaseException, duration_ns: int, deadline: float | None = None, protocol: str = "grpc"
+    ) -> None:
         """A request ended with ``err``: counted as a failure by its reason. Errors
         that are neither TaskServeError nor cancellation are bugs, counted as "internal".
         gRPC cancels the handler when the client's deadline passes: that counts as
         "timeout" (the deadline, monotonic, is then past), any other cancel as "cancelled"."""
         if isinstance(err, TaskServeError):
-            self.request_failed(err.reason, duration_ns)
+            self.request_failed(err.reason, duration_ns, protocol)
         elif isinstance(err, asyncio.CancelledError):
             timed_out = deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_S
-            self.request_failed("timeout" if timed_out else "cancelled", duration_ns)
+            self.request_failed("timeout" if timed_out else "cancelled", duration_ns, protocol)
         elif isinstance(err, Exception):
-            self.request_failed("internal", duration_ns)
+            self.request_failed("internal", duration_ns, protocol)
 
-    def request_failed(self, reason: str, duration_ns: int) -> None:
+    def request_failed(self, reason: str, duration_ns: int, protocol: str = "grpc") -> None:
         s = self._s
         with self._lock:
             s.failure[reason] = s.failure.get(reason, 0) + 1
             self.statistics.fail.add(duration_ns)
+            self._fold_door(protocol, reason, duration_ns)
 
     def stage(self, stage: str, duration_ns: int) -> None:
         self._record(self._apply_stage, (stage, duration_ns))
@@ -458,12 +519,15 @@ class _RequestTracker:
     """``with metrics.track_request(t0):`` — a class, not a generator context
     manager: it runs on every request, and this costs a third as much."""
 
-    __slots__ = ("_deadline", "_metrics", "_started_ns")
+    __slots__ = ("_deadline", "_metrics", "_protocol", "_started_ns")
 
-    def __init__(self, metrics: ModelMetrics, started_ns: int, deadline: float | None = None) -> None:
+    def __init__(
+        self, metrics: ModelMetrics, started_ns: int, deadline: float | None = None, protocol: str = "grpc"
+    ) -> None:
         self._metrics = metrics
         self._started_ns = started_ns
         self._deadline = deadline
+        self._protocol = protocol
 
     def __enter__(self) -> None:
         return None
@@ -471,6 +535,6 @@ class _RequestTracker:
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
         elapsed = time.perf_counter_ns() - self._started_ns
         if err is None:
-            self._metrics.request_succeeded(elapsed)
+            self._metrics.request_succeeded(elapsed, protocol=self._protocol)
         else:
-            self._metrics.request_raised(err, elapsed, self._deadline)
+            self._metrics.request_raised(err, elapsed, self._deadline, self._protocol)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
 from taskserve.server.errors import Code, TaskServeError
@@ -43,11 +44,12 @@ _OPENAI_TYPES = {
 OPENAI_PREFIX = "/v1/"
 
 
-class HttpError(Exception):
-    """A refusal of the HTTP layer itself (bad JSON, unknown route, auth, body size)."""
+class HttpError(HTTPException):
+    """A refusal of the HTTP layer itself (bad JSON, unknown route, auth, body size). An
+    HTTPException so that FastAPI passes it on untouched when raised while it reads a body."""
 
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(status_code=status, detail=message)
         self.status = status
         self.message = message
         self.code = code

@@ -1,0 +1,54 @@
+"""What every HTTP handler does around its task, as the gRPC door's ``TaskServicer.call``
+does: find the model and its task object (through the shared task cache), admit the
+request, and count it in the model's metrics under the ``http`` protocol."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from fastapi import Request
+
+from taskserve.server.errors import InvalidInput
+from taskserve.server.frontends.http.errors import HttpError
+from taskserve.server.frontends.parts import ServingParts
+from taskserve.server.repository.manager import LoadedModel
+from taskserve.server.tasks.base import CallOptions, Task
+
+TaskT = TypeVar("TaskT", bound=Task)
+PROTOCOL = "http"
+
+
+@dataclass(frozen=True)
+class Call(Generic[TaskT]):
+    model: LoadedModel
+    task: TaskT
+    options: CallOptions
+
+
+@asynccontextmanager
+async def task_call(parts: ServingParts, name: str, cls: type[TaskT]) -> AsyncIterator[Call[TaskT]]:
+    """The model ``name``'s ``cls`` task, admitted and tracked for the body of the block.
+    A streaming handler keeps the block open over its whole stream."""
+    if not name:
+        raise InvalidInput("model is empty; name the model to use (GET /v1/models lists them)")
+    model = parts.models.get(name)
+    with model.metrics.track_request(time.perf_counter_ns(), protocol=PROTOCOL), parts.tasks.context.admit():
+        task = await parts.tasks.get(model, cls)
+        yield Call(model, task, CallOptions())
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The body as a JSON object (read under the edge guard's size cap)."""
+    body = await request.body()
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise HttpError(400, f"the body is not valid JSON ({err.__class__.__name__}: {str(err)[:120]})") from None
+    if not isinstance(value, dict):
+        raise HttpError(400, "the body must be a JSON object")
+    return value
