@@ -88,10 +88,15 @@ async def stream(
         raise InvalidInput(f"parameter {EMPTY_FINAL!r} must be a bool")
     decoupled = is_decoupled(model)
     options = _options(request, context)
-    with model.metrics.track_request(time.perf_counter_ns(), options.deadline), faces.tasks.context.admit():
+    started = time.perf_counter_ns()
+    with model.metrics.track_request(started, options.deadline), faces.tasks.context.admit():
         responses = faces.stream(model, tensors, values, options)
+        first = True
         try:
             async for outputs, last in responses:
+                if first:
+                    model.metrics.first_chunk("grpc", (time.perf_counter_ns() - started) / 1e9)
+                    first = False
                 response = _response(model, request, outputs)
                 if decoupled:
                     response.parameters[FINAL].bool_param = last and not empty_final

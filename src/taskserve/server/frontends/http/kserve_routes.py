@@ -11,18 +11,19 @@ as KServe's ``{"error": "<message>"}`` body with the status of their class (http
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
 from google.protobuf import json_format
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from taskserve.server.errors import InvalidInput
 from taskserve.server.frontends.grpc.v2_servicer import model_config_message
 from taskserve.server.frontends.http import v2_codec
 from taskserve.server.frontends.http.errors import describe
+from taskserve.server.frontends.http.sse import EventStream, event
 from taskserve.server.frontends.parts import ServingParts
 from taskserve.server.frontends.v2.faces import Faces, is_decoupled
 from taskserve.server.frontends.v2.service import EXTENSIONS, SERVER_NAME, SERVER_VERSION, V2Service, call_options
@@ -31,7 +32,6 @@ from taskserve.server.repository.manager import LoadedModel
 
 # Characters of a model name or version in a URL: far beyond any real one, checked before lookup.
 MAX_NAME_CHARS = 256
-_SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
 def _checked(name: str, version: str = "") -> tuple[str, str]:
@@ -59,7 +59,8 @@ def build_router(parts: ServingParts) -> APIRouter:
     """The v2 REST routes over ``parts`` (shared with the gRPC door)."""
     router = APIRouter()
     faces = Faces(parts.tasks, parts.models.get)
-    service = V2Service(parts.models, faces, parts.ready, parts.settings.model_control_mode)
+    service = V2Service(parts.models, faces, parts.ready, parts.settings.model_control_mode, protocol="http")
+    write_timeout = parts.settings.stream_write_timeout_s
 
     @router.get("/v2")
     async def server_metadata() -> dict[str, object]:
@@ -149,7 +150,7 @@ def build_router(parts: ServingParts) -> APIRouter:
         except BaseException:
             await responses.aclose()
             raise
-        return StreamingResponse(_events(model, first, responses), media_type="text/event-stream", headers=_SSE_HEADERS)
+        return EventStream(_events(model, first, responses), write_timeout, _error_event)
 
     return router
 
@@ -208,18 +209,16 @@ async def _events(
     model: LoadedModel,
     first: tuple[dict[str, np.ndarray], bool],
     rest: AsyncGenerator[tuple[dict[str, np.ndarray], bool], None],
-) -> AsyncIterator[bytes]:
-    """Server-sent events, one per response; an error after the first ends the stream with
-    ``data: {"error": ...}`` (the status line is long gone)."""
+) -> AsyncGenerator[bytes, None]:
+    """One server-sent event per response (http/sse.py writes them with backpressure and
+    turns an error after the first into a last ``data: {"error": ...}`` event)."""
     try:
-        yield _event(_generate_body(model, first[0]))
+        yield event(_generate_body(model, first[0]))
         async for outputs, _ in rest:
-            yield _event(_generate_body(model, outputs))
-    except Exception as err:  # the client sees the message; the log has any traceback
-        yield _event({"error": describe(err).message})
+            yield event(_generate_body(model, outputs))
     finally:
         await rest.aclose()  # a client gone stops the generation now
 
 
-def _event(body: dict[str, object]) -> bytes:
-    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+def _error_event(err: BaseException) -> bytes:
+    return event({"error": describe(err).message})

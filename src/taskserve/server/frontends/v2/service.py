@@ -95,9 +95,16 @@ class V2Service:
     """The v2 operations over the shared model manager and faces."""
 
     def __init__(
-        self, models: ModelManager, faces: Faces, ready: Callable[[], bool], model_control: str = "none"
+        self,
+        models: ModelManager,
+        faces: Faces,
+        ready: Callable[[], bool],
+        model_control: str = "none",
+        protocol: str = "grpc",
     ) -> None:
         self.models = models
+        # The door, as the metrics label it (grpc, http).
+        self.protocol = protocol
         self.faces = faces
         # True when the server as a whole takes traffic (startup done, not draining).
         self._ready = ready
@@ -152,7 +159,7 @@ class V2Service:
         """Decoded, checked input tensors in; the output tensors (``outputs``, or all) out."""
         if model.config.task in FACED_TASKS and has_face(model):
             with (
-                model.metrics.track_request(time.perf_counter_ns(), options.deadline),
+                model.metrics.track_request(time.perf_counter_ns(), options.deadline, self.protocol),
                 self.faces.tasks.context.admit(),
             ):
                 result = await self.faces.infer(model, tensors, parameters, options)
@@ -161,7 +168,7 @@ class V2Service:
             request = InferRequest(
                 inputs=tensors, output_names=wanted, priority=options.priority, deadline=options.deadline
             )
-            with model.metrics.track_request(time.perf_counter_ns(), options.deadline):
+            with model.metrics.track_request(time.perf_counter_ns(), options.deadline, self.protocol):
                 result = (await model.scheduler.submit(request)).outputs
         if outputs:
             return {name: result[name] for name in outputs}
@@ -172,10 +179,15 @@ class V2Service:
         options: CallOptions,
     ) -> AsyncGenerator[tuple[dict[str, np.ndarray], bool], None]:  # fmt: skip
         """(outputs, last) per response of a generating model on a streaming door."""
-        with model.metrics.track_request(time.perf_counter_ns(), options.deadline), self.faces.tasks.context.admit():
+        started = time.perf_counter_ns()
+        with model.metrics.track_request(started, options.deadline, self.protocol), self.faces.tasks.context.admit():
             responses = self.faces.stream(model, tensors, parameters, options)
+            first = True
             try:
                 async for item in responses:
+                    if first:
+                        model.metrics.first_chunk(self.protocol, (time.perf_counter_ns() - started) / 1e9)
+                        first = False
                     yield item
             finally:
                 await responses.aclose()
