@@ -95,9 +95,7 @@ def test_metadata_and_config_present_the_convention_not_the_step_graph(client: A
     assert [o.name for o in config.output] == ["text_output"]
     assert config.max_batch_size == 0
     assert config.model_transaction_policy.decoupled
-
-
-def test_a_decoder_on_the_batcher_keeps_its_step_tensors(client: Any) -> None:
+    # A decoder on the request batcher keeps its step tensors: each step is a plain ModelInfer.
     names = [t.name for t in client.get_model_metadata("tiny-gpt2").inputs]
     assert "input_ids" in names and "text_input" not in names
 

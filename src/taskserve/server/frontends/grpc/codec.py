@@ -195,7 +195,12 @@ def _decode_one(
 def requested_outputs(request: pb.ModelInferRequest, config: ModelConfig) -> tuple[str, ...] | None:
     if not request.outputs:
         return None
-    return tensors.check_outputs(config, [o.name for o in request.outputs])
+    names = [o.name for o in request.outputs]
+    known = {t.name for t in config.outputs or ()}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InvalidInput(f"model {config.name!r} has no outputs {unknown}; its outputs are {sorted(known)}")
+    return tuple(dict.fromkeys(names))
 
 
 def int_parameter(params: object, key: str) -> int | None:
