@@ -61,7 +61,7 @@ lint: setup
 	$(VENV)/bin/lint-imports --no-cache
 
 typecheck: setup
-	$(VENV)/bin/mypy --strict -p taskserve.server -p taskserve.exporters -p taskserve.clients -p taskserve.protocol -p taskserve.benchmarks
+	$(VENV)/bin/mypy --strict -p taskserve.server -p taskserve.exporters -p taskserve.clients -p taskserve.protocol -p taskserve.benchmarks -p taskserve.torch_modules
 
 # Repeated code in what people write: the `duplicates` command has no exclude option, and in a
 # git checkout it reads every tracked file, so it reads a copy of the tree (tracked and

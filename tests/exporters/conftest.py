@@ -9,7 +9,7 @@ import pytest
 
 from taskserve.exporters.api import export_hf
 from taskserve.exporters.pipeline import ExportResult
-from taskserve.exporters.tiny_models import tiny_bert
+from tests.support.tiny_hf_models import tiny_bert
 
 # Repository name -> optimum task. The classifier is exported with int8 to cover quantization.
 TINY_TEXT = {

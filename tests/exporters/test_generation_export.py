@@ -15,8 +15,8 @@ from onnx import TensorProto, helper
 
 from taskserve.exporters.cli import main
 from taskserve.exporters.sources.hf import decoder_specs
-from taskserve.exporters.tiny_models import tiny_causal_lm
 from taskserve.server.repository.config import load_model_config
+from tests.support.tiny_hf_models import tiny_causal_lm
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from taskserve.exporters.api import (
     export_torch_module,
 )
 from taskserve.exporters.image_options import preprocess
-from taskserve.exporters.tiny_models import tiny_detr_like
 from taskserve.server.repository.config import load_model_config
+from tests.support.tiny_hf_models import tiny_detr_like
 
 
 def _run(entry: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -15,9 +15,9 @@ import transformers
 from tokenizers import Tokenizer
 
 from taskserve.exporters.pipeline import ExportResult
-from taskserve.exporters.tiny_models import TEXT_LABELS
 from taskserve.server.repository.config import load_model_config
 from tests.exporters.conftest import QUANTIZED, TINY_TEXT
+from tests.support.tiny_hf_models import TEXT_LABELS
 
 HEADS = {
     "text-classification": transformers.AutoModelForSequenceClassification,

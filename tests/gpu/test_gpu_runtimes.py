@@ -318,7 +318,7 @@ def test_a_gpu_model_beside_a_cpu_model(gpu_models: Path, tmp_path: Path) -> Non
 def tiny_decoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama (random weights, GQA, heads of 16) as a torch entry on the generation engine."""
     _torch_cuda()
-    from taskserve.exporters import tiny_models
+    from tests.support import tiny_hf_models as tiny_models
 
     root = tmp_path_factory.mktemp("tiny-decoder")
     source = tiny_models.tiny_causal_lm(root / "source", "llama", hidden_size=64)

@@ -104,3 +104,19 @@ def test_typed_image_classification_on_a_torch_entry(channel: grpc.Channel) -> N
     for got, want in zip(results["efficientnet-lite0-torch"], results["efficientnet-lite0"], strict=True):
         assert [x.index for x in got.labels] == [x.index for x in want.labels]
         np.testing.assert_allclose([x.score for x in got.labels], [x.score for x in want.labels], atol=1e-4)
+
+
+def test_v2_model_config_names_each_entrys_backend_and_where_it_runs(channel: grpc.Channel) -> None:
+    from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
+    from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
+    from taskserve.protocol.generated.inference import model_config_pb2 as mc
+
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    index = stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True))
+    seen = {}
+    for entry in index.models:
+        config = stub.ModelConfig(pb.ModelConfigRequest(name=entry.name)).config
+        seen[config.platform] = config.backend
+        # This machine has no GPU: every instance runs on the CPU, and says so.
+        assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_CPU], entry.name
+    assert seen == {"onnxruntime_onnx": "onnxruntime", "pytorch": "pytorch"}

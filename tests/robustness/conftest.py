@@ -38,8 +38,8 @@ def rss_bytes() -> int:
 
 @pytest.fixture(scope="session")
 def robust_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from taskserve.exporters import tiny_models
     from taskserve.exporters.api import export_hf
+    from tests.support import tiny_hf_models as tiny_models
 
     repo = tmp_path_factory.mktemp("robust-repo")
     # A real BERT graph (2 layers, 32 wide, 64 positions, its own vocabulary): the same

@@ -85,6 +85,7 @@ class Load:
         self.client = client
         self.outcomes: list[Outcome] = []
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(callers)
         self._futures = [self._pool.submit(self._run) for _ in range(callers)]
@@ -99,10 +100,21 @@ class Load:
                 error = f"{err.code.name}: {err.message}"
             with self._lock:
                 self.outcomes.append(Outcome(started, time.monotonic(), error))
+                self._changed.notify_all()
 
     def since(self, t: float) -> list[Outcome]:
         with self._lock:
             return [o for o in self.outcomes if o.started >= t]
+
+    def wait_for(self, count: int, since: float, timeout: float = 30) -> list[Outcome]:
+        """Blocks until ``count`` requests started after ``since`` have ended (successes only)."""
+
+        def done() -> bool:
+            return sum(1 for o in self.outcomes if o.started >= since and o.error is None) >= count
+
+        with self._changed:
+            assert self._changed.wait_for(done, timeout), f"fewer than {count} requests succeeded in {timeout} s"
+            return [o for o in self.outcomes if o.started >= since]
 
     def stop(self) -> None:
         self._stop.set()
@@ -133,8 +145,10 @@ def test_round_robin_loses_nothing_on_sigterm_and_only_in_flight_work_on_sigkill
     with TaskServeClient(target, options) as client:
         load = Load(client)
         try:
-            time.sleep(1.0)
-            assert all(_successes(s) > 0 for s in three_servers), "round_robin did not reach every server"
+            deadline = time.monotonic() + 30
+            while not all(_successes(s) > 0 for s in three_servers):
+                assert time.monotonic() < deadline, "round_robin did not reach every server"
+                time.sleep(0.05)
 
             # SIGTERM: NOT_SERVING, drain delay, listener closes, in-flight work finishes.
             terminated = time.monotonic()
@@ -144,22 +158,27 @@ def test_round_robin_loses_nothing_on_sigterm_and_only_in_flight_work_on_sigkill
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
             # The clients' health watch takes the draining server out of rotation while its port
-            # is still open (drain delay 2 s): it gets no new calls before it closes.
-            time.sleep(0.3)
+            # is still open (drain delay 2 s): it gets no new calls before it closes. Observed in
+            # requests, not seconds: first until 20 requests in a row missed a (the watch has
+            # reacted), then 50 more requests, none of which may reach a.
+            while True:
+                before = _successes(a)
+                load.wait_for(20, since=time.monotonic())
+                if _successes(a) == before:
+                    break
+                assert time.monotonic() < terminated + 1.5, "the draining server kept getting new calls"
             left_alone = _successes(a)
-            time.sleep(0.5)
+            load.wait_for(50, since=time.monotonic())
             assert _successes(a) == left_alone and a.proc.poll() is None
             assert a.wait(30) == 0
-            time.sleep(0.5)
-            after_term = load.since(terminated)
+            after_term = load.wait_for(12, since=time.monotonic()) and load.since(terminated)
             assert after_term and all(o.error is None for o in after_term), [o.error for o in after_term if o.error]
             served_b, served_c = _successes(b), _successes(c)
 
             # SIGKILL: only calls already in flight may fail (before the retry picks a live server).
             killed = time.monotonic()
             b.kill()
-            time.sleep(1.5)
-            after_kill = load.since(killed)
+            after_kill = load.wait_for(11, since=killed)
         finally:
             load.stop()
     failed = [o for o in load.outcomes if o.error and o.started >= terminated]

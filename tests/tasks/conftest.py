@@ -30,7 +30,7 @@ TINY_MODELS = {
 @pytest.fixture(scope="session")
 def tiny_sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The Hugging Face model folders (random weights) the tiny entries were exported from."""
-    from taskserve.exporters import tiny_models
+    from tests.support import tiny_hf_models as tiny_models
 
     root = tmp_path_factory.mktemp("tiny-sources")
     sources = {}

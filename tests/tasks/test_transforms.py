@@ -49,7 +49,7 @@ def _set_options(entry: Path, **options: Any) -> None:
 
 @pytest.fixture(scope="session")
 def transform_sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from taskserve.exporters import tiny_models
+    from tests.support import tiny_hf_models as tiny_models
 
     root = tmp_path_factory.mktemp("transform-sources")
     return {

@@ -12,7 +12,8 @@ import torch
 
 from taskserve.server.errors import RuntimeFailure
 from taskserve.server.repository.config import ModelConfig
-from taskserve.server.runtimes.torch_runtime import EfficientNetLite0, TorchRuntime, choose_device, read_spec
+from taskserve.server.runtimes.torch_runtime import TorchRuntime, choose_device, read_spec
+from taskserve.torch_modules.efficientnet_lite0 import EfficientNetLite0
 
 
 def _config(**data: object) -> ModelConfig:

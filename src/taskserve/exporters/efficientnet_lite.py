@@ -12,15 +12,9 @@ from typing import Any
 
 import torch
 
-# The module lives with the server's PyTorch runtime, which rebuilds it from a torch entry.
-from taskserve.server.runtimes.torch_runtime import (
-    EFFICIENTNET_LITE0_BLOCKS as BLOCKS,
-)
-from taskserve.server.runtimes.torch_runtime import (
-    EfficientNetLite0,
-    MBConv,
-    SameConv,
-)
+# The module is shared with the server's PyTorch runtime, which rebuilds it from a torch entry.
+from taskserve.torch_modules.efficientnet_lite0 import EFFICIENTNET_LITE0_BLOCKS as BLOCKS
+from taskserve.torch_modules.efficientnet_lite0 import EfficientNetLite0, MBConv, SameConv
 
 __all__ = ["BLOCKS", "IMAGE_SIZE", "MEAN", "STD", "EfficientNetLite0", "MBConv", "SameConv", "load_pretrained"]
 

@@ -38,7 +38,7 @@ def build_config(
         "max_batch_size": max_batch_size,
     }
     if platform == "torch":
-        from taskserve.server.runtimes.torch_runtime import SPEC_FILE
+        from taskserve.torch_modules.entry_format import SPEC_FILE
 
         config["default_model_filename"] = SPEC_FILE
     elif native_engine:

@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 
 from taskserve.exporters.errors import ExportError
-from taskserve.exporters.progress import format_table
 from taskserve.exporters.quiet import quiet
 
 # Per-channel weights keep MiniLM's embeddings within ~0.99 cosine of fp32; per-tensor
@@ -87,11 +86,6 @@ def accuracy_change(
         else:
             changes.append(AccuracyChange(name, "max abs diff", diff, diff))
     return changes
-
-
-def accuracy_table(changes: Sequence[AccuracyChange]) -> str:
-    rows = [(c.output, c.metric, f"{c.value:.4f}", f"{c.max_abs_diff:.3g}") for c in changes]
-    return format_table(("output", "metric", "value", "max abs diff"), rows)
 
 
 def accuracy_summary(changes: Sequence[AccuracyChange]) -> str:

@@ -93,14 +93,14 @@ def efficientnet_entry(module: Any) -> TorchEntryWriter:
 
 def module_entry(module: Any) -> TorchEntryWriter | None:
     """Torch entries for modules the server knows how to build (EfficientNet-Lite0)."""
-    from taskserve.server.runtimes.torch_runtime import EfficientNetLite0
+    from taskserve.torch_modules.efficientnet_lite0 import EfficientNetLite0
 
     return efficientnet_entry(module) if isinstance(module, EfficientNetLite0) else None
 
 
 def write_torch_files(exported: ExportedModel, work: Path) -> dict[str, Path]:
     """The version-directory files of the torch entry for ``exported``."""
-    from taskserve.server.runtimes.torch_runtime import SPEC_FILE
+    from taskserve.torch_modules.entry_format import SPEC_FILE
 
     if exported.torch_entry is None:
         raise UsageError(
@@ -125,7 +125,8 @@ def check_torch_entry(
     validation cases: TorchRuntime, or for engine entries (a generation block) the engine's
     TorchDecoderRunner. Return the largest difference or raise ValidationFailed."""
     from taskserve.server.repository.config import parse_model_config
-    from taskserve.server.runtimes.torch_runtime import SPEC_FILE, TorchRuntime
+    from taskserve.server.runtimes.torch_runtime import TorchRuntime
+    from taskserve.torch_modules.entry_format import SPEC_FILE
 
     checked = dict(config)
     checked["runtime"] = {**checked.get("runtime", {}), "torch": {"device": "cpu", "dtype": "fp32"}}

@@ -17,7 +17,6 @@ class Code(enum.Enum):
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     CANCELLED = "CANCELLED"
-    UNIMPLEMENTED = "UNIMPLEMENTED"
     INTERNAL = "INTERNAL"
 
 
@@ -68,11 +67,6 @@ class DeadlineExceeded(TaskServeError):
 class Cancelled(TaskServeError):
     code = Code.CANCELLED
     reason = "cancelled"
-
-
-class Unsupported(TaskServeError):
-    code = Code.UNIMPLEMENTED
-    reason = "unsupported"
 
 
 class RuntimeFailure(TaskServeError):

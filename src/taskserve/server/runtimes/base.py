@@ -63,3 +63,8 @@ class Runtime(abc.ABC):
     def description(self) -> str:
         """Human-readable summary (providers, device) for logs and metadata."""
         return type(self).__name__
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether this loaded instance computes on a GPU (what v2 ModelConfig reports)."""
+        return False

@@ -205,6 +205,11 @@ class OnnxRuntime(Runtime):
     def description(self) -> str:
         return f"onnxruntime {', '.join(self.providers)}"
 
+    @property
+    def on_gpu(self) -> bool:
+        # The first active provider runs the graph; the CPU provider only takes what it lacks.
+        return bool(self.providers) and self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
 
 def _axis_names(shape: list[Any]) -> tuple[str | None, ...]:
     """The graph's symbolic dim names (e.g. "sequence_length"), None for fixed or unnamed axes."""

@@ -23,7 +23,8 @@ from taskserve.server.errors import RuntimeFailure
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.runtimes.base import Runtime, TensorInfo
 
-# Flip once tests/gpu/test_tensorrt_runtime.py has passed on a GPU with TensorRT.
+# Flip once tests/gpu/test_gpu_runtimes.py::test_native_tensorrt_engine_matches_onnxruntime has
+# passed on a GPU with TensorRT installed.
 NATIVE_RUNTIME_VERIFIED = False
 
 # TensorRT DataType names -> v2 datatypes.
@@ -161,3 +162,7 @@ class TensorRTRuntime(Runtime):
     @property
     def description(self) -> str:
         return "tensorrt"
+
+    @property
+    def on_gpu(self) -> bool:
+        return True

@@ -4,14 +4,15 @@ The only server module that imports torch (and transformers); ``create_runtime``
 it only for torch entries, so a server without torch serves everything else.
 
 An entry's version directory holds ``torch_model.json`` (the ``default_model_filename``)
-naming an architecture this module builds, plus its weights as safetensors:
+naming an architecture this module builds (the modules themselves are in
+``taskserve.torch_modules``, shared with the exporters), plus its weights as safetensors:
 
 - ``sentence-transformer``: a transformers encoder (``config.json`` + safetensors) with
   sentence-transformers' pooling and normalization; outputs ``sentence_embedding`` and
   optionally ``token_embeddings``.
 - ``transformers``: ``AutoModel`` or an ``AutoModelFor...`` head; each output is the
   attribute of that name on the model's output (``logits``, ``last_hidden_state``, ...).
-- ``efficientnet-lite0``: the module below, ``pixel_values`` -> ``logits``.
+- ``efficientnet-lite0``: ``taskserve.torch_modules.efficientnet_lite0``, ``pixel_values`` -> ``logits``.
 
 Config files and safetensors (not a pickled module or a ``torch.export`` program) load
 with the torch/transformers of the GPU machine as well as those the entry was written
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,28 +36,17 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from taskserve.server.errors import RuntimeFailure
 from taskserve.server.repository.config import ModelConfig, TensorConfig
 from taskserve.server.runtimes.base import Runtime, TensorInfo
 from taskserve.server.runtimes.graph_shapes import MAX_GRAPHS, bucket, graph_batch_sizes
+from taskserve.torch_modules.efficientnet_lite0 import EfficientNetLite0
+from taskserve.torch_modules.entry_format import ARCHITECTURES, AUTO_CLASSES, SPEC_FILE, SPEC_FORMAT, WEIGHTS_FILE
+from taskserve.torch_modules.served import CausalLMStep, HeadOutputs, NamedOutput, SentenceEmbedding
 
 log = logging.getLogger(__name__)
 
-SPEC_FILE = "torch_model.json"
-WEIGHTS_FILE = "model.safetensors"
-SPEC_FORMAT = 1
-ARCHITECTURES = ("sentence-transformer", "transformers", "causal-lm", "efficientnet-lite0")
-AUTO_CLASSES = (
-    "AutoModel",
-    "AutoModelForSequenceClassification",
-    "AutoModelForTokenClassification",
-    "AutoModelForQuestionAnswering",
-    "AutoModelForMaskedLM",
-    "AutoModelForImageClassification",
-    "AutoModelForCausalLM",
-)
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _V2_TO_TORCH = {
     "BOOL": torch.bool, "UINT8": torch.uint8, "INT8": torch.int8, "INT16": torch.int16, "INT32": torch.int32,
@@ -73,189 +62,6 @@ _threads_set = False
 # Models load on concurrent threads, and transformers' from_pretrained builds modules under
 # a process-wide meta-device context: a module built beside it would get meta parameters.
 BUILD_LOCK = threading.Lock()
-
-
-# -- EfficientNet-Lite0 (efficientnet_pytorch state-dict names) --------------------------
-
-# (expand ratio, kernel, stride, output channels, repeats) per stage.
-EFFICIENTNET_LITE0_BLOCKS = (
-    (1, 3, 1, 16, 1),
-    (6, 3, 2, 24, 2),
-    (6, 5, 2, 40, 2),
-    (6, 3, 2, 80, 3),
-    (6, 5, 1, 112, 3),
-    (6, 5, 2, 192, 4),
-    (6, 3, 1, 320, 1),
-)
-
-
-class SameConv(nn.Conv2d):
-    """Conv2d with TensorFlow's "same" padding for a fixed input size (padding computed once)."""
-
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int, image_size: int, groups: int = 1) -> None:
-        super().__init__(cin, cout, kernel, stride, bias=False, groups=groups)
-        out = math.ceil(image_size / stride)
-        pad = max((out - 1) * stride + kernel - image_size, 0)
-        self.same_pad = (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2)
-        self.out_size = out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = super().forward(F.pad(x, self.same_pad))
-        return out
-
-
-def _bn(channels: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
-
-
-class MBConv(nn.Module):
-    def __init__(self, cin: int, cout: int, expand: int, kernel: int, stride: int, size: int) -> None:
-        super().__init__()
-        mid = cin * expand
-        if expand != 1:
-            self._expand_conv = SameConv(cin, mid, 1, 1, size)
-            self._bn0 = _bn(mid)
-        self._depthwise_conv = SameConv(mid, mid, kernel, stride, size, groups=mid)
-        self._bn1 = _bn(mid)
-        self._project_conv = SameConv(mid, cout, 1, 1, self._depthwise_conv.out_size)
-        self._bn2 = _bn(cout)
-        self.expand = expand != 1
-        self.residual = stride == 1 and cin == cout
-        self.out_size = self._depthwise_conv.out_size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
-        y = F.relu6(self._bn1(self._depthwise_conv(y)))
-        y = self._bn2(self._project_conv(y))
-        out: torch.Tensor = y + x if self.residual else y
-        return out
-
-
-class EfficientNetLite0(nn.Module):
-    """Lite variant: ReLU6, no squeeze-excitation, TF "same" padding, BatchNorm eps 1e-3."""
-
-    def __init__(self, num_classes: int = 1000, image_size: int = 224) -> None:
-        super().__init__()
-        self._conv_stem = SameConv(3, 32, 3, 2, image_size)
-        self._bn0 = _bn(32)
-        size, cin, blocks = self._conv_stem.out_size, 32, []
-        for expand, kernel, stride, cout, repeats in EFFICIENTNET_LITE0_BLOCKS:
-            for i in range(repeats):
-                block = MBConv(cin, cout, expand, kernel, stride if i == 0 else 1, size)
-                blocks.append(block)
-                size, cin = block.out_size, cout
-        self._blocks = nn.ModuleList(blocks)
-        self._conv_head = SameConv(cin, 1280, 1, 1, size)
-        self._bn1 = _bn(1280)
-        self._fc = nn.Linear(1280, num_classes)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = F.relu6(self._bn0(self._conv_stem(pixel_values)))
-        for block in self._blocks:
-            x = block(x)
-        x = F.relu6(self._bn1(self._conv_head(x)))
-        logits: torch.Tensor = self._fc(x.mean(dim=(2, 3)))
-        return logits
-
-
-# -- modules built from an entry ---------------------------------------------------------
-
-
-class SentenceEmbedding(nn.Module):
-    """A transformers encoder plus the pooling/normalization sentence-transformers applies."""
-
-    def __init__(self, encoder: nn.Module, pooling: tuple[str, ...], normalize: bool) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.pooling = pooling
-        self.normalize = normalize
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
-    ) -> dict[str, torch.Tensor]:
-        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-        tokens = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
-        lengths = mask.sum(1).clamp(min=1e-9)
-        parts = []
-        for mode in self.pooling:
-            if mode == "cls":
-                parts.append(tokens[:, 0])
-            elif mode == "max":
-                parts.append(torch.where(mask > 0, tokens, torch.full_like(tokens, -1e4)).max(dim=1).values)
-            elif mode == "mean":
-                parts.append((tokens * mask).sum(1) / lengths)
-            elif mode == "mean_sqrt_len":
-                parts.append((tokens * mask).sum(1) / lengths.sqrt())
-            else:  # lasttoken, right padding
-                last = (attention_mask.sum(1) - 1).clamp(min=0)
-                parts.append(tokens[torch.arange(tokens.shape[0], device=tokens.device), last])
-        embedding = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        if self.normalize:
-            # In fp32: fp16 squares of a 384-wide vector lose the norm's low bits.
-            embedding = F.normalize(embedding.float(), p=2.0, dim=1).to(tokens.dtype)
-        return {"sentence_embedding": embedding, "token_embeddings": tokens}
-
-
-class HeadOutputs(nn.Module):
-    """A transformers model whose output attributes are the served outputs."""
-
-    def __init__(self, model: nn.Module, names: tuple[str, ...]) -> None:
-        super().__init__()
-        self.model = model
-        self.names = names
-
-    def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.model(**inputs)
-        return {name: getattr(out, name) for name in self.names}
-
-
-def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(key, value) per layer of a transformers cache, across transformers versions."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None and all(hasattr(layer, "keys") for layer in layers):
-        return [(layer.keys, layer.values) for layer in layers]
-    legacy = cache.to_legacy_cache() if hasattr(cache, "to_legacy_cache") else cache
-    return [(k, v) for k, v in legacy]
-
-
-class CausalLMStep(nn.Module):
-    """One step of a KV-cache decoder with the ONNX decoder's tensors: ``input_ids``,
-    ``attention_mask`` (past + new), ``position_ids``, ``past_key_values.N.key/value`` in;
-    ``logits`` and ``present.N.key/value`` out. The generation engine drives either alike."""
-
-    def __init__(self, model: nn.Module, layers: int) -> None:
-        super().__init__()
-        self.model = model
-        self.layers = layers
-
-    def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        cache = None
-        if self.layers and inputs["past_key_values.0.key"].shape[2] > 0:
-            from transformers import DynamicCache
-
-            cache = DynamicCache()
-            for i in range(self.layers):
-                cache.update(inputs[f"past_key_values.{i}.key"], inputs[f"past_key_values.{i}.value"], i)
-        kwargs = {"position_ids": inputs["position_ids"]} if "position_ids" in inputs else {}
-        out = self.model(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], past_key_values=cache,
-            use_cache=True, **kwargs,
-        )  # fmt: skip
-        result = {"logits": out.logits}
-        for i, (key, value) in enumerate(_cache_layers(out.past_key_values)):
-            result[f"present.{i}.key"], result[f"present.{i}.value"] = key, value
-        return result
-
-
-class NamedOutput(nn.Module):
-    def __init__(self, module: nn.Module, name: str) -> None:
-        super().__init__()
-        self.module = module
-        self.name = name
-
-    def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {self.name: self.module(*inputs.values())}
 
 
 def read_spec(directory: Path, filename: str = SPEC_FILE) -> dict[str, Any]:
@@ -527,6 +333,10 @@ class TorchRuntime(Runtime):
     @property
     def description(self) -> str:
         return f"torch {torch.__version__} {self.device} {str(self.dtype).removeprefix('torch.')}"
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device != "cpu"
 
 
 class TorchDeviceMemory:

@@ -1,8 +1,9 @@
-"""Picks and builds a model's scheduler from its config.
+"""Builds the dynamic batcher of a model served in batches.
 
-There is one implementation, the dynamic batcher: "no batching" is
-``max_batch_size: 1`` (batches of one row) or ``0`` (no batch dimension: each
-request runs alone, its inputs passed as-is), not a separate code path.
+"No batching" is ``max_batch_size: 1`` (batches of one row) or ``0`` (no batch
+dimension: each request runs alone, its inputs passed as-is), not a separate code
+path. Entries with a ``generation:`` block run on the generation engine instead
+(scheduling/generation_scheduler.py); the model manager picks which.
 """
 
 from __future__ import annotations

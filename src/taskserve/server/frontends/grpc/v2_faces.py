@@ -19,6 +19,7 @@ import grpc
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from taskserve.server.errors import InvalidInput
 from taskserve.server.frontends.grpc import codec
+from taskserve.server.frontends.grpc.deadlines import request_deadline
 from taskserve.server.frontends.v2.faces import Faces, is_decoupled
 from taskserve.server.repository.manager import LoadedModel
 from taskserve.server.tasks.base import CallOptions
@@ -41,8 +42,6 @@ def parameters(request: pb.ModelInferRequest) -> dict[str, object]:
 
 
 def _options(request: pb.ModelInferRequest, context: Context) -> CallOptions:
-    from taskserve.server.frontends.grpc.v2_servicer import request_deadline  # the servicer imports this module
-
     priority = timeout_us = None
     if request.parameters:
         priority = codec.int_parameter(request.parameters, "priority")

@@ -19,6 +19,7 @@ from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_g
 from taskserve.protocol.generated.inference import model_config_pb2 as mc
 from taskserve.server.errors import Overloaded
 from taskserve.server.frontends.grpc import codec, v2_faces
+from taskserve.server.frontends.grpc.deadlines import request_deadline
 from taskserve.server.frontends.grpc.status import describe, unary
 from taskserve.server.frontends.v2.faces import FACED_TASKS, Faces, has_face, is_decoupled
 from taskserve.server.frontends.v2.service import EXTENSIONS, SERVER_NAME, SERVER_VERSION, load_model, unload_model
@@ -35,14 +36,8 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 # Most requests a ModelStreamInfer stream has in flight at once.
 STREAM_CONCURRENCY = 64
-
-
-def request_deadline(context: Context, timeout_us: int | None) -> float | None:
-    """The earlier of the gRPC deadline and the request's own timeout, as monotonic time."""
-    remaining = context.time_remaining()
-    if timeout_us:
-        remaining = timeout_us / 1e6 if remaining is None else min(remaining, timeout_us / 1e6)
-    return None if remaining is None else time.monotonic() + remaining
+# Triton's backend names for the same platforms.
+_BACKEND = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch": "pytorch"}
 
 
 class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -253,7 +248,7 @@ def model_config_message(model: LoadedModel, faces: Faces | None = None) -> mc.M
     message = mc.ModelConfig(
         name=model.name,
         platform=_PLATFORM[config.platform],
-        backend="onnxruntime" if config.platform == "onnxruntime" else "tensorrt",
+        backend=_BACKEND[config.platform],
         max_batch_size=config.max_batch_size,
         default_model_filename=config.default_model_filename,
     )
@@ -268,7 +263,9 @@ def model_config_message(model: LoadedModel, faces: Faces | None = None) -> mc.M
         message.output.add(name=spec.name, data_type=mc.DataType.Value(_config_type(spec.datatype)), dims=spec.dims)
         if config.labels:
             message.output[-1].label_filename = config.labels
-    message.instance_group.add(name=model.name, count=config.instance_count, kind=mc.ModelInstanceGroup.KIND_CPU)
+    message.instance_group.add(
+        name=model.name, count=config.instance_count, kind=_instance_kind(model), gpus=list(config.gpus)
+    )
     db = config.dynamic_batching
     if config.max_batch_size > 1:
         message.dynamic_batching.preferred_batch_size.extend(db.preferred_batch_sizes)
@@ -289,6 +286,15 @@ def model_config_message(model: LoadedModel, faces: Faces | None = None) -> mc.M
     if faces is not None and is_decoupled(model):
         message.model_transaction_policy.decoupled = True
     return message
+
+
+def _instance_kind(model: LoadedModel) -> mc.ModelInstanceGroup.Kind.ValueType:
+    """Where the loaded instances run, as Triton reports a resolved kind (``count`` is per GPU
+    when ``gpus`` is set, as in Triton). Engine entries have no batcher runtimes: their
+    placement is the config's ``gpus``."""
+    if model.config.gpus or any(runtime.on_gpu for runtime in model.runtimes):
+        return mc.ModelInstanceGroup.KIND_GPU
+    return mc.ModelInstanceGroup.KIND_CPU
 
 
 def _config_type(datatype: str) -> str:

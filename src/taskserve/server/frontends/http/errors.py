@@ -26,7 +26,6 @@ HTTP_STATUS: dict[Code, int] = {
     Code.DEADLINE_EXCEEDED: 504,
     # nginx's "client closed request": the caller is gone, nobody reads it, but logs and metrics do.
     Code.CANCELLED: 499,
-    Code.UNIMPLEMENTED: 501,
     Code.INTERNAL: 500,
 }
 

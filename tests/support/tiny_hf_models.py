@@ -1,4 +1,4 @@
-"""Tiny Hugging Face model directories with random weights, for tests and examples.
+"""Tiny Hugging Face model directories with random weights, for tests.
 
 Each builder writes a complete local model folder (config, safetensors weights and
 tokenizer.json or preprocessor_config.json) that exports in seconds, offline.
