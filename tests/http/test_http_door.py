@@ -4,6 +4,10 @@ bound to --host, off unless asked for, with OpenAI's error body on /v1."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -44,3 +48,19 @@ def test_http_door_serves_beside_grpc_on_the_same_loop(tiny_repository: Path) ->
 
 async def _task_names() -> set[str]:
     return {task.get_name() for task in asyncio.all_tasks()}
+
+
+def test_an_http_port_in_use_stops_the_server_with_a_message(tiny_repository: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = dict(os.environ, ORT_DISABLE_TELEMETRY="1")
+        done = subprocess.run(
+            [sys.executable, "-m", "taskserve.server.main", "--model-repository", str(tiny_repository),
+             "--grpc-port", "0", "--metrics-port", "-1", "--http-port", str(port)],
+            capture_output=True, text=True, timeout=120, env=env,
+        )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert f"could not bind the HTTP port 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr

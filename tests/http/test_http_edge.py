@@ -141,3 +141,13 @@ def test_tls_and_mutual_tls_use_the_grpc_certificate_flags(tiny_repository: Path
         for context in (ssl.create_default_context(cafile=str(pki.ca)), stranger):
             with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
                 httpx.get(url, verify=context)
+
+
+def test_a_saturated_server_answers_429_as_the_grpc_door_answers_resource_exhausted(tiny_repository: Path) -> None:
+    with running_server(tiny_repository, http_port=0, max_concurrent_requests=0) as server:
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{_port(server)}/v1", api_key="x", max_retries=0) as client:
+            with pytest.raises(openai.RateLimitError) as refused:
+                client.embeddings.create(model="simple", input="some text")
+    assert refused.value.status_code == 429
+    assert refused.value.body["code"] == "queue_full"  # type: ignore[index]
+    assert "retry with backoff" in refused.value.body["message"]  # type: ignore[index]

@@ -11,6 +11,7 @@ Subcommands:
   echo-server a bare grpc.aio v2 server answering with the request's bytes
   export      export benchmarks (taskserve.benchmarks.export_bench)
   generation  the generation engine: 1/8/32 streams, context length, TTFT, vs transformers generate
+  doors       the OpenAI HTTP door vs typed gRPC on a generation model (1/8/32 streams, same client logic)
   image-generation  diffusion: step-level batching, server vs diffusers' pipeline in-process
 
 Results go to benchmarks/results/<name>.json, .md and .png.
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     from taskserve.benchmarks.generation_bench import build_parser as add_generation
 
     add_generation(sub)
+    from taskserve.benchmarks.door_bench import build_parser as add_doors
+
+    add_doors(sub)
     from taskserve.benchmarks.image_generation_bench import build_parser as add_image_generation
 
     add_image_generation(sub)
@@ -135,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             from taskserve.benchmarks.generation_bench import run_generation
 
             runs, paths = run_generation(args)
+        elif args.command == "doors":
+            from taskserve.benchmarks.door_bench import run_doors
+
+            runs, paths = run_doors(args)
         elif args.command == "floor":
             from taskserve.benchmarks.floor_bench import run_floor
 

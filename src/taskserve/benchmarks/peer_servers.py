@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,11 +161,14 @@ def link_tree(src: Path, dst: Path) -> None:
         link_or_copy(str(src.resolve()), str(dst))
 
 
-def spawn_taskserve(repo: Path, log_dir: Path, workdir: Path | None = None, name: str = "taskserve") -> PeerProcess:
+def spawn_taskserve(
+    repo: Path, log_dir: Path, workdir: Path | None = None, name: str = "taskserve", extra_args: Sequence[str] = ()
+) -> PeerProcess:
     """``taskserve-server`` on ``repo`` from this environment; ``workdir`` is removed on stop."""
     port = free_port()
     argv = [sys.executable, "-m", "taskserve.server.main", "--model-repository", str(repo), "--host", "127.0.0.1",
-            "--grpc-port", str(port), "--metrics-port", "-1", "--no-reflection", "--drain-delay", "0"]  # fmt: skip
+            "--grpc-port", str(port), "--metrics-port", "-1", "--no-reflection", "--drain-delay", "0",
+            *extra_args]  # fmt: skip
     peer = _spawn(name, argv, port, log_dir, workdir=workdir)
     peer.version = _venv_version(Path(sys.executable), "taskserve")
     return peer

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from taskserve.server.frontends.grpc.auth import TOKENS_ENV, TokenError, load_tokens
 from taskserve.server.frontends.grpc.tls import TlsFilesError
-from taskserve.server.frontends.http.server import HttpStartError
+from taskserve.server.frontends.http import HttpStartError
 from taskserve.server.gpu_metrics import GPU_METRICS_MODES, GpuMetricsUnavailable
 from taskserve.server.settings import ServerSettings
 

@@ -71,10 +71,17 @@ class SentenceEmbedder(TextTask):
         self, texts: Sequence[str], params: EmbedParams, options: CallOptions, what: str = "texts"
     ) -> np.ndarray:
         """One float32 vector per text, (rows, dim)."""
+        return (await self.embed_counted(texts, params, options, what))[0]
+
+    async def embed_counted(
+        self, texts: Sequence[str], params: EmbedParams, options: CallOptions, what: str = "texts"
+    ) -> tuple[np.ndarray, int]:
+        """``embed``, and how many tokens the texts became (special tokens included, padding not):
+        the usage OpenAI's embeddings API reports."""
         check_texts(what, texts, self.limits)
         batch = await self.tokenize(texts, self.truncate(params.truncate), what)
         normalize = params.normalize if params.normalize is not None else self.option("normalize", True)
-        return await self._vectors(batch, normalize, options)
+        return await self._vectors(batch, normalize, options), int(batch.arrays["attention_mask"].sum())
 
     async def _vectors(self, batch: TokenBatch, normalize: bool, options: CallOptions) -> np.ndarray:
         output, pooling = self._output_and_pooling()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -19,8 +19,6 @@ from taskserve.server.frontends.grpc.malformed import guard
 from taskserve.server.frontends.grpc.tasks import add_task_servicers
 from taskserve.server.frontends.grpc.tls import server_credentials
 from taskserve.server.frontends.grpc.v2_servicer import V2Servicer
-from taskserve.server.frontends.http.app import create_http_app
-from taskserve.server.frontends.http.server import HttpDoor
 from taskserve.server.frontends.parts import ServingParts, build_tasks
 from taskserve.server.gpu_metrics import GpuCollector, start_gpu_metrics
 from taskserve.server.metrics import ServerMetrics
@@ -28,6 +26,9 @@ from taskserve.server.repository.config import ModelLimits
 from taskserve.server.repository.manager import ModelManager
 from taskserve.server.settings import ServerSettings
 from taskserve.server.tasks.base import TaskLimits
+
+if TYPE_CHECKING:
+    from taskserve.server.frontends.http.server import HttpDoor
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,11 @@ class ServingApp:
         await server.start()
         self._server = server
         if s.http_port >= 0:
-            # Same process and event loop as the gRPC server (http/server.py).
+            # Same process and event loop as the gRPC server (http/server.py); imported only
+            # when asked for, so a gRPC-only server does not load the ASGI stack.
+            from taskserve.server.frontends.http.app import create_http_app
+            from taskserve.server.frontends.http.server import HttpDoor
+
             door = HttpDoor(create_http_app(self.parts), s)
             try:
                 self.http_port = await door.start()

@@ -4,22 +4,24 @@ request, and count it in the model's metrics under the ``http`` protocol."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from fastapi import Request
 
-from taskserve.server.errors import InvalidInput
+from taskserve.server.errors import Cancelled, InvalidInput
 from taskserve.server.frontends.http.errors import HttpError
 from taskserve.server.frontends.parts import ServingParts
 from taskserve.server.repository.manager import LoadedModel
 from taskserve.server.tasks.base import CallOptions, Task
 
 TaskT = TypeVar("TaskT", bound=Task)
+T = TypeVar("T")
 PROTOCOL = "http"
 
 
@@ -52,3 +54,26 @@ async def read_json(request: Request) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise HttpError(400, "the body must be a JSON object")
     return value
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result, or its cancellation when the client goes away first: an unstreamed
+    generation whose caller left must not keep its slot until the last token (the gRPC door
+    gets this from the call's cancellation). Call after the body has been read."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise Cancelled("the client disconnected before the answer was ready")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

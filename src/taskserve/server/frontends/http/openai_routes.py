@@ -17,10 +17,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse
 
-from taskserve.server.frontends.http.call import PROTOCOL, task_call
+from taskserve.server.frontends.http.call import PROTOCOL, task_call, unless_disconnected
 from taskserve.server.frontends.http.errors import describe, openai_error_body
 from taskserve.server.frontends.http.openai_schema import (
     FINISH_REASONS,
@@ -34,7 +34,7 @@ from taskserve.server.frontends.http.sse import DONE, EventStream, event
 from taskserve.server.frontends.parts import ServingParts
 from taskserve.server.tasks.chat_template import ChatMessage
 from taskserve.server.tasks.diffusion.pipeline import Mode
-from taskserve.server.tasks.image_generation import ImageGenerator, ImageRequest, OutputFormat
+from taskserve.server.tasks.image_generation import GeneratedImages, ImageGenerator, ImageRequest, OutputFormat
 from taskserve.server.tasks.sentence_embedding import EmbedParams, SentenceEmbedder
 from taskserve.server.tasks.text_generation import GenerateParams, GenerationChunk, TextGenerator
 
@@ -56,26 +56,26 @@ def build_router(parts: ServingParts) -> APIRouter:
         return {"object": "list", "data": data}
 
     @router.post("/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest) -> JSONResponse | EventStream:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | EventStream:
         messages, params = body.params()
         chunks = _generation(parts, body.model, "", messages, params)
         ids = _Ids("chatcmpl", "chat.completion", body.model)
         if body.stream:
             first = await anext(chunks)  # refusals before the first token leave as a status, not a 200
             return EventStream(_chat_events(ids, first, chunks, body.include_usage), write_timeout, _error_event)
-        text, last = await _collect(chunks)
+        text, last = await unless_disconnected(request, _collect(chunks))
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
         return JSONResponse(ids.body([{**choice, "finish_reason": _finish(last)}], _usage(last)))
 
     @router.post("/completions", response_model=None)
-    async def completions(body: CompletionRequest) -> JSONResponse | EventStream:
+    async def completions(body: CompletionRequest, request: Request) -> JSONResponse | EventStream:
         prompt, params = body.params()
         chunks = _generation(parts, body.model, prompt, (), params)
         ids = _Ids("cmpl", "text_completion", body.model)
         if body.stream:
             first = await anext(chunks)
             return EventStream(_completion_events(ids, first, chunks, body.include_usage), write_timeout, _error_event)
-        text, last = await _collect(chunks)
+        text, last = await unless_disconnected(request, _collect(chunks))
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish(last)}
         return JSONResponse(ids.body([choice], _usage(last)))
 
@@ -83,27 +83,20 @@ def build_router(parts: ServingParts) -> APIRouter:
     async def embeddings(body: EmbeddingRequest) -> dict[str, Any]:
         texts = body.texts()
         async with task_call(parts, body.model, SentenceEmbedder) as call:
-            vectors = await call.task.embed(texts, EmbedParams(), call.options, what="input")
+            vectors, tokens = await call.task.embed_counted(texts, EmbedParams(), call.options, what="input")
         if body.dimensions is not None and body.dimensions != vectors.shape[1]:
             # Checked after: the dimension is the model's output's, known for sure only now.
             raise _dimensions(body.dimensions, vectors.shape[1], body.model)
         encode: Callable[[np.ndarray], Any] = _base64 if body.encoding_format == "base64" else _floats
         data = [{"object": "embedding", "index": i, "embedding": encode(row)} for i, row in enumerate(vectors)]
-        # Token counts are not reported by the embedding task; usage says so with zeros (as TEI does).
-        return {"object": "list", "data": data, "model": body.model, "usage": {"prompt_tokens": 0, "total_tokens": 0}}
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return {"object": "list", "data": data, "model": body.model, "usage": usage}
 
     @router.post("/images/generations")
-    async def images(body: ImageGenerationRequest) -> dict[str, Any]:
+    async def images(body: ImageGenerationRequest, request: Request) -> dict[str, Any]:
         body.check_formats()
         width, height = body.size_pixels()
-        async with task_call(parts, body.model, ImageGenerator) as call:
-            request = ImageRequest(
-                mode=Mode.TEXT_TO_IMAGE, prompt=body.prompt, negative_prompt=body.negative_prompt,
-                width=width, height=height, steps=body.steps or min(DEFAULT_IMAGE_STEPS, call.task.max_steps),
-                guidance_scale=body.guidance_scale, seed=body.seed, num_images=body.n,
-                output_format=OutputFormat.PNG,
-            )  # fmt: skip
-            result = await call.task.run(request, call.options)
+        result = await unless_disconnected(request, _images(parts, body, width, height))
         return {
             "created": int(time.time()),
             "data": [{"b64_json": base64.b64encode(png).decode("ascii")} for png in result.images],
@@ -126,6 +119,16 @@ async def _generation(
                 call.model.metrics.first_chunk(PROTOCOL, time.perf_counter() - started)
                 first = False
             yield chunk
+
+
+async def _images(parts: ServingParts, body: ImageGenerationRequest, width: int, height: int) -> GeneratedImages:
+    async with task_call(parts, body.model, ImageGenerator) as call:
+        request = ImageRequest(
+            mode=Mode.TEXT_TO_IMAGE, prompt=body.prompt, negative_prompt=body.negative_prompt,
+            width=width, height=height, steps=body.steps or min(DEFAULT_IMAGE_STEPS, call.task.max_steps),
+            guidance_scale=body.guidance_scale, seed=body.seed, num_images=body.n, output_format=OutputFormat.PNG,
+        )  # fmt: skip
+        return await call.task.run(request, call.options)
 
 
 async def _collect(chunks: AsyncIterator[GenerationChunk]) -> tuple[str, GenerationChunk]:

@@ -19,13 +19,10 @@ from collections.abc import Iterator
 import uvicorn
 from fastapi import FastAPI
 
+from taskserve.server.frontends.http import HttpStartError
 from taskserve.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
-
-
-class HttpStartError(OSError):
-    """The HTTP port cannot be bound, or its TLS files cannot be used; names which."""
 
 
 class _Server(uvicorn.Server):
@@ -90,4 +87,7 @@ class HttpDoor:
         self.config.timeout_graceful_shutdown = max(0, math.ceil(grace))
         self._server.should_exit = True
         task, self._task = self._task, None
-        await task
+        try:
+            await task
+        except Exception:  # the drain of the other door and the models' unload must still run
+            log.exception("the HTTP door failed while stopping")
