@@ -20,11 +20,12 @@ def openai_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     generation engine (as the demo exports it), a tiny sentence-embedding BERT and a tiny Stable
     Diffusion pipeline (random weights, built from configs)."""
 
-    from taskserve.exporters import smollm2, tiny_models
+    from taskserve.exporters import smollm2
     from taskserve.exporters.api import export_hf
     from taskserve.exporters.demo import ENTRY_NAMES
     from taskserve.exporters.diffusion import export_diffusers
     from taskserve.exporters.tiny_diffusion import tiny_stable_diffusion
+    from tests.support import tiny_hf_models as tiny_models
 
     sources = tmp_path_factory.mktemp("openai-sources")
     repo = tmp_path_factory.mktemp("openai-repo")
