@@ -3,7 +3,8 @@
 #                (DEMO_FLAGS=--without-generation: without SmolLM2)
 #   make test  - set up and run the test suite (not the peer-server comparison: make test-peers)
 # More: make test-peers (builds the KServe/MLServer environments, ~465 MB each, then runs
-# their comparison tests), make bench (regenerates every published benchmark result).
+# their comparison tests), make soak (bounded soak tests, a few minutes; CI runs them),
+# make bench (regenerates every published benchmark result).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +13,7 @@ HOST ?= 127.0.0.1
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: setup run demo test test-peers peers lint typecheck protos check-protos bench duplicates clean
+.PHONY: setup run demo test test-peers soak peers lint typecheck protos check-protos bench duplicates clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,7 +46,12 @@ peers: setup
 # Lint and strict typing are part of the test command. The peer comparison tests need
 # two ~465 MB environments: they are opt-in (make test-peers); CI (.ci/run) runs both.
 test: setup lint typecheck
-	ORT_DISABLE_TELEMETRY=1 $(PY) -m pytest -q -ra -m "not peers" $(PYTEST_ARGS)
+	ORT_DISABLE_TELEMETRY=1 $(PY) -m pytest -q -ra -m "not peers and not soak" $(PYTEST_ARGS)
+
+# Bounded soak tests (tests/soak, marker soak): memory across model swaps and the like,
+# a few minutes; kept out of make test for its time, run by CI (.ci/run).
+soak: setup
+	ORT_DISABLE_TELEMETRY=1 $(PY) -m pytest -q -ra -m soak $(PYTEST_ARGS)
 
 test-peers: setup peers
 	ORT_DISABLE_TELEMETRY=1 $(PY) -m pytest -q -ra -m peers $(PYTEST_ARGS)

@@ -66,6 +66,8 @@ def test_rendered_args_are_accepted_by_the_server_cli(values: dict[str, Any] | N
     assert probe_port == (settings.health_port if settings.tls_cert else settings.grpc_port)
     assert settings.strict_readiness is server_values.get("strictReadiness", False)
     assert settings.reflection is ("--no-reflection" not in server_values.get("extraArgs", []))
+    assert settings.stream_write_timeout_s == server_values.get("streamWriteTimeout", 30)
+    assert settings.max_streams_per_connection == server_values.get("maxStreamsPerConnection", 32)
 
 
 def test_autoscaling_metric_is_a_gauge_the_server_exports() -> None:

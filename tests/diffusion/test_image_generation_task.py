@@ -4,14 +4,17 @@ the concurrency cap, and that a finished or refused call frees its slot."""
 from __future__ import annotations
 
 import asyncio
+import io
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image, ImageFile
 
-from taskserve.server.errors import InvalidInput, Overloaded
+from taskserve.server.errors import InvalidInput, LimitExceeded, Overloaded
 from taskserve.server.repository.config import load_model_config
 from taskserve.server.tasks.base import CallOptions, TaskContext
 from taskserve.server.tasks.diffusion.pipeline import Mode
@@ -136,4 +139,54 @@ def test_cancelling_stops_the_loop_at_the_awaited_step(tiny_pipeline: TinyPipeli
     at_cancel, at_end = asyncio.run(scenario())
     # The UNet call it was awaiting may have been recorded; none started after the cancel.
     assert at_cancel <= at_end <= at_cancel + 1 < 100
+    assert task.active == 0
+
+
+def _declaring(fmt: str, width: int, height: int) -> bytes:
+    """A small PNG or JPEG whose header declares width x height (its pixel data is 8x8)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, format=fmt)
+    data = bytearray(buffer.getvalue())
+    if fmt == "PNG":
+        data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+        data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # IHDR's CRC, so Pillow reads it
+    else:  # the SOF0 segment: FFC0, length (2), precision (1), height (2), width (2)
+        sof = data.index(b"\xff\xc0")
+        data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+@pytest.fixture
+def pixel_decodes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Sizes of every image whose pixels Pillow decodes (``ImageFile.load``) during the test."""
+    decoded: list[tuple[int, int]] = []
+    original = ImageFile.ImageFile.load
+
+    def spy(self: ImageFile.ImageFile) -> Any:
+        decoded.append(self.size)
+        return original(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    return decoded
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_declared_sizes_are_refused_before_any_pixel_is_decoded(
+    tiny_pipeline: TinyPipeline, pixel_decodes: list[tuple[int, int]], fmt: str
+) -> None:
+    task, models = _task(tiny_pipeline)
+    huge = _declaring(fmt, 6000, 6000)  # a few hundred bytes declaring 36 MP (under the server's 40 MP)
+    assert len(huge) < 2000
+    small = _declaring("PNG", 32, 32)
+    limit = f"limit of {task.max_pixels}"
+    calls = [
+        (_request(mode=Mode.IMAGE_TO_IMAGE, image=huge, width=0, height=0), rf"image 6000x6000 .*{limit}"),
+        (_request(mode=Mode.INPAINT, image=huge, mask=small, width=0, height=0), rf"image 6000x6000 .*{limit}"),
+        (_request(mode=Mode.INPAINT, image=small, mask=huge, width=0, height=0), rf"mask 6000x6000 .*{limit}"),
+    ]
+    for request, message in calls:
+        with pytest.raises(LimitExceeded, match=message):
+            asyncio.run(task.run(request, CallOptions()))
+    assert pixel_decodes == []
+    assert all(not m.scheduler.requests for m in models.values())
     assert task.active == 0

@@ -259,11 +259,13 @@ def test_requests_are_counted_by_protocol(server: ServerThread, client: openai.O
     http_ok = count("taskserve_protocol_requests_total", "http", outcome="success")
     grpc_ok = count("taskserve_protocol_requests_total", "grpc", outcome="success")
     first_chunks = count("taskserve_protocol_time_to_first_chunk_seconds_count", "http")
+    grpc_first_chunks = count("taskserve_protocol_time_to_first_chunk_seconds_count", "grpc")
     total = registry.get_sample_value("taskserve_request_success_total", {"model": SMOL, "version": "1"}) or 0.0
     list(client.completions.create(model=SMOL, prompt=PROMPT, max_tokens=4, temperature=0, stream=True))
     typed.text.generate_text(PROMPT, model=SMOL, max_new_tokens=4)
     assert count("taskserve_protocol_requests_total", "http", outcome="success") == http_ok + 1
     assert count("taskserve_protocol_requests_total", "grpc", outcome="success") == grpc_ok + 1
     assert count("taskserve_protocol_time_to_first_chunk_seconds_count", "http") == first_chunks + 1
+    assert count("taskserve_protocol_time_to_first_chunk_seconds_count", "grpc") == grpc_first_chunks + 1
     # The existing family still counts every door together, with its labels as they were.
     assert registry.get_sample_value("taskserve_request_success_total", {"model": SMOL, "version": "1"}) == total + 2

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from taskserve.protocol.generated.taskserve.v1 import common_pb2, text_classification_pb2
 from taskserve.server.errors import LimitExceeded
@@ -108,37 +107,38 @@ def test_request_pixels_are_checked_on_the_headers_before_decoding() -> None:
     check_request_pixels(images[:2], 40_000_000, 100_000_000, "images")  # 79 MP together: fine
 
 
-def test_streams_in_flight_are_limited(robust_server: ServerThread) -> None:
-    async def scenario() -> list[grpc.StatusCode]:
-        async with grpc.aio.insecure_channel(robust_server.address) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            gate: asyncio.Queue[pb.ModelInferRequest | None] = asyncio.Queue()
+def test_streams_with_work_in_flight_are_limited(robust_server: ServerThread) -> None:
+    """--max-streams (4 here) counts ModelStreamInfer streams with requests in flight or answers
+    unsent; idle streams do not count (tests/robustness/test_slow_readers.py)."""
+    own = ("grpc.use_local_subchannel_pool", 1)  # a TCP connection of its own
+    not_reading = [own, ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1)]
+    ones = np.ones((1, 4), np.float32)
+    request = infer_request("simple", INPUT0=ones, INPUT1=ones)
 
-            async def requests() -> object:
-                while (item := await gate.get()) is not None:
-                    yield item
-
-            # The server fixture allows 4 streams; open 4 and keep them open...
-            held = [stub.ModelStreamInfer(requests()) for _ in range(4)]
-            await asyncio.sleep(0.5)
-            extra = stub.ModelStreamInfer(iter([]))
-            codes = []
-            try:
-                async for _ in extra:
-                    pass
-                codes.append(grpc.StatusCode.OK)
-            except grpc.aio.AioRpcError as err:
-                codes.append(err.code())
+    async def scenario() -> tuple[str, str]:
+        async with (
+            grpc.aio.insecure_channel(robust_server.address, options=not_reading) as slow,
+            grpc.aio.insecure_channel(robust_server.address, options=[own]) as good,
+        ):
+            # Four streams whose client reads one answer of eight and stops: their unsent
+            # answers keep them busy (until the write timeout, 30 s by default).
+            held = [pb_grpc.GRPCInferenceServiceStub(slow).ModelStreamInfer(iter([request] * 8)) for _ in range(4)]
+            for call in held:
+                assert not (await call.read()).error_message
+            stub = pb_grpc.GRPCInferenceServiceStub(good)
+            refused = [a async for a in stub.ModelStreamInfer(iter([request]), timeout=30)][0].error_message
             for call in held:
                 call.cancel()
-            # ...and once they close, a new stream is accepted again.
-            await asyncio.sleep(0.5)
-            async for _ in stub.ModelStreamInfer(iter([])):
-                pass
-            codes.append(grpc.StatusCode.OK)
-            return codes
+            # ...and once they close, a new stream's requests are served again.
+            deadline = time.monotonic() + 10
+            while (answer := [a async for a in stub.ModelStreamInfer(iter([request]), timeout=30)][0]).error_message:
+                assert time.monotonic() < deadline, answer.error_message
+                await asyncio.sleep(0.05)
+            return refused, answer.error_message
 
-    assert asyncio.run(scenario()) == [grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OK]
+    refused, served = asyncio.run(scenario())
+    assert "4 ModelStreamInfer streams with requests in flight" in refused and "--max-streams" in refused
+    assert served == ""
 
 
 def test_a_client_deadline_counts_as_timeout(robust_server: ServerThread, robust_channel: grpc.Channel) -> None:

@@ -16,6 +16,8 @@ def test_defaults_are_safe(tmp_path: Path) -> None:
     assert (s.host, s.metrics_host) == ("127.0.0.1", "127.0.0.1")
     assert s.model_control_mode == "none" and s.auth_tokens == () and s.tls_cert is None
     assert s.drain_delay_s == 5.0
+    # Clients that do not read: streams end after 30 s unread, 32 per connection.
+    assert (s.stream_write_timeout_s, s.max_streams_per_connection) == (30.0, 32)
 
 
 def test_tls_and_token_flags(tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -43,6 +45,8 @@ def test_tls_and_token_flags(tmp_path: Path, pki: Pki, monkeypatch: pytest.Monke
         (["--auth-health"], "--auth-health needs tokens"),
         (["--model-control-mode", "poll"], "invalid choice"),
         (["--drain-delay", "-1"], "--drain-delay must be >= 0"),
+        (["--stream-write-timeout", "0"], "--stream-write-timeout must be > 0"),
+        (["--max-streams-per-connection", "0"], "--max-streams-per-connection must be >= 1"),
     ],
 )
 def test_refusals_say_what_to_fix(

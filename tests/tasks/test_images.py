@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import io
+import re
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
-from taskserve.server.errors import InvalidInput
+import taskserve.server
+from taskserve.server.errors import InvalidInput, LimitExceeded
 from taskserve.server.tasks.base import TaskConfigError
 from taskserve.server.tasks.images import RawImage, decode_image, preprocessing_from
 
@@ -98,3 +102,43 @@ def test_preprocessing_shortest_edge_crop_and_normalize() -> None:
         preprocessing_from({}, {}, None, np.dtype(np.float32), "m")
     with pytest.raises(TaskConfigError, match="resize_mode"):
         preprocessing_from({"image": {"size": 4, "resize_mode": "fit"}}, {}, None, np.dtype(np.float32), "m")
+
+
+def _declaring(fmt: str, width: int, height: int) -> bytes:
+    """A small PNG or JPEG whose header declares width x height (its pixel data is 8x8)."""
+    data = bytearray(_encode(Image.new("RGB", (8, 8), (10, 200, 10)), fmt))
+    if fmt == "PNG":
+        data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+        data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")  # IHDR's CRC, so Pillow reads it
+    else:  # SOF0: FFC0, length (2), precision (1), height (2), width (2)
+        sof = data.index(b"\xff\xc0")
+        data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize(("fmt", "side"), [("PNG", 7000), ("JPEG", 7000), ("JPEG", 60000), ("PNG", 60000)])
+def test_declared_size_is_refused_before_any_pixel_is_decoded(
+    monkeypatch: pytest.MonkeyPatch, fmt: str, side: int
+) -> None:
+    # 60000² is past twice Pillow's own bomb limit, where Image.open itself refuses.
+    decoded: list[object] = []
+    original = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or original(self))
+    with pytest.raises(LimitExceeded, match="over the limit of 40000000"):
+        decode_image(_declaring(fmt, side, side), 40_000_000, "images[0]")
+    assert decoded == []
+    assert decode_image(_declaring(fmt, 8, 8), 40_000_000, "images[0]").shape == (8, 8, 3)
+    assert decoded and set(decoded) == {(8, 8)}  # the spy sees a real decode
+
+
+def test_only_images_py_decodes_images() -> None:
+    """Every image the server decodes goes through decode_image, which checks the header
+    first: no other server module opens images with Pillow."""
+    root = Path(taskserve.server.__file__).parent
+    openers = re.compile(r"Image\.open\(|ImageFile\.Parser|Image\.frombytes\(|imageio|cv2\.imdecode")
+    found = [
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if openers.search(path.read_text(encoding="utf-8")) and path.name != "images.py"
+    ]
+    assert found == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Generator
 
 import pytest
 from prometheus_client import generate_latest
@@ -116,3 +117,21 @@ def test_unexpected_errors_count_as_internal_failures() -> None:
     assert sample(metrics, "taskserve_request_failure_total", reason="internal") == 1
     assert sample(metrics, "taskserve_request_failure_total", reason="invalid_input") == 1
     assert model.snapshot().fail.count == 2
+
+
+def test_a_stream_closed_before_its_end_counts_as_cancelled() -> None:
+    """A streaming handler closed at its yield (the client left while an answer was being
+    written, or stopped reading) sees GeneratorExit: a cancel, not a request counted nowhere."""
+    metrics = ServerMetrics()
+    model = metrics.for_model("m", "1")
+
+    def stream() -> Generator[int, None, None]:
+        with model.track_request(0):
+            yield 1
+            yield 2
+
+    chunks = stream()
+    next(chunks)
+    chunks.close()
+    assert sample(metrics, "taskserve_request_failure_total", reason="cancelled") == 1
+    assert model.snapshot().fail.count == 1

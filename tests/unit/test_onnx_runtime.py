@@ -88,3 +88,20 @@ def test_wide_when_alone_shares_one_wider_session_that_computes_the_same(model_p
     alone = OnnxRuntime(model_path, narrow)
     alone.load()
     assert alone.alone_width == 0  # one instance already has every core
+
+
+def test_cpu_memory_arena_follows_the_config(model_path: Path) -> None:
+    """runtime.cpu_memory_arena: false (the diffusion entries) opens sessions without the
+    arena that would keep the largest run's memory; the default keeps it."""
+    from taskserve.server.runtimes.onnx_threads import session_options
+
+    on = ModelConfig.model_validate({"name": "simple", "max_batch_size": 8})
+    off = ModelConfig.model_validate({"name": "simple", "max_batch_size": 8, "runtime": {"cpu_memory_arena": False}})
+    assert session_options(onnxruntime, on.runtime, 1).enable_cpu_mem_arena is True
+    assert session_options(onnxruntime, off.runtime, 1).enable_cpu_mem_arena is False
+    runtime = OnnxRuntime(model_path, off)
+    runtime.load()
+    try:
+        assert _run(runtime)["OUTPUT0"].shape == (2, 4)
+    finally:
+        runtime.close()

@@ -43,6 +43,11 @@ def _common(p: argparse.ArgumentParser, name_required: bool = False) -> None:
     )  # fmt: skip
     p.add_argument("--no-optimize", action="store_true", help="skip onnxruntime graph optimizations")
     p.add_argument("--quantize", metavar="MODE", help="'int8': dynamic int8 quantization for CPU")
+    p.add_argument(
+        "--weights", choices=["int4", "int8"],
+        help="weight-only blockwise quantization for CPU (MatMulNBits): smaller, faster decoding; "
+        "the generation engine's graphs take it",
+    )  # fmt: skip
     p.add_argument("--fp16", action="store_true", help="half precision (GPU); with --tensorrt an fp16 engine")
     p.add_argument(
         "--tensorrt", action="store_true",
@@ -137,6 +142,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "wide_when_alone": args.wide_when_alone,
         "optimize": not args.no_optimize,
         "quantize": args.quantize,
+        "weights": args.weights,
         "fp16": args.fp16,
         "tensorrt": args.tensorrt,
         "format": args.format,

@@ -32,12 +32,14 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from taskserve.exporters.attention_cost import attention_bytes
 from taskserve.exporters.errors import ExportError, UsageError, ValidationFailed
 from taskserve.exporters.pipeline import ExportOptions, run_export
 from taskserve.exporters.progress import Steps, format_table
 from taskserve.exporters.repository_entry import check_writable
 from taskserve.exporters.spec import ExportedModel
 from taskserve.exporters.validate import open_session
+from taskserve.server.tasks.diffusion.budget import DEFAULT_BUDGET, AttentionBudget
 from taskserve.server.tasks.diffusion.pipeline import (
     GenerationParams,
     Mode,
@@ -153,11 +155,13 @@ def _modules(pipe: Any) -> dict[str, tuple[Any, dict[str, Any], list[str], dict[
 
 
 def _never_padded(exported: ExportedModel) -> ExportedModel:
-    """Images and latents of different sizes never share a batch: no padding, sizes join the key."""
+    """Images and latents of different sizes never share a batch: no padding, sizes join the key.
+    No CPU memory arena either: it would keep the largest size's peak for good."""
+    runtime = {**exported.runtime, "cpu_memory_arena": False}
     if exported.inputs is None:
-        return exported
+        return dataclasses.replace(exported, runtime=runtime)
     inputs = [dataclasses.replace(t, padding="none") if -1 in t.dims else t for t in exported.inputs]
-    return dataclasses.replace(exported, inputs=inputs)
+    return dataclasses.replace(exported, inputs=inputs, runtime=runtime)
 
 
 def _tokenizer_files(pipe: Any, work: Path) -> dict[str, Path]:
@@ -170,9 +174,17 @@ def _tokenizer_files(pipe: Any, work: Path) -> dict[str, Path]:
     return {f: fast / f for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")}
 
 
-def _task_options(pipe: Any, name: str, max_images: int) -> dict[str, Any]:
+def _memory_budget(cost_per_pixel2: float, vsf: int, default_size: int) -> int:
+    """The default budget, raised (to whole GiB) when one image of the default size needs more."""
+    needed = AttentionBudget(cost_per_pixel2, DEFAULT_BUDGET, vsf).cost(default_size, default_size, 1)
+    gib = 1 << 30
+    return max(DEFAULT_BUDGET, -(-needed // gib) * gib)
+
+
+def _task_options(pipe: Any, name: str, max_images: int, cost_per_pixel2: float) -> dict[str, Any]:
     vsf = int(pipe.vae_scale_factor)
     levels = len(pipe.unet.config.block_out_channels)
+    default_size = int(pipe.unet.config.sample_size) * vsf
     return {
         "parts": part_names(name),
         "latent_channels": int(pipe.vae.config.latent_channels),
@@ -181,8 +193,11 @@ def _task_options(pipe: Any, name: str, max_images: int) -> dict[str, Any]:
         "scaling_factor": float(pipe.vae.config.scaling_factor),
         # The exported UNet has fixed up-sampling: latents divisible by its down-sampling.
         "size_multiple": max(8, vsf * 2 ** (levels - 1)),
-        "default_size": int(pipe.unet.config.sample_size) * vsf,
+        "default_size": default_size,
+        # The ceiling; the server lowers it to what attention_memory_budget affords.
         "max_pixels": 1024 * 1024,
+        "attention_bytes": cost_per_pixel2,
+        "attention_memory_budget": _memory_budget(cost_per_pixel2, vsf, default_size),
         "max_steps": 150,
         "max_images": max_images,
         "default_scheduler": SchedulerKind.DDIM.value,
@@ -423,6 +438,7 @@ def export_diffusers(
             pipe = load_pipeline(model)
             rec.detail = f"{type(pipe).__name__}, UNet in_channels {pipe.unet.config.in_channels}"
         modules = _modules(pipe)
+        cost_per_pixel2 = attention_bytes(pipe, modules)
         common: dict[str, Any] = {
             "fp16": fp16, "optimize": optimize, "progress": False, "stream": stream, "tags": dict(tags or {}),
         }  # fmt: skip
@@ -435,7 +451,7 @@ def export_diffusers(
                 module, example, outputs, axes = modules[key]
                 entry = name if key == "unet" else names[key]
                 task = "image-generation" if key == "unet" else "tensor"
-                options = _task_options(pipe, name, max_images) if key == "unet" else {}
+                options = _task_options(pipe, name, max_images, cost_per_pixel2) if key == "unet" else {}
                 files = extra if key == "unet" else {}
 
                 def source(work: Path, module: Any = module, example: Any = example, outputs: Any = outputs,

@@ -55,9 +55,9 @@ def build_config(
         config["dynamic_batching"] = {"max_queue_delay_us": max_queue_delay_us, "max_queue_size": 1024}
         if length_buckets:
             config["dynamic_batching"]["length_buckets"] = list(length_buckets)
-    runtime: dict[str, Any] = {}
+    runtime: dict[str, Any] = dict(exported.runtime)
     if int8:
-        # Dynamic int8 kernels (MatMulInteger, QAttention) exist on CPU only.
+        # The integer kernels (MatMulInteger, QAttention, MatMulNBits at accuracy level 4) are the CPU's.
         runtime["execution_providers"] = ["cpu"]
     if tensorrt and not native_engine:
         runtime["execution_providers"] = ["tensorrt", "cuda", "cpu"]

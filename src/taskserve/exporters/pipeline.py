@@ -27,6 +27,9 @@ from taskserve.exporters.spec import ExportedModel
 from taskserve.exporters.tasks import TOLERANCES
 from taskserve.exporters.torch_entry import check_torch_entry, write_torch_files
 from taskserve.exporters.validate import OutputDiff, run_cases, validate, worst
+from taskserve.exporters.weight_quantize import BITS as WEIGHT_BITS
+from taskserve.exporters.weight_quantize import BLOCK_SIZE as WEIGHT_BLOCK
+from taskserve.exporters.weight_quantize import quantize_weights
 
 Source = Callable[[Path], ExportedModel]
 T = TypeVar("T")
@@ -50,6 +53,8 @@ class ExportOptions:
     wide_when_alone: bool = False
     optimize: bool = True
     quantize: str | None = None  # "int8"
+    # Weight-only blockwise quantization (weight_quantize.py): "int4" or "int8".
+    weights: str | None = None
     fp16: bool = False
     tensorrt: bool = False
     trt_workspace_mb: int = 2048
@@ -71,6 +76,13 @@ class ExportOptions:
             raise UsageError(f"unknown quantization {self.quantize!r}; the supported mode is 'int8'")
         if self.quantize and (self.fp16 or self.tensorrt):
             raise UsageError("--quantize int8 targets CPU; it cannot be combined with --fp16 or --tensorrt")
+        if self.weights not in (None, *WEIGHT_BITS):
+            raise UsageError(f"unknown --weights {self.weights!r}; use one of {sorted(WEIGHT_BITS)}")
+        if self.weights and (self.quantize or self.fp16 or self.tensorrt or self.format == "torch"):
+            raise UsageError(
+                f"--weights {self.weights} quantizes an ONNX entry's weights for the CPU; it cannot be combined "
+                "with --quantize, --fp16, --tensorrt or --format torch"
+            )
         if self.max_batch_size is not None and self.max_batch_size < 0:
             raise UsageError("--max-batch-size must be >= 0")
         if self.format not in ("onnx", "torch"):
@@ -109,6 +121,8 @@ def _step_names(options: ExportOptions) -> list[str]:
     names = ["export", "validate", "optimize"]
     if options.quantize:
         names.append("quantize")
+    if options.weights:
+        names.append("weights")
     if options.fp16 and not options.tensorrt:
         names.append("fp16")
     if options.tensorrt and _native_engines():
@@ -163,7 +177,8 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
         if exported.task == "text-generation" and (options.quantize or options.fp16 or options.tensorrt):
             # Untested with the in-place cache binding; refused rather than written and unservable.
             raise UsageError(
-                "the generation engine's graph is exported in float32 only; drop --quantize, --fp16 and --tensorrt"
+                "the generation engine's graph takes float32 or --weights int4|int8 only; drop --quantize, "
+                "--fp16 and --tensorrt"
             )
         # The engine batches sequences itself: --max-batch-size sets how many decode together.
         if options.max_batch_size:
@@ -214,6 +229,18 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
             nodes = sum(counts)
             rec.detail = f"int8 dynamic, {nodes} nodes; vs fp32: {accuracy_summary(accuracy)}"
 
+    if options.weights:
+        with steps.step("weights") as rec:
+            mode = options.weights
+            counts = _stage(current, work / mode, files, lambda s, d: quantize_weights(s, d, mode))
+            fp32_outputs = run_cases(current, cases)
+            accuracy = accuracy_change(fp32_outputs, run_cases(work / mode, cases))
+            current = work / mode
+            rec.detail = (
+                f"{mode} weights (MatMulNBits, blocks of {WEIGHT_BLOCK}), {sum(counts)} nodes; "
+                f"vs fp32: {accuracy_summary(accuracy)}"
+            )
+
     if options.fp16 and not options.tensorrt:
         with steps.step("fp16") as rec:
             _stage(current, work / "fp16", files, convert_fp16)
@@ -256,7 +283,7 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
             length_buckets=options.length_buckets,
             instance_count=options.instance_count,
             wide_when_alone=options.wide_when_alone,
-            int8=bool(options.quantize),
+            int8=bool(options.quantize or options.weights),
             fp16=options.fp16,
             tensorrt=options.tensorrt,
             native_engine=native,
@@ -268,6 +295,7 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
             "options": {
                 "optimize": options.optimize,
                 "quantize": options.quantize,
+                "weights": options.weights,
                 "fp16": options.fp16,
                 "tensorrt": options.tensorrt,
                 "max_batch_size": max_batch,

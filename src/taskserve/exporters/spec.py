@@ -80,5 +80,7 @@ class ExportedModel:
     source: dict[str, Any] = field(default_factory=dict)
     # config.yaml's generation block: the entry runs on the generation engine.
     generation: dict[str, Any] | None = None
+    # config.yaml's runtime block, beside what the export options put there.
+    runtime: dict[str, Any] = field(default_factory=dict)
     # Writes the files of a torch entry (--format torch); None: this model has none.
     torch_entry: TorchEntryWriter | None = None

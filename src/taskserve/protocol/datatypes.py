@@ -71,6 +71,9 @@ def deserialize_bytes_tensor(buffer: bytes, count: int | None = None) -> npt.NDA
     offset = 0
     view = memoryview(buffer)
     while offset < len(view):
+        if count is not None and len(items) == count:
+            # More data than the shape holds: stop here, the work stays bounded by the shape.
+            raise ValueError(f"raw BYTES contents hold more than the {count} elements the shape needs")
         if offset + 4 > len(view):
             raise ValueError(f"truncated BYTES element length at byte {offset} of {len(view)}")
         (length,) = struct.unpack_from("<I", view, offset)

@@ -5,6 +5,31 @@ below the front end imports grpc."""
 from __future__ import annotations
 
 import enum
+import re
+
+# What a caller-visible message may hold (status details, RepositoryIndex reasons): messages
+# built from library exceptions (OSError, PIL, onnxruntime, yaml) can carry server paths,
+# object addresses and whole tracebacks; ``caller_safe`` strips them and caps the length.
+MAX_MESSAGE_CHARS = 2048
+# An absolute path of two or more components, not part of a relative one ("1/model.onnx")
+# or of a URL.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/<>~-])/(?:[^\s'\"/:,;()<>\[\]{}]+/)+[^\s'\"/:,;()<>\[\]{}]+")
+_ADDRESS = re.compile(r"\s+at 0x[0-9A-Fa-f]+|0x[0-9A-Fa-f]{6,}")
+_TRACEBACK = "Traceback (most recent call last)"
+SERVER_PATH = "<server path>"
+
+# Characters of a caller-supplied string (a model name, version, input name) an error message
+# quotes: enough to recognise it, short enough that a hostile one cannot bloat the status
+# (gRPC carries the message in a header, capped by the peers' header limits).
+QUOTE_CHARS = 64
+
+
+def quoted(value: str | bytes, limit: int = QUOTE_CHARS) -> str:
+    """``value`` for an error message: its repr, cut to ``limit`` characters and its length
+    noted when longer. Every message that echoes what a caller sent goes through here."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} {'characters' if isinstance(value, str) else 'bytes'})"
 
 
 class Code(enum.Enum):
@@ -18,6 +43,21 @@ class Code(enum.Enum):
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     CANCELLED = "CANCELLED"
     INTERNAL = "INTERNAL"
+
+
+def caller_safe(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``message`` as a caller may see it: absolute paths replaced by ``<server path>``,
+    memory addresses and tracebacks removed, at most ``limit`` characters (cut with "…").
+    Paths inside the model repository should be made relative first (``<model>/<file>``,
+    repository/paths.py ``without_server_paths``), which keeps them useful."""
+    cut = message.find(_TRACEBACK)
+    if cut >= 0:
+        message = message[:cut].rstrip() or "(details in the server log)"
+    message = _ADDRESS.sub("", message)
+    message = _ABSOLUTE_PATH.sub(SERVER_PATH, message)
+    if len(message) > limit:
+        message = message[: limit - 1] + "…"
+    return message
 
 
 class TaskServeError(Exception):

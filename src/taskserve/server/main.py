@@ -30,6 +30,10 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics port (0: any, -1: off)")
     p.add_argument("--max-message-mb", type=int, default=256, help="largest request/response message, MiB")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument(
+        "--swap-grace", type=float, default=30.0,
+        help="seconds a model version that a reload or unload retires keeps serving the requests it already had",
+    )  # fmt: skip
     p.add_argument("--strict-readiness", action="store_true", help="ready only when every model is READY")
     p.add_argument(
         "--max-connection-age", type=float, default=0.0,
@@ -48,18 +52,21 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not a.model_repository.is_dir():
         p.error(f"--model-repository {a.model_repository} is not a directory")
+    if a.swap_grace < 0:
+        p.error("--swap-grace must be >= 0")
     if a.gpu_metrics == "on" and a.metrics_port < 0:
         p.error("--gpu-metrics on needs the metrics endpoint: drop --metrics-port -1 or use --gpu-metrics off")
     edge = _edge_settings(p, a)
+    if not a.stream_write_timeout_s > 0:
+        p.error("--stream-write-timeout must be > 0")
+    if a.max_streams_per_connection < 1:
+        p.error("--max-streams-per-connection must be >= 1")
     if a.max_http_body_mb <= 0:
         p.error("--max-http-body-mb must be > 0")
-    if a.stream_write_timeout <= 0:
-        p.error("--stream-write-timeout must be > 0 seconds")
     return ServerSettings(
         **edge,
         http_port=a.http_port,
         max_http_body_bytes=a.max_http_body_mb * 1024 * 1024,
-        stream_write_timeout_s=a.stream_write_timeout,
         model_repository=a.model_repository,
         host=a.host,
         grpc_port=a.grpc_port,
@@ -67,11 +74,13 @@ def parse_args(argv: list[str] | None) -> ServerSettings:
         max_receive_message_bytes=a.max_message_mb * 1024 * 1024,
         max_send_message_bytes=a.max_message_mb * 1024 * 1024,
         shutdown_grace_s=a.shutdown_grace,
+        swap_grace_s=a.swap_grace,
         strict_readiness=a.strict_readiness,
         reflection=not a.no_reflection,
         max_connection_age_s=a.max_connection_age,
         gpu_metrics=a.gpu_metrics,
         **{name: getattr(a, name) for name in _LIMIT_FLAGS},
+        stream_write_timeout_s=a.stream_write_timeout_s,
     )
 
 
@@ -111,11 +120,7 @@ def _add_http_args(p: argparse.ArgumentParser) -> None:
         "--max-http-body-mb", type=int, default=256,
         help="largest HTTP request body, MiB; larger ones get 413 before they are read (default 256)",
     )  # fmt: skip
-    p.add_argument(
-        "--stream-write-timeout", type=float, default=ServerSettings.stream_write_timeout_s,
-        help="seconds a streamed response may wait on a client that stops reading before it is ended "
-        f"and its generation slot freed (default {ServerSettings.stream_write_timeout_s:g})",
-    )  # fmt: skip
+    # --stream-write-timeout (shared by both doors' streams) is with the gRPC stream limits below.
 
 
 def _edge_settings(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict[str, Any]:
@@ -148,8 +153,11 @@ _LIMIT_FLAGS = {
     "max_image_pixels": "pixels per image (read from its header, before decoding)",
     "max_request_pixels": "pixels over all images of one request",
     "max_variable_dim": "largest size of a variable (-1) dim of a v2 input",
+    "max_bytes_elements": "elements of one v2 BYTES input, refused before decoding",
+    "max_name_chars": "characters of a model name or version in a request, checked first",
     "max_concurrent_requests": "typed requests processed at once (beyond: RESOURCE_EXHAUSTED)",
-    "max_streams": "ModelStreamInfer streams open at once (beyond: RESOURCE_EXHAUSTED)",
+    "max_streams": "ModelStreamInfer streams with requests in flight at once (beyond: RESOURCE_EXHAUSTED)",
+    "max_streams_per_connection": "response streams one client connection holds open (beyond: RESOURCE_EXHAUSTED)",
 }
 
 
@@ -157,6 +165,11 @@ def _add_limit_flags(p: argparse.ArgumentParser) -> None:
     for name, meaning in _LIMIT_FLAGS.items():
         default = getattr(ServerSettings, name)
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=f"{meaning} (default {default})")
+    default_timeout = ServerSettings.stream_write_timeout_s
+    p.add_argument(
+        "--stream-write-timeout", type=float, default=default_timeout, dest="stream_write_timeout_s",
+        help=f"seconds a streamed answer may wait for its client to read, then the stream ends ({default_timeout:g})",
+    )  # fmt: skip
 
 
 async def serve(settings: ServerSettings) -> None:

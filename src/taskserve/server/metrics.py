@@ -399,6 +399,10 @@ class ModelMetrics:
         """A streamed generation sent its first text chunk ``seconds`` after the request arrived."""
         self._record(self._apply_first_chunk, (protocol, seconds))
 
+    def first_chunk_timer(self, protocol: str, started_ns: int) -> Callable[[], None]:
+        """A callable recording the time from ``started_ns`` (perf_counter_ns) to its call."""
+        return lambda: self.first_chunk(protocol, (time.perf_counter_ns() - started_ns) / 1e9)
+
     def _fold_first_chunk(self, payload: tuple[str, float]) -> None:
         protocol, seconds = payload
         hists = self._s.door_first_chunk
@@ -413,10 +417,12 @@ class ModelMetrics:
         """A request ended with ``err``: counted as a failure by its reason. Errors
         that are neither TaskServeError nor cancellation are bugs, counted as "internal".
         gRPC cancels the handler when the client's deadline passes: that counts as
-        "timeout" (the deadline, monotonic, is then past), any other cancel as "cancelled"."""
+        "timeout" (the deadline, monotonic, is then past), any other cancel as "cancelled".
+        A streaming handler closed before its end (GeneratorExit: the client went away or
+        stopped reading while an answer was being written) is a cancel too."""
         if isinstance(err, TaskServeError):
             self.request_failed(err.reason, duration_ns, protocol)
-        elif isinstance(err, asyncio.CancelledError):
+        elif isinstance(err, (asyncio.CancelledError, GeneratorExit)):
             timed_out = deadline is not None and time.monotonic() >= deadline - _DEADLINE_SLACK_S
             self.request_failed("timeout" if timed_out else "cancelled", duration_ns, protocol)
         elif isinstance(err, Exception):

@@ -25,6 +25,9 @@ class ServerSettings:
     max_send_message_bytes: int = 256 * 1024 * 1024
     # How long in-flight requests get to finish after SIGTERM.
     shutdown_grace_s: float = 30.0
+    # How long a model version that a reload or unload takes out of service keeps serving
+    # the requests that resolved it before (then it stops, refusing what is left).
+    swap_grace_s: float = 30.0
     # Ready only when every model in the repository is READY (otherwise: once startup loading finished).
     strict_readiness: bool = False
     reflection: bool = True
@@ -56,9 +59,7 @@ class ServerSettings:
     http_port: int = -1
     # Largest HTTP request body; a larger Content-Length is refused (413) before the body is read.
     max_http_body_bytes: int = 256 * 1024 * 1024
-    # A streamed response (server-sent events) whose client has not taken a chunk for this long
-    # is ended, freeing its generation slot.
-    stream_write_timeout_s: float = 30.0
+    # Server-sent event streams share stream_write_timeout_s (below) with the gRPC streams.
     # Request limits (docs/robustness.md): the server's defaults; a model's config.yaml
     # ``limits`` overrides the per-model ones. Checked before any heavy work.
     max_items: int = 256
@@ -66,6 +67,16 @@ class ServerSettings:
     max_image_pixels: int = 40_000_000
     max_request_pixels: int = 100_000_000
     max_variable_dim: int = 65_536
+    # Elements of one v2 BYTES input (each costs Python work to decode): refused beyond, before decoding.
+    max_bytes_elements: int = 65_536
+    # Characters of a model name or version in a request, checked before any lookup or file access.
+    max_name_chars: int = 255
     # Typed requests and ModelStreamInfer streams open at once (beyond: RESOURCE_EXHAUSTED).
     max_concurrent_requests: int = 1024
+    # ModelStreamInfer streams with requests in flight or answers unsent (idle ones do not count).
     max_streams: int = 256
+    # -- slow readers (frontends/grpc/streams.py, and the HTTP door's server-sent events):
+    # response streams of one client connection open at once, and how long one answer may
+    # wait for its client to read before the stream is ended (its generation slot freed).
+    max_streams_per_connection: int = 32
+    stream_write_timeout_s: float = 30.0

@@ -16,7 +16,7 @@ from taskserve.server.metrics import ServerMetrics
 from taskserve.server.repository.manager import ModelManager
 from taskserve.server.settings import ServerSettings
 from taskserve.server.tasks.base import TaskCache, TaskContext, TaskLimits
-from taskserve.server.tasks.readiness import check_servable
+from taskserve.server.tasks.readiness import check_options, check_servable
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ def build_tasks(models: ModelManager, limits: TaskLimits | None = None, workers:
     is below the tasks, so the front end wires it in. Call once per manager."""
     context = TaskContext(limits, workers or min(8, os.cpu_count() or 2), models=models.get)
     tasks = TaskCache(context)
+    models.add_config_check(check_options)  # task options, and the files they name confined, first
     models.add_load_check(functools.partial(check_servable, tasks))
     models.add_retire_listener(tasks.forget)
     return tasks

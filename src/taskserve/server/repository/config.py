@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from taskserve.server.errors import ConfigError
+from taskserve.server.repository.paths import resolve_inside
 
 Datatype = Literal[
     "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
@@ -142,6 +143,10 @@ class RuntimeConfig(_Frozen):
     # Let idle intra-op threads spin-wait for work: lower latency per operator, but the
     # spinning steals cores from the event loop and other instances.
     allow_spinning: bool = False
+    # onnxruntime's CPU memory arena keeps freed activation memory for the next run. A model
+    # whose shapes vary widely (images of any size) should turn it off: the arena would keep
+    # the largest run's peak for as long as the model is loaded.
+    cpu_memory_arena: bool = True
     # CPU: a batch that starts while nothing else of this model computes or waits runs
     # on one extra session with alone_intra_op_threads threads (0: every usable core),
     # so a lone request gets all cores while loaded instances stay narrow.
@@ -211,6 +216,8 @@ class ModelLimits(_Frozen):
     max_request_pixels: int | None = Field(default=None, ge=1)
     # Largest size of a variable (-1) dim of a v2 input.
     max_variable_dim: int | None = Field(default=None, ge=1)
+    # Elements of one v2 BYTES input (refused before they are decoded one by one).
+    max_bytes_elements: int | None = Field(default=None, ge=1)
 
 
 class VersionPolicy(_Frozen):
@@ -294,13 +301,19 @@ class ModelConfig(_Frozen):
             raise ValueError("gpus is set but runtime.torch.device is 'cpu'; remove one of them")
 
 
+def _quoted(value: Any, limit: int = 80) -> str:
+    """A short repr of a refused value: enough to find it in the file, never the whole of it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _format_validation_error(path: Path, err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         lines.append(
-            f"  {loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "value_error" and "input" in e else "")
+            f"  {loc}: {msg}" + (f" (got {_quoted(e['input'])})" if e["type"] != "value_error" and "input" in e else "")
         )
     return f"{path}: invalid model configuration:\n" + "\n".join(lines)
 
@@ -322,14 +335,82 @@ def parse_model_config(data: dict[str, Any], source: Path, default_name: str) ->
         raise ConfigError(_format_validation_error(source, err)) from None
 
 
-def load_model_config(model_dir: Path) -> ModelConfig:
-    """Read and validate ``model_dir/config.yaml`` (a missing file means all defaults)."""
-    path = model_dir / "config.yaml"
-    shown = Path(model_dir.name, "config.yaml")  # messages reach callers: no server paths
-    if not path.exists():
-        return parse_model_config({}, shown, model_dir.name)
+# Nodes a config.yaml may hold with every alias (``*name``) expanded where it is used. Real
+# configs hold hundreds (an id2label of 21k classes about 42k); a 700-byte alias bomb holds
+# billions, and any message or walk over its values would expand them.
+MAX_CONFIG_NODES = 200_000
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """safe_load's loader; aliases are counted before anything is built (``_check_expansion``)."""
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def _check_expansion(root: yaml.Node, shown: Path) -> None:
+    """Refuse a document that expands past MAX_CONFIG_NODES or refers to itself. Linear in
+    the nodes as written: an aliased node is sized once and counted at each use."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            open_nodes.discard(key)
+            sizes[key] = 1 + sum(sizes[id(child)] for child in _children(node))
+            if sizes[key] > MAX_CONFIG_NODES:
+                raise ConfigError(
+                    f"{shown}: expands to more than {MAX_CONFIG_NODES} values (YAML aliases repeat what they "
+                    "name); write the values out instead of aliasing them"
+                )
+            continue
+        if key in sizes:
+            continue
+        if key in open_nodes:
+            raise ConfigError(f"{shown}: a YAML alias refers to the node that contains it; remove the alias")
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node) if id(child) not in sizes)
+
+
+def _parse_yaml(text: str, shown: Path) -> Any:
+    loader = _ConfigLoader(text)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node, shown)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def load_model_config(model_dir: Path) -> ModelConfig:
+    """Read and validate ``model_dir/config.yaml`` (a missing file means all defaults).
+
+    The file is confined like every file a model's config names: a config.yaml that is a
+    symlink out of the model directory is refused, never read."""
+    link = model_dir / "config.yaml"
+    shown = Path(model_dir.name, "config.yaml")  # messages reach callers: no server paths
+    if not link.exists() and not link.is_symlink():
+        return parse_model_config({}, shown, model_dir.name)
+    path = resolve_inside(model_dir, "config.yaml", "config.yaml")
+    if not path.is_file():  # a directory, a FIFO (whose read would never end), a dangling link
+        raise ConfigError(f"{shown}: is not a regular file; make it one")
+    try:
+        data = _parse_yaml(path.read_text(encoding="utf-8"), shown) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{shown}: not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{shown}: nested too deeply to read") from None
+    except (OSError, UnicodeDecodeError) as err:
+        detail = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
+        raise ConfigError(f"{shown}: cannot be read ({detail})") from None
     return parse_model_config(data, shown, model_dir.name)

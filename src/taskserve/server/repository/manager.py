@@ -17,18 +17,30 @@ from pathlib import Path
 import numpy as np
 
 from taskserve.protocol.datatypes import numpy_dtype
-from taskserve.server.errors import ModelNotFound, ModelNotReady, TaskServeError
+from taskserve.server.errors import ModelNotFound, ModelNotReady, TaskServeError, caller_safe, quoted
 from taskserve.server.metrics import ModelMetrics, ServerMetrics
 from taskserve.server.repository.config import GenerationConfig, ModelConfig, ModelLimits, load_model_config
-from taskserve.server.repository.paths import model_dir_inside, model_dir_names, resolve_inside, without_server_paths
+from taskserve.server.repository.leases import Leases
+from taskserve.server.repository.paths import (
+    MAX_NAME_CHARS,
+    check_name_length,
+    model_dir_inside,
+    model_dir_names,
+    resolve_inside,
+    without_server_paths,
+)
 from taskserve.server.repository.tensors import resolve_tensors
 from taskserve.server.repository.versions import available_versions, select_versions
 from taskserve.server.runtimes import Runtime, TensorInfo, create_runtime
 from taskserve.server.runtimes.devices import check_placements, instance_placements
+from taskserve.server.runtimes.memory import release_freed_memory
 from taskserve.server.scheduling.base import Scheduler
 from taskserve.server.scheduling.factory import create_scheduler
 
 log = logging.getLogger(__name__)
+
+# Characters of a load failure's reason that are kept (RepositoryIndex carries every reason).
+MAX_REASON_CHARS = 1024
 
 
 class ModelState(enum.Enum):
@@ -52,6 +64,9 @@ class LoadedModel:
     platform_description: str = ""
     # What a model without batcher runtimes (a torch decoder on the engine) declares.
     tensors: tuple[list[TensorInfo], list[TensorInfo]] | None = None
+    # Requests that resolved this version and are not answered yet (leases.py): a swap
+    # retires it only once they are done.
+    leases: Leases = field(default_factory=Leases, repr=False, compare=False)
 
     @property
     def inputs(self) -> list[TensorInfo]:
@@ -111,8 +126,21 @@ class ModelManager:
     runs on worker threads. ``get`` is cheap and called on every request.
     """
 
-    def __init__(self, repository: Path, metrics: ServerMetrics, default_limits: ModelLimits | None = None) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        metrics: ServerMetrics,
+        default_limits: ModelLimits | None = None,
+        max_name_chars: int = MAX_NAME_CHARS,
+        *,
+        retire_grace_s: float = 30.0,
+    ) -> None:
         self.repository = repository
+        # Longest model name or version a request may name, checked before any lookup.
+        self.max_name_chars = max_name_chars
+        # How long a version leaving service (reload, unload) waits for the requests that
+        # already resolved it before it stops; what still runs then is refused (UNAVAILABLE).
+        self._retire_grace_s = retire_grace_s
         # The server's request limits; a model's config.yaml ``limits`` overrides them.
         self._default_limits = default_limits or ModelLimits()
         self._metrics = metrics
@@ -125,6 +153,8 @@ class ModelManager:
         # task's build and options check here: the manager sits below tasks and cannot
         # import them), and callbacks for versions leaving service (to drop their caches).
         self._load_checks: list[Callable[[LoadedModel], Awaitable[None]]] = []
+        # Checks of a config before any version loads (the tasks' options and the files they name).
+        self._config_checks: list[Callable[[Path, ModelConfig], None]] = []
         self._retire_listeners: list[Callable[[LoadedModel], None]] = []
         self.startup_complete = False
 
@@ -139,6 +169,11 @@ class ModelManager:
         fails the load with the error's message as the model's reason."""
         self._load_checks.append(check)
 
+    def add_config_check(self, check: Callable[[Path, ModelConfig], None]) -> None:
+        """``check(model_dir, config)`` runs on each parsed config before anything of the model
+        is loaded or read; raising fails the load with the error's message as the reason."""
+        self._config_checks.append(check)
+
     def add_retire_listener(self, listener: Callable[[LoadedModel], None]) -> None:
         """Called with each version as it leaves service (unload, reload, failed load)."""
         self._retire_listeners.append(listener)
@@ -149,10 +184,19 @@ class ModelManager:
     def model_names(self) -> list[str]:
         return sorted(self._slots)
 
+    def check_name(self, name: str, version: str = "") -> None:
+        """LimitExceeded (INVALID_ARGUMENT) for a name or version over ``max_name_chars``."""
+        if len(name) > self.max_name_chars or len(version) > self.max_name_chars:
+            check_name_length(name, self.max_name_chars)
+            check_name_length(version, self.max_name_chars, "model version")
+
     def get(self, name: str, version: str = "") -> LoadedModel:
+        self.check_name(name, version)
         slot = self._slots.get(name)
         if slot is None:
-            raise ModelNotFound(f"model {name!r} is not in the repository; available models: {self.model_names()}")
+            raise ModelNotFound(
+                f"model {quoted(name)} is not in the repository; available models: {self.model_names()}"
+            )
         if slot.state != ModelState.READY:
             detail = f": {slot.reason}" if slot.reason else ""
             raise ModelNotReady(f"model {name!r} is {slot.state.value}{detail}")
@@ -160,7 +204,8 @@ class ModelManager:
         model = slot.versions.get(key)
         if model is None:
             raise ModelNotFound(
-                f"model {name!r} has no version {version!r} being served; served versions: {sorted(slot.versions)}"
+                f"model {name!r} has no version {quoted(version)} being served; "
+                f"served versions: {sorted(slot.versions)}"
             )
         return model
 
@@ -169,6 +214,8 @@ class ModelManager:
         return sorted(slot.versions, key=int) if slot else []
 
     def is_ready(self, name: str, version: str = "") -> bool:
+        """Whether ``name`` (``version``) serves; raises only for a name or version over the limit."""
+        self.check_name(name, version)
         try:
             self.get(name, version)
         except TaskServeError:
@@ -223,9 +270,10 @@ class ModelManager:
         """(Re)load a model from disk. A failure marks it UNAVAILABLE and raises nothing;
         the reason is in ``index()``. Loading a model that is loaded replaces it once
         the new one is ready."""
+        self.check_name(name)
         model_dir = model_dir_inside(self.repository, name)  # refuses names that leave the repository
         if not model_dir.is_dir():
-            raise ModelNotFound(f"model {name!r} is not in the model repository")
+            raise ModelNotFound(f"model {quoted(name)} is not in the model repository")
         async with self._lock(name):
             slot = self._slots.setdefault(name, _ModelSlot(name))
             old = dict(slot.versions)
@@ -234,11 +282,15 @@ class ModelManager:
             try:
                 config = await asyncio.to_thread(load_model_config, model_dir)
                 _check_config_files(model_dir, config)
+                for config_check in self._config_checks:
+                    config_check(model_dir, config)
                 config = config.model_copy(update={"limits": _merged_limits(config.limits, self._default_limits)})
                 new_versions = await self._load_versions(name, model_dir, config)
             except Exception as err:  # any failure stays with this model
                 reason = err.message if isinstance(err, TaskServeError) else f"{type(err).__name__}: {err}"
-                reason = without_server_paths(reason, self.repository)  # callers read reasons
+                # Callers read reasons (RepositoryIndex, each refused request) and every load logs
+                # one: no server paths, addresses or tracebacks, and short.
+                reason = caller_safe(without_server_paths(reason, self.repository), MAX_REASON_CHARS)
                 log.error("model %s failed to load: %s", name, reason)
                 self._metrics.forget(name, keep=old)  # series of versions that never served
                 if not old:
@@ -420,8 +472,9 @@ class ModelManager:
 
     async def unload(self, name: str, drain: bool = True) -> None:
         """Stop serving a model: refuse new requests, finish queued ones, free the runtimes."""
+        self.check_name(name)
         if name not in self._slots:
-            raise ModelNotFound(f"model {name!r} is not loaded; loaded models: {self.model_names()}")
+            raise ModelNotFound(f"model {quoted(name)} is not loaded; loaded models: {self.model_names()}")
         async with self._lock(name):
             slot = self._slots.get(name)
             if slot is None:  # unloaded while this call waited for the lock
@@ -436,16 +489,30 @@ class ModelManager:
         self, models: Iterable[LoadedModel], drain: bool = True, keep: Mapping[str, LoadedModel] | None = None
     ) -> None:
         """Stop and free ``models``. Versions in ``keep`` (a reload's new ones) share their
-        metric series with the old: those stay, with ready 1; the others' series go."""
-        for model in list(models):
+        metric series with the old: those stay, with ready 1; the others' series go.
+
+        No new request finds ``models`` any more (the slot serves the new versions, or is
+        UNLOADING); with ``drain`` the requests that resolved them before are answered by
+        them first (their leases), then their tasks are dropped and their schedulers stop."""
+        retired = list(models)
+        for model in retired:
             if keep is None or model.version not in keep:
                 model.metrics.set_ready(False)
+            if drain and not await model.leases.wait_released(self._retire_grace_s):
+                log.warning(
+                    "model %s version %s: %d requests still running after %.0fs; stopping it anyway",
+                    model.name, model.version, model.leases.held, self._retire_grace_s,
+                )  # fmt: skip
             for listener in self._retire_listeners:
                 listener(model)
             # The scheduler owns the runtimes: stopping it closes them on their own threads.
             await model.scheduler.stop(drain=drain)
             if keep is not None and model.version not in keep:
                 self._metrics.forget(model.name, model.version)
+        if retired:
+            # Their runtimes closed, so their sessions are freed; without this the freed
+            # pages stay in the process's RSS (runtimes/memory.py).
+            await asyncio.to_thread(release_freed_memory)
 
     async def stop(self, drain: bool = True) -> None:
         """Unload everything (graceful shutdown)."""

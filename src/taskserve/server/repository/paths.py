@@ -11,20 +11,33 @@ from __future__ import annotations
 import re
 from pathlib import Path, PurePosixPath
 
-from taskserve.server.errors import ConfigError, InvalidInput
+from taskserve.server.errors import ConfigError, InvalidInput, LimitExceeded, quoted
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+# Longest model name (and version) a request may carry: a directory name longer than most
+# file systems allow (NAME_MAX) can name no model (--max-name-chars).
+MAX_NAME_CHARS = 255
 
 
 class OutsideModelDir(ConfigError):
     """A config names a file that resolves outside its model's directory."""
 
 
+def check_name_length(value: str, limit: int, what: str = "model name") -> None:
+    """LimitExceeded when ``value`` (a model name or version from a request) is longer than
+    ``limit``: checked before anything else, so no lookup, path or message pays for its length."""
+    if len(value) > limit:
+        raise LimitExceeded(
+            f"{what} {quoted(value)} is over the limit of {limit} characters (--max-name-chars); "
+            "name a model directory of the repository"
+        )
+
+
 def check_model_name(name: str) -> str:
     """``name`` if it is a plain model directory name; InvalidInput otherwise (never touches the disk)."""
     if not MODEL_NAME.fullmatch(name) or name in (".", ".."):
         raise InvalidInput(
-            f"model name {name[:80]!r} is not valid: use letters, digits, '_', '.' and '-', "
+            f"model name {quoted(name)} is not valid: use letters, digits, '_', '.' and '-', "
             "starting with a letter or digit (a directory directly inside the model repository)"
         )
     return name
@@ -47,14 +60,14 @@ def resolve_inside(model_dir: Path, relative: str, what: str = "file") -> Path:
     ``what`` names the config field in the message, e.g. "labels". The returned path need not
     exist; callers check that and report it with ``shown``.
     """
+    # The value is never repeated: it may be a server path, or lead to one through a symlink.
     if not relative or PurePosixPath(relative).is_absolute() or Path(relative).is_absolute():
-        # An absolute value is a server path: not repeated to callers.
         raise OutsideModelDir(f"{model_dir.name}: {what} must be a path relative to the model directory")
     root = model_dir.resolve()
     target = (root / relative).resolve()
     if target != root and root not in target.parents:
         raise OutsideModelDir(
-            f"{model_dir.name}: {what} {relative!r} resolves outside the model directory; "
+            f"{model_dir.name}: {what} resolves outside the model directory; "
             "keep the file inside it (symlinks included)"
         )
     return target

@@ -76,11 +76,16 @@ class OnnxRuntime(Runtime):
         self._text_inputs: frozenset[str] = frozenset()
         self.providers: list[str] = []
 
+    @property
+    def _shown(self) -> str:
+        """The model file as callers may see it: ``<model>/<version>/<file>``."""
+        return "/".join(self.model_path.parts[-3:])
+
     def load(self) -> None:
         import onnxruntime as ort
 
         if not self.model_path.is_file():
-            raise RuntimeFailure(f"model file {self.model_path} does not exist")
+            raise RuntimeFailure(f"model file {self._shown} does not exist")
         rc = self.config.runtime
         threads = instance_threads(rc, self.config.instance_count)
         providers = onnx_providers.select_providers(
@@ -92,7 +97,9 @@ class OnnxRuntime(Runtime):
             try:
                 return ort.InferenceSession(str(self.model_path), sess_options=opts, providers=providers)
             except Exception as err:  # onnxruntime raises its own exception types
-                raise RuntimeFailure(f"onnxruntime could not load {self.model_path}: {err}") from err
+                # onnxruntime's message may hold absolute paths (a refused external-data file):
+                # callers get it through caller_safe, which replaces them.
+                raise RuntimeFailure(f"onnxruntime could not load {self._shown}: {err}") from err
 
         session = open_session(threads)
         self.providers = session.get_providers()
@@ -135,13 +142,13 @@ class OnnxRuntime(Runtime):
         try:
             return _ORT_TO_V2[ort_type]
         except KeyError:
-            raise RuntimeFailure(f"{self.model_path}: tensor type {ort_type} is not supported") from None
+            raise RuntimeFailure(f"{self._shown}: tensor type {ort_type} is not supported") from None
 
     @property
     def session(self) -> Any:
         """The loaded ``onnxruntime.InferenceSession`` (for runners that bind buffers themselves)."""
         if self._session is None:
-            raise RuntimeFailure(f"{self.model_path} is not loaded")
+            raise RuntimeFailure(f"{self._shown} is not loaded")
         return self._session
 
     @property
@@ -165,7 +172,7 @@ class OnnxRuntime(Runtime):
     ) -> dict[str, np.ndarray]:
         session = self._session
         if session is None:
-            raise RuntimeFailure(f"{self.model_path} is not loaded")
+            raise RuntimeFailure(f"{self._shown} is not loaded")
         names = output_names or self._output_names
         feed = inputs
         if self._text_inputs:
@@ -190,7 +197,10 @@ class OnnxRuntime(Runtime):
         if self._binder is not None:
             self._binder.close()
             self._binder = None
+        # Both handles to the C++ session go: ``_native`` alone keeps its weights and arena
+        # alive for as long as anything still references this runtime.
         self._session = None
+        self._native = None
         self._wide = None
         if self._wide_key is not None:
             WIDE_SESSIONS.release(self._wide_key)

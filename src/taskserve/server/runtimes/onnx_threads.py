@@ -53,6 +53,7 @@ def session_options(ort: Any, rc: RuntimeConfig, intra_op_threads: int, alone: b
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = intra_op_threads
     opts.inter_op_num_threads = rc.inter_op_threads
+    opts.enable_cpu_mem_arena = rc.cpu_memory_arena
     levels = (
         ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

@@ -42,7 +42,13 @@ from taskserve.server.repository.config import ModelConfig
 from taskserve.server.runtimes.base import TensorInfo
 from taskserve.server.runtimes.generation import SlotCacheRunner, StepRow, check_decoder_rows
 from taskserve.server.runtimes.graph_shapes import graph_batch_sizes
-from taskserve.server.runtimes.torch_runtime import BUILD_LOCK, choose_device, read_spec, set_cpu_threads
+from taskserve.server.runtimes.torch_runtime import (
+    BUILD_LOCK,
+    choose_device,
+    read_spec,
+    set_cpu_threads,
+    spec_model_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +109,14 @@ class TorchDecoderRunner(SlotCacheRunner):
                 f"model {name!r}: a generation block needs a 'causal-lm' torch entry, not {spec['architecture']!r}"
             )
         self.device, self.dtype = choose_device(self.config, self.gpu, torch.cuda.is_available())
+        hf_dir = spec_model_dir(self.model_path.parent, spec)
         try:
             # The import too: transformers' lazy module is not safe to initialize from two loading threads.
             with BUILD_LOCK:
                 import transformers
 
                 model: Any = transformers.AutoModelForCausalLM.from_pretrained(
-                    str(self.model_path.parent / spec.get("model_dir", ".")), local_files_only=True
+                    str(hf_dir), local_files_only=True
                 )
         except Exception as err:  # transformers/safetensors raise many types
             raise RuntimeFailure(f"model {name!r}: cannot build the torch model: {type(err).__name__}: {err}") from err

@@ -39,6 +39,7 @@ from torch import nn
 
 from taskserve.server.errors import RuntimeFailure
 from taskserve.server.repository.config import ModelConfig, TensorConfig
+from taskserve.server.repository.paths import resolve_inside
 from taskserve.server.runtimes.base import Runtime, TensorInfo
 from taskserve.server.runtimes.graph_shapes import MAX_GRAPHS, bucket, graph_batch_sizes
 from taskserve.torch_modules.efficientnet_lite0 import EfficientNetLite0
@@ -84,6 +85,11 @@ def read_spec(directory: Path, filename: str = SPEC_FILE) -> dict[str, Any]:
     return spec
 
 
+def spec_model_dir(directory: Path, spec: dict[str, Any]) -> Path:
+    """The Hugging Face folder an entry's spec names (``model_dir``), inside its version directory."""
+    return resolve_inside(directory, str(spec.get("model_dir", ".")), f"{SPEC_FILE} model_dir")
+
+
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -97,14 +103,15 @@ def build_module(
     arch = spec["architecture"]
     if arch == "efficientnet-lite0":
         module = EfficientNetLite0(int(spec.get("num_classes", 1000)), int(spec.get("image_size", 224)))
-        module.load_state_dict(_load_weights(directory / spec.get("weights", WEIGHTS_FILE)), strict=True)
+        weights = resolve_inside(directory, str(spec.get("weights", WEIGHTS_FILE)), f"{SPEC_FILE} weights")
+        module.load_state_dict(_load_weights(weights), strict=True)
         return NamedOutput(module, output_names[0]).eval()
     import transformers
 
     auto = spec.get("auto_class", "AutoModel")
     if auto not in AUTO_CLASSES:
         raise RuntimeFailure(f"{SPEC_FILE}: auto_class {auto!r} is not one of {list(AUTO_CLASSES)}")
-    model_dir = directory / spec.get("model_dir", ".")
+    model_dir = spec_model_dir(directory, spec)
     model = getattr(transformers, auto).from_pretrained(str(model_dir), local_files_only=True)
     model = model.float().eval()
     if arch == "sentence-transformer":

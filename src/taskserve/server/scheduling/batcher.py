@@ -225,7 +225,11 @@ class DynamicBatcher(Scheduler):
                 self._fail_queued(SchedulingFailure(f"model {self.model!r} hit an internal scheduling error"))
                 timeout = None
             if self._state is _State.STOPPING and not len(self._queue) and not self._executing:
+                # Return rather than be cancelled: a CancelledError's traceback holds this
+                # frame, and so the batcher and its runtimes, in a cycle only a full
+                # garbage collection frees.
                 self._drained.set()
+                return
             if timeout is None:
                 await self._wake.wait()  # the common case: no timer to arm
             else:
@@ -354,8 +358,8 @@ class DynamicBatcher(Scheduler):
             if self._batch_tasks:
                 await asyncio.gather(*self._batch_tasks, return_exceptions=True)
             if self._loop_task is not None:
-                self._loop_task.cancel()
                 await asyncio.gather(self._loop_task, return_exceptions=True)
+                self._loop_task = None
         loop = asyncio.get_running_loop()
         for instance in self._instances:
             try:

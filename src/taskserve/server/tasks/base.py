@@ -99,6 +99,9 @@ class CallOptions:
     priority: int | None = None
     # Absolute time.monotonic() after which the request must not be computed.
     deadline: float | None = None
+    # Called once when a streaming task has its first chunk ready: the front end times it,
+    # per door (metrics' taskserve_protocol_time_to_first_chunk_seconds).
+    first_chunk: Callable[[], None] | None = None
 
 
 class TaskContext:
@@ -300,23 +303,26 @@ def _concat_rows(parts: list[np.ndarray]) -> np.ndarray:
 
 
 class TaskCache:
-    """One task instance per loaded model version, built on first use.
+    """One task instance per loaded model version, built on first use (or by the load check).
 
-    A reloaded model is a new object, so the cache compares identity and rebuilds.
+    Keyed by the model object: during a swap the old version (finishing the requests that
+    resolved it) and the new one share a name and version number but each keeps its own
+    task, so neither rebuilds the other's. ``forget`` drops a retired version's entries.
     Called on the event loop only.
     """
 
     def __init__(self, context: TaskContext) -> None:
         self.context = context
-        self._entries: dict[tuple[str, str, type[Task]], tuple[ServedModel, Task]] = {}
+        # id(model) is unique while the entry holds the model itself.
+        self._entries: dict[tuple[int, type[Task]], tuple[ServedModel, Task]] = {}
         # Loads in progress, so concurrent first requests share one load.
-        self._loading: dict[tuple[str, str, type[Task]], asyncio.Future[Task]] = {}
+        self._loading: dict[tuple[int, type[Task]], asyncio.Future[Task]] = {}
 
     async def get(self, model: ServedModel, cls: type[TaskT]) -> TaskT:
         check_task(model, cls.task)
-        key = (model.name, model.version, cls)
+        key = (id(model), cls)
         entry = self._entries.get(key)
-        if entry is None or entry[0] is not model:
+        if entry is None:
             pending = self._loading.get(key)
             if pending is None:
                 pending = asyncio.ensure_future(self._load(model, cls))
@@ -333,10 +339,13 @@ class TaskCache:
         return task
 
     def forget(self, model: ServedModel) -> None:
-        """Drop the task built for ``model`` (a version leaving service), so it and the
-        model it holds are freed now rather than at the next reload."""
+        """Drop the tasks built for ``model`` (a version leaving service), so they and the
+        model they hold are freed now."""
         for key in [k for k, (m, _) in self._entries.items() if m is model]:
             del self._entries[key]
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     async def _load(self, model: ServedModel, cls: type[Task]) -> Task:
         loaded: Task = await self.context.run(cls.load, model, self.context)

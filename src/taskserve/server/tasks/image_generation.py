@@ -13,8 +13,9 @@ the next step.
 
 task_options (written by the exporter): ``parts``, ``latent_channels``,
 ``unet_in_channels``, ``vae_scale_factor``, ``scaling_factor``, ``size_multiple`` (8),
-``default_size``, ``max_pixels`` (1048576), ``max_steps`` (150), ``max_images`` (4),
-``default_scheduler`` (ddim), ``scheduler_config`` (scheduler_config.json),
+``default_size``, ``max_pixels`` (1048576), ``attention_bytes`` and ``attention_memory_budget``
+(1 GiB: the largest size follows from them, see diffusion/budget.py), ``max_steps`` (150),
+``max_images`` (4), ``default_scheduler`` (ddim), ``scheduler_config`` (scheduler_config.json),
 ``max_concurrent_generations`` (16), plus the tokenizer's keys (``max_length`` 77).
 """
 
@@ -36,9 +37,11 @@ import numpy as np
 from PIL import Image
 
 from taskserve.protocol.datatypes import numpy_dtype
-from taskserve.server.errors import DeadlineExceeded, InvalidInput, Overloaded
+from taskserve.server.errors import DeadlineExceeded, InvalidInput, LimitExceeded, Overloaded
+from taskserve.server.repository.paths import resolve_inside, shown
 from taskserve.server.scheduling.base import InferRequest
 from taskserve.server.tasks.base import CallOptions, ServedModel, Task, TaskConfigError, TaskContext
+from taskserve.server.tasks.diffusion.budget import DEFAULT_BUDGET, AttentionBudget, gib
 from taskserve.server.tasks.diffusion.pipeline import (
     GenerationParams,
     Mode,
@@ -49,7 +52,7 @@ from taskserve.server.tasks.diffusion.pipeline import (
     spec_from_options,
 )
 from taskserve.server.tasks.diffusion.schedulers import SchedulerKind, make_scheduler
-from taskserve.server.tasks.images import ImageSource, decode_image
+from taskserve.server.tasks.images import ImageSource, check_request_pixels, declared_size, decode_image
 from taskserve.server.tasks.tokenization import TextTokenizer
 
 DEFAULT_GUIDANCE = 7.5
@@ -118,6 +121,23 @@ def _png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _read_scheduler_config(model: ServedModel, configured: str) -> dict[str, Any]:
+    """The pipeline's scheduler_config.json, confined to the model directory."""
+    path = resolve_inside(model.model_dir, configured, "task_options.scheduler_config")
+    where = shown(path, model.model_dir)
+    if not path.is_file():
+        raise TaskConfigError(f"model {model.name!r}: scheduler config {where} is missing; re-export it")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise TaskConfigError(
+            f"model {model.name!r}: scheduler config {where} is not readable JSON ({type(err).__name__}); re-export it"
+        ) from None
+    if not isinstance(data, dict):
+        raise TaskConfigError(f"model {model.name!r}: scheduler config {where} is not a JSON object; re-export it")
+    return data
+
+
 class _ServedParts:
     """The pipeline's parts as batcher requests (``diffusion.pipeline.Parts``)."""
 
@@ -167,10 +187,7 @@ class ImageGenerator(Task):
     def __init__(self, model: ServedModel, context: TaskContext) -> None:
         super().__init__(model, context)
         self.tokenizer = TextTokenizer(model.model_dir, self.options, model.name)
-        path = model.model_dir / self.option("scheduler_config", "scheduler_config.json")
-        if not path.is_file():
-            raise TaskConfigError(f"model {model.name!r}: scheduler config {path.name} is missing; re-export it")
-        scheduler_config: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        scheduler_config = _read_scheduler_config(model, str(self.option("scheduler_config", "scheduler_config.json")))
         try:
             self.spec = spec_from_options(self.options, scheduler_config)
         except ValueError as err:
@@ -189,7 +206,20 @@ class ImageGenerator(Task):
         self.part_names: dict[str, str] = {str(k): str(v) for k, v in parts.items()}
         self.size_multiple = max(8, self.option("size_multiple", 8))
         self.default_size = self.option("default_size", 512)
+        self.budget = AttentionBudget(
+            self.option("attention_bytes", 0.0), self.option("attention_memory_budget", DEFAULT_BUDGET),
+            self.spec.vae_scale_factor,
+        )
+        if self.budget.attention_bytes < 0 or self.budget.budget < 1:
+            raise TaskConfigError(
+                f"model {model.name!r}: task_options.attention_bytes must be >= 0 and attention_memory_budget "
+                ">= 1 (bytes); fix config.yaml"
+            )
+        # The configured ceiling, lowered to what the memory budget affords one image.
+        afforded = self.budget.max_pixels(1)
         self.max_pixels = self.option("max_pixels", 1024 * 1024)
+        if afforded is not None:
+            self.max_pixels = min(self.max_pixels, afforded)
         self.max_steps = min(self.option("max_steps", 150), int(scheduler_config.get("num_train_timesteps", 1000)))
         self.max_images = self.option("max_images", 4)
         self.max_concurrent = self.option("max_concurrent_generations", 16)
@@ -205,7 +235,7 @@ class ImageGenerator(Task):
 
     # -- checks, all before any model runs ---------------------------------------------
 
-    def _check_size(self, width: int, height: int, what: str) -> None:
+    def _check_size(self, width: int, height: int, what: str, images: int = 1) -> None:
         for name, value in (("width", width), ("height", height)):
             if value <= 0 or value % self.size_multiple:
                 raise InvalidInput(
@@ -213,10 +243,36 @@ class ImageGenerator(Task):
                     f"{self.model.name!r}"
                 )
         if width * height > self.max_pixels:
-            raise InvalidInput(
+            raise LimitExceeded(
                 f"{what} {width}x{height} is {width * height} pixels, over model {self.model.name!r}'s "
-                f"limit of {self.max_pixels}"
+                f"limit of {self.max_pixels} (task_options.max_pixels and attention_memory_budget)"
             )
+        cost = self.budget.cost(width, height, images)
+        if cost > self.budget.budget:
+            raise LimitExceeded(
+                f"{what} {width}x{height} with {images} images needs about {gib(cost)} of attention memory, "
+                f"over model {self.model.name!r}'s budget of {gib(self.budget.budget)} per request; at most "
+                f"{self.budget.max_pixels(images)} pixels per image for {images} images (or raise "
+                "task_options.attention_memory_budget)"
+            )
+
+    def _check_images(self, request: ImageRequest, count: int) -> None:
+        """The sizes the image and mask declare, from their headers: checked before either is decoded."""
+        sources = [s for s in (request.image, request.mask) if s is not None]
+        check_request_pixels(
+            sources, self.limits.max_image_pixels, self.limits.max_request_pixels, "image and mask"
+        )
+        if request.image is not None:
+            width, height = declared_size(request.image)
+            if width and height:
+                self._check_size(width, height, "image", count)
+        if request.mask is not None:
+            width, height = declared_size(request.mask)
+            if width * height > self.max_pixels:
+                raise LimitExceeded(
+                    f"mask {width}x{height} is {width * height} pixels, over model {self.model.name!r}'s "
+                    f"limit of {self.max_pixels}"
+                )
 
     def _check_numbers(self, request: ImageRequest) -> tuple[float, float, int, SchedulerKind]:
         if request.steps <= 0 or request.steps > self.max_steps:
@@ -240,7 +296,7 @@ class ImageGenerator(Task):
                 f"model {self.model.name!r} cannot run the {kind.value} scheduler with its scheduler config: "
                 f"{self.unsupported[kind]}"
             )
-        limit = self.context.limits.max_text_chars
+        limit = self.limits.max_text_chars
         for name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
             if len(text) > limit:
                 raise InvalidInput(f"settings.{name} has {len(text)} characters, over the limit of {limit}")
@@ -255,9 +311,11 @@ class ImageGenerator(Task):
             if (request.width or request.height) and not (request.width and request.height):
                 raise InvalidInput("set both settings.width and settings.height, or neither")
             if request.width:
-                self._check_size(request.width, request.height, "settings")
+                self._check_size(request.width, request.height, "settings", count)
+            self._check_images(request, count)
         else:
-            self._check_size(request.width or self.default_size, request.height or self.default_size, "settings")
+            width, height = request.width or self.default_size, request.height or self.default_size
+            self._check_size(width, height, "settings", count)
         return guidance, strength, count, kind
 
     def _prepare(self, request: ImageRequest) -> _Checked:
@@ -265,17 +323,19 @@ class ImageGenerator(Task):
         guidance, strength, count, kind = self._check_numbers(request)
         width, height = request.width or self.default_size, request.height or self.default_size
         image = mask = None
+        # Every size was checked on the headers; decoding checks them again against the same limit.
+        max_pixels = min(self.max_pixels, self.limits.max_image_pixels)
         if request.image is not None and request.mode is not Mode.TEXT_TO_IMAGE:
-            image = decode_image(request.image, self.context.limits.max_image_pixels, "image")
+            image = decode_image(request.image, max_pixels, "image")
             height, width = image.shape[:2]
             if request.width and (request.width, request.height) != (width, height):
                 raise InvalidInput(
                     f"settings asks for {request.width}x{request.height} but the image is {width}x{height}; "
                     "leave width and height 0 or match the image"
                 )
-            self._check_size(width, height, "image")
+            self._check_size(width, height, "image", count)
         if request.mask is not None and request.mode is Mode.INPAINT:
-            rgb = decode_image(request.mask, self.context.limits.max_image_pixels, "mask")
+            rgb = decode_image(request.mask, max_pixels, "mask")
             if rgb.shape[:2] != (height, width):
                 raise InvalidInput(
                     f"mask is {rgb.shape[1]}x{rgb.shape[0]} but the image is {width}x{height}; they must match"

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from taskserve.server.errors import InvalidInput, LimitExceeded
+from taskserve.server.errors import InvalidInput, LimitExceeded, caller_safe
 from taskserve.server.repository.paths import resolve_inside
 from taskserve.server.tasks.base import TaskConfigError
 
@@ -91,8 +91,12 @@ def check_request_pixels(images: Sequence[ImageSource], max_image: int, max_requ
 
 
 def decode_image(source: ImageSource, max_pixels: int, what: str) -> np.ndarray:
-    """An RGB uint8 array (height, width, 3). Raises InvalidInput for images that
-    cannot be decoded or hold more than ``max_pixels`` pixels."""
+    """An RGB uint8 array (height, width, 3): the one way the server decodes an image.
+
+    The size the image declares (its header, read by Pillow's lazy open) is checked
+    against ``max_pixels`` before any pixel is decoded, so a small file declaring a huge
+    size costs a header read. Raises LimitExceeded (naming the limit) past it, and
+    InvalidInput for images that cannot be decoded."""
     if isinstance(source, RawImage):
         return _from_raw(source, max_pixels, what)
     if not source:
@@ -105,18 +109,25 @@ def decode_image(source: ImageSource, max_pixels: int, what: str) -> np.ndarray:
             # The header gives the size before any pixel is decoded.
             width, height = opened.size
             if width * height > max_pixels:
-                raise InvalidInput(
+                raise LimitExceeded(
                     f"{what} is {width}x{height} pixels, over the limit of {max_pixels}; send a smaller image"
                 )
             rgb = ImageOps.exif_transpose(opened).convert("RGB")
     except InvalidInput:
         raise
     except Image.DecompressionBombError:
-        raise InvalidInput(
-            f"{what} declares too many pixels (over {max_pixels}); send a smaller image"
+        raise LimitExceeded(
+            f"{what} declares too many pixels (over the limit of {max_pixels}); send a smaller image"
         ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise InvalidInput(f"{what} could not be decoded as {', '.join(ALLOWED_FORMATS)}: {err}") from None
+    except UnidentifiedImageError:
+        # Pillow's message names its file object, address included: say what went wrong instead.
+        raise InvalidInput(
+            f"{what} could not be decoded: it is not a {', '.join(ALLOWED_FORMATS)} image"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise InvalidInput(
+            f"{what} could not be decoded as {', '.join(ALLOWED_FORMATS)}: {caller_safe(str(err), 200)}"
+        ) from None
     return np.asarray(rgb, dtype=np.uint8)
 
 
@@ -126,7 +137,7 @@ def _from_raw(raw: RawImage, max_pixels: int, what: str) -> np.ndarray:
     if raw.channels not in (1, 3, 4):
         raise InvalidInput(f"{what}: raw channels must be 1 (gray), 3 (RGB) or 4 (RGBA), got {raw.channels}")
     if raw.height * raw.width > max_pixels:
-        raise InvalidInput(f"{what} is {raw.width}x{raw.height} pixels, over the limit of {max_pixels}")
+        raise LimitExceeded(f"{what} is {raw.width}x{raw.height} pixels, over the limit of {max_pixels}")
     expected = raw.height * raw.width * raw.channels
     if len(raw.data) != expected:
         raise InvalidInput(

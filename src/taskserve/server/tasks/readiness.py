@@ -1,20 +1,34 @@
 """READY means it can serve: the check a model version passes at load, before it
 is marked READY. Its task must be one this server serves (a registered typed task,
-or ``tensor`` for the v2 protocol only), its ``task_options`` must validate, and its
-task object (tokenizer, labels, preprocessing) must build, which also warms it.
+or ``tensor`` for the v2 protocol only), its ``task_options`` must validate (the files
+they name inside the model directory), and its task object (tokenizer, labels,
+preprocessing) must build, which also warms it.
 
 The model manager sits below the tasks and cannot import them; the front end wires
-``check_servable`` into it with ``ModelManager.add_load_check`` (see
+``check_options`` into it with ``ModelManager.add_config_check`` (before anything of a
+model loads) and ``check_servable`` with ``ModelManager.add_load_check`` (see
 frontends/grpc/tasks/__init__.py), keeping front ends -> tasks -> scheduling."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from taskserve.server.repository.config import ModelConfig
 from taskserve.server.tasks import TASKS
 from taskserve.server.tasks.base import ServedModel, TaskCache, TaskConfigError
 from taskserve.server.tasks.options import options_problems
 
 # Served through the v2 protocol only: no typed task, nothing to build.
 TENSOR_TASK = "tensor"
+
+
+def check_options(model_dir: Path, config: ModelConfig) -> None:
+    """Raise TaskConfigError when ``config.task_options`` are not ``config.task``'s options
+    or name a file outside ``model_dir``: run before any of the model loads, so a file
+    option is confined before anything opens it."""
+    problems = options_problems(config.task, dict(config.task_options), model_dir)
+    if problems:
+        raise TaskConfigError(f"model {config.name!r}: " + "; ".join(problems) + "; fix config.yaml")
 
 
 async def check_servable(tasks: TaskCache, model: ServedModel) -> None:
@@ -29,7 +43,7 @@ async def check_servable(tasks: TaskCache, model: ServedModel) -> None:
             f"model {model.name!r}: task {task!r} is not served by this server (typed tasks: {sorted(TASKS)}); "
             f"set task: {TENSOR_TASK} to serve the model through the v2 protocol only"
         )
-    problems = options_problems(task, dict(model.config.task_options))
+    problems = options_problems(task, dict(model.config.task_options), model.model_dir)
     if problems:
         raise TaskConfigError(f"model {model.name!r}: " + "; ".join(problems) + "; fix config.yaml")
     await tasks.get(model, cls)

@@ -28,6 +28,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import numpy as np
 
 from taskserve.server.errors import InvalidInput, RuntimeFailure
+from taskserve.server.repository.paths import resolve_inside
 from taskserve.server.scheduling.base import InferRequest
 from taskserve.server.scheduling.generation_scheduler import GenerationScheduler, SequenceRequest
 from taskserve.server.tasks.base import CallOptions, ServedModel, TaskConfigError, TaskContext
@@ -79,7 +80,8 @@ class Seq2SeqGenerator(TextTask):
         self.languages = read_languages(self.options, name)
 
     def _generation_config(self) -> dict[str, object]:
-        path = self.model.model_dir / str(self.options.get("generation_config", "generation_config.json"))
+        configured = str(self.options.get("generation_config", "generation_config.json"))
+        path = resolve_inside(self.model.model_dir, configured, "task_options.generation_config")
         if not path.is_file():
             return {}
         data = json.loads(path.read_text(encoding="utf-8"))

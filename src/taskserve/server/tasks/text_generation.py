@@ -350,7 +350,11 @@ class TextGenerator(TextTask):
         steps = self._generate(prompt, messages, params, options)
         try:
             with generation_slot(self):
+                first_chunk = options.first_chunk
                 async for chunk in steps:
+                    if first_chunk is not None:
+                        first_chunk()
+                        first_chunk = None
                     yield chunk
         finally:
             await steps.aclose()  # a consumer that stopped early ends the loop now, not at garbage collection

@@ -2,12 +2,17 @@
 
 A grpc.aio interceptor compares the ``authorization: Bearer <token>`` metadata with every
 configured token in constant time; anything else is refused with UNAUTHENTICATED before a
-servicer runs. Health and reflection stay public (probes and load balancers carry no token)
-unless ``--auth-health``.
+servicer runs, and before the request body is read: the refusing handler never asks grpc for
+the message, so an unauthenticated caller costs no more than its headers. Health and
+reflection stay public (probes and load balancers carry no token) unless ``--auth-health``.
+
+Header values never reach a log: grpc logs a metadata value that is not UTF-8 in full, with a
+traceback, before any interceptor runs; ``withhold_header_bytes`` filters those records out.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import string
 from collections.abc import Awaitable, Callable, Iterable
@@ -27,6 +32,12 @@ TOKENS_ENV = "TASKSERVE_AUTH_TOKENS"
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.", "/grpc.reflection.v1.")
 _REFUSED = "missing or invalid bearer token: send the metadata 'authorization: Bearer <token>'"
 _TOKEN_CHARS = frozenset(string.ascii_letters + string.digits + string.punctuation)
+# What grpc's Cython layer logs (at ERROR, with a traceback, the value in full) when a
+# metadata value or method name is not UTF-8; it then carries on with a latin-1 decoding.
+_GRPC_LOGGER = "grpc._cython.cygrpc"
+_GRPC_INVALID_ENCODING = "Invalid encoding on %s"
+
+log = logging.getLogger(__name__)
 
 
 class TokenError(ValueError):
@@ -66,20 +77,43 @@ def load_tokens(tokens_file: Path | None, environ: dict[str, str] | None = None)
     return tuple(dict.fromkeys(tokens))
 
 
-def _abort_handler(handler: grpc.RpcMethodHandler[Req, Resp], message: str) -> grpc.RpcMethodHandler[Req, Resp]:
-    """A handler of the same shape (and serializers) as ``handler`` that only refuses the call."""
+def _refusing_handler(handler: grpc.RpcMethodHandler[Req, Resp], message: str) -> grpc.RpcMethodHandler[Req, Resp]:
+    """A handler that refuses the call without reading its request.
 
-    async def refuse(request: Any, context: grpc.aio.ServicerContext[Req, Resp]) -> Any:
+    grpc.aio reads and deserializes the request of a unary-request handler before calling
+    it; a request-streaming handler gets an iterator it may never touch. So whatever the
+    method's shape, the refusal is request-streaming, has no deserializer and aborts at once:
+    the body stays in the transport's flow-control window and is dropped with the stream.
+    The client sees the same status whatever shape it called.
+    """
+
+    async def refuse(requests: Any, context: grpc.aio.ServicerContext[Req, Resp]) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    decode, encode = handler.request_deserializer, handler.response_serializer
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse, decode, encode)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse, decode, encode)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse, decode, encode)
-    return grpc.unary_unary_rpc_method_handler(refuse, decode, encode)
+        return grpc.stream_stream_rpc_method_handler(refuse)
+    return grpc.stream_unary_rpc_method_handler(refuse)
+
+
+class _WithholdHeaderBytes(logging.Filter):
+    """Drops grpc's log record of a header value that is not UTF-8 (it prints the value, which
+    may be a token, and a traceback); a DEBUG line of ours says it happened, without the value."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != _GRPC_INVALID_ENCODING:
+            return True
+        log.debug("a request carried a header value or method name that is not UTF-8 (value withheld)")
+        return False
+
+
+_WITHHOLD = _WithholdHeaderBytes()
+
+
+def withhold_header_bytes() -> None:
+    """Keep request header values out of grpc's log records. Idempotent; the server calls it at start."""
+    grpc_log = logging.getLogger(_GRPC_LOGGER)
+    if _WITHHOLD not in grpc_log.filters:
+        grpc_log.addFilter(_WITHHOLD)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -110,4 +144,4 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if self.authorized(handler_call_details.invocation_metadata):
             return handler
-        return _abort_handler(handler, _REFUSED)
+        return _refusing_handler(handler, _REFUSED)

@@ -1,7 +1,11 @@
 """KServe v2 messages <-> numpy tensors, with the input checks the protocol needs.
 
 Every check names the tensor, what was expected and what was received, and
-raises InvalidInput (INVALID_ARGUMENT).
+raises InvalidInput (INVALID_ARGUMENT); what the caller sent is quoted with a short cap.
+Work per element is bounded by the declared shape, checked first, and BYTES inputs (a
+Python object per element) by ``limits.max_bytes_elements``; requests whose declared
+tensors are large enough to take time are decoded on the worker pool, never on the event
+loop (``decode_small_inputs`` answers None for them, before touching their contents).
 """
 
 from __future__ import annotations
@@ -17,11 +21,19 @@ from taskserve.protocol.datatypes import (
     v2_datatype,
 )
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
-from taskserve.server.errors import InvalidInput
+from taskserve.server.errors import InvalidInput, LimitExceeded, quoted
 from taskserve.server.frontends.v2 import tensors
 from taskserve.server.frontends.v2.tensors import check_shape as _check_shape
 from taskserve.server.frontends.v2.tensors import check_utf8 as _check_utf8
 from taskserve.server.repository.config import ModelConfig, TensorConfig
+from taskserve.server.settings import ServerSettings
+
+# Tensors the event loop decodes itself: raw contents of fixed-size types up to this many
+# bytes (a view and a copy), and up to INLINE_ELEMENTS elements where each element is Python
+# work (BYTES, typed contents). Anything larger goes to the worker pool: a thread hop costs
+# less than holding every other caller.
+INLINE_RAW_BYTES = 1 << 20
+INLINE_ELEMENTS = 1024
 
 # Typed-contents field per datatype. FP16 (and BF16) have none: raw only, as in the spec.
 _CONTENTS_FIELD = {
@@ -86,10 +98,11 @@ def _decode_typed(
 class _Inputs:
     """A model's input specs by name, with what decoding raw contents needs per input."""
 
-    __slots__ = ("config", "specs", "raw")
+    __slots__ = ("config", "specs", "raw", "max_bytes_elements")
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
+        self.max_bytes_elements = config.limits.max_bytes_elements or ServerSettings.max_bytes_elements
         self.specs = {t.name: t for t in config.inputs or ()}
         # name -> (datatype, dims, numpy dtype, item size) for fixed-size datatypes.
         self.raw = {
@@ -114,9 +127,21 @@ def _inputs_of(config: ModelConfig) -> _Inputs:
 
 
 def decode_inputs(request: pb.ModelInferRequest, config: ModelConfig) -> dict[str, np.ndarray]:
-    """Check a ModelInfer request against the model's inputs and return its tensors.
+    """Check a ModelInfer request against the model's inputs and return its tensors
+    (blocking for large tensors: call it on a worker thread when ``decode_small_inputs`` declines)."""
+    tensors = _decode(request, config, inline=False)
+    assert tensors is not None  # only the inline pass declines
+    return tensors
 
-    Raw contents of fixed-size types (what every client sends) take the flat loop
+
+def decode_small_inputs(request: pb.ModelInferRequest, config: ModelConfig) -> dict[str, np.ndarray] | None:
+    """``decode_inputs`` for the event loop: None, before any contents are touched, when a
+    tensor declares more than the loop may decode (INLINE_RAW_BYTES, INLINE_ELEMENTS)."""
+    return _decode(request, config, inline=True)
+
+
+def _decode(request: pb.ModelInferRequest, config: ModelConfig, inline: bool) -> dict[str, np.ndarray] | None:
+    """Raw contents of fixed-size types (what every client sends) take the flat loop
     below: every request of every model passes here, so each check is one comparison
     and anything unusual goes through ``_decode_one``, which names what is wrong.
     """
@@ -135,16 +160,21 @@ def decode_inputs(request: pb.ModelInferRequest, config: ModelConfig) -> dict[st
         for index, tensor in enumerate(inputs):
             name = tensor.name  # each read of a message field builds a new str
             entry = fixed.get(name)
+            shape = tuple(tensor.shape)
+            count = math.prod(shape)
             if entry is None or name in tensors:
+                if inline and count > INLINE_ELEMENTS:
+                    return None
                 tensors[name] = _decode_one(table, tensor, raw[index], tensors)  # BYTES, or an error to explain
                 continue
             datatype, dims, dtype, itemsize = entry
-            shape = tuple(tensor.shape)
-            data = raw[index]
+            if inline and count * itemsize > INLINE_RAW_BYTES:
+                return None
+            data = raw[index]  # a copy: after the size check
             if (
                 tensor.datatype != datatype
                 or not _shape_ok(shape, dims, max_batch_size)
-                or len(data) != math.prod(shape) * itemsize
+                or len(data) != count * itemsize
                 or tensor.HasField("contents")
             ):
                 tensors[name] = _decode_one(table, tensor, data, tensors)  # raises, naming what is wrong
@@ -152,6 +182,8 @@ def decode_inputs(request: pb.ModelInferRequest, config: ModelConfig) -> dict[st
             tensors[name] = np.ndarray(shape, dtype, data)  # a read-only view of the bytes
     else:
         for tensor in inputs:
+            if inline and math.prod(tensor.shape) > INLINE_ELEMENTS:
+                return None
             tensors[tensor.name] = _decode_one(table, tensor, None, tensors)
     specs = table.specs
     if len(tensors) != len(specs):
@@ -173,14 +205,21 @@ def _decode_one(
     name, datatype = tensor.name, tensor.datatype
     spec = table.specs.get(name)
     if spec is None:
-        raise InvalidInput(f"model {config.name!r} has no input {name!r}; its inputs are {sorted(table.specs)}")
+        raise InvalidInput(f"model {config.name!r} has no input {quoted(name)}; its inputs are {sorted(table.specs)}")
     if name in seen:
         raise InvalidInput(f"input {name!r} appears more than once")
     if datatype != spec.datatype:
-        raise InvalidInput(f"input {name!r}: expected datatype {spec.datatype}, got {datatype!r}")
+        raise InvalidInput(f"input {name!r}: expected datatype {spec.datatype}, got {quoted(datatype)}")
     shape = tuple(tensor.shape)
     if not _shape_ok(shape, spec.dims, config.max_batch_size):
         _check_shape(config, spec, shape)  # raises, naming what is wrong
+    if datatype == "BYTES" and math.prod(shape) > table.max_bytes_elements:
+        # Before decoding: each element is a Python object, so the count is the cost.
+        raise LimitExceeded(
+            f"input {name!r}: shape {list(shape)} has {math.prod(shape)} BYTES elements, over the limit of "
+            f"{table.max_bytes_elements}; send fewer per request, or raise limits.max_bytes_elements in "
+            "config.yaml (--max-bytes-elements for the server)"
+        )
     if data is None:
         array = _decode_typed(spec, datatype, shape, tensor.contents)
     else:
@@ -199,7 +238,9 @@ def requested_outputs(request: pb.ModelInferRequest, config: ModelConfig) -> tup
     known = {t.name for t in config.outputs or ()}
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise InvalidInput(f"model {config.name!r} has no outputs {unknown}; its outputs are {sorted(known)}")
+        shown = ", ".join(quoted(n) for n in unknown[:4])
+        shown += f" and {len(unknown) - 4} more" if len(unknown) > 4 else ""
+        raise InvalidInput(f"model {config.name!r} has no outputs {shown}; its outputs are {sorted(known)}")
     return tuple(dict.fromkeys(names))
 
 

@@ -13,9 +13,11 @@ from prometheus_client.exposition import start_http_server
 
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
-from taskserve.server.frontends.grpc.auth import BearerTokenInterceptor
+from taskserve.server.frontends.grpc.auth import BearerTokenInterceptor, withhold_header_bytes
 from taskserve.server.frontends.grpc.health import HealthReporter
 from taskserve.server.frontends.grpc.malformed import guard
+from taskserve.server.frontends.grpc.registry import ServiceRegistry
+from taskserve.server.frontends.grpc.streams import StreamGate, StreamLimits, limit_streams
 from taskserve.server.frontends.grpc.tasks import add_task_servicers
 from taskserve.server.frontends.grpc.tls import server_credentials
 from taskserve.server.frontends.grpc.v2_servicer import V2Servicer
@@ -44,7 +46,10 @@ class ServingApp:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.metrics = ServerMetrics()
-        self.models = ModelManager(settings.model_repository, self.metrics, _model_limits(settings))
+        self.models = ModelManager(
+            settings.model_repository, self.metrics, _model_limits(settings),
+            max_name_chars=settings.max_name_chars, retire_grace_s=settings.swap_grace_s,
+        )
         self.health = HealthReporter()
         self.grpc_port = 0
         self.metrics_port = 0
@@ -58,7 +63,13 @@ class ServingApp:
         self._http: Any = None
         self.gpu_metrics: GpuCollector | None = None
         self._loading: asyncio.Task[None] | None = None
+        self._guarding: asyncio.Task[None] | None = None
+        self._registry = ServiceRegistry()
+        self._options: list[tuple[str, int]] = []
+        self._interceptors: list[grpc.aio.ServerInterceptor] = []
         self.service_names: list[str] = []
+        # Write timeout and per-connection cap of every response stream but health's Watch.
+        self.streams = StreamGate(StreamLimits(settings.stream_write_timeout_s, settings.max_streams_per_connection))
         # What both doors share: tasks (worker pool, admission), models, metrics, readiness.
         self.parts = ServingParts(
             settings=settings,
@@ -96,29 +107,31 @@ class ServingApp:
         if s.max_connection_age_s > 0:
             age_ms = int(s.max_connection_age_s * 1000)
             options += [("grpc.max_connection_age_ms", age_ms), ("grpc.max_connection_age_grace_ms", age_ms)]
-        interceptors = [BearerTokenInterceptor(s.auth_tokens, s.auth_health)] if s.auth_tokens else []
-        server = grpc.aio.server(options=options, interceptors=interceptors)
-        # Services register through guard(): malformed request messages get INVALID_ARGUMENT.
-        guarded = guard(server)
-        v2 = V2Servicer(self.models, self.ready, s.model_control_mode, s.max_streams, tasks=self.parts.tasks)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(v2, guarded)
+        withhold_header_bytes()  # with or without tokens: any header may carry a secret
+        self._interceptors = [BearerTokenInterceptor(s.auth_tokens, s.auth_health)] if s.auth_tokens else []
+        self._options = options
+        # Services register once, into a registry that any gRPC server built later gets too.
+        registry = ServiceRegistry()
+        # Services register through guard(): malformed request messages get INVALID_ARGUMENT;
+        # and, but for health, through limit_streams(): clients that do not read cannot hold them.
+        guarded = guard(registry.as_server())
+        limited = guard(limit_streams(registry.as_server(), self.streams))
+        # One worker pool for CPU-heavy request work: typed pre/post-processing, large v2 decodes.
+        workers = self.parts.tasks.context.executor
+        v2 = V2Servicer(
+            self.models, self.ready, s.model_control_mode, s.max_streams, workers=workers, tasks=self.parts.tasks
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(v2, limited)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, guarded)
         names = [pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
-        names += add_task_servicers(guarded, self.models, tasks=self.parts.tasks)
+        names += add_task_servicers(limited, self.models, tasks=self.parts.tasks)
         names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         self.service_names = names
         if s.reflection:
-            _enable_reflection(server, names)
-        address = f"[{s.host}]:{s.grpc_port}" if ":" in s.host else f"{s.host}:{s.grpc_port}"
-        if s.tls_cert is not None and s.tls_key is not None:
-            credentials = server_credentials(s.tls_cert, s.tls_key, s.tls_client_ca)
-            self.grpc_port = server.add_secure_port(address, credentials)
-        else:
-            self.grpc_port = server.add_insecure_port(address)
-        if self.grpc_port == 0:
-            raise OSError(f"could not bind gRPC port {address}")
-        await server.start()
-        self._server = server
+            _enable_reflection(registry.as_server(), names)
+        self._registry = registry
+        self._server, self.grpc_port = await self._serve_grpc(s.grpc_port)
+        self._guarding = asyncio.create_task(self._serve_again_if_stopped())
         if s.http_port >= 0:
             # Same process and event loop as the gRPC server (http/server.py); imported only
             # when asked for, so a gRPC-only server does not load the ASGI stack.
@@ -129,7 +142,8 @@ class ServingApp:
             try:
                 self.http_port = await door.start()
             except BaseException:
-                await server.stop(0)
+                self._guarding.cancel()
+                await self._server.stop(0)
                 raise
             self._http_door = door
         if s.health_port >= 0:
@@ -146,6 +160,42 @@ class ServingApp:
             ", bearer tokens" if s.auth_tokens else "", s.model_control_mode, s.metrics_host, self.metrics_port,
         )  # fmt: skip
         self._loading = asyncio.create_task(self._load_models())
+
+    async def _serve_grpc(self, port: int, attempts: int = 1) -> tuple[grpc.aio.Server, int]:
+        """A started gRPC server with every service, bound to ``port`` (0: any free port)."""
+        s = self.settings
+        address = f"[{s.host}]:{port}" if ":" in s.host else f"{s.host}:{port}"
+        for attempt in range(attempts):
+            server = grpc.aio.server(options=self._options, interceptors=self._interceptors)
+            self._registry.register_on(server)
+            if s.tls_cert is not None and s.tls_key is not None:
+                bound = server.add_secure_port(address, server_credentials(s.tls_cert, s.tls_key, s.tls_client_ca))
+            else:
+                bound = server.add_insecure_port(address)
+            if bound:
+                await server.start()
+                return server, bound
+            await asyncio.sleep(0.05 * (attempt + 1))  # the stopped server may still hold the port
+        raise OSError(f"could not bind gRPC port {address}")
+
+    async def _serve_again_if_stopped(self) -> None:
+        """grpc.aio shuts a server down when its accept loop raises, which a single malformed
+        request can cause before any of our code runs (registry.py): serve again on the same port."""
+        while self._server is not None:
+            server = self._server
+            try:
+                await server.wait_for_termination()
+                failure = "without an error"
+            except Exception as err:  # what stopped grpc's accept loop, re-raised by grpc
+                failure = type(err).__name__
+            if self._draining:
+                return
+            log.error("the gRPC server stopped unasked (%s in grpc's accept loop); serving again", failure)
+            try:
+                self._server, _ = await self._serve_grpc(self.grpc_port, attempts=40)
+            except OSError as err:
+                log.critical("the gRPC port stays closed: %s", err)  # probes fail and the pod is replaced
+                return
 
     async def _start_health_port(self, s: ServerSettings) -> None:
         """grpc.health.v1 alone, in plaintext, on its own port: what a probe that cannot speak
@@ -200,6 +250,8 @@ class ServingApp:
         if self._http_door is not None:
             stopping.append(self._http_door.stop(grace))
         await asyncio.gather(*stopping)
+        if self._guarding is not None:
+            self._guarding.cancel()
         if self._health_server is not None:
             await self._health_server.stop(0)
         await self.models.stop(drain=True)
@@ -219,7 +271,7 @@ def _enable_reflection(server: grpc.aio.Server, names: list[str]) -> None:
     """Reflection over taskserve's private descriptor pool (see protocol/codegen.py),
     with the health and reflection protos copied into it so every listed service resolves."""
     from google.protobuf.descriptor import FileDescriptor
-    from grpc_reflection.v1alpha import reflection, reflection_pb2
+    from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
     from taskserve.protocol.generated._pool import POOL
 
@@ -229,7 +281,10 @@ def _enable_reflection(server: grpc.aio.Server, names: list[str]) -> None:
             POOL.FindFileByName(descriptor.name)
         except KeyError:
             POOL.AddSerializedFile(descriptor.serialized_pb)
-    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server, pool=POOL)
+    # The asyncio servicer, named directly: enable_server_reflection picks it only for a real
+    # grpc.aio.Server, and services register into a ServiceRegistry here.
+    servicer = reflection.aio.ReflectionServicer([*names, reflection.SERVICE_NAME], pool=POOL)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
 
 
 def _model_limits(s: ServerSettings) -> ModelLimits:
@@ -240,6 +295,7 @@ def _model_limits(s: ServerSettings) -> ModelLimits:
         max_image_pixels=s.max_image_pixels,
         max_request_pixels=s.max_request_pixels,
         max_variable_dim=s.max_variable_dim,
+        max_bytes_elements=s.max_bytes_elements,
     )
 
 

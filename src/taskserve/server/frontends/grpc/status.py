@@ -1,7 +1,8 @@
 """The one place where server errors become gRPC statuses.
 
-Known errors (TaskServeError) keep their message; anything else is a bug: it
-is logged with its traceback and the caller gets INTERNAL with a generic message.
+Known errors (TaskServeError) keep their message, stripped of server paths, memory
+addresses and tracebacks and capped in length (``caller_safe``); anything else is a
+bug: it is logged with its traceback and the caller gets INTERNAL with a generic message.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from taskserve.server.errors import Code, TaskServeError
+from taskserve.server.errors import Code, TaskServeError, caller_safe
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def grpc_status(err: TaskServeError) -> grpc.StatusCode:
 def describe(err: BaseException) -> tuple[grpc.StatusCode, str]:
     """Status and caller-facing message for any exception."""
     if isinstance(err, TaskServeError):
-        return grpc_status(err), err.message
+        return grpc_status(err), caller_safe(err.message)
     log.error("unexpected error while handling a request", exc_info=err)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(err).__name__}); the server log has the details"
 

@@ -75,8 +75,9 @@ async def infer(
 
 async def stream(
     faces: Faces, model: LoadedModel, request: pb.ModelInferRequest, context: Context
-) -> AsyncIterator[pb.ModelInferResponse]:
-    """The responses of one request on ModelStreamInfer; errors raise (the caller sends them in-band)."""
+) -> AsyncIterator[tuple[pb.ModelInferResponse, bool]]:
+    """(response, last) for one request on ModelStreamInfer; errors raise (the caller sends
+    them in-band)."""
     config = faces.config(model)
     tensors = codec.decode_inputs(request, config)
     if request.outputs:
@@ -99,10 +100,10 @@ async def stream(
                 response = _response(model, request, outputs)
                 if decoupled:
                     response.parameters[FINAL].bool_param = last and not empty_final
-                yield response
+                yield response, last and not (decoupled and empty_final)
         finally:
             await responses.aclose()
     if decoupled and empty_final:
         final = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
         final.parameters[FINAL].bool_param = True
-        yield final
+        yield final, True

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor
 from typing import Any
 
 import grpc
@@ -22,8 +23,7 @@ from taskserve.server.frontends.grpc import codec, v2_faces
 from taskserve.server.frontends.grpc.deadlines import request_deadline
 from taskserve.server.frontends.grpc.status import describe, unary
 from taskserve.server.frontends.v2.faces import FACED_TASKS, Faces, has_face, is_decoupled
-from taskserve.server.frontends.v2.service import EXTENSIONS, SERVER_NAME, SERVER_VERSION, load_model, unload_model
-from taskserve.server.frontends.v2.service import PLATFORM as _PLATFORM
+from taskserve.server.frontends.v2.service import load_model, unload_model
 from taskserve.server.frontends.v2.tensors import expected_shape
 from taskserve.server.metrics import Duration
 from taskserve.server.repository.manager import LoadedModel, ModelManager, ModelState
@@ -34,24 +34,37 @@ log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
+SERVER_NAME = "taskserve"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["model_repository", "statistics", "model_configuration", "health", "metrics"]
 # Most requests a ModelStreamInfer stream has in flight at once.
 STREAM_CONCURRENCY = 64
+# Triton's platform names where one fits; torch entries are safetensors + config, not TorchScript.
+_PLATFORM = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "torch": "pytorch"}
 # Triton's backend names for the same platforms.
 _BACKEND = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch": "pytorch"}
 
 
 class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
-        self, models: ModelManager, ready: Any, model_control: str = "none", max_streams: int = 256,
+        self,
+        models: ModelManager,
+        ready: Any,
+        model_control: str = "none",
+        max_streams: int = 256,
+        workers: Executor | None = None,
         tasks: TaskCache | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self._models = models
         # The faces of generating models (text_input -> text_output, prompt -> image); they run
         # the typed services' task objects (``tasks``). Without them those models refuse infer.
         self._faces = Faces(tasks, models.get) if tasks is not None else None
+        # The pool that decodes large requests (the typed tasks' worker pool): never the event loop.
+        self._workers = workers
         # "explicit": RepositoryModelLoad/Unload allowed; "none": the repository is fixed at startup.
         self._model_control = model_control
-        # ModelStreamInfer streams open at once; beyond, new ones get RESOURCE_EXHAUSTED.
+        # ModelStreamInfer streams with requests in flight or answers unsent; beyond, a request
+        # that would make one more busy is answered in-band with RESOURCE_EXHAUSTED.
         self._max_streams = max_streams
         self._streams = 0
         # Callable telling whether the server as a whole is ready (startup done, not draining).
@@ -138,9 +151,14 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             return await v2_faces.infer(self._faces, model, request, context)
         metrics = model.metrics
         deadline = None
+        leases = model.leases  # held until answered: a swap lets this version finish it
+        leases.take()
         try:
             config = model.config
-            inputs = codec.decode_inputs(request, config)
+            inputs = codec.decode_small_inputs(request, config)
+            if inputs is None:  # large tensors: decoded and checked on the worker pool, never on the loop
+                loop = asyncio.get_running_loop()
+                inputs = await loop.run_in_executor(self._workers, codec.decode_inputs, request, config)
             outputs = codec.requested_outputs(request, config) if request.outputs else None
             priority = timeout_us = None
             if request.parameters:
@@ -160,6 +178,8 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         except BaseException as err:
             metrics.request_raised(err, time.perf_counter_ns() - started, deadline)
             raise
+        finally:
+            leases.give_back()
         ended = time.perf_counter_ns()
         metrics.request_succeeded(ended - started, encode_ns=ended - encode_started)
         return response
@@ -171,75 +191,100 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests run concurrently; each answer (or error) is sent as it completes."""
-        if self._streams >= self._max_streams:
-            code, message = describe(
-                Overloaded(
-                    f"the server has {self._streams} ModelStreamInfer streams open, its limit; retry with backoff "
-                    "(or raise --max-streams)"
-                )
-            )
-            await context.abort(code, message)
-        self._streams += 1
-        try:
-            async for item in self._stream(request_iterator, context):
-                yield item
-        finally:
-            self._streams -= 1
+        async for item in self._stream(request_iterator, context):
+            yield item
 
     async def _stream(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        """The caller (streams.StreamGate) awaits each write before asking for the next answer,
+        and a request holds its permit until its answer is written: at most STREAM_CONCURRENCY
+        requests are in flight or answered-but-unsent, and past that no request is read, so
+        a client that does not read its answers is stopped by HTTP/2 flow control, not buffered.
+        ``--max-streams`` counts streams with work (idle streams cost a coroutine, are capped
+        per connection, and do not keep other callers out)."""
+        # (answer, whether it answers a request counted in ``pending``, None: a decoupled request's
+        # answer before its last, which keeps the permit); None ends the stream.
+        results: asyncio.Queue[tuple[pb.ModelStreamInferResponse, bool | None] | None] = asyncio.Queue()
         limit = asyncio.Semaphore(STREAM_CONCURRENCY)
+        tasks: set[asyncio.Task[None]] = set()
+        pending = 0  # requests read whose answer is not written yet; > 0: counted in self._streams
+
+        def refused(req: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            _, message = describe(
+                Overloaded(
+                    f"the server has {self._streams} ModelStreamInfer streams with requests in flight, its limit "
+                    "(--max-streams); retry with backoff"
+                )
+            )
+            return _error_response(req, message)
 
         async def run_one(req: pb.ModelInferRequest) -> None:
             try:
-                if (faced := self._faced(req)) is not None:  # one request, possibly many responses
-                    async for response in v2_faces.stream(self._faces, faced, req, context):  # type: ignore[arg-type]
-                        await results.put(pb.ModelStreamInferResponse(infer_response=response))
+                if (faced := self._faced(req)) is not None:  # one request, one or more answers
+                    async for response, last in v2_faces.stream(self._faces, faced, req, context):  # type: ignore[arg-type]
+                        answer = pb.ModelStreamInferResponse(infer_response=response)
+                        results.put_nowait((answer, True if last else None))
                     return
                 response = await self._infer(req, context)
-                await results.put(pb.ModelStreamInferResponse(infer_response=response))
+                results.put_nowait((pb.ModelStreamInferResponse(infer_response=response), True))
             except Exception as err:  # errors travel in-band; the stream stays open
                 _, message = describe(err)
-                await results.put(
-                    pb.ModelStreamInferResponse(
-                        error_message=message,
-                        infer_response=pb.ModelInferResponse(
-                            model_name=req.model_name, model_version=req.model_version, id=req.id
-                        ),
-                    )
-                )
-            finally:
-                limit.release()
+                results.put_nowait((_error_response(req, message), True))
 
         async def read_all() -> None:
-            tasks: set[asyncio.Task[None]] = set()
+            nonlocal pending
             try:
                 async for req in request_iterator:
                     await limit.acquire()
-                    task = asyncio.create_task(run_one(req))
+                    if pending == 0:
+                        if self._streams >= self._max_streams:
+                            results.put_nowait((refused(req), False))
+                            continue  # the refusal holds the permit until written, like an answer
+                        self._streams += 1
+                    pending += 1
+                    task = asyncio.create_task(run_one(req), name="ModelStreamInfer request")
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 if tasks:
                     await asyncio.gather(*tasks)
             finally:
-                await results.put(None)
+                results.put_nowait(None)
 
-        reader = asyncio.create_task(read_all())
+        reader = asyncio.create_task(read_all(), name="ModelStreamInfer reader")
         try:
             while (item := await results.get()) is not None:
-                yield item
+                answer, counted = item
+                yield answer
+                if counted is None:
+                    continue  # more answers of the same request follow: it keeps its permit
+                # Written (the gate awaits each write): the request's permit frees, and a
+                # stream left with nothing pending no longer counts against --max-streams.
+                limit.release()
+                if counted:
+                    pending -= 1
+                    if pending == 0:
+                        self._streams -= 1
         finally:
             reader.cancel()
-
+            for task in tasks:
+                task.cancel()
+            if pending:
+                self._streams -= 1
 
     def _faced(self, request: pb.ModelInferRequest) -> LoadedModel | None:
-        """The model of a streamed request when it has a face (its responses come from v2_faces)."""
+        """The model of a streamed request when it has a face (its answers come from v2_faces)."""
         if self._faces is None:
             return None
         model = self._models.get(request.model_name, request.model_version)
         return model if model.config.task in FACED_TASKS and has_face(model) else None
+
+
+def _error_response(req: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    return pb.ModelStreamInferResponse(
+        error_message=message,
+        infer_response=pb.ModelInferResponse(model_name=req.model_name, model_version=req.model_version, id=req.id),
+    )
 
 
 def model_config_message(model: LoadedModel, faces: Faces | None = None) -> mc.ModelConfig:

@@ -39,9 +39,10 @@ async def task_call(parts: ServingParts, name: str, cls: type[TaskT]) -> AsyncIt
     if not name:
         raise InvalidInput("model is empty; name the model to use (GET /v1/models lists them)")
     model = parts.models.get(name)
-    with model.metrics.track_request(time.perf_counter_ns(), protocol=PROTOCOL), parts.tasks.context.admit():
+    started = time.perf_counter_ns()
+    with model.metrics.track_request(started, protocol=PROTOCOL), parts.tasks.context.admit():
         task = await parts.tasks.get(model, cls)
-        yield Call(model, task, CallOptions())
+        yield Call(model, task, CallOptions(first_chunk=model.metrics.first_chunk_timer(PROTOCOL, started)))
 
 
 async def read_json(request: Request) -> dict[str, Any]:

@@ -30,15 +30,6 @@ from taskserve.server.frontends.v2.service import EXTENSIONS, SERVER_NAME, SERVE
 from taskserve.server.frontends.v2.tensors import check_complete, check_shape, check_utf8, decode_values, spec_of
 from taskserve.server.repository.manager import LoadedModel
 
-# Characters of a model name or version in a URL: far beyond any real one, checked before lookup.
-MAX_NAME_CHARS = 256
-
-
-def _checked(name: str, version: str = "") -> tuple[str, str]:
-    if len(name) > MAX_NAME_CHARS or len(version) > MAX_NAME_CHARS:
-        raise InvalidInput(f"model name or version is over {MAX_NAME_CHARS} characters")
-    return name, version
-
 
 def _status(ok: bool) -> Response:
     # Triton answers readiness with the status alone; 503 tells probes "not now".
@@ -77,7 +68,7 @@ def build_router(parts: ServingParts) -> APIRouter:
     @router.get("/v2/models/{name}")
     @router.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(name: str, version: str = "") -> dict[str, object]:
-        meta = service.model_metadata(*_checked(name, version))
+        meta = service.model_metadata(name, version)
         return {
             "name": meta.name,
             "versions": list(meta.versions),
@@ -89,12 +80,12 @@ def build_router(parts: ServingParts) -> APIRouter:
     @router.get("/v2/models/{name}/ready")
     @router.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str = "") -> Response:
-        return _status(service.model_ready(*_checked(name, version)))
+        return _status(service.model_ready(name, version))
 
     @router.get("/v2/models/{name}/config")
     @router.get("/v2/models/{name}/versions/{version}/config")
     async def model_config(name: str, version: str = "") -> dict[str, Any]:
-        model = service.model(*_checked(name, version))
+        model = service.model(name, version)
         message = model_config_message(model, faces)
         config: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
         return config
@@ -102,7 +93,7 @@ def build_router(parts: ServingParts) -> APIRouter:
     @router.post("/v2/models/{name}/infer")
     @router.post("/v2/models/{name}/versions/{version}/infer")
     async def infer(request: Request, name: str, version: str = "") -> Response:
-        model = service.model(*_checked(name, version))
+        model = service.model(name, version)
         body = await request.body()
         decoded = v2_codec.decode_request(body, request.headers.get(v2_codec.HEADER_LENGTH), faces.config(model))
         options = call_options(decoded.parameters)
@@ -124,12 +115,12 @@ def build_router(parts: ServingParts) -> APIRouter:
 
     @router.post("/v2/repository/models/{name}/load")
     async def load(name: str) -> dict[str, object]:
-        await service.load(_checked(name)[0])
+        await service.load(name)
         return {}
 
     @router.post("/v2/repository/models/{name}/unload")
     async def unload(name: str) -> dict[str, object]:
-        await service.unload(_checked(name)[0])
+        await service.unload(name)
         return {}
 
     @router.post("/v2/models/{name}/generate")
@@ -160,7 +151,7 @@ async def _generate_request(
 ) -> tuple[LoadedModel, dict[str, np.ndarray], dict[str, object]]:
     """Triton's generate extension: each top-level key but ``parameters`` is an input by name
     (a scalar or a one-element list), ``parameters`` the request parameters."""
-    model = service.model(*_checked(name, version))
+    model = service.model(name, version)
     if not is_decoupled(model):
         raise InvalidInput(
             f"model {model.name!r} does not generate text; the generate extension serves text-generation models "

@@ -20,7 +20,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse
 
-from taskserve.server.frontends.http.call import PROTOCOL, task_call, unless_disconnected
+from taskserve.server.frontends.http.call import task_call, unless_disconnected
 from taskserve.server.frontends.http.errors import describe, openai_error_body
 from taskserve.server.frontends.http.openai_schema import (
     FINISH_REASONS,
@@ -111,13 +111,8 @@ async def _generation(
     parts: ServingParts, model: str, prompt: str, messages: Sequence[ChatMessage], params: GenerateParams
 ) -> AsyncIterator[GenerationChunk]:
     """The task's chunks, admitted and counted for as long as the caller iterates."""
-    started = time.perf_counter()
     async with task_call(parts, model, TextGenerator) as call:
-        first = True
         async for chunk in call.task.generate(prompt, messages, params, call.options):
-            if first and (chunk.text or chunk.finish_reason is not None):
-                call.model.metrics.first_chunk(PROTOCOL, time.perf_counter() - started)
-                first = False
             yield chunk
 
 

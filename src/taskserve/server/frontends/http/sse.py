@@ -41,8 +41,10 @@ class EventStream(Response):
         write_timeout: float,
         on_error: Callable[[BaseException], bytes],
     ) -> None:
+        # What FastAPI may read or set on a returned Response; the headers sent are _stream's.
         self.status_code = 200
         self.background: BackgroundTask | None = None
+        self.raw_headers: list[tuple[bytes, bytes]] = []
         self._events = events
         self._write_timeout = write_timeout
         self._on_error = on_error

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from taskserve.server.errors import InvalidInput, ModelControlDisabled, ModelNotReady
+from taskserve.server.errors import InvalidInput, ModelControlDisabled, ModelNotReady, quoted
 from taskserve.server.frontends.v2.faces import FACED_TASKS, Faces, has_face
 from taskserve.server.frontends.v2.tensors import expected_shape
 from taskserve.server.repository.manager import LoadedModel, ModelIndexEntry, ModelManager, ModelState
@@ -76,6 +76,7 @@ def check_model_control(model_control: str, action: str) -> None:
 
 async def load_model(models: ModelManager, model_control: str, name: str) -> None:
     """The repository extension's load: refused unless ``--model-control-mode explicit``."""
+    models.check_name(name)
     check_model_control(model_control, "load")
     if not name:
         raise InvalidInput("model_name is empty; name the model directory to load")
@@ -83,10 +84,11 @@ async def load_model(models: ModelManager, model_control: str, name: str) -> Non
     await models.load(name)
     if not models.is_ready(name):
         reason = next((e.reason for e in models.index() if e.name == name), "")
-        raise ModelNotReady(f"model {name!r} failed to load: {reason}")
+        raise ModelNotReady(f"model {quoted(name)} failed to load: {reason}")
 
 
 async def unload_model(models: ModelManager, model_control: str, name: str) -> None:
+    models.check_name(name)
     check_model_control(model_control, "unload")
     await models.unload(name)
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from taskserve.protocol.datatypes import V2_TO_NUMPY, deserialize_bytes_tensor, numpy_dtype
-from taskserve.server.errors import InvalidInput
+from taskserve.server.errors import InvalidInput, quoted
 from taskserve.server.repository.config import ModelConfig, TensorConfig
 
 
@@ -99,9 +99,9 @@ def spec_of(config: ModelConfig, specs: Mapping[str, TensorConfig], name: str, d
     """The model's input ``name``, checked to be declared with ``datatype``."""
     spec = specs.get(name)
     if spec is None:
-        raise InvalidInput(f"model {config.name!r} has no input {name!r}; its inputs are {sorted(specs)}")
+        raise InvalidInput(f"model {config.name!r} has no input {quoted(name)}; its inputs are {sorted(specs)}")
     if datatype != spec.datatype:
-        raise InvalidInput(f"input {name!r}: expected datatype {spec.datatype}, got {datatype!r}")
+        raise InvalidInput(f"input {name!r}: expected datatype {spec.datatype}, got {quoted(datatype)}")
     return spec
 
 
@@ -121,5 +121,7 @@ def check_outputs(config: ModelConfig, names: Sequence[str]) -> tuple[str, ...]:
     known = {t.name for t in config.outputs or ()}
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise InvalidInput(f"model {config.name!r} has no outputs {unknown}; its outputs are {sorted(known)}")
+        shown = ", ".join(quoted(n) for n in unknown[:4])
+        shown += f" and {len(unknown) - 4} more" if len(unknown) > 4 else ""
+        raise InvalidInput(f"model {config.name!r} has no outputs {shown}; its outputs are {sorted(known)}")
     return tuple(dict.fromkeys(names))

@@ -180,7 +180,10 @@ def latent_preview(latents: np.ndarray) -> np.ndarray:
 
 
 async def _sample_latents(parts: Parts, spec: PipelineSpec, pixels: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    """The VAE's latent distribution sampled with ``noise``, scaled: diffusers' retrieve_latents."""
+    """The VAE's latent distribution sampled with ``noise``, scaled: diffusers' retrieve_latents.
+
+    ``pixels``: (1, 3, H, W), encoded once at pixel size; ``noise``: (n, C, h, w), one draw per
+    image. The encoder's moments are the same for every image, so only the sampling repeats."""
     moments = (await parts.encode_image(pixels)).astype(F32)
     mean, logvar = np.split(moments, 2, axis=1)
     std = np.exp(F32(0.5) * np.clip(logvar, -30.0, 20.0))
@@ -222,7 +225,7 @@ async def generate(
     image_latents: np.ndarray | None = None
     if "image" in noise:
         assert pixels is not None
-        image_latents = await _sample_latents(parts, spec, np.repeat(pixels, n, axis=0), noise["image"])
+        image_latents = await _sample_latents(parts, spec, pixels, noise["image"])
     if params.mode is Mode.IMAGE_TO_IMAGE or params.strength < 1.0:
         # diffusers noises the image even at strength 1 in image-to-image.
         assert image_latents is not None
@@ -239,7 +242,7 @@ async def generate(
         mask_latents = np.repeat(binary[None, None, ::vsf, ::vsf], n, axis=0)
         if spec.unet_in_channels > spec.latent_channels:
             masked = pixels * (binary < 0.5).astype(F32)[None, None]
-            masked_latents = await _sample_latents(parts, spec, np.repeat(masked, n, axis=0), noise["masked_image"])
+            masked_latents = await _sample_latents(parts, spec, masked, noise["masked_image"])
 
     for i, t in enumerate(timesteps):
         model_in = np.concatenate([latents, latents]) if params.guided else latents

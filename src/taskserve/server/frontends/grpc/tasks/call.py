@@ -55,13 +55,18 @@ class TaskServicer:
         if not ref.name:
             raise InvalidInput("model.name is empty; name the model to use")
         model = self._models.get(ref.name, ref.version)
-        if isinstance(cls, tuple):
-            cls = _matching(model, cls)
-        deadline = request_deadline(context, options.timeout_us or None)
-        with model.metrics.track_request(time.perf_counter_ns(), deadline), self._tasks.context.admit():
-            task = await self._tasks.get(model, cls)
-            hints = CallOptions(priority=options.priority or None, deadline=deadline)
-            yield Call(model, task, hints)
+        # Leased in the lookup's step, until the answer is built: a reload that swaps this
+        # version out meanwhile lets it finish this request instead of refusing it.
+        with model.leases.hold():
+            if isinstance(cls, tuple):
+                cls = _matching(model, cls)
+            deadline = request_deadline(context, options.timeout_us or None)
+            started = time.perf_counter_ns()
+            with model.metrics.track_request(started, deadline), self._tasks.context.admit():
+                task = await self._tasks.get(model, cls)
+                first_chunk = model.metrics.first_chunk_timer("grpc", started)
+                hints = CallOptions(priority=options.priority or None, deadline=deadline, first_chunk=first_chunk)
+                yield Call(model, task, hints)
 
 
 def _matching(model: LoadedModel, classes: tuple[type[TaskT], ...]) -> type[TaskT]:

@@ -53,11 +53,13 @@ class _TransformServicer(TaskServicer):
                 prompted = self._prompted.get(task)
                 if prompted is None:
                     prompted = self._prompted[task] = PromptTransforms(task)
-                chunks = prompted.transform(item, params, call.options)
+                async for chunk in prompted.transform(item, params, call.options):
+                    yield call.served_by, chunk
             else:
-                chunks = task.transform(item, params, call.options, self._models.get(task.encoder_model))
-            async for chunk in chunks:
-                yield call.served_by, chunk
+                encoder = self._models.get(task.encoder_model)
+                with encoder.leases.hold():  # a swap of the encoder entry lets it finish this request
+                    async for chunk in task.transform(item, params, call.options, encoder):
+                        yield call.served_by, chunk
 
     async def _stream(self, request: Any, kind: TransformKind, context: Context) -> AsyncIterator[pb.TransformResponse]:
         async for served_by, chunk in self._generate(request, kind, context):
