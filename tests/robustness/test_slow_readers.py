@@ -43,8 +43,8 @@ _STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from taskserve.exporters import tiny_models
     from taskserve.exporters.api import export_hf
+    from tests.support import tiny_hf_models as tiny_models
 
     repo = tmp_path_factory.mktemp("slow-readers-repo")
     source = tiny_models.tiny_causal_lm(tmp_path_factory.mktemp("slow-readers-src") / "tiny-llama", hidden_size=64)
