@@ -121,6 +121,26 @@ def test_stream_infer_sends_one_response_per_chunk_and_flags_the_last(client: An
     assert {r.get_response().id for r in responses} == {"r1"}
 
 
+def test_a_stream_carries_more_decoupled_requests_than_its_concurrency(client: Any) -> None:
+    """70 streamed requests, one after another, on one ModelStreamInfer stream (64 may be in
+    flight at once): each request frees its place once, with its last chunk, so none waits."""
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        for i in range(70):
+            client.async_stream_infer(
+                MODEL, convention_inputs(f"{PROMPT} {i}", {"max_tokens": 3}, stream=True), request_id=str(i)
+            )
+            while True:
+                result, error = results.get(timeout=30)
+                assert error is None, error
+                if result.get_response().parameters["triton_final_response"].bool_param:
+                    assert result.get_response().id == str(i)
+                    break
+    finally:
+        client.stop_stream()
+
+
 def test_stream_infer_without_stream_sends_the_whole_text_once(client: Any, channel: grpc.Channel) -> None:
     expected, _ = typed_text(channel, PROMPT, 10)
     responses = streamed(client, convention_inputs(PROMPT, {"max_tokens": 10}, exclude=True))
