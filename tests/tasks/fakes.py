@@ -84,6 +84,7 @@ class FakeModel:
     model_dir: Path
     scheduler: FakeScheduler
     version: str = "1"
+    engine: None = None  # the fakes run on the request batcher
     stages: list[str] = field(default_factory=list)
 
 

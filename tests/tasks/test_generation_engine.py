@@ -102,7 +102,7 @@ def test_engine_exports_refuse_quantize_rather_than_write_an_unservable_entry(
     from taskserve.exporters.api import export_hf
     from taskserve.exporters.errors import UsageError
 
-    with pytest.raises(UsageError, match="float32 only"):
+    with pytest.raises(UsageError, match=r"float32 or --weights int4\|int8 only"):
         export_hf(tiny_sources[MODEL], "text-generation", tmp_path, "q", quantize="int8", progress=False)
     assert not (tmp_path / "q").exists()
 

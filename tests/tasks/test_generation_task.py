@@ -248,6 +248,23 @@ def test_token_picker_greedy_and_seeded_sampling() -> None:
     assert {hot.pick(logits) for _ in range(500)} == {0, 1, 2, 3, 4}
 
 
+def test_token_picker_penalties_follow_vllm_and_transformers() -> None:
+    """Repetition over the prompt and the picked tokens (divide positive logits, multiply
+    negative ones), then presence (once per picked token) and frequency (per time picked)."""
+    logits = np.array([2.0, 1.9, -1.0, 1.0, 0.5], np.float32)
+    repeat = TokenPicker(Sampling(repetition_penalty=2.0), prompt_ids=[0, 2])
+    assert repeat.pick(logits) == 1  # token 0 (in the prompt) drops to 1.0, below 1.9
+    np.testing.assert_allclose(repeat._penalize(logits), [1.0, 0.95, -2.0, 1.0, 0.5])
+    presence = TokenPicker(Sampling(presence_penalty=0.5))
+    assert [presence.pick(logits) for _ in range(3)] == [0, 1, 0]  # 2.0 -> 1.5 < 1.9; then 1.9 -> 1.4 < 1.5
+    frequency = TokenPicker(Sampling(frequency_penalty=0.3))
+    assert [frequency.pick(logits) for _ in range(4)] == [0, 1, 0, 1]  # 2.0, 1.9, 1.7, 1.6 ...
+    np.testing.assert_allclose(frequency._penalize(logits), [1.4, 1.3, -1.0, 1.0, 0.5])
+    assert TokenPicker(Sampling()).pick(logits) == 0 and not Sampling().penalized  # defaults: none
+    # The picker's logits row is the engine's: penalties never write into it.
+    assert logits[0] == 2.0
+
+
 @pytest.mark.parametrize("scale", [2.0, 1.0])  # the best 1024 tokens hold the mass / they do not
 def test_nucleus_over_a_large_vocabulary_matches_the_full_sort(scale: float) -> None:
     rng = np.random.default_rng(0)

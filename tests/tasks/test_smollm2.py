@@ -20,6 +20,7 @@ from taskserve.protocol.generated.taskserve.v1 import common_pb2 as common
 from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2 as tg
 from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2_grpc as tg_grpc
 from taskserve.server.repository.config import load_model_config
+from taskserve.server.scheduling.generation_scheduler import GenerationScheduler
 from tests.support.server import ServerThread, running_server
 
 # The session fixtures (materialize ~15 s, export ~1 min) count against the first test: far longer on a busy machine.
@@ -84,6 +85,40 @@ def _greedy_64(address: str) -> tuple[list[list[int]], list[list[int]]]:
             return alone, list(pool.map(ids, PROMPTS))
 
 
+def test_exported_tokenizer_adds_a_bos_token_only_where_the_gguf_says(
+    smollm2_repository: Path, smollm2_source: Path, smollm2_server: ServerThread
+) -> None:
+    """SmolLM2's GGUF says ``tokenizer.ggml.add_bos_token: false`` (llama.cpp reads a prompt
+    as its plain tokens); the exported tokenizer.json, the source folder's transformers
+    tokenizer and the served prompt agree with it: no extra leading <|im_start|>."""
+    import gguf
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from taskserve.exporters import smollm2
+
+    fields = gguf.GGUFReader(str(smollm2.package_dir() / smollm2.GGUF_FILE)).fields
+
+    def scalar(name: str) -> Any:
+        return fields[name].parts[fields[name].data[0]][0]
+
+    add_bos, bos = bool(scalar("tokenizer.ggml.add_bos_token")), int(scalar("tokenizer.ggml.bos_token_id"))
+    assert add_bos is False
+    exported = Tokenizer.from_file(str(smollm2_repository / MODEL / "tokenizer.json"))
+    plain = exported.encode(PROMPTS[0], add_special_tokens=False).ids
+    assert exported.encode(PROMPTS[0]).ids == ([bos] if add_bos else []) + plain
+    assert AutoTokenizer.from_pretrained(smollm2_source)(PROMPTS[0])["input_ids"] == plain
+    # A rendered chat prompt starts with the template's own <|im_start|>, once.
+    rendered = AutoTokenizer.from_pretrained(smollm2_source).apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
+    )
+    chat = exported.encode(rendered).ids
+    assert chat[0] == bos and chat[1] != bos
+    with TaskServeClient(smollm2_server.address, ClientOptions(timeout_s=120)) as client:
+        served = client.text.generate_text(model=MODEL, prompt=PROMPTS[0], max_new_tokens=1)
+    assert served.usage.prompt_tokens == len(plain)
+
+
 def test_smollm2_answers_paris_through_its_chat_template(smollm2_server: ServerThread) -> None:
     with TaskServeClient(smollm2_server.address, ClientOptions(timeout_s=120)) as client:
         answer = client.text.generate_text(
@@ -109,8 +144,8 @@ def test_smollm2_entry_runs_on_the_generation_engine(smollm2_server: ServerThrea
     assert config.generation.max_num_seqs == 16 and config.generation.max_model_len == 2048
     assert config.task_options["max_length"] == 8192
     assert (smollm2_server.app.models.repository / MODEL / "chat_template.jinja").is_file()
-    scheduler = smollm2_server.app.models.get(MODEL, "").scheduler
-    assert type(scheduler).__name__ == "GenerationScheduler"
+    loaded = smollm2_server.app.models.get(MODEL, "")
+    assert loaded.scheduler is None and type(loaded.engine).__name__ == "GenerationScheduler"
 
 
 EIFFEL = (
@@ -156,13 +191,15 @@ def test_a_client_that_goes_away_stops_the_generation(smollm2_server: ServerThre
             break
         time.sleep(0.01)
     assert value("taskserve_request_failure_total", reason="cancelled") == cancelled + 1
-    # The iteration in flight when the cancel landed may still finish; then the sequence is gone.
-    scheduler = app.models.get(MODEL, "").scheduler
+    # The sequence left at once (its slot is free); the step in flight when the cancel landed
+    # may still finish, and then the engine goes idle: no step starts for it.
+    engine = app.models.get(MODEL, "").engine
+    assert isinstance(engine, GenerationScheduler)
     for _ in range(500):
-        if scheduler.inflight_count() == 0:
+        if engine.idle:
             break
         time.sleep(0.01)
-    assert scheduler.inflight_count() == 0
+    assert engine.idle and engine.inflight_count() == 0
     ran = value("taskserve_execution_count_total") - steps
     time.sleep(0.3)
     assert value("taskserve_execution_count_total") - steps == ran < 200  # no step once it left
@@ -204,7 +241,7 @@ def test_smollm2_as_a_torch_entry_on_the_engine_equals_transformers(
 ) -> None:
     assert smollm2_torch_server.app is not None
     loaded = smollm2_torch_server.app.models.get(MODEL, "")
-    assert type(loaded.scheduler).__name__ == "GenerationScheduler"
+    assert type(loaded.engine).__name__ == "GenerationScheduler"
     assert "KV cache on the device" in loaded.platform_description
     alone, together = _greedy_64(smollm2_torch_server.address)
     assert alone == expected_64

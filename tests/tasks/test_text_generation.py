@@ -100,6 +100,47 @@ def test_greedy_tokens_equal_transformers_generate(
         )
 
 
+def test_repetition_penalty_equals_transformers_generate(
+    task_server: ServerThread, channel: grpc.Channel, tiny_sources: dict[str, Path]
+) -> None:
+    """Greedy with repetition_penalty gives transformers' tokens with the same penalty,
+    through the sync and the async client alike; out-of-range penalties are refused."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = tiny_sources["tiny-llama"]
+    prompt = PROMPTS[1]
+    prompt_ids = _tokenizer(source)(prompt)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(source).eval()
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=24, do_sample=False, repetition_penalty=1.8,
+        )  # fmt: skip
+    expected: list[int] = out[0, len(prompt_ids) :].tolist()
+    eos = model.generation_config.eos_token_id
+    expected = expected[: expected.index(eos) + 1] if eos in expected else expected
+    assert expected != _reference(source, prompt_ids, 24)  # the penalty changes this generation
+    with TaskServeClient(task_server.address) as client:
+        got = client.text.generate_text(prompt, model="tiny-llama", max_new_tokens=24, repetition_penalty=1.8)
+        with pytest.raises(ValueError, match="frequency_penalty"):
+            client.text.generate_text(prompt, model="tiny-llama", frequency_penalty=-5)
+    assert list(got.token_ids) == expected
+
+    async def in_async() -> list[int]:
+        async with AsyncTaskServeClient(task_server.address) as aclient:
+            generation = await aclient.text.generate_text(
+                prompt, model="tiny-llama", max_new_tokens=24, repetition_penalty=1.8
+            )
+            return list(generation.token_ids)
+
+    assert asyncio.run(in_async()) == expected
+    for field, value in (("presence_penalty", 3.0), ("repetition_penalty", 11.0), ("frequency_penalty", -2.5)):
+        with pytest.raises(grpc.RpcError) as err:
+            _stream(channel, "tiny-llama", prompt=prompt, max_new_tokens=4, **{field: value})
+        assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT and field in str(err.value.details())
+
+
 def test_chat_messages_use_the_chat_template(channel: grpc.Channel, tiny_sources: dict[str, Path]) -> None:
     tokenizer = _tokenizer(tiny_sources["tiny-llama"])
     conversation = [

@@ -179,6 +179,88 @@ def test_torch_entries_on_and_off_the_engine_load_side_by_side_in_a_fresh_proces
 
 
 
+def test_prefill_chunks_of_several_sequences_run_as_one_call_and_equal_one_at_a_time(torch_repo: Path) -> None:
+    """One step with decode rows and the prompt chunks of three sequences (lengths 7, 5 and 4,
+    one a second chunk): the chunks run as one padded model call, and every row's logits, and
+    the decodes after them, equal the same rows run one at a time."""
+    import torch
+
+    from taskserve.server.repository.config import load_model_config
+    from taskserve.server.runtimes.generation import StepRow
+    from taskserve.server.runtimes.torch_decoder import TorchDecoderRunner
+
+    entry = torch_repo / "llama-torch"
+    config = load_model_config(entry)
+    together = TorchDecoderRunner(entry / "1" / "torch_model.json", config)
+    alone = TorchDecoderRunner(entry / "1" / "torch_model.json", config)
+    together.load()
+    alone.load()
+    calls: list[tuple[int, ...]] = []
+    compute = together._compute
+
+    def counted(tokens: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append(tuple(tokens.shape))
+        return compute(tokens, *args)  # type: ignore[arg-type]
+
+    together._compute = counted  # type: ignore[method-assign]
+    rng = np.random.default_rng(9)
+    first = {slot: rng.integers(0, 400, n) for slot, n in ((0, 3), (1, 6), (2, 7), (3, 5), (4, 4))}
+    for slot in (0, 1):  # slot 0 decodes in the mixed step; slot 1's prompt gets its second chunk there
+        for runner in (together, alone):
+            runner.step([StepRow(slot, first[slot], 0)])
+    calls.clear()
+    decode = StepRow(0, np.array([7]), 3)
+    second = StepRow(1, rng.integers(0, 400, 4), 6)
+    mixed = [decode, StepRow(2, first[2], 0), second, StepRow(3, first[3], 0), StepRow(4, first[4], 0)]
+    got = together.step(mixed)
+    assert calls == [(1, 1), (4, 7)]  # the decode row, then the four prompt chunks padded to 7 tokens
+    want = np.stack([alone.step([row])[0] for row in mixed])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # The padding wrote nothing a later step reads: the decodes after it agree too.
+    ends = [r.start + len(r.tokens) for r in mixed]
+    for step in range(3):
+        rows = [StepRow(r.slot, np.array([int(np.argmax(want[i]))]), ends[i] + step) for i, r in enumerate(mixed)]
+        want, got = alone.step(rows), together.step(rows)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    together.close()
+    alone.close()
+
+
+def test_the_torch_runner_samples_where_the_logits_are(torch_repo: Path) -> None:
+    """``sample``: greedy rows take their argmax in the runner (their sampler's host ``pick``
+    is never called: no logits row leaves), sampling rows use their own seeded sampler on
+    their row alone; rows inside their prompt pick nothing. Same tokens as ``step`` + host picks."""
+    from taskserve.server.repository.config import load_model_config
+    from taskserve.server.runtimes.generation import StepRow
+    from taskserve.server.runtimes.sampling import Sampling, TokenSampler
+    from taskserve.server.runtimes.torch_decoder import TorchDecoderRunner
+
+    class DeviceOnly(TokenSampler):
+        def pick(self, logits: np.ndarray) -> int:
+            raise AssertionError("a greedy row's logits reached the host sampler")
+
+    entry = torch_repo / "llama-torch"
+    config = load_model_config(entry)
+    sampling = TorchDecoderRunner(entry / "1" / "torch_model.json", config)
+    reference = TorchDecoderRunner(entry / "1" / "torch_model.json", config)
+    sampling.load()
+    reference.load()
+    rng = np.random.default_rng(2)
+    rows = [StepRow(0, rng.integers(0, 400, 6), 0), StepRow(1, rng.integers(0, 400, 3), 0),
+            StepRow(2, rng.integers(0, 400, 4), 0)]  # fmt: skip
+    hot = Sampling(temperature=1.5, seed=7)
+    got = sampling.sample(rows, [DeviceOnly(Sampling()), TokenSampler(hot), None])
+    logits = reference.step(rows)
+    assert got == [int(np.argmax(logits[0])), TokenSampler(hot).pick(logits[1]), None]
+    # A greedy row with a penalty needs its history: its logits row goes to its sampler.
+    penalized, prompt = Sampling(repetition_penalty=1.5), rows[0].tokens.tolist()
+    decode = [StepRow(0, np.array([got[0]]), 6)]
+    got = sampling.sample(decode, [TokenSampler(penalized, prompt)])
+    assert got == [TokenSampler(penalized, prompt).pick(reference.step(decode)[0])]
+    sampling.close()
+    reference.close()
+
+
 def test_decode_padded_to_graph_buckets_equals_unpadded(torch_repo: Path) -> None:
     """What CUDA graphs replay, computed eagerly on the CPU: decode rows padded up to the next
     power of two (rows in the scratch slot) and attention read up to the next length edge give

@@ -297,7 +297,7 @@ def test_encoder_decoder_runs_on_the_generation_engine_sharing_iterations(
     from taskserve.server.scheduling.generation_scheduler import GenerationScheduler
 
     assert transform_server.app is not None
-    engine = transform_server.app.models.get("tiny-bart").scheduler
+    engine = transform_server.app.models.get("tiny-bart").engine
     assert isinstance(engine, GenerationScheduler)
     texts = TEXTS * 2
     before = engine.iterations

@@ -59,16 +59,25 @@ def generate_request(
     top_p: float,
     seed: int | None,
     stop: Sequence[str],
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
 ) -> text_generation_pb2.GenerateRequest:
     """Checks what the client can check; the server checks the rest (limits, lengths)."""
     if (prompt is None) == (messages is None):
         raise ValueError("pass either prompt or messages")
     check_decoding(max_new_tokens, temperature, top_k, top_p, seed, stop)
+    if not 0 < repetition_penalty <= 10:
+        raise ValueError(f"repetition_penalty must be in (0, 10] (1: none), got {repetition_penalty}")
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not -2 <= value <= 2:
+            raise ValueError(f"{name} must be in [-2, 2] (0: none), got {value}")
     return text_generation_pb2.GenerateRequest(
         model=ref, options=opts, prompt=prompt or "",
         messages=[_message(m, i) for i, m in enumerate(messages or ())],
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-        stop=list(stop),
+        stop=list(stop), repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
     )  # fmt: skip
 
 

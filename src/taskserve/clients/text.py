@@ -133,6 +133,7 @@ class TextNamespace:
         self, prompt: str | None = None, *, model: str, messages: Sequence[Message] | None = None,
         max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
         seed: int | None = None, stop: Sequence[str] = (), version: str = "",
+        repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
         priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
     ) -> Iterator[GenerationChunk]:  # fmt: skip
         """Stream the continuation of ``prompt`` (or the reply to chat ``messages``) chunk by chunk.
@@ -142,6 +143,7 @@ class TextNamespace:
         req = gen_codec.generate_request(
             model_ref(model, version), request_options(priority, queue_timeout_us), prompt, messages,
             max_new_tokens, temperature, top_k, top_p, seed, stop,
+            repetition_penalty, presence_penalty, frequency_penalty,
         )  # fmt: skip
         return self._chunks(self._caller.server_stream(self._generation.Generate, req, timeout))
 
@@ -159,6 +161,7 @@ class TextNamespace:
         self, prompt: str | None = None, *, model: str, messages: Sequence[Message] | None = None,
         max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
         seed: int | None = None, stop: Sequence[str] = (), version: str = "",
+        repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
         priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
     ) -> Generation:  # fmt: skip
         """The whole generation at once: text, token ids, finish reason and usage."""
@@ -166,7 +169,8 @@ class TextNamespace:
             self.generate(
                 prompt, model=model, messages=messages, max_new_tokens=max_new_tokens, temperature=temperature,
                 top_k=top_k, top_p=top_p, seed=seed, stop=stop, version=version, priority=priority,
-                queue_timeout_us=queue_timeout_us, timeout=timeout,
+                queue_timeout_us=queue_timeout_us, timeout=timeout, repetition_penalty=repetition_penalty,
+                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
             )  # fmt: skip
         )
 
@@ -336,12 +340,14 @@ class AsyncTextNamespace:
         self, prompt: str | None = None, *, model: str, messages: Sequence[Message] | None = None,
         max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
         seed: int | None = None, stop: Sequence[str] = (), version: str = "",
+        repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
         priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
     ) -> AsyncIterator[GenerationChunk]:  # fmt: skip
         """``async for chunk in client.text.generate(...)``; arguments are checked at once."""
         req = gen_codec.generate_request(
             model_ref(model, version), request_options(priority, queue_timeout_us), prompt, messages,
             max_new_tokens, temperature, top_k, top_p, seed, stop,
+            repetition_penalty, presence_penalty, frequency_penalty,
         )  # fmt: skip
         return self._chunks(self._caller.server_stream(self._generation.Generate, req, timeout))
 
@@ -354,13 +360,15 @@ class AsyncTextNamespace:
         self, prompt: str | None = None, *, model: str, messages: Sequence[Message] | None = None,
         max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
         seed: int | None = None, stop: Sequence[str] = (), version: str = "",
+        repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
         priority: int = 0, queue_timeout_us: int = 0, timeout: float | None = None,
     ) -> Generation:  # fmt: skip
         collector = gen_codec.GenerationCollector()
         async for piece in self.generate(
             prompt, model=model, messages=messages, max_new_tokens=max_new_tokens, temperature=temperature,
             top_k=top_k, top_p=top_p, seed=seed, stop=stop, version=version, priority=priority,
-            queue_timeout_us=queue_timeout_us, timeout=timeout,
+            queue_timeout_us=queue_timeout_us, timeout=timeout, repetition_penalty=repetition_penalty,
+            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
         ):  # fmt: skip
             collector.add(piece)
         return collector.result()

@@ -36,6 +36,16 @@ def package_dir() -> Path:
     return directory
 
 
+def gguf_add_bos_token(path: Path) -> bool | None:
+    """The GGUF's ``tokenizer.ggml.add_bos_token`` flag; None when the file does not say."""
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).fields.get("tokenizer.ggml.add_bos_token")
+    if field is None or not field.data:
+        return None
+    return bool(field.parts[field.data[0]][0])
+
+
 def materialize(directory: Path) -> Path:
     """Write a float32 transformers folder (config, generation config, tokenizer with its
     chat template, safetensors weights) for SmolLM2-135M-Instruct into ``directory``."""
@@ -51,6 +61,12 @@ def materialize(directory: Path) -> Path:
     with quiet():
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, torch_dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
+    # transformers' GGUF conversion makes a Llama tokenizer that prepends its BOS token
+    # (<|im_start|> here) to every text, whatever the file says; the setter rewrites the
+    # post-processor, so tokenizer.json encodes prompts as llama.cpp does.
+    add_bos = gguf_add_bos_token(source / GGUF_FILE)
+    if add_bos is not None:
+        tokenizer.add_bos_token = add_bos
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config
     # The config remembers the GGUF quantization, which makes save_pretrained refuse.

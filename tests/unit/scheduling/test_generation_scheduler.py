@@ -1,6 +1,8 @@
-"""The generation engine's scheduling, with a fake runner whose next token is the last
-input token plus one: admission, chunked prefill under the token budget, slots freed on
-stop, cancel and deadline, max_num_seqs, and every decode row in one step."""
+"""The generation engine's asyncio driver over its core, with a fake runner whose next
+token is the last input token plus one: tokens reach the streams, slots go back to the
+runner on stop, cancel and deadline, decode rows share steps, the runner is never called
+concurrently. The scheduling decisions themselves are tested synchronously in
+test_engine_core.py."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 from taskserve.server.errors import DeadlineExceeded, InvalidInput
 from taskserve.server.repository.config import GenerationConfig
 from taskserve.server.runtimes.generation import DecoderRunner, StepRow
+from taskserve.server.runtimes.sampling import Sampling, TokenSampler, sample_rows
 from taskserve.server.scheduling.generation_scheduler import GenerationScheduler, SequenceRequest
 
 VOCAB = 1000
@@ -29,6 +32,7 @@ class FakeRunner:
         self.released: list[int] = []
         self.step_s = step_s
         self.lock = threading.Lock()
+        self.stepped = threading.Event()
         self._slots, self._positions = slots, positions
 
     @property
@@ -57,10 +61,14 @@ class FakeRunner:
                 self.lengths[row.slot] = row.start + len(row.tokens)
                 logits[i, (int(row.tokens[-1]) + 1) % VOCAB] = 1.0
             self.steps.append(list(rows))
+            self.stepped.set()
             time.sleep(self.step_s)
             return logits
         finally:
             self.lock.release()
+
+    def sample(self, rows: Sequence[StepRow], samplers: Sequence[TokenSampler | None]) -> list[int | None]:
+        return sample_rows(self.step(rows), samplers)
 
     def release(self, slot: int) -> None:
         self.lengths[slot] = 0
@@ -70,12 +78,8 @@ class FakeRunner:
         pass
 
 
-def _greedy(logits: np.ndarray) -> int:
-    return int(np.argmax(logits))
-
-
 def _request(prompt: Sequence[int], new: int, **kwargs: object) -> SequenceRequest:
-    return SequenceRequest(tuple(prompt), new, _greedy, **kwargs)  # type: ignore[arg-type]
+    return SequenceRequest(tuple(prompt), new, TokenSampler(Sampling()), **kwargs)  # type: ignore[arg-type]
 
 
 async def _engine(runner: FakeRunner, **settings: int) -> GenerationScheduler:
@@ -95,32 +99,14 @@ async def test_a_sequence_streams_its_tokens_and_frees_its_slot() -> None:
     assert await _collect(engine, _request([5, 6, 7], 4)) == [8, 9, 10, 11]
     # Prompt in one step, then one decode step per token after the first.
     assert [[len(r.tokens) for r in step] for step in runner.steps] == [[3], [1], [1], [1]]
-    assert runner.released == [0] and engine.inflight_count() == 0
-    await engine.stop()
+    assert engine.inflight_count() == 0 and engine.core.slots.num_free == 8
+    await engine.stop()  # drains: the loop resets the freed slot on the runner first
+    assert runner.released == [0]
 
 
 async def test_stop_token_ends_the_sequence_with_it() -> None:
     engine = await _engine(FakeRunner())
     assert await _collect(engine, _request([1], 10, stop_token_ids=frozenset({4}))) == [2, 3, 4]
-    await engine.stop()
-
-
-async def test_long_prompt_is_chunked_under_the_budget_and_never_stalls_running_streams() -> None:
-    runner = FakeRunner(step_s=0.001)
-    engine = await _engine(runner, max_num_seqs=3, max_num_batched_tokens=5, prefill_chunk_size=4)
-    running = [asyncio.ensure_future(_collect(engine, _request([100 * k], 40))) for k in (1, 2)]
-    while sum(len(r.tokens) == 1 for s in runner.steps for r in s) < 2:
-        await asyncio.sleep(0.001)
-    long = await _collect(engine, _request(list(range(500, 530)), 3))  # a 30-token prompt
-    assert long == [530, 531, 532]
-    assert await asyncio.gather(*running) == [list(range(101, 141)), list(range(201, 241))]
-    for step in runner.steps:
-        assert sum(len(r.tokens) for r in step) <= 5
-    prefill = [s for s in runner.steps if any(r.slot == 2 for r in s) and any(len(r.tokens) > 1 for r in s)]
-    # Two decode rows leave 3 tokens of the budget: the prompt went in chunks of 3 (the last 3 or less),
-    assert [len(r.tokens) for s in prefill for r in s if r.slot == 2] == [3] * 10
-    # and the running streams got their token in every one of those steps.
-    assert all(sorted(r.slot for r in s if len(r.tokens) == 1) == [0, 1] for s in prefill)
     await engine.stop()
 
 
@@ -134,8 +120,9 @@ async def test_max_num_seqs_bounds_the_running_set_and_all_decode_rows_share_one
     assert {r.slot for step in runner.steps for r in step} == {0, 1, 2}
     # With three sequences decoding, each step carried all three decode rows.
     assert any(sum(len(r.tokens) == 1 for r in step) == 3 for step in runner.steps)
-    assert engine.inflight_count() == 0 and len(runner.released) == 5
+    assert engine.inflight_count() == 0
     await engine.stop()
+    assert len(runner.released) == 5
 
 
 async def test_cancel_frees_the_slot_for_a_waiting_sequence() -> None:
@@ -155,24 +142,38 @@ async def test_cancel_frees_the_slot_for_a_waiting_sequence() -> None:
     await engine.stop()
 
 
+async def test_cancelling_a_stream_frees_its_slot_at_once() -> None:
+    """What ends the streams of clients that stopped reading: the slot is free when cancel returns."""
+    runner = FakeRunner(step_s=0.002)
+    engine = await _engine(runner, max_num_seqs=1, max_num_batched_tokens=16)
+    stream = engine.generate(_request([1], 200))
+    tokens = aiter(stream)
+    assert await anext(tokens) == 2
+    assert engine.core.slots.num_free == 0
+    stream.cancel()
+    assert engine.core.slots.num_free == 1 and engine.inflight_count() == 0
+    with pytest.raises(StopAsyncIteration):
+        await anext(tokens)
+    assert await _collect(engine, _request([500], 2)) == [501, 502]
+    assert runner.released[0] == 0
+    await engine.stop()
+
+
 async def test_deadline_ends_a_running_sequence_and_frees_its_slot() -> None:
     runner = FakeRunner(step_s=0.002)
     engine = await _engine(runner, max_num_seqs=1, max_num_batched_tokens=16)
     with pytest.raises(DeadlineExceeded):
         await _collect(engine, _request([1], 250, deadline=time.monotonic() + 0.05))
-    assert runner.released == [0]
+    assert engine.core.slots.num_free == 1
     assert await _collect(engine, _request([7], 2)) == [8, 9]
     await engine.stop()
+    assert runner.released == [0, 0]
 
 
 async def test_sequences_longer_than_a_slot_are_refused() -> None:
     engine = await _engine(FakeRunner(positions=16), max_model_len=4096)
     with pytest.raises(InvalidInput, match="cache positions"):
         engine.generate(_request(list(range(10)), 8))
-    with pytest.raises(InvalidInput, match="v2|TextGeneration"):
-        from taskserve.server.scheduling.base import InferRequest
-
-        await engine.submit(InferRequest(inputs={}))
     await engine.stop()
 
 
@@ -209,8 +210,7 @@ async def test_stop_without_drain_ends_every_stream_and_is_idempotent() -> None:
     runner = FakeRunner(step_s=0.002)
     engine = await _engine(runner, max_num_seqs=1, max_num_batched_tokens=16)
     streams = [asyncio.ensure_future(_collect(engine, _request([k], 200))) for k in (1, 2)]
-    while not runner.steps:
-        await asyncio.sleep(0.001)
+    assert await asyncio.to_thread(runner.stepped.wait, 10)
     await engine.stop(drain=False)
     await engine.stop(drain=False)
     for stream in streams:

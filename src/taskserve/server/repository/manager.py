@@ -34,7 +34,8 @@ from taskserve.server.repository.versions import available_versions, select_vers
 from taskserve.server.runtimes import Runtime, TensorInfo, create_runtime
 from taskserve.server.runtimes.devices import check_placements, instance_placements
 from taskserve.server.runtimes.memory import release_freed_memory
-from taskserve.server.scheduling.base import Scheduler
+from taskserve.server.scheduling.base import Lifecycle, Scheduler
+from taskserve.server.scheduling.engine_api import GenerationEngine
 from taskserve.server.scheduling.factory import create_scheduler
 
 log = logging.getLogger(__name__)
@@ -58,15 +59,25 @@ class LoadedModel:
     version: str
     config: ModelConfig
     model_dir: Path
-    scheduler: Scheduler
+    # Exactly one of the two executes the model: the request batcher (single requests)
+    # or the generation engine (sequences over a resident KV cache).
+    scheduler: Scheduler | None
     metrics: ModelMetrics
     runtimes: list[Runtime]
     platform_description: str = ""
     # What a model without batcher runtimes (a torch decoder on the engine) declares.
     tensors: tuple[list[TensorInfo], list[TensorInfo]] | None = None
+    engine: GenerationEngine | None = None
     # Requests that resolved this version and are not answered yet (leases.py): a swap
     # retires it only once they are done.
     leases: Leases = field(default_factory=Leases, repr=False, compare=False)
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        """Whichever executes the model: started at load, stopped at unload."""
+        executor = self.scheduler if self.scheduler is not None else self.engine
+        assert executor is not None, "a loaded model has a scheduler or an engine"
+        return executor
 
     @property
     def inputs(self) -> list[TensorInfo]:
@@ -451,8 +462,8 @@ class ModelManager:
 
         try:
             resolved, runner, description = await asyncio.to_thread(load_and_warm)
-            scheduler = GenerationScheduler(name, settings, runner, metrics)
-            await scheduler.start()
+            engine = GenerationScheduler(name, settings, runner, metrics)
+            await engine.start()
         except BaseException:
             close()
             raise
@@ -463,7 +474,8 @@ class ModelManager:
             version=version,
             config=resolved,
             model_dir=model_dir,
-            scheduler=scheduler,
+            scheduler=None,
+            engine=engine,
             metrics=metrics,
             runtimes=runtimes,
             platform_description=description,
@@ -506,7 +518,7 @@ class ModelManager:
             for listener in self._retire_listeners:
                 listener(model)
             # The scheduler owns the runtimes: stopping it closes them on their own threads.
-            await model.scheduler.stop(drain=drain)
+            await model.lifecycle.stop(drain=drain)
             if keep is not None and model.version not in keep:
                 self._metrics.forget(model.name, model.version)
         if retired:

@@ -3,8 +3,9 @@
 The engine (``server/scheduling/generation_scheduler.py``) owns sequences and decides
 what runs each iteration; a ``DecoderRunner`` owns the model and the KV cache, which
 stays resident in per-slot buffers between steps (the runner never hands the cache
-back). The engine turns no tokens into text and the runner picks no tokens: it
-returns logits, and the task's ``TokenPicker`` chooses.
+back). The engine turns no tokens into text; the runner samples each sequence's next token
+where the logits are, with the sequence's own ``TokenSampler`` (``runtimes/sampling.py``),
+and returns token ids.
 
 This is also the seam for encoder-decoder models (T5, BART, Marian): the task runs
 the encoder once (through the encoder entry's own batcher) and hands its states with
@@ -29,6 +30,7 @@ from typing import Protocol
 import numpy as np
 
 from taskserve.server.errors import InvalidInput, RuntimeFailure
+from taskserve.server.runtimes.sampling import TokenSampler, sample_rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +81,12 @@ class DecoderRunner(Protocol):
         """
         ...
 
+    def sample(self, rows: Sequence[StepRow], samplers: Sequence[TokenSampler | None]) -> list[int | None]:
+        """Run the step (as ``step``) and sample where the logits are: row i's next token from
+        ``samplers[i]`` (None: the row is inside its prompt and picks nothing). What the engine
+        calls; logits leave the runner only through ``step``, for callers that ask for them."""
+        ...
+
     def release(self, slot: int) -> None:
         """The slot's sequence left; its cache may be reused by the next ``start == 0`` row."""
         ...
@@ -105,6 +113,10 @@ class SlotCacheRunner:
 
     def step(self, rows: Sequence[StepRow]) -> np.ndarray:
         raise NotImplementedError
+
+    def sample(self, rows: Sequence[StepRow], samplers: Sequence[TokenSampler | None]) -> list[int | None]:
+        """Host logits (the ONNX runner's are on the host already), sampled on this thread."""
+        return sample_rows(self.step(rows), samplers)
 
     @property
     def max_slots(self) -> int:

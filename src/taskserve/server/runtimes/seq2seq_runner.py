@@ -33,6 +33,7 @@ from taskserve.protocol.datatypes import numpy_dtype
 from taskserve.server.errors import InvalidInput, RuntimeFailure
 from taskserve.server.runtimes.base import Runtime
 from taskserve.server.runtimes.generation import StepRow
+from taskserve.server.runtimes.sampling import TokenSampler, sample_rows
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(decoder|encoder)\.(key|value)$")
 
@@ -87,6 +88,9 @@ class Seq2SeqRunner:
     @property
     def cache_bytes(self) -> int:
         return sum(a.nbytes for s in self._slots.values() for a in (s.hidden, *s.past.values()))
+
+    def sample(self, rows: Sequence[StepRow], samplers: Sequence[TokenSampler | None]) -> list[int | None]:
+        return sample_rows(self.step(rows), samplers)
 
     def step(self, rows: Sequence[StepRow]) -> np.ndarray:
         groups: dict[tuple[int, int], list[int]] = {}

@@ -4,7 +4,8 @@ stays on the model's device between steps.
 
 Per layer one key and one value tensor of shape (max_slots, kv heads, max_model_len,
 head size) on the device (fp16 on CUDA, fp32 on the CPU). A step sends only the new
-token ids to the device and brings back only the last position's logits: the keys and
+token ids to the device and samples there (``sample``): greedy rows bring back only their
+token id, rows that sample (temperature, penalties) their last position's logits row: the keys and
 values of the new tokens are written into their slots in place, and attention reads
 each row's own slot up to the longest row's length, masked to the row's positions.
 No cache ever crosses to the host.
@@ -14,8 +15,12 @@ attention is written here, because transformers' caches are one tensor per batch
 per slot. Rotary tables come from the model's rotary module, as the ONNX engine graph's
 (``exporters/engine_graph.py``), so rope scaling variants match.
 
-Decode rows (one token each) run as one batched call whatever their slots; each prefill
-chunk runs as its own call.
+Decode rows (one token each) run as one batched call whatever their slots. The prefill
+chunks of one step (several sequences' prompts) run as one call too, padded on the right
+to the longest: a padding token writes its key/value past its row's end, in its own slot,
+where no real query looks and the row's next real token overwrites it; each row's logits
+come from its last real token. Chunks of very different lengths go in separate calls
+(padding a 2-token chunk up to 512 would compute 510 wasted tokens).
 
 ``runtime.torch.cuda_graphs``: on CUDA, decode calls replay captured CUDA graphs, one per
 (rows, length) bucket: the rows are padded up to the next power of two with rows in a
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,11 +42,12 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from taskserve.server.errors import RuntimeFailure
+from taskserve.server.errors import InvalidInput, RuntimeFailure
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.runtimes.base import TensorInfo
 from taskserve.server.runtimes.generation import SlotCacheRunner, StepRow, check_decoder_rows
 from taskserve.server.runtimes.graph_shapes import graph_batch_sizes
+from taskserve.server.runtimes.sampling import TokenSampler
 from taskserve.server.runtimes.torch_runtime import (
     BUILD_LOCK,
     choose_device,
@@ -225,45 +231,96 @@ class TorchDecoderRunner(SlotCacheRunner):
         return sum(t.numel() * t.element_size() for t in (*self._keys, *self._values))
 
     def step(self, rows: Sequence[StepRow]) -> np.ndarray:
+        with self._on_device():
+            logits: np.ndarray = self._run(rows).cpu().numpy()
+        return logits
+
+    def sample(self, rows: Sequence[StepRow], samplers: Sequence[TokenSampler | None]) -> list[int | None]:
+        """Greedy rows take their argmax on the device: only their token ids cross to the host.
+        Rows that sample (temperature, penalties) bring their own logits row over."""
+        picked: list[int | None] = [None] * len(rows)
+        with self._on_device():
+            logits = self._run(rows)
+            greedy = [i for i, s in enumerate(samplers) if s is not None and s.greedy_only]
+            if greedy:
+                index = torch.as_tensor(greedy, device=logits.device)
+                for i, token in zip(greedy, logits.index_select(0, index).argmax(dim=-1).tolist(), strict=True):
+                    picked[i] = int(token)
+            others = [i for i, s in enumerate(samplers) if s is not None and not s.greedy_only]
+            host = logits[others].cpu().numpy() if others else None
+        for j, i in enumerate(others):
+            sampler = samplers[i]
+            assert sampler is not None and host is not None
+            picked[i] = sampler.pick(host[j])
+        return picked
+
+    @contextlib.contextmanager
+    def _on_device(self) -> Iterator[None]:
+        """Inference mode with the model's GPU current (the engine's thread is not the loading
+        one; streams, graph capture and the graph pool follow the current device); a failure
+        (CUDA out of memory, a kernel) becomes RuntimeFailure: the engine fails these rows."""
         if self._model is None:
             raise RuntimeFailure(f"model {self.config.name!r} is not loaded")
-        check_decoder_rows(self.config.name, rows, self._positions, self._lengths, self._vocab)
-        out = np.empty((len(rows), self._vocab), np.float32)
-        # The engine's thread is not the loading one: make the model's GPU current on it (streams,
-        # graph capture and the graph pool follow the current device).
         device = torch.cuda.device(self.device) if self.device.startswith("cuda") else contextlib.nullcontext()
         try:
             with torch.inference_mode(), device:
-                decode = [i for i, r in enumerate(rows) if len(r.tokens) == 1]
-                if decode and self._static_shapes:
-                    out[decode] = self._decode_static([rows[i] for i in decode])
-                elif decode:
-                    out[decode] = self._forward([rows[i] for i in decode])
-                for i, row in enumerate(rows):
-                    if len(row.tokens) > 1:
-                        out[i] = self._forward([row])[0]
-        except Exception as err:  # CUDA out of memory, kernel failures: the engine fails these rows
+                yield
+        except (RuntimeFailure, InvalidInput):
+            raise
+        except Exception as err:
             raise RuntimeFailure(f"torch failed on model {self.config.name!r}: {type(err).__name__}: {err}") from err
+
+    def _run(self, rows: Sequence[StepRow]) -> torch.Tensor:
+        """The step's float32 logits (rows, vocab), left on the device."""
+        check_decoder_rows(self.config.name, rows, self._positions, self._lengths, self._vocab)
+        out = torch.empty((len(rows), self._vocab), dtype=torch.float32, device=self.device)
+        decode = [i for i, r in enumerate(rows) if len(r.tokens) == 1]
+        if decode and self._static_shapes:
+            out[decode] = self._decode_static([rows[i] for i in decode])
+        elif decode:
+            out[decode] = self._forward([rows[i] for i in decode])
+        for group in self._prefill_groups([i for i, r in enumerate(rows) if len(r.tokens) > 1], rows):
+            out[group] = self._forward([rows[i] for i in group])
         for row in rows:
             self._lengths[row.slot] = row.start + len(row.tokens)
         return out
 
     # -- execution -------------------------------------------------------------------------
 
-    def _forward(self, rows: list[StepRow]) -> np.ndarray:
-        """One model call over rows with the same number of new tokens; the last position's
-        logits per row, float32 on the host."""
+    def _prefill_groups(self, indices: list[int], rows: Sequence[StepRow]) -> list[list[int]]:
+        """Prefill rows (by index) in calls: longest first, a row joins the current call while
+        it is at least half the call's longest and its padding stays inside its slot."""
+        groups: list[list[int]] = []
+        longest = 0
+        for i in sorted(indices, key=lambda i: -len(rows[i].tokens)):
+            n = len(rows[i].tokens)
+            fits = rows[i].start + longest <= self._positions
+            if groups and 2 * n >= longest and fits:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+                longest = n
+        return groups
+
+    def _forward(self, rows: list[StepRow]) -> torch.Tensor:
+        """One model call over rows of any number of new tokens (padded on the right to the
+        longest, inside each row's slot); each row's last real token's logits, float32 on the device."""
         device = self.device
-        new = len(rows[0].tokens)
-        tokens = torch.from_numpy(np.stack([r.tokens for r in rows]).astype(np.int64, copy=False)).to(device)
+        counts = np.asarray([len(r.tokens) for r in rows], np.int64)
+        new = int(counts.max())
+        padded = np.zeros((len(rows), new), np.int64)
+        for i, row in enumerate(rows):
+            padded[i, : len(row.tokens)] = row.tokens
+        tokens = torch.from_numpy(padded).to(device)
         starts = np.asarray([r.start for r in rows], np.int64)
         positions = torch.from_numpy(starts[:, None] + np.arange(new, dtype=np.int64)).to(device)  # (rows, new)
         slots = torch.as_tensor([r.slot for r in rows], dtype=torch.int64, device=device)
         one_slot = rows[0].slot if len(rows) == 1 else None
-        logits: np.ndarray = self._compute(tokens, slots, positions, int(starts.max()) + new, one_slot).cpu().numpy()
-        return logits
+        last = None if bool((counts == new).all()) else torch.from_numpy(counts - 1).to(device)
+        total = int(starts.max()) + new
+        return self._compute(tokens, slots, positions, total, one_slot, last)
 
-    def _decode_static(self, rows: list[StepRow]) -> np.ndarray:
+    def _decode_static(self, rows: list[StepRow]) -> torch.Tensor:
         """Decode rows padded to a (rows, length) bucket: replayed from a CUDA graph when
         graphs are on, else computed eagerly on the same padded shapes."""
         count = len(rows)
@@ -284,8 +341,7 @@ class TorchDecoderRunner(SlotCacheRunner):
                 static.copy_(value)
             graph.graph.replay()
             logits = graph.logits
-        result: np.ndarray = logits[:count].cpu().numpy()
-        return result
+        return logits[:count]  # the graph's static buffer: the caller copies it out before the next replay
 
     def _graph(self, batch: int, length: int, host: tuple[torch.Tensor, ...]) -> _DecodeGraph | None:
         """The graph of one bucket, captured on first use (its warm-up runs compute this very
@@ -314,11 +370,18 @@ class TorchDecoderRunner(SlotCacheRunner):
         return found
 
     def _compute(
-        self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, total: int, one_slot: int | None
+        self,
+        tokens: torch.Tensor,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        total: int,
+        one_slot: int | None,
+        last: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The model over device tensors: ``tokens`` and ``positions`` (rows, new), ``slots``
         (rows,); attention reads ``total`` positions of each row's slot (``one_slot``: the
-        only row's, as a view). Returns the last position's float32 logits on the device."""
+        only row's, as a view). Returns float32 logits on the device of each row's last
+        position, or of position ``last[row]`` (rows padded on the right)."""
         model, device = self._model, self.device
         assert self._cos is not None and self._sin is not None
         count, new = tokens.shape
@@ -352,8 +415,8 @@ class TorchDecoderRunner(SlotCacheRunner):
             )
             hidden = hidden + attn.o_proj(context.transpose(1, 2).reshape(count, new, self._heads * self._head_dim))
             hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
-        last = model.model.norm(hidden[:, -1])
-        logits: torch.Tensor = model.lm_head(last).float()
+        final = hidden[:, -1] if last is None else hidden[torch.arange(count, device=device), last]
+        logits: torch.Tensor = model.lm_head(model.model.norm(final)).float()
         return logits
 
 

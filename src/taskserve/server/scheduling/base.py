@@ -40,16 +40,30 @@ class InferResult:
     batch_size: int = 1
 
 
-class Scheduler(abc.ABC):
+class Lifecycle(abc.ABC):
+    """What the repository manager drives for every loaded model version, whichever way it
+    executes (the request batcher ``Scheduler`` or the ``GenerationEngine``): start it,
+    count its work, stop it. Called on the event loop."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Start the background loops. Called once, on the event loop."""
+
+    @abc.abstractmethod
+    def inflight_count(self) -> int:
+        """Requests (or sequences) queued or executing."""
+
+    @abc.abstractmethod
+    async def stop(self, drain: bool = True) -> None:
+        """Refuse new work; with ``drain`` finish the queued work first. Idempotent."""
+
+
+class Scheduler(Lifecycle):
     """Owns one model version's queue and runtime instances.
 
     ``submit`` is called from the event loop; it is safe to call concurrently.
     Cancelling the awaiting task removes the request from the queue.
     """
-
-    @abc.abstractmethod
-    async def start(self) -> None:
-        """Start the background loops. Called once, on the event loop."""
 
     @abc.abstractmethod
     async def submit(self, request: InferRequest) -> InferResult:
@@ -60,11 +74,3 @@ class Scheduler(abc.ABC):
         cannot be batched, ModelNotReady once stopping, RuntimeFailure when
         the runtime fails.
         """
-
-    @abc.abstractmethod
-    def inflight_count(self) -> int:
-        """Requests queued or executing."""
-
-    @abc.abstractmethod
-    async def stop(self, drain: bool = True) -> None:
-        """Refuse new requests; with ``drain`` finish the queued ones first. Idempotent."""

@@ -27,6 +27,7 @@ from taskserve.server.errors import Code, ConfigError, InvalidInput, Overloaded,
 from taskserve.server.repository.config import ModelConfig, ModelLimits
 from taskserve.server.repository.paths import resolve_inside, shown
 from taskserve.server.scheduling.base import InferRequest, Scheduler
+from taskserve.server.scheduling.engine_api import GenerationEngine
 
 T = TypeVar("T")
 
@@ -42,8 +43,31 @@ class ServedModel(Protocol):
     def config(self) -> ModelConfig: ...
     @property
     def model_dir(self) -> Path: ...
+    # Exactly one is set: the request batcher, or the generation engine (a generation: block).
     @property
-    def scheduler(self) -> Scheduler: ...
+    def scheduler(self) -> Scheduler | None: ...
+    @property
+    def engine(self) -> GenerationEngine | None: ...
+
+
+def batcher_of(model: ServedModel) -> Scheduler:
+    """The model's request batcher; a model served by the generation engine has none."""
+    if model.scheduler is None:
+        raise TaskConfigError(
+            f"model {model.name!r} runs on the generation engine and takes no single requests; "
+            "serve it through a generation task (TextGeneration)"
+        )
+    return model.scheduler
+
+
+def engine_of(model: ServedModel) -> GenerationEngine:
+    """The model's generation engine; a model without a generation: block has none."""
+    if model.engine is None:
+        raise TaskConfigError(
+            f"model {model.name!r} is not served by the generation engine (no generation: block in its "
+            "config.yaml); export it with taskserve-export hf DIR --task text-generation"
+        )
+    return model.engine
 
 
 class StageRecorder(Protocol):
@@ -283,7 +307,8 @@ class Task:
             )
             for chunk in chunks
         ]
-        results = await asyncio.gather(*(self.model.scheduler.submit(r) for r in requests))
+        scheduler = batcher_of(self.model)
+        results = await asyncio.gather(*(scheduler.submit(r) for r in requests))
         names = wanted or tuple(results[0].outputs)
         return {name: _concat_rows([r.outputs[name] for r in results]) for name in names}
 

@@ -1,84 +1,24 @@
-"""The per-token parts of text generation: picking the next token from logits, and
-turning generated token ids into text that is safe to stream.
+"""The per-token parts of text generation: turning generated token ids into text that is
+safe to stream. Picking the next token (``Sampling``, ``TokenPicker``) lives with the
+runners, which sample where the logits are (``runtimes/sampling.py``); re-exported here.
 
-Pure numpy and tokenizer calls; each generation owns one ``TokenPicker`` and one
-``TextStream`` (neither is shared between threads).
+Pure tokenizer calls; each generation owns one ``TextStream`` (not shared between threads).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
-import numpy as np
+from taskserve.server.runtimes.sampling import Sampling, TokenSampler
+
+__all__ = ["IncrementalDecoder", "Sampling", "TextStream", "TokenPicker"]
+
+# The task's name for it since before sampling moved into the runners.
+TokenPicker = TokenSampler
 
 # How many prompt tokens seed the detokenizer: enough context that the first
 # generated token decodes with its leading space (SentencePiece drops it at the start).
 _PROMPT_CONTEXT = 5
-# Nucleus sampling sorts only this many of the best tokens when they already hold
-# the requested mass (they almost always do), instead of the whole vocabulary.
-_NUCLEUS_CANDIDATES = 1024
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How the next token is chosen. ``temperature`` 0 is greedy (the other fields are then unused)."""
-
-    temperature: float = 0.0
-    # 0: no limit.
-    top_k: int = 0
-    # 1.0: no nucleus cut.
-    top_p: float = 1.0
-    # None: a fresh random seed.
-    seed: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
-class TokenPicker:
-    """Greedy argmax or seeded sampling (temperature, then top-k, then top-p, as
-    transformers orders them) over one row of logits."""
-
-    def __init__(self, sampling: Sampling) -> None:
-        self.sampling = sampling
-        self._rng = np.random.default_rng(sampling.seed)
-
-    def pick(self, logits: np.ndarray) -> int:
-        s = self.sampling
-        if s.greedy:
-            return int(np.argmax(logits))  # the first of equal maxima, as torch.argmax
-        scaled = logits.astype(np.float64) / s.temperature
-        if 0 < s.top_k < scaled.shape[0]:
-            candidates = np.argpartition(-scaled, s.top_k - 1)[: s.top_k]
-        else:
-            candidates = np.arange(scaled.shape[0])
-        probs = _softmax(scaled[candidates])
-        if s.top_p < 1.0:
-            candidates, probs = _nucleus(candidates, probs, s.top_p)
-        cumulative = np.cumsum(probs)
-        index = int(np.searchsorted(cumulative, self._rng.random() * cumulative[-1], side="right"))
-        return int(candidates[min(index, len(candidates) - 1)])
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - np.max(x))
-    out: np.ndarray = e / e.sum()
-    return out
-
-
-def _nucleus(candidates: np.ndarray, probs: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
-    """The smallest set of most probable tokens whose mass reaches ``top_p`` (at least one)."""
-    if len(probs) > _NUCLEUS_CANDIDATES:
-        best = np.argpartition(-probs, _NUCLEUS_CANDIDATES - 1)[:_NUCLEUS_CANDIDATES]
-        if probs[best].sum() >= top_p:
-            candidates, probs = candidates[best], probs[best]
-    order = np.argsort(-probs, kind="stable")
-    cumulative = np.cumsum(probs[order])
-    keep = order[: int(np.searchsorted(cumulative, top_p)) + 1]
-    kept = probs[keep]
-    return candidates[keep], kept / kept.sum()
 
 
 class IncrementalDecoder:

@@ -40,7 +40,7 @@ from taskserve.protocol.datatypes import numpy_dtype
 from taskserve.server.errors import DeadlineExceeded, InvalidInput, LimitExceeded, Overloaded
 from taskserve.server.repository.paths import resolve_inside, shown
 from taskserve.server.scheduling.base import InferRequest
-from taskserve.server.tasks.base import CallOptions, ServedModel, Task, TaskConfigError, TaskContext
+from taskserve.server.tasks.base import CallOptions, ServedModel, Task, TaskConfigError, TaskContext, batcher_of
 from taskserve.server.tasks.diffusion.budget import DEFAULT_BUDGET, AttentionBudget, gib
 from taskserve.server.tasks.diffusion.pipeline import (
     GenerationParams,
@@ -160,7 +160,7 @@ class _ServedParts:
         opts = self._options
         results = await asyncio.gather(
             *(
-                model.scheduler.submit(InferRequest(inputs=c, priority=opts.priority, deadline=opts.deadline))
+                batcher_of(model).submit(InferRequest(inputs=c, priority=opts.priority, deadline=opts.deadline))
                 for c in chunks
             )
         )

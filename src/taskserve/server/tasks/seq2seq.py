@@ -30,8 +30,8 @@ import numpy as np
 from taskserve.server.errors import InvalidInput, RuntimeFailure
 from taskserve.server.repository.paths import resolve_inside
 from taskserve.server.scheduling.base import InferRequest
-from taskserve.server.scheduling.generation_scheduler import GenerationScheduler, SequenceRequest
-from taskserve.server.tasks.base import CallOptions, ServedModel, TaskConfigError, TaskContext
+from taskserve.server.scheduling.engine_api import SequenceRequest
+from taskserve.server.tasks.base import CallOptions, ServedModel, TaskConfigError, TaskContext, batcher_of
 from taskserve.server.tasks.decoding import TextStream, TokenPicker
 from taskserve.server.tasks.text import TextTask
 from taskserve.server.tasks.text_generation import (
@@ -52,14 +52,14 @@ class Seq2SeqGenerator(TextTask):
         name = model.name
         inputs = {t.name: t for t in model.config.inputs or ()}
         needed = {"input_ids", "encoder_hidden_states", "encoder_attention_mask", "use_cache_branch"}
-        scheduler = model.scheduler
-        if not needed <= set(inputs) or not isinstance(scheduler, GenerationScheduler):
+        engine = model.engine
+        if not needed <= set(inputs) or engine is None:
             raise TaskConfigError(
                 f"model {name!r} is not an encoder-decoder's merged decoder served by the generation engine "
                 f"(inputs {sorted(needed)} and a generation: block in config.yaml); export it with "
                 "taskserve-export hf DIR --task text2text-generation"
             )
-        self.engine = scheduler
+        self.engine = engine
         self.encoder_model = self.option("encoder_model", f"{name}-encoder")
         generation = self._generation_config()
         start = self.options.get("decoder_start_token_id", generation.get("decoder_start_token_id"))
@@ -116,7 +116,7 @@ class Seq2SeqGenerator(TextTask):
     ) -> AsyncGenerator[GenerationChunk, None]:
         ids = await self.offload("preprocess", self.prepare, text)
         mask = np.ones((1, len(ids)), dtype=np.int64)
-        encoded = await encoder.scheduler.submit(
+        encoded = await batcher_of(encoder).submit(
             InferRequest(
                 inputs={"input_ids": np.asarray([ids], dtype=np.int64), "attention_mask": mask},
                 output_names=("last_hidden_state",), priority=options.priority, deadline=options.deadline,
@@ -129,7 +129,7 @@ class Seq2SeqGenerator(TextTask):
                 f"expected [1, {len(ids)}, hidden size]"
             )
         limit = params.max_new_tokens or min(self.default_max_new_tokens, self.max_new_tokens_limit)
-        picker = TokenPicker(params.sampling)
+        picker = TokenPicker(params.sampling, [self.decoder_start])  # penalties see the decoder's tokens
         stream = TextStream(
             lambda t: self.tokenizer.decode(t, skip_special_tokens=True), [self.decoder_start], params.stop
         )
@@ -137,7 +137,7 @@ class Seq2SeqGenerator(TextTask):
             SequenceRequest(
                 prompt=(self.decoder_start,),
                 max_new_tokens=limit,
-                pick=picker.pick,
+                sampler=picker,
                 stop_token_ids=self.eos_ids,
                 deadline=options.deadline,
                 encoder_states=hidden[0],

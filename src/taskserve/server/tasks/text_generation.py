@@ -4,7 +4,7 @@ Two ways to run the model, chosen by its entry:
 
 - the generation engine (entries with a ``generation:`` block, exported by
   ``taskserve-export`` for Llama-family decoders): the task hands the engine
-  (``scheduling/generation_scheduler.py``) a sequence with its ``TokenPicker``; the
+  (``scheduling/engine_api.py``) a sequence with its ``TokenPicker``; the
   engine batches every running sequence's next token into one model call over a
   resident KV cache and streams the tokens back;
 - the request batcher (other decoders, exported by optimum with
@@ -43,8 +43,8 @@ from taskserve.server.errors import GenerationCapExceeded, InvalidInput, Overloa
 from taskserve.server.repository.config import TensorConfig
 from taskserve.server.repository.paths import resolve_inside, shown
 from taskserve.server.scheduling.base import InferRequest
-from taskserve.server.scheduling.generation_scheduler import GenerationScheduler, SequenceRequest
-from taskserve.server.tasks.base import CallOptions, ServedModel, TaskConfigError, TaskContext
+from taskserve.server.scheduling.engine_api import SequenceRequest
+from taskserve.server.tasks.base import CallOptions, ServedModel, TaskConfigError, TaskContext, batcher_of
 from taskserve.server.tasks.chat_template import ChatMessage, ChatTemplate, read_chat_template, special_token
 from taskserve.server.tasks.decoding import Sampling, TextStream, TokenPicker
 from taskserve.server.tasks.text import TextTask
@@ -55,6 +55,8 @@ MAX_STOPS = 16
 # The roles chat templates know; anything else is refused before the template runs.
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP_CHARS = 256
+# Beyond it a penalty only erases the seen tokens; a typo (100 for 1.00) is refused instead.
+MAX_REPETITION_PENALTY = 10.0
 
 
 class FinishReason(enum.Enum):
@@ -193,6 +195,13 @@ def check_decoding(params: GenerateParams, max_new_tokens_limit: int, model: str
         raise InvalidInput(f"top_p must be in (0, 1], got {s.top_p}")
     if s.top_k < 0:
         raise InvalidInput(f"top_k must be >= 0 (0: no limit), got {s.top_k}")
+    if not 0 < s.repetition_penalty <= MAX_REPETITION_PENALTY:
+        raise InvalidInput(
+            f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY}] (1: none), got {s.repetition_penalty}"
+        )
+    for name, value in (("presence_penalty", s.presence_penalty), ("frequency_penalty", s.frequency_penalty)):
+        if not -2 <= value <= 2:
+            raise InvalidInput(f"{name} must be in [-2, 2] (0: none), got {value}")
     if len(params.stop) > MAX_STOPS:
         raise InvalidInput(f"stop holds {len(params.stop)} strings, over the limit of {MAX_STOPS}")
     for i, stop in enumerate(params.stop):
@@ -209,8 +218,7 @@ class TextGenerator(TextTask):
         inputs = {t.name: t for t in model.config.inputs or ()}
         if "input_ids" not in inputs:
             raise TaskConfigError(f"model {model.name!r} has no input_ids input; export it for text-generation")
-        scheduler = model.scheduler
-        self.engine = scheduler if isinstance(scheduler, GenerationScheduler) else None
+        self.engine = model.engine
         self.max_positions = self.tokenizer.max_length
         if self.engine is not None:
             self.max_positions = min(self.max_positions, self.engine.max_model_len)
@@ -363,7 +371,7 @@ class TextGenerator(TextTask):
         self, prompt: str, messages: Sequence[ChatMessage], params: GenerateParams, options: CallOptions
     ) -> AsyncGenerator[GenerationChunk, None]:
         prepared = await self.offload("preprocess", self.prepare, prompt, messages, params.max_new_tokens)
-        picker = TokenPicker(params.sampling)
+        picker = TokenPicker(params.sampling, prepared.ids)
         stream = TextStream(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), prepared.ids, params.stop)
         tokens = (
             self._engine_tokens(prepared, picker, options)
@@ -384,7 +392,7 @@ class TextGenerator(TextTask):
         request = SequenceRequest(
             prompt=tuple(prepared.ids),
             max_new_tokens=prepared.max_new_tokens,
-            pick=picker.pick,
+            sampler=picker,
             stop_token_ids=self.eos_ids,
             deadline=options.deadline,
         )
@@ -421,7 +429,7 @@ class TextGenerator(TextTask):
         if self._position_ids:
             inputs["position_ids"] = np.arange(start, end, dtype=self._dtypes["position_ids"])[None]
         inputs.update(past)
-        result = await self.model.scheduler.submit(
+        result = await batcher_of(self.model).submit(
             InferRequest(inputs=inputs, output_names=self._wanted, priority=options.priority, deadline=options.deadline)
         )
         outputs = result.outputs

@@ -155,6 +155,11 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         leases.take()
         try:
             config = model.config
+            if model.scheduler is None:
+                raise InvalidInput(
+                    f"model {model.name!r} runs on the generation engine with a resident KV cache; "
+                    "use the TextGeneration service"
+                )
             inputs = codec.decode_small_inputs(request, config)
             if inputs is None:  # large tensors: decoded and checked on the worker pool, never on the loop
                 loop = asyncio.get_running_loop()

@@ -27,23 +27,23 @@ from taskserve.protocol.generated._pool import POOL as _POOL
 from taskserve.protocol.generated.taskserve.v1 import common_pb2 as taskserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _POOL.AddSerializedFile(b'\n\"taskserve/v1/text_generation.proto\x12\x0ctaskserve.v1\x1a\x19taskserve/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x99\x02\n\x0fGenerateRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ModelRef\x12-\n\x07options\x18\x02 \x01(\x0b\x32\x1c.taskserve.v1.RequestOptions\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12+\n\x08messages\x18\x04 \x03(\x0b\x32\x19.taskserve.v1.ChatMessage\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\r\n\x05top_p\x18\x08 \x01(\x02\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\tB\x07\n\x05_seed\"B\n\x0fGenerationUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\"\xbb\x01\n\x10GenerateResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ServedBy\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.taskserve.v1.FinishReason\x12,\n\x05usage\x18\x05 \x01(\x0b\x32\x1d.taskserve.v1.GenerationUsage*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x32]\n\x0eTextGeneration\x12K\n\x08Generate\x12\x1d.taskserve.v1.GenerateRequest\x1a\x1e.taskserve.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n\"taskserve/v1/text_generation.proto\x12\x0ctaskserve.v1\x1a\x19taskserve/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xea\x02\n\x0fGenerateRequest\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ModelRef\x12-\n\x07options\x18\x02 \x01(\x0b\x32\x1c.taskserve.v1.RequestOptions\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12+\n\x08messages\x18\x04 \x03(\x0b\x32\x19.taskserve.v1.ChatMessage\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\r\n\x05top_p\x18\x08 \x01(\x02\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x1a\n\x12repetition_penalty\x18\x0b \x01(\x02\x12\x18\n\x10presence_penalty\x18\x0c \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\r \x01(\x02\x42\x07\n\x05_seed\"B\n\x0fGenerationUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\"\xbb\x01\n\x10GenerateResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.taskserve.v1.ServedBy\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.taskserve.v1.FinishReason\x12,\n\x05usage\x18\x05 \x01(\x0b\x32\x1d.taskserve.v1.GenerationUsage*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x32]\n\x0eTextGeneration\x12K\n\x08Generate\x12\x1d.taskserve.v1.GenerateRequest\x1a\x1e.taskserve.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'taskserve.protocol.generated.taskserve.v1.text_generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=667
-  _globals['_FINISHREASON']._serialized_end=785
+  _globals['_FINISHREASON']._serialized_start=748
+  _globals['_FINISHREASON']._serialized_end=866
   _globals['_CHATMESSAGE']._serialized_start=79
   _globals['_CHATMESSAGE']._serialized_end=123
   _globals['_GENERATEREQUEST']._serialized_start=126
-  _globals['_GENERATEREQUEST']._serialized_end=407
-  _globals['_GENERATIONUSAGE']._serialized_start=409
-  _globals['_GENERATIONUSAGE']._serialized_end=475
-  _globals['_GENERATERESPONSE']._serialized_start=478
-  _globals['_GENERATERESPONSE']._serialized_end=665
-  _globals['_TEXTGENERATION']._serialized_start=787
-  _globals['_TEXTGENERATION']._serialized_end=880
+  _globals['_GENERATEREQUEST']._serialized_end=488
+  _globals['_GENERATIONUSAGE']._serialized_start=490
+  _globals['_GENERATIONUSAGE']._serialized_end=556
+  _globals['_GENERATERESPONSE']._serialized_start=559
+  _globals['_GENERATERESPONSE']._serialized_end=746
+  _globals['_TEXTGENERATION']._serialized_start=868
+  _globals['_TEXTGENERATION']._serialized_end=961
 # @@protoc_insertion_point(module_scope)

@@ -90,6 +90,9 @@ class GenerateRequest(_message.Message):
     TOP_P_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
+    REPETITION_PENALTY_FIELD_NUMBER: _builtins.int
+    PRESENCE_PENALTY_FIELD_NUMBER: _builtins.int
+    FREQUENCY_PENALTY_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """The text to continue, tokenized with the tokenizer's special tokens
     (e.g. a BOS token). Set exactly one of prompt and messages.
@@ -113,6 +116,20 @@ class GenerateRequest(_message.Message):
     seed: _builtins.int
     """Sampling only: the same seed, prompt and settings give the same tokens.
     Unset: a fresh random seed.
+    """
+    repetition_penalty: _builtins.float
+    """Greedy or sampling: the logit of every token already in the prompt or the
+    generated text is divided by this when positive, multiplied when negative
+    (as transformers' and vLLM's repetition_penalty). 0 or 1: none; > 1
+    discourages repetition; at most 10.
+    """
+    presence_penalty: _builtins.float
+    """Subtracted once from the logit of every token generated so far (OpenAI's
+    presence_penalty). In [-2, 2]; 0: none.
+    """
+    frequency_penalty: _builtins.float
+    """Subtracted from a token's logit once per time it was generated so far
+    (OpenAI's frequency_penalty). In [-2, 2]; 0: none.
     """
     @_builtins.property
     def model(self) -> _common_pb2.ModelRef: ...
@@ -148,10 +165,13 @@ class GenerateRequest(_message.Message):
         top_p: _builtins.float = ...,
         seed: _builtins.int | None = ...,
         stop: _abc.Iterable[_builtins.str] | None = ...,
+        repetition_penalty: _builtins.float = ...,
+        presence_penalty: _builtins.float = ...,
+        frequency_penalty: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "model", b"model", "options", b"options", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "max_new_tokens", b"max_new_tokens", "messages", b"messages", "model", b"model", "options", b"options", "prompt", b"prompt", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "frequency_penalty", b"frequency_penalty", "max_new_tokens", b"max_new_tokens", "messages", b"messages", "model", b"model", "options", b"options", "presence_penalty", b"presence_penalty", "prompt", b"prompt", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015

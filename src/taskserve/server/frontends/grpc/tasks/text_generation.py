@@ -24,7 +24,12 @@ FINISH_REASONS = {
 
 
 def generate_params(fields: pb.GenerateRequest | text_transform_pb2.DecodingOptions) -> GenerateParams:
-    """The decoding settings; a generate request and the transforms' DecodingOptions name them alike."""
+    """The decoding settings; a generate request and the transforms' DecodingOptions name them
+    alike (the penalties are the generate request's only)."""
+    repetition, presence, frequency = 1.0, 0.0, 0.0
+    if isinstance(fields, pb.GenerateRequest):
+        repetition = fields.repetition_penalty or 1.0
+        presence, frequency = fields.presence_penalty, fields.frequency_penalty
     return GenerateParams(
         max_new_tokens=fields.max_new_tokens,
         sampling=Sampling(
@@ -32,6 +37,9 @@ def generate_params(fields: pb.GenerateRequest | text_transform_pb2.DecodingOpti
             top_k=fields.top_k,
             top_p=fields.top_p or 1.0,
             seed=fields.seed if fields.HasField("seed") else None,
+            repetition_penalty=repetition,
+            presence_penalty=presence,
+            frequency_penalty=frequency,
         ),
         stop=tuple(fields.stop),
     )
