@@ -68,8 +68,10 @@ async def infer(
     if request.outputs:
         codec.requested_outputs(request, config)  # unknown names: InvalidInput
     options = _options(request, context)
-    with model.metrics.track_request(time.perf_counter_ns(), options.deadline), faces.tasks.context.admit():
-        outputs = await faces.infer(model, tensors, parameters(request), options)
+    # The lease: a swap of this version lets it finish the request.
+    with model.leases.hold(), model.metrics.track_request(time.perf_counter_ns(), options.deadline):
+        with faces.tasks.context.admit():
+            outputs = await faces.infer(model, tensors, parameters(request), options)
     return _response(model, request, outputs)
 
 
@@ -89,7 +91,7 @@ async def stream(
     decoupled = is_decoupled(model)
     options = _options(request, context)
     started = time.perf_counter_ns()
-    with model.metrics.track_request(started, options.deadline), faces.tasks.context.admit():
+    with model.leases.hold(), model.metrics.track_request(started, options.deadline), faces.tasks.context.admit():
         responses = faces.stream(model, tensors, values, options)
         first = True
         try:

@@ -18,7 +18,7 @@ import grpc
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from taskserve.protocol.generated.inference import model_config_pb2 as mc
-from taskserve.server.errors import Overloaded
+from taskserve.server.errors import InvalidInput, Overloaded
 from taskserve.server.frontends.grpc import codec, v2_faces
 from taskserve.server.frontends.grpc.deadlines import request_deadline
 from taskserve.server.frontends.grpc.status import describe, unary

@@ -24,7 +24,6 @@ import numpy as np
 
 from taskserve.server.frontends.v2 import image_generation, text_generation
 from taskserve.server.repository.config import ModelConfig
-from taskserve.server.scheduling.generation_scheduler import GenerationScheduler
 from taskserve.server.tasks.base import CallOptions, ServedModel, TaskCache
 from taskserve.server.tasks.image_generation import ImageGenerator
 from taskserve.server.tasks.seq2seq import Seq2SeqGenerator
@@ -39,7 +38,7 @@ def presents_text(model: ServedModel) -> bool:
     task = model.config.task
     if task == Seq2SeqGenerator.task:
         return True
-    return task == TextGenerator.task and isinstance(model.scheduler, GenerationScheduler)
+    return task == TextGenerator.task and model.engine is not None
 
 
 def has_face(model: ServedModel) -> bool:

@@ -19,7 +19,7 @@ from taskserve.server.frontends.v2.tensors import expected_shape
 from taskserve.server.repository.manager import LoadedModel, ModelIndexEntry, ModelManager, ModelState
 from taskserve.server.repository.paths import check_model_name
 from taskserve.server.scheduling.base import InferRequest
-from taskserve.server.tasks.base import CallOptions
+from taskserve.server.tasks.base import CallOptions, batcher_of
 
 SERVER_NAME = "taskserve"
 SERVER_VERSION = "0.1.0"
@@ -158,20 +158,22 @@ class V2Service:
         parameters: Mapping[str, object],
         options: CallOptions,
     ) -> dict[str, np.ndarray]:
-        """Decoded, checked input tensors in; the output tensors (``outputs``, or all) out."""
-        if model.config.task in FACED_TASKS and has_face(model):
-            with (
-                model.metrics.track_request(time.perf_counter_ns(), options.deadline, self.protocol),
-                self.faces.tasks.context.admit(),
-            ):
-                result = await self.faces.infer(model, tensors, parameters, options)
-        else:
-            wanted = tuple(outputs) if outputs else None
-            request = InferRequest(
-                inputs=tensors, output_names=wanted, priority=options.priority, deadline=options.deadline
-            )
-            with model.metrics.track_request(time.perf_counter_ns(), options.deadline, self.protocol):
-                result = (await model.scheduler.submit(request)).outputs
+        """Decoded, checked input tensors in; the output tensors (``outputs``, or all) out.
+        The request holds a lease on the version: a swap lets it finish."""
+        with model.leases.hold():
+            if model.config.task in FACED_TASKS and has_face(model):
+                with (
+                    model.metrics.track_request(time.perf_counter_ns(), options.deadline, self.protocol),
+                    self.faces.tasks.context.admit(),
+                ):
+                    result = await self.faces.infer(model, tensors, parameters, options)
+            else:
+                wanted = tuple(outputs) if outputs else None
+                request = InferRequest(
+                    inputs=tensors, output_names=wanted, priority=options.priority, deadline=options.deadline
+                )
+                with model.metrics.track_request(time.perf_counter_ns(), options.deadline, self.protocol):
+                    result = (await batcher_of(model).submit(request)).outputs
         if outputs:
             return {name: result[name] for name in outputs}
         return result
@@ -182,7 +184,11 @@ class V2Service:
     ) -> AsyncGenerator[tuple[dict[str, np.ndarray], bool], None]:  # fmt: skip
         """(outputs, last) per response of a generating model on a streaming door."""
         started = time.perf_counter_ns()
-        with model.metrics.track_request(started, options.deadline, self.protocol), self.faces.tasks.context.admit():
+        with (
+            model.leases.hold(),
+            model.metrics.track_request(started, options.deadline, self.protocol),
+            self.faces.tasks.context.admit(),
+        ):
             responses = self.faces.stream(model, tensors, parameters, options)
             first = True
             try:
