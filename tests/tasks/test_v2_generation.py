@@ -173,6 +173,7 @@ def test_sampling_keys_from_request_parameters(client: Any, channel: grpc.Channe
         ({"temperature": "hot"}, "temperature must be a finite number"),
         ({"top_p": 0}, "top_p must be in (0, 1]"),
         ({"stop": [1, 2]}, "stop must be a string or a list of strings"),
+        ({"repetition_penalty": 0}, "repetition_penalty must be in (0,"),
     ],
 )
 def test_bad_sampling_parameters_are_refused_with_invalid_argument(

@@ -6,11 +6,12 @@ A caller sends ``text_input`` (BYTES, [1]: the prompt), optionally ``stream`` (B
 step graph the model really runs (``input_ids``, ``past_key.N``, ...) stays internal.
 
 The sampling keys (``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``,
-``stop``) may also come as request parameters (what Triton's generate extension does
-with its ``parameters`` object); the ``sampling_parameters`` input wins where both set
-a key. Keys left unset take the typed TextGeneration service's defaults: temperature 0
-(greedy), no top-k/top-p cut, ``task_options.max_new_tokens`` tokens. So the same
-request gives the same greedy text through every door.
+``stop``, ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``) may also
+come as request parameters (what Triton's generate extension does with its ``parameters``
+object); the ``sampling_parameters`` input wins where both set a key. Keys left unset take
+the typed TextGeneration service's defaults: temperature 0 (greedy), no top-k/top-p cut,
+``task_options.max_new_tokens`` tokens. So the same request gives the same greedy text
+through every door.
 
 ``exclude_input_in_output`` left unset: the prompt is written before the generated text
 in a whole answer and left out of a stream (as the vLLM backend does); set, it decides.
@@ -42,7 +43,10 @@ INPUTS = (
     TensorConfig(name="exclude_input_in_output", datatype="BOOL", dims=(1,), optional=True),
 )
 OUTPUTS = (TensorConfig(name=TEXT_OUTPUT, datatype="BYTES", dims=(1,)),)
-SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+SAMPLING_KEYS = (
+    "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+    "repetition_penalty", "presence_penalty", "frequency_penalty",
+)  # fmt: skip
 # Characters of a sampling_parameters JSON object: far more than the keys need, checked before parsing.
 MAX_SAMPLING_CHARS = 16_384
 
@@ -147,6 +151,11 @@ def _number(key: str, value: object) -> float:
     return float(value)
 
 
+def _optional_number(sampling: Mapping[str, object], key: str, default: float) -> float:
+    value = sampling.get(key)
+    return default if value is None else _number(key, value)
+
+
 def _params(sampling: Mapping[str, object]) -> GenerateParams:
     max_tokens = 0
     if sampling.get("max_tokens") is not None:
@@ -177,6 +186,9 @@ def _params(sampling: Mapping[str, object]) -> GenerateParams:
             top_k=top_k,
             top_p=_number("top_p", sampling["top_p"]) if sampling.get("top_p") is not None else 1.0,
             seed=seed,
+            repetition_penalty=_optional_number(sampling, "repetition_penalty", 1.0),
+            presence_penalty=_optional_number(sampling, "presence_penalty", 0.0),
+            frequency_penalty=_optional_number(sampling, "frequency_penalty", 0.0),
         ),
         stop=stops,
     )
