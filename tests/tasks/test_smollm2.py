@@ -246,3 +246,48 @@ def test_smollm2_as_a_torch_entry_on_the_engine_equals_transformers(
     alone, together = _greedy_64(smollm2_torch_server.address)
     assert alone == expected_64
     assert together == expected_64
+
+
+def test_smollm2_through_tritonclient_grpc_equals_the_typed_greedy_text(smollm2_server: ServerThread) -> None:
+    """The LLM convention (text_input -> text_output) as a Triton vLLM-backend caller uses it:
+    ModelInfer whole and ModelStreamInfer chunk by chunk give the typed service's greedy text."""
+    import json
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as tc
+
+    with TaskServeClient(smollm2_server.address, ClientOptions(timeout_s=120)) as client:
+        chunks = list(client.text.generate(model=MODEL, prompt=PROMPTS[1], max_new_tokens=32))
+    expected = "".join(c.text for c in chunks)
+    assert expected.strip()
+
+    def inputs(stream: bool) -> list[tc.InferInput]:
+        tensors = [tc.InferInput(n, [1], t) for n, t in
+                   (("text_input", "BYTES"), ("sampling_parameters", "BYTES"), ("stream", "BOOL"),
+                    ("exclude_input_in_output", "BOOL"))]  # fmt: skip
+        tensors[0].set_data_from_numpy(np.array([PROMPTS[1].encode()], dtype=np.object_))
+        sampling = json.dumps({"max_tokens": 32, "temperature": 0}).encode()
+        tensors[1].set_data_from_numpy(np.array([sampling], dtype=np.object_))
+        tensors[2].set_data_from_numpy(np.array([stream]))
+        tensors[3].set_data_from_numpy(np.array([True]))
+        return tensors
+
+    with tc.InferenceServerClient(smollm2_server.address) as triton:
+        whole = triton.infer(MODEL, inputs(stream=False), client_timeout=120)
+        assert whole.as_numpy("text_output")[0].decode() == expected
+        results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+        triton.start_stream(callback=lambda result, error: results.put((result, error)))
+        try:
+            triton.async_stream_infer(MODEL, inputs(stream=True), request_id="s1")
+            texts = []
+            while True:
+                result, error = results.get(timeout=120)
+                assert error is None, error
+                texts.append(result.as_numpy("text_output")[0].decode())
+                if result.get_response().parameters["triton_final_response"].bool_param:
+                    break
+        finally:
+            triton.stop_stream()
+    assert "".join(texts) == expected
+    assert len(texts) == len(chunks) > 1

@@ -77,7 +77,8 @@ def test_a_llama_torch_entry_runs_on_the_engine_with_its_cache_on_the_device(
     loaded = server.app.models.get("llama-torch")
     assert "KV cache on the device" in loaded.platform_description
     metadata = pb_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(pb.ModelMetadataRequest(name="llama-torch"))
-    assert [t.name for t in metadata.inputs] == ["input_ids"] and [t.name for t in metadata.outputs] == ["logits"]
+    # On the engine the entry presents the LLM convention over v2 (frontends/v2/text_generation.py).
+    assert metadata.inputs[0].name == "text_input" and [t.name for t in metadata.outputs] == ["text_output"]
     assert metadata.platform == "pytorch"
     # The GPT-2 entry keeps the step tensors of the batcher path.
     assert "generation" not in yaml.safe_load((torch_repo / "gpt2-torch" / "config.yaml").read_text())

@@ -337,3 +337,47 @@ def test_encoder_decoder_export_writes_two_entries_the_server_serves(transform_s
     assert not (repo / "tiny-bart" / "1" / "encoder_model.onnx").exists()
     models = transform_server.app.models
     assert models.is_ready("tiny-bart-encoder") and models.is_ready("tiny-bart")
+
+
+def test_an_encoder_decoder_speaks_the_llm_convention_over_v2(
+    client: TaskServeClient, transform_server: ServerThread
+) -> None:
+    """tritonclient.grpc: text_input -> text_output on the merged decoder entry is the
+    Text2Text service's greedy text, whole (ModelInfer) and chunk by chunk (ModelStreamInfer)."""
+    import json
+    import queue
+
+    import tritonclient.grpc as tc
+
+    text = TEXTS[1]
+    expected = client.text.text2text(text, model="tiny-bart", max_new_tokens=20)
+    chunks = list(client.text.text2text_stream(text, model="tiny-bart", max_new_tokens=20))
+
+    def inputs(stream: bool) -> list[Any]:
+        names = (("text_input", "BYTES"), ("sampling_parameters", "BYTES"), ("stream", "BOOL"),
+                 ("exclude_input_in_output", "BOOL"))  # fmt: skip
+        tensors = [tc.InferInput(name, [1], datatype) for name, datatype in names]
+        tensors[0].set_data_from_numpy(np.array([text.encode()], dtype=np.object_))
+        tensors[1].set_data_from_numpy(np.array([json.dumps({"max_tokens": 20}).encode()], dtype=np.object_))
+        tensors[2].set_data_from_numpy(np.array([stream]))
+        tensors[3].set_data_from_numpy(np.array([True]))
+        return tensors
+
+    with tc.InferenceServerClient(transform_server.address) as triton:
+        assert [t.name for t in triton.get_model_metadata("tiny-bart").inputs][0] == "text_input"
+        whole = triton.infer("tiny-bart", inputs(stream=False))
+        assert whole.as_numpy("text_output")[0].decode() == expected.text
+        results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+        triton.start_stream(callback=lambda result, error: results.put((result, error)))
+        try:
+            triton.async_stream_infer("tiny-bart", inputs(stream=True))
+            texts = []
+            while True:
+                result, error = results.get(timeout=60)
+                assert error is None, error
+                texts.append(result.as_numpy("text_output")[0].decode())
+                if result.get_response().parameters["triton_final_response"].bool_param:
+                    break
+        finally:
+            triton.stop_stream()
+    assert texts == [c.text for c in chunks]

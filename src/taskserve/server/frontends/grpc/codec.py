@@ -16,13 +16,15 @@ import numpy as np
 
 from taskserve.protocol.datatypes import (
     V2_TO_NUMPY,
-    deserialize_bytes_tensor,
     numpy_dtype,
     serialize_bytes_tensor,
     v2_datatype,
 )
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from taskserve.server.errors import InvalidInput, LimitExceeded, quoted
+from taskserve.server.frontends.v2 import tensors
+from taskserve.server.frontends.v2.tensors import check_shape as _check_shape
+from taskserve.server.frontends.v2.tensors import check_utf8 as _check_utf8
 from taskserve.server.repository.config import ModelConfig, TensorConfig
 from taskserve.server.settings import ServerSettings
 
@@ -50,15 +52,6 @@ _CONTENTS_FIELD = {
 }
 
 
-def _shape_matches(shape: tuple[int, ...], dims: tuple[int, ...]) -> bool:
-    return len(shape) == len(dims) and all(d == -1 or d == s for s, d in zip(shape, dims, strict=True))
-
-
-def expected_shape(config: ModelConfig, tensor: TensorConfig) -> list[int]:
-    """The full shape callers must send, -1 for variable, batch dimension included."""
-    return ([-1] if config.max_batch_size > 0 else []) + list(tensor.dims)
-
-
 # The common output dtypes, looked up without v2_datatype's normalisation.
 _DATATYPES = {np.dtype(t): v2_datatype(np.dtype(t)) for t in (np.float32, np.float16, np.int64, np.int32, np.bool_)}
 
@@ -79,40 +72,8 @@ def _shape_ok(shape: tuple[int, ...], dims: tuple[int, ...], max_batch_size: int
     return True
 
 
-def _check_shape(config: ModelConfig, spec: TensorConfig, shape: tuple[int, ...]) -> None:
-    if any(s < 0 for s in shape):
-        raise InvalidInput(f"input {spec.name!r}: shape {list(shape)} has a negative dimension")
-    if config.max_batch_size > 0:
-        if not shape or not _shape_matches(shape[1:], spec.dims):
-            raise InvalidInput(
-                f"input {spec.name!r}: expected shape {expected_shape(config, spec)} "
-                f"(batch dimension first), got {list(shape)}"
-            )
-        if shape[0] < 1 or shape[0] > config.max_batch_size:
-            raise InvalidInput(
-                f"input {spec.name!r}: batch size {shape[0]} is outside 1..{config.max_batch_size} "
-                f"(max_batch_size of model {config.name!r})"
-            )
-    elif not _shape_matches(shape, spec.dims):
-        raise InvalidInput(f"input {spec.name!r}: expected shape {list(spec.dims)}, got {list(shape)}")
-
-
 def _decode_raw(spec: TensorConfig, datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray:
-    count = math.prod(shape)
-    if datatype == "BYTES":
-        try:
-            flat = deserialize_bytes_tensor(raw, count)
-        except ValueError as err:
-            raise InvalidInput(f"input {spec.name!r}: {err}") from None
-        return flat.reshape(shape)
-    dtype = V2_TO_NUMPY.get(datatype) or numpy_dtype(datatype)  # the fallback raises, naming the type
-    expected = count * dtype.itemsize
-    if len(raw) != expected:
-        raise InvalidInput(
-            f"input {spec.name!r}: raw contents hold {len(raw)} bytes, but shape {list(shape)} of {datatype} "
-            f"needs {expected} bytes ({count} elements x {dtype.itemsize})"
-        )
-    return np.ndarray(shape, dtype, raw)  # a read-only view of the bytes, like frombuffer + reshape
+    return tensors.decode_raw(spec.name, datatype, shape, raw)
 
 
 def _decode_typed(
@@ -132,18 +93,6 @@ def _decode_typed(
         arr[:] = list(values)
         return arr.reshape(shape)
     return np.asarray(values, dtype=numpy_dtype(datatype)).reshape(shape)
-
-
-def _check_utf8(name: str, array: np.ndarray) -> None:
-    # ONNX string tensors hold UTF-8 text; arbitrary bytes cannot reach the model intact.
-    for index, item in enumerate(array.reshape(-1)):
-        try:
-            bytes(item).decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise InvalidInput(
-                f"input {name!r}: element {index} is not valid UTF-8 ({err.reason} at byte {err.start}); "
-                "BYTES inputs of ONNX models must be UTF-8 text"
-            ) from None
 
 
 class _Inputs:

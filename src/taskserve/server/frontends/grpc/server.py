@@ -118,7 +118,9 @@ class ServingApp:
         limited = guard(limit_streams(registry.as_server(), self.streams))
         # One worker pool for CPU-heavy request work: typed pre/post-processing, large v2 decodes.
         workers = self.parts.tasks.context.executor
-        v2 = V2Servicer(self.models, self.ready, s.model_control_mode, s.max_streams, workers=workers)
+        v2 = V2Servicer(
+            self.models, self.ready, s.model_control_mode, s.max_streams, workers=workers, tasks=self.parts.tasks
+        )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(v2, limited)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, guarded)
         names = [pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]

@@ -18,14 +18,17 @@ import grpc
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from taskserve.protocol.generated.inference import model_config_pb2 as mc
-from taskserve.server.errors import InvalidInput, ModelControlDisabled, ModelNotReady, Overloaded, quoted
-from taskserve.server.frontends.grpc import codec
+from taskserve.server.errors import InvalidInput, Overloaded
+from taskserve.server.frontends.grpc import codec, v2_faces
 from taskserve.server.frontends.grpc.deadlines import request_deadline
 from taskserve.server.frontends.grpc.status import describe, unary
+from taskserve.server.frontends.v2.faces import FACED_TASKS, Faces, has_face, is_decoupled
+from taskserve.server.frontends.v2.service import load_model, unload_model
+from taskserve.server.frontends.v2.tensors import expected_shape
 from taskserve.server.metrics import Duration
 from taskserve.server.repository.manager import LoadedModel, ModelManager, ModelState
-from taskserve.server.repository.paths import check_model_name
 from taskserve.server.scheduling.base import InferRequest
+from taskserve.server.tasks.base import TaskCache
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +53,12 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         model_control: str = "none",
         max_streams: int = 256,
         workers: Executor | None = None,
+        tasks: TaskCache | None = None,
     ) -> None:
         self._models = models
+        # The faces of generating models (text_input -> text_output, prompt -> image); they run
+        # the typed services' task objects (``tasks``). Without them those models refuse infer.
+        self._faces = Faces(tasks, models.get) if tasks is not None else None
         # The pool that decodes large requests (the typed tasks' worker pool): never the event loop.
         self._workers = workers
         # "explicit": RepositoryModelLoad/Unload allowed; "none": the repository is fixed at startup.
@@ -84,20 +91,20 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     @unary
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
         model = self._models.get(request.name, request.version)
-        config = model.config
+        config = self._faces.config(model) if self._faces is not None else model.config
         response = pb.ModelMetadataResponse(
             name=model.name, versions=self._models.versions(model.name), platform=_PLATFORM[config.platform]
         )
         for spec in config.inputs or ():
-            response.inputs.add(name=spec.name, datatype=spec.datatype, shape=codec.expected_shape(config, spec))
+            response.inputs.add(name=spec.name, datatype=spec.datatype, shape=expected_shape(config, spec))
         for spec in config.outputs or ():
-            response.outputs.add(name=spec.name, datatype=spec.datatype, shape=codec.expected_shape(config, spec))
+            response.outputs.add(name=spec.name, datatype=spec.datatype, shape=expected_shape(config, spec))
         return response
 
     @unary
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
         model = self._models.get(request.name, request.version)
-        return pb.ModelConfigResponse(config=_model_config_message(model))
+        return pb.ModelConfigResponse(config=model_config_message(model, self._faces))
 
     @unary
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
@@ -122,32 +129,15 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
-        self._models.check_name(request.model_name)
-        self._check_model_control("load")
-        if not request.model_name:
-            raise InvalidInput("model_name is empty; name the model directory to load")
-        check_model_name(request.model_name)
-        await self._models.load(request.model_name)
-        if not self._models.is_ready(request.model_name):
-            reason = next((e.reason for e in self._models.index() if e.name == request.model_name), "")
-            raise ModelNotReady(f"model {quoted(request.model_name)} failed to load: {reason}")
+        await load_model(self._models, self._model_control, request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     @unary
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
-        self._models.check_name(request.model_name)
-        self._check_model_control("unload")
-        await self._models.unload(request.model_name)
+        await unload_model(self._models, self._model_control, request.model_name)
         return pb.RepositoryModelUnloadResponse()
-
-    def _check_model_control(self, action: str) -> None:
-        if self._model_control != "explicit":
-            raise ModelControlDisabled(
-                f"model {action} is disabled: this server runs with --model-control-mode none (the repository "
-                "is fixed at startup); restart it with --model-control-mode explicit to load and unload models"
-            )
 
     # -- inference -------------------------------------------------------------
 
@@ -157,6 +147,8 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         # method is most of the server's time (see README, "Results": the floor).
         started = time.perf_counter_ns()
         model = self._models.get(request.model_name, request.model_version)
+        if model.config.task in FACED_TASKS and self._faces is not None and has_face(model):
+            return await v2_faces.infer(self._faces, model, request, context)
         metrics = model.metrics
         deadline = None
         leases = model.leases  # held until answered: a swap lets this version finish it
@@ -216,8 +208,9 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         a client that does not read its answers is stopped by HTTP/2 flow control, not buffered.
         ``--max-streams`` counts streams with work (idle streams cost a coroutine, are capped
         per connection, and do not keep other callers out)."""
-        # (answer, whether it answers a request counted in ``pending``); None ends the stream.
-        results: asyncio.Queue[tuple[pb.ModelStreamInferResponse, bool] | None] = asyncio.Queue()
+        # (answer, whether it answers a request counted in ``pending``, None: a decoupled request's
+        # answer before its last, which keeps the permit); None ends the stream.
+        results: asyncio.Queue[tuple[pb.ModelStreamInferResponse, bool | None] | None] = asyncio.Queue()
         limit = asyncio.Semaphore(STREAM_CONCURRENCY)
         tasks: set[asyncio.Task[None]] = set()
         pending = 0  # requests read whose answer is not written yet; > 0: counted in self._streams
@@ -233,6 +226,11 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def run_one(req: pb.ModelInferRequest) -> None:
             try:
+                if (faced := self._faced(req)) is not None:  # one request, one or more answers
+                    async for response, last in v2_faces.stream(self._faces, faced, req, context):  # type: ignore[arg-type]
+                        answer = pb.ModelStreamInferResponse(infer_response=response)
+                        results.put_nowait((answer, True if last else None))
+                    return
                 response = await self._infer(req, context)
                 results.put_nowait((pb.ModelStreamInferResponse(infer_response=response), True))
             except Exception as err:  # errors travel in-band; the stream stays open
@@ -263,6 +261,8 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             while (item := await results.get()) is not None:
                 answer, counted = item
                 yield answer
+                if counted is None:
+                    continue  # more answers of the same request follow: it keeps its permit
                 # Written (the gate awaits each write): the request's permit frees, and a
                 # stream left with nothing pending no longer counts against --max-streams.
                 limit.release()
@@ -277,6 +277,13 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             if pending:
                 self._streams -= 1
 
+    def _faced(self, request: pb.ModelInferRequest) -> LoadedModel | None:
+        """The model of a streamed request when it has a face (its answers come from v2_faces)."""
+        if self._faces is None:
+            return None
+        model = self._models.get(request.model_name, request.model_version)
+        return model if model.config.task in FACED_TASKS and has_face(model) else None
+
 
 def _error_response(req: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
     return pb.ModelStreamInferResponse(
@@ -285,8 +292,9 @@ def _error_response(req: pb.ModelInferRequest, message: str) -> pb.ModelStreamIn
     )
 
 
-def _model_config_message(model: LoadedModel) -> mc.ModelConfig:
-    config = model.config
+def model_config_message(model: LoadedModel, faces: Faces | None = None) -> mc.ModelConfig:
+    """Triton's ModelConfig for ``model``: its own tensors, or its face's (``faces``)."""
+    config = faces.config(model) if faces is not None else model.config
     message = mc.ModelConfig(
         name=model.name,
         platform=_PLATFORM[config.platform],
@@ -325,6 +333,8 @@ def _model_config_message(model: LoadedModel) -> mc.ModelConfig:
     else:
         message.version_policy.latest.num_versions = policy.latest or 1
     message.parameters["task"].string_value = config.task
+    if faces is not None and is_decoupled(model):
+        message.model_transaction_policy.decoupled = True
     return message
 
 
