@@ -234,14 +234,7 @@ def _decode_one(
 def requested_outputs(request: pb.ModelInferRequest, config: ModelConfig) -> tuple[str, ...] | None:
     if not request.outputs:
         return None
-    names = [o.name for o in request.outputs]
-    known = {t.name for t in config.outputs or ()}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        shown = ", ".join(quoted(n) for n in unknown[:4])
-        shown += f" and {len(unknown) - 4} more" if len(unknown) > 4 else ""
-        raise InvalidInput(f"model {config.name!r} has no outputs {shown}; its outputs are {sorted(known)}")
-    return tuple(dict.fromkeys(names))
+    return tensors.check_outputs(config, [o.name for o in request.outputs])
 
 
 def int_parameter(params: object, key: str) -> int | None:
