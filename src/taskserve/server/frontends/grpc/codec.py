@@ -21,12 +21,11 @@ from taskserve.protocol.datatypes import (
     v2_datatype,
 )
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
-from taskserve.server.errors import InvalidInput, LimitExceeded, quoted
+from taskserve.server.errors import InvalidInput, quoted
 from taskserve.server.frontends.v2 import tensors
 from taskserve.server.frontends.v2.tensors import check_shape as _check_shape
 from taskserve.server.frontends.v2.tensors import check_utf8 as _check_utf8
 from taskserve.server.repository.config import ModelConfig, TensorConfig
-from taskserve.server.settings import ServerSettings
 
 # Tensors the event loop decodes itself: raw contents of fixed-size types up to this many
 # bytes (a view and a copy), and up to INLINE_ELEMENTS elements where each element is Python
@@ -102,7 +101,7 @@ class _Inputs:
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
-        self.max_bytes_elements = config.limits.max_bytes_elements or ServerSettings.max_bytes_elements
+        self.max_bytes_elements = tensors.max_bytes_elements(config)
         self.specs = {t.name: t for t in config.inputs or ()}
         # name -> (datatype, dims, numpy dtype, item size) for fixed-size datatypes.
         self.raw = {
@@ -213,13 +212,8 @@ def _decode_one(
     shape = tuple(tensor.shape)
     if not _shape_ok(shape, spec.dims, config.max_batch_size):
         _check_shape(config, spec, shape)  # raises, naming what is wrong
-    if datatype == "BYTES" and math.prod(shape) > table.max_bytes_elements:
-        # Before decoding: each element is a Python object, so the count is the cost.
-        raise LimitExceeded(
-            f"input {name!r}: shape {list(shape)} has {math.prod(shape)} BYTES elements, over the limit of "
-            f"{table.max_bytes_elements}; send fewer per request, or raise limits.max_bytes_elements in "
-            "config.yaml (--max-bytes-elements for the server)"
-        )
+    if datatype == "BYTES":
+        tensors.check_bytes_elements(name, shape, table.max_bytes_elements)
     if data is None:
         array = _decode_typed(spec, datatype, shape, tensor.contents)
     else:

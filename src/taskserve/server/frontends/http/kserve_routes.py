@@ -10,6 +10,7 @@ as KServe's ``{"error": "<message>"}`` body with the status of their class (http
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -95,7 +96,13 @@ def build_router(parts: ServingParts) -> APIRouter:
     async def infer(request: Request, name: str, version: str = "") -> Response:
         model = service.model(name, version)
         body = await request.body()
-        decoded = v2_codec.decode_request(body, request.headers.get(v2_codec.HEADER_LENGTH), faces.config(model))
+        json_length, config = request.headers.get(v2_codec.HEADER_LENGTH), faces.config(model)
+        if len(body) <= v2_codec.INLINE_BODY_BYTES:
+            decoded = v2_codec.decode_request(body, json_length, config)
+        else:  # parsing and checking a large body would hold every caller: the worker pool does it
+            loop = asyncio.get_running_loop()
+            workers = parts.tasks.context.executor
+            decoded = await loop.run_in_executor(workers, v2_codec.decode_request, body, json_length, config)
         options = call_options(decoded.parameters)
         outputs = await service.infer(model, decoded.tensors, decoded.outputs, decoded.parameters, options)
         content, header_length = v2_codec.encode_response(model.name, model.version, decoded, outputs)

@@ -19,12 +19,14 @@ import numpy as np
 from taskserve.protocol.datatypes import serialize_bytes_tensor, v2_datatype
 from taskserve.server.errors import InvalidInput
 from taskserve.server.frontends.v2.tensors import (
+    check_bytes_elements,
     check_complete,
     check_outputs,
     check_shape,
     check_utf8,
     decode_raw,
     decode_values,
+    max_bytes_elements,
     spec_of,
 )
 from taskserve.server.repository.config import ModelConfig
@@ -46,6 +48,10 @@ class RestInferRequest:
     binary: frozenset[str]
     # Every output as binary (the request's binary_data_output).
     all_binary: bool
+
+# Bodies up to this size are decoded on the event loop (a JSON parse of a few hundred KB);
+# larger ones on the worker pool, as the gRPC door does with large tensors.
+INLINE_BODY_BYTES = 256 * 1024
 
 
 def _object(value: object, what: str) -> dict[str, object]:
@@ -123,6 +129,8 @@ def decode_request(body: bytes, header_length: str | None, config: ModelConfig) 
             raise InvalidInput(f"input {name!r} appears more than once")
         shape = _shape(tensor.get("shape"), name)
         check_shape(config, spec, shape)
+        if datatype == "BYTES":
+            check_bytes_elements(name, shape, max_bytes_elements(config))
         params = parameters_of(tensor.get("parameters"), f"input {name!r} parameters")
         size = params.get("binary_data_size")
         if size is not None:
@@ -189,7 +197,8 @@ def _json_data(name: str, array: np.ndarray) -> list[object]:
     flat = array.reshape(-1)
     if array.dtype == np.object_:
         try:
-            return [bytes(x).decode("utf-8") for x in flat]
+            # ONNX Runtime gives string tensors as str, the tasks as bytes.
+            return [x if isinstance(x, str) else bytes(x).decode("utf-8") for x in flat]
         except UnicodeDecodeError:
             raise InvalidInput(
                 f"output {name!r} holds binary data that JSON cannot carry; ask for it with the binary data "

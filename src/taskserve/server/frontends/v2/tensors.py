@@ -15,8 +15,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from taskserve.protocol.datatypes import V2_TO_NUMPY, deserialize_bytes_tensor, numpy_dtype
-from taskserve.server.errors import InvalidInput, quoted
+from taskserve.server.errors import InvalidInput, LimitExceeded, quoted
 from taskserve.server.repository.config import ModelConfig, TensorConfig
+from taskserve.server.settings import ServerSettings
 
 
 def shape_matches(shape: tuple[int, ...], dims: tuple[int, ...]) -> bool:
@@ -125,3 +126,20 @@ def check_outputs(config: ModelConfig, names: Sequence[str]) -> tuple[str, ...]:
         shown += f" and {len(unknown) - 4} more" if len(unknown) > 4 else ""
         raise InvalidInput(f"model {config.name!r} has no outputs {shown}; its outputs are {sorted(known)}")
     return tuple(dict.fromkeys(names))
+
+
+def max_bytes_elements(config: ModelConfig) -> int:
+    """The model's cap on the elements of one BYTES input (``limits.max_bytes_elements``, else
+    the server's ``--max-bytes-elements``)."""
+    return config.limits.max_bytes_elements or ServerSettings.max_bytes_elements
+
+
+def check_bytes_elements(name: str, shape: Sequence[int], cap: int) -> None:
+    """Before decoding: each BYTES element is a Python object, so the count is the cost."""
+    count = math.prod(shape)
+    if count > cap:
+        raise LimitExceeded(
+            f"input {name!r}: shape {list(shape)} has {count} BYTES elements, over the limit of "
+            f"{cap}; send fewer per request, or raise limits.max_bytes_elements in "
+            "config.yaml (--max-bytes-elements for the server)"
+        )
