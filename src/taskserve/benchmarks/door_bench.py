@@ -97,15 +97,22 @@ def compare_doors(
     doors: dict[str, Streamer], prompts_of: Callable[[int], list[str]], streams: Sequence[int], new_tokens: int,
     repeats: int, say: Callable[[str], None] = lambda _: None,
 ) -> tuple[list[RunResult], dict[str, float]]:  # fmt: skip
-    """Alternate the doors ``repeats`` times per stream count; ratios of the summed tokens/s."""
+    """Alternate the doors ``repeats`` times per stream count; ratios of the summed tokens/s.
+
+    Equal work: before a stream count is measured, each door runs it once unmeasured (the
+    first door at a new count otherwise pays for the engine's and the connections' warm-up
+    alone), and the door that goes first changes with every repeat."""
     runs: list[RunResult] = []
     ratios: dict[str, float] = {}
     for n in streams:
         prompts = prompts_of(n)
         tokens = dict.fromkeys(doors, 0)
         seconds = dict.fromkeys(doors, 0.0)
+        for streamer in doors.values():
+            run_streams(streamer, prompts, new_tokens)
+        order = list(doors.items())
         for repeat in range(repeats):
-            for door, streamer in doors.items():
+            for door, streamer in order if repeat % 2 == 0 else order[::-1]:
                 wall, timings = run_streams(streamer, prompts, new_tokens)
                 run = _run_result(door, n, repeat, wall, timings)
                 runs.append(run)
