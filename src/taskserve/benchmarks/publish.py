@@ -64,6 +64,10 @@ def steps(repo: Path) -> list[Step]:
                                                    GENERATION_MODEL, "--source", str(SMOLLM2_SOURCE), "--quiet",
                                                    "--name", f"generation-{GENERATION_MODEL}"),
              prepare=_smollm2_source),  # fmt: skip
+        # The OpenAI HTTP door against typed gRPC on the same server (issue 20's ratio).
+        Step(f"doors-{GENERATION_MODEL}", 7, ("doors", "--model-repository", str(repo), "--model", GENERATION_MODEL,
+                                              "--streams", "1,8,32", "--repeats", "4", "--quiet",
+                                              "--name", f"doors-{GENERATION_MODEL}")),  # fmt: skip
         Step("image-generation-tiny-sd", 6, ("image-generation", "--size", "64", "--steps", "50", "--requests", "8",
                                              "--repeats", "3", "--concurrency", "4",
                                              "--name", "image-generation-tiny-sd")),  # fmt: skip
