@@ -13,13 +13,13 @@ The UNet, text encoder and VAE tensors stay internal; the typed ImageGeneration 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 
 import numpy as np
 
 from taskserve.server.errors import InvalidInput
+from taskserve.server.frontends.v2.values import integer, json_object
 from taskserve.server.repository.config import TensorConfig
 from taskserve.server.tasks.base import CallOptions
 from taskserve.server.tasks.diffusion.pipeline import Mode
@@ -54,9 +54,7 @@ def _text(tensors: Mapping[str, np.ndarray], name: str) -> str:
 
 
 def _integer(key: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(f"parameter {key!r} must be an integer, got {str(value)[:40]!r}")
-    return value
+    return integer(f"parameter {key!r}", value)
 
 
 def _size(value: object) -> tuple[int, int]:
@@ -75,18 +73,7 @@ def image_request(tensors: Mapping[str, np.ndarray], parameters: Mapping[str, ob
     values: dict[str, object] = {k: parameters[k] for k in PARAMETER_KEYS if k in parameters}
     raw = _text(tensors, "parameters")
     if raw:
-        if len(raw) > MAX_PARAMETER_CHARS:
-            raise InvalidInput(f"parameters has {len(raw)} characters, over the limit of {MAX_PARAMETER_CHARS}")
-        try:
-            parsed = json.loads(raw)
-        except ValueError as err:
-            raise InvalidInput(f"parameters is not valid JSON ({str(err)[:120]})") from None
-        if not isinstance(parsed, dict):
-            raise InvalidInput(f"parameters must be a JSON object, got {type(parsed).__name__}")
-        unknown = sorted(set(parsed) - set(PARAMETER_KEYS))
-        if unknown:
-            shown = [k[:40] for k in unknown[:8]]
-            raise InvalidInput(f"parameters has unknown keys {shown}; the keys served are {list(PARAMETER_KEYS)}")
+        parsed = json_object(raw, "parameters", PARAMETER_KEYS, MAX_PARAMETER_CHARS)
         values.update(parsed)
     width = _integer("width", values["width"]) if values.get("width") is not None else 0
     height = _integer("height", values["height"]) if values.get("height") is not None else 0

@@ -19,7 +19,6 @@ in a whole answer and left out of a stream (as the vLLM backend does); set, it d
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from taskserve.server.errors import InvalidInput
+from taskserve.server.frontends.v2.values import integer, json_object
 from taskserve.server.repository.config import TensorConfig
 from taskserve.server.tasks.base import CallOptions, ServedModel
 from taskserve.server.tasks.decoding import Sampling
@@ -98,7 +98,8 @@ def text_request(tensors: Mapping[str, np.ndarray], parameters: Mapping[str, obj
     sampling: dict[str, object] = {k: parameters[k] for k in SAMPLING_KEYS if k in parameters}
     raw = _scalar(tensors, "sampling_parameters")
     if raw is not None:
-        sampling.update(_sampling_json(_text(raw, "sampling_parameters")))
+        text = _text(raw, "sampling_parameters")
+        sampling.update(json_object(text, "sampling_parameters", SAMPLING_KEYS, MAX_SAMPLING_CHARS))
     # Triton's generate extension callers often send these two as request parameters too.
     stream = _scalar(tensors, "stream")
     if stream is None:
@@ -123,28 +124,6 @@ def _flag(parameters: Mapping[str, object], key: str) -> bool | None:
     return value
 
 
-def _sampling_json(text: str) -> dict[str, object]:
-    if len(text) > MAX_SAMPLING_CHARS:
-        raise InvalidInput(f"sampling_parameters has {len(text)} characters, over the limit of {MAX_SAMPLING_CHARS}")
-    try:
-        value = json.loads(text)
-    except ValueError as err:
-        raise InvalidInput(f"sampling_parameters is not valid JSON ({str(err)[:120]})") from None
-    if not isinstance(value, dict):
-        raise InvalidInput(f"sampling_parameters must be a JSON object, got {type(value).__name__}")
-    unknown = sorted(set(value) - set(SAMPLING_KEYS))
-    if unknown:
-        shown = [k[:40] for k in unknown[:8]]
-        raise InvalidInput(f"sampling_parameters has unknown keys {shown}; the keys served are {list(SAMPLING_KEYS)}")
-    return value
-
-
-def _integer(key: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(f"{key} must be an integer, got {str(value)[:40]!r}")
-    return value
-
-
 def _number(key: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InvalidInput(f"{key} must be a finite number, got {str(value)[:40]!r}")
@@ -159,13 +138,13 @@ def _optional_number(sampling: Mapping[str, object], key: str, default: float) -
 def _params(sampling: Mapping[str, object]) -> GenerateParams:
     max_tokens = 0
     if sampling.get("max_tokens") is not None:
-        max_tokens = _integer("max_tokens", sampling["max_tokens"])
+        max_tokens = integer("max_tokens", sampling["max_tokens"])
         if max_tokens < 1:
             raise InvalidInput(f"max_tokens must be at least 1, got {max_tokens}")
-    top_k = _integer("top_k", sampling["top_k"]) if sampling.get("top_k") is not None else 0
+    top_k = integer("top_k", sampling["top_k"]) if sampling.get("top_k") is not None else 0
     if top_k == -1:
         top_k = 0  # vLLM's "no limit"
-    seed = _integer("seed", sampling["seed"]) if sampling.get("seed") is not None else None
+    seed = integer("seed", sampling["seed"]) if sampling.get("seed") is not None else None
     if seed is not None and not 0 <= seed < 2**64:
         raise InvalidInput(f"seed must be in [0, 2**64), got {seed}")
     stop = sampling.get("stop")
