@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from taskserve.protocol.generated.inference import model_config_pb2 as mc
-from taskserve.server.frontends.grpc.v2_servicer import model_config_message as _model_config_message
+from taskserve.server.frontends.v2.model_config import model_config_message as _model_config_message
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.repository.manager import LoadedModel
 

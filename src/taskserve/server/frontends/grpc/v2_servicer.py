@@ -17,13 +17,13 @@ import grpc
 
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
-from taskserve.protocol.generated.inference import model_config_pb2 as mc
 from taskserve.server.errors import InvalidInput, Overloaded
 from taskserve.server.frontends.grpc import codec, v2_faces
 from taskserve.server.frontends.grpc.deadlines import request_deadline
 from taskserve.server.frontends.grpc.status import describe, unary
-from taskserve.server.frontends.v2.faces import FACED_TASKS, Faces, has_face, is_decoupled
-from taskserve.server.frontends.v2.service import load_model, unload_model
+from taskserve.server.frontends.v2.faces import FACED_TASKS, Faces, has_face
+from taskserve.server.frontends.v2.model_config import model_config_message
+from taskserve.server.frontends.v2.service import PLATFORM, load_model, unload_model
 from taskserve.server.frontends.v2.tensors import expected_shape
 from taskserve.server.metrics import Duration
 from taskserve.server.repository.manager import LoadedModel, ModelManager, ModelState
@@ -39,11 +39,6 @@ SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["model_repository", "statistics", "model_configuration", "health", "metrics"]
 # Most requests a ModelStreamInfer stream has in flight at once.
 STREAM_CONCURRENCY = 64
-# Triton's platform names where one fits; torch entries are safetensors + config, not TorchScript.
-_PLATFORM = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "torch": "pytorch"}
-# Triton's backend names for the same platforms.
-_BACKEND = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch": "pytorch"}
-
 
 class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
@@ -93,7 +88,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self._models.get(request.name, request.version)
         config = self._faces.config(model) if self._faces is not None else model.config
         response = pb.ModelMetadataResponse(
-            name=model.name, versions=self._models.versions(model.name), platform=_PLATFORM[config.platform]
+            name=model.name, versions=self._models.versions(model.name), platform=PLATFORM[config.platform]
         )
         for spec in config.inputs or ():
             response.inputs.add(name=spec.name, datatype=spec.datatype, shape=expected_shape(config, spec))
@@ -290,65 +285,6 @@ def _error_response(req: pb.ModelInferRequest, message: str) -> pb.ModelStreamIn
         error_message=message,
         infer_response=pb.ModelInferResponse(model_name=req.model_name, model_version=req.model_version, id=req.id),
     )
-
-
-def model_config_message(model: LoadedModel, faces: Faces | None = None) -> mc.ModelConfig:
-    """Triton's ModelConfig for ``model``: its own tensors, or its face's (``faces``)."""
-    config = faces.config(model) if faces is not None else model.config
-    message = mc.ModelConfig(
-        name=model.name,
-        platform=_PLATFORM[config.platform],
-        backend=_BACKEND[config.platform],
-        max_batch_size=config.max_batch_size,
-        default_model_filename=config.default_model_filename,
-    )
-    for spec in config.inputs or ():
-        message.input.add(
-            name=spec.name,
-            data_type=mc.DataType.Value(_config_type(spec.datatype)),
-            dims=spec.dims,
-            optional=spec.optional,
-        )
-    for spec in config.outputs or ():
-        message.output.add(name=spec.name, data_type=mc.DataType.Value(_config_type(spec.datatype)), dims=spec.dims)
-        if config.labels:
-            message.output[-1].label_filename = config.labels
-    message.instance_group.add(
-        name=model.name, count=config.instance_count, kind=_instance_kind(model), gpus=list(config.gpus)
-    )
-    db = config.dynamic_batching
-    if config.max_batch_size > 1:
-        message.dynamic_batching.preferred_batch_size.extend(db.preferred_batch_sizes)
-        message.dynamic_batching.max_queue_delay_microseconds = db.max_queue_delay_us
-        message.dynamic_batching.priority_levels = db.priority_levels
-        message.dynamic_batching.default_priority_level = db.default_priority
-        message.dynamic_batching.default_queue_policy.max_queue_size = db.max_queue_size
-        message.dynamic_batching.default_queue_policy.default_timeout_microseconds = db.default_timeout_us
-        message.dynamic_batching.default_queue_policy.allow_timeout_override = True
-    policy = config.version_policy
-    if policy.all:
-        message.version_policy.all.SetInParent()
-    elif policy.specific:
-        message.version_policy.specific.versions.extend(policy.specific)
-    else:
-        message.version_policy.latest.num_versions = policy.latest or 1
-    message.parameters["task"].string_value = config.task
-    if faces is not None and is_decoupled(model):
-        message.model_transaction_policy.decoupled = True
-    return message
-
-
-def _instance_kind(model: LoadedModel) -> mc.ModelInstanceGroup.Kind.ValueType:
-    """Where the loaded instances run, as Triton reports a resolved kind (``count`` is per GPU
-    when ``gpus`` is set, as in Triton). Engine entries have no batcher runtimes: their
-    placement is the config's ``gpus``."""
-    if model.config.gpus or any(runtime.on_gpu for runtime in model.runtimes):
-        return mc.ModelInstanceGroup.KIND_GPU
-    return mc.ModelInstanceGroup.KIND_CPU
-
-
-def _config_type(datatype: str) -> str:
-    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
 
 
 def _duration(message: pb.StatisticDuration, value: Duration) -> None:

@@ -21,12 +21,12 @@ from google.protobuf import json_format
 from starlette.responses import Response
 
 from taskserve.server.errors import InvalidInput
-from taskserve.server.frontends.grpc.v2_servicer import model_config_message
 from taskserve.server.frontends.http import v2_codec
 from taskserve.server.frontends.http.errors import describe
 from taskserve.server.frontends.http.sse import EventStream, event
 from taskserve.server.frontends.parts import ServingParts
 from taskserve.server.frontends.v2.faces import Faces, is_decoupled
+from taskserve.server.frontends.v2.model_config import model_config_message
 from taskserve.server.frontends.v2.service import EXTENSIONS, SERVER_NAME, SERVER_VERSION, V2Service, call_options
 from taskserve.server.frontends.v2.tensors import check_complete, check_shape, check_utf8, decode_values, spec_of
 from taskserve.server.repository.manager import LoadedModel
