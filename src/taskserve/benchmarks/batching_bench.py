@@ -18,17 +18,16 @@ import asyncio
 import shutil
 import statistics
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import grpc.aio
 import yaml
 
 from taskserve.benchmarks.cli_args import add_measurement_args, add_payload_args, int_list, plan_from
 from taskserve.benchmarks.inprocess import BUCKETED_LABEL, SERVER_LABEL, InProcessModel, best_batch, run_in_process
-from taskserve.benchmarks.loadgen import Call, WindowPlan
+from taskserve.benchmarks.loadgen import WindowPlan
 from taskserve.benchmarks.machine import machine_info
 from taskserve.benchmarks.payloads import Payload, build_payload
 from taskserve.benchmarks.peer_servers import PeerProcess, link_tree, spawn_taskserve
@@ -123,11 +122,9 @@ async def _server_sweep(
 ) -> list[RunResult]:
     channel = bench_channel(peer.address, timeout)
     try:
-        def caller(name: str) -> Callable[[grpc.aio.Channel], Call]:
-            return lambda ch: v2_call(ch, name, "", payload, timeout)
-
         targets = [
-            SweepTarget(name, channel, caller(name)) for name in (f"{model}-batched", f"{model}-unbatched")
+            SweepTarget(name, v2_call(channel, name, "", payload, timeout))
+            for name in (f"{model}-batched", f"{model}-unbatched")
         ]
         runs = await run_sweep(targets, "closed", [concurrency, 1], plan, items_per_request=1, seed=repeat)
     finally:

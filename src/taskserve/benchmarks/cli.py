@@ -12,6 +12,7 @@ Subcommands:
   export      export benchmarks (taskserve.benchmarks.export_bench)
   generation  the generation engine: 1/8/32 streams, context length, TTFT, vs transformers generate
   doors       the OpenAI HTTP door vs typed gRPC on a generation model (1/8/32 streams, same client logic)
+  embedding-doors  a sentence-embedding model through v2 gRPC, v2 REST, typed gRPC and /v1/embeddings
   image-generation  diffusion: step-level batching, server vs diffusers' pipeline in-process
 
 Results go to benchmarks/results/<name>.json, .md and .png.
@@ -91,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     from taskserve.benchmarks.door_bench import build_parser as add_doors
 
     add_doors(sub)
+    from taskserve.benchmarks.embedding_door_bench import build_parser as add_embedding_doors
+
+    add_embedding_doors(sub)
     from taskserve.benchmarks.image_generation_bench import build_parser as add_image_generation
 
     add_image_generation(sub)
@@ -143,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
             from taskserve.benchmarks.door_bench import run_doors
 
             runs, paths = run_doors(args)
+        elif args.command == "embedding-doors":
+            from taskserve.benchmarks.embedding_door_bench import run_embedding_doors
+
+            runs, paths = run_embedding_doors(args)
         elif args.command == "floor":
             from taskserve.benchmarks.floor_bench import run_floor
 

@@ -26,11 +26,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc.aio
-
 from taskserve.benchmarks.cli_args import float_list, int_list, payload_from_args, plan_from
 from taskserve.benchmarks.inprocess import InProcessModel
-from taskserve.benchmarks.loadgen import Call
 from taskserve.benchmarks.machine import machine_info
 from taskserve.benchmarks.payloads import Payload
 from taskserve.benchmarks.peer_servers import (
@@ -154,10 +151,10 @@ def start_servers(
 async def _sweep(peers: list[PeerProcess], args: argparse.Namespace, payload: Payload) -> list[RunResult]:
     channels = {p.name: bench_channel(p.address, args.timeout) for p in peers}
 
-    def make(ch: grpc.aio.Channel) -> Call:
-        return v2_call(ch, args.model, args.model_version, payload, args.timeout)
-
-    targets = [SweepTarget(p.name, channels[p.name], make) for p in peers]
+    targets = [
+        SweepTarget(p.name, v2_call(channels[p.name], args.model, args.model_version, payload, args.timeout))
+        for p in peers
+    ]
     loads = args.concurrency if args.mode == "closed" else args.rate
     try:
         return await run_sweep(

@@ -68,6 +68,11 @@ def steps(repo: Path) -> list[Step]:
         Step(f"doors-{GENERATION_MODEL}", 7, ("doors", "--model-repository", str(repo), "--model", GENERATION_MODEL,
                                               "--streams", "1,8,32", "--repeats", "4", "--quiet",
                                               "--name", f"doors-{GENERATION_MODEL}")),  # fmt: skip
+        # The same sentence-embedding model through v2 gRPC, v2 REST, typed gRPC and /v1/embeddings.
+        Step(f"embedding-doors-{MODEL}", 6, ("embedding-doors", "--model-repository", str(repo), "--model", MODEL,
+                                             "--concurrency", "1,8,32", "--repeats", "2", "--window", "3",
+                                             "--max-windows", "4", "--quiet",
+                                             "--name", f"embedding-doors-{MODEL}")),  # fmt: skip
         Step("image-generation-tiny-sd", 6, ("image-generation", "--size", "64", "--steps", "50", "--requests", "8",
                                              "--repeats", "3", "--concurrency", "4",
                                              "--name", "image-generation-tiny-sd")),  # fmt: skip

@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import grpc.aio
-
 from taskserve.benchmarks.cli_args import payload_from_args, plan_from
-from taskserve.benchmarks.loadgen import Call
 from taskserve.benchmarks.machine import machine_info
 from taskserve.benchmarks.report import write_results
 from taskserve.benchmarks.stats import RunResult
@@ -36,13 +33,13 @@ async def run_server_load(args: argparse.Namespace) -> tuple[list[RunResult], di
             args.payload = "text" if TYPED_TASKS[args.task].needs == "texts" else "image"
         payload = payload_from_args(args, specs, model_dir)
 
-        def make(ch: grpc.aio.Channel) -> Call:
-            if args.protocol == "v2":
-                return v2_call(ch, args.model, args.model_version, payload, args.timeout)
-            return typed_call(ch, args.task, args.model, args.model_version, payload, args.timeout)
+        if args.protocol == "v2":
+            call = v2_call(channel, args.model, args.model_version, payload, args.timeout)
+        else:
+            call = typed_call(channel, args.task, args.model, args.model_version, payload, args.timeout)
 
         loads = args.concurrency if args.command == "closed" else args.rate
-        target = SweepTarget(args.label, channel, make)
+        target = SweepTarget(args.label, call)
         runs = await run_sweep(
             [target], args.command, loads, plan_from(args),
             items_per_request=payload.batch_size, seed=args.seed, progress=not args.quiet,

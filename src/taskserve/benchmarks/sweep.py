@@ -6,11 +6,10 @@ machine (thermal, other tenants) spreads over all of them instead of biasing one
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import grpc.aio
 from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
 
 from taskserve.benchmarks.loadgen import Call, WindowPlan, run_closed_loop, run_open_loop
@@ -21,11 +20,11 @@ Mode = Literal["closed", "open"]
 
 @dataclass(frozen=True)
 class SweepTarget:
-    """One server under test: its label, its channel and how to build the call for it."""
+    """One server (or door) under test: its label and the call that loads it (over whatever
+    transport: a gRPC channel, an HTTP client)."""
 
     server: str
-    channel: grpc.aio.Channel
-    make_call: Callable[[grpc.aio.Channel], Call]
+    call: Call
 
 
 async def run_sweep(
@@ -39,7 +38,7 @@ async def run_sweep(
     seed: int = 0,
     progress: bool = True,
 ) -> list[RunResult]:
-    calls = {t.server: t.make_call(t.channel) for t in targets}
+    calls = {t.server: t.call for t in targets}
     steps = [(rep, load, t) for rep in range(repeats) for load in loads for t in targets]
     results: list[RunResult] = []
     bar = tqdm(total=len(steps), disable=not progress, unit="run", dynamic_ncols=True)
