@@ -23,8 +23,7 @@ from taskserve.server.frontends.grpc.deadlines import request_deadline
 from taskserve.server.frontends.grpc.status import describe, unary
 from taskserve.server.frontends.v2.faces import FACED_TASKS, Faces, has_face
 from taskserve.server.frontends.v2.model_config import model_config_message
-from taskserve.server.frontends.v2.service import PLATFORM, load_model, unload_model
-from taskserve.server.frontends.v2.tensors import expected_shape
+from taskserve.server.frontends.v2.service import describe_model, load_model, unload_model
 from taskserve.server.metrics import Duration
 from taskserve.server.repository.manager import LoadedModel, ModelManager, ModelState
 from taskserve.server.scheduling.base import InferRequest
@@ -85,15 +84,12 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @unary
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
-        model = self._models.get(request.name, request.version)
-        config = self._faces.config(model) if self._faces is not None else model.config
-        response = pb.ModelMetadataResponse(
-            name=model.name, versions=self._models.versions(model.name), platform=PLATFORM[config.platform]
-        )
-        for spec in config.inputs or ():
-            response.inputs.add(name=spec.name, datatype=spec.datatype, shape=expected_shape(config, spec))
-        for spec in config.outputs or ():
-            response.outputs.add(name=spec.name, datatype=spec.datatype, shape=expected_shape(config, spec))
+        meta = describe_model(self._models, self._faces, request.name, request.version)
+        response = pb.ModelMetadataResponse(name=meta.name, versions=meta.versions, platform=meta.platform)
+        for spec in meta.inputs:
+            response.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+        for spec in meta.outputs:
+            response.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
         return response
 
     @unary

@@ -44,6 +44,27 @@ class ModelMetadata:
     outputs: tuple[TensorMetadata, ...]
 
 
+def describe_model(models: ModelManager, faces: Faces | None, name: str, version: str = "") -> ModelMetadata:
+    """What v2 ModelMetadata says of a model, on either door: its face's tensors where it has a
+    face (generating models), its graph's otherwise."""
+    model = models.get(name, version)
+    config = faces.config(model) if faces is not None else model.config
+
+    def described(specs: object) -> tuple[TensorMetadata, ...]:
+        return tuple(
+            TensorMetadata(t.name, t.datatype, tuple(expected_shape(config, t)))
+            for t in specs or ()  # type: ignore[attr-defined]
+        )
+
+    return ModelMetadata(
+        name=model.name,
+        versions=tuple(models.versions(model.name)),
+        platform=PLATFORM[config.platform],
+        inputs=described(config.inputs),
+        outputs=described(config.outputs),
+    )
+
+
 def int_value(parameters: Mapping[str, object], key: str) -> int | None:
     """A non-negative integer request parameter, None when absent."""
     value = parameters.get(key)
@@ -124,22 +145,7 @@ class V2Service:
         return self.models.get(name, version)
 
     def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
-        model = self.models.get(name, version)
-        config = self.faces.config(model)
-
-        def described(specs: object) -> tuple[TensorMetadata, ...]:
-            return tuple(
-                TensorMetadata(t.name, t.datatype, tuple(expected_shape(config, t)))
-                for t in specs or ()  # type: ignore[attr-defined]
-            )
-
-        return ModelMetadata(
-            name=model.name,
-            versions=tuple(self.models.versions(model.name)),
-            platform=PLATFORM[config.platform],
-            inputs=described(config.inputs),
-            outputs=described(config.outputs),
-        )
+        return describe_model(self.models, self.faces, name, version)
 
     def index(self, ready_only: bool = False) -> list[ModelIndexEntry]:
         return [e for e in self.models.index() if not ready_only or e.state == ModelState.READY]
