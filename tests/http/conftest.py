@@ -22,7 +22,7 @@ def openai_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     from taskserve.exporters import smollm2
     from taskserve.exporters.api import export_hf
-    from taskserve.exporters.demo import ENTRY_NAMES
+    from taskserve.exporters.demo import ENTRY_NAMES, SMOLLM2_SLOTS
     from taskserve.exporters.diffusion import export_diffusers
     from taskserve.exporters.tiny_diffusion import tiny_stable_diffusion
     from tests.support import tiny_hf_models as tiny_models
@@ -30,7 +30,7 @@ def openai_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sources = tmp_path_factory.mktemp("openai-sources")
     repo = tmp_path_factory.mktemp("openai-repo")
     smol = smollm2.materialize(sources / "SmolLM2-135M-Instruct")
-    export_hf(smol, "text-generation", repo, ENTRY_NAMES["smollm2"], max_batch_size=16, progress=False)
+    export_hf(smol, "text-generation", repo, ENTRY_NAMES["smollm2"], max_batch_size=SMOLLM2_SLOTS, progress=False)
     embed = tiny_models.tiny_bert(sources / "tiny-embed", "feature-extraction")
     export_hf(embed, "feature-extraction", repo, EMBED_MODEL, progress=False)
     pipeline = tiny_stable_diffusion(sources / "tiny-sd")

@@ -95,9 +95,11 @@ def smollm2_repository(tmp_path_factory: pytest.TempPathFactory, smollm2_source:
     """One export of SmolLM2 per run (~1 min), as the demo builds it: the generation engine's entry
     with the prompt templates of the transform services."""
     from taskserve.exporters.api import export_hf
-    from taskserve.exporters.demo import ENTRY_NAMES, add_prompt_templates
+    from taskserve.exporters.demo import ENTRY_NAMES, SMOLLM2_SLOTS, add_prompt_templates
 
     repo = tmp_path_factory.mktemp("smollm2-repo")
-    export_hf(smollm2_source, "text-generation", repo, ENTRY_NAMES["smollm2"], max_batch_size=16, progress=False)
+    export_hf(
+        smollm2_source, "text-generation", repo, ENTRY_NAMES["smollm2"], max_batch_size=SMOLLM2_SLOTS, progress=False
+    )
     add_prompt_templates(repo / ENTRY_NAMES["smollm2"])  # as the demo does: the transform services too
     return repo

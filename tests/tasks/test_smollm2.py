@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from taskserve.clients import ClientOptions, TaskServeClient
-from taskserve.exporters.demo import ENTRY_NAMES
+from taskserve.exporters.demo import ENTRY_NAMES, SMOLLM2_SLOTS
 from taskserve.protocol.generated.taskserve.v1 import common_pb2 as common
 from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2 as tg
 from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2_grpc as tg_grpc
@@ -140,8 +140,8 @@ def test_smollm2_entry_runs_on_the_generation_engine(smollm2_server: ServerThrea
     config = load_model_config(smollm2_server.app.models.repository / MODEL)
     assert config.task == "text-generation" and config.max_batch_size == 0
     assert config.generation is not None
-    # --max-batch-size 16 (the demo's) became the engine's sequences decoding together.
-    assert config.generation.max_num_seqs == 16 and config.generation.max_model_len == 2048
+    # --max-batch-size (the demo's SMOLLM2_SLOTS) became the engine's sequences decoding together.
+    assert config.generation.max_num_seqs == SMOLLM2_SLOTS and config.generation.max_model_len == 2048
     assert config.task_options["max_length"] == 8192
     assert (smollm2_server.app.models.repository / MODEL / "chat_template.jinja").is_file()
     loaded = smollm2_server.app.models.get(MODEL, "")
