@@ -23,7 +23,7 @@ GENERATION_MODEL = "SmolLM2-135M-Instruct"
 RESULTS = Path(__file__).resolve().parents[3] / "benchmarks" / "results"
 # SmolLM2's weights as a transformers folder: the generation step compares with `generate` on them.
 SMOLLM2_SOURCE = Path("build/bench/smollm2-source")
-# Published once, now measured inside another result: removed when make bench has run.
+# Results once published, now measured inside another one: make bench removes them if present.
 # (KServe with one thread per session is the kserve-tuned row of peers-all-MiniLM-L6-v2.)
 SUPERSEDED = (f"peers-{MODEL}-kserve-1-thread",)
 # Measured on a GPU machine (benchmarks/gpu/device_check.sh), not by make bench.
