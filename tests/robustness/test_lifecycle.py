@@ -14,8 +14,8 @@ from prometheus_client import generate_latest
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from taskserve.server.metrics import ServerMetrics
-from taskserve.server.repository.manager import ModelManager
 from taskserve.server.runtimes.onnx import OnnxRuntime
+from taskserve.server.serving.manager import ModelManager
 from tests.support.server import ServerThread
 
 

@@ -19,9 +19,10 @@ from taskserve.protocol.generated.taskserve.v1 import text_classification_pb2 as
 from taskserve.protocol.generated.taskserve.v1 import text_classification_pb2_grpc as tc_grpc
 from taskserve.server.errors import ModelNotReady
 from taskserve.server.metrics import ServerMetrics
-from taskserve.server.repository.manager import LoadedModel, ModelManager
 from taskserve.server.runtimes.onnx import OnnxRuntime
 from taskserve.server.scheduling.base import InferRequest
+from taskserve.server.serving.loaded_model import LoadedModel
+from taskserve.server.serving.manager import ModelManager
 from tests.support.server import ServerThread
 
 from .conftest import TEXTCLS

@@ -25,7 +25,7 @@ from taskserve.protocol.generated.taskserve.v1 import common_pb2, image_classifi
 from taskserve.protocol.generated.taskserve.v1 import image_classification_pb2_grpc as ic_grpc
 from taskserve.server.errors import ConfigError
 from taskserve.server.repository.config import load_model_config
-from taskserve.server.repository.manager import MAX_REASON_CHARS
+from taskserve.server.serving.manager import MAX_REASON_CHARS
 from taskserve.server.tasks.images import decode_image
 from tests.support.server import ServerThread, running_server
 from tests.support.tiny_models import add_sub_graph, identity_graph, write_entry
@@ -210,7 +210,7 @@ def test_stored_reasons_are_capped_in_the_index_and_the_log(
         assert "not_an_option_0" in index["long_reason"].reason  # the start of the reason is kept
         total = sum(len(m.reason) for m in index.values())
         assert total <= MAX_REASON_CHARS * len(index)
-        with caplog.at_level(logging.ERROR, logger="taskserve.server.repository.manager"):
+        with caplog.at_level(logging.ERROR, logger="taskserve.server.serving.manager"):
             for name in ("yaml_bomb", "long_reason"):
                 with pytest.raises(grpc.RpcError):
                     v2.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name), timeout=30)

@@ -6,8 +6,8 @@ import pytest
 
 from taskserve.server.errors import ConfigError
 from taskserve.server.repository.config import ModelConfig
-from taskserve.server.repository.tensors import resolve_tensors
 from taskserve.server.runtimes.base import TensorInfo
+from taskserve.server.serving.tensors import resolve_tensors
 
 GRAPH_IN = [TensorInfo("ids", "INT64", (-1, -1))]
 GRAPH_OUT = [TensorInfo("emb", "FP32", (-1, 384))]

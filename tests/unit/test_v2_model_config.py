@@ -11,7 +11,7 @@ import pytest
 from taskserve.protocol.generated.inference import model_config_pb2 as mc
 from taskserve.server.frontends.v2.model_config import model_config_message as _model_config_message
 from taskserve.server.repository.config import ModelConfig
-from taskserve.server.repository.manager import LoadedModel
+from taskserve.server.serving.loaded_model import LoadedModel
 
 
 class _Runtime:

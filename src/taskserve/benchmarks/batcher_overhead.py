@@ -23,7 +23,7 @@ import numpy as np
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.runtimes.base import Runtime, TensorInfo
 from taskserve.server.scheduling.base import InferRequest
-from taskserve.server.scheduling.factory import create_scheduler
+from taskserve.server.serving.factory import create_scheduler
 
 
 class EchoRuntime(Runtime):

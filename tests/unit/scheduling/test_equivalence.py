@@ -15,7 +15,7 @@ import pytest
 from taskserve.server.repository.config import ModelConfig
 from taskserve.server.runtimes.base import Runtime, TensorInfo
 from taskserve.server.scheduling.base import InferRequest, InferResult
-from taskserve.server.scheduling.factory import create_scheduler
+from taskserve.server.serving.factory import create_scheduler
 
 from .fakes import FakeRuntime, masked_outputs
 from .harness import batcher, running, token_config

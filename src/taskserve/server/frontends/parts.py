@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from taskserve.server.metrics import ServerMetrics
-from taskserve.server.repository.manager import ModelManager
+from taskserve.server.serving.manager import ModelManager
 from taskserve.server.settings import ServerSettings
 from taskserve.server.tasks.base import TaskCache, TaskContext, TaskLimits
 from taskserve.server.tasks.readiness import check_options, check_servable

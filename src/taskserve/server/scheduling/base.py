@@ -41,9 +41,9 @@ class InferResult:
 
 
 class Lifecycle(abc.ABC):
-    """What the repository manager drives for every loaded model version, whichever way it
-    executes (the request batcher ``Scheduler`` or the ``GenerationEngine``): start it,
-    count its work, stop it. Called on the event loop."""
+    """What the model manager (serving/manager.py) drives for every loaded model version,
+    whichever way it executes (the request batcher ``Scheduler`` or the
+    ``GenerationEngine``): start it, count its work, stop it. Called on the event loop."""
 
     @abc.abstractmethod
     async def start(self) -> None:

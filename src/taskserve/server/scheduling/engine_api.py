@@ -2,7 +2,7 @@
 
 A model version with a ``generation:`` block is served by a ``GenerationEngine``
 (``LoadedModel.engine``) instead of a request ``Scheduler`` (``LoadedModel.scheduler``);
-both share the ``Lifecycle`` the repository manager drives. A task asks its model for the
+both share the ``Lifecycle`` the model manager drives. A task asks its model for the
 one it needs and never inspects a scheduler's type.
 """
 

@@ -4,10 +4,10 @@ or ``tensor`` for the v2 protocol only), its ``task_options`` must validate (the
 they name inside the model directory), and its task object (tokenizer, labels,
 preprocessing) must build, which also warms it.
 
-The model manager sits below the tasks and cannot import them; the front end wires
-``check_options`` into it with ``ModelManager.add_config_check`` (before anything of a
-model loads) and ``check_servable`` with ``ModelManager.add_load_check`` (see
-frontends/grpc/tasks/__init__.py), keeping front ends -> tasks -> scheduling."""
+The model manager (serving/) and the tasks are sibling rooms that never import each
+other; the front end wires ``check_options`` into it with ``ModelManager.add_config_check``
+(before anything of a model loads) and ``check_servable`` with ``ModelManager.add_load_check`` (see
+frontends/grpc/tasks/__init__.py), keeping front ends -> serving | tasks -> scheduling."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from taskserve.server.frontends.parts import ServingParts, build_tasks
 from taskserve.server.gpu_metrics import GpuCollector, start_gpu_metrics
 from taskserve.server.metrics import ServerMetrics
 from taskserve.server.repository.config import ModelLimits
-from taskserve.server.repository.manager import ModelManager
+from taskserve.server.serving.manager import ModelManager
 from taskserve.server.settings import ServerSettings
 from taskserve.server.tasks.base import TaskLimits
 

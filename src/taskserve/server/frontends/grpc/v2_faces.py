@@ -21,7 +21,7 @@ from taskserve.server.errors import InvalidInput
 from taskserve.server.frontends.grpc import codec
 from taskserve.server.frontends.grpc.deadlines import request_deadline
 from taskserve.server.frontends.v2.faces import Faces, is_decoupled
-from taskserve.server.repository.manager import LoadedModel
+from taskserve.server.serving.loaded_model import LoadedModel
 from taskserve.server.tasks.base import CallOptions
 
 Context = grpc.aio.ServicerContext[Any, Any]

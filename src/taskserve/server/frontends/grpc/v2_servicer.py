@@ -25,8 +25,9 @@ from taskserve.server.frontends.v2.faces import FACED_TASKS, Faces, has_face
 from taskserve.server.frontends.v2.model_config import model_config_message
 from taskserve.server.frontends.v2.service import describe_model, load_model, unload_model
 from taskserve.server.metrics import Duration
-from taskserve.server.repository.manager import LoadedModel, ModelManager, ModelState
 from taskserve.server.scheduling.base import InferRequest
+from taskserve.server.serving.loaded_model import LoadedModel
+from taskserve.server.serving.manager import ModelManager, ModelState
 from taskserve.server.tasks.base import TaskCache
 
 log = logging.getLogger(__name__)

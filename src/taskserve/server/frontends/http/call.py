@@ -17,7 +17,7 @@ from fastapi import Request
 from taskserve.server.errors import Cancelled, InvalidInput
 from taskserve.server.frontends.http.errors import HttpError
 from taskserve.server.frontends.parts import ServingParts
-from taskserve.server.repository.manager import LoadedModel
+from taskserve.server.serving.loaded_model import LoadedModel
 from taskserve.server.tasks.base import CallOptions, Task
 
 TaskT = TypeVar("TaskT", bound=Task)

@@ -29,7 +29,7 @@ from taskserve.server.frontends.v2.faces import Faces, is_decoupled
 from taskserve.server.frontends.v2.model_config import model_config_message
 from taskserve.server.frontends.v2.service import EXTENSIONS, SERVER_NAME, SERVER_VERSION, V2Service, call_options
 from taskserve.server.frontends.v2.tensors import check_complete, check_shape, check_utf8, decode_values, spec_of
-from taskserve.server.repository.manager import LoadedModel
+from taskserve.server.serving.loaded_model import LoadedModel
 
 
 def _status(ok: bool) -> Response:

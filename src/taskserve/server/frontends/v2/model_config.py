@@ -7,7 +7,7 @@ from __future__ import annotations
 from taskserve.protocol.generated.inference import model_config_pb2 as mc
 from taskserve.server.frontends.v2.faces import Faces, is_decoupled
 from taskserve.server.frontends.v2.service import PLATFORM
-from taskserve.server.repository.manager import LoadedModel
+from taskserve.server.serving.loaded_model import LoadedModel
 
 # Triton's backend names for the same platforms.
 BACKEND = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch": "pytorch"}

@@ -16,9 +16,10 @@ import numpy as np
 from taskserve.server.errors import InvalidInput, ModelControlDisabled, ModelNotReady, quoted
 from taskserve.server.frontends.v2.faces import FACED_TASKS, Faces, has_face
 from taskserve.server.frontends.v2.tensors import expected_shape
-from taskserve.server.repository.manager import LoadedModel, ModelIndexEntry, ModelManager, ModelState
 from taskserve.server.repository.paths import check_model_name
 from taskserve.server.scheduling.base import InferRequest
+from taskserve.server.serving.loaded_model import LoadedModel
+from taskserve.server.serving.manager import ModelIndexEntry, ModelManager, ModelState
 from taskserve.server.tasks.base import CallOptions, batcher_of
 
 SERVER_NAME = "taskserve"

@@ -56,7 +56,7 @@ from taskserve.server.frontends.grpc.tasks.text_transform import (
 )
 from taskserve.server.frontends.grpc.tasks.token_classification import TokenClassificationServicer
 from taskserve.server.frontends.parts import build_tasks
-from taskserve.server.repository.manager import ModelManager
+from taskserve.server.serving.manager import ModelManager
 from taskserve.server.tasks.base import TaskCache, TaskLimits
 
 __all__ = ["add_task_servicers"]

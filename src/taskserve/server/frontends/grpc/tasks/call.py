@@ -14,7 +14,8 @@ import grpc
 from taskserve.protocol.generated.taskserve.v1 import common_pb2
 from taskserve.server.errors import InvalidInput, WrongTask
 from taskserve.server.frontends.grpc.deadlines import request_deadline
-from taskserve.server.repository.manager import LoadedModel, ModelManager
+from taskserve.server.serving.loaded_model import LoadedModel
+from taskserve.server.serving.manager import ModelManager
 from taskserve.server.tasks.base import CallOptions, Task, TaskCache
 from taskserve.server.tasks.images import ImageSource, RawImage
 

@@ -13,7 +13,7 @@ from taskserve.protocol.generated.taskserve.v1 import text_transform_pb2_grpc as
 from taskserve.server.frontends.grpc.status import server_stream, unary
 from taskserve.server.frontends.grpc.tasks.call import Context, TaskServicer
 from taskserve.server.frontends.grpc.tasks.text_generation import chunk_response, generate_params
-from taskserve.server.repository.manager import ModelManager
+from taskserve.server.serving.manager import ModelManager
 from taskserve.server.tasks.base import TaskCache
 from taskserve.server.tasks.seq2seq import Seq2SeqGenerator
 from taskserve.server.tasks.text_generation import GenerationChunk, TextGenerator

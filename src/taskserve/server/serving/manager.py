@@ -14,13 +14,9 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from taskserve.protocol.datatypes import numpy_dtype
 from taskserve.server.errors import ModelNotFound, ModelNotReady, TaskServeError, caller_safe, quoted
-from taskserve.server.metrics import ModelMetrics, ServerMetrics
-from taskserve.server.repository.config import GenerationConfig, ModelConfig, ModelLimits, load_model_config
-from taskserve.server.repository.leases import Leases
+from taskserve.server.metrics import ServerMetrics
+from taskserve.server.repository.config import ModelConfig, ModelLimits, load_model_config
 from taskserve.server.repository.paths import (
     MAX_NAME_CHARS,
     check_name_length,
@@ -29,14 +25,10 @@ from taskserve.server.repository.paths import (
     resolve_inside,
     without_server_paths,
 )
-from taskserve.server.repository.tensors import resolve_tensors
 from taskserve.server.repository.versions import available_versions, select_versions
-from taskserve.server.runtimes import Runtime, TensorInfo, create_runtime
-from taskserve.server.runtimes.devices import check_placements, instance_placements
 from taskserve.server.runtimes.memory import release_freed_memory
-from taskserve.server.scheduling.base import Lifecycle, Scheduler
-from taskserve.server.scheduling.engine_api import GenerationEngine
-from taskserve.server.scheduling.factory import create_scheduler
+from taskserve.server.serving.factory import load_version
+from taskserve.server.serving.loaded_model import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -49,43 +41,6 @@ class ModelState(enum.Enum):
     READY = "READY"
     UNLOADING = "UNLOADING"
     UNAVAILABLE = "UNAVAILABLE"
-
-
-@dataclass
-class LoadedModel:
-    """One servable model version. ``config`` has inputs/outputs resolved against the graph."""
-
-    name: str
-    version: str
-    config: ModelConfig
-    model_dir: Path
-    # Exactly one of the two executes the model: the request batcher (single requests)
-    # or the generation engine (sequences over a resident KV cache).
-    scheduler: Scheduler | None
-    metrics: ModelMetrics
-    runtimes: list[Runtime]
-    platform_description: str = ""
-    # What a model without batcher runtimes (a torch decoder on the engine) declares.
-    tensors: tuple[list[TensorInfo], list[TensorInfo]] | None = None
-    engine: GenerationEngine | None = None
-    # Requests that resolved this version and are not answered yet (leases.py): a swap
-    # retires it only once they are done.
-    leases: Leases = field(default_factory=Leases, repr=False, compare=False)
-
-    @property
-    def lifecycle(self) -> Lifecycle:
-        """Whichever executes the model: started at load, stopped at unload."""
-        executor = self.scheduler if self.scheduler is not None else self.engine
-        assert executor is not None, "a loaded model has a scheduler or an engine"
-        return executor
-
-    @property
-    def inputs(self) -> list[TensorInfo]:
-        return self.tensors[0] if self.tensors is not None else self.runtimes[0].inputs
-
-    @property
-    def outputs(self) -> list[TensorInfo]:
-        return self.tensors[1] if self.tensors is not None else self.runtimes[0].outputs
 
 
 @dataclass
@@ -106,23 +61,6 @@ class _ModelSlot:
     config: ModelConfig | None = None
     versions: dict[str, LoadedModel] = field(default_factory=dict)
     default_version: str = ""
-
-
-def warmup_inputs(config: ModelConfig, batch_size: int) -> dict[str, np.ndarray]:
-    """Representative inputs: variable dims at the configured size, ones everywhere."""
-    inputs: dict[str, np.ndarray] = {}
-    size = config.warmup.variable_dim_size
-    for tensor in config.inputs or ():
-        if tensor.optional:
-            continue
-        dims = [size if d == -1 else d for d in tensor.dims]
-        shape = ([batch_size] if config.max_batch_size > 0 else []) + dims
-        if tensor.datatype == "BYTES":
-            arr = np.full(shape, b"warmup", dtype=np.object_)
-        else:
-            arr = np.ones(shape, dtype=numpy_dtype(tensor.datatype))
-        inputs[tensor.name] = arr
-    return inputs
 
 
 def _merged_limits(own: ModelLimits, defaults: ModelLimits) -> ModelLimits:
@@ -161,8 +99,9 @@ class ModelManager:
         # and a Load waiting on that slot's lock would then fill an orphan nobody frees.
         self._locks: dict[str, asyncio.Lock] = {}
         # Checks a version must pass before it is READY (the front end wires its typed
-        # task's build and options check here: the manager sits below tasks and cannot
-        # import them), and callbacks for versions leaving service (to drop their caches).
+        # task's build and options check here: the manager and the tasks are sibling rooms
+        # and neither imports the other), and callbacks for versions leaving service (to
+        # drop their caches).
         self._load_checks: list[Callable[[LoadedModel], Awaitable[None]]] = []
         # Checks of a config before any version loads (the tasks' options and the files they name).
         self._config_checks: list[Callable[[Path, ModelConfig], None]] = []
@@ -335,7 +274,8 @@ class ModelManager:
         loaded: dict[str, LoadedModel] = {}
         try:
             for version in versions:
-                model = loaded[str(version)] = await self._load_version(name, str(version), model_dir, config)
+                metrics = self._metrics.for_model(name, str(version))
+                model = loaded[str(version)] = await load_version(name, str(version), model_dir, config, metrics)
                 for check in self._load_checks:
                     await check(model)
         except BaseException:
@@ -343,144 +283,6 @@ class ModelManager:
             await self._retire(loaded.values(), keep=self._slots[name].versions if name in self._slots else {})
             raise
         return loaded
-
-    async def _load_version(self, name: str, version: str, model_dir: Path, config: ModelConfig) -> LoadedModel:
-        started = time.perf_counter()
-        model_path = resolve_inside(model_dir, f"{version}/{config.default_model_filename}", "default_model_filename")
-        metrics = self._metrics.for_model(name, version)
-        runtimes: list[Runtime] = []
-
-        # Encoder-decoders always step on the engine; entries exported before it wrote their block get its defaults.
-        if config.generation is not None or config.task == "text2text-generation":
-            return await self._load_engine(name, version, model_dir, config, model_path, metrics, started)
-
-        def load_and_warm() -> ModelConfig:
-            sizes = [b for b in config.warmup.batch_sizes if config.max_batch_size == 0 or b <= config.max_batch_size]
-            resolved: ModelConfig | None = None
-            placements = instance_placements(config)
-            check_placements(config, placements)  # a GPU this machine lacks: UNAVAILABLE, with the reason
-            for placement in placements:
-                runtime = create_runtime(model_path, config, gpu=placement.gpu)
-                runtimes.append(runtime)
-                runtime.load()
-                if resolved is None:  # every instance loads the same graph: check it once
-                    resolved = resolve_tensors(config, runtime.inputs, runtime.outputs)
-                if config.warmup.enabled:
-                    for batch in sizes or [1]:
-                        runtime.warmup(warmup_inputs(resolved, batch))
-            assert resolved is not None  # instance_count >= 1
-            return resolved
-
-        try:
-            resolved = await asyncio.to_thread(load_and_warm)
-            scheduler = create_scheduler(resolved, runtimes, metrics)
-            await scheduler.start()
-        except BaseException:
-            for runtime in runtimes:
-                runtime.close()
-            raise
-        metrics.loaded(time.perf_counter() - started)
-        return LoadedModel(
-            name=name,
-            version=version,
-            config=resolved,
-            model_dir=model_dir,
-            scheduler=scheduler,
-            metrics=metrics,
-            runtimes=runtimes,
-            platform_description=runtimes[0].description,
-        )
-
-    async def _load_engine(
-        self,
-        name: str,
-        version: str,
-        model_dir: Path,
-        config: ModelConfig,
-        model_path: Path,
-        metrics: ModelMetrics,
-        started: float,
-    ) -> LoadedModel:
-        """A decoder served by the generation engine: one runner holding the resident KV cache
-        (decoder-only graphs: OnnxDecoderRunner; torch causal-lm entries: TorchDecoderRunner, the
-        cache on the device; text2text-generation: optimum's merged decoder in a Seq2SeqRunner,
-        the encoder staying its own entry)."""
-        from taskserve.server.runtimes.generation import DecoderRunner
-        from taskserve.server.scheduling.generation_scheduler import GenerationScheduler
-
-        settings = config.generation or GenerationConfig()
-        placements = instance_placements(config)
-        check_placements(config, placements)  # a GPU this machine lacks: UNAVAILABLE, with the reason
-        gpu = placements[0].gpu
-        runtimes: list[Runtime] = []
-        tensors: tuple[list[TensorInfo], list[TensorInfo]] | None = None
-        load_and_warm: Callable[[], tuple[ModelConfig, DecoderRunner, str]]
-        if config.task == "text2text-generation":
-            from taskserve.server.runtimes.seq2seq_runner import Seq2SeqRunner
-
-            runtime = create_runtime(model_path, config, gpu)
-            runtimes.append(runtime)
-            close = runtime.close
-
-            def load_and_warm() -> tuple[ModelConfig, DecoderRunner, str]:
-                runtime.load()
-                resolved = resolve_tensors(config, runtime.inputs, runtime.outputs)
-                if config.warmup.enabled:
-                    runtime.warmup(warmup_inputs(resolved, 1))
-                seq2seq = Seq2SeqRunner(runtime, settings.max_num_seqs, settings.max_model_len)
-                return resolved, seq2seq, seq2seq.description
-
-        elif config.platform == "torch":
-            # The only place the engine imports torch, and only for torch entries.
-            from taskserve.server.runtimes.torch_decoder import TorchDecoderRunner
-
-            torch_decoder = TorchDecoderRunner(model_path, config, gpu)
-            close = torch_decoder.close
-
-            def load_and_warm() -> tuple[ModelConfig, DecoderRunner, str]:
-                nonlocal tensors
-                torch_decoder.load()
-                tensors = (torch_decoder.inputs, torch_decoder.outputs)
-                resolved = resolve_tensors(config, *tensors)
-                if config.warmup.enabled:
-                    torch_decoder.warmup()
-                return resolved, torch_decoder, torch_decoder.description
-
-        else:
-            from taskserve.server.runtimes.onnx_decoder import OnnxDecoderRunner
-
-            decoder = OnnxDecoderRunner(model_path, config, gpu)
-            runtimes.append(decoder.runtime)
-            close = decoder.close
-
-            def load_and_warm() -> tuple[ModelConfig, DecoderRunner, str]:
-                decoder.load()
-                resolved = resolve_tensors(config, decoder.runtime.inputs, decoder.runtime.outputs)
-                if config.warmup.enabled:
-                    decoder.warmup()
-                return resolved, decoder, decoder.description
-
-        try:
-            resolved, runner, description = await asyncio.to_thread(load_and_warm)
-            engine = GenerationScheduler(name, settings, runner, metrics)
-            await engine.start()
-        except BaseException:
-            close()
-            raise
-        metrics.loaded(time.perf_counter() - started)
-        metrics.set_ready(True)
-        return LoadedModel(
-            name=name,
-            version=version,
-            config=resolved,
-            model_dir=model_dir,
-            scheduler=None,
-            engine=engine,
-            metrics=metrics,
-            runtimes=runtimes,
-            platform_description=description,
-            tensors=tensors,
-        )
 
     async def unload(self, name: str, drain: bool = True) -> None:
         """Stop serving a model: refuse new requests, finish queued ones, free the runtimes."""
