@@ -1,4 +1,4 @@
-"""``AsyncTaskServeClient``: the asyncio client (grpc.aio) for the v2 protocol and the typed services."""
+"""``AsyncTaskServeClient``: the asyncio client for the v2 protocol and the typed task services."""
 
 from __future__ import annotations
 
@@ -13,21 +13,21 @@ import grpc.aio
 import numpy as np
 import numpy.typing as npt
 
-from taskserve.clients.calls import AsyncCaller
+from taskserve.clients._async.calls import AsyncCaller
+from taskserve.clients._async.image_generation import AsyncImageGenerationNamespace
+from taskserve.clients._async.text import AsyncTextNamespace
+from taskserve.clients._async.vision import AsyncVisionNamespace
 from taskserve.clients.channel import create_aio_channel
 from taskserve.clients.errors import TaskServeError, Unavailable, error_for
-from taskserve.clients.image_generation import AsyncImageGenerationNamespace
 from taskserve.clients.metadata import ModelMetadata, ServerMetadata
 from taskserve.clients.options import ClientOptions
-from taskserve.clients.text import AsyncTextNamespace
 from taskserve.clients.v2_codec import ParameterValue, decode_infer_response, encode_infer_request
-from taskserve.clients.vision import AsyncVisionNamespace
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 
 
 class AsyncTaskServeClient:
-    """asyncio client; create it inside the event loop that uses it.
+    """The asyncio client; create it inside the event loop that uses it.
 
     >>> async with AsyncTaskServeClient("localhost:8001") as client:
     ...     vectors = await client.text.embed(["hello"], model="minilm")
@@ -97,7 +97,11 @@ class AsyncTaskServeClient:
         parameters: Mapping[str, ParameterValue] | None = None,
         timeout: float | None = None,
     ) -> dict[str, np.ndarray]:
-        """Run a v2 inference; see ``TaskServeClient.infer``."""
+        """Run a v2 inference: input name -> array in, output name -> array out.
+
+        ``outputs`` restricts which outputs come back (None: all); ``priority`` and
+        ``queue_timeout_us`` are the batcher's request parameters; ``timeout`` is the
+        call's deadline in seconds."""
         request = encode_infer_request(
             model, inputs, model_version=version, outputs=outputs, request_id=request_id,
             priority=priority, queue_timeout_us=queue_timeout_us, parameters=parameters,
