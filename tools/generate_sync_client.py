@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import keyword
 import re
 import subprocess
 import sys
@@ -106,6 +107,9 @@ def rewrite(source: str, name: str = "<source>") -> str:
                 # Drop the keyword and the space after it.
                 stop = offset(nxt.start) if nxt is not None and nxt.start[0] == tok.end[0] else end
                 edits.append((start, stop, ""))
+                parens = _grouping_parens(tokens, i) if tok.string == "await" else None
+                if parens is not None:  # (await x.y()).z -> x.y().z, not (x.y()).z
+                    edits += [(offset(tokens[j].start), offset(tokens[j].end), "") for j in parens]
             elif tok.string == "aio" and i >= 2 and tokens[i - 1].string == "." and tokens[i - 2].string == "grpc":
                 edits.append((offset(tokens[i - 1].start), end, ""))  # grpc.aio.X -> grpc.X
             elif tok.string == "asyncio":
@@ -126,6 +130,46 @@ def rewrite(source: str, name: str = "<source>") -> str:
     for start, end, text in sorted(edits, reverse=True):
         out = out[:start] + text + out[end:]
     return _drop_repeated_imports(out)
+
+
+def _grouping_parens(tokens: list[tokenize.TokenInfo], i: int) -> tuple[int, int] | None:
+    """The indices of the parentheses around ``await`` at ``i`` when they only group it
+    with one name and its trailers (``(await self.f(a)[0])``), so that they can go."""
+    if i < 1 or tokens[i - 1].string != "(":
+        return None
+    before = tokens[i - 2] if i >= 2 else None
+    if before is not None and (
+        (before.type == tokenize.NAME and not keyword.iskeyword(before.string))
+        or before.type == tokenize.STRING
+        or before.string in (")", "]")
+    ):
+        return None  # a call's parentheses: f(await x)
+    j = i + 1
+    if tokens[j].type != tokenize.NAME:
+        return None
+    j += 1
+    while True:
+        tok = tokens[j]
+        if tok.string == ")":
+            return i - 1, j
+        if tok.string == "." and tokens[j + 1].type == tokenize.NAME:
+            j += 2
+        elif tok.string in ("(", "["):
+            j = _matching(tokens, j) + 1
+        else:
+            return None
+
+
+def _matching(tokens: list[tokenize.TokenInfo], j: int) -> int:
+    depth = 0
+    for k in range(j, len(tokens)):
+        if tokens[k].string in ("(", "[", "{"):
+            depth += 1
+        elif tokens[k].string in (")", "]", "}"):
+            depth -= 1
+            if depth == 0:
+                return k
+    raise RewriteError(f"unbalanced brackets at line {tokens[j].start[0]}")
 
 
 def _line_starts(source: str) -> list[int]:

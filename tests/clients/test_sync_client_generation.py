@@ -84,6 +84,9 @@ class AsyncThing:
     async def __aenter__(self) -> AsyncThing:
         await self.stream.aclose()
         return self
+
+    async def keep(self, x: int) -> int:
+        return f(await g(x)) + (await g(x) + 1) + (await h[x].j(x)(1)[0]) + len((await g(x)))
 '''
     assert generator.rewrite(source) == '''import time
 
@@ -101,11 +104,14 @@ class Thing:
         time.sleep(0.1)
         with channel:
             for item in self._items():  # Thing's items
-                yield (item).value
+                yield item.value
 
     def __enter__(self) -> Thing:
         self.stream.close()
         return self
+
+    def keep(self, x: int) -> int:
+        return f(g(x)) + (g(x) + 1) + h[x].j(x)(1)[0] + len(g(x))
 '''
 
 

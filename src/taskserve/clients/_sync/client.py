@@ -47,14 +47,14 @@ class TaskServeClient:
     # -- health and metadata (v2) --------------------------------------------------
 
     def server_live(self, *, timeout: float | None = None) -> bool:
-        return (self._caller.unary(self._v2.ServerLive, pb.ServerLiveRequest(), timeout)).live
+        return self._caller.unary(self._v2.ServerLive, pb.ServerLiveRequest(), timeout).live
 
     def server_ready(self, *, timeout: float | None = None) -> bool:
-        return (self._caller.unary(self._v2.ServerReady, pb.ServerReadyRequest(), timeout)).ready
+        return self._caller.unary(self._v2.ServerReady, pb.ServerReadyRequest(), timeout).ready
 
     def model_ready(self, model: str, version: str = "", *, timeout: float | None = None) -> bool:
         request = pb.ModelReadyRequest(name=model, version=version)
-        return (self._caller.unary(self._v2.ModelReady, request, timeout)).ready
+        return self._caller.unary(self._v2.ModelReady, request, timeout).ready
 
     def server_metadata(self, *, timeout: float | None = None) -> ServerMetadata:
         response = self._caller.unary(self._v2.ServerMetadata, pb.ServerMetadataRequest(), timeout)

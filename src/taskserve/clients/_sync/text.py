@@ -65,7 +65,7 @@ class TextNamespace:
             function,
             truncate,
         )
-        return codec.classifications((self._caller.unary(self._classification.Classify, req, timeout)).results)
+        return codec.classifications(self._caller.unary(self._classification.Classify, req, timeout).results)
 
     def tag(
         self, texts: Sequence[str], *, model: str, version: str = "", aggregation: Aggregation | None = None,

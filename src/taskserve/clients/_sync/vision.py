@@ -44,7 +44,7 @@ class VisionNamespace:
         req = codec.classify_request(
             model_ref(model, version), request_options(priority, queue_timeout_us), images, top_k
         )
-        return classifications((self._caller.unary(self._classification.Classify, req, timeout)).results)
+        return classifications(self._caller.unary(self._classification.Classify, req, timeout).results)
 
     def detect(
         self, images: Images, *, model: str, version: str = "", score_threshold: float | None = None,
