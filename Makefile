@@ -13,7 +13,7 @@ HOST ?= 127.0.0.1
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
-.PHONY: setup run demo test test-peers soak peers lint typecheck protos check-protos bench duplicates clean
+.PHONY: setup run demo test test-peers soak peers lint typecheck protos check-protos clients check-clients bench duplicates clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -72,9 +72,11 @@ typecheck: setup
 # Repeated code in what people write: the `duplicates` command has no exclude option, and in a
 # git checkout it reads every tracked file, so it reads a copy of the tree (tracked and
 # untracked-but-not-ignored files) outside the checkout, without the generated
-# src/taskserve/protocol/generated/ (regenerated from protos/, never edited by hand).
+# src/taskserve/protocol/generated/ (regenerated from protos/, never edited by hand) and the
+# generated blocking client src/taskserve/clients/_sync/ (made from clients/_async/).
 duplicates:
 	@copy=$$(mktemp -d) && git ls-files -z -co --exclude-standard -- . ':(exclude)src/taskserve/protocol/generated' \
+	  ':(exclude)src/taskserve/clients/_sync' \
 	  | xargs -0 cp --parents -t $$copy && duplicates --repo $$copy --most $${MOST:-40} --seconds 120; \
 	  rm -rf $$copy
 
@@ -83,6 +85,14 @@ protos: setup
 
 check-protos: setup
 	$(PY) -m taskserve.protocol.codegen --check
+
+# The blocking client (src/taskserve/clients/_sync/) is generated from the asyncio one
+# (clients/_async/): run after editing _async/ and commit both; tests/clients checks drift.
+clients: setup
+	$(PY) tools/generate_sync_client.py
+
+check-clients: setup
+	$(PY) tools/generate_sync_client.py --check
 
 clean:
 	rm -rf $(VENV) $(DEMO_REPO) .pytest_cache .mypy_cache

@@ -12,7 +12,8 @@ import grpc.aio
 import pytest
 
 from taskserve.clients import ClientOptions, DeadlineExceeded, InvalidArgument
-from taskserve.clients.calls import AsyncCaller, SyncCaller
+from taskserve.clients._async.calls import AsyncCaller
+from taskserve.clients._sync.calls import SyncCaller
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from tests.clients.client_fakes import Recorder, ServerThread
 

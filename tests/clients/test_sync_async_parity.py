@@ -1,7 +1,9 @@
 """The blocking and asyncio clients offer the same API: this walks both, namespace by
 namespace (``client.text``, ``client.vision`` and any added later), and compares every
 public method's name, parameters, defaults and annotations. A method or namespace
-added to one client only, or a parameter that differs, fails here."""
+added to one client only, or a parameter that differs, fails here. The blocking client is
+generated from the asyncio one (test_sync_client_generation.py), so this guards what the
+rewrite rules could still change: a renamed type, a method that stops awaiting."""
 
 from __future__ import annotations
 

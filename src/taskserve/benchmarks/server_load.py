@@ -11,7 +11,7 @@ from taskserve.benchmarks.report import write_results
 from taskserve.benchmarks.stats import RunResult
 from taskserve.benchmarks.sweep import SweepTarget, run_sweep
 from taskserve.benchmarks.targets import TYPED_TASKS, bench_channel, typed_call, v2_call
-from taskserve.clients.async_client import AsyncTaskServeClient
+from taskserve.clients import AsyncTaskServeClient
 from taskserve.clients.metadata import TensorMetadata
 from taskserve.clients.options import ClientOptions
 

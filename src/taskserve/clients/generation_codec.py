@@ -5,7 +5,7 @@ Shared by the sync and asyncio text namespaces.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from taskserve.clients.results import (
     ChatMessage,
@@ -115,10 +115,3 @@ class GenerationCollector:
         if last is None or last.finish_reason is None or last.usage is None or last.served_by is None:
             raise RuntimeError("the generation stream ended without its final message")
         return Generation("".join(self._texts), tuple(self._ids), last.finish_reason, last.usage, last.served_by)
-
-
-def collect(chunks: Iterable[GenerationChunk]) -> Generation:
-    collector = GenerationCollector()
-    for piece in chunks:
-        collector.add(piece)
-    return collector.result()

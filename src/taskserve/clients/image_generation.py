@@ -1,9 +1,5 @@
-"""``client.image_generation``: the ImageGeneration service, blocking and asyncio flavours.
-
-    images = client.image_generation.text_to_image("a cat", model="sd", steps=20, seed=1)
-    images[0].pixels()  # (H, W, 3) uint8 (decoding PNG needs Pillow)
-    for event in client.image_generation.text_to_image_stream("a cat", model="sd", steps=20):
-        ...  # ImageProgress per step, then ImageResult
+"""What ``client.image_generation`` sends and returns, shared by the asyncio namespace
+(``_async/image_generation.py``) and the blocking one generated from it.
 
 Images (input image, mask) are anything ``client.vision`` takes: uint8 arrays, PIL
 images, encoded bytes or paths. ``scheduler``: "ddim", "euler", "dpm-solver++" or None
@@ -13,19 +9,14 @@ images, encoded bytes or paths. ``scheduler``: "ddim", "euler", "dpm-solver++" o
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-import grpc.aio
 import numpy as np
 
-from taskserve.clients.calls import AsyncCaller, SyncCaller
 from taskserve.clients.images import ImageInput, to_image_proto
 from taskserve.clients.text_codec import model_ref, request_options
 from taskserve.protocol.generated.taskserve.v1 import image_generation_pb2 as pb
-from taskserve.protocol.generated.taskserve.v1 import image_generation_pb2_grpc as pb_grpc
 
 SCHEDULERS = {
     None: pb.DIFFUSION_SCHEDULER_UNSPECIFIED,
@@ -155,212 +146,3 @@ def event(message: pb.ImageGenerationEvent) -> ImageProgress | ImageResult:
         return result(message.result)
     p = message.progress
     return ImageProgress(p.step, p.total, tuple(p.previews))
-
-
-class ImageGenerationNamespace:
-    """Blocking image generation; safe to share between threads. Keyword arguments:
-    negative_prompt, width, height, steps, guidance_scale, seed, num_images, scheduler,
-    output_format, preview (streams), priority, queue_timeout_us, version, timeout."""
-
-    def __init__(self, channel: grpc.Channel, caller: SyncCaller) -> None:
-        self._caller = caller
-        self._stub = pb_grpc.ImageGenerationStub(channel)
-
-    def text_to_image(
-        self,
-        prompt: str,
-        *,
-        model: str,
-        version: str = "",
-        priority: int = 0,
-        queue_timeout_us: int = 0,
-        timeout: float | None = None,
-        **kw: Any,
-    ) -> list[GeneratedImage]:
-        req = text_to_image_request(prompt, model, version, priority, queue_timeout_us, **kw)
-        return result(self._caller.unary(self._stub.TextToImage, req, timeout)).images
-
-    def image_to_image(
-        self,
-        image: ImageInput,
-        prompt: str,
-        *,
-        model: str,
-        version: str = "",
-        priority: int = 0,
-        queue_timeout_us: int = 0,
-        timeout: float | None = None,
-        strength: float | None = None,
-        **kw: Any,
-    ) -> list[GeneratedImage]:
-        req = image_to_image_request(image, prompt, model, version, priority, queue_timeout_us, strength, **kw)
-        return result(self._caller.unary(self._stub.ImageToImage, req, timeout)).images
-
-    def inpaint(
-        self,
-        image: ImageInput,
-        mask: ImageInput,
-        prompt: str,
-        *,
-        model: str,
-        version: str = "",
-        priority: int = 0,
-        queue_timeout_us: int = 0,
-        timeout: float | None = None,
-        strength: float | None = None,
-        **kw: Any,
-    ) -> list[GeneratedImage]:
-        req = inpaint_request(image, mask, prompt, model, version, priority, queue_timeout_us, strength, **kw)
-        return result(self._caller.unary(self._stub.Inpaint, req, timeout)).images
-
-    def text_to_image_stream(
-        self,
-        prompt: str,
-        *,
-        model: str,
-        version: str = "",
-        priority: int = 0,
-        queue_timeout_us: int = 0,
-        timeout: float | None = None,
-        **kw: Any,
-    ) -> Iterator[ImageProgress | ImageResult]:
-        req = text_to_image_request(prompt, model, version, priority, queue_timeout_us, **kw)
-        return (event(m) for m in self._caller.server_stream(self._stub.TextToImageStream, req, timeout))
-
-    def image_to_image_stream(
-        self,
-        image: ImageInput,
-        prompt: str,
-        *,
-        model: str,
-        version: str = "",
-        priority: int = 0,
-        queue_timeout_us: int = 0,
-        timeout: float | None = None,
-        strength: float | None = None,
-        **kw: Any,
-    ) -> Iterator[ImageProgress | ImageResult]:
-        req = image_to_image_request(image, prompt, model, version, priority, queue_timeout_us, strength, **kw)
-        return (event(m) for m in self._caller.server_stream(self._stub.ImageToImageStream, req, timeout))
-
-    def inpaint_stream(
-        self,
-        image: ImageInput,
-        mask: ImageInput,
-        prompt: str,
-        *,
-        model: str,
-        version: str = "",
-        priority: int = 0,
-        queue_timeout_us: int = 0,
-        timeout: float | None = None,
-        strength: float | None = None,
-        **kw: Any,
-    ) -> Iterator[ImageProgress | ImageResult]:
-        req = inpaint_request(image, mask, prompt, model, version, priority, queue_timeout_us, strength, **kw)
-        return (event(m) for m in self._caller.server_stream(self._stub.InpaintStream, req, timeout))
-
-
-class AsyncImageGenerationNamespace:
-    """The same calls for asyncio (``grpc.aio`` channel)."""
-
-    def __init__(self, channel: grpc.aio.Channel, caller: AsyncCaller) -> None:
-        self._caller = caller
-        self._stub = pb_grpc.ImageGenerationStub(channel)
-
-    async def text_to_image(
-        self,
-        prompt: str,
-        *,
-        model: str,
-        version: str = "",
-        priority: int = 0,
-        queue_timeout_us: int = 0,
-        timeout: float | None = None,
-        **kw: Any,
-    ) -> list[GeneratedImage]:
-        req = text_to_image_request(prompt, model, version, priority, queue_timeout_us, **kw)
-        return result(await self._caller.unary(self._stub.TextToImage, req, timeout)).images
-
-    async def image_to_image(
-        self,
-        image: ImageInput,
-        prompt: str,
-        *,
-        model: str,
-        version: str = "",
-        priority: int = 0,
-        queue_timeout_us: int = 0,
-        timeout: float | None = None,
-        strength: float | None = None,
-        **kw: Any,
-    ) -> list[GeneratedImage]:
-        req = image_to_image_request(image, prompt, model, version, priority, queue_timeout_us, strength, **kw)
-        return result(await self._caller.unary(self._stub.ImageToImage, req, timeout)).images
-
-    async def inpaint(
-        self,
-        image: ImageInput,
-        mask: ImageInput,
-        prompt: str,
-        *,
-        model: str,
-        version: str = "",
-        priority: int = 0,
-        queue_timeout_us: int = 0,
-        timeout: float | None = None,
-        strength: float | None = None,
-        **kw: Any,
-    ) -> list[GeneratedImage]:
-        req = inpaint_request(image, mask, prompt, model, version, priority, queue_timeout_us, strength, **kw)
-        return result(await self._caller.unary(self._stub.Inpaint, req, timeout)).images
-
-    async def text_to_image_stream(
-        self,
-        prompt: str,
-        *,
-        model: str,
-        version: str = "",
-        priority: int = 0,
-        queue_timeout_us: int = 0,
-        timeout: float | None = None,
-        **kw: Any,
-    ) -> AsyncIterator[ImageProgress | ImageResult]:
-        req = text_to_image_request(prompt, model, version, priority, queue_timeout_us, **kw)
-        async for message in self._caller.server_stream(self._stub.TextToImageStream, req, timeout):
-            yield event(message)
-
-    async def image_to_image_stream(
-        self,
-        image: ImageInput,
-        prompt: str,
-        *,
-        model: str,
-        version: str = "",
-        priority: int = 0,
-        queue_timeout_us: int = 0,
-        timeout: float | None = None,
-        strength: float | None = None,
-        **kw: Any,
-    ) -> AsyncIterator[ImageProgress | ImageResult]:
-        req = image_to_image_request(image, prompt, model, version, priority, queue_timeout_us, strength, **kw)
-        async for message in self._caller.server_stream(self._stub.ImageToImageStream, req, timeout):
-            yield event(message)
-
-    async def inpaint_stream(
-        self,
-        image: ImageInput,
-        mask: ImageInput,
-        prompt: str,
-        *,
-        model: str,
-        version: str = "",
-        priority: int = 0,
-        queue_timeout_us: int = 0,
-        timeout: float | None = None,
-        strength: float | None = None,
-        **kw: Any,
-    ) -> AsyncIterator[ImageProgress | ImageResult]:
-        req = inpaint_request(image, mask, prompt, model, version, priority, queue_timeout_us, strength, **kw)
-        async for message in self._caller.server_stream(self._stub.InpaintStream, req, timeout):
-            yield event(message)
