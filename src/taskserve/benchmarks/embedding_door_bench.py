@@ -41,7 +41,7 @@ from taskserve.benchmarks.report import write_results
 from taskserve.benchmarks.stats import RunResult
 from taskserve.benchmarks.sweep import SweepTarget, run_sweep
 from taskserve.benchmarks.targets import bench_channel, typed_call
-from taskserve.clients.async_client import AsyncTaskServeClient
+from taskserve.clients import AsyncTaskServeClient
 from taskserve.clients.options import ClientOptions
 from taskserve.clients.v2_codec import encode_infer_request
 from taskserve.protocol.datatypes import v2_datatype
