@@ -287,30 +287,8 @@ class Task:
         options: CallOptions,
         outputs: Sequence[str] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Run rows through the scheduler and return the outputs for all rows.
-
-        Every input's first axis is the row axis. A model that batches takes at most
-        ``max_batch_size`` rows per request, so rows are sent in chunks, concurrently,
-        which lets the batcher pack them with other callers' rows. A model that does
-        not batch gets all rows in one request (its graph's own leading axis).
-        """
-        rows = next(iter(inputs.values())).shape[0]
-        limit = self.model.config.max_batch_size
-        wanted = tuple(outputs) if outputs is not None else None
-        if limit <= 0 or rows <= limit:
-            chunks = [dict(inputs)]
-        else:
-            chunks = [{k: v[i : i + limit] for k, v in inputs.items()} for i in range(0, rows, limit)]
-        requests = [
-            InferRequest(
-                inputs=chunk, output_names=wanted, priority=options.priority, deadline=options.deadline
-            )
-            for chunk in chunks
-        ]
-        scheduler = batcher_of(self.model)
-        results = await asyncio.gather(*(scheduler.submit(r) for r in requests))
-        names = wanted or tuple(results[0].outputs)
-        return {name: _concat_rows([r.outputs[name] for r in results]) for name in names}
+        """Run rows through the model's batcher and return the outputs for all rows (``infer_rows``)."""
+        return await infer_rows(self.model, inputs, options, outputs)
 
 
 TaskT = TypeVar("TaskT", bound=Task)
@@ -437,3 +415,33 @@ def apply_function(logits: np.ndarray, function: ScoreFunction) -> np.ndarray:
 def ranked(scores: np.ndarray, labels: Sequence[str], top_k: int) -> tuple[LabelScore, ...]:
     """The ``top_k`` best labels of a row of scores, best first."""
     return tuple(LabelScore(labels[i], float(scores[i]), int(i)) for i in top_k_indices(scores, top_k))
+
+
+async def infer_rows(
+    model: ServedModel,
+    inputs: Mapping[str, np.ndarray],
+    options: CallOptions,
+    outputs: Sequence[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Run rows through ``model``'s batcher and return the outputs for all rows.
+
+    Every input's first axis is the row axis. A model that batches takes at most
+    ``max_batch_size`` rows per request, so rows are sent in chunks, concurrently,
+    which lets the batcher pack them with other callers' rows. A model that does
+    not batch gets all rows in one request (its graph's own leading axis).
+    """
+    rows = next(iter(inputs.values())).shape[0]
+    limit = model.config.max_batch_size
+    wanted = tuple(outputs) if outputs is not None else None
+    if limit <= 0 or rows <= limit:
+        chunks = [dict(inputs)]
+    else:
+        chunks = [{k: v[i : i + limit] for k, v in inputs.items()} for i in range(0, rows, limit)]
+    requests = [
+        InferRequest(inputs=chunk, output_names=wanted, priority=options.priority, deadline=options.deadline)
+        for chunk in chunks
+    ]
+    scheduler = batcher_of(model)
+    results = await asyncio.gather(*(scheduler.submit(r) for r in requests))
+    names = wanted or tuple(results[0].outputs)
+    return {name: _concat_rows([r.outputs[name] for r in results]) for name in names}

@@ -39,8 +39,14 @@ from PIL import Image
 from taskserve.protocol.datatypes import numpy_dtype
 from taskserve.server.errors import DeadlineExceeded, InvalidInput, LimitExceeded, Overloaded
 from taskserve.server.repository.paths import resolve_inside, shown
-from taskserve.server.scheduling.base import InferRequest
-from taskserve.server.tasks.base import CallOptions, ServedModel, Task, TaskConfigError, TaskContext, batcher_of
+from taskserve.server.tasks.base import (
+    CallOptions,
+    ServedModel,
+    Task,
+    TaskConfigError,
+    TaskContext,
+    infer_rows,
+)
 from taskserve.server.tasks.diffusion.budget import DEFAULT_BUDGET, AttentionBudget, gib
 from taskserve.server.tasks.diffusion.pipeline import (
     GenerationParams,
@@ -152,20 +158,8 @@ class _ServedParts:
             name: value.astype(numpy_dtype(declared[name].datatype), copy=False) if name in declared else value
             for name, value in inputs.items()
         }
-        rows = next(iter(feeds.values())).shape[0]
-        limit = model.config.max_batch_size
-        chunks = [feeds] if limit <= 0 or rows <= limit else [
-            {k: v[i : i + limit] for k, v in feeds.items()} for i in range(0, rows, limit)
-        ]  # fmt: skip
-        opts = self._options
-        results = await asyncio.gather(
-            *(
-                batcher_of(model).submit(InferRequest(inputs=c, priority=opts.priority, deadline=opts.deadline))
-                for c in chunks
-            )
-        )
-        outputs = [next(iter(r.outputs.values())).astype(np.float32, copy=False) for r in results]
-        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+        result = await infer_rows(model, feeds, self._options)
+        return next(iter(result.values())).astype(np.float32, copy=False)
 
     async def encode_text(self, input_ids: np.ndarray) -> np.ndarray:
         return await self._call(self._parts["text_encoder"], {"input_ids": input_ids})
