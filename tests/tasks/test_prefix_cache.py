@@ -94,45 +94,48 @@ def test_a_copied_or_kept_prefix_gives_the_logits_of_the_whole_prompt(build: Cal
         runner.close()
 
 
-def _greedy(build: Callable[[], SlotCacheRunner], cache: bool) -> tuple[list[list[int]], CollectorRegistry]:
-    """Tokens of every prompt through the engine: one alone first (its slot becomes a cached
-    prefix), one cancelled after its second token, then the rest at once (copies from cached and
-    running slots, takeovers, evictions: 4 slots for 6 sequences)."""
+def _greedy(
+    build: Callable[[], SlotCacheRunner], cache: bool, prompts: list[list[int]], new: int = 8
+) -> tuple[list[list[int]], CollectorRegistry]:
+    """Greedy tokens of every prompt through the engine: the first alone (its slot becomes a
+    cached prefix), then one more cancelled after its second token, then the rest at once
+    (copies from cached and running slots, takeovers, evictions: 4 slots for 6 sequences)."""
     runner = build()
     settings = GenerationConfig(
         max_num_seqs=4, max_num_batched_tokens=32, prefill_chunk_size=16,
-        max_model_len=runner.max_model_len, prefix_caching=cache,
+        max_model_len=min(runner.max_model_len, 512), prefix_caching=cache,
     )  # fmt: skip
     metrics = ServerMetrics()
     engine = GenerationScheduler("m", settings, runner, metrics.for_model("m", "1"))
 
-    def request(suffix: list[int], new: int = 8) -> SequenceRequest:
-        return SequenceRequest(tuple(SHARED + suffix), new, TokenSampler(Sampling()))
+    def request(prompt: list[int], new: int) -> SequenceRequest:
+        return SequenceRequest(tuple(prompt), new, TokenSampler(Sampling()))
 
-    async def collect(suffix: list[int]) -> list[int]:
-        return [t async for t in engine.generate(request(suffix))]
+    async def collect(prompt: list[int]) -> list[int]:
+        return [t async for t in engine.generate(request(prompt, new))]
 
     async def main() -> list[list[int]]:
         await engine.start()
         try:
-            first = await collect(SUFFIXES[0])
-            stream: Any = engine.generate(request(SUFFIXES[5], 30))
+            first = await collect(prompts[0])
+            stream: Any = engine.generate(request(prompts[-1][:-1], 30))
             seen = []
             async for token in stream:
                 seen.append(token)
                 if len(seen) == 2:
                     break  # leaving the iteration cancels it
-            rest = await asyncio.gather(*(collect(s) for s in SUFFIXES[1:]))
+            rest = await asyncio.gather(*(collect(p) for p in prompts[1:]))
             return [first, *rest]
         finally:
             await engine.stop()
 
-    return asyncio.run(asyncio.wait_for(main(), 120)), metrics.registry
+    return asyncio.run(asyncio.wait_for(main(), 300)), metrics.registry
 
 
 def test_greedy_tokens_with_the_cache_equal_those_without(build: Callable[[], SlotCacheRunner]) -> None:
-    off, off_metrics = _greedy(build, cache=False)
-    on, on_metrics = _greedy(build, cache=True)
+    prompts = [SHARED + suffix for suffix in SUFFIXES]
+    off, off_metrics = _greedy(build, False, prompts)
+    on, on_metrics = _greedy(build, True, prompts)
     assert on == off and all(len(t) == 8 for t in on)
     labels = {"model": "m", "version": "1"}
     hits = on_metrics.get_sample_value("taskserve_prefix_cache_hits_total", labels)
@@ -140,3 +143,39 @@ def test_greedy_tokens_with_the_cache_equal_those_without(build: Callable[[], Sl
     queries = on_metrics.get_sample_value("taskserve_prefix_cache_queries_total", labels)
     assert queries == 7 and hits is not None and hits >= 5 and reused is not None and reused >= 16 * hits
     assert off_metrics.get_sample_value("taskserve_prefix_cache_hits_total", labels) is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_smollm2_greedy_tokens_with_a_shared_system_prompt_equal_those_without_the_cache(
+    smollm2_repository: Path,
+) -> None:
+    from tokenizers import Tokenizer
+
+    from taskserve.exporters.demo import ENTRY_NAMES
+    from taskserve.server.runtimes.onnx_decoder import OnnxDecoderRunner
+
+    entry = smollm2_repository / ENTRY_NAMES["smollm2"]
+    tokenizer = Tokenizer.from_file(str(entry / "tokenizer.json"))
+    system = (
+        "<|im_start|>system\nYou are a careful assistant for a library. Answer in one short sentence, "
+        "name the shelf where the book stands, and never invent titles that the catalogue does not list."
+        "<|im_end|>\n"
+    )
+    questions = ["Where is Moby Dick?", "Do you have atlases?", "Poetry?", "Where are the cookbooks kept?",
+                 "Is there a shelf for chess books?", "Hi"]  # fmt: skip
+    prompts = [tokenizer.encode(f"{system}<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n").ids
+               for q in questions]  # fmt: skip
+    assert min(len(p) for p in prompts) > 40
+
+    def build() -> SlotCacheRunner:
+        config = load_model_config(entry)
+        runner = OnnxDecoderRunner(entry / "1" / config.default_model_filename, config)
+        runner.load()
+        return runner
+
+    off, _ = _greedy(build, False, prompts, new=12)
+    on, metrics = _greedy(build, True, prompts, new=12)
+    assert on == off
+    hits = metrics.get_sample_value("taskserve_prefix_cache_hits_total", {"model": "m", "version": "1"})
+    assert hits is not None and hits >= 5
