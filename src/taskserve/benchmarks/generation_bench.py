@@ -13,10 +13,10 @@ Through the typed TextGeneration service, greedy, it measures
   decoding.
 
 With ``--shared-prefix-tokens N`` it measures the prefix cache instead (issue 21): one
-server with ``generation.prefix_caching`` on, then one with it off, each primed with one
-request carrying the shared prefix and then sent ``--shared-prefix-streams`` requests at
-once that all start with the same N-token system prompt and end with a question of their
-own; the ratio is TTFT p50 off / on (target >= 3). ``--prefix-cache off`` runs the
+server with ``generation.prefix_caching`` on, then one with it off, each sent
+``--shared-prefix-streams`` requests at once that all start with the same N-token system
+prompt and end with a question of their own (``--shared-prefix-primed``: after one request
+that carried the system prompt alone); the ratio is TTFT p50 off / on (target >= 3). ``--prefix-cache off`` runs the
 regular windows with the cache off.
 
 Ratios are within one run. Noisy on a shared machine: run it on a quiet one.
@@ -103,6 +103,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                         "tokens, TTFT with the cache on vs off (e.g. 500)")  # fmt: skip
     p.add_argument("--shared-prefix-streams", type=int, default=32,
                    help="requests sent at once in the shared-prefix run (default 32)")  # fmt: skip
+    p.add_argument("--shared-prefix-primed", action="store_true",
+                   help="one request with the shared prefix before the concurrent ones (default: cold)")  # fmt: skip
 
 
 def build_parser(sub: Any) -> None:
@@ -345,8 +347,9 @@ def run_shared_prefix(args: argparse.Namespace) -> tuple[list[RunResult], dict[s
             try:
                 peer.wait_ready(args.model, args.startup_timeout)
                 with TaskServeClient(peer.address, ClientOptions(timeout_s=args.timeout, retry=None)) as client:
-                    # Primed: the system prompt has been seen once (with the cache on, it is cached).
-                    stream_once(client, args.model, prompts[0], 4)
+                    stream_once(client, args.model, prompt_of(tokenizer, 16, salt=5), 2)  # warm-up, no shared prefix
+                    if args.shared_prefix_primed:  # the system prompt seen once before (cached, with the cache on)
+                        stream_once(client, args.model, prompts[0], 2)
                     wall, timings = concurrent_streams(client, args.model, prompts, args.new_tokens)
             finally:
                 peer.stop()
@@ -361,7 +364,7 @@ def run_shared_prefix(args: argparse.Namespace) -> tuple[list[RunResult], dict[s
     config = {
         "mode": "generation-shared-prefix", "model": args.model, "shared_prefix_tokens": args.shared_prefix_tokens,
         "streams": count, "new_tokens": args.new_tokens, "decoding": "greedy",
-        "primed": "one request with the shared prefix before the concurrent ones, in both modes",
+        "primed": bool(args.shared_prefix_primed),
     }  # fmt: skip
     paths = write_results(
         args.name or f"generation-prefix-cache-{args.model}", runs, config=config, machine=machine_info(),

@@ -13,7 +13,7 @@ import numpy as np
 from taskserve.server.errors import RuntimeFailure
 from taskserve.server.runtimes.sampling import Sampling, TokenSampler
 from taskserve.server.scheduling.engine_api import SequenceRequest
-from taskserve.server.scheduling.engine_core import EngineCore, EngineLimits, PrefixCopy, StepPlan
+from taskserve.server.scheduling.engine_core import EngineCore, EngineLimits, PrefixCopy, StepPlan, _shared_length
 from taskserve.server.scheduling.prefix_cache import PrefixIndex
 
 BLOCK = 16
@@ -136,17 +136,30 @@ def test_a_running_sequence_shares_its_computed_prompt_and_keeps_running() -> No
     assert core.num_cached_prefixes == 0
 
 
-def test_a_prompt_chunk_planned_in_the_same_step_is_not_shared() -> None:
+def test_a_prompt_being_computed_is_shared_once_its_chunks_are_in_and_the_sharer_waits_for_them() -> None:
     core = _core(chunk=BLOCK, budget=64)
     a = core.add(_request(PROMPT, 4))
-    plan = core.schedule(0.0)
-    core.update(plan, _next(plan))  # positions 0..15 computed
     b = core.add(_request(PROMPT[:32] + (1,), 2))
+    other = core.add(_request(range(600, 620), 2))
+    plan = core.schedule(0.0)
+    # b shares 32 positions with a's prompt, none computed yet: b waits; the sequence behind it does not.
+    assert {r.seq_id for r in plan.rows} == {a, other} and core.num_waiting == 1
+    core.update(plan, _next(plan))  # a: 16 positions computed
+    plan = core.schedule(0.0)
+    # A chunk planned in this very step (a's 16..31) is never shared before it comes back.
+    assert b not in {r.seq_id for r in plan.rows} and plan.copies == ()
+    core.update(plan, _next(plan))  # a: 32 computed
     plan = core.schedule(0.0)
     rows = {r.seq_id: r.row for r in plan.rows}
-    # a's chunk 16..31 runs in this very step: b may reuse the 16 positions that came back, not 32.
-    assert rows[a].start == BLOCK and rows[b].start == BLOCK
-    assert plan.copies == (PrefixCopy(rows[a].slot, rows[b].slot, BLOCK),) and plan.prefix_reused == (BLOCK,)
+    assert rows[b].start == 32 and list(rows[b].tokens) == [1]
+    assert plan.copies == (PrefixCopy(rows[a].slot, rows[b].slot, 32),) and plan.prefix_reused == (32,)
+
+
+def test_without_the_cache_nothing_waits_for_a_shared_prompt() -> None:
+    core = _core(chunk=BLOCK, budget=64, cache=False)
+    a = core.add(_request(PROMPT, 4))
+    b = core.add(_request(PROMPT[:32] + (1,), 2))
+    assert {r.seq_id for r in core.schedule(0.0).rows} == {a, b}
 
 
 def test_a_cancelled_sequence_caches_only_the_positions_whose_step_came_back() -> None:
@@ -266,3 +279,15 @@ def test_the_index_checks_tokens_and_extends_a_hit_past_its_last_whole_block() -
     assert index.lookup((1, 2, 3, 4, 5, 6, 7))[0].length == 4
     index.forget(3)
     assert index.lookup((1, 2, 3, 4, 5)) == [] and 3 not in index
+
+
+def test_shared_length_finds_the_first_difference() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        a = tuple(int(t) for t in rng.integers(0, 3, int(rng.integers(0, 12))))
+        b = tuple(int(t) for t in rng.integers(0, 3, int(rng.integers(0, 12))))
+        limit = int(rng.integers(0, 14))
+        want = 0
+        while want < min(len(a), len(b), limit) and a[want] == b[want]:
+            want += 1
+        assert _shared_length(a, b, limit) == want

@@ -257,12 +257,18 @@ class EngineCore:
                 budget -= self._add_chunk(rows, sequence, budget)
         copies: list[PrefixCopy] = []
         reused: list[int] = []
-        while budget > 0 and self._waiting:
-            if not self._admit(self._waiting[0], copies, reused):
+        waiting, deferred = self._waiting, []
+        while budget > 0 and waiting:
+            hit = self._best_prefix(waiting[0])
+            if self._wait_for_prefix(waiting[0], hit):
+                deferred.append(waiting.popleft())
+                continue
+            if not self._admit(waiting[0], hit, copies, reused):
                 break
-            sequence = self._waiting.popleft()
+            sequence = waiting.popleft()
             self._running.append(sequence)
             budget -= self._add_chunk(rows, sequence, budget)
+        waiting.extendleft(reversed(deferred))  # they keep their place in the queue
         ended, self._ended = tuple(self._ended), []
         # Released slots ride with a step that runs; with none, they wait for the next one.
         released = tuple(self.take_released_slots()) if rows else ()
@@ -378,10 +384,28 @@ class EngineCore:
     def _cacheable_length(self, sequence: _Sequence) -> int:
         return min(sequence.computed, self.limits.max_model_len - 1)
 
-    def _admit(self, sequence: _Sequence, copies: list[PrefixCopy], reused: list[int]) -> bool:
-        """Give the waiting sequence a slot, starting from the longest cached prefix of its prompt
-        (never the whole prompt: its last token must run to be sampled). False: no slot now."""
-        hit = self._best_prefix(sequence) if self.limits.prefix_caching and sequence.cacheable else None
+    def _wait_for_prefix(self, sequence: _Sequence, hit: PrefixHit | None) -> bool:
+        """Whether the waiting sequence should wait for a prompt being computed now: a running
+        sequence still in its prompt shares at least one more whole block with it than the
+        cache holds yet (32 requests with one system prompt arriving together: the first
+        computes it, the others copy it once its chunks are in, instead of each computing it
+        too). That sequence is ahead in the prompt queue, so the wait is a few steps."""
+        if not (self.limits.prefix_caching and sequence.cacheable):
+            return False
+        prompt = sequence.request.prompt
+        have = hit.length if hit is not None else 0
+        block = self.limits.prefix_block
+        for running in self._running:
+            if running.prefilled or not running.cacheable:
+                continue
+            shared = _shared_length(running.request.prompt, prompt, len(prompt) - 1)
+            if shared >= have + block and shared > running.computed:
+                return True
+        return False
+
+    def _admit(self, sequence: _Sequence, hit: PrefixHit | None, copies: list[PrefixCopy], reused: list[int]) -> bool:
+        """Give the waiting sequence a slot, starting from ``hit``, the longest cached prefix of
+        its prompt (``_best_prefix``). False: no slot now."""
         slot: int | None
         if (
             hit is not None
@@ -408,6 +432,10 @@ class EngineCore:
         return True
 
     def _best_prefix(self, sequence: _Sequence) -> PrefixHit | None:
+        """The cached prefix to start from: at least one whole block, never the whole prompt
+        (its last token must run to be sampled)."""
+        if not (self.limits.prefix_caching and sequence.cacheable):
+            return None
         prompt = sequence.request.prompt
         hits = self.prefixes.lookup(prompt)
         if not hits:
@@ -433,3 +461,17 @@ class EngineCore:
             self._running = [s for s in self._running if not s.done]
         if any(s.done for s in self._waiting):
             self._waiting = collections.deque(s for s in self._waiting if not s.done)
+
+
+def _shared_length(a: tuple[int, ...], b: tuple[int, ...], limit: int) -> int:
+    """Leading tokens ``a`` and ``b`` share, at most ``limit`` (slice compares: C speed)."""
+    lo, hi = 0, min(len(a), len(b), limit)
+    if a[:hi] == b[:hi]:
+        return hi
+    while lo < hi:  # a[:lo] == b[:lo]; the answer lies in [lo, hi] (a[:hi] differs at first)
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
