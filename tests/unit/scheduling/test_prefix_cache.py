@@ -291,3 +291,28 @@ def test_shared_length_finds_the_first_difference() -> None:
         while want < min(len(a), len(b), limit) and a[want] == b[want]:
             want += 1
         assert _shared_length(a, b, limit) == want
+
+
+class _Runner:
+    """Just what the engine reads at construction."""
+
+    max_slots, max_model_len, vocab_size = 4, 64, 100
+
+    def __init__(self, copies: bool) -> None:
+        self.copies_prefixes = copies
+
+
+def test_the_config_switch_defaults_on_and_needs_a_runner_that_copies() -> None:
+    from taskserve.server.repository.config import GenerationConfig, ModelConfig
+    from taskserve.server.scheduling.generation_scheduler import GenerationScheduler
+
+    assert GenerationConfig().prefix_caching is True
+    off = ModelConfig.model_validate({"name": "m", "generation": {"prefix_caching": False}}).generation
+    assert off is not None and off.prefix_caching is False
+
+    def engine(settings: GenerationConfig, copies: bool) -> bool:
+        return GenerationScheduler("m", settings, _Runner(copies)).core.limits.prefix_caching  # type: ignore[arg-type]
+
+    assert engine(GenerationConfig(), True) is True
+    assert engine(off, True) is False
+    assert engine(GenerationConfig(), False) is False  # encoder-decoders: no prefix cache
