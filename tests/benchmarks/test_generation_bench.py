@@ -51,3 +51,42 @@ def test_verdicts_know_which_way_is_better() -> None:
 def test_cli_has_the_generation_mode() -> None:
     args = build_parser().parse_args(["generation", "--model-repository", "/r", "--streams", "1,8"])
     assert args.command == "generation" and args.streams == [1, 8] and args.long_context == 1000
+
+
+def test_the_prefix_cache_switch_reaches_the_entrys_config(tmp_path: Path) -> None:
+    entry = _entry(tmp_path, {"max_num_seqs": 16})
+    for wanted in (True, False):
+        repo = write_engine_repository(entry, "m", tmp_path / f"work-{wanted}", 32, 600, prefix_caching=wanted)
+        assert yaml.safe_load((repo / "m" / "config.yaml").read_text())["generation"]["prefix_caching"] is wanted
+    repo = write_engine_repository(entry, "m", tmp_path / "work-default", 32, 600)
+    assert "prefix_caching" not in yaml.safe_load((repo / "m" / "config.yaml").read_text())["generation"]
+
+
+def test_shared_prefix_prompts_share_the_system_prompt_and_differ_after_it(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from taskserve.benchmarks.generation_bench import shared_prefix_prompts
+
+    words = sorted(set(_FILLER_WORDS))
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    path = tmp_path / "tokenizer.json"
+    tokenizer.save(str(path))
+    prompts = shared_prefix_prompts(path, 40, 4)
+    system = prompts[0].split("\nQuestion")[0]
+    assert len(tokenizer.encode(system).ids) == 40
+    assert all(p.startswith(system + "\nQuestion") for p in prompts) and len(set(prompts)) == 4
+
+
+def test_cli_has_the_shared_prefix_mode() -> None:
+    args = build_parser().parse_args(
+        ["generation", "--model-repository", "/r", "--shared-prefix-tokens", "500", "--prefix-cache", "off"]
+    )
+    assert args.shared_prefix_tokens == 500 and args.shared_prefix_streams == 32 and args.prefix_cache == "off"
+
+
+_FILLER_WORDS = (
+    "The history of the city begins with a small settlement on the river, where traders met to exchange "
+    "grain, salt and wool. Over the centuries the market grew into a town, the town built walls, and the "
+    "walls were torn down again when the railway arrived and the factories needed room."
+).split()

@@ -12,6 +12,13 @@ Through the typed TextGeneration service, greedy, it measures
 - time to first token (p50) of a ~200-token prompt on an idle server and with 8 streams
   decoding.
 
+With ``--shared-prefix-tokens N`` it measures the prefix cache instead (issue 21): one
+server with ``generation.prefix_caching`` on, then one with it off, each sent
+``--shared-prefix-streams`` requests at once that all start with the same N-token system
+prompt and end with a question of their own (``--shared-prefix-primed``: after one request
+that carried the system prompt alone); the ratio is TTFT p50 off / on (target >= 3). ``--prefix-cache off`` runs the
+regular windows with the cache off.
+
 Ratios are within one run. Noisy on a shared machine: run it on a quiet one.
 """
 
@@ -48,6 +55,7 @@ TARGETS = {
     "context_1000_vs_100_tokens_per_s": (0.8, True),
     "server_vs_transformers_tokens_per_s": (1.3, True),
     "ttft_p50_busy_vs_idle": (2.0, False),
+    "shared_prefix_ttft_p50_off_vs_on": (3.0, True),
 }
 # Text the prompts are cut from (tokens, then decoded back).
 _FILLER = (
@@ -88,6 +96,15 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="results file name (default generation-<model>)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default benchmarks/results)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--prefix-cache", choices=("on", "off"), default="on",
+                   help="generation.prefix_caching of the served entry (default on)")  # fmt: skip
+    p.add_argument("--shared-prefix-tokens", type=int, default=0,
+                   help="measure the prefix cache instead: requests sharing a system prompt of this many "
+                        "tokens, TTFT with the cache on vs off (e.g. 500)")  # fmt: skip
+    p.add_argument("--shared-prefix-streams", type=int, default=32,
+                   help="requests sent at once in the shared-prefix run (default 32)")  # fmt: skip
+    p.add_argument("--shared-prefix-primed", action="store_true",
+                   help="one request with the shared prefix before the concurrent ones (default: cold)")  # fmt: skip
 
 
 def build_parser(sub: Any) -> None:
@@ -96,8 +113,11 @@ def build_parser(sub: Any) -> None:
     add_allow_dirty(p)
 
 
-def write_engine_repository(model_dir: Path, model: str, root: Path, streams: int, positions: int) -> Path:
-    """A repository with the entry's files linked and its config sized for ``streams`` streams."""
+def write_engine_repository(
+    model_dir: Path, model: str, root: Path, streams: int, positions: int, prefix_caching: bool | None = None
+) -> Path:
+    """A repository with the entry's files linked and its config sized for ``streams`` streams
+    (``prefix_caching``: set ``generation.prefix_caching``; None leaves the entry's own)."""
     repo = root / "repository"
     entry = repo / model
     entry.mkdir(parents=True)
@@ -111,6 +131,8 @@ def write_engine_repository(model_dir: Path, model: str, root: Path, streams: in
     generation["max_num_seqs"] = max(int(generation.get("max_num_seqs", 16)), streams)
     generation["max_num_batched_tokens"] = max(int(generation.get("max_num_batched_tokens", 512)), streams)
     generation["max_model_len"] = max(int(generation.get("max_model_len", 2048)), positions)
+    if prefix_caching is not None:
+        generation["prefix_caching"] = prefix_caching
     options = config.setdefault("task_options", {})
     options["max_concurrent_generations"] = max(int(options.get("max_concurrent_generations", 64)), streams + 16)
     (entry / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -188,6 +210,8 @@ def run_generation(args: argparse.Namespace) -> tuple[list[RunResult], dict[str,
     model_dir: Path = args.model_repository / args.model
     if not (model_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{model_dir} is not a model entry (no config.yaml); build it with taskserve-export")
+    if args.shared_prefix_tokens > 0:
+        return run_shared_prefix(args)
     say: Callable[[str], None] = (lambda _: None) if args.quiet else (lambda m: print(m, flush=True))
     streams = sorted(set(args.streams))
     positions = max(args.long_context, args.ttft_prompt) + args.new_tokens + 64
@@ -196,7 +220,9 @@ def run_generation(args: argparse.Namespace) -> tuple[list[RunResult], dict[str,
     runs: list[RunResult] = []
     measured: dict[str, float] = {}
     try:
-        repo = write_engine_repository(model_dir, args.model, work, max([*streams, args.busy_streams]), positions)
+        repo = write_engine_repository(
+            model_dir, args.model, work, max([*streams, args.busy_streams]), positions, args.prefix_cache == "on"
+        )
         peer: PeerProcess = spawn_taskserve(repo, work)
         try:
             peer.wait_ready(args.model, args.startup_timeout)
@@ -261,6 +287,7 @@ def run_generation(args: argparse.Namespace) -> tuple[list[RunResult], dict[str,
         "mode": "generation", "model": args.model, "streams": streams, "new_tokens": args.new_tokens,
         "contexts": [args.short_context, args.long_context], "ttft_prompt": args.ttft_prompt,
         "ttft_samples": args.ttft_samples, "busy_streams": args.busy_streams, "decoding": "greedy",
+        "prefix_cache": args.prefix_cache,
     }  # fmt: skip
     paths = write_results(
         args.name or f"generation-{args.model}", runs, config=config, machine=machine_info(), out_dir=args.out,
@@ -292,3 +319,55 @@ def _ttft_while_busy(
             stop.set()
             for f in futures:
                 f.result()
+
+
+def shared_prefix_prompts(tokenizer_path: Path, prefix_tokens: int, count: int) -> list[str]:
+    """``count`` prompts that all start with the same ``prefix_tokens``-token system prompt and
+    end with a short question of their own."""
+    system = prompt_of(tokenizer_path, prefix_tokens)
+    return [f"{system}\nQuestion {i}: " + prompt_of(tokenizer_path, 16, salt=7 * i + 3) for i in range(count)]
+
+
+def run_shared_prefix(args: argparse.Namespace) -> tuple[list[RunResult], dict[str, Path]]:
+    """The prefix cache's target: TTFT p50 of requests sharing a system prompt, cache on vs off
+    (one server each, one after the other, the same prompts)."""
+    say: Callable[[str], None] = (lambda _: None) if args.quiet else (lambda m: print(m, flush=True))
+    model_dir: Path = args.model_repository / args.model
+    tokenizer = model_dir / "tokenizer.json"
+    count = args.shared_prefix_streams
+    prompts = shared_prefix_prompts(tokenizer, args.shared_prefix_tokens, count)
+    positions = args.shared_prefix_tokens + 64 + args.new_tokens
+    runs: list[RunResult] = []
+    p50: dict[str, float] = {}
+    for mode in ("on", "off"):
+        work = Path(tempfile.mkdtemp(prefix=f"taskserve-prefix-{mode}-"))
+        try:
+            repo = write_engine_repository(model_dir, args.model, work, count, positions, mode == "on")
+            peer = spawn_taskserve(repo, work)
+            try:
+                peer.wait_ready(args.model, args.startup_timeout)
+                with TaskServeClient(peer.address, ClientOptions(timeout_s=args.timeout, retry=None)) as client:
+                    stream_once(client, args.model, prompt_of(tokenizer, 16, salt=5), 2)  # warm-up, no shared prefix
+                    if args.shared_prefix_primed:  # the system prompt seen once before (cached, with the cache on)
+                        stream_once(client, args.model, prompts[0], 2)
+                    wall, timings = concurrent_streams(client, args.model, prompts, args.new_tokens)
+            finally:
+                peer.stop()
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        p50[mode] = statistics.median(t.first_s for t in timings)
+        runs.append(_run_result(f"shared-prefix-cache-{mode}", count, timings, wall, ttft_p50_s=p50[mode],
+                                prompt_tokens=float(statistics.median(t.prompt_tokens for t in timings))))  # fmt: skip
+        say(f"prefix cache {mode:3s}: TTFT p50 {p50[mode] * 1e3:.0f} ms over {count} streams")
+    measured = {"shared_prefix_ttft_p50_off_vs_on": p50["off"] / p50["on"]}
+    notes = [f"{k}: {v}" for k, v in ratios_and_verdicts(measured).items()]
+    config = {
+        "mode": "generation-shared-prefix", "model": args.model, "shared_prefix_tokens": args.shared_prefix_tokens,
+        "streams": count, "new_tokens": args.new_tokens, "decoding": "greedy",
+        "primed": bool(args.shared_prefix_primed),
+    }  # fmt: skip
+    paths = write_results(
+        args.name or f"generation-prefix-cache-{args.model}", runs, config=config, machine=machine_info(),
+        out_dir=args.out, extra={"ratios": measured, "targets": {k: v[0] for k, v in TARGETS.items()}}, notes=notes,
+    )  # fmt: skip
+    return runs, paths

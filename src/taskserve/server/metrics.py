@@ -25,7 +25,7 @@ import copy
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -103,6 +103,12 @@ class _Series:
         self.inter_token = _Histogram(_LATENCY_BUCKETS)
         self.generated_tokens = 0
         self.generation: tuple[int, int, float] | None = None
+        # The engine's prefix cache: sequences admitted with it on, those that reused a cached
+        # prefix, the prompt positions they did not compute; idle slots holding one (None: off).
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+        self.prefix_reused_tokens = 0
+        self.prefix_cached_slots: int | None = None
         # The same requests again, by the door they came through (grpc, http): durations,
         # outcomes ("success" or the failure reason) and time to a stream's first chunk.
         self.door_request: dict[str, _Histogram] = {}
@@ -252,6 +258,28 @@ class ServerMetrics(Collector):
             "Generation engine: cached positions over the positions all slots hold (0..1)",
             labels=_LABELS,
         )
+        prefix = {
+            "queries": CounterMetricFamily(
+                "taskserve_prefix_cache_queries",
+                "Generation engine: sequences admitted with the prefix cache on",
+                labels=_LABELS,
+            ),
+            "hits": CounterMetricFamily(
+                "taskserve_prefix_cache_hits",
+                "Generation engine: sequences that started from a cached prompt prefix",
+                labels=_LABELS,
+            ),
+            "tokens": CounterMetricFamily(
+                "taskserve_prefix_cache_reused_tokens",
+                "Generation engine: prompt tokens taken from the prefix cache instead of computed",
+                labels=_LABELS,
+            ),
+        }
+        cached_slots = GaugeMetricFamily(
+            "taskserve_prefix_cache_slots",
+            "Generation engine: idle cache slots holding a reusable prefix (evicted first when slots run out)",
+            labels=_LABELS,
+        )
         for (model, version), s in items:
             labels = [model, version]
             with s.lock:  # one consistent reading per series
@@ -287,6 +315,11 @@ class ServerMetrics(Collector):
                     running.add_metric(labels, s.generation[0])
                     waiting.add_metric(labels, s.generation[1])
                     occupancy.add_metric(labels, s.generation[2])
+                if s.prefix_cached_slots is not None:
+                    prefix["queries"].add_metric(labels, s.prefix_queries, created=s.created)
+                    prefix["hits"].add_metric(labels, s.prefix_hits, created=s.created)
+                    prefix["tokens"].add_metric(labels, s.prefix_reused_tokens, created=s.created)
+                    cached_slots.add_metric(labels, s.prefix_cached_slots)
         yield from counters.values()
         yield failure
         yield from self._door_families(items)
@@ -297,6 +330,8 @@ class ServerMetrics(Collector):
         yield load
         yield ready
         yield from (ttft, itl, generated, running, waiting, occupancy)
+        yield from prefix.values()
+        yield cached_slots
 
 
 @dataclass
@@ -499,6 +534,21 @@ class ModelMetrics:
     def generation_state(self, running: int, waiting: int, occupancy: float) -> None:
         """The engine's sequences and the share of its cache positions in use, after an iteration."""
         self._s.generation = (running, waiting, occupancy)  # one store: atomic under the GIL
+
+    def prefix_cache_lookups(self, reused: Sequence[int]) -> None:
+        """Sequences admitted with the prefix cache on: each one's prompt positions taken from
+        the cache (0: a miss)."""
+        self._record(self._fold_prefix, tuple(reused))
+
+    def _fold_prefix(self, reused: tuple[int, ...]) -> None:
+        s = self._s
+        s.prefix_queries += len(reused)
+        s.prefix_hits += sum(1 for n in reused if n > 0)
+        s.prefix_reused_tokens += sum(reused)
+
+    def prefix_cache_state(self, cached_slots: int) -> None:
+        """Idle slots holding a cached prefix, after planning an iteration."""
+        self._s.prefix_cached_slots = cached_slots  # one store: atomic under the GIL
 
     def rejected(self, reason: str) -> None:
         s = self._s

@@ -74,6 +74,8 @@ class FakeRunner:
         self.lengths[slot] = 0
         self.released.append(slot)
 
+    copies_prefixes = False  # the prefix cache with a runner: test_prefix_cache_engine.py
+
     def close(self) -> None:
         pass
 

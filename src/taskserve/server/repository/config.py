@@ -176,6 +176,9 @@ class GenerationConfig(_Frozen):
     max_model_len: int = Field(default=2048, ge=2, le=1_000_000)
     # Largest piece of one prompt computed in one iteration; 0: up to max_num_batched_tokens.
     prefill_chunk_size: int = Field(default=0, ge=0, le=1_000_000)
+    # Keep computed prompt prefixes in idle cache slots and start matching prompts from them
+    # (docs/generation.md, "Prefix cache"); evicted before any running sequence waits.
+    prefix_caching: bool = True
 
     @model_validator(mode="after")
     def _budget(self) -> GenerationConfig:

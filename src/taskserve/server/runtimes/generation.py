@@ -91,6 +91,20 @@ class DecoderRunner(Protocol):
         """The slot's sequence left; its cache may be reused by the next ``start == 0`` row."""
         ...
 
+    @property
+    def copies_prefixes(self) -> bool:
+        """Whether ``copy_prefix`` works: a slot's cache depends on its tokens alone (False for
+        encoder-decoders, whose cache depends on the source too). The engine's prefix cache
+        runs only where it does."""
+        ...
+
+    def copy_prefix(self, src: int, dst: int, positions: int) -> None:
+        """Slot ``dst`` now holds positions ``[0, positions)`` of slot ``src`` and nothing
+        after (``src == dst``: the slot keeps its first ``positions``; nothing is copied). The
+        engine's prefix cache calls it before a step's rows; the next row of ``dst`` starts
+        at ``positions``."""
+        ...
+
     def close(self) -> None:
         """Free the model and the buffers. Idempotent."""
         ...
@@ -132,6 +146,21 @@ class SlotCacheRunner:
 
     def release(self, slot: int) -> None:
         self._lengths[slot] = 0
+
+    @property
+    def copies_prefixes(self) -> bool:
+        return True
+
+    def copy_prefix(self, src: int, dst: int, positions: int) -> None:
+        if not 0 <= positions <= self._positions:
+            raise RuntimeFailure(f"a prefix of {positions} positions does not fit a slot of {self._positions}")
+        if src != dst:
+            self._copy_positions(src, dst, positions)
+        self._lengths[dst] = positions
+
+    def _copy_positions(self, src: int, dst: int, positions: int) -> None:
+        """Copy every layer's keys and values of positions ``[0, positions)`` from slot ``src`` to ``dst``."""
+        raise NotImplementedError
 
     def warmup(self) -> None:
         """One prefill and one decode step in slot 0, so the first request pays no setup cost."""

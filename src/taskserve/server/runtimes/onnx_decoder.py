@@ -173,3 +173,9 @@ class OnnxDecoderRunner(SlotCacheRunner):
         except Exception as err:
             raise RuntimeFailure(f"onnxruntime failed on model {self.config.name!r}: {err}") from err
         return logits
+
+    # -- prefix cache ----------------------------------------------------------------------
+
+    def _copy_positions(self, src: int, dst: int, positions: int) -> None:
+        for buffer in (*self._keys, *self._values):
+            buffer[dst, :, :positions] = buffer[src, :, :positions]

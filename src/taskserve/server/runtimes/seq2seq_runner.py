@@ -175,6 +175,13 @@ class Seq2SeqRunner:
     def release(self, slot: int) -> None:
         self._slots.pop(slot, None)
 
+    @property
+    def copies_prefixes(self) -> bool:
+        return False  # a slot's cache depends on the source sentence, not the decoder tokens alone
+
+    def copy_prefix(self, src: int, dst: int, positions: int) -> None:
+        raise RuntimeFailure("encoder-decoder caches depend on their source; they have no prefix cache")
+
     def close(self) -> None:
         self._slots.clear()
         self._decoder.close()

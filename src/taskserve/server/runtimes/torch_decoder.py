@@ -254,6 +254,12 @@ class TorchDecoderRunner(SlotCacheRunner):
             picked[i] = sampler.pick(host[j])
         return picked
 
+    def _copy_positions(self, src: int, dst: int, positions: int) -> None:
+        """A device-side slice copy per layer: the cache never crosses to the host."""
+        with self._on_device():
+            for buffer in (*self._keys, *self._values):
+                buffer[dst, :, :positions].copy_(buffer[src, :, :positions])
+
     @contextlib.contextmanager
     def _on_device(self) -> Iterator[None]:
         """Inference mode with the model's GPU current (the engine's thread is not the loading

@@ -100,6 +100,7 @@ class GenerationScheduler(GenerationEngine):
                 prefill_chunk_size=settings.prefill_chunk_size,
                 vocab_size=runner.vocab_size,
                 name=name,
+                prefix_caching=settings.prefix_caching and runner.copies_prefixes,
             )
         )
         self._metrics = metrics
@@ -187,6 +188,8 @@ class GenerationScheduler(GenerationEngine):
             plan = self.core.schedule(time.monotonic())
             self._deliver(plan.ended)
             self._publish_gauges()
+            if plan.prefix_reused and self._metrics is not None:
+                self._metrics.prefix_cache_lookups(plan.prefix_reused)
             if not plan.rows:
                 released = self.core.take_released_slots()
                 if released:  # nothing to run: reset them now (an encoder-decoder's slot holds memory)
@@ -244,6 +247,8 @@ class GenerationScheduler(GenerationEngine):
         limits = self.core.limits
         occupancy = self.core.cached_positions / (limits.max_num_seqs * limits.max_model_len)
         self._metrics.generation_state(self.core.num_running, self.core.num_waiting, occupancy)
+        if limits.prefix_caching:
+            self._metrics.prefix_cache_state(self.core.num_cached_prefixes)
 
 
 def _release(runner: DecoderRunner, slots: Sequence[int]) -> None:
@@ -252,9 +257,12 @@ def _release(runner: DecoderRunner, slots: Sequence[int]) -> None:
 
 
 def _execute(runner: DecoderRunner, plan: StepPlan) -> list[int | None]:
-    """On the runner's thread: reset the slots whose sequences left, run the step; the runner
-    samples the next token of every row that completes its prompt or decodes."""
+    """On the runner's thread: reset the slots whose sequences left, make the prefix copies (in
+    order, before any row writes), run the step; the runner samples the next token of every
+    row that completes its prompt or decodes."""
     _release(runner, plan.released_slots)
+    for copy in plan.copies:
+        runner.copy_prefix(copy.src, copy.dst, copy.positions)
     rows: list[StepRow] = plan.step_rows
     samplers: list[TokenSampler | None] = [r.sampler if r.samples else None for r in plan.rows]
     return runner.sample(rows, samplers)
