@@ -38,7 +38,9 @@ def decoders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, 
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_every_exported_decoder_is_an_engine_entry_that_loads(decoders: dict[str, tuple[Path, Path]], name: str) -> None:
+def test_every_exported_decoder_is_an_engine_entry_that_loads(
+    decoders: dict[str, tuple[Path, Path]], name: str
+) -> None:
     _, entry = decoders[name]
     config = load_model_config(entry)
     assert config.task == "text-generation" and config.generation is not None

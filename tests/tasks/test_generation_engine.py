@@ -112,7 +112,8 @@ def test_first_chunks_of_several_sequences_run_as_one_call_and_equal_one_row_at_
             assert len(calls) == bool(decodes) + 1 + len(continuing), calls
             assert len(calls) < len(rows)
             prefill_call = next(c for c in calls if c[2][1] > 1 and c[0] == min(r.slot for r in firsts))
-            assert prefill_call[2] == (max(r.slot for r in firsts) + 1 - prefill_call[0], max(len(r.tokens) for r in firsts))
+            width = max(len(r.tokens) for r in firsts)
+            assert prefill_call[2] == (max(r.slot for r in firsts) + 1 - prefill_call[0], width)
     finally:
         alone.close()
         for slot in (0, 1, 2, 4, 5):

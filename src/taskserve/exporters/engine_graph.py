@@ -65,7 +65,8 @@ def unsupported(config: Any) -> str | None:
         return None
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"hidden_act {config.hidden_act!r} (silu only)"
-    if model_type == "mistral" and getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    if model_type == "mistral" and sliding:
         return "sliding-window attention"
     return None
 
@@ -173,9 +174,8 @@ def build_decoder_graph(model: Any, path: Path, max_positions: int) -> None:
         x1 = node("Slice", [split, "rot_lo", "rot_mid", "axis_last"], f"{out}_x1")
         x2 = node("Slice", [split, "rot_mid", "rot_hi", "axis_last"], f"{out}_x2")
         turned = node("Concat", [node("Neg", [x2], f"{out}_nx2"), x1], f"{out}_turned", axis=-1)
-        mixed = node(
-            "Add", [node("Mul", [split, "rot_cos"], f"{out}_c"), node("Mul", [turned, "rot_sin"], f"{out}_s")], f"{out}_r"
-        )
+        cos_part = node("Mul", [split, "rot_cos"], f"{out}_c")
+        mixed = node("Add", [cos_part, node("Mul", [turned, "rot_sin"], f"{out}_s")], f"{out}_r")
         return node("Reshape", [mixed, const(f"{out}_shape3", [0, 0, n_heads * head_dim])], out)
 
     cache_shape: list[Any] = ["batch", kv_heads, "cache_length", head_dim]
@@ -213,7 +213,8 @@ def build_decoder_graph(model: Any, path: Path, max_positions: int) -> None:
     if gpt2:
         embed = weight("embed_tokens", state["transformer.wte.weight"])
         node("Gather", [embed, "input_ids"], "tok_embeds")
-        node("Gather", [weight("embed_positions", state["transformer.wpe.weight"][:max_positions]), "positions"], "pos_embeds")
+        table = weight("embed_positions", state["transformer.wpe.weight"][:max_positions])
+        node("Gather", [table, "positions"], "pos_embeds")
         x = node("Add", ["tok_embeds", "pos_embeds"], "x0")
         activation = GPT2_ACTIVATIONS[getattr(config, "activation_function", "gelu_new")]
         for i in range(layers):
@@ -245,14 +246,18 @@ def build_decoder_graph(model: Any, path: Path, max_positions: int) -> None:
             g = linear(h2, f"{p}.mlp.gate_proj", f"l{i}_g")
             u = linear(h2, f"{p}.mlp.up_proj", f"l{i}_u")
             silu = node("Mul", [g, node("Sigmoid", [g], f"l{i}_gs")], f"l{i}_silu")
-            x = node("Add", [r1, linear(node("Mul", [silu, u], f"l{i}_m"), f"{p}.mlp.down_proj", f"l{i}_d")], f"l{i}_out")
+            d = linear(node("Mul", [silu, u], f"l{i}_m"), f"{p}.mlp.down_proj", f"l{i}_d")
+            x = node("Add", [r1, d], f"l{i}_out")
         head_weight = state.get("lm_head.weight")
         tied = head_weight is None or bool(config.tie_word_embeddings)
     # Only the positions logits_index names reach the norm and the vocabulary projection.
     node("Reshape", [x, const("flat_shape", [-1, hidden])], "x_flat")
     node("Gather", ["x_flat", "logits_index"], "x_last", axis=0)
-    final = layer_norm("x_last", "transformer.ln_f", "x_normed") if gpt2 else rms_norm("x_last", "model.norm", "x_normed")
-    head_name = embed if tied else weight("lm_head", head_weight)
+    if gpt2:
+        final = layer_norm("x_last", "transformer.ln_f", "x_normed")
+    else:
+        final = rms_norm("x_last", "model.norm", "x_normed")
+    head_name = embed if tied or head_weight is None else weight("lm_head", head_weight)
     nodes.append(helper.make_node("Gemm", [final, head_name], ["logits"], transB=1))
 
     graph = helper.make_graph(nodes, "taskserve-decoder", graph_inputs, graph_outputs, inits)

@@ -7,7 +7,6 @@ and validated against the PyTorch model on optimum's generated inputs plus token
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -22,7 +21,7 @@ from taskserve.exporters.graph_io import read_graph_io, serving_specs
 from taskserve.exporters.optimize import transformer_shape
 from taskserve.exporters.quiet import quiet
 from taskserve.exporters.sources.text_samples import TEXT_KEYS, tokenized_batches
-from taskserve.exporters.spec import ExportedModel, TensorSpec, ValidationCase
+from taskserve.exporters.spec import ExportedModel, ValidationCase
 from taskserve.exporters.tasks import GENERATION_TASKS, OPTIMUM_TO_TASKSERVE, TEXT_TASKS
 from taskserve.exporters.torch_entry import transformers_entry
 

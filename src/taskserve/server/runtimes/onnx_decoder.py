@@ -82,7 +82,8 @@ class OnnxDecoderRunner(SlotCacheRunner):
         if not layers or not required <= set(names) or layers != list(range(len(layers))):
             raise RuntimeFailure(
                 f"model {self.config.name!r}: the graph lacks the engine's inputs (input_ids, seqlens_k, "
-                "total_sequence_length, past_key.N); re-export it with taskserve-export"
+                "total_sequence_length, past_key.N); re-export it: taskserve-export hf MODEL_DIR --task "
+                f"text-generation --out REPOSITORY --name {self.config.name}"
             )
         shape = names["past_key.0"].shape
         kv_heads, head_dim = shape[1], shape[3]

@@ -2,8 +2,9 @@
 
 "No batching" is ``max_batch_size: 1`` (batches of one row) or ``0`` (no batch
 dimension: each request runs alone, its inputs passed as-is), not a separate code
-path. Entries with a ``generation:`` block run on the generation engine instead
-(scheduling/generation_scheduler.py); the model manager picks which.
+path. Entries with a ``generation:`` block (every text-generation and text2text-generation
+model) run on the generation engine instead (scheduling/generation_scheduler.py); the model
+manager picks which.
 """
 
 from __future__ import annotations
