@@ -120,6 +120,56 @@ def test_first_chunks_of_several_sequences_run_as_one_call_and_equal_one_row_at_
             runner.release(slot)
 
 
+def _without_logits_index(graph_path: Path, out: Path) -> None:
+    """The graph as exported before ``logits_index``: the last position of every row."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(graph_path))
+    graph = model.graph
+    reshape = next(n for n in graph.node if n.output[0] == "x_flat")
+    gather = next(n for n in graph.node if n.output[0] == "x_last")
+    index = list(graph.node).index(reshape)
+    graph.node.remove(reshape)
+    graph.node.remove(gather)
+    for name, value in (("old_start", -1), ("old_end", np.iinfo(np.int64).max), ("old_axis", 1)):
+        graph.initializer.append(numpy_helper.from_array(np.asarray([value], np.int64), name))
+    graph.node.insert(index, helper.make_node("Slice", [reshape.input[0], "old_start", "old_end", "old_axis"], ["x3"]))
+    graph.node.insert(index + 1, helper.make_node("Squeeze", ["x3", "old_axis"], ["x_last"]))
+    graph.input.remove(next(i for i in graph.input if i.name == "logits_index"))
+    onnx.save(model, str(out))
+
+
+def test_a_graph_exported_before_logits_index_still_runs_each_chunk_alone(
+    runner: OnnxDecoderRunner, task_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry = task_repository / MODEL
+    config = load_model_config(entry)
+    _without_logits_index(entry / "1" / config.default_model_filename, tmp_path / "old.onnx")
+    old = OnnxDecoderRunner(tmp_path / "old.onnx", config)
+    old.load()
+    calls: list[tuple[int, ...]] = []
+    run = old._run
+
+    def recorded(lo: int, hi: int, tokens: np.ndarray, *rest: np.ndarray) -> np.ndarray:
+        calls.append(tokens.shape)
+        return run(lo, hi, tokens, *rest)
+
+    monkeypatch.setattr(old, "_run", recorded)
+    rng = np.random.default_rng(5)
+    a, b = rng.integers(0, old.vocab_size, 6), rng.integers(0, old.vocab_size, 3)
+    steps = [[StepRow(0, a[:4], 0), StepRow(1, b, 0)], [StepRow(0, a[4:], 4), StepRow(1, a[:1], 3)]]
+    try:
+        for rows in steps:
+            calls.clear()
+            np.testing.assert_allclose(old.step(rows), runner.step(rows), atol=1e-5)
+            assert sorted(calls) == sorted((1, len(r.tokens)) for r in rows)  # one call per row
+    finally:
+        old.close()
+        runner.release(0)
+        runner.release(1)
+
+
 def test_the_graph_returns_last_position_logits_and_binds_the_cache(runner: OnnxDecoderRunner) -> None:
     session = runner.runtime.session
     outputs = {o.name: o.shape for o in session.get_outputs()}
