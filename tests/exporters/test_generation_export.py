@@ -1,106 +1,124 @@
-"""``taskserve-export hf DIR --task text-generation``: the entry the server serves (batching
-declarations, end-of-sequence ids, chat template, tokenizer), and the claim those
-declarations rest on: a left-padded, masked decode step gives what the step gives alone."""
+"""``taskserve-export hf DIR --task text-generation``: every decoder family the exporter takes
+(Llama with heads of 8, rotated by graph ops; Llama with heads of 16, rotated inside
+GroupQueryAttention; GPT-2, learned positions) is written as the generation engine's entry,
+loads on the engine's runner and gives transformers' logits there; a decoder the engine's
+graph cannot express, or a text-generation graph from elsewhere, is refused at export."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
 from taskserve.exporters.cli import main
-from taskserve.exporters.sources.hf import decoder_specs
 from taskserve.server.repository.config import load_model_config
+from taskserve.server.runtimes.generation import StepRow
+from taskserve.server.runtimes.onnx_decoder import OnnxDecoderRunner
 from tests.support.tiny_hf_models import tiny_causal_lm
+
+# Entry name -> (architecture, hidden size): heads of 8, of 16, and GPT-2's 16 without rotary.
+FAMILIES = {"llama-h8": ("llama", 32), "llama-h16": ("llama", 64), "gpt2": ("gpt2", 32)}
 
 
 @pytest.fixture(scope="module")
-def decoders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Both tiny decoders exported through the CLI into one repository."""
+def decoders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """Every tiny decoder exported through the CLI into one repository: name -> (source, entry)."""
     sources = tmp_path_factory.mktemp("decoder-sources")
     repo = tmp_path_factory.mktemp("decoder-repo")
     entries = {}
-    for arch in ("llama", "gpt2"):
-        source = tiny_causal_lm(sources / arch, arch)
-        args = ["hf", str(source), "--task", "text-generation", "--out", str(repo), "--name", arch, "--quiet"]
+    for name, (arch, hidden) in FAMILIES.items():
+        source = tiny_causal_lm(sources / name, arch, hidden_size=hidden)
+        args = ["hf", str(source), "--task", "text-generation", "--out", str(repo), "--name", name, "--quiet"]
         assert main(args) == 0
-        entries[arch] = repo / arch
+        entries[name] = (source, repo / name)
     return entries
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_entry_declares_how_decode_steps_batch(decoders: dict[str, Path], arch: str) -> None:
-    entry = decoders[arch]
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_exported_decoder_is_an_engine_entry_that_loads(
+    decoders: dict[str, tuple[Path, Path]], name: str
+) -> None:
+    _, entry = decoders[name]
     config = load_model_config(entry)
-    assert config.task == "text-generation" and config.max_batch_size == 32
-    assert not config.warmup.enabled
-    padding = {t.name: t.padding for t in config.inputs or ()}
-    assert padding.pop("input_ids") == "none" and padding.pop("position_ids") == "none"
-    assert set(padding.values()) == {"left"} and "attention_mask" in padding  # and every past key/value
-    follows = {t.name: t.unpad_like for t in config.outputs or ()}
-    assert follows.pop("logits") is None
-    assert follows == {name: name.replace("present.", "past_key_values.") for name in follows}
+    assert config.task == "text-generation" and config.generation is not None
+    assert config.platform == "onnxruntime" and config.max_batch_size == 0
+    assert config.generation.max_model_len == 128  # the tiny models' positions
     assert config.task_options["eos_token_ids"] == [2] and config.task_options["max_length"] == 128
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
-        assert (entry / name).is_file(), name
+    for file in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
+        assert (entry / file).is_file(), file
+    runner = OnnxDecoderRunner(entry / "1" / config.default_model_filename, config)
+    runner.load()
+    try:
+        inputs = {i.name for i in runner.runtime.session.get_inputs()}
+        assert {"input_ids", "seqlens_k", "total_sequence_length", "logits_index", "past_key.1"} <= inputs
+        assert not any(n.startswith("past_key_values.") for n in inputs)
+    finally:
+        runner.close()
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_left_padded_masked_steps_equal_steps_alone(decoders: dict[str, Path], arch: str) -> None:
-    session = ort.InferenceSession(str(decoders[arch] / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-    past_inputs = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
-    past_names = [i.name for i in past_inputs]
-    heads, size = past_inputs[0].shape[1], past_inputs[0].shape[3]
-    names = [o.name for o in session.get_outputs()]
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_engine_steps_give_transformers_logits(decoders: dict[str, tuple[Path, Path]], name: str) -> None:
+    """Two prompts' first chunks in one padded call, a continuing chunk, then decode rows:
+    each row's logits are transformers' at that position of one full forward pass."""
+    import torch
+    from transformers import AutoModelForCausalLM
 
-    def run(ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: dict[str, np.ndarray]) -> dict[str, Any]:
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **past}
-        return dict(zip(names, session.run(names, feeds), strict=True))
-
-    def alone(prompt: list[int], token: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        n = len(prompt)
-        empty = {p: np.zeros((1, heads, 0, size), np.float32) for p in past_names}
-        first = run(np.array([prompt]), np.ones((1, n), np.int64), np.arange(n)[None], empty)
-        past = {p: first[p.replace("past_key_values.", "present.")] for p in past_names}
-        return past, run(np.array([[token]]), np.ones((1, n + 1), np.int64), np.array([[n]]), past)
-
-    short_past, short_step = alone([5, 17, 42], 7)
-    long_past, long_step = alone([9, 3, 88, 120, 61, 14, 200], 11)
-    pad = 4
-    padded = {
-        p: np.concatenate([np.pad(short_past[p], ((0, 0), (0, 0), (pad, 0), (0, 0))), long_past[p]]) for p in past_names
-    }
-    mask = np.array([[0] * pad + [1] * 4, [1] * 8])
-    both = run(np.array([[7], [11]]), mask, np.array([[3], [7]]), padded)
-    np.testing.assert_allclose(both["logits"][0], short_step["logits"][0], atol=1e-5)
-    np.testing.assert_allclose(both["logits"][1], long_step["logits"][0], atol=1e-5)
-    present = past_names[0].replace("past_key_values.", "present.")
-    np.testing.assert_allclose(both[present][0, :, pad:], short_step[present][0], atol=1e-5)
+    source, entry = decoders[name]
+    config = load_model_config(entry)
+    runner = OnnxDecoderRunner(entry / "1" / config.default_model_filename, config)
+    runner.load()
+    model = AutoModelForCausalLM.from_pretrained(source).eval()
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(0, runner.vocab_size, 10), rng.integers(0, runner.vocab_size, 6)
+    with torch.inference_mode():
+        ref_a = model(torch.from_numpy(a[None])).logits[0].numpy()
+        ref_b = model(torch.from_numpy(b[None])).logits[0].numpy()
+    try:
+        got = runner.step([StepRow(0, a[:5], 0), StepRow(1, b[:3], 0)])
+        np.testing.assert_allclose(got, [ref_a[4], ref_b[2]], atol=1e-4)
+        got = runner.step([StepRow(0, a[5:8], 5), StepRow(1, b[3:4], 3)])
+        np.testing.assert_allclose(got, [ref_a[7], ref_b[3]], atol=1e-4)
+        got = runner.step([StepRow(0, a[8:9], 8), StepRow(1, b[4:5], 4)])
+        np.testing.assert_allclose(got, [ref_a[8], ref_b[4]], atol=1e-4)
+    finally:
+        runner.close()
 
 
-def test_a_decoder_without_position_ids_is_never_padded(tmp_path: Path) -> None:
-    """Without position_ids the graph derives positions from the padded length: only steps
-    of equal shapes may then share a batch."""
-    def info(name: str, elem: int, shape: list[object]) -> onnx.ValueInfoProto:
-        return helper.make_tensor_value_info(name, elem, shape)
+def test_a_decoder_the_engine_graph_cannot_express_is_refused_at_export(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import transformers
 
+    # Heads of 12: GroupQueryAttention takes multiples of 8 only.
+    config = transformers.GPT2Config(vocab_size=64, n_embd=24, n_head=2, n_layer=1, n_positions=32)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "source")
+    args = ["hf", str(tmp_path / "source"), "--task", "text-generation", "--out", str(tmp_path / "repo"), "--name", "x"]
+    assert main([*args, "--quiet"]) == 1
+    assert "attention heads of 12" in capsys.readouterr().err
+    assert not (tmp_path / "repo" / "x").exists()
+
+
+def test_a_text_generation_graph_from_elsewhere_is_refused_at_export(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An ONNX file with optimum-style step tensors would be an entry the server refuses: the
+    export stops and says which command writes one it serves."""
     kv = ["batch", 2, "past", 4]
     graph = helper.make_graph(
         [helper.make_node("Identity", ["input_ids"], ["logits"]),
          helper.make_node("Identity", ["past_key_values.0.key"], ["present.0.key"])],
         "decoder",
-        [info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-         info("attention_mask", TensorProto.INT64, ["batch", "all"]),
-         info("past_key_values.0.key", TensorProto.FLOAT, kv)],
-        [info("logits", TensorProto.INT64, ["batch", "seq"]), info("present.0.key", TensorProto.FLOAT, kv)],
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, kv)],
+        [helper.make_tensor_value_info("logits", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT, kv)],
     )  # fmt: skip
     path = tmp_path / "model.onnx"
     onnx.save(helper.make_model(graph), str(path))
-    inputs, outputs = decoder_specs(path)
-    assert {t.padding for t in inputs} == {"none"}
-    assert all(t.unpad_like is None for t in outputs)
+    args = ["onnx", str(path), "--task", "text-generation", "--out", str(tmp_path / "repo"), "--name", "x", "--quiet"]
+    assert main(args) == 2
+    assert "taskserve-export hf MODEL_DIR --task text-generation" in capsys.readouterr().err
+    assert not (tmp_path / "repo" / "x").exists()

@@ -68,7 +68,10 @@ def layout(tmp_path_factory: pytest.TempPathFactory) -> Layout:
     for i, case in enumerate(_cases(root)):
         name = f"walk{i}"
         options = {} if case.value is None else {case.option: case.value}
-        model_dir = write_entry(repo, name, graph, {"max_batch_size": 4, "task": case.task, "task_options": options})
+        config = {"max_batch_size": 4, "task": case.task, "task_options": options}
+        if case.task == "text-generation":
+            config["generation"] = {}  # every text-generation entry is an engine entry
+        model_dir = write_entry(repo, name, graph, config)
         if case.value is None:  # the file the task reads when the option is unset
             (model_dir / str(file_options(case.task)[case.option].default)).symlink_to(root / "secret.json")
         else:

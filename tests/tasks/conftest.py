@@ -8,7 +8,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import yaml
 
 from tests.support.server import ServerThread, running_server
 
@@ -46,7 +45,7 @@ def tiny_sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             # Heads of 16: the generation engine's graph (GroupQueryAttention) serves it.
             sources[name] = tiny_models.tiny_causal_lm(directory, kind, hidden_size=64)
         elif kind == "gpt2":
-            # Served through the request batcher (optimum's graph).
+            # Heads of 16, no rotary: the engine's GPT-2 graph.
             sources[name] = tiny_models.tiny_causal_lm(directory, kind)
         else:
             sources[name] = tiny_models.tiny_clip(directory)
@@ -60,13 +59,6 @@ def task_repository(tmp_path_factory: pytest.TempPathFactory, tiny_sources: dict
     repo = tmp_path_factory.mktemp("task-repo")
     for name, (_, task) in TINY_MODELS.items():
         export_hf(tiny_sources[name], task, repo, name, progress=False, max_queue_delay_us=1000)
-        if name == "tiny-gpt2":
-            # Steps of the tiny decoders take well under the inline threshold; on the event loop
-            # each would run alone, and the concurrency tests are about steps sharing batches.
-            path = repo / name / "config.yaml"
-            config = yaml.safe_load(path.read_text())
-            config["dynamic_batching"]["inline_compute_us"] = 0
-            path.write_text(yaml.safe_dump(config, sort_keys=False))
     return repo
 
 

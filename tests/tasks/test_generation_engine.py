@@ -16,6 +16,7 @@ from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2_grpc a
 from taskserve.server.repository.config import load_model_config
 from taskserve.server.runtimes.generation import StepRow
 from taskserve.server.runtimes.onnx_decoder import OnnxDecoderRunner
+from taskserve.server.runtimes.sampling import Sampling, TokenSampler, sample_rows
 from tests.support.server import ServerThread
 
 MODEL = "tiny-llama"
@@ -64,6 +65,109 @@ def test_resident_cache_steps_equal_one_forward_pass(runner: OnnxDecoderRunner, 
     again = runner.step([StepRow(2, tokens(b[:3]), 0)])
     np.testing.assert_allclose(again[0], ref_b[2], atol=1e-4)
     runner.release(2)
+
+
+def test_first_chunks_of_several_sequences_run_as_one_call_and_equal_one_row_at_a_time(
+    runner: OnnxDecoderRunner, task_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batched prefill (first chunks of different lengths padded into one call, beside a decode
+    call and a continuing chunk) gives the logits and greedy tokens of running every row alone,
+    in fewer session runs than rows."""
+    entry = task_repository / MODEL
+    config = load_model_config(entry)
+    alone = OnnxDecoderRunner(entry / "1" / config.default_model_filename, config)
+    alone.load()
+    calls: list[tuple[int, int, tuple[int, ...]]] = []
+    run = runner._run
+
+    def recorded(lo: int, hi: int, tokens: np.ndarray, *rest: np.ndarray) -> np.ndarray:
+        calls.append((lo, hi, tokens.shape))
+        return run(lo, hi, tokens, *rest)
+
+    monkeypatch.setattr(runner, "_run", recorded)
+    rng = np.random.default_rng(3)
+    p, q, r, t = (rng.integers(0, alone.vocab_size, n) for n in (9, 5, 3, 6))
+    sampler = TokenSampler(Sampling())
+    steps = [
+        # Two sequences' first chunks (4 and 5 tokens).
+        [StepRow(0, p[:4], 0), StepRow(1, q, 0)],
+        # A continuing chunk, a decode row, and two first chunks (3 and 6 tokens) with free slot 3 between.
+        [StepRow(0, p[4:7], 4), StepRow(1, p[:1], 5), StepRow(2, r, 0), StepRow(4, t, 0)],
+        # Decode rows only, and one first chunk beside them.
+        [StepRow(0, p[7:8], 7), StepRow(1, q[:1], 6), StepRow(2, t[:1], 3), StepRow(4, r[:1], 6),
+         StepRow(5, q[:4], 0)],
+    ]  # fmt: skip
+    try:
+        for rows in steps:
+            calls.clear()
+            together = runner.step(rows)
+            one_by_one = np.stack([alone.step([row])[0] for row in rows])
+            np.testing.assert_allclose(together, one_by_one, atol=1e-5)
+            # The greedy tokens the engine would sample from each.
+            assert sample_rows(together, [sampler] * len(rows)) == sample_rows(one_by_one, [sampler] * len(rows))
+            firsts = [row for row in rows if row.start == 0 and len(row.tokens) > 1]
+            continuing = [row for row in rows if row.start > 0 and len(row.tokens) > 1]
+            decodes = [row for row in rows if len(row.tokens) == 1]
+            # One call for the decode rows, one for every first chunk, one per continuing chunk.
+            assert len(calls) == bool(decodes) + 1 + len(continuing), calls
+            assert len(calls) < len(rows)
+            prefill_call = next(c for c in calls if c[2][1] > 1 and c[0] == min(r.slot for r in firsts))
+            width = max(len(r.tokens) for r in firsts)
+            assert prefill_call[2] == (max(r.slot for r in firsts) + 1 - prefill_call[0], width)
+    finally:
+        alone.close()
+        for slot in (0, 1, 2, 4, 5):
+            runner.release(slot)
+
+
+def _without_logits_index(graph_path: Path, out: Path) -> None:
+    """The graph as exported before ``logits_index``: the last position of every row."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(graph_path))
+    graph = model.graph
+    reshape = next(n for n in graph.node if n.output[0] == "x_flat")
+    gather = next(n for n in graph.node if n.output[0] == "x_last")
+    index = list(graph.node).index(reshape)
+    graph.node.remove(reshape)
+    graph.node.remove(gather)
+    for name, value in (("old_start", -1), ("old_end", np.iinfo(np.int64).max), ("old_axis", 1)):
+        graph.initializer.append(numpy_helper.from_array(np.asarray([value], np.int64), name))
+    graph.node.insert(index, helper.make_node("Slice", [reshape.input[0], "old_start", "old_end", "old_axis"], ["x3"]))
+    graph.node.insert(index + 1, helper.make_node("Squeeze", ["x3", "old_axis"], ["x_last"]))
+    graph.input.remove(next(i for i in graph.input if i.name == "logits_index"))
+    onnx.save(model, str(out))
+
+
+def test_a_graph_exported_before_logits_index_still_runs_each_chunk_alone(
+    runner: OnnxDecoderRunner, task_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry = task_repository / MODEL
+    config = load_model_config(entry)
+    _without_logits_index(entry / "1" / config.default_model_filename, tmp_path / "old.onnx")
+    old = OnnxDecoderRunner(tmp_path / "old.onnx", config)
+    old.load()
+    calls: list[tuple[int, ...]] = []
+    run = old._run
+
+    def recorded(lo: int, hi: int, tokens: np.ndarray, *rest: np.ndarray) -> np.ndarray:
+        calls.append(tokens.shape)
+        return run(lo, hi, tokens, *rest)
+
+    monkeypatch.setattr(old, "_run", recorded)
+    rng = np.random.default_rng(5)
+    a, b = rng.integers(0, old.vocab_size, 6), rng.integers(0, old.vocab_size, 3)
+    steps = [[StepRow(0, a[:4], 0), StepRow(1, b, 0)], [StepRow(0, a[4:], 4), StepRow(1, a[:1], 3)]]
+    try:
+        for rows in steps:
+            calls.clear()
+            np.testing.assert_allclose(old.step(rows), runner.step(rows), atol=1e-5)
+            assert sorted(calls) == sorted((1, len(r.tokens)) for r in rows)  # one call per row
+    finally:
+        old.close()
+        runner.release(0)
+        runner.release(1)
 
 
 def test_the_graph_returns_last_position_logits_and_binds_the_cache(runner: OnnxDecoderRunner) -> None:

@@ -1,12 +1,13 @@
 """The text-generation task and its per-token parts without a model: a scripted
-scheduler plays the decoder, so end-of-sequence, cancellation, held text and
-limits are checked exactly."""
+generation engine plays the decoder, so end-of-sequence, cancellation, held text and
+limits are checked exactly; and an entry the engine cannot run is refused at load."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +15,15 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from taskserve.server.errors import InvalidInput, Overloaded
-from taskserve.server.repository.config import ModelConfig
-from taskserve.server.scheduling.base import InferRequest, InferResult
+from taskserve.server.errors import ConfigError, InvalidInput, Overloaded
+from taskserve.server.metrics import ServerMetrics
+from taskserve.server.repository.config import ModelConfig, load_model_config
+from taskserve.server.repository.manager import ModelManager
+from taskserve.server.scheduling.engine_api import GenerationEngine, SequenceRequest, TokenStream
 from taskserve.server.tasks.base import CallOptions, TaskConfigError, TaskContext
 from taskserve.server.tasks.chat_template import ChatMessage
 from taskserve.server.tasks.decoding import IncrementalDecoder, Sampling, TextStream, TokenPicker
 from taskserve.server.tasks.text_generation import FinishReason, GenerateParams, GenerationChunk, TextGenerator
-from tests.tasks.fakes import FakeModel, FakeScheduler
 
 VOCAB = 300  # 256 byte tokens, then <eos> (256)
 EOS = 256
@@ -44,29 +46,77 @@ def _byte_of(char: str) -> int:
     return {v: k for k, v in bytes_to_unicode().items()}[char]
 
 
-class ScriptedDecoder:
-    """Outputs of a decoder that 'generates' a fixed token script, checking its inputs
-    the way an exported graph would (cache length, mask, positions)."""
+class ScriptedStream:
+    """A sequence that 'generates' the engine's script, one token per step, up to its
+    ``max_new_tokens``; ``gate`` (set by a test) holds a step until it is set."""
 
-    def __init__(self, script: Sequence[int], heads: int = 2, size: int = 4) -> None:
+    def __init__(self, engine: ScriptedEngine, request: SequenceRequest) -> None:
+        self.engine, self.request = engine, request
+        self.cancelled = False
+
+    async def _tokens(self) -> AsyncIterator[int]:
+        engine = self.engine
+        for _ in range(self.request.max_new_tokens):
+            if engine.gate_after is not None and engine.steps >= engine.gate_after:
+                await engine.gate.wait()
+            if self.cancelled:
+                return
+            token = engine.script[min(engine.steps, len(engine.script) - 1)]
+            engine.steps += 1
+            yield token
+            if token in self.request.stop_token_ids:
+                return
+
+    def __aiter__(self) -> AsyncIterator[int]:
+        return self._tokens()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class ScriptedEngine(GenerationEngine):
+    """Plays a decoder on the generation engine: every sequence gets the script's tokens."""
+
+    def __init__(self, script: Sequence[int], max_model_len: int) -> None:
         self.script = list(script)
-        self.heads, self.size = heads, size
+        self._max_model_len = max_model_len
+        self.requests: list[SequenceRequest] = []
+        self.streams: list[ScriptedStream] = []
         self.steps = 0
+        self.gate = asyncio.Event()
+        self.gate_after: int | None = None
 
-    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids, past = inputs["input_ids"], inputs["past_key_values.0.key"]
-        start, new = past.shape[2], ids.shape[1]
-        assert inputs["attention_mask"].shape == (1, start + new)
-        np.testing.assert_array_equal(inputs["position_ids"], [np.arange(start, start + new)])
-        token = self.script[min(self.steps, len(self.script) - 1)]
-        self.steps += 1
-        logits = np.zeros((1, new, VOCAB), np.float32)
-        logits[0, -1, token] = 10.0
-        present = np.zeros((1, self.heads, start + new, self.size), np.float32)
-        return {"logits": logits, "present.0.key": present, "present.0.value": present}
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    def generate(self, request: SequenceRequest) -> TokenStream:
+        self.requests.append(request)
+        self.streams.append(ScriptedStream(self, request))
+        return self.streams[-1]
+
+    async def start(self) -> None:
+        return None
+
+    def inflight_count(self) -> int:
+        return 0
+
+    async def stop(self, drain: bool = True) -> None:
+        return None
 
 
-def decoder_model(tmp_path: Path, script: Sequence[int], max_length: int = 64, **options: Any) -> FakeModel:
+@dataclass
+class EngineModel:
+    name: str
+    config: ModelConfig
+    model_dir: Path
+    engine: ScriptedEngine | None
+    scheduler: None = None
+    version: str = "1"
+    stages: list[str] = field(default_factory=list)
+
+
+def decoder_model(tmp_path: Path, script: Sequence[int], max_length: int = 64, **options: Any) -> EngineModel:
     model_dir = tmp_path / "decoder"
     model_dir.mkdir(parents=True, exist_ok=True)
     byte_tokenizer().save(str(model_dir / "tokenizer.json"))
@@ -75,23 +125,12 @@ def decoder_model(tmp_path: Path, script: Sequence[int], max_length: int = 64, *
         {
             "name": "decoder",
             "task": "text-generation",
-            "max_batch_size": 8,
-            "inputs": [
-                {"name": "input_ids", "datatype": "INT64", "dims": [-1], "padding": "none"},
-                {"name": "attention_mask", "datatype": "INT64", "dims": [-1], "padding": "left"},
-                {"name": "position_ids", "datatype": "INT64", "dims": [-1], "padding": "none"},
-                {"name": "past_key_values.0.key", "datatype": "FP32", "dims": [2, -1, 4], "padding": "left"},
-                {"name": "past_key_values.0.value", "datatype": "FP32", "dims": [2, -1, 4], "padding": "left"},
-            ],
-            "outputs": [
-                {"name": "logits", "datatype": "FP32", "dims": [-1, VOCAB]},
-                {"name": "present.0.key", "datatype": "FP32", "dims": [2, -1, 4]},
-                {"name": "present.0.value", "datatype": "FP32", "dims": [2, -1, 4]},
-            ],
+            "inputs": [{"name": "input_ids", "datatype": "INT64", "dims": [-1, -1]}],
             "task_options": {"max_length": max_length, **options},
+            "generation": {"max_model_len": max_length},
         }
     )
-    return FakeModel("decoder", config, model_dir, FakeScheduler(ScriptedDecoder(script)))
+    return EngineModel("decoder", config, model_dir, ScriptedEngine(script, max_length))
 
 
 def byte_ids(text: str) -> list[int]:
@@ -117,7 +156,7 @@ async def test_eos_ends_the_generation_without_its_text(tmp_path: Path, context:
     last = chunks[-1]
     assert last.finish_reason is FinishReason.EOS and last.token_ids[-1] == EOS
     assert last.usage is not None and (last.usage.prompt_tokens, last.usage.generated_tokens) == (2, 4)
-    assert model.scheduler.fn.steps == 4  # type: ignore[attr-defined]  # no step after the EOS token
+    assert model.engine is not None and model.engine.steps == 4  # no step after the EOS token
 
 
 async def test_multi_byte_characters_are_held_until_complete(tmp_path: Path, context: TaskContext) -> None:
@@ -142,31 +181,28 @@ async def test_stop_string_across_tokens_is_held_then_cut(tmp_path: Path, contex
 
 async def test_cancelling_the_consumer_stops_the_steps(tmp_path: Path, context: TaskContext) -> None:
     model = decoder_model(tmp_path, byte_ids("x" * 50))
-    release = asyncio.Event()
-    inner = model.scheduler.submit
-
-    async def gated(request: InferRequest) -> InferResult:
-        if len(model.scheduler.requests) >= 3:
-            await release.wait()  # the fourth step hangs until the consumer goes away
-        return await inner(request)
-
-    model.scheduler.submit = gated  # type: ignore[method-assign]
+    engine = model.engine
+    assert engine is not None
+    engine.gate_after = 3  # the fourth step hangs until the consumer goes away
     task = TextGenerator.load(model, context)
+    got: list[GenerationChunk] = []
 
     async def consume() -> None:
-        async for _ in task.generate("Hi", [], GenerateParams(max_new_tokens=50), CallOptions()):
-            pass
+        async for chunk in task.generate("Hi", [], GenerateParams(max_new_tokens=50), CallOptions()):
+            got.append(chunk)
 
     consumer = asyncio.ensure_future(consume())
-    while len(model.scheduler.requests) < 3:
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.05)
+    async with asyncio.timeout(10):
+        while len(got) < 3:
+            await asyncio.sleep(0.01)
     consumer.cancel()
     with pytest.raises(asyncio.CancelledError):
         await consumer
-    release.set()
-    await asyncio.sleep(0.05)
-    assert len(model.scheduler.requests) == 3
+    # Leaving the stream cancels the sequence, which frees its engine slot.
+    [stream] = engine.streams
+    assert stream.cancelled
+    engine.gate.set()
+    assert engine.steps == 3
 
 
 async def test_limits_are_checked_before_any_step(tmp_path: Path, context: TaskContext) -> None:
@@ -182,7 +218,7 @@ async def test_limits_are_checked_before_any_step(tmp_path: Path, context: TaskC
         [c async for c in task.generate("", [ChatMessage("user", "hi")], GenerateParams(), CallOptions())]
     with pytest.raises(InvalidInput, match="top_p"):
         await run(task, sampling=Sampling(temperature=1.0, top_p=1.5))
-    assert model.scheduler.requests == []
+    assert model.engine is not None and model.engine.requests == []
     # The default shrinks to the room the prompt leaves instead of failing.
     chunks = await run(TextGenerator.load(decoder_model(tmp_path / "2", byte_ids("y" * 40), max_length=16), context),
                        prompt="x" * 10)  # fmt: skip
@@ -202,17 +238,56 @@ async def test_chat_template_from_tokenizer_config(tmp_path: Path, context: Task
     )
     task = TextGenerator.load(model, context)
     chunks = [c async for c in task.generate("", [ChatMessage("user", "hi")], GenerateParams(), CallOptions())]
-    [request] = model.scheduler.requests
-    sent = bytes(int(i) for i in request.inputs["input_ids"][0] if i < 256).decode()
+    assert model.engine is not None
+    [request] = model.engine.requests
+    sent = bytes(i for i in request.prompt if i < 256).decode()
     assert sent == "[user]hi[assistant]"
-    assert int(request.inputs["input_ids"][0, -1]) == EOS  # special tokens in the template are tokens
+    assert request.prompt[-1] == EOS  # special tokens in the template are tokens
     assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == len(sent) + 1
 
 
-def test_a_decoder_without_cache_inputs_is_refused(tmp_path: Path, context: TaskContext) -> None:
+# The config.yaml optimum-era exports wrote for a decoder: its step graph carries the whole
+# past_key_values in and out on every token, through the request batcher; no generation: block.
+OLD_STYLE_ENTRY = """\
+name: old-gpt2
+task: text-generation
+max_batch_size: 32
+inputs:
+  - {name: input_ids, datatype: INT64, dims: [-1], padding: none}
+  - {name: attention_mask, datatype: INT64, dims: [-1], padding: left}
+  - {name: past_key_values.0.key, datatype: FP32, dims: [2, -1, 16], padding: left}
+  - {name: past_key_values.0.value, datatype: FP32, dims: [2, -1, 16], padding: left}
+outputs:
+  - {name: logits, datatype: FP32, dims: [-1, 400]}
+  - {name: present.0.key, datatype: FP32, dims: [2, -1, 16], unpad_like: past_key_values.0.key}
+  - {name: present.0.value, datatype: FP32, dims: [2, -1, 16], unpad_like: past_key_values.0.value}
+task_options: {tokenizer: tokenizer.json, max_length: 128}
+"""
+REEXPORT = "taskserve-export hf MODEL_DIR --task text-generation --out REPOSITORY --name old-gpt2"
+
+
+async def test_an_old_style_decoder_entry_is_refused_at_load_with_how_to_export_one(tmp_path: Path) -> None:
+    entry = tmp_path / "repo" / "old-gpt2"
+    (entry / "1").mkdir(parents=True)
+    (entry / "1" / "model.onnx").write_bytes(b"not read: the config is refused first")
+    (entry / "config.yaml").write_text(OLD_STYLE_ENTRY)
+    with pytest.raises(ConfigError, match="no generation: block") as refused:
+        load_model_config(entry)
+    assert REEXPORT in refused.value.message
+    manager = ModelManager(tmp_path / "repo", ServerMetrics())
+    try:
+        await manager.load("old-gpt2")
+        [index] = manager.index()
+        assert index.state.name == "UNAVAILABLE" and REEXPORT in index.reason
+        assert str(tmp_path) not in index.reason
+    finally:
+        await manager.stop()
+
+
+def test_a_text_generation_task_without_an_engine_is_refused(tmp_path: Path, context: TaskContext) -> None:
     model = decoder_model(tmp_path, [EOS])
-    model.config = model.config.model_copy(update={"inputs": model.config.inputs[:3]})  # type: ignore[index]
-    with pytest.raises(TaskConfigError, match="no past_key_values inputs"):
+    model.engine = None
+    with pytest.raises(TaskConfigError, match="not served by the generation engine"):
         TextGenerator.load(model, context)
 
 

@@ -1,5 +1,5 @@
 """TextGeneration end to end: tiny random-weight decoders (Llama with grouped-query
-attention, GPT-2) exported with their KV cache -> server -> stubs and the typed client,
+attention, GPT-2) exported for the generation engine -> server -> stubs and the typed client,
 checked against transformers' own ``generate`` on the PyTorch models."""
 
 from __future__ import annotations

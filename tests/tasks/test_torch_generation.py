@@ -1,11 +1,8 @@
-"""KV-cache decoders as torch entries (``causal-lm``), both ways the server runs them:
-
-- a Llama-family decoder exports with a generation block and runs on the generation engine
-  through ``TorchDecoderRunner`` (the KV cache on the model's device, here the CPU);
-- other decoders (GPT-2) keep the ONNX decoder's step tensors and step through the batcher.
-
-Either way greedy decoding gives the ONNX entry's tokens, alone and with concurrent
-generations whose steps share batches."""
+"""KV-cache decoders as torch entries (``causal-lm``): a Llama-family decoder exports with a
+generation block and runs on the generation engine through ``TorchDecoderRunner`` (the KV
+cache on the model's device, here the CPU); greedy decoding gives the ONNX entry's tokens,
+alone and with concurrent generations whose steps share batches. Other decoders (GPT-2) have
+no torch form the engine runs: ``--format torch`` refuses them at export."""
 
 from __future__ import annotations
 
@@ -29,7 +26,7 @@ from tests.support.server import ServerProcess, ServerThread, running_server
 
 PROMPTS = ["The cat", "Once upon a time in a land far away", "x", "Hello there, how are"]
 # torch entry -> the ONNX entry of the same weights it must agree with.
-PAIRS = {"llama-torch": "tiny-llama", "gpt2-torch": "tiny-gpt2"}
+PAIRS = {"llama-torch": "tiny-llama"}
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +38,6 @@ def torch_repo(tiny_sources: dict[str, Path], task_repository: Path, tmp_path_fa
         # Hard links, not a symlink: the server refuses model files that resolve outside its repository.
         shutil.copytree(task_repository / onnx_name, repo / onnx_name, copy_function=os.link)
         export_hf(tiny_sources[onnx_name], "text-generation", repo, torch_name, format="torch", progress=False)
-    gpt2 = repo / "gpt2-torch" / "config.yaml"
-    config = yaml.safe_load(gpt2.read_text())
-    # As the ONNX entry: steps run on the instance thread, so concurrent ones share batches.
-    config["dynamic_batching"]["inline_compute_us"] = 0
-    gpt2.write_text(yaml.safe_dump(config, sort_keys=False))
     return repo
 
 
@@ -80,8 +72,17 @@ def test_a_llama_torch_entry_runs_on_the_engine_with_its_cache_on_the_device(
     # On the engine the entry presents the LLM convention over v2 (frontends/v2/text_generation.py).
     assert metadata.inputs[0].name == "text_input" and [t.name for t in metadata.outputs] == ["text_output"]
     assert metadata.platform == "pytorch"
-    # The GPT-2 entry keeps the step tensors of the batcher path.
-    assert "generation" not in yaml.safe_load((torch_repo / "gpt2-torch" / "config.yaml").read_text())
+
+
+def test_a_gpt2_torch_export_is_refused_rather_than_written_unservable(
+    tiny_sources: dict[str, Path], tmp_path: Path
+) -> None:
+    from taskserve.exporters.api import export_hf
+    from taskserve.exporters.errors import UsageError
+
+    with pytest.raises(UsageError, match="has no torch entry"):
+        export_hf(tiny_sources["tiny-gpt2"], "text-generation", tmp_path, "gpt2-torch", format="torch", progress=False)
+    assert not (tmp_path / "gpt2-torch").exists()
 
 
 @pytest.mark.parametrize("torch_name", sorted(PAIRS))
@@ -167,11 +168,11 @@ def test_torch_entries_on_and_off_the_engine_load_side_by_side_in_a_fresh_proces
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 states = {m.name: (m.state, m.reason) for m in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models}
-                if len(states) == 4 and all(state in ("READY", "UNAVAILABLE") for state, _ in states.values()):
+                if len(states) == 2 and all(state in ("READY", "UNAVAILABLE") for state, _ in states.values()):
                     break
                 time.sleep(0.2)
         assert {name: state for name, (state, _) in states.items()} == dict.fromkeys(
-            ["gpt2-torch", "llama-torch", "tiny-gpt2", "tiny-llama"], "READY"
+            ["llama-torch", "tiny-llama"], "READY"
         ), states
     finally:
         server.terminate()

@@ -95,9 +95,9 @@ def test_metadata_and_config_present_the_convention_not_the_step_graph(client: A
     assert [o.name for o in config.output] == ["text_output"]
     assert config.max_batch_size == 0
     assert config.model_transaction_policy.decoupled
-    # A decoder on the request batcher keeps its step tensors: each step is a plain ModelInfer.
+    # Every decoder runs on the engine: GPT-2 presents the same convention.
     names = [t.name for t in client.get_model_metadata("tiny-gpt2").inputs]
-    assert "input_ids" in names and "text_input" not in names
+    assert "text_input" in names and "input_ids" not in names
 
 
 def test_model_infer_returns_the_typed_services_greedy_text(client: Any, channel: grpc.Channel) -> None:

@@ -28,8 +28,8 @@ def export_hf(
     optimum_task, _ = resolve_hf_task(task)
     model_ref = str(model)
     return run_export(
-        # Decoders the engine supports export for it in either format (ONNX: its graph; torch: a
-        # causal-lm entry with a generation block, the cache on the device); others step through the batcher.
+        # Decoders export for the engine (ONNX: its graph; torch, Llama family only: a causal-lm entry
+        # with a generation block, the cache on the device); others are refused at export.
         lambda work: source(model_ref, optimum_task, work, opset=opset),
         ExportOptions(out=Path(out), name=name, **options),
         f"{model_ref} ({optimum_task})",

@@ -1,5 +1,5 @@
-"""The decoder graph the generation engine serves: a Llama-family causal LM written
-directly as ONNX, with ONNX Runtime's ``GroupQueryAttention`` over a resident cache.
+"""The decoder graph the generation engine serves: a causal LM written directly as ONNX,
+with ONNX Runtime's ``GroupQueryAttention`` over a resident cache.
 
 Why not optimum's graph: it takes the past keys/values as inputs and returns them
 concatenated with the new ones, so every step copies the whole cache (twice: in
@@ -11,12 +11,18 @@ This graph instead
   binds as both input and output (``present_key.N`` / ``present_value.N``): the
   attention kernel writes only the new tokens' keys/values in place and reads only
   each row's own positions (``seqlens_k``: positions held after the step, minus one);
-- applies rotary embeddings inside the attention kernel from cos/sin tables, so rows
-  of different lengths share a decode batch without masks or position ids;
-- returns ``logits`` of the last position only, shape (batch, vocab).
+- derives each new token's position from ``seqlens_k`` (row b's tokens take positions
+  ``seqlens_k[b] + 1 - sequence ... seqlens_k[b]``), so rows of different lengths share
+  a call without masks or position ids; rotary embeddings run inside the attention kernel
+  where it can (heads of a multiple of 16), as graph ops otherwise;
+- returns ``logits`` only for the positions ``logits_index`` names (flat indices into
+  batch x sequence, shape (rows,)): one per row that samples, so a call whose rows are
+  padded on the right to the longest chunk still gets each row's last real token, and
+  prefill computes no full-vocabulary logits for the rest of the prompt.
 
 Supported: ``LlamaForCausalLM`` and the same-shaped ``MistralForCausalLM`` (without a
-sliding window) and ``Qwen2ForCausalLM`` (query/key/value biases).
+sliding window) and ``Qwen2ForCausalLM`` (query/key/value biases); ``GPT2LMHeadModel``
+(learned positions, LayerNorm, GELU). Heads of a multiple of 8 (``GroupQueryAttention``).
 """
 
 # transformers and torch are untyped enough here.
@@ -32,129 +38,226 @@ import numpy as np
 
 from taskserve.exporters.errors import ExportError
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+ARCHITECTURES = (*LLAMA_FAMILY, "gpt2")
 # Read by the server's runner (runtimes/onnx_decoder.py); exporters never import server code.
 MAX_POSITIONS_KEY = "taskserve.max_positions"
+# GPT-2 activations the graph writes: the tanh approximation (FastGelu) or the exact GELU.
+GPT2_ACTIVATIONS = {"gelu_new": "FastGelu", "gelu_pytorch_tanh": "FastGelu", "gelu": "Gelu"}
+
+
+def unsupported(config: Any) -> str | None:
+    """Why the engine's graph cannot express ``config``; None when it can."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        return f"model type {model_type!r} is not one of {', '.join(ARCHITECTURES)}"
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or int(config.hidden_size) // heads)
+    if head_dim % 8:
+        # GroupQueryAttention's CPU kernel takes heads of a multiple of 8 only.
+        return f"attention heads of {head_dim} (GroupQueryAttention takes multiples of 8)"
+    if model_type == "gpt2":
+        activation = getattr(config, "activation_function", "gelu_new")
+        if activation not in GPT2_ACTIVATIONS:
+            return f"activation {activation!r} (the graph writes {', '.join(GPT2_ACTIVATIONS)})"
+        if getattr(config, "scale_attn_by_inverse_layer_idx", False) or not getattr(config, "scale_attn_weights", True):
+            return "GPT-2 attention scaling other than 1/sqrt(head size)"
+        return None
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"hidden_act {config.hidden_act!r} (silu only)"
+    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    if model_type == "mistral" and sliding:
+        return "sliding-window attention"
+    return None
 
 
 def supports(config: Any) -> bool:
-    """Whether the engine's graph can express ``config``; other decoders export through optimum."""
-    if getattr(config, "model_type", None) not in ARCHITECTURES or getattr(config, "hidden_act", "silu") != "silu":
-        return False
-    heads = int(config.num_attention_heads)
-    head_dim = int(getattr(config, "head_dim", None) or int(config.hidden_size) // heads)
-    # ONNX Runtime's GroupQueryAttention applies rotary embeddings to heads of multiples of 16 only.
-    return head_dim % 16 == 0
+    """Whether the engine's graph can express ``config`` (``unsupported`` says why not)."""
+    return unsupported(config) is None
 
 
 def build_decoder_graph(model: Any, path: Path, max_positions: int) -> None:
-    """Write ``model`` (a transformers Llama-family causal LM, float32) as the engine's graph,
-    its rotary tables covering ``max_positions`` (the cache length is chosen when served)."""
+    """Write ``model`` (a transformers causal LM of ``ARCHITECTURES``, float32) as the engine's
+    graph, its position tables covering ``max_positions`` (the cache length is chosen when served)."""
     import onnx
     import torch
     from onnx import TensorProto, helper, numpy_helper
 
     config = model.config
-    if not supports(config):
-        raise ExportError(
-            f"the generation engine's graph supports {', '.join(ARCHITECTURES)} models, not "
-            f"{getattr(config, 'model_type', '?')!r}"
-        )
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise ExportError(f"hidden_act {config.hidden_act!r} is not supported (silu only)")
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) and (
-        config.model_type == "mistral"
-    ):
-        raise ExportError("sliding-window attention is not supported by the engine's graph")
+    reason = unsupported(config)
+    if reason is not None:
+        raise ExportError(f"the generation engine's graph cannot express this model: {reason}")
+    gpt2 = config.model_type == "gpt2"
     hidden = int(config.hidden_size)
     heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    kv_heads = heads if gpt2 else int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
     layers = int(config.num_hidden_layers)
-    eps = float(config.rms_norm_eps)
     state = {k: v.detach().to(torch.float32).cpu().numpy() for k, v in model.state_dict().items()}
 
     inits: list[onnx.TensorProto] = []
     nodes: list[onnx.NodeProto] = []
 
-    def weight(name: str, array: np.ndarray) -> str:
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), name))
+    def weight(name: str, array: np.ndarray, dtype: Any = np.float32) -> str:
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=dtype), name))
         return name
 
-    def linear(x: str, prefix: str, out: str) -> str:
-        w = weight(f"{prefix}.weight_t", state[f"{prefix}.weight"].T)
-        if f"{prefix}.bias" in state:
-            nodes.append(helper.make_node("MatMul", [x, w], [out + "_mm"]))
-            b = weight(f"{prefix}.bias", state[f"{prefix}.bias"])
-            nodes.append(helper.make_node("Add", [out + "_mm", b], [out]))
-        else:
-            nodes.append(helper.make_node("MatMul", [x, w], [out]))
+    def node(op: str, inputs: list[str], out: str, domain: str = "", **attrs: Any) -> str:
+        nodes.append(helper.make_node(op, inputs, [out], domain=domain or None, **attrs))
         return out
+
+    def dense(x: str, w: np.ndarray, b: np.ndarray | None, name: str) -> str:
+        """x @ w (+ b), ``w`` of shape (in, out)."""
+        mm = node("MatMul", [x, weight(f"{name}.weight_t", w)], f"{name}_mm" if b is not None else name)
+        return node("Add", [mm, weight(f"{name}.bias", b)], name) if b is not None else mm
+
+    def linear(x: str, prefix: str, out: str) -> str:
+        """A torch Linear (weight (out, in))."""
+        return dense(x, state[f"{prefix}.weight"].T, state.get(f"{prefix}.bias"), out)
+
+    def conv1d(x: str, prefix: str, out: str, cols: slice = slice(None)) -> str:
+        """A GPT-2 Conv1D (weight (in, out)), or the columns ``cols`` of it."""
+        return dense(x, state[f"{prefix}.weight"][:, cols], state[f"{prefix}.bias"][cols], out)
 
     def rms_norm(x: str, prefix: str, out: str) -> str:
         w = weight(f"{prefix}.weight", state[f"{prefix}.weight"])
-        nodes.append(helper.make_node("SimplifiedLayerNormalization", [x, w], [out], axis=-1, epsilon=eps))
-        return out
+        eps = float(config.rms_norm_eps)
+        return node("SimplifiedLayerNormalization", [x, w], out, axis=-1, epsilon=eps)
+
+    def layer_norm(x: str, prefix: str, out: str) -> str:
+        w, b = weight(f"{prefix}.weight", state[f"{prefix}.weight"]), weight(f"{prefix}.bias", state[f"{prefix}.bias"])
+        return node("LayerNormalization", [x, w, b], out, axis=-1, epsilon=float(config.layer_norm_epsilon))
+
+    def const(name: str, value: list[int]) -> str:
+        return weight(name, np.asarray(value), np.int64)
+
+    # Positions of the new tokens, (batch, sequence): seqlens_k + 1 - sequence + [0, sequence).
+    node("Shape", ["input_ids"], "seq_len1", start=1, end=2)
+    node("Squeeze", ["seq_len1", const("axis0", [0])], "seq_len")
+    node("Range", [weight("zero", np.asarray(0), np.int64), "seq_len", weight("one", np.asarray(1), np.int64)], "steps")
+    node("Cast", ["seqlens_k"], "seqlens64", to=TensorProto.INT64)
+    node("Unsqueeze", ["seqlens64", const("axis1", [1])], "seqlens_col")
+    node("Sub", ["seqlens_col", "seq_len1"], "first_m1")
+    node("Add", ["first_m1", "one"], "first")
+    node("Add", ["first", "steps"], "positions_raw")
+    # Never negative (a negative index would wrap around the table): a row's own tokens are
+    # always at positions >= 0; the clamp only guards a malformed call.
+    node("Max", ["positions_raw", "zero"], "positions")
 
     # Rotary tables from the model's own rotary module (covers rope scaling variants).
-    rotary = model.model.rotary_emb
-    positions = torch.arange(max_positions, dtype=torch.float32)
-    freqs = torch.outer(positions, rotary.inv_freq.to(torch.float32))
-    scaling = float(getattr(rotary, "attention_scaling", 1.0))
-    cos = weight("rotary.cos", (freqs.cos() * scaling).numpy())
-    sin = weight("rotary.sin", (freqs.sin() * scaling).numpy())
+    in_kernel_rotary = not gpt2 and head_dim % 16 == 0
+    if not gpt2:
+        rotary = model.model.rotary_emb
+        positions = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(positions, rotary.inv_freq.to(torch.float32))
+        scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        cos = weight("rotary.cos", (freqs.cos() * scaling).numpy())
+        sin = weight("rotary.sin", (freqs.sin() * scaling).numpy())
+        if not in_kernel_rotary:
+            # GroupQueryAttention rotates heads of a multiple of 16 only: smaller ones are rotated
+            # here (rotate-half, as transformers' Llama), with the tables gathered per position.
+            half = head_dim // 2
+            const("axis2", [2])
+            for kind, table in (("cos", cos), ("sin", sin)):
+                node("Gather", [table, "positions"], f"rot_{kind}_half")
+                node("Concat", [f"rot_{kind}_half", f"rot_{kind}_half"], f"rot_{kind}_full", axis=-1)
+                node("Unsqueeze", [f"rot_{kind}_full", "axis2"], f"rot_{kind}")  # (b, s, 1, d)
+            const("rot_lo", [0])
+            const("rot_mid", [half])
+            const("rot_hi", [head_dim])
+            const("axis_last", [-1])
 
-    embed = weight("embed_tokens", state["model.embed_tokens.weight"])
-    nodes.append(helper.make_node("Gather", [embed, "input_ids"], ["x0"]))
-    x = "x0"
+    def rotate(x: str, n_heads: int, out: str) -> str:
+        if in_kernel_rotary or gpt2:
+            return x
+        split = node("Reshape", [x, const(f"{out}_shape4", [0, 0, n_heads, head_dim])], f"{out}_4d")
+        x1 = node("Slice", [split, "rot_lo", "rot_mid", "axis_last"], f"{out}_x1")
+        x2 = node("Slice", [split, "rot_mid", "rot_hi", "axis_last"], f"{out}_x2")
+        turned = node("Concat", [node("Neg", [x2], f"{out}_nx2"), x1], f"{out}_turned", axis=-1)
+        cos_part = node("Mul", [split, "rot_cos"], f"{out}_c")
+        mixed = node("Add", [cos_part, node("Mul", [turned, "rot_sin"], f"{out}_s")], f"{out}_r")
+        return node("Reshape", [mixed, const(f"{out}_shape3", [0, 0, n_heads * head_dim])], out)
+
     cache_shape: list[Any] = ["batch", kv_heads, "cache_length", head_dim]
     graph_inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["rows"]),
     ]
-    graph_outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", int(config.vocab_size)])]
-    for i in range(layers):
-        p = f"model.layers.{i}"
-        h = rms_norm(x, f"{p}.input_layernorm", f"l{i}_h")
-        q = linear(h, f"{p}.self_attn.q_proj", f"l{i}_q")
-        k = linear(h, f"{p}.self_attn.k_proj", f"l{i}_k")
-        v = linear(h, f"{p}.self_attn.v_proj", f"l{i}_v")
+    graph_outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", int(config.vocab_size)])]
+
+    def attention(i: int, q: str, k: str, v: str) -> str:
         for kind in ("key", "value"):
             graph_inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", TensorProto.FLOAT, cache_shape))
             graph_outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", TensorProto.FLOAT, cache_shape))
+        inputs = [rotate(q, heads, f"l{i}_qr"), rotate(k, kv_heads, f"l{i}_kr"), v]
+        inputs += [f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length"]
+        if in_kernel_rotary:
+            inputs += [cos, sin]
         nodes.append(
             helper.make_node(
                 "GroupQueryAttention",
-                [q, k, v, f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length", cos, sin],
+                inputs,
                 [f"l{i}_attn", f"present_key.{i}", f"present_value.{i}"],
                 domain="com.microsoft",
                 num_heads=heads,
                 kv_num_heads=kv_heads,
                 scale=1.0 / math.sqrt(head_dim),
-                do_rotary=1,
+                do_rotary=int(in_kernel_rotary),
                 rotary_interleaved=0,
             )
         )
-        o = linear(f"l{i}_attn", f"{p}.self_attn.o_proj", f"l{i}_o")
-        nodes.append(helper.make_node("Add", [x, o], [f"l{i}_r1"]))
-        h2 = rms_norm(f"l{i}_r1", f"{p}.post_attention_layernorm", f"l{i}_h2")
-        g = linear(h2, f"{p}.mlp.gate_proj", f"l{i}_g")
-        u = linear(h2, f"{p}.mlp.up_proj", f"l{i}_u")
-        nodes.append(helper.make_node("Sigmoid", [g], [f"l{i}_gs"]))
-        nodes.append(helper.make_node("Mul", [g, f"l{i}_gs"], [f"l{i}_silu"]))
-        nodes.append(helper.make_node("Mul", [f"l{i}_silu", u], [f"l{i}_m"]))
-        d = linear(f"l{i}_m", f"{p}.mlp.down_proj", f"l{i}_d")
-        nodes.append(helper.make_node("Add", [f"l{i}_r1", d], [f"l{i}_out"]))
-        x = f"l{i}_out"
-    # Only the last position reaches the norm and the vocabulary projection.
-    for name, value in (("last_start", [-1]), ("last_end", [np.iinfo(np.int64).max]), ("axis1", [1])):
-        inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.int64), name))
-    nodes.append(helper.make_node("Slice", [x, "last_start", "last_end", "axis1"], ["x_last3"]))
-    nodes.append(helper.make_node("Squeeze", ["x_last3", "axis1"], ["x_last"]))
-    final = rms_norm("x_last", "model.norm", "x_normed")
-    head = "lm_head.weight" if "lm_head.weight" in state and not config.tie_word_embeddings else None
-    head_name = weight("lm_head", state[head]) if head else embed
+        return f"l{i}_attn"
+
+    if gpt2:
+        embed = weight("embed_tokens", state["transformer.wte.weight"])
+        node("Gather", [embed, "input_ids"], "tok_embeds")
+        table = weight("embed_positions", state["transformer.wpe.weight"][:max_positions])
+        node("Gather", [table, "positions"], "pos_embeds")
+        x = node("Add", ["tok_embeds", "pos_embeds"], "x0")
+        activation = GPT2_ACTIVATIONS[getattr(config, "activation_function", "gelu_new")]
+        for i in range(layers):
+            p = f"transformer.h.{i}"
+            h = layer_norm(x, f"{p}.ln_1", f"l{i}_h")
+            q, k, v = (
+                conv1d(h, f"{p}.attn.c_attn", f"l{i}_{n}", slice(j * hidden, (j + 1) * hidden))
+                for j, n in enumerate("qkv")
+            )
+            o = conv1d(attention(i, q, k, v), f"{p}.attn.c_proj", f"l{i}_o")
+            r1 = node("Add", [x, o], f"l{i}_r1")
+            h2 = layer_norm(r1, f"{p}.ln_2", f"l{i}_h2")
+            act = node(activation, [conv1d(h2, f"{p}.mlp.c_fc", f"l{i}_fc")], f"l{i}_act", domain="com.microsoft")
+            x = node("Add", [r1, conv1d(act, f"{p}.mlp.c_proj", f"l{i}_d")], f"l{i}_out")
+        head_weight = state.get("lm_head.weight")
+        tied = head_weight is None or np.array_equal(head_weight, state["transformer.wte.weight"])
+    else:
+        embed = weight("embed_tokens", state["model.embed_tokens.weight"])
+        x = node("Gather", [embed, "input_ids"], "x0")
+        for i in range(layers):
+            p = f"model.layers.{i}"
+            h = rms_norm(x, f"{p}.input_layernorm", f"l{i}_h")
+            q = linear(h, f"{p}.self_attn.q_proj", f"l{i}_q")
+            k = linear(h, f"{p}.self_attn.k_proj", f"l{i}_k")
+            v = linear(h, f"{p}.self_attn.v_proj", f"l{i}_v")
+            o = linear(attention(i, q, k, v), f"{p}.self_attn.o_proj", f"l{i}_o")
+            r1 = node("Add", [x, o], f"l{i}_r1")
+            h2 = rms_norm(r1, f"{p}.post_attention_layernorm", f"l{i}_h2")
+            g = linear(h2, f"{p}.mlp.gate_proj", f"l{i}_g")
+            u = linear(h2, f"{p}.mlp.up_proj", f"l{i}_u")
+            silu = node("Mul", [g, node("Sigmoid", [g], f"l{i}_gs")], f"l{i}_silu")
+            d = linear(node("Mul", [silu, u], f"l{i}_m"), f"{p}.mlp.down_proj", f"l{i}_d")
+            x = node("Add", [r1, d], f"l{i}_out")
+        head_weight = state.get("lm_head.weight")
+        tied = head_weight is None or bool(config.tie_word_embeddings)
+    # Only the positions logits_index names reach the norm and the vocabulary projection.
+    node("Reshape", [x, const("flat_shape", [-1, hidden])], "x_flat")
+    node("Gather", ["x_flat", "logits_index"], "x_last", axis=0)
+    if gpt2:
+        final = layer_norm("x_last", "transformer.ln_f", "x_normed")
+    else:
+        final = rms_norm("x_last", "model.norm", "x_normed")
+    head_name = embed if tied or head_weight is None else weight("lm_head", head_weight)
     nodes.append(helper.make_node("Gemm", [final, head_name], ["logits"], transB=1))
 
     graph = helper.make_graph(nodes, "taskserve-decoder", graph_inputs, graph_outputs, inits)

@@ -173,6 +173,13 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
     with steps.step("export") as rec:
         exported = source(work / "export")
         rec.detail = f"{description} -> {exported.task}: {', '.join(exported.onnx_files)}"
+    if exported.task == "text-generation" and exported.generation is None:
+        # The server runs text-generation on the generation engine only (its own decoder graph).
+        raise UsageError(
+            "text-generation models run on the generation engine, which needs the decoder graph "
+            "taskserve-export writes from a transformers model: `taskserve-export hf MODEL_DIR --task "
+            "text-generation --out REPOSITORY --name NAME` (docs/generation.md)"
+        )
     if exported.generation is not None:
         if exported.task == "text-generation" and (options.quantize or options.fp16 or options.tensorrt):
             # Untested with the in-place cache binding; refused rather than written and unservable.

@@ -100,6 +100,21 @@ def test_decodes_come_first_and_prompts_share_the_rest_of_the_budget_in_chunks()
     assert _tokens(core.update(plan, _next(plan)))[long] == 111
 
 
+def test_one_step_admits_the_first_chunks_of_every_waiting_sequence_the_budget_covers() -> None:
+    """What the runners batch into one prefill call: beside the running stream's decode row,
+    the first chunks of three waiting prompts in arrival order, in consecutive slots; the
+    fourth waits for budget, not for a slot."""
+    core = _core(seqs=6, budget=16, chunk=8)
+    running = core.add(_request([1], 20))
+    core.update(plan := core.schedule(0.0), _next(plan))
+    prompts = [core.add(_request(range(10 * k, 10 * k + n), 2)) for k, n in ((1, 5), (2, 3), (3, 9), (4, 4))]
+    plan = core.schedule(0.0)
+    # 1 decode token + 5 + 3, then 7 of the 9-token prompt (the budget's rest); the last waits.
+    assert _shape(plan) == [(running, 0, 1), (prompts[0], 1, 5), (prompts[1], 2, 3), (prompts[2], 3, 7)]
+    assert [r.row.start for r in plan.rows] == [1, 0, 0, 0] and plan.num_tokens == 16
+    assert core.num_waiting == 1 and core.slots.num_free == 2
+
+
 def test_every_step_stays_within_the_token_budget() -> None:
     core = _core(seqs=3, budget=5, chunk=4)
     ids = [core.add(_request([100 * k], 30)) for k in (1, 2)]

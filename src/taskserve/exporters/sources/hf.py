@@ -7,7 +7,6 @@ and validated against the PyTorch model on optimum's generated inputs plus token
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -22,7 +21,7 @@ from taskserve.exporters.graph_io import read_graph_io, serving_specs
 from taskserve.exporters.optimize import transformer_shape
 from taskserve.exporters.quiet import quiet
 from taskserve.exporters.sources.text_samples import TEXT_KEYS, tokenized_batches
-from taskserve.exporters.spec import ExportedModel, TensorSpec, ValidationCase
+from taskserve.exporters.spec import ExportedModel, ValidationCase
 from taskserve.exporters.tasks import GENERATION_TASKS, OPTIMUM_TO_TASKSERVE, TEXT_TASKS
 from taskserve.exporters.torch_entry import transformers_entry
 
@@ -73,12 +72,19 @@ def load_model(model: str, optimum_task: str) -> Any:
 
 
 def export_hf(model: str, optimum_task: str, work: Path, opset: int | None = None) -> ExportedModel:
-    """Decoders the generation engine supports get its graph (``engine_graph.py``), for either format."""
+    """Decoders get the generation engine's graph (``engine_graph.py``), the only form the server
+    serves text-generation in; one the graph cannot express is refused here, not written unservable."""
     from optimum.exporters.onnx import onnx_export_from_model
 
     task = OPTIMUM_TO_TASKSERVE[optimum_task]
     loaded = load_model(model, optimum_task)
-    if task == "text-generation" and engine_graph.supports(loaded.config):
+    if task == "text-generation":
+        reason = engine_graph.unsupported(loaded.config)
+        if reason is not None:
+            raise ExportError(
+                f"{model!r} cannot be exported for text-generation: the generation engine's graph "
+                f"({', '.join(engine_graph.ARCHITECTURES)} decoders) cannot express it: {reason}"
+            )
         return export_engine_decoder(model, loaded, work)
     raw = work / "optimum"
     try:
@@ -119,12 +125,7 @@ def export_hf(model: str, optimum_task: str, work: Path, opset: int | None = Non
 
     batched = task not in GENERATION_TASKS and task != "image-text-match"
     inputs = outputs = None
-    if task == "text-generation":
-        batched = True
-        inputs, outputs = decoder_specs(onnx_dir / files[0])
-        options.pop("eos_token_id", None)
-        options["eos_token_ids"] = _eos_token_ids(raw, config)
-    elif task not in GENERATION_TASKS:
+    if task not in GENERATION_TASKS:
         pad = {"input_ids": float(tokenizer.pad_token_id or 0)} if tokenizer is not None else {}
         fixed: dict[str, tuple[int, ...]] = {}
         hw = images.input_hw(image_opts) if image_opts else None
@@ -188,8 +189,8 @@ ENGINE_MAX_MODEL_LEN = 2048
 
 
 def export_engine_decoder(model: str, loaded: Any, work: Path) -> ExportedModel:
-    """A Llama-family decoder as the generation engine's graph (``engine_graph.py``): resident
-    cache, last-position logits. Validated on a two-row prompt against the PyTorch model."""
+    """A decoder as the generation engine's graph (``engine_graph.py``): resident cache, the
+    sampled positions' logits. Validated on a two-row prompt against the PyTorch model."""
     import torch
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -235,6 +236,8 @@ def export_engine_decoder(model: str, loaded: Any, work: Path) -> ExportedModel:
         "input_ids": ids,
         "seqlens_k": np.full(2, 6, np.int32),
         "total_sequence_length": np.asarray(7, np.int32),
+        # The last position of each row (flat indices into batch x sequence).
+        "logits_index": np.asarray([6, 13], np.int64),
     }
     for layer in range(int(config.num_hidden_layers)):
         for kind in ("key", "value"):
@@ -258,37 +261,12 @@ def export_engine_decoder(model: str, loaded: Any, work: Path) -> ExportedModel:
             "graph": "taskserve generation engine",
         },
         generation={**ENGINE_DEFAULTS, "max_model_len": min(max_length, ENGINE_MAX_MODEL_LEN)},
-        # --format torch: the same model as a causal-lm entry the engine runs in torch (TorchDecoderRunner).
-        torch_entry=transformers_entry(loaded, "text-generation-with-past"),
+        # --format torch: the same model as a causal-lm entry the engine runs in torch (TorchDecoderRunner,
+        # Llama family only: other decoders have no torch entry, and --format torch refuses them).
+        torch_entry=transformers_entry(loaded, "text-generation-with-past")
+        if config.model_type in engine_graph.LLAMA_FAMILY
+        else None,
     )
-
-
-def decoder_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """How a KV-cache decoder's steps are batched. Each row keeps its own past length:
-    past key/values and the attention mask are padded at the start (zeros the mask
-    hides), so rows of different lengths share a batch and the newest positions line
-    up; the new token ids are never padded, so only steps with the same number of new
-    tokens (all decode steps: one) batch together. The present key/values drop the
-    padding again (``unpad_like`` their past). Without a ``position_ids`` input the
-    graph derives positions from the padded length, so nothing is padded then:
-    only steps of equal lengths share a batch."""
-    graph_inputs, _ = read_graph_io(path)
-    names = {t.name for t in graph_inputs}
-    inputs, outputs = serving_specs(path, batched=True)
-    aligned = "position_ids" in names
-
-    def padding(name: str) -> str:
-        if aligned and (name == "attention_mask" or name.startswith("past_key_values.")):
-            return "left"
-        return "none"
-
-    inputs = [dataclasses.replace(t, padding=padding(t.name)) for t in inputs]
-    served_outputs = []
-    for t in outputs:
-        past = t.name.replace("present.", "past_key_values.", 1)
-        follows = past if t.name.startswith("present.") and past in names and aligned else None
-        served_outputs.append(dataclasses.replace(t, unpad_like=follows))
-    return inputs, served_outputs
 
 
 def _eos_token_ids(raw: Path, config: Any) -> list[int]:

@@ -166,7 +166,7 @@ class GenerationConfig(_Frozen):
     """The generation engine (``server/scheduling/generation_scheduler.py``): present for
     decoders exported with a resident KV cache (``past_key.N`` bound in place) and for
     encoder-decoders (``text2text-generation``, which always run on the engine: absent, these
-    defaults). Absent, a text-generation model runs its steps through the dynamic batcher instead."""
+    defaults). Every text-generation model runs on the engine: one without this block is refused."""
 
     # Sequences decoding at once; each holds one cache slot of max_model_len positions.
     max_num_seqs: int = Field(default=16, ge=1, le=1024)
@@ -278,6 +278,14 @@ class ModelConfig(_Frozen):
             raise ValueError(
                 "a model with a generation block runs one instance that holds the KV cache: set instance_count: 1, "
                 "at most one GPU in gpus, and platform onnxruntime or torch (raise generation.max_num_seqs instead)"
+            )
+        if self.task == "text-generation" and self.generation is None:
+            raise ValueError(
+                f"task text-generation runs on the generation engine, and this entry has no generation: block: "
+                "it is an old export whose graph takes the whole past_key_values on every step, which the server "
+                "no longer serves; re-export the model from its Hugging Face directory with "
+                f"`taskserve-export hf MODEL_DIR --task text-generation --out REPOSITORY --name {self.name}` "
+                "(docs/generation.md)"
             )
         self._check_gpus()
         input_names = {t.name for t in self.inputs or ()}

@@ -18,7 +18,23 @@ cache stays in host memory. On a GPU, decoders run on the engine as torch entrie
 Decode rows (one token each) run as one model call over the slot range they span;
 slots in that range without a decode row (free, or halfway through their prompt) ride
 along as dummy rows that write past their own length, where the next real step
-overwrites. Prefill chunks run one call each.
+overwrites.
+
+Prefill: the first chunks of several sequences (``start == 0``) run as one call, padded on
+the right to the longest; a continuing chunk (``start > 0``) runs as a call of its own.
+That is what ``GroupQueryAttention`` allows: a call whose rows hold more than one new
+token and a past (``total_sequence_length`` > the new tokens) must have one row (ONNX
+Runtime refuses "batch_size must be 1 when sequence_length > 1 and past context is
+given"), while a call of first chunks (every row's total the padded length, no past)
+takes any number of rows. A padded row's extra tokens are computed as its own: their
+keys/values land past the row's prompt, in its own slot, where no real query looks and
+the next real token overwrites them (``seqlens_k`` is the padded length minus one for
+every row, so each row's positions start at 0); ``logits_index`` then takes each row's
+logits at its last real token. The call spans a contiguous slot range, so a slot between
+two first chunks must be free (nothing cached) to ride along; and, as the torch runner,
+a chunk less than half the longest pays for padding it does not use, so the rows split
+into calls where the padding would exceed the real tokens. Graphs exported before
+``logits_index`` (last-position logits only) run each prefill chunk as its own call.
 """
 
 from __future__ import annotations
@@ -40,6 +56,8 @@ log = logging.getLogger(__name__)
 
 # Graph metadata the exporter writes: positions its rotary tables cover.
 MAX_POSITIONS_KEY = "taskserve.max_positions"
+# The graph input naming the positions whose logits it returns (flat indices into batch x sequence).
+LOGITS_INDEX = "logits_index"
 
 
 class OnnxDecoderRunner(SlotCacheRunner):
@@ -64,7 +82,8 @@ class OnnxDecoderRunner(SlotCacheRunner):
         if not layers or not required <= set(names) or layers != list(range(len(layers))):
             raise RuntimeFailure(
                 f"model {self.config.name!r}: the graph lacks the engine's inputs (input_ids, seqlens_k, "
-                "total_sequence_length, past_key.N); re-export it with taskserve-export"
+                "total_sequence_length, past_key.N); re-export it: taskserve-export hf MODEL_DIR --task "
+                f"text-generation --out REPOSITORY --name {self.config.name}"
             )
         shape = names["past_key.0"].shape
         kv_heads, head_dim = shape[1], shape[3]
@@ -84,6 +103,8 @@ class OnnxDecoderRunner(SlotCacheRunner):
         self._slots = self._settings.max_num_seqs
         logits = next(o for o in session.get_outputs() if o.name == "logits")
         self._vocab = int(logits.shape[-1]) if isinstance(logits.shape[-1], int) else 0
+        # Graphs since batched prefill return the logits of the positions this input names.
+        self._indexed = LOGITS_INDEX in names
         cache = (self._slots, kv_heads, self._positions, head_dim)
         self._keys = [np.zeros(cache, np.float32) for _ in layers]
         self._values = [np.zeros(cache, np.float32) for _ in layers]
@@ -124,15 +145,60 @@ class OnnxDecoderRunner(SlotCacheRunner):
         decode = [i for i, r in enumerate(rows) if len(r.tokens) == 1]
         if decode:
             out[decode] = self._decode([rows[i] for i in decode])
-        for i, row in enumerate(rows):
-            if len(row.tokens) > 1:
-                totals = np.asarray([row.start + len(row.tokens)])
-                out[i] = self._run(row.slot, row.slot + 1, row.tokens[None], totals)[0]
-        for row in rows:
-            self._lengths[row.slot] = row.start + len(row.tokens)
+            self._record([rows[i] for i in decode])
+        prefill = [i for i, r in enumerate(rows) if len(r.tokens) > 1]
+        first = sorted((i for i in prefill if rows[i].start == 0), key=lambda i: rows[i].slot)
+        # Each call's rows are recorded before the next is planned: a later call's window
+        # may take only slots that hold nothing (free, or not yet computed).
+        for group in self._first_chunk_calls([rows[i] for i in first]) if self._indexed else []:
+            out[[first[k] for k in group]] = self._prefill_together([rows[first[k]] for k in group])
+            self._record([rows[first[k]] for k in group])
+        for i in prefill:
+            row = rows[i]
+            if row.start == 0 and self._indexed:
+                continue  # done above
+            out[i] = self._prefill_together([row])[0]
+            self._record([row])
         return out
 
     # -- execution -------------------------------------------------------------------------
+
+    def _record(self, rows: Sequence[StepRow]) -> None:
+        for row in rows:
+            self._lengths[row.slot] = row.start + len(row.tokens)
+
+    def _first_chunk_calls(self, rows: list[StepRow]) -> list[list[int]]:
+        """First chunks, sorted by slot, split into calls (indices into ``rows``): a call spans
+        a contiguous slot range whose other slots hold nothing, padded to its longest chunk,
+        with at most as many padding tokens as real ones."""
+        calls: list[list[int]] = []
+        for k, row in enumerate(rows):
+            if calls:
+                call = calls[-1]
+                lo, previous = rows[call[0]].slot, rows[call[-1]].slot
+                longest = max(len(row.tokens), *(len(rows[j].tokens) for j in call))
+                real = len(row.tokens) + sum(len(rows[j].tokens) for j in call)
+                gap_free = not self._lengths[previous + 1 : row.slot].any()
+                if gap_free and (row.slot + 1 - lo) * longest <= 2 * real:
+                    call.append(k)
+                    continue
+            calls.append([k])
+        return calls
+
+    def _prefill_together(self, rows: list[StepRow]) -> np.ndarray:
+        """Prefill chunks as one call over the slots [first row's, last row's]: first chunks
+        padded on the right to the longest, or one continuing chunk (module doc)."""
+        lo, hi = rows[0].slot, rows[-1].slot + 1
+        width = max(len(r.tokens) for r in rows)
+        tokens = np.zeros((hi - lo, width), np.int64)
+        totals = np.full(hi - lo, width, np.int64)  # free slots in the range ride as first chunks too
+        index = []
+        for row in rows:
+            n = len(row.tokens)
+            tokens[row.slot - lo, :n] = row.tokens
+            totals[row.slot - lo] = row.start + width
+            index.append((row.slot - lo) * width + n - 1)
+        return self._run(lo, hi, tokens, totals, np.asarray(index, np.int64))
 
     def _decode(self, rows: list[StepRow]) -> np.ndarray:
         lo = min(r.slot for r in rows)
@@ -147,17 +213,19 @@ class OnnxDecoderRunner(SlotCacheRunner):
             tokens[row.slot - lo, 0] = int(row.tokens[0])
             totals[row.slot - lo] = row.start + 1
             index.append(row.slot - lo)
-        logits = self._run(lo, hi, tokens, totals)
-        return logits[index]
+        return self._run(lo, hi, tokens, totals, np.asarray(index, np.int64))
 
-    def _run(self, lo: int, hi: int, tokens: np.ndarray, totals: np.ndarray) -> np.ndarray:
+    def _run(self, lo: int, hi: int, tokens: np.ndarray, totals: np.ndarray, index: np.ndarray) -> np.ndarray:
         """One model call over slots [lo, hi): ``tokens`` (rows, n) new tokens, ``totals`` the
-        positions each row holds afterwards."""
+        positions each row holds afterwards; returns the logits at ``index`` (flat indices
+        into rows x n), one row each."""
         session = self._session
         binding = session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, np.int64))
         binding.bind_cpu_input("seqlens_k", (totals - 1).astype(np.int32))
         binding.bind_cpu_input("total_sequence_length", np.asarray(int(totals.max()), np.int32))
+        if self._indexed:
+            binding.bind_cpu_input(LOGITS_INDEX, np.ascontiguousarray(index, np.int64))
         # Slots [lo, hi) are a contiguous view of every buffer: bind it by address, as the past
         # input and the present output both, so the kernel updates the cache in place.
         for layer, (keys, values) in enumerate(zip(self._keys, self._values, strict=True)):
@@ -166,13 +234,14 @@ class OnnxDecoderRunner(SlotCacheRunner):
                 shape, address = list(view.shape), view.ctypes.data
                 binding.bind_input(f"past_{kind}.{layer}", "cpu", 0, np.float32, shape, address)
                 binding.bind_output(f"present_{kind}.{layer}", "cpu", 0, np.float32, shape, address)
-        logits = np.empty((hi - lo, self._vocab), np.float32)
+        logits = np.empty((len(index) if self._indexed else hi - lo, self._vocab), np.float32)
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         try:
             session.run_with_iobinding(binding)
         except Exception as err:
             raise RuntimeFailure(f"onnxruntime failed on model {self.config.name!r}: {err}") from err
-        return logits
+        # A graph without logits_index returns each row's last position (its calls have no padding).
+        return logits if self._indexed else logits[index // tokens.shape[1]]
 
     # -- prefix cache ----------------------------------------------------------------------
 

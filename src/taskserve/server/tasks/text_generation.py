@@ -1,19 +1,14 @@
 """Text generation: a prompt (or chat messages) -> text streamed token by token.
 
-Two ways to run the model, chosen by its entry:
+Every decoder runs on the generation engine (entries with a ``generation:`` block,
+exported by ``taskserve-export``): the task hands the engine (``scheduling/engine_api.py``)
+a sequence with its ``TokenPicker``; the engine batches every running sequence's next token
+into one model call over a resident KV cache and streams the tokens back. An entry without
+a ``generation:`` block (an old export whose graph takes the whole ``past_key_values`` on
+every step) is refused when its config is read (``repository/config.py``), with the command
+that re-exports it.
 
-- the generation engine (entries with a ``generation:`` block, exported by
-  ``taskserve-export`` for Llama-family decoders): the task hands the engine
-  (``scheduling/engine_api.py``) a sequence with its ``TokenPicker``; the
-  engine batches every running sequence's next token into one model call over a
-  resident KV cache and streams the tokens back;
-- the request batcher (other decoders, exported by optimum with
-  ``past_key_values.N.key/value`` in, ``logits`` and ``present.N.key/value`` out):
-  every model step is an ``InferRequest`` carrying the whole cache; the exporter
-  declares past key/values and the attention mask padded at the start, so steps of
-  different past lengths share a batch.
-
-Either way the task owns what is about text: the chat template, the detokenizer that
+The task owns what is about text: the chat template, the detokenizer that
 never splits a character, stop strings (held back until they resolve), the end of
 sequence, sampling settings, the concurrency cap. Tokenizing the prompt and rendering
 the chat template run on the worker pool.
@@ -30,7 +25,6 @@ from __future__ import annotations
 
 import enum
 import json
-import re
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,18 +32,14 @@ from typing import Protocol
 
 import numpy as np
 
-from taskserve.protocol.datatypes import numpy_dtype
-from taskserve.server.errors import GenerationCapExceeded, InvalidInput, Overloaded, RuntimeFailure
-from taskserve.server.repository.config import TensorConfig
+from taskserve.server.errors import GenerationCapExceeded, InvalidInput, Overloaded
 from taskserve.server.repository.paths import resolve_inside, shown
-from taskserve.server.scheduling.base import InferRequest
 from taskserve.server.scheduling.engine_api import SequenceRequest
-from taskserve.server.tasks.base import CallOptions, ServedModel, TaskConfigError, TaskContext, batcher_of
+from taskserve.server.tasks.base import CallOptions, ServedModel, TaskConfigError, TaskContext, engine_of
 from taskserve.server.tasks.chat_template import ChatMessage, ChatTemplate, read_chat_template, special_token
 from taskserve.server.tasks.decoding import Sampling, TextStream, TokenPicker
 from taskserve.server.tasks.text import TextTask
 
-_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 # Stop strings per request, and characters per stop string.
 MAX_STOPS = 16
 # The roles chat templates know; anything else is refused before the template runs.
@@ -218,24 +208,9 @@ class TextGenerator(TextTask):
         inputs = {t.name: t for t in model.config.inputs or ()}
         if "input_ids" not in inputs:
             raise TaskConfigError(f"model {model.name!r} has no input_ids input; export it for text-generation")
-        self.engine = model.engine
-        self.max_positions = self.tokenizer.max_length
-        if self.engine is not None:
-            self.max_positions = min(self.max_positions, self.engine.max_model_len)
-        else:
-            self._batched = model.config.max_batch_size > 0
-            self._past = self._past_inputs(inputs)
-            self._presents = {name: name.replace("past_key_values.", "present.", 1) for name in self._past}
-            outputs = self.output_names() or set()
-            missing = sorted({"logits", *self._presents.values()} - outputs)
-            if missing:
-                raise TaskConfigError(
-                    f"model {model.name!r} lacks output(s) {missing}; export it with its KV cache "
-                    "(taskserve-export hf DIR --task text-generation)"
-                )
-            self._wanted = ("logits", *self._presents.values())
-            self._position_ids = "position_ids" in inputs
-            self._dtypes = {n: self.input_dtype(n) for n in ("input_ids", "attention_mask", "position_ids")}
+        # The engine runs every decoder (config.yaml without a generation: block is refused before load).
+        self.engine = engine_of(model)
+        self.max_positions = min(self.tokenizer.max_length, self.engine.max_model_len)
         self.default_max_new_tokens = self.option("max_new_tokens", 256)
         self.max_new_tokens_limit = self.option("max_new_tokens_limit", 4096)
         self.max_concurrent = self.option("max_concurrent_generations", 64)
@@ -253,27 +228,6 @@ class TextGenerator(TextTask):
         self.chat_template = ChatTemplate(source, self.tokenizer.hf_config, model.name) if source else None
 
     # -- model facts, read once ------------------------------------------------------
-
-    def _past_inputs(self, inputs: dict[str, TensorConfig]) -> dict[str, tuple[tuple[int, ...], np.dtype[np.generic]]]:
-        """Past key/value inputs -> (shape of an empty cache for one row, dtype)."""
-        past: dict[str, tuple[tuple[int, ...], np.dtype[np.generic]]] = {}
-        for name, tensor in inputs.items():
-            if not _PAST.match(name):
-                continue
-            # (heads, past length, head size), after the batch dim when the config has none.
-            dims = tensor.dims if self._batched else tensor.dims[1:]
-            if len(dims) != 3 or dims[0] < 1 or dims[2] < 1:
-                raise TaskConfigError(
-                    f"model {self.model.name!r}: input {name!r} has dims {list(tensor.dims)}; expected "
-                    "(heads, past length, head size) after the batch dimension"
-                )
-            past[name] = ((1, dims[0], 0, dims[2]), np.dtype(numpy_dtype(tensor.datatype)))
-        if not past:
-            raise TaskConfigError(
-                f"model {self.model.name!r} has no past_key_values inputs; export it with its KV cache "
-                "(taskserve-export hf DIR --task text-generation)"
-            )
-        return past
 
     def _eos_ids(self) -> frozenset[int]:
         found: set[int] = set()
@@ -373,11 +327,7 @@ class TextGenerator(TextTask):
         prepared = await self.offload("preprocess", self.prepare, prompt, messages, params.max_new_tokens)
         picker = TokenPicker(params.sampling, prepared.ids)
         stream = TextStream(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), prepared.ids, params.stop)
-        tokens = (
-            self._engine_tokens(prepared, picker, options)
-            if self.engine is not None
-            else self._batched_tokens(prepared, picker, options)
-        )
+        tokens = self._engine_tokens(prepared, picker, options)
         chunks = TokenChunks(stream, self.eos_ids, prepared.max_new_tokens, len(prepared.ids))
         try:
             async for chunk in chunks.of(tokens):
@@ -388,7 +338,6 @@ class TextGenerator(TextTask):
     async def _engine_tokens(
         self, prepared: _Prompt, picker: TokenPicker, options: CallOptions
     ) -> AsyncGenerator[int, None]:
-        assert self.engine is not None
         request = SequenceRequest(
             prompt=tuple(prepared.ids),
             max_new_tokens=prepared.max_new_tokens,
@@ -402,43 +351,3 @@ class TextGenerator(TextTask):
                 yield token
         finally:
             sequence.cancel()  # a stop string or a client gone: the slot frees at the next iteration
-
-    async def _batched_tokens(
-        self, prepared: _Prompt, picker: TokenPicker, options: CallOptions
-    ) -> AsyncGenerator[int, None]:
-        """Each step an InferRequest through the batcher, the cache travelling with it."""
-        past = {name: np.zeros(shape, dtype) for name, (shape, dtype) in self._past.items()}
-        step_ids, position = prepared.ids, 0
-        while True:
-            logits, past = await self._step(step_ids, position, past, options)
-            position += len(step_ids)
-            token = picker.pick(logits)
-            yield token
-            step_ids = [token]
-
-    async def _step(
-        self, ids: Sequence[int], start: int, past: dict[str, np.ndarray], options: CallOptions
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """One forward pass over ``ids`` at positions ``start``...; the last position's
-        logits and the grown cache."""
-        end = start + len(ids)
-        inputs: dict[str, np.ndarray] = {
-            "input_ids": np.asarray([ids], dtype=self._dtypes["input_ids"]),
-            "attention_mask": np.ones((1, end), dtype=self._dtypes["attention_mask"]),
-        }
-        if self._position_ids:
-            inputs["position_ids"] = np.arange(start, end, dtype=self._dtypes["position_ids"])[None]
-        inputs.update(past)
-        result = await batcher_of(self.model).submit(
-            InferRequest(inputs=inputs, output_names=self._wanted, priority=options.priority, deadline=options.deadline)
-        )
-        outputs = result.outputs
-        grown = {name: outputs[present] for name, present in self._presents.items()}
-        for name, array in grown.items():
-            if array.ndim != 4 or array.shape[0] != 1 or array.shape[2] != end:
-                raise RuntimeFailure(
-                    f"model {self.model.name!r}: {self._presents[name]} came back with shape {list(array.shape)}, "
-                    f"expected [1, heads, {end}, head size]; its config.yaml must pad past key/values at the "
-                    f"start (padding: left) and give {self._presents[name]} unpad_like: {name}"
-                )
-        return outputs["logits"][0, -1], grown

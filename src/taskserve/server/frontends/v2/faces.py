@@ -3,13 +3,10 @@
 Most models present their graph's tensors. Three kinds present a face instead, the
 same through gRPC and REST (ModelMetadata, ModelConfig, infer, streaming):
 
-- text generation on the generation engine (entries with a ``generation:`` block) and
+- text generation (every text-generation entry runs on the generation engine) and
   encoder-decoders (``text2text-generation``): the LLM convention of Triton's vLLM
   backend (``text_generation.py``), decoupled: a stream answers one response per chunk;
 - image generation: prompt in, PNG images out (``image_generation.py``).
-
-A text-generation decoder served by the request batcher keeps its step tensors: every
-step is a plain ModelInfer a caller can drive with its own cache.
 
 The doors decode a request's tensors against ``config(model)`` (the face's inputs),
 call ``infer`` or ``stream`` here, and encode the output tensors. Called on the event
