@@ -18,8 +18,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from taskserve.server.errors import ConfigError, InvalidInput, Overloaded
 from taskserve.server.metrics import ServerMetrics
 from taskserve.server.repository.config import ModelConfig, load_model_config
-from taskserve.server.repository.manager import ModelManager
 from taskserve.server.scheduling.engine_api import GenerationEngine, SequenceRequest, TokenStream
+from taskserve.server.serving.manager import ModelManager
 from taskserve.server.tasks.base import CallOptions, TaskConfigError, TaskContext
 from taskserve.server.tasks.chat_template import ChatMessage
 from taskserve.server.tasks.decoding import IncrementalDecoder, Sampling, TextStream, TokenPicker
