@@ -21,6 +21,7 @@ from taskserve.server.tasks.base import CallOptions, TaskConfigError, TaskContex
 from taskserve.server.tasks.chat_template import ChatMessage
 from taskserve.server.tasks.decoding import IncrementalDecoder, Sampling, TextStream, TokenPicker
 from taskserve.server.tasks.text_generation import FinishReason, GenerateParams, GenerationChunk, TextGenerator
+from tests.support.waiting import other_tasks_done
 from tests.tasks.fakes import FakeModel, FakeScheduler
 
 VOCAB = 300  # 256 byte tokens, then <eos> (256)
@@ -142,12 +143,19 @@ async def test_stop_string_across_tokens_is_held_then_cut(tmp_path: Path, contex
 
 async def test_cancelling_the_consumer_stops_the_steps(tmp_path: Path, context: TaskContext) -> None:
     model = decoder_model(tmp_path, byte_ids("x" * 50))
-    release = asyncio.Event()
+    release, hanging = asyncio.Event(), asyncio.Event()
+    ended: list[str] = []  # how the hanging step's call ended
     inner = model.scheduler.submit
 
     async def gated(request: InferRequest) -> InferResult:
         if len(model.scheduler.requests) >= 3:
-            await release.wait()  # the fourth step hangs until the consumer goes away
+            hanging.set()
+            try:
+                await release.wait()  # the fourth step hangs until the consumer goes away
+            except asyncio.CancelledError:
+                ended.append("cancelled")
+                raise
+            ended.append("released")
         return await inner(request)
 
     model.scheduler.submit = gated  # type: ignore[method-assign]
@@ -158,15 +166,17 @@ async def test_cancelling_the_consumer_stops_the_steps(tmp_path: Path, context: 
             pass
 
     consumer = asyncio.ensure_future(consume())
-    while len(model.scheduler.requests) < 3:
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(hanging.wait(), 30)  # three steps ran, the fourth awaits its answer
+    assert len(model.scheduler.requests) == 3
     consumer.cancel()
     with pytest.raises(asyncio.CancelledError):
         await consumer
+    # The step the consumer was awaiting was cancelled with it, not left running...
+    assert ended == ["cancelled"]
+    # ...and once everything the generation started has finished, no step ran after it.
     release.set()
-    await asyncio.sleep(0.05)
-    assert len(model.scheduler.requests) == 3
+    await other_tasks_done("the cancelled generation's tasks to end")
+    assert ended == ["cancelled"] and len(model.scheduler.requests) == 3
 
 
 async def test_limits_are_checked_before_any_step(tmp_path: Path, context: TaskContext) -> None:
