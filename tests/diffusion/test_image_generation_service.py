@@ -244,27 +244,39 @@ def _unet_calls(app: Any) -> float:
     return app.metrics.registry.get_sample_value("taskserve_execution_count_total", labels) or 0.0
 
 
-def _task_layer_tasks(server: ServerThread) -> int:
-    """The server loop's asyncio tasks running code of the tasks layer (the denoising loop's among them)."""
+def _server_tasks(server: ServerThread) -> set[asyncio.Task[Any]]:
+    """The server loop's asyncio tasks but grpc's own call-accepting ones (which grpc replaces
+    after every call): what a request started and has not finished shows up here."""
 
-    async def count() -> int:
-        codes = (getattr(t.get_coro(), "cr_code", None) for t in asyncio.all_tasks())
-        return sum(1 for c in codes if c is not None and f"{os.sep}server{os.sep}tasks{os.sep}" in c.co_filename)
+    async def snapshot() -> set[asyncio.Task[Any]]:
+        me = asyncio.current_task()
+        return {
+            t
+            for t in asyncio.all_tasks()
+            if t is not me and not getattr(t.get_coro(), "__qualname__", "").startswith("AioServer.")
+        }
 
-    return int(server.run(count(), timeout=10))
+    return set(server.run(snapshot(), timeout=10))
 
 
-def _assert_loop_stopped(server: ServerThread, calls_before: float, tasks_before: int) -> None:
+def _baseline(server: ServerThread, client: Any) -> tuple[float, set[asyncio.Task[Any]]]:
+    """UNet calls and server tasks before a request; the client connects first, so the
+    health watch its channel keeps open is part of the baseline."""
+    assert server.app is not None and client.server_live()
+    return _unet_calls(server.app), _server_tasks(server)
+
+
+def _assert_loop_stopped(server: ServerThread, calls_before: float, tasks_before: set[asyncio.Task[Any]]) -> None:
     """The denoising loop ended at the step it awaited. Waited on as a fact, not a time window:
-    once every task the request started in the tasks layer has ended, no more UNet calls can
-    come, and a loop that had gone on to its end would have made all 150 of them (the UNet call
-    it was awaiting may still compute: it was handed to the batcher)."""
+    once every task the request started on the server's loop has ended, no more UNet calls
+    can come, and a loop that had gone on to its end would have made all 150 of them (the
+    UNet call it was awaiting may still compute: it was handed to the batcher)."""
     app = server.app
     assert app is not None
     unet = app.models.get(NAME).scheduler
     wait_until(
-        lambda: _task_layer_tasks(server) <= tasks_before and unet.inflight_count() == 0,
-        "the denoising loop's task to end and the UNet to go idle",
+        lambda: _server_tasks(server) <= tasks_before and unet.inflight_count() == 0,
+        "the request's tasks (the denoising loop's among them) to end and the UNet to go idle",
     )
     assert _unet_calls(app) - calls_before < 150
 
@@ -272,7 +284,7 @@ def _assert_loop_stopped(server: ServerThread, calls_before: float, tasks_before
 def test_a_passed_deadline_stops_the_loop(sd_server: ServerThread, client: Any) -> None:
     app = sd_server.app
     assert app is not None
-    before, tasks = _unet_calls(app), _task_layer_tasks(sd_server)
+    before, tasks = _baseline(sd_server, client)
     # 150 steps take longer than 0.3 s even on a quiet machine (a few ms per step), so the
     # deadline always passes mid-loop or before it.
     with pytest.raises(DeadlineExceeded):
@@ -287,7 +299,7 @@ def test_a_passed_deadline_stops_the_loop(sd_server: ServerThread, client: Any) 
 def test_cancelling_a_stream_stops_the_generation(sd_server: ServerThread, client: Any) -> None:
     app = sd_server.app
     assert app is not None
-    before, tasks = _unet_calls(app), _task_layer_tasks(sd_server)
+    before, tasks = _baseline(sd_server, client)
     with grpc.insecure_channel(sd_server.address) as channel:
         stub = pb_grpc.ImageGenerationStub(channel)
         request = pb.TextToImageRequest(
