@@ -9,6 +9,7 @@ import pytest
 
 from taskserve.benchmarks.loadgen import WindowPlan, error_code, run_closed_loop, run_open_loop
 from taskserve.clients.errors import error_for
+from tests.support.waiting import other_tasks_done
 
 PLAN = WindowPlan(warmup_s=0.05, window_s=0.1, max_windows=3, stable_windows=2, tolerance=0.05)
 
@@ -53,7 +54,8 @@ async def test_closed_loop_stops_its_callers() -> None:
     call = FakeCall()
     await run_closed_loop(call, 2, PLAN)
     count = len(call.seen)
-    await asyncio.sleep(0.05)
+    # Once every task it started has ended, no caller is left to send: a fact, not a time window.
+    await other_tasks_done("the closed loop's callers to end", timeout=10)
     assert len(call.seen) == count and call.active == 0
 
 

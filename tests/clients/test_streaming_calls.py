@@ -16,6 +16,7 @@ from taskserve.clients._async.calls import AsyncCaller
 from taskserve.clients._sync.calls import SyncCaller
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from tests.clients.client_fakes import Recorder, ServerThread
+from tests.support.waiting import until, wait_until
 
 METHOD = "/test.Streamer/Count"
 Req, Resp = pb.ModelReadyRequest, pb.ServerMetadataResponse
@@ -69,18 +70,9 @@ def test_sync_stream_items_errors_and_deadline(streamer: ServerThread) -> None:
             if r.name == "5":
                 break
         stream.close()
-        _wait_for(streamer)
+        wait_until(lambda: streamer.rec.metadata, "the server to learn of the cancellation", timeout=10)
         [end] = streamer.rec.metadata
         assert end["end"] == "cancelled" and int(end["sent"]) < 1000
-
-
-def _wait_for(streamer: ServerThread) -> None:
-    import time
-
-    for _ in range(150):  # the server learns of the cancellation asynchronously
-        if streamer.rec.metadata:
-            return
-        time.sleep(0.02)
 
 
 async def test_async_stream_and_early_break_cancels(streamer: ServerThread) -> None:
@@ -97,9 +89,7 @@ async def test_async_stream_and_early_break_cancels(streamer: ServerThread) -> N
             if r.name == "5":
                 break
         await stream.aclose()  # what `async for` over a generator does when the loop is left
-        for _ in range(150):  # the server learns of the cancellation asynchronously
-            if streamer.rec.metadata:
-                break
-            await asyncio.sleep(0.02)
+        # The server learns of the cancellation asynchronously.
+        await until(lambda: streamer.rec.metadata, "the server to learn of the cancellation", timeout=10)
         [end] = streamer.rec.metadata
         assert end["end"] == "cancelled" and int(end["sent"]) < 1000

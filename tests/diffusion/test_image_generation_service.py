@@ -3,6 +3,7 @@ own pipeline on the same weights with the same scheduler, steps and noise."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import math
@@ -12,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from taskserve.server.tasks.diffusion.pipeline import GenerationParams, Mode, Pi
 from taskserve.server.tasks.diffusion.schedulers import SchedulerKind
 from tests.diffusion.conftest import NAME, TinyPipeline
 from tests.support.server import ServerThread, running_server
+from tests.support.waiting import wait_until
 
 SIZE = 32  # pixels; the tiny VAE's latents are 16x16
 PROMPT, NEGATIVE = "the cat and the dog", "blurry"
@@ -243,31 +244,54 @@ def _unet_calls(app: Any) -> float:
     return app.metrics.registry.get_sample_value("taskserve_execution_count_total", labels) or 0.0
 
 
-def _assert_loop_stopped(app: Any, calls_before: float, settle_s: float) -> None:
-    """The denoising loop ended at the step it awaited: after ``settle_s`` the UNet gets no
-    more calls (a loop still running would keep one in flight almost all the time), and it
-    made fewer than the 150 a finished loop would have."""
-    unet = app.models.get(NAME)
-    time.sleep(settle_s)
-    samples = []
-    for _ in range(40):
-        samples.append(unet.scheduler.inflight_count())
-        time.sleep(0.025)
-    assert samples == [0] * 40
+def _server_tasks(server: ServerThread) -> set[asyncio.Task[Any]]:
+    """The server loop's asyncio tasks but grpc's own call-accepting ones (which grpc replaces
+    after every call): what a request started and has not finished shows up here."""
+
+    async def snapshot() -> set[asyncio.Task[Any]]:
+        me = asyncio.current_task()
+        return {
+            t
+            for t in asyncio.all_tasks()
+            if t is not me and not getattr(t.get_coro(), "__qualname__", "").startswith("AioServer.")
+        }
+
+    return set(server.run(snapshot(), timeout=10))
+
+
+def _baseline(server: ServerThread, client: Any) -> tuple[float, set[asyncio.Task[Any]]]:
+    """UNet calls and server tasks before a request; the client connects first, so the
+    health watch its channel keeps open is part of the baseline."""
+    assert server.app is not None and client.server_live()
+    return _unet_calls(server.app), _server_tasks(server)
+
+
+def _assert_loop_stopped(server: ServerThread, calls_before: float, tasks_before: set[asyncio.Task[Any]]) -> None:
+    """The denoising loop ended at the step it awaited. Waited on as a fact, not a time window:
+    once every task the request started on the server's loop has ended, no more UNet calls
+    can come, and a loop that had gone on to its end would have made all 150 of them (the
+    UNet call it was awaiting may still compute: it was handed to the batcher)."""
+    app = server.app
+    assert app is not None
+    unet = app.models.get(NAME).scheduler
+    wait_until(
+        lambda: _server_tasks(server) <= tasks_before and unet.inflight_count() == 0,
+        "the request's tasks (the denoising loop's among them) to end and the UNet to go idle",
+    )
     assert _unet_calls(app) - calls_before < 150
 
 
 def test_a_passed_deadline_stops_the_loop(sd_server: ServerThread, client: Any) -> None:
     app = sd_server.app
     assert app is not None
-    before = _unet_calls(app)
+    before, tasks = _baseline(sd_server, client)
     # 150 steps take longer than 0.3 s even on a quiet machine (a few ms per step), so the
     # deadline always passes mid-loop or before it.
     with pytest.raises(DeadlineExceeded):
         client.image_generation.text_to_image(
             PROMPT, model=NAME, width=SIZE, height=SIZE, steps=150, seed=1, timeout=0.3
         )
-    _assert_loop_stopped(app, before, settle_s=1)
+    _assert_loop_stopped(sd_server, before, tasks)
     # The server is fine afterwards.
     assert client.image_generation.text_to_image(PROMPT, model=NAME, width=SIZE, height=SIZE, steps=1, seed=1)
 
@@ -275,7 +299,7 @@ def test_a_passed_deadline_stops_the_loop(sd_server: ServerThread, client: Any) 
 def test_cancelling_a_stream_stops_the_generation(sd_server: ServerThread, client: Any) -> None:
     app = sd_server.app
     assert app is not None
-    before = _unet_calls(app)
+    before, tasks = _baseline(sd_server, client)
     with grpc.insecure_channel(sd_server.address) as channel:
         stub = pb_grpc.ImageGenerationStub(channel)
         request = pb.TextToImageRequest(
@@ -286,7 +310,7 @@ def test_cancelling_a_stream_stops_the_generation(sd_server: ServerThread, clien
         first = next(call)
         assert first.progress.step == 1 and first.progress.total == 150
         call.cancel()
-    _assert_loop_stopped(app, before, settle_s=2)
+    _assert_loop_stopped(sd_server, before, tasks)
 
 
 def test_exporter_validation_table_matches_diffusers(tiny_pipeline: TinyPipeline) -> None:

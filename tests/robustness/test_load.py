@@ -24,6 +24,7 @@ from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.support.server import ServerProcess, ServerThread
 from tests.support.tiny_models import slow_graph, write_entry
+from tests.support.waiting import until
 
 from .conftest import SLOW_CONFIG, rss_bytes
 from .test_lifecycle import live_sessions
@@ -177,19 +178,23 @@ async def _swaps(server: ServerThread, directory: Path) -> dict[str, object]:
     outcomes: list[grpc.StatusCode] = []
     versions: set[str] = set()
     rss: list[int] = []
+    final = str(SWAPS + 1)
+    served_final: set[int] = set()  # callers that were answered by the last version
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
 
-        async def caller() -> None:
+        async def caller(n: int) -> None:
             while not stop.is_set():
                 try:
                     response = await stub.ModelInfer(request, timeout=30)
                     versions.add(response.model_version)
                     outcomes.append(grpc.StatusCode.OK)
+                    if response.model_version == final:
+                        served_final.add(n)
                 except grpc.aio.AioRpcError as err:
                     outcomes.append(err.code())
 
-        callers = [asyncio.create_task(caller()) for _ in range(8)]
+        callers = [asyncio.create_task(caller(n)) for n in range(8)]
         for version in range(2, SWAPS + 2):
             shutil.copytree(directory / str(version - 1), directory / str(version))
             await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="swap"), timeout=60)
@@ -199,7 +204,13 @@ async def _swaps(server: ServerThread, directory: Path) -> dict[str, object]:
             await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="simple"), timeout=60)
             if version in (6, SWAPS + 1):
                 rss.append(rss_bytes())
-        await asyncio.sleep(0.2)
+        # Until every caller has been answered by the last version (not for a while): the
+        # swaps are over for all of them, and each one's requests across them are counted.
+        await until(
+            lambda: len(served_final) == len(callers) or any(t.done() for t in callers),  # a crash shows below
+            "every caller to be answered by the last version",
+            timeout=60,
+        )
         stop.set()
         await asyncio.gather(*callers)
     return {"outcomes": outcomes, "versions": versions, "rss": rss}

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import re
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2_grpc a
 from tests.robustness.v2 import infer_request
 from tests.support.server import ServerProcess, ServerThread, running_server
 from tests.support.tiny_models import add_sub_graph, identity_graph, write_entry
+from tests.support.waiting import wait_until
 
 SLOTS = 4  # the tiny decoder's task_options.max_concurrent_generations
 PER_CONNECTION = 2
@@ -84,13 +84,6 @@ def _simple() -> pb.ModelInferRequest:
     return infer_request("simple", INPUT0=ones, INPUT1=ones)
 
 
-def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def _rpcs_running(server: ServerThread, method: str) -> int:
     """The server's grpc handler tasks for ``method`` (grpc names them after it)."""
 
@@ -127,7 +120,7 @@ def test_streams_whose_client_stops_reading_end_and_free_their_slots(
                 assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
                 return False
 
-        _wait_for(served, "a reading client to get a generation slot", timeout=20)
+        wait_until(served, "a reading client to get a generation slot", timeout=20, interval=0.05)
         # The unread streams were ended, not finished: reading them now shows why.
         for call in held:
             with pytest.raises(grpc.RpcError) as ended:
@@ -161,8 +154,8 @@ def test_a_connection_holds_at_most_its_cap_of_streams(server: ServerThread, cap
         refused(lambda: list(stream_infer(iter([_simple()]), timeout=30)))
         # Streams ended by the write timeout count until their client reads or leaves
         # (each still holds its unsent answer and status).
-        _wait_for(lambda: sum("ended a stream" in r.getMessage() for r in caplog.records) == PER_CONNECTION,
-                  "the write timeout to end the unread streams")  # fmt: skip
+        wait_until(lambda: sum("ended a stream" in r.getMessage() for r in caplog.records) == PER_CONNECTION,
+                   "the write timeout to end the unread streams")  # fmt: skip
         refused(lambda: list(stream_infer(iter([_simple()]), timeout=30)))
         for call in held:
             with pytest.raises(grpc.RpcError) as ended:
@@ -182,7 +175,7 @@ def test_clients_that_go_away_are_logged_without_a_traceback(
     try:
         for call in _open_unread_streams(channel, PER_CONNECTION):
             call.cancel()
-        _wait_for(lambda: _rpcs_running(server, method) == 0, "the cancelled streams to end")
+        wait_until(lambda: _rpcs_running(server, method) == 0, "the cancelled streams to end")
     finally:
         channel.close()
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
@@ -204,7 +197,7 @@ def test_idle_stream_infer_streams_do_not_keep_other_callers_out(server: ServerT
         for channel in idle:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             calls += [stub.ModelStreamInfer(nothing()) for _ in range(PER_CONNECTION)]
-        _wait_for(lambda: _rpcs_running(server, _STREAM_INFER) == SLOTS, "the idle streams to open")
+        wait_until(lambda: _rpcs_running(server, _STREAM_INFER) == SLOTS, "the idle streams to open")
         answers = list(pb_grpc.GRPCInferenceServiceStub(other).ModelStreamInfer(iter([_simple()] * 3), timeout=30))
         assert [a.error_message for a in answers] == ["", "", ""]
         # The per-connection cap still applies to idle streams.
@@ -217,7 +210,7 @@ def test_idle_stream_infer_streams_do_not_keep_other_callers_out(server: ServerT
             call.cancel()
         for channel in [*idle, other]:
             channel.close()
-    _wait_for(lambda: _rpcs_running(server, _STREAM_INFER) == 0, "the idle streams to close")
+    wait_until(lambda: _rpcs_running(server, _STREAM_INFER) == 0, "the idle streams to close")
 
 
 def _rss_kib(pid: int, field: str) -> int:
@@ -243,7 +236,7 @@ def test_a_stream_infer_client_that_does_not_read_keeps_server_memory_bounded(re
         pid = server.proc.pid
         request = infer_request("wide", INPUT0=np.ones((1, WIDE), np.float32))
         with _connection(server.address) as control:
-            _wait_for(lambda: pb_grpc.GRPCInferenceServiceStub(control).ModelReady(
+            wait_until(lambda: pb_grpc.GRPCInferenceServiceStub(control).ModelReady(
                 pb.ModelReadyRequest(name="wide"), timeout=10).ready, "the model to load")  # fmt: skip
             warm = list(pb_grpc.GRPCInferenceServiceStub(control).ModelStreamInfer(iter([request] * 16), timeout=30))
             assert not any(a.error_message for a in warm)
@@ -262,7 +255,7 @@ def test_a_stream_infer_client_that_does_not_read_keeps_server_memory_bounded(re
                         ended = any("ended a stream" in line for line in server.output)
                         return ended or _successes(control, "wide") >= 16 + requests_sent
 
-                    await asyncio.to_thread(_wait_for, done, "the server to answer all or end the stream", 60)
+                    await asyncio.to_thread(wait_until, done, "the server to answer all or end the stream", 60)
                     call.cancel()
 
             asyncio.run(never_read())

@@ -24,6 +24,7 @@ from taskserve.server.scheduling.base import InferRequest
 from taskserve.server.serving.loaded_model import LoadedModel
 from taskserve.server.serving.manager import ModelManager
 from tests.support.server import ServerThread
+from tests.support.waiting import until
 
 from .conftest import TEXTCLS
 from .v2 import infer_request
@@ -123,12 +124,6 @@ def test_unload_load_cycles_leave_one_runtime_and_one_task(robust_server: Server
     assert len(holders) == 1 and holders[0] is model  # the serving version's task only
 
 
-async def _wait_for(condition: object, timeout: float = 30.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():  # type: ignore[operator]
-            await asyncio.sleep(0.005)
-
-
 async def test_a_swapped_out_version_serves_its_leases_then_stops(robust_repository: Path) -> None:
     manager = ModelManager(robust_repository, ServerMetrics())
     await manager.load("simple")
@@ -138,7 +133,7 @@ async def test_a_swapped_out_version_serves_its_leases_then_stops(robust_reposit
         old = manager.get("simple")
         old.leases.take()  # a request that resolved the version and has not submitted yet
         reload = asyncio.create_task(manager.load("simple"))
-        await _wait_for(lambda: manager.get("simple") is not old)  # the new version serves
+        await until(lambda: manager.get("simple") is not old, "the new version to serve")
         # The old one still serves the request it accepted; the reload waits for it.
         assert (await old.scheduler.submit(request)).outputs
         assert not reload.done()

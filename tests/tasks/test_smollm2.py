@@ -5,7 +5,6 @@ chat template answers a factual question."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +21,7 @@ from taskserve.protocol.generated.taskserve.v1 import text_generation_pb2_grpc a
 from taskserve.server.repository.config import load_model_config
 from taskserve.server.scheduling.generation_scheduler import GenerationScheduler
 from tests.support.server import ServerThread, running_server
+from tests.support.waiting import wait_until
 
 # The session fixtures (materialize ~15 s, export ~1 min) count against the first test: far longer on a busy machine.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -173,12 +173,29 @@ def test_a_client_that_goes_away_stops_the_generation(smollm2_server: ServerThre
     app = smollm2_server.app
     registry = app.metrics.registry
     labels = {"model": MODEL, "version": "1"}
+    engine = app.models.get(MODEL, "").engine
+    assert isinstance(engine, GenerationScheduler)
 
     def value(name: str, **extra: str) -> float:
         return registry.get_sample_value(name, {**labels, **extra}) or 0.0
 
+    def steps() -> float:
+        return value("taskserve_execution_count_total")
+
+    def marker() -> float:
+        """Serve a one-token request and wait for the engine to be idle again: the steps it took.
+        Every step the engine had queued or kept runs before it goes idle, so this is a barrier."""
+        before = steps()
+        with grpc.insecure_channel(smollm2_server.address) as channel:
+            request = tg.GenerateRequest(model=common.ModelRef(name=MODEL), prompt="Hi", max_new_tokens=1)
+            assert list(tg_grpc.TextGenerationStub(channel).Generate(request, timeout=60))
+        wait_until(lambda: engine.idle, "the engine to go idle after the marker request")
+        return steps() - before
+
+    wait_until(lambda: engine.idle, "the engine to go idle before the test")
+    marker_steps = marker()  # alone, on an idle engine
     cancelled = value("taskserve_request_failure_total", reason="cancelled")
-    steps = value("taskserve_execution_count_total")
+    before = steps()
     with grpc.insecure_channel(smollm2_server.address) as channel:
         call = tg_grpc.TextGenerationStub(channel).Generate(
             tg.GenerateRequest(model=common.ModelRef(name=MODEL), prompt=PROMPTS[1], max_new_tokens=200),
@@ -186,23 +203,21 @@ def test_a_client_that_goes_away_stops_the_generation(smollm2_server: ServerThre
         )
         next(call)
         call.cancel()
-    for _ in range(500):
-        if value("taskserve_request_failure_total", reason="cancelled") > cancelled:
-            break
-        time.sleep(0.01)
+    wait_until(
+        lambda: value("taskserve_request_failure_total", reason="cancelled") > cancelled,
+        "the server to count the cancelled request",
+    )
     assert value("taskserve_request_failure_total", reason="cancelled") == cancelled + 1
     # The sequence left at once (its slot is free); the step in flight when the cancel landed
     # may still finish, and then the engine goes idle: no step starts for it.
-    engine = app.models.get(MODEL, "").engine
-    assert isinstance(engine, GenerationScheduler)
-    for _ in range(500):
-        if engine.idle:
-            break
-        time.sleep(0.01)
+    wait_until(lambda: engine.idle, "the engine to go idle after the cancel")
     assert engine.idle and engine.inflight_count() == 0
-    ran = value("taskserve_execution_count_total") - steps
-    time.sleep(0.3)
-    assert value("taskserve_execution_count_total") - steps == ran < 200  # no step once it left
+    ran = steps() - before
+    assert ran < 200
+    # No step for it afterwards either: a later request runs exactly the steps it ran alone
+    # (a sequence the engine kept or resumed would add steps before it goes idle again).
+    assert marker() == marker_steps
+    assert steps() - before == ran + marker_steps
 
 
 @pytest.fixture(scope="module")

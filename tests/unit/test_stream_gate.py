@@ -22,12 +22,14 @@ class FakeContext:
         self.written: list[Any] = []
         self.aborted: tuple[grpc.StatusCode, str] | None = None
         self.abort_started = asyncio.Event()
+        self.write_blocked = asyncio.Event()  # a write waits on the client's window
 
     def peer(self) -> str:
         return self._peer
 
     async def write(self, item: Any) -> None:
         if len(self.written) >= self.reads:
+            self.write_blocked.set()
             await asyncio.Event().wait()  # the client's window is full
         self.written.append(item)
 
@@ -75,7 +77,7 @@ async def test_connections_are_counted_apart() -> None:
     gate = StreamGate(StreamLimits(write_timeout_s=5, max_per_connection=1))
     first, second = FakeContext("ipv4:10.0.0.1:5000", reads=0), FakeContext("ipv4:10.0.0.1:5001")
     held = asyncio.create_task(gate.serve(_answers([]), first))  # type: ignore[arg-type]
-    await asyncio.sleep(0)  # one step: it is counted and waits on its first write
+    await asyncio.wait_for(first.write_blocked.wait(), 5)  # it is counted and waits on its first write
     await asyncio.wait_for(gate.serve(_answers([], 3), second), 5)  # type: ignore[arg-type]
     assert second.written == [0, 1, 2]
     held.cancel()

@@ -92,3 +92,10 @@ async def until(condition: Callable[[], bool], what: str) -> None:
     while not condition():
         assert loop.time() < end, f"gave up waiting for: {what}"
         await asyncio.sleep(0.001)
+
+
+async def dispatched(scheduler: DynamicBatcher) -> None:
+    """Wait until the batching loop has looked at every request submitted so far: each
+    submit sets its wake-up event, and the loop clears it right before it dispatches, with
+    no await between. A barrier for "it chose to wait", where a sleep would only hope so."""
+    await until(lambda: not scheduler._wake.is_set(), "the batcher to look at its queue")

@@ -17,7 +17,7 @@ from taskserve.server.errors import DeadlineExceeded, InvalidInput, ModelNotRead
 from taskserve.server.metrics import ServerMetrics
 
 from .fakes import FakeRuntime, ManualClock, masked_outputs
-from .harness import batcher, running, started, token_config, tokens, until
+from .harness import batcher, dispatched, running, started, token_config, tokens, until
 
 
 def first_ids(batch: dict[str, np.ndarray]) -> list[int]:
@@ -47,7 +47,7 @@ async def test_partial_batch_waits_for_more_while_another_batch_runs() -> None:
         # One instance is free, but a batch is executing: b and c wait for a fuller batch...
         waiting = [asyncio.create_task(s.submit(tokens(2, first=f))) for f in (10, 20)]
         await until(lambda: s.inflight_count() == 3, "b and c queued")
-        await asyncio.sleep(0.01)
+        await dispatched(s)  # it has seen b and c with `other` free (a batch handed off now shows below)
         assert other.batches == []
         # ...and go as soon as the batch is full.
         waiting.append(asyncio.create_task(s.submit(tokens(2, first=30))))
