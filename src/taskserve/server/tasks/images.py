@@ -262,7 +262,7 @@ def _from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def preprocessing_from(
-    options: Mapping[str, object],
+    configured: Mapping[str, Any] | None,
     hf: Mapping[str, Any],
     input_dims: Sequence[int] | None,
     dtype: np.dtype[np.generic],
@@ -270,7 +270,7 @@ def preprocessing_from(
     fixed_size: bool = False,
 ) -> ImagePreprocessing:
     """A model's preprocessing, from the first of: ``task_options.image`` (what the
-    exporter writes), the Hugging Face ``preprocessor_config.json``, the pixel input's dims.
+    exporter writes: ``configured``), the Hugging Face ``preprocessor_config.json``, the pixel input's dims.
 
     ``task_options.image`` keys: ``size`` ([height, width]), ``resize_mode`` ("exact",
     or "shortest_edge": the shorter side to size[0], aspect kept), ``crop`` ([height,
@@ -280,9 +280,6 @@ def preprocessing_from(
     ``fixed_size`` (detection, segmentation) resizes to one exact size and never
     crops, so outputs map back to the original image by scaling alone.
     """
-    configured = options.get("image")
-    if configured is not None and not isinstance(configured, Mapping):
-        raise TaskConfigError(f"model {model!r}: task_options.image must be a mapping, got {configured!r}")
     settings: Mapping[str, Any] = configured if configured is not None else _from_hf(hf)
     layout = str(settings.get("layout", "NCHW")).upper()
     if layout not in ("NCHW", "NHWC"):

@@ -1,0 +1,73 @@
+"""docs/task-options.md, written from the options models of the registry, so the docs'
+option lists cannot drift from what the server accepts (a test compares them).
+
+Regenerate: ``python -m taskserve.server.tasks.options_reference > docs/task-options.md``."""
+
+from __future__ import annotations
+
+import enum
+import sys
+from typing import Any
+
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+from taskserve.server.tasks.options import file_options, type_name
+from taskserve.server.tasks.registry import ROWS
+
+_HEAD = """# Task options (`task_options` in config.yaml)
+
+Generated from the options models (`src/taskserve/server/tasks/`, one per task, paired with
+its task in `tasks/registry.py`) by `python -m taskserve.server.tasks.options_reference >
+docs/task-options.md`; `tests/tasks/test_task_options.py` fails when this file is stale.
+
+Every model's `task_options` are checked when it loads, before anything of it runs: an
+unknown key (a typo) leaves the model UNAVAILABLE with the task's keys and the closest one
+(`task_options.top_kk is not an option of task 'text-classification'; did you mean
+'top_k'?`), a wrong type or a value out of range with the key and the type it takes
+(`task_options.top_k must be int: ...`). `null` means unset (the default). Options that
+name a file (type "file in the model directory") must stay inside the model
+directory, symlinks included. Models of task `tensor` (v2 only) are not checked.
+"""
+
+
+def _default(field: FieldInfo) -> str:
+    if field.default_factory is not None:
+        value: Any = field.default_factory()  # type: ignore[call-arg]
+    elif field.default is PydanticUndefined:
+        return "required"
+    else:
+        value = field.default
+    if value is None:
+        return "unset"
+    if isinstance(value, enum.Enum):
+        value = value.value
+    return f"`{value!r}`" if not isinstance(value, str) else f"`{value}`"
+
+
+def _bounds(field: FieldInfo) -> str:
+    """`` >= 1`` and the like, from the field's constraints."""
+    signs = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "length >="}
+    found = [f"{sign} {getattr(m, name)}" for m in field.metadata for name, sign in signs.items() if hasattr(m, name)]
+    return f", {', '.join(found)}" if found else ""
+
+
+def render() -> str:
+    """The whole of docs/task-options.md."""
+    out = [_HEAD]
+    for row in ROWS:
+        files = file_options(row.options)
+        out.append(f"\n## `{row.task}` ({row.cls.__name__}, {row.options.__name__})\n")
+        out.append("| option | type | default | what it sets |\n|---|---|---|---|")
+        for key, field in sorted(row.options.model_fields.items()):
+            default = _default(field)
+            if key in files and files[key] and default == "unset":
+                default = f"unset (reads `{files[key]}`)"
+            kind = "file in the model directory" if key in files else type_name(field.annotation)
+            kind = (kind + _bounds(field)).replace("|", "\\|")
+            out.append(f"| `{key}` | {kind} | {default} | {field.description or ''} |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render())
