@@ -85,7 +85,9 @@ def test_null_means_the_default_and_valid_options_pass(tmp_path: Path) -> None:
 def test_tasks_read_typed_attributes_not_string_keys() -> None:
     """No ``option("key", default)`` or ``options.get("key")`` left in tasks/: each default
     lives in its options model, once."""
-    tasks = ROOT / "src" / "taskserve" / "server" / "tasks"
+    import taskserve.server.tasks
+
+    tasks = Path(taskserve.server.tasks.__file__).parent  # the code under test
     pattern = re.compile(r"\.option\(|options\.get\(|options\[\"")
     offenders = [
         f"{path.relative_to(tasks)}:{n}"
@@ -103,3 +105,16 @@ def test_the_docs_option_lists_are_generated_from_the_models() -> None:
     assert written == render(), (
         "docs/task-options.md is stale: python -m taskserve.server.tasks.options_reference > docs/task-options.md"
     )
+
+
+def test_every_option_the_docs_name_is_one_a_task_reads() -> None:
+    from taskserve.server.tasks.registry import ROWS
+
+    keys = set().union(*(row.options.model_fields for row in ROWS))
+    named = {
+        (path.name, match.group(1))
+        for path in sorted((ROOT / "docs").glob("*.md"))
+        if path.name != "task-options.md"  # generated; quotes a typo on purpose
+        for match in re.finditer(r"task_options\.(\w+)", path.read_text())
+    }
+    assert named and {(doc, key) for doc, key in named if key not in keys} == set()

@@ -114,9 +114,13 @@ def options_problems(
     except ValidationError as err:
         known = sorted(model.model_fields)
         files = file_options(model)
+        reported: set[str] = set()
         for e in err.errors():
             key = str(e["loc"][0]) if e["loc"] else ""
             where = ".".join(str(p) for p in e["loc"])
+            if key in reported:
+                continue  # a union reports once per member: one line per key is enough
+            reported.add(key)
             if e["type"] == "extra_forbidden":
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -124,9 +128,11 @@ def options_problems(
                     f"task_options.{where} is not an option of task {task!r}{hint} (its options: {', '.join(known)})"
                 )
             elif key in model.model_fields:
-                expected = type_name(model.model_fields[key].annotation)
+                field = model.model_fields[key]
+                if _is_union(field.annotation):
+                    where = key  # the member tags pydantic adds to the path mean nothing to a user
                 got = "" if key in files else f", got {_short(e.get('input'))}"  # a file option's value is not repeated
-                problems.append(f"task_options.{where} must be {expected}: {e['msg']}{got}")
+                problems.append(f"task_options.{where} must be {field_type(field)}: {e['msg']}{got}")
             else:
                 problems.append(f"task_options: {e['msg']}")
     if model_dir is not None:
@@ -134,12 +140,32 @@ def options_problems(
     return problems
 
 
+_FILE = "str (a file in the model directory)"
+
+
+def _is_union(annotation: Any) -> bool:
+    if get_origin(annotation) not in (Union, types.UnionType):
+        return False
+    return len([a for a in get_args(annotation) if a is not type(None)]) > 1
+
+
+def field_type(field: FieldInfo) -> str:
+    """A field's type with its bounds: ``int >= 1``, ``list[str] (length >= 1)``."""
+    signs = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    found = [f"{sign} {getattr(m, name)}" for m in field.metadata for name, sign in signs.items() if hasattr(m, name)]
+    found += [f"length >= {m.min_length}" for m in field.metadata if hasattr(m, "min_length")]
+    kind = _FILE if _marker(field) is not None else type_name(field.annotation)
+    return " ".join([kind, *found]) if found else kind
+
+
 def type_name(annotation: Any) -> str:
     """A field's type as config.yaml users read it: ``int``, ``list[str]``, ``'a' | 'b'``."""
     origin = get_origin(annotation)
     if origin is Annotated:
         inner, *extra = get_args(annotation)
-        return "file in the model directory" if any(isinstance(m, InModelDir) for m in extra) else type_name(inner)
+        if any(isinstance(m, InModelDir) for m in extra):
+            return _FILE
+        return type_name(inner)
     if origin in (Union, types.UnionType):
         return " | ".join(type_name(a) for a in get_args(annotation) if a is not type(None))
     if origin is Literal:

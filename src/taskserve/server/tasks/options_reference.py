@@ -12,7 +12,7 @@ from typing import Any
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from taskserve.server.tasks.options import file_options, type_name
+from taskserve.server.tasks.options import field_type, file_options
 from taskserve.server.tasks.registry import ROWS
 
 _HEAD = """# Task options (`task_options` in config.yaml)
@@ -26,7 +26,7 @@ unknown key (a typo) leaves the model UNAVAILABLE with the task's keys and the c
 (`task_options.top_kk is not an option of task 'text-classification'; did you mean
 'top_k'?`), a wrong type or a value out of range with the key and the type it takes
 (`task_options.top_k must be int: ...`). `null` means unset (the default). Options that
-name a file (type "file in the model directory") must stay inside the model
+name a file (type "str (a file in the model directory)") must stay inside the model
 directory, symlinks included. Models of task `tensor` (v2 only) are not checked.
 """
 
@@ -45,13 +45,6 @@ def _default(field: FieldInfo) -> str:
     return f"`{value!r}`" if not isinstance(value, str) else f"`{value}`"
 
 
-def _bounds(field: FieldInfo) -> str:
-    """`` >= 1`` and the like, from the field's constraints."""
-    signs = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "length >="}
-    found = [f"{sign} {getattr(m, name)}" for m in field.metadata for name, sign in signs.items() if hasattr(m, name)]
-    return f", {', '.join(found)}" if found else ""
-
-
 def render() -> str:
     """The whole of docs/task-options.md."""
     out = [_HEAD]
@@ -63,8 +56,7 @@ def render() -> str:
             default = _default(field)
             if key in files and files[key] and default == "unset":
                 default = f"unset (reads `{files[key]}`)"
-            kind = "file in the model directory" if key in files else type_name(field.annotation)
-            kind = (kind + _bounds(field)).replace("|", "\\|")
+            kind = field_type(field).replace("|", "\\|")
             out.append(f"| `{key}` | {kind} | {default} | {field.description or ''} |")
     return "\n".join(out) + "\n"
 
