@@ -25,7 +25,7 @@ Every model's `task_options` are checked when it loads, before anything of it ru
 unknown key (a typo) leaves the model UNAVAILABLE with the task's keys and the closest one
 (`task_options.top_kk is not an option of task 'text-classification'; did you mean
 'top_k'?`), a wrong type or a value out of range with the key and the type it takes
-(`task_options.top_k must be int: ...`). `null` means unset (the default). Options that
+(`task_options.top_k must be int >= 1: ...`). `null` means unset (the default). Options that
 name a file (type "str (a file in the model directory)") must stay inside the model
 directory, symlinks included. Models of task `tensor` (v2 only) are not checked.
 """
