@@ -39,6 +39,14 @@ def test_a_typo_is_refused_with_the_closest_key_and_every_valid_one(tmp_path: Pa
     assert "did you mean" not in message and "top_k" in message and "truncation" in message
 
 
+def test_a_typo_inside_the_image_settings_is_refused_too(tmp_path: Path) -> None:
+    """Before, ``image`` was any mapping and a misspelt key in it was ignored."""
+    message = _refusal(tmp_path, "image-classification", {"image": {"size": [8, 8], "std_dev": [1, 1, 1]}})
+    assert "task_options.image.std_dev is not an option of task_options.image; did you mean 'std'?" in message
+    message = _refusal(tmp_path, "object-detection", {"image": {"size": [8, 8], "resize_mode": "fit"}})
+    assert "task_options.image.resize_mode must be 'exact' | 'shortest_edge'" in message, message
+
+
 def test_a_wrong_type_names_the_key_and_the_type_it_takes(tmp_path: Path) -> None:
     message = _refusal(tmp_path, "text-generation", {"max_new_tokens": "many"})
     assert "task_options.max_new_tokens must be int" in message and "'many'" in message, message

@@ -112,25 +112,23 @@ def options_problems(
     try:
         model.model_validate(given)
     except ValidationError as err:
-        known = sorted(model.model_fields)
         files = file_options(model)
         reported: set[str] = set()
         for e in err.errors():
             key = str(e["loc"][0]) if e["loc"] else ""
-            where = ".".join(str(p) for p in e["loc"])
-            if key in reported:
+            owner, path, field = _field_at(model, e["loc"])
+            where = ".".join(path)
+            if where in reported:
                 continue  # a union reports once per member: one line per key is enough
-            reported.add(key)
+            reported.add(where)
             if e["type"] == "extra_forbidden":
-                close = difflib.get_close_matches(key, known, n=1)
+                name = path[-1] if path else key
+                keys = sorted(owner.model_fields)
+                close = difflib.get_close_matches(name, keys, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                problems.append(
-                    f"task_options.{where} is not an option of task {task!r}{hint} (its options: {', '.join(known)})"
-                )
-            elif key in model.model_fields:
-                field = model.model_fields[key]
-                if _is_union(field.annotation):
-                    where = key  # the member tags pydantic adds to the path mean nothing to a user
+                of = f"task {task!r}" if owner is model else f"task_options.{'.'.join(path[:-1])}"
+                problems.append(f"task_options.{where} is not an option of {of}{hint} (its options: {', '.join(keys)})")
+            elif field is not None:
                 got = "" if key in files else f", got {_short(e.get('input'))}"  # a file option's value is not repeated
                 problems.append(f"task_options.{where} must be {field_type(field)}: {e['msg']}{got}")
             else:
@@ -141,6 +139,37 @@ def options_problems(
 
 
 _FILE = "str (a file in the model directory)"
+
+
+def _field_at(
+    model: type[BaseModel], loc: tuple[int | str, ...]
+) -> tuple[type[BaseModel], list[str], FieldInfo | None]:
+    """The model owning the deepest named field on ``loc`` (options nest: ``image.size``),
+    that field's path and the field; indexes and keys inside a field stay in the path, the
+    inside of a union field (pydantic tags each member: ``int``, ``list[int]``) does not."""
+    owner, path, field = model, [], None
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        if isinstance(part, str) and part in owner.model_fields:
+            field = owner.model_fields[part]
+            path.append(part)
+            nested = model_in(field.annotation)
+            if nested is not None and parts:
+                owner = nested
+        elif field is not None and _is_union(field.annotation):
+            break  # a union's errors are the field's: one line for it, whichever member failed
+        else:
+            path.append(str(part))  # an index or a mapping key inside the field, or an unknown key
+    return owner, path, field
+
+
+def model_in(annotation: Any) -> type[BaseModel] | None:
+    """The options model ``annotation`` holds (``ImageSettings | None``), if any."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def _is_union(annotation: Any) -> bool:

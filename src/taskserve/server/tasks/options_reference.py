@@ -9,10 +9,11 @@ import enum
 import sys
 from typing import Any
 
+from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from taskserve.server.tasks.options import field_type, file_options
+from taskserve.server.tasks.options import TaskOptions, field_type, file_options, model_in
 from taskserve.server.tasks.registry import ROWS
 
 _HEAD = """# Task options (`task_options` in config.yaml)
@@ -45,19 +46,35 @@ def _default(field: FieldInfo) -> str:
     return f"`{value!r}`" if not isinstance(value, str) else f"`{value}`"
 
 
+def _table(model: type[BaseModel]) -> list[str]:
+    files = file_options(model) if issubclass(model, TaskOptions) else {}
+    lines = ["| option | type | default | what it sets |", "|---|---|---|---|"]
+    for key, field in sorted(model.model_fields.items()):
+        default = _default(field)
+        if files.get(key) and default == "unset":
+            default = f"unset (reads `{files[key]}`)"
+        kind = field_type(field).replace("|", "\\|")
+        lines.append(f"| `{key}` | {kind} | {default} | {field.description or ''} |")
+    return lines
+
+
 def render() -> str:
     """The whole of docs/task-options.md."""
     out = [_HEAD]
+    # Option models inside options (``image``): the key(s) they sit under and their tasks.
+    nested: dict[type[BaseModel], tuple[set[str], list[str]]] = {}
     for row in ROWS:
-        files = file_options(row.options)
         out.append(f"\n## `{row.task}` ({row.cls.__name__}, {row.options.__name__})\n")
-        out.append("| option | type | default | what it sets |\n|---|---|---|---|")
-        for key, field in sorted(row.options.model_fields.items()):
-            default = _default(field)
-            if key in files and files[key] and default == "unset":
-                default = f"unset (reads `{files[key]}`)"
-            kind = field_type(field).replace("|", "\\|")
-            out.append(f"| `{key}` | {kind} | {default} | {field.description or ''} |")
+        out += _table(row.options)
+        for key, field in row.options.model_fields.items():
+            inner = model_in(field.annotation)
+            if inner is not None:
+                keys, tasks = nested.setdefault(inner, (set(), []))
+                keys.add(key)
+                tasks.append(row.task)
+    for inner, (keys, tasks) in nested.items():
+        out.append(f"\n## `{'`, `'.join(sorted(keys))}` ({inner.__name__}): {', '.join(tasks)}\n")
+        out += _table(inner)
     return "\n".join(out) + "\n"
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 from pydantic import Field
 
 from taskserve.server.tasks.base import ServedModel, Task, TaskContext, check_count
 from taskserve.server.tasks.images import (
+    ImageSettings,
     ImageSource,
     check_request_pixels,
     decode_image,
@@ -32,11 +33,8 @@ class PixelBatch:
 class ImageOptions(TaskOptions):
     """The keys every image task reads."""
 
-    image: dict[str, Any] | None = Field(
-        None,
-        description="preprocessing: size, resize_mode (exact | shortest_edge), crop, resample, rescale_factor, "
-        "mean, std, channel_order (RGB | BGR), layout (NCHW | NHWC); default: preprocessor_config, else the "
-        "input's dims",
+    image: ImageSettings | None = Field(
+        None, description="image preprocessing (below); default: preprocessor_config's, else the input's dims"
     )
     preprocessor_config: ModelFile = Field(
         "preprocessor_config.json", description="Hugging Face image processor config, read when image is unset"
