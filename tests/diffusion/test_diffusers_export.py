@@ -16,6 +16,7 @@ def test_cli_exports_an_inpainting_pipeline_and_validates_it(
     from taskserve.exporters import cli
     from taskserve.exporters.tiny_diffusion import tiny_stable_diffusion
     from taskserve.server.repository.config import load_model_config
+    from taskserve.server.tasks.readiness import check_options
 
     source = tiny_stable_diffusion(tmp_path / "inpaint-source", inpaint=True)
     repo = tmp_path / "repo"
@@ -30,6 +31,7 @@ def test_cli_exports_an_inpainting_pipeline_and_validates_it(
     ]  # fmt: skip
     main = load_model_config(repo / "sd-inpaint")
     assert main.task == "image-generation" and main.task_options["unet_in_channels"] == 9
+    check_options(repo / "sd-inpaint", main)  # what the exporter wrote passes the server's load check
     assert {t.name: t.padding for t in main.inputs or ()}["sample"] == "none"
     for part in ("text-encoder", "vae-decoder", "vae-encoder"):
         assert load_model_config(repo / f"sd-inpaint-{part}").task == "tensor"

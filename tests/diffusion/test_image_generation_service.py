@@ -29,6 +29,7 @@ from taskserve.protocol.generated.taskserve.v1 import image_generation_pb2 as pb
 from taskserve.protocol.generated.taskserve.v1 import image_generation_pb2_grpc as pb_grpc
 from taskserve.server.tasks.diffusion.pipeline import GenerationParams, Mode, PipelineSpec, spec_from_options
 from taskserve.server.tasks.diffusion.schedulers import SchedulerKind
+from taskserve.server.tasks.image_generation import ImageGenerationOptions
 from tests.diffusion.conftest import NAME, TinyPipeline
 from tests.support.server import ServerThread, running_server
 from tests.support.waiting import wait_until
@@ -58,7 +59,10 @@ def spec(tiny_pipeline: TinyPipeline) -> PipelineSpec:
     import yaml
 
     options = yaml.safe_load((tiny_pipeline.repo / NAME / "config.yaml").read_text())["task_options"]
-    return spec_from_options(options, json.loads((tiny_pipeline.repo / NAME / "scheduler_config.json").read_text()))
+    return spec_from_options(
+        ImageGenerationOptions.model_validate(options),
+        json.loads((tiny_pipeline.repo / NAME / "scheduler_config.json").read_text()),
+    )
 
 
 def _image(seed: int = 3) -> np.ndarray:
@@ -395,7 +399,10 @@ def test_image_to_image_at_the_largest_allowed_size_fits_its_memory_budget(
         with pytest.raises(InvalidArgument, match=r"budget of 0.25 GiB.*at most \d+ pixels per image for 4 images"):
             gen.image_to_image(image, PROMPT, model=NAME, steps=1, num_images=4, timeout=60)
         assert _parts_calls(app) == calls
-    spec = spec_from_options(config["task_options"], json.loads((repo / NAME / "scheduler_config.json").read_text()))
+    spec = spec_from_options(
+        ImageGenerationOptions.model_validate(config["task_options"]),
+        json.loads((repo / NAME / "scheduler_config.json").read_text()),
+    )
     theirs = diffusers_reference(
         tiny_pipeline.pipe, spec,
         GenerationParams(mode=Mode.IMAGE_TO_IMAGE, width=side, height=side, steps=2, guidance_scale=7.5, seed=5,

@@ -16,6 +16,7 @@ from taskserve.exporters.demo import ENTRY_NAMES, QUICK_MODELS, build_demo
 from taskserve.exporters.image_options import preprocess
 from taskserve.exporters.repository_entry import entry_complete
 from taskserve.server.repository.config import load_model_config
+from taskserve.server.tasks.readiness import check_options
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +39,7 @@ def test_demo_entries_are_complete(demo_repository: Path) -> None:
         entry = demo_repository / name
         assert entry_complete(entry), key
         assert load_model_config(entry).name == name
+        check_options(entry, load_model_config(entry))  # the server's load check on task_options
     minilm = load_model_config(demo_repository / ENTRY_NAMES["minilm"])
     assert minilm.task == "sentence-embedding" and minilm.max_batch_size == 64
     assert minilm.instance_count == 2  # two batches side by side under load

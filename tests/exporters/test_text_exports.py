@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 
 from taskserve.exporters.pipeline import ExportResult
 from taskserve.server.repository.config import load_model_config
+from taskserve.server.tasks.readiness import check_options
 from tests.exporters.conftest import QUANTIZED, TINY_TEXT
 from tests.support.tiny_hf_models import TEXT_LABELS
 
@@ -108,6 +109,8 @@ def test_task_options_per_task(tiny_exports: dict[str, ExportResult]) -> None:
     embed = load_model_config(tiny_exports["embed"].entry).task_options
     assert embed["pooling"] == "mean" and embed["embedding_output"] == "last_hidden_state"
     assert load_model_config(tiny_exports["textcls"].entry).task_options["activation"] == "softmax"
+    for result in tiny_exports.values():  # every entry passes the server's load check on task_options
+        check_options(result.entry, load_model_config(result.entry))
 
 
 def test_optimizer_fused_attention(tiny_exports: dict[str, ExportResult]) -> None:

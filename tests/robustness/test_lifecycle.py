@@ -102,8 +102,8 @@ def test_ready_gauge_follows_reload_and_series_go_with_unload(
 @pytest.mark.parametrize(
     ("model", "reason"),
     [
-        ("unknown-option", "task_options.top_kk is not an option of task 'text-classification'"),
-        ("wrong-option-type", "task_options.top_k: Input should be a valid integer (got 'three')"),
+        ("unknown-option", "task_options.top_kk is not an option of task 'text-classification'; did you mean 'top_k'?"),
+        ("wrong-option-type", "task_options.top_k must be int >= 1: Input should be a valid integer, got 'three'"),
     ],
 )
 def test_a_model_that_cannot_serve_is_unavailable_with_the_reason(

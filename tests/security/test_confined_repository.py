@@ -14,7 +14,7 @@ from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from taskserve.server.errors import InvalidInput
 from taskserve.server.repository.paths import OutsideModelDir, check_model_name, resolve_inside, shown
-from taskserve.server.tasks.tokenization import TextTokenizer
+from taskserve.server.tasks.tokenization import TextTokenizer, TokenizerOptions
 from tests.support.server import ServerThread, running_server
 from tests.support.tiny_models import add_sub_graph, identity_graph, write_entry
 
@@ -183,7 +183,7 @@ def test_a_tokenizer_option_outside_the_model_directory_is_never_read(tmp_path: 
     (tmp_path / "m").mkdir()
     (tmp_path / "tokenizer.json").write_text("{}")  # would fail to parse if it were read
     with pytest.raises(OutsideModelDir) as err:
-        TextTokenizer(tmp_path / "m", {"tokenizer": "../tokenizer.json"}, "m")
+        TextTokenizer(tmp_path / "m", TokenizerOptions(tokenizer="../tokenizer.json"), "m")
     assert "task_options.tokenizer" in err.value.message and str(tmp_path) not in err.value.message
 
 

@@ -1,7 +1,7 @@
 """Every file the server reads for a model stays inside the model's directory: config.yaml
-itself, and every task option that names a file (``ModelFile`` in tasks/options.py), for
-every task. The walk below covers each such option automatically, so a file option added
-later is tested without touching this file."""
+itself, and every task option that names a file (typed ``ModelFile``, tasks/options.py), for
+every task of the registry (tasks/registry.py). The walk below covers each such option
+automatically, so a file option added later is tested without touching this file."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from onnx import TensorProto
 
 from taskserve.protocol.generated.inference import grpc_service_pb2 as pb
 from taskserve.protocol.generated.inference import grpc_service_pb2_grpc as pb_grpc
-from taskserve.server.tasks.options import TASK_OPTIONS, file_options
+from taskserve.server.tasks.options import file_options
+from taskserve.server.tasks.registry import ROWS
 from tests.support.server import running_server
 from tests.support.tiny_models import identity_graph, write_entry
 
@@ -43,10 +44,11 @@ class Layout:
 
 def _cases(root: Path) -> list[Case]:
     cases = []
-    for task in sorted(TASK_OPTIONS):
-        for option, marker in file_options(task).items():
+    for row in sorted(ROWS, key=lambda r: r.task):
+        task = row.task
+        for option, default in file_options(row.options).items():
             for kind in KINDS:
-                if kind == "default-symlink" and marker.default is None:
+                if kind == "default-symlink" and default is None:
                     continue
                 value = {
                     "absolute": str(root / "secret.json"),
@@ -56,6 +58,10 @@ def _cases(root: Path) -> list[Case]:
                 }[kind]
                 cases.append(Case(task, option, kind, value))
     return cases
+
+
+def _file_options(task: str) -> dict[str, str | None]:
+    return file_options(next(row.options for row in ROWS if row.task == task))
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +79,7 @@ def layout(tmp_path_factory: pytest.TempPathFactory) -> Layout:
             config["generation"] = {}  # every text-generation entry is an engine entry
         model_dir = write_entry(repo, name, graph, config)
         if case.value is None:  # the file the task reads when the option is unset
-            (model_dir / str(file_options(case.task)[case.option].default)).symlink_to(root / "secret.json")
+            (model_dir / str(_file_options(case.task)[case.option])).symlink_to(root / "secret.json")
         else:
             (model_dir / "linked.json").symlink_to(root / "secret.json")
         cases[name] = case
@@ -147,7 +153,9 @@ def test_every_file_option_of_every_task_is_confined_at_load(
 def test_options_that_look_like_files_are_declared_as_files() -> None:
     """A new option named like a file but typed ``str`` would escape the walk above."""
     suffixes = ("_config", "_file", "_path", "_dir", "_template", "tokenizer")
-    for task, keys in TASK_OPTIONS.items():
-        for key in keys:
+    for row in ROWS:
+        for key in row.options.model_fields:
             if key.endswith(suffixes):
-                assert key in file_options(task), f"{task}: task_options.{key} names a file; declare it ModelFile"
+                assert key in file_options(row.options), (
+                    f"{row.task}: task_options.{key} names a file; type it ModelFile"
+                )

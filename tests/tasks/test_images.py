@@ -69,7 +69,7 @@ def test_raw_images() -> None:
 def test_preprocessing_shortest_edge_crop_and_normalize() -> None:
     options = {"image": {"size": [32, 32], "resize_mode": "shortest_edge", "crop": [24, 20], "rescale_factor": 1.0,
                          "mean": [100, 100, 100], "std": [2, 2, 2]}}  # fmt: skip
-    prep = preprocessing_from(options, {}, None, np.dtype(np.float32), "m")
+    prep = preprocessing_from(options["image"], {}, None, np.dtype(np.float32), "m")
     image = np.full((40, 80, 3), 120, np.uint8)
     out = prep.apply(image)
     assert out.shape == (3, 24, 20) and out.dtype == np.float32
@@ -81,13 +81,13 @@ def test_preprocessing_shortest_edge_crop_and_normalize() -> None:
         "image_mean": [0.5] * 3,
         "image_std": [0.5] * 3,
     }
-    prep = preprocessing_from({}, hf, None, np.dtype(np.float32), "m")
+    prep = preprocessing_from(None, hf, None, np.dtype(np.float32), "m")
     assert prep.apply(np.zeros((50, 50, 3), np.uint8)).shape == (3, 16, 8)
     # Nothing configured: the pixel input's fixed dims decide.
-    prep = preprocessing_from({}, {}, (3, 10, 12), np.dtype(np.float32), "m")
+    prep = preprocessing_from(None, {}, (3, 10, 12), np.dtype(np.float32), "m")
     assert prep.apply(np.zeros((50, 50, 3), np.uint8)).shape == (3, 10, 12)
     # Detection and segmentation resize to one exact size (the model's input size) and never crop.
-    fixed = preprocessing_from(options, {}, None, np.dtype(np.float32), "m", fixed_size=True)
+    fixed = preprocessing_from(options["image"], {}, None, np.dtype(np.float32), "m", fixed_size=True)
     stripes = np.zeros((40, 80, 3), np.uint8)
     stripes[:, :40] = 255
     resized = fixed.apply(stripes)
@@ -95,13 +95,13 @@ def test_preprocessing_shortest_edge_crop_and_normalize() -> None:
     # Not cropped: the left half of the original is the left half of the input.
     assert (resized[0, :, :9] > 0).all() and (resized[0, :, 11:] < 0).all()
     nhwc = preprocessing_from(
-        {"image": {"size": [4, 4], "layout": "NHWC"}}, {}, None, np.dtype(np.float32), "m"
+        {"size": [4, 4], "layout": "NHWC"}, {}, None, np.dtype(np.float32), "m"
     )
     assert nhwc.apply(image).shape == (4, 4, 3)
     with pytest.raises(TaskConfigError, match="no image size"):
-        preprocessing_from({}, {}, None, np.dtype(np.float32), "m")
+        preprocessing_from(None, {}, None, np.dtype(np.float32), "m")
     with pytest.raises(TaskConfigError, match="resize_mode"):
-        preprocessing_from({"image": {"size": 4, "resize_mode": "fit"}}, {}, None, np.dtype(np.float32), "m")
+        preprocessing_from({"size": 4, "resize_mode": "fit"}, {}, None, np.dtype(np.float32), "m")
 
 
 def _declaring(fmt: str, width: int, height: int) -> bytes:

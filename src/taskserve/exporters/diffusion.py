@@ -50,6 +50,7 @@ from taskserve.server.tasks.diffusion.pipeline import (
     spec_from_options,
 )
 from taskserve.server.tasks.diffusion.schedulers import SchedulerKind
+from taskserve.server.tasks.image_generation import ImageGenerationOptions
 
 log = logging.getLogger("taskserve.exporters.diffusion")
 
@@ -366,7 +367,7 @@ def validate_pipeline(
 
     options = yaml.safe_load(config_path.read_text())["task_options"]
     scheduler_config = json.loads((repo / name / options["scheduler_config"]).read_text())
-    spec = spec_from_options(options, scheduler_config)
+    spec = spec_from_options(ImageGenerationOptions.model_validate(options), scheduler_config)
     parts = OnnxParts(repo, name)
     size = int(options["size_multiple"]) * max(1, 32 // int(options["size_multiple"]))
     checks = []

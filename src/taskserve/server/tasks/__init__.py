@@ -11,23 +11,15 @@ from taskserve.server.tasks.image_segmentation import ImageSegmenter
 from taskserve.server.tasks.image_text_match import ImageTextMatcher
 from taskserve.server.tasks.object_detection import ObjectDetector
 from taskserve.server.tasks.question_answering import QuestionAnswerer
+from taskserve.server.tasks.registry import ROWS, TASKS, TaskRow
 from taskserve.server.tasks.sentence_embedding import SentenceEmbedder
 from taskserve.server.tasks.seq2seq import Seq2SeqGenerator
 from taskserve.server.tasks.text_classification import TextClassifier
 from taskserve.server.tasks.text_generation import TextGenerator
 from taskserve.server.tasks.token_classification import TokenClassifier
 
-# Every typed task, keyed by the config.yaml ``task`` it serves.
-TASKS: dict[str, type[Task]] = {
-    cls.task: cls
-    for cls in (
-        TextClassifier, TokenClassifier, SentenceEmbedder, QuestionAnswerer, MaskFiller,
-        ImageClassifier, ObjectDetector, ImageSegmenter, ImageTextMatcher, TextGenerator, Seq2SeqGenerator,
-        ImageGenerator,
-    )
-}  # fmt: skip
-
 __all__ = [
+    "ROWS",
     "TASKS",
     "CallOptions",
     "ImageClassifier",
@@ -44,6 +36,7 @@ __all__ = [
     "TaskCache",
     "TaskContext",
     "TaskLimits",
+    "TaskRow",
     "TextClassifier",
     "TextGenerator",
     "TokenClassifier",

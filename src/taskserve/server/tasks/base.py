@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Protocol, Self, TypeVar
+from typing import Any, ClassVar, Protocol, Self, TypeVar, get_type_hints
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from taskserve.server.repository.config import ModelConfig, ModelLimits
 from taskserve.server.repository.paths import resolve_inside, shown
 from taskserve.server.scheduling.base import InferRequest, Scheduler
 from taskserve.server.scheduling.engine_api import GenerationEngine
+from taskserve.server.tasks.options import TaskOptions, options_problems
 
 T = TypeVar("T")
 
@@ -171,18 +172,29 @@ class TaskContext:
 
 class Task:
     """Base of the per-task classes. One instance per loaded model version,
-    built by ``load`` (blocking: reads tokenizer and label files) on the worker pool."""
+    built by ``load`` (blocking: reads tokenizer and label files) on the worker pool.
+
+    A subclass declares its options by annotating ``options`` with its options model
+    (``options: TextClassificationOptions``): that annotation is both the attribute's
+    type and the model its ``task_options`` are validated with (``options_model``)."""
 
     # The config.yaml ``task`` this class serves.
     task: ClassVar[str]
+    # This model version's task_options, validated (defaults filled in).
+    options: TaskOptions
 
     def __init__(self, model: ServedModel, context: TaskContext) -> None:
         self.model = model
         self.context = context
-        self.options: Mapping[str, object] = model.config.task_options
+        self.options = parse_options(type(self), model.name, model.config.task_options)
         # The server's limits with this model's config.yaml ``limits`` applied.
         self.limits = context.limits.for_model(model.config.limits)
         self._labels = self._read_labels()
+
+    @classmethod
+    def options_model(cls) -> type[TaskOptions]:
+        """The options model this class's ``options`` annotation names."""
+        return _options_model(cls)
 
     @classmethod
     def load(cls, model: ServedModel, context: TaskContext) -> Self:
@@ -203,24 +215,10 @@ class Task:
                 return np.dtype(numpy_dtype(tensor.datatype))
         return np.dtype(default)
 
-    def option(self, key: str, default: T, kind: type[T] | tuple[type, ...] | None = None) -> T:
-        """``task_options[key]`` checked against the default's type (ints accepted for floats)."""
-        value = self.options.get(key, default)
-        expected = kind or type(default)
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, expected):
-            raise TaskConfigError(
-                f"model {self.model.name!r}: task_options.{key} must be {getattr(expected, '__name__', expected)}, "
-                f"got {value!r}; fix config.yaml"
-            )
-        return value  # type: ignore[return-value]
-
-    def output_name(self, default: str, key: str = "output") -> str:
-        """The output to read: ``task_options[key]``, else ``default`` when the model has
-        it, else the model's only output."""
-        configured = self.options.get(key)
-        if isinstance(configured, str):
+    def output_name(self, default: str, configured: str | None, key: str = "output") -> str:
+        """The output to read: ``configured`` (task_options[key]), else ``default`` when
+        the model has it, else the model's only output."""
+        if configured:
             return configured
         names = self.output_names()
         if names is None or default in names:
@@ -234,16 +232,7 @@ class Task:
 
     def score_function_option(self) -> ScoreFunction | None:
         """task_options.activation (softmax | sigmoid | none), when set."""
-        configured = self.options.get("activation")
-        if configured is None:
-            return None
-        try:
-            return ScoreFunction(configured)
-        except ValueError:
-            raise TaskConfigError(
-                f"model {self.model.name!r}: task_options.activation {configured!r} is not one of "
-                f"{[f.value for f in ScoreFunction]}"
-            ) from None
+        return ScoreFunction(self.options.activation) if self.options.activation else None
 
     def _read_labels(self) -> list[str]:
         """Class names from the config's labels file, else task_options.id2label."""
@@ -253,8 +242,8 @@ class Task:
                 shown_path = shown(path, self.model.model_dir)
                 raise TaskConfigError(f"model {self.model.name!r}: labels file {shown_path} is missing")
             return [line.rstrip("\r") for line in path.read_text(encoding="utf-8").splitlines()]
-        id2label = self.options.get("id2label")
-        if isinstance(id2label, Mapping):
+        id2label = self.options.id2label
+        if id2label:
             pairs = {int(k): str(v) for k, v in id2label.items()}
             return [pairs.get(i, f"LABEL_{i}") for i in range(max(pairs, default=-1) + 1)]
         return []
@@ -292,6 +281,30 @@ class Task:
 
 
 TaskT = TypeVar("TaskT", bound=Task)
+
+
+# Task class -> its options model, resolved from the annotation once.
+_OPTIONS_MODELS: dict[type[Task], type[TaskOptions]] = {}
+
+
+def _options_model(cls: type[Task]) -> type[TaskOptions]:
+    found = _OPTIONS_MODELS.get(cls)
+    if found is None:
+        declared = get_type_hints(cls).get("options")
+        if not (isinstance(declared, type) and issubclass(declared, TaskOptions)):
+            raise TypeError(f"{cls.__name__}.options must be annotated with a TaskOptions model, not {declared!r}")
+        found = _OPTIONS_MODELS[cls] = declared
+    return found
+
+
+def parse_options(cls: type[Task], model: str, given: Mapping[str, Any]) -> Any:
+    """``given`` (a config's task_options) validated by ``cls``'s options model;
+    TaskConfigError with every problem when they do not validate."""
+    options_model = cls.options_model()
+    problems = options_problems(cls.task, options_model, dict(given))
+    if problems:
+        raise TaskConfigError(f"model {model!r}: " + "; ".join(problems) + "; fix config.yaml")
+    return options_model.model_validate(dict(given))
 
 
 def _concat_rows(parts: list[np.ndarray]) -> np.ndarray:

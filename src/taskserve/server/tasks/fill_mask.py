@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import Field
 
 from taskserve.server.errors import InvalidInput
 from taskserve.server.tasks.base import (
@@ -23,7 +24,7 @@ from taskserve.server.tasks.base import (
     softmax,
     top_k_indices,
 )
-from taskserve.server.tasks.text import TextTask
+from taskserve.server.tasks.text import TextOptions, TextTask
 from taskserve.server.tasks.tokenization import TokenBatch
 
 # Texts per model call: the logits of a call hold rows x tokens x vocabulary floats,
@@ -54,19 +55,28 @@ class MaskPrediction:
     completions: tuple[Completion, ...]
 
 
+class FillMaskOptions(TextOptions):
+    top_k: int = Field(5, ge=1, description="tokens per mask when a request does not say")
+    mask_token: str | None = Field(
+        None, description="the mask token (default: tokenizer_config.json's, else [MASK] or <mask>)"
+    )
+    mask_token_id: int | None = Field(None, description="its id, checked against the tokenizer")
+
+
 class MaskFiller(TextTask):
     task = "fill-mask"
+    options: FillMaskOptions
 
     def __init__(self, model: ServedModel, context: TaskContext) -> None:
         super().__init__(model, context)
         self.mask_token, self.mask_id = self._find_mask()
 
     def _find_mask(self) -> tuple[str, int]:
-        configured = self.options.get("mask_token") or self.tokenizer.hf_config.get("mask_token")
+        configured: object = self.options.mask_token or self.tokenizer.hf_config.get("mask_token")
         if isinstance(configured, dict):
             configured = configured.get("content")
         candidates = [configured] if isinstance(configured, str) else ["[MASK]", "<mask>"]
-        configured_id = self.options.get("mask_token_id")
+        configured_id = self.options.mask_token_id
         for token in candidates:
             token_id = self.tokenizer.token_to_id(token)
             if token_id is not None:
@@ -120,8 +130,8 @@ class MaskFiller(TextTask):
                 raise InvalidInput(
                     f"texts[{i}]: truncation cut off every mask token; move the mask earlier or shorten the text"
                 )
-        top_k = params.top_k or self.option("top_k", 5)
-        output = self.output_name("logits")
+        top_k = params.top_k or self.options.top_k
+        output = self.output_name("logits", self.options.output)
 
         async def group(first: int) -> list[tuple[MaskPrediction, ...]]:
             rows = range(first, min(first + _ROWS_PER_CALL, len(texts)))

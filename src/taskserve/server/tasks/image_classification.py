@@ -10,10 +10,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import Field
 
 from taskserve.server.tasks.base import CallOptions, LabelScore, ScoreFunction, apply_function, ranked
 from taskserve.server.tasks.images import ImageSource
-from taskserve.server.tasks.vision import VisionTask
+from taskserve.server.tasks.vision import ImageOptions, VisionTask
 
 
 @dataclass(frozen=True)
@@ -22,21 +23,26 @@ class ClassifyImageParams:
     top_k: int = 0
 
 
+class ImageClassificationOptions(ImageOptions):
+    top_k: int = Field(5, ge=1, description="labels per image when a request does not say")
+
+
 class ImageClassifier(VisionTask):
     task = "image-classification"
+    options: ImageClassificationOptions
 
     async def classify(
         self, images: Sequence[ImageSource], params: ClassifyImageParams, options: CallOptions
     ) -> list[tuple[LabelScore, ...]]:
         """One ranked label list per image, in order."""
         batch = await self.pixels(images)
-        output = self.output_name("logits")
+        output = self.output_name("logits", self.options.output)
         logits = (await self.infer({self.pixel_input: batch.pixels}, options, [output]))[output].astype(
             np.float32
         )
         function = self.score_function_option() or ScoreFunction.SOFTMAX
         labels = self.labels(logits.shape[-1])
-        top_k = params.top_k or self.option("top_k", 5)
+        top_k = params.top_k or self.options.top_k
 
         def postprocess() -> list[tuple[LabelScore, ...]]:
             scores = apply_function(logits.reshape(logits.shape[0], -1), function)

@@ -11,12 +11,8 @@ Every parameter is checked before any model runs (``InvalidInput``). Cancelling 
 caller stops the loop at the step being awaited; a deadline that passes stops it at
 the next step.
 
-task_options (written by the exporter): ``parts``, ``latent_channels``,
-``unet_in_channels``, ``vae_scale_factor``, ``scaling_factor``, ``size_multiple`` (8),
-``default_size``, ``max_pixels`` (1048576), ``attention_bytes`` and ``attention_memory_budget``
-(1 GiB: the largest size follows from them, see diffusion/budget.py), ``max_steps`` (150),
-``max_images`` (4), ``default_scheduler`` (ddim), ``scheduler_config`` (scheduler_config.json),
-``max_concurrent_generations`` (16), plus the tokenizer's keys (``max_length`` 77).
+task_options (written by the exporter): ``ImageGenerationOptions`` below; the largest size
+follows from ``attention_bytes`` and ``attention_memory_budget`` (see diffusion/budget.py).
 """
 
 from __future__ import annotations
@@ -35,6 +31,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from pydantic import Field
 
 from taskserve.protocol.datatypes import numpy_dtype
 from taskserve.server.errors import DeadlineExceeded, InvalidInput, LimitExceeded, Overloaded
@@ -59,7 +56,8 @@ from taskserve.server.tasks.diffusion.pipeline import (
 )
 from taskserve.server.tasks.diffusion.schedulers import SchedulerKind, make_scheduler
 from taskserve.server.tasks.images import ImageSource, check_request_pixels, declared_size, decode_image
-from taskserve.server.tasks.tokenization import TextTokenizer
+from taskserve.server.tasks.options import Choice, ModelFile
+from taskserve.server.tasks.tokenization import TextTokenizer, TokenizerOptions
 
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_STRENGTH = {Mode.IMAGE_TO_IMAGE: 0.8, Mode.INPAINT: 1.0}
@@ -175,13 +173,46 @@ class _ServedParts:
         return await self._call(self._parts["vae_encoder"], {"sample": pixels})
 
 
+class ImageGenerationOptions(TokenizerOptions):
+    """Written by the exporter (exporters/diffusion.py); edit the limits in config.yaml."""
+
+    parts: dict[str, str] = Field(
+        default_factory=dict, description="the entries of text_encoder, vae_decoder (and vae_encoder)"
+    )
+    latent_channels: int = Field(4, ge=1, description="channels of the latents")
+    unet_in_channels: int = Field(4, ge=1, description="UNet input channels: latent_channels, or 2x+1 to inpaint")
+    vae_scale_factor: int = Field(8, ge=1, description="pixels per latent pixel")
+    scaling_factor: float = Field(0.18215, description="latents are scaled by this after encoding")
+    size_multiple: int = Field(8, ge=1, description="width and height must be multiples of this (at least 8)")
+    default_size: int = Field(512, ge=1, description="width and height when a request does not say")
+    max_pixels: int = Field(
+        1024 * 1024, ge=1, description="ceiling on pixels per image, lowered to what the attention budget affords"
+    )
+    max_steps: int = Field(150, ge=1, description="denoising steps a request may ask for")
+    max_images: int = Field(4, ge=1, description="images a request may ask for")
+    default_scheduler: Choice[SchedulerKind] = Field(
+        SchedulerKind.DDIM, description="scheduler when a request does not say"
+    )
+    scheduler_config: ModelFile = Field("scheduler_config.json", description="the diffusers scheduler config")
+    max_concurrent_generations: int = Field(
+        16, ge=1, description="generations at once on the pipeline; beyond: RESOURCE_EXHAUSTED"
+    )
+    attention_bytes: float = Field(
+        0.0, ge=0, description="attention bytes per latent pixel squared (measured by the exporter; 0: no limit)"
+    )
+    attention_memory_budget: int = Field(
+        DEFAULT_BUDGET, ge=1, description="attention memory (bytes) one request may take; sets the largest size"
+    )
+
+
 class ImageGenerator(Task):
     task = "image-generation"
+    options: ImageGenerationOptions
 
     def __init__(self, model: ServedModel, context: TaskContext) -> None:
         super().__init__(model, context)
         self.tokenizer = TextTokenizer(model.model_dir, self.options, model.name)
-        scheduler_config = _read_scheduler_config(model, str(self.option("scheduler_config", "scheduler_config.json")))
+        scheduler_config = _read_scheduler_config(model, self.options.scheduler_config)
         try:
             self.spec = spec_from_options(self.options, scheduler_config)
         except ValueError as err:
@@ -193,37 +224,25 @@ class ImageGenerator(Task):
                 make_scheduler(kind, scheduler_config)
             except ValueError as err:
                 self.unsupported[kind] = str(err)
-        parts = self.option("parts", {}, dict)
+        parts = self.options.parts
         missing = sorted({"text_encoder", "vae_decoder"} - set(parts))
         if missing:
             raise TaskConfigError(f"model {model.name!r}: task_options.parts lacks {missing}; re-export the pipeline")
-        self.part_names: dict[str, str] = {str(k): str(v) for k, v in parts.items()}
-        self.size_multiple = max(8, self.option("size_multiple", 8))
-        self.default_size = self.option("default_size", 512)
+        self.part_names: dict[str, str] = dict(parts)
+        self.size_multiple = max(8, self.options.size_multiple)
+        self.default_size = self.options.default_size
         self.budget = AttentionBudget(
-            self.option("attention_bytes", 0.0), self.option("attention_memory_budget", DEFAULT_BUDGET),
-            self.spec.vae_scale_factor,
+            self.options.attention_bytes, self.options.attention_memory_budget, self.spec.vae_scale_factor
         )
-        if self.budget.attention_bytes < 0 or self.budget.budget < 1:
-            raise TaskConfigError(
-                f"model {model.name!r}: task_options.attention_bytes must be >= 0 and attention_memory_budget "
-                ">= 1 (bytes); fix config.yaml"
-            )
         # The configured ceiling, lowered to what the memory budget affords one image.
         afforded = self.budget.max_pixels(1)
-        self.max_pixels = self.option("max_pixels", 1024 * 1024)
+        self.max_pixels = self.options.max_pixels
         if afforded is not None:
             self.max_pixels = min(self.max_pixels, afforded)
-        self.max_steps = min(self.option("max_steps", 150), int(scheduler_config.get("num_train_timesteps", 1000)))
-        self.max_images = self.option("max_images", 4)
-        self.max_concurrent = self.option("max_concurrent_generations", 16)
-        try:
-            self.default_scheduler = SchedulerKind(self.option("default_scheduler", SchedulerKind.DDIM.value))
-        except ValueError:
-            raise TaskConfigError(
-                f"model {model.name!r}: task_options.default_scheduler must be one of "
-                f"{[k.value for k in SchedulerKind]}"
-            ) from None
+        self.max_steps = min(self.options.max_steps, int(scheduler_config.get("num_train_timesteps", 1000)))
+        self.max_images = self.options.max_images
+        self.max_concurrent = self.options.max_concurrent_generations
+        self.default_scheduler = self.options.default_scheduler
         # Generations running now; touched on the event loop only.
         self.active = 0
 

@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import Field
 
 from taskserve.server.tasks.base import CallOptions, softmax
 from taskserve.server.tasks.images import ImageSource, encode_png, resize_plane
-from taskserve.server.tasks.vision import VisionTask
+from taskserve.server.tasks.vision import ImageOptions, VisionTask
 
 
 @dataclass(frozen=True)
@@ -63,15 +64,22 @@ def segment_one(
     return Segmentation(tuple(segments), width, height)
 
 
+class ImageSegmentationOptions(ImageOptions):
+    mask_output: str | None = Field(None, description="the per-class logits output (default logits)")
+    # Written by the exporter for clients; the server reads nothing from it.
+    segmentation: str | None = Field(None, description="the kind of masks (semantic), for clients")
+
+
 class ImageSegmenter(VisionTask):
     task = "image-segmentation"
+    options: ImageSegmentationOptions
     fixed_size = True
 
     async def segment(
         self, images: Sequence[ImageSource], params: SegmentParams, options: CallOptions
     ) -> list[Segmentation]:
         batch = await self.pixels(images)
-        output = self.output_name("logits", "mask_output")
+        output = self.output_name("logits", self.options.mask_output, "mask_output")
         logits = (await self.infer({self.pixel_input: batch.pixels}, options, [output]))[output].astype(
             np.float32
         )

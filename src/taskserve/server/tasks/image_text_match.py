@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import Field
 
 from taskserve.server.tasks.base import (
     CallOptions,
@@ -27,8 +28,8 @@ from taskserve.server.tasks.base import (
 )
 from taskserve.server.tasks.images import ImageSource
 from taskserve.server.tasks.sentence_embedding import l2_normalize
-from taskserve.server.tasks.text import TextTask
-from taskserve.server.tasks.vision import VisionTask
+from taskserve.server.tasks.text import TextOptions, TextTask
+from taskserve.server.tasks.vision import ImageOptions, VisionTask
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,16 @@ class ImageTextScores:
     probabilities: tuple[float, ...]
 
 
+class ImageTextMatchOptions(ImageOptions, TextOptions):
+    logit_scale: float = Field(100.0, description="similarities times this are the logits, when the model has none")
+    image_embeds_output: str | None = Field(None, description="the image embeddings output (default image_embeds)")
+    text_embeds_output: str | None = Field(None, description="the text embeddings output (default text_embeds)")
+    logits_output: str | None = Field(None, description="the logits output (default logits_per_image)")
+
+
 class ImageTextMatcher(VisionTask, TextTask):
     task = "image-text-match"
+    options: ImageTextMatchOptions
 
     def __init__(self, model: ServedModel, context: TaskContext) -> None:
         super().__init__(model, context)
@@ -56,13 +65,13 @@ class ImageTextMatcher(VisionTask, TextTask):
         check_texts("captions", captions, self.limits)
         pixels = await self.pixels(images)
         tokens = await self.tokenize(captions, self.truncate(None), "captions")
-        image_out = self.output_name("image_embeds", "image_embeds_output")
-        text_out = self.output_name("text_embeds", "text_embeds_output")
-        logits_out = self.output_name("logits_per_image", "logits_output")
+        image_out = self.output_name("image_embeds", self.options.image_embeds_output, "image_embeds_output")
+        text_out = self.output_name("text_embeds", self.options.text_embeds_output, "text_embeds_output")
+        logits_out = self.output_name("logits_per_image", self.options.logits_output, "logits_output")
         names = self.output_names()
         wanted = [image_out, text_out] + ([logits_out] if names is None or logits_out in names else [])
         out = await self.infer({**tokens.arrays, self.pixel_input: pixels.pixels}, options, wanted)
-        scale = float(self.option("logit_scale", 100.0))
+        scale = self.options.logit_scale
 
         def postprocess() -> list[ImageTextScores]:
             image = l2_normalize(out[image_out].astype(np.float32))

@@ -12,10 +12,11 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from taskserve.server.errors import InvalidInput, LimitExceeded, caller_safe
 from taskserve.server.repository.paths import resolve_inside
@@ -34,6 +35,29 @@ _RESAMPLE = {
 _DEFAULT_MEAN = (0.5, 0.5, 0.5)
 _DEFAULT_STD = (0.5, 0.5, 0.5)
 _FLOAT32: np.dtype[np.generic] = np.dtype(np.float32)
+
+# A size: one side, [height, width] or {height, width}.
+Size = int | list[int] | dict[str, int]
+
+
+class ImageSettings(BaseModel):
+    """``task_options.image``: how a model wants its pixels (the exporter writes it; a
+    Hugging Face preprocessor_config.json is read into the same form). Pixels become
+    ``(pixel * rescale_factor - mean) / std``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    size: Size | None = Field(None, description="[height, width] (exact), or the shortest edge's length")
+    resize_mode: Literal["exact", "shortest_edge"] = Field(
+        "exact", description="exact: resize to size; shortest_edge: the shorter side to size[0], aspect kept"
+    )
+    crop: Size | None = Field(None, description="[height, width] center crop after resizing")
+    resample: str = Field("bilinear", description="nearest, bilinear, bicubic or lanczos")
+    rescale_factor: float = Field(1 / 255, description="pixel values (0..255) are multiplied by this")
+    mean: float | list[float] = Field(list(_DEFAULT_MEAN), description="subtracted per channel (R, G, B)")
+    std: float | list[float] = Field(list(_DEFAULT_STD), description="divided by per channel (R, G, B)")
+    channel_order: str = Field("RGB", description="RGB or BGR")
+    layout: str = Field("NCHW", description="NCHW or NHWC")
 
 
 @dataclass(frozen=True)
@@ -255,14 +279,14 @@ def _from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
         settings["resample"] = _HF_RESAMPLE.get(hf["resample"], "bilinear")
     settings["rescale_factor"] = hf.get("rescale_factor", 1 / 255) if hf.get("do_rescale", True) else 1.0
     if hf.get("do_normalize", True):
-        settings.update(mean=hf.get("image_mean", _DEFAULT_MEAN), std=hf.get("image_std", _DEFAULT_STD))
+        settings.update(mean=list(hf.get("image_mean", _DEFAULT_MEAN)), std=list(hf.get("image_std", _DEFAULT_STD)))
     else:
         settings.update(mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
     return settings
 
 
 def preprocessing_from(
-    options: Mapping[str, object],
+    configured: ImageSettings | Mapping[str, Any] | None,
     hf: Mapping[str, Any],
     input_dims: Sequence[int] | None,
     dtype: np.dtype[np.generic],
@@ -270,24 +294,16 @@ def preprocessing_from(
     fixed_size: bool = False,
 ) -> ImagePreprocessing:
     """A model's preprocessing, from the first of: ``task_options.image`` (what the
-    exporter writes), the Hugging Face ``preprocessor_config.json``, the pixel input's dims.
-
-    ``task_options.image`` keys: ``size`` ([height, width]), ``resize_mode`` ("exact",
-    or "shortest_edge": the shorter side to size[0], aspect kept), ``crop`` ([height,
-    width] center crop), ``resample`` (nearest | bilinear | bicubic | lanczos),
-    ``rescale_factor``, ``mean``, ``std``, ``channel_order`` (RGB | BGR), ``layout``
-    (NCHW | NHWC). Pixels become ``(pixel * rescale_factor - mean) / std``.
+    exporter writes: ``configured``, ``ImageSettings``), the Hugging Face
+    ``preprocessor_config.json``, the pixel input's dims.
     ``fixed_size`` (detection, segmentation) resizes to one exact size and never
     crops, so outputs map back to the original image by scaling alone.
     """
-    configured = options.get("image")
-    if configured is not None and not isinstance(configured, Mapping):
-        raise TaskConfigError(f"model {model!r}: task_options.image must be a mapping, got {configured!r}")
-    settings: Mapping[str, Any] = configured if configured is not None else _from_hf(hf)
-    layout = str(settings.get("layout", "NCHW")).upper()
+    settings = _settings(configured if configured is not None else _from_hf(hf), model)
+    layout = settings.layout.upper()
     if layout not in ("NCHW", "NHWC"):
         raise TaskConfigError(f"model {model!r}: image layout must be NCHW or NHWC, got {layout!r}")
-    order = str(settings.get("channel_order", "RGB")).upper()
+    order = settings.channel_order.upper()
     if order not in ("RGB", "BGR"):
         raise TaskConfigError(f"model {model!r}: image channel_order must be RGB or BGR, got {order!r}")
 
@@ -296,13 +312,9 @@ def preprocessing_from(
         h, w = (input_dims[1], input_dims[2]) if layout == "NCHW" else (input_dims[0], input_dims[1])
         if h > 0 and w > 0:
             dims_size = (h, w)
-    size = _pair(settings["size"], "image size", model) if "size" in settings else None
-    mode = str(settings.get("resize_mode", "exact"))
-    if mode not in ("exact", "shortest_edge"):
-        raise TaskConfigError(
-            f"model {model!r}: image resize_mode must be exact or shortest_edge, got {mode!r}"
-        )
-    crop = _pair(settings["crop"], "image crop", model) if settings.get("crop") else None
+    size = _pair(settings.size, "image size", model) if settings.size is not None else None
+    mode = settings.resize_mode
+    crop = _pair(settings.crop, "image crop", model) if settings.crop else None
     exact, shortest = (size, None) if mode == "exact" else (None, size[0] if size else None)
     if fixed_size:
         exact = exact or crop or dims_size or ((shortest, shortest) if shortest else None)
@@ -314,22 +326,34 @@ def preprocessing_from(
             f"model {model!r}: no image size known; set task_options.image.size, e.g. [224, 224]"
         )
 
-    resample_name = str(settings.get("resample", "bilinear"))
+    resample_name = settings.resample
     if resample_name not in _RESAMPLE:
         raise TaskConfigError(
             f"model {model!r}: image resample must be one of {sorted(_RESAMPLE)}, got {resample_name!r}"
         )
     mean, std = (
-        _triple(settings.get("mean", _DEFAULT_MEAN), "mean", model),
-        _triple(settings.get("std", _DEFAULT_STD), "std", model),
+        _triple(settings.mean, "mean", model),
+        _triple(settings.std, "std", model),
     )
     if any(v == 0 for v in std):
         raise TaskConfigError(f"model {model!r}: image std values must be non-zero, got {list(std)}")
     return ImagePreprocessing(
         size=exact, shortest_edge=shortest, crop=crop, resample=_RESAMPLE[resample_name],
-        rescale_factor=float(settings.get("rescale_factor", 1 / 255)), mean=mean, std=std,
+        rescale_factor=settings.rescale_factor, mean=mean, std=std,
         channels_first=layout == "NCHW", bgr=order == "BGR", dtype=dtype,
     )  # fmt: skip
+
+
+def _settings(given: ImageSettings | Mapping[str, Any], model: str) -> ImageSettings:
+    """``given`` as checked settings (a preprocessor_config.json's, or a mapping in tests)."""
+    if isinstance(given, ImageSettings):
+        return given
+    try:
+        return ImageSettings.model_validate(dict(given))
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise TaskConfigError(f"model {model!r}: image {where}: {first['msg']}") from None
 
 
 def _triple(value: object, key: str, model: str) -> tuple[float, float, float]:

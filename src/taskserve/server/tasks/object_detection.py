@@ -14,13 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from taskserve.server.errors import InvalidInput
 from taskserve.server.tasks.base import CallOptions, TaskConfigError, sigmoid, softmax
 from taskserve.server.tasks.images import ImageSource
-from taskserve.server.tasks.vision import VisionTask
+from taskserve.server.tasks.vision import ImageOptions, VisionTask
 
 
 @dataclass(frozen=True)
@@ -90,20 +92,30 @@ def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou_threshol
     return kept
 
 
+class ObjectDetectionOptions(ImageOptions):
+    box_format: Literal["cxcywh", "xyxy"] = Field("cxcywh", description="how the boxes output is laid out")
+    boxes_normalized: bool = Field(True, description="boxes in [0, 1] of the input (false: in input pixels)")
+    no_object_class: bool = Field(
+        True, description="the last class means no object: softmax scores (false: sigmoid per class)"
+    )
+    score_threshold: float = Field(0.5, ge=0, le=1, description="lowest score reported when a request does not say")
+    iou_threshold: float = Field(
+        0.5, gt=0, le=1, description="overlap above which NMS drops a box, when a request does not say"
+    )
+    max_detections: int = Field(100, ge=1, description="boxes per image when a request does not say")
+    logits_output: str | None = Field(None, description="the class-logits output (default logits)")
+    boxes_output: str | None = Field(None, description="the boxes output (default pred_boxes)")
+
+
 class ObjectDetector(VisionTask):
     task = "object-detection"
+    options: ObjectDetectionOptions
     fixed_size = True
 
     def _thresholds(self, params: DetectParams) -> tuple[float, float, int]:
-        score = (
-            params.score_threshold
-            if params.score_threshold is not None
-            else self.option("score_threshold", 0.5)
-        )
-        overlap = (
-            params.iou_threshold if params.iou_threshold is not None else self.option("iou_threshold", 0.5)
-        )
-        limit = params.max_detections or self.option("max_detections", 100)
+        score = params.score_threshold if params.score_threshold is not None else self.options.score_threshold
+        overlap = params.iou_threshold if params.iou_threshold is not None else self.options.iou_threshold
+        limit = params.max_detections or self.options.max_detections
         if not 0.0 <= score <= 1.0:
             raise InvalidInput(f"score_threshold must be in [0, 1], got {score}")
         if not 0.0 < overlap <= 1.0:
@@ -112,19 +124,14 @@ class ObjectDetector(VisionTask):
 
     def _class_scores(self, logits: np.ndarray) -> np.ndarray:
         """(queries, classes) scores, the "no object" class removed."""
-        if self.option("no_object_class", True):
+        if self.options.no_object_class:
             return softmax(logits, axis=-1)[:, :-1]
         return sigmoid(logits)
 
     def _normalized(self, boxes: np.ndarray) -> np.ndarray:
         """xyxy boxes in [0, 1] of the model input."""
-        box_format = self.option("box_format", "cxcywh")
-        if box_format not in ("cxcywh", "xyxy"):
-            raise TaskConfigError(
-                f"model {self.model.name!r}: task_options.box_format must be cxcywh or xyxy"
-            )
-        xyxy = to_xyxy(boxes, box_format)
-        if not self.option("boxes_normalized", True):
+        xyxy = to_xyxy(boxes, self.options.box_format)
+        if not self.options.boxes_normalized:
             size = self.preprocessing.output_size
             if size is None:
                 raise TaskConfigError(f"model {self.model.name!r}: pixel boxes need a fixed input size")
@@ -164,11 +171,11 @@ class ObjectDetector(VisionTask):
     ) -> list[ImageDetections]:
         thresholds = self._thresholds(params)
         batch = await self.pixels(images)
-        logits_name = self.output_name("logits", "logits_output")
-        boxes_name = self.output_name("pred_boxes", "boxes_output")
+        logits_name = self.output_name("logits", self.options.logits_output, "logits_output")
+        boxes_name = self.output_name("pred_boxes", self.options.boxes_output, "boxes_output")
         out = await self.infer({self.pixel_input: batch.pixels}, options, [logits_name, boxes_name])
         logits, boxes = out[logits_name].astype(np.float32), out[boxes_name].astype(np.float32)
-        labels = self.labels(logits.shape[-1] - (1 if self.option("no_object_class", True) else 0))
+        labels = self.labels(logits.shape[-1] - (1 if self.options.no_object_class else 0))
 
         def postprocess() -> list[ImageDetections]:
             return [

@@ -15,11 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import Field
 from tokenizers import Encoding
 
 from taskserve.server.errors import InvalidInput
 from taskserve.server.tasks.base import CallOptions, check_count, softmax
-from taskserve.server.tasks.text import TextTask
+from taskserve.server.tasks.text import TextOptions, TextTask
 from taskserve.server.tasks.tokenization import TokenBatch
 
 # A window needs room for at least this many context tokens beside the question.
@@ -99,8 +100,19 @@ def word_bounds(encoding: Encoding) -> list[tuple[int, int]]:
     return bounds
 
 
+class QuestionAnsweringOptions(TextOptions):
+    top_k: int = Field(1, ge=1, description="answers per item when a request does not say")
+    max_answer_length: int = Field(30, ge=1, description="tokens in an answer when a request does not say")
+    doc_stride: int = Field(
+        128, ge=0, description="context tokens neighbouring windows share (max_length is the window)"
+    )
+    start_output: str | None = Field(None, description="the start-logits output (default start_logits)")
+    end_output: str | None = Field(None, description="the end-logits output (default end_logits)")
+
+
 class QuestionAnswerer(TextTask):
     task = "question-answering"
+    options: QuestionAnsweringOptions
 
     def _check(self, items: Sequence[QAItem]) -> None:
         check_count("items", len(items), self.limits)
@@ -137,12 +149,12 @@ class QuestionAnswerer(TextTask):
     ) -> list[tuple[Answer, ...]]:
         """The best answers per item, best first."""
         self._check(items)
-        top_k = params.top_k or self.option("top_k", 1)
-        max_len = params.max_answer_length or self.option("max_answer_length", 30)
-        stride = params.doc_stride or self.option("doc_stride", 128)
+        top_k = params.top_k or self.options.top_k
+        max_len = params.max_answer_length or self.options.max_answer_length
+        stride = params.doc_stride or self.options.doc_stride
         windows = await self.offload("preprocess", self._encode, items, stride)
-        start_name = self.output_name("start_logits", "start_output")
-        end_name = self.output_name("end_logits", "end_output")
+        start_name = self.output_name("start_logits", self.options.start_output, "start_output")
+        end_name = self.output_name("end_logits", self.options.end_output, "end_output")
         out = await self.run_model(
             windows.batch, options, [start_name, end_name], per_token=[start_name, end_name]
         )

@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from taskserve.server.repository.config import ModelConfig
-from taskserve.server.tasks import TASKS
 from taskserve.server.tasks.base import ServedModel, TaskCache, TaskConfigError
 from taskserve.server.tasks.options import options_problems
+from taskserve.server.tasks.registry import TASKS
 
 # Served through the v2 protocol only: no typed task, nothing to build.
 TENSOR_TASK = "tensor"
@@ -25,8 +25,13 @@ TENSOR_TASK = "tensor"
 def check_options(model_dir: Path, config: ModelConfig) -> None:
     """Raise TaskConfigError when ``config.task_options`` are not ``config.task``'s options
     or name a file outside ``model_dir``: run before any of the model loads, so a file
-    option is confined before anything opens it."""
-    problems = options_problems(config.task, dict(config.task_options), model_dir)
+    option is confined before anything opens it. A task without a row (``tensor``, or
+    one this server does not serve) is not checked here (``check_servable`` refuses the
+    latter)."""
+    row = TASKS.get(config.task)
+    if row is None:
+        return
+    problems = options_problems(config.task, row.options, dict(config.task_options), model_dir)
     if problems:
         raise TaskConfigError(f"model {config.name!r}: " + "; ".join(problems) + "; fix config.yaml")
 
@@ -37,13 +42,13 @@ async def check_servable(tasks: TaskCache, model: ServedModel) -> None:
     task = model.config.task
     if task == TENSOR_TASK:
         return
-    cls = TASKS.get(task)
-    if cls is None:
+    row = TASKS.get(task)
+    if row is None:
         raise TaskConfigError(
             f"model {model.name!r}: task {task!r} is not served by this server (typed tasks: {sorted(TASKS)}); "
             f"set task: {TENSOR_TASK} to serve the model through the v2 protocol only"
         )
-    problems = options_problems(task, dict(model.config.task_options), model.model_dir)
+    problems = options_problems(task, row.options, dict(model.config.task_options), model.model_dir)
     if problems:
         raise TaskConfigError(f"model {model.name!r}: " + "; ".join(problems) + "; fix config.yaml")
-    await tasks.get(model, cls)
+    await tasks.get(model, row.cls)

@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import Field
 
 from taskserve.server.errors import InvalidInput
 from taskserve.server.tasks.base import CallOptions, TaskConfigError, check_texts
-from taskserve.server.tasks.text import TextTask
+from taskserve.server.tasks.text import TextOptions, TextTask
 from taskserve.server.tasks.tokenization import TokenBatch
 
 POOLINGS = ("mean", "cls", "max", "none")
@@ -49,18 +50,32 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     return out
 
 
+class SentenceEmbeddingOptions(TextOptions):
+    pooling: str | None = Field(
+        None,
+        description="mean, cls, max or none (default: none for a sentence_embedding output, else mean); with "
+        "pooled_in_graph, what the graph does (e.g. cls+max)",
+    )
+    normalize: bool = Field(True, description="L2-normalize embeddings when a request does not say")
+    pooled_in_graph: bool = Field(False, description="the graph pools itself: its output is the embedding")
+    embedding_output: str | None = Field(
+        None, description="the output read (default sentence_embedding when present, else last_hidden_state)"
+    )
+
+
 class SentenceEmbedder(TextTask):
     task = "sentence-embedding"
+    options: SentenceEmbeddingOptions
 
     def _output_and_pooling(self) -> tuple[str, str]:
         names = self.output_names()
         pooled = "sentence_embedding"
         default = pooled if names is None or pooled in names else "last_hidden_state"
-        output = self.output_name(default, "embedding_output")
-        if self.option("pooled_in_graph", False):
+        output = self.output_name(default, self.options.embedding_output, "embedding_output")
+        if self.options.pooled_in_graph:
             # task_options.pooling then only describes what the graph does.
             return output, "none"
-        pooling = self.option("pooling", "none" if output == pooled else "mean")
+        pooling = self.options.pooling or ("none" if output == pooled else "mean")
         if pooling not in POOLINGS:
             raise TaskConfigError(
                 f"model {self.model.name!r}: task_options.pooling {pooling!r} is not one of {POOLINGS}"
@@ -80,7 +95,7 @@ class SentenceEmbedder(TextTask):
         the usage OpenAI's embeddings API reports."""
         check_texts(what, texts, self.limits)
         batch = await self.tokenize(texts, self.truncate(params.truncate), what)
-        normalize = params.normalize if params.normalize is not None else self.option("normalize", True)
+        normalize = params.normalize if params.normalize is not None else self.options.normalize
         return await self._vectors(batch, normalize, options), int(batch.arrays["attention_mask"].sum())
 
     async def _vectors(self, batch: TokenBatch, normalize: bool, options: CallOptions) -> np.ndarray:

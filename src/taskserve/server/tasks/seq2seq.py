@@ -26,6 +26,7 @@ import json
 from collections.abc import AsyncGenerator, AsyncIterator
 
 import numpy as np
+from pydantic import Field
 
 from taskserve.server.errors import InvalidInput, RuntimeFailure
 from taskserve.server.repository.paths import resolve_inside
@@ -33,6 +34,7 @@ from taskserve.server.scheduling.base import InferRequest
 from taskserve.server.scheduling.engine_api import SequenceRequest
 from taskserve.server.tasks.base import CallOptions, ServedModel, TaskConfigError, TaskContext, batcher_of
 from taskserve.server.tasks.decoding import TextStream, TokenPicker
+from taskserve.server.tasks.generation_options import GenerationOptions
 from taskserve.server.tasks.text import TextTask
 from taskserve.server.tasks.text_generation import (
     GenerateParams,
@@ -41,11 +43,19 @@ from taskserve.server.tasks.text_generation import (
     check_decoding,
     generation_slot,
 )
-from taskserve.server.tasks.transform import PromptTemplates, TransformInput, TransformKind, read_languages
+from taskserve.server.tasks.transform import PromptTemplates, TransformInput, TransformKind
+
+
+class Seq2SeqOptions(GenerationOptions):
+    encoder_model: str | None = Field(None, description="the encoder entry's name (default NAME-encoder)")
+    decoder_start_token_id: int | None = Field(
+        None, description="the decoder's first token (default: generation_config's)"
+    )
 
 
 class Seq2SeqGenerator(TextTask):
     task = "text2text-generation"
+    options: Seq2SeqOptions
 
     def __init__(self, model: ServedModel, context: TaskContext) -> None:
         super().__init__(model, context)
@@ -60,28 +70,34 @@ class Seq2SeqGenerator(TextTask):
                 "taskserve-export hf DIR --task text2text-generation"
             )
         self.engine = engine
-        self.encoder_model = self.option("encoder_model", f"{name}-encoder")
+        self.encoder_model = self.options.encoder_model or f"{name}-encoder"
         generation = self._generation_config()
-        start = self.options.get("decoder_start_token_id", generation.get("decoder_start_token_id"))
-        if not isinstance(start, int):
+        start = self.options.decoder_start_token_id
+        if start is None:
+            configured = generation.get("decoder_start_token_id")
+            start = configured if isinstance(configured, int) else None
+        if start is None:
             raise TaskConfigError(f"model {name!r}: set task_options.decoder_start_token_id")
         self.decoder_start = start
-        eos = self.options.get("eos_token_id", generation.get("eos_token_id"))
-        self.eos_ids = frozenset(e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int))
+        eos: object = self.options.eos_token_id
+        if eos is None:
+            eos = generation.get("eos_token_id")
+        listed: list[object] = [eos] if not isinstance(eos, list) else eos
+        listed += self.options.eos_token_ids or []
+        self.eos_ids = frozenset(e for e in listed if isinstance(e, int))
         self.max_positions = self.tokenizer.max_length
-        self.default_max_new_tokens = self.option("max_new_tokens", 256)
+        self.default_max_new_tokens = self.options.max_new_tokens
         # The decoder's cache holds the start token plus every generated token but the last.
         room = min(self.max_positions - 1, self.engine.max_model_len)
-        self.max_new_tokens_limit = min(self.option("max_new_tokens_limit", 4096), room)
-        self.max_concurrent = self.option("max_concurrent_generations", 64)
+        self.max_new_tokens_limit = min(self.options.max_new_tokens_limit, room)
+        self.max_concurrent = self.options.max_concurrent_generations
         self.active = 0
         plain = dict.fromkeys(TransformKind, "{text}")
-        self.templates = PromptTemplates(self.options.get("prompt_templates"), name, plain)
-        self.languages = read_languages(self.options, name)
+        self.templates = PromptTemplates(self.options.prompt_templates, name, plain)
+        self.languages = frozenset(self.options.languages) if self.options.languages else None
 
     def _generation_config(self) -> dict[str, object]:
-        configured = str(self.options.get("generation_config", "generation_config.json"))
-        path = resolve_inside(self.model.model_dir, configured, "task_options.generation_config")
+        path = resolve_inside(self.model.model_dir, self.options.generation_config, "task_options.generation_config")
         if not path.is_file():
             return {}
         data = json.loads(path.read_text(encoding="utf-8"))

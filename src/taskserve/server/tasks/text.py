@@ -5,14 +5,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from pydantic import Field
 from tokenizers import Encoding
 
 from taskserve.server.tasks.base import CallOptions, ServedModel, Task, TaskContext
-from taskserve.server.tasks.tokenization import TextTokenizer, TokenBatch
+from taskserve.server.tasks.tokenization import TextTokenizer, TokenBatch, TokenizerOptions
+
+
+class TextOptions(TokenizerOptions):
+    """The keys every text task reads."""
+
+    truncation: bool = Field(
+        False, description="cut texts over max_length when a request does not say (default: refuse them)"
+    )
 
 
 class TextTask(Task):
     """A task with a tokenizer. ``load`` reads the tokenizer (blocking)."""
+
+    options: TextOptions
 
     def __init__(self, model: ServedModel, context: TaskContext) -> None:
         super().__init__(model, context)
@@ -20,7 +31,7 @@ class TextTask(Task):
 
     def truncate(self, requested: bool | None) -> bool:
         """The request's choice, else task_options.truncation (default: refuse long texts)."""
-        return requested if requested is not None else self.option("truncation", False)
+        return requested if requested is not None else self.options.truncation
 
     def encode(self, texts: Sequence[str], truncate: bool, what: str = "texts") -> TokenBatch:
         """Blocking: tokenize and pad. Run on the worker pool via ``tokenize``."""

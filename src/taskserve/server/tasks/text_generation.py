@@ -38,6 +38,7 @@ from taskserve.server.scheduling.engine_api import SequenceRequest
 from taskserve.server.tasks.base import CallOptions, ServedModel, TaskConfigError, TaskContext, engine_of
 from taskserve.server.tasks.chat_template import ChatMessage, ChatTemplate, read_chat_template, special_token
 from taskserve.server.tasks.decoding import Sampling, TextStream, TokenPicker
+from taskserve.server.tasks.generation_options import TextGenerationOptions
 from taskserve.server.tasks.text import TextTask
 
 # Stop strings per request, and characters per stop string.
@@ -202,6 +203,7 @@ def check_decoding(params: GenerateParams, max_new_tokens_limit: int, model: str
 
 class TextGenerator(TextTask):
     task = "text-generation"
+    options: TextGenerationOptions
 
     def __init__(self, model: ServedModel, context: TaskContext) -> None:
         super().__init__(model, context)
@@ -211,15 +213,15 @@ class TextGenerator(TextTask):
         # The engine runs every decoder (config.yaml without a generation: block is refused before load).
         self.engine = engine_of(model)
         self.max_positions = min(self.tokenizer.max_length, self.engine.max_model_len)
-        self.default_max_new_tokens = self.option("max_new_tokens", 256)
-        self.max_new_tokens_limit = self.option("max_new_tokens_limit", 4096)
-        self.max_concurrent = self.option("max_concurrent_generations", 64)
+        self.default_max_new_tokens = self.options.max_new_tokens
+        self.max_new_tokens_limit = self.options.max_new_tokens_limit
+        self.max_concurrent = self.options.max_concurrent_generations
         # Generations running now; touched on the event loop only.
         self.active = 0
         self.eos_ids = self._eos_ids()
         source = read_chat_template(model.model_dir, self.tokenizer.hf_config, model.name)
-        configured = self.options.get("chat_template")
-        if isinstance(configured, str):
+        configured = self.options.chat_template
+        if configured is not None:
             path = resolve_inside(model.model_dir, configured, "task_options.chat_template")
             if not path.is_file():
                 shown_path = shown(path, model.model_dir)
@@ -231,9 +233,8 @@ class TextGenerator(TextTask):
 
     def _eos_ids(self) -> frozenset[int]:
         found: set[int] = set()
-        values: list[object] = [self.options.get("eos_token_ids"), self.options.get("eos_token_id")]
-        configured = str(self.options.get("generation_config", "generation_config.json"))
-        path = resolve_inside(self.model.model_dir, configured, "task_options.generation_config")
+        values: list[object] = [self.options.eos_token_ids, self.options.eos_token_id]
+        path = resolve_inside(self.model.model_dir, self.options.generation_config, "task_options.generation_config")
         if path.is_file():
             values.append(json.loads(path.read_text(encoding="utf-8")).get("eos_token_id"))
         for value in values:

@@ -12,10 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import Field
 from tokenizers import Encoding
 
-from taskserve.server.tasks.base import CallOptions, TaskConfigError, check_texts, softmax
-from taskserve.server.tasks.text import TextTask
+from taskserve.server.tasks.base import CallOptions, check_texts, softmax
+from taskserve.server.tasks.options import Choice
+from taskserve.server.tasks.text import TextOptions, TextTask
 
 
 class Aggregation(enum.Enum):
@@ -134,25 +136,26 @@ def extract_entities(
     return tuple(entities)
 
 
+class TokenClassificationOptions(TextOptions):
+    aggregation_strategy: Choice[Aggregation] = Field(
+        Aggregation.FIRST, description="how word pieces join into entities when a request does not say"
+    )
+    ignore_labels: list[str] = Field(["O"], description="labels never reported when a request does not say")
+
+
 class TokenClassifier(TextTask):
     task = "token-classification"
+    options: TokenClassificationOptions
 
     def _strategy(self, requested: Aggregation | None) -> Aggregation:
         if requested is not None:
             return requested
-        configured = self.option("aggregation_strategy", "first")
-        try:
-            return Aggregation(configured)
-        except ValueError:
-            raise TaskConfigError(
-                f"model {self.model.name!r}: task_options.aggregation_strategy {configured!r} is not one of "
-                f"{[a.value for a in Aggregation]}"
-            ) from None
+        return self.options.aggregation_strategy
 
     def _ignore(self, requested: tuple[str, ...] | None) -> set[str]:
         if requested:
             return set(requested)
-        return {str(x) for x in self.option("ignore_labels", ["O"], list)}
+        return set(self.options.ignore_labels)
 
     async def tag(
         self, texts: Sequence[str], params: TagParams, options: CallOptions
@@ -160,7 +163,7 @@ class TokenClassifier(TextTask):
         """Entities per text, in text order."""
         check_texts("texts", texts, self.limits)
         batch = await self.tokenize(texts, self.truncate(params.truncate))
-        output = self.output_name("logits")
+        output = self.output_name("logits", self.options.output)
         logits = (await self.run_model(batch, options, [output], per_token=[output]))[output].astype(
             np.float32
         )

@@ -14,15 +14,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydantic import Field
 from tokenizers import Encoding, Tokenizer
 
 from taskserve.server.errors import InvalidInput
 from taskserve.server.repository.paths import resolve_inside, shown
 from taskserve.server.tasks.base import TaskConfigError
+from taskserve.server.tasks.options import ModelFile, TaskOptions
 
 # Above this a tokenizer_config's model_max_length is a "no limit" sentinel (1e30).
 _MAX_SANE_LENGTH = 1_000_000
 _DEFAULT_MAX_LENGTH = 512
+
+
+class TokenizerOptions(TaskOptions):
+    """The keys a ``TextTokenizer`` reads."""
+
+    tokenizer: ModelFile = Field("tokenizer.json", description="the tokenizer file (Hugging Face tokenizers JSON)")
+    max_length: int | None = Field(
+        None, ge=2, description="tokens per text, special tokens included (default: tokenizer_config.json's, else 512)"
+    )
+    pad_token_id: int | None = Field(
+        None, description="padding id (default: tokenizer_config.json's pad token, else [PAD] / <pad>, else 0)"
+    )
 
 
 @dataclass(frozen=True)
@@ -41,12 +55,11 @@ class TokenBatch:
 class TextTokenizer:
     """A model's tokenizer (``tokenizer.json`` in the model directory) with its limits.
 
-    task_options read: ``tokenizer`` (file name), ``max_length`` (tokens, special
-    tokens included), ``pad_token_id``. Defaults come from ``tokenizer_config.json``.
+    Reads ``TokenizerOptions``; unset ones come from ``tokenizer_config.json``.
     """
 
-    def __init__(self, model_dir: Path, options: Mapping[str, object], model_name: str) -> None:
-        path = resolve_inside(model_dir, str(options.get("tokenizer", "tokenizer.json")), "task_options.tokenizer")
+    def __init__(self, model_dir: Path, options: TokenizerOptions, model_name: str) -> None:
+        path = resolve_inside(model_dir, options.tokenizer, "task_options.tokenizer")
         if not path.is_file():
             raise TaskConfigError(
                 f"model {model_name!r}: tokenizer file {shown(path, model_dir)} is missing; "
@@ -58,8 +71,8 @@ class TextTokenizer:
         self._plain.no_truncation()
         self._serialized = self._plain.to_str()
         hf_config = _read_tokenizer_config(model_dir)
-        self.max_length = _max_length(options, hf_config, model_name)
-        self.pad_id = self._pad_id(options, hf_config)
+        self.max_length = _max_length(options.max_length, hf_config)
+        self.pad_id = self._pad_id(options.pad_token_id, hf_config)
         self._truncating: dict[tuple[int, int, str], Tokenizer] = {}
         self._lock = threading.Lock()
         self.hf_config = hf_config
@@ -77,10 +90,9 @@ class TextTokenizer:
         """Token ids of one text, never truncated."""
         return list(self._plain.encode(text, add_special_tokens=add_special_tokens).ids)
 
-    def _pad_id(self, options: Mapping[str, object], hf_config: Mapping[str, object]) -> int:
-        value = options.get("pad_token_id")
-        if isinstance(value, int):
-            return value
+    def _pad_id(self, configured: int | None, hf_config: Mapping[str, object]) -> int:
+        if configured is not None:
+            return configured
         candidates = [hf_config.get("pad_token"), "[PAD]", "<pad>"]
         for token in candidates:
             if isinstance(token, dict):
@@ -170,15 +182,10 @@ def _read_tokenizer_config(model_dir: Path) -> dict[str, object]:
     return data if isinstance(data, dict) else {}
 
 
-def _max_length(options: Mapping[str, object], hf_config: Mapping[str, object], model_name: str) -> int:
-    value = options.get("max_length")
-    if value is None:
-        value = hf_config.get("model_max_length")
-        if not isinstance(value, (int, float)) or value <= 0 or value > _MAX_SANE_LENGTH:
-            return _DEFAULT_MAX_LENGTH
-        return int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 2:
-        raise TaskConfigError(
-            f"model {model_name!r}: task_options.max_length must be an integer >= 2, got {value!r}"
-        )
-    return value
+def _max_length(configured: int | None, hf_config: Mapping[str, object]) -> int:
+    if configured is not None:
+        return configured
+    value = hf_config.get("model_max_length")
+    if not isinstance(value, (int, float)) or value <= 0 or value > _MAX_SANE_LENGTH:
+        return _DEFAULT_MAX_LENGTH
+    return int(value)

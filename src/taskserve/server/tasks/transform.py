@@ -54,16 +54,6 @@ class TransformInput:
     target_language: str = ""
 
 
-def read_languages(options: Mapping[str, object], model: str) -> frozenset[str] | None:
-    """task_options.languages: None when unset (any language name passes)."""
-    value = options.get("languages")
-    if value is None:
-        return None
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-        raise TaskConfigError(f"model {model!r}: task_options.languages must be a non-empty list of names or codes")
-    return frozenset(value)
-
-
 def check_input(
     request: TransformInput, languages: frozenset[str] | None, limits: TaskLimits, model: str, needs_source: bool
 ) -> None:
@@ -93,14 +83,12 @@ class PromptTemplates:
     """task_options.prompt_templates, checked: kind -> template with ``{text}`` (and, for
     translation, ``{source}``/``{target}``). ``default`` fills kinds the option leaves out."""
 
-    def __init__(self, raw: object, model: str, default: Mapping[TransformKind, str] | None = None) -> None:
+    def __init__(
+        self, raw: Mapping[str, str] | None, model: str, default: Mapping[TransformKind, str] | None = None
+    ) -> None:
         self.model = model
         self.templates: dict[TransformKind, str] = dict(default or {})
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, Mapping):
-            raise TaskConfigError(f"model {model!r}: task_options.prompt_templates must be a mapping")
-        for key, template in raw.items():
+        for key, template in (raw or {}).items():
             try:
                 kind = TransformKind(key)
             except ValueError:
@@ -108,8 +96,6 @@ class PromptTemplates:
                     f"model {model!r}: task_options.prompt_templates has unknown key {key!r}; "
                     f"use {[k.value for k in TransformKind]}"
                 ) from None
-            if not isinstance(template, str):
-                raise TaskConfigError(f"model {model!r}: prompt_templates.{key} must be a string")
             try:
                 used = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
             except ValueError as err:
@@ -141,14 +127,15 @@ class PromptTransforms:
     def __init__(self, generator: TextGenerator) -> None:
         self.generator = generator
         name = generator.model.name
-        raw = generator.options.get("prompt_templates")
+        raw = generator.options.prompt_templates
         if not raw:
             raise WrongTask(
                 f"model {name!r} is a text-generation model without task_options.prompt_templates; "
                 "it serves TextGeneration only"
             )
         self.templates = PromptTemplates(raw, name)
-        self.languages = read_languages(generator.options, name)
+        languages = generator.options.languages
+        self.languages = frozenset(languages) if languages else None
 
     def transform(
         self, request: TransformInput, params: GenerateParams, options: CallOptions

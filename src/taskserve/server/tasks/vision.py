@@ -8,15 +8,18 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+from pydantic import Field
 
 from taskserve.server.tasks.base import ServedModel, Task, TaskContext, check_count
 from taskserve.server.tasks.images import (
+    ImageSettings,
     ImageSource,
     check_request_pixels,
     decode_image,
     preprocessing_from,
     read_preprocessor_config,
 )
+from taskserve.server.tasks.options import ModelFile, TaskOptions
 
 
 @dataclass(frozen=True)
@@ -27,13 +30,22 @@ class PixelBatch:
     sizes: list[tuple[int, int]]
 
 
-class VisionTask(Task):
-    """A task fed with images. ``load`` reads the preprocessor config (blocking).
+class ImageOptions(TaskOptions):
+    """The keys every image task reads."""
 
-    task_options: ``pixel_input`` (default "pixel_values", or the model's only
-    input), ``preprocessor_config`` (file name) and the keys of
-    ``images.preprocessing_from``.
-    """
+    image: ImageSettings | None = Field(
+        None, description="image preprocessing (below); default: preprocessor_config's, else the input's dims"
+    )
+    preprocessor_config: ModelFile = Field(
+        "preprocessor_config.json", description="Hugging Face image processor config, read when image is unset"
+    )
+    pixel_input: str | None = Field(None, description="the pixel input (default: pixel_values, or the only input)")
+
+
+class VisionTask(Task):
+    """A task fed with images. ``load`` reads the preprocessor config (blocking)."""
+
+    options: ImageOptions
 
     # Resize to one exact size, never crop: outputs in image coordinates
     # (boxes, masks) then map back to the original by scaling.
@@ -45,11 +57,9 @@ class VisionTask(Task):
         dims = next((t.dims for t in model.config.inputs or () if t.name == self.pixel_input), None)
         if dims is not None and model.config.max_batch_size == 0:
             dims = dims[1:]  # the graph's own batch axis
-        hf = read_preprocessor_config(
-            model.model_dir, str(self.options.get("preprocessor_config", "preprocessor_config.json"))
-        )
+        hf = read_preprocessor_config(model.model_dir, self.options.preprocessor_config)
         self.preprocessing = preprocessing_from(
-            self.options,
+            self.options.image,
             hf,
             dims,
             self.input_dtype(self.pixel_input, np.float32),
@@ -58,9 +68,8 @@ class VisionTask(Task):
         )
 
     def _pixel_input(self) -> str:
-        configured = self.options.get("pixel_input")
-        if isinstance(configured, str):
-            return configured
+        if self.options.pixel_input:
+            return self.options.pixel_input
         names = self.input_names()
         if names is not None and "pixel_values" not in names and len(names) == 1:
             return next(iter(names))

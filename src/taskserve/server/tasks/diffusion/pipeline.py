@@ -68,24 +68,26 @@ class GenerationParams:
         return self.guidance_scale > 1.0
 
 
-def spec_from_options(options: Mapping[str, object], scheduler_config: Mapping[str, Any]) -> PipelineSpec:
+class SpecOptions(Protocol):
+    """The task_options a spec is made of (``ImageGenerationOptions``, typed and checked)."""
+
+    @property
+    def latent_channels(self) -> int: ...
+    @property
+    def unet_in_channels(self) -> int: ...
+    @property
+    def vae_scale_factor(self) -> int: ...
+    @property
+    def scaling_factor(self) -> float: ...
+
+
+def spec_from_options(options: SpecOptions, scheduler_config: Mapping[str, Any]) -> PipelineSpec:
     """The spec the exporter wrote into task_options; ``ValueError`` says what is wrong."""
-
-    def number(key: str, kind: type[int] | type[float], default: float | None = None) -> Any:
-        value = options.get(key, default)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or (kind is int and not isinstance(value, int))
-        ):
-            raise ValueError(f"task_options.{key} must be a {kind.__name__}, got {value!r}")
-        return kind(value)
-
     spec = PipelineSpec(
-        latent_channels=number("latent_channels", int, 4),
-        unet_in_channels=number("unet_in_channels", int, 4),
-        vae_scale_factor=number("vae_scale_factor", int, 8),
-        scaling_factor=number("scaling_factor", float, 0.18215),
+        latent_channels=options.latent_channels,
+        unet_in_channels=options.unet_in_channels,
+        vae_scale_factor=options.vae_scale_factor,
+        scaling_factor=options.scaling_factor,
         scheduler_config=dict(scheduler_config),
     )
     if spec.unet_in_channels not in (spec.latent_channels, 2 * spec.latent_channels + 1):

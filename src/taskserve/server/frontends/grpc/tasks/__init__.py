@@ -5,6 +5,7 @@ its answer. They share the models and schedulers of the v2 protocol."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -59,7 +60,76 @@ from taskserve.server.frontends.parts import build_tasks
 from taskserve.server.serving.manager import ModelManager
 from taskserve.server.tasks.base import TaskCache, TaskLimits
 
-__all__ = ["add_task_servicers"]
+__all__ = ["SERVICES", "Service", "add_task_servicers"]
+
+
+@dataclass(frozen=True)
+class Service:
+    """One typed gRPC service: its proto module and name, the generated registration
+    function and the servicer class."""
+
+    module: Any
+    name: str
+    add: Callable[[Any, grpc.aio.Server], None]
+    servicer: type[TaskServicer]
+
+    @property
+    def full_name(self) -> str:
+        return str(self.module.DESCRIPTOR.services_by_name[self.name].full_name)
+
+
+# The transform services run on both decoders with prompt templates and encoder-decoders.
+_TRANSFORMS = (
+    Service(text_transform_pb2, "Translation", text_transform_pb2_grpc.add_TranslationServicer_to_server, TranslationServicer),
+    Service(text_transform_pb2, "Summarization", text_transform_pb2_grpc.add_SummarizationServicer_to_server, SummarizationServicer),
+    Service(text_transform_pb2, "Text2Text", text_transform_pb2_grpc.add_Text2TextServicer_to_server, Text2TextServicer),
+)  # fmt: skip
+
+# The typed services of each registered task (tasks/registry.py), by the same config.yaml
+# task name: a task's row there and its row here are the two a new typed task adds
+# (tests/tasks/test_registry.py keeps the keys equal). Tasks cannot import this side
+# (no gRPC below the front ends), so the services are keyed here, not in the registry.
+SERVICES: dict[str, tuple[Service, ...]] = {
+    "text-classification": (
+        Service(text_classification_pb2, "TextClassification", text_classification_pb2_grpc.add_TextClassificationServicer_to_server, TextClassificationServicer),
+    ),
+    "token-classification": (
+        Service(token_classification_pb2, "TokenClassification", token_classification_pb2_grpc.add_TokenClassificationServicer_to_server, TokenClassificationServicer),
+    ),
+    "sentence-embedding": (
+        Service(sentence_embedding_pb2, "SentenceEmbedding", sentence_embedding_pb2_grpc.add_SentenceEmbeddingServicer_to_server, SentenceEmbeddingServicer),
+        Service(sentence_embedding_pb2, "SentenceSimilarity", sentence_embedding_pb2_grpc.add_SentenceSimilarityServicer_to_server, SentenceSimilarityServicer),
+    ),
+    "question-answering": (
+        Service(question_answering_pb2, "QuestionAnswering", question_answering_pb2_grpc.add_QuestionAnsweringServicer_to_server, QuestionAnsweringServicer),
+    ),
+    "fill-mask": (Service(fill_mask_pb2, "FillMask", fill_mask_pb2_grpc.add_FillMaskServicer_to_server, FillMaskServicer),),
+    "image-classification": (
+        Service(image_classification_pb2, "ImageClassification", image_classification_pb2_grpc.add_ImageClassificationServicer_to_server, ImageClassificationServicer),
+    ),
+    "object-detection": (
+        Service(object_detection_pb2, "ObjectDetection", object_detection_pb2_grpc.add_ObjectDetectionServicer_to_server, ObjectDetectionServicer),
+    ),
+    "image-segmentation": (
+        Service(image_segmentation_pb2, "ImageSegmentation", image_segmentation_pb2_grpc.add_ImageSegmentationServicer_to_server, ImageSegmentationServicer),
+    ),
+    "image-text-match": (
+        Service(image_text_match_pb2, "ImageTextMatch", image_text_match_pb2_grpc.add_ImageTextMatchServicer_to_server, ImageTextMatchServicer),
+    ),
+    "text-generation": (
+        Service(text_generation_pb2, "TextGeneration", text_generation_pb2_grpc.add_TextGenerationServicer_to_server, TextGenerationServicer),
+        *_TRANSFORMS,
+    ),
+    "text2text-generation": _TRANSFORMS,
+    "image-generation": (
+        Service(image_generation_pb2, "ImageGeneration", image_generation_pb2_grpc.add_ImageGenerationServicer_to_server, ImageGenerationServicer),
+    ),
+}  # fmt: skip
+
+
+def services() -> list[Service]:
+    """Every service of ``SERVICES`` once, in table order."""
+    return list(dict.fromkeys(service for row in SERVICES.values() for service in row))
 
 
 def add_task_servicers(
@@ -75,25 +145,8 @@ def add_task_servicers(
     cache the other doors share (frontends/parts.py), built here when not given."""
     if tasks is None:
         tasks = build_tasks(models, limits, workers)
-    registrations: list[tuple[Any, str, Callable[[Any, grpc.aio.Server], None], type[TaskServicer]]] = [
-        (text_classification_pb2, "TextClassification", text_classification_pb2_grpc.add_TextClassificationServicer_to_server, TextClassificationServicer),
-        (token_classification_pb2, "TokenClassification", token_classification_pb2_grpc.add_TokenClassificationServicer_to_server, TokenClassificationServicer),
-        (sentence_embedding_pb2, "SentenceEmbedding", sentence_embedding_pb2_grpc.add_SentenceEmbeddingServicer_to_server, SentenceEmbeddingServicer),
-        (sentence_embedding_pb2, "SentenceSimilarity", sentence_embedding_pb2_grpc.add_SentenceSimilarityServicer_to_server, SentenceSimilarityServicer),
-        (question_answering_pb2, "QuestionAnswering", question_answering_pb2_grpc.add_QuestionAnsweringServicer_to_server, QuestionAnsweringServicer),
-        (fill_mask_pb2, "FillMask", fill_mask_pb2_grpc.add_FillMaskServicer_to_server, FillMaskServicer),
-        (image_classification_pb2, "ImageClassification", image_classification_pb2_grpc.add_ImageClassificationServicer_to_server, ImageClassificationServicer),
-        (object_detection_pb2, "ObjectDetection", object_detection_pb2_grpc.add_ObjectDetectionServicer_to_server, ObjectDetectionServicer),
-        (image_segmentation_pb2, "ImageSegmentation", image_segmentation_pb2_grpc.add_ImageSegmentationServicer_to_server, ImageSegmentationServicer),
-        (image_text_match_pb2, "ImageTextMatch", image_text_match_pb2_grpc.add_ImageTextMatchServicer_to_server, ImageTextMatchServicer),
-        (text_generation_pb2, "TextGeneration", text_generation_pb2_grpc.add_TextGenerationServicer_to_server, TextGenerationServicer),
-        (text_transform_pb2, "Translation", text_transform_pb2_grpc.add_TranslationServicer_to_server, TranslationServicer),
-        (text_transform_pb2, "Summarization", text_transform_pb2_grpc.add_SummarizationServicer_to_server, SummarizationServicer),
-        (text_transform_pb2, "Text2Text", text_transform_pb2_grpc.add_Text2TextServicer_to_server, Text2TextServicer),
-        (image_generation_pb2, "ImageGeneration", image_generation_pb2_grpc.add_ImageGenerationServicer_to_server, ImageGenerationServicer),
-    ]  # fmt: skip
     names = []
-    for module, service, add, servicer in registrations:
-        add(servicer(models, tasks), server)
-        names.append(module.DESCRIPTOR.services_by_name[service].full_name)
+    for service in services():
+        service.add(service.servicer(models, tasks), server)
+        names.append(service.full_name)
     return names
