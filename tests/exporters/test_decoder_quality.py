@@ -66,9 +66,9 @@ def test_the_export_records_the_quality_check(weight_entries: dict[str, Path]) -
     assert "quality" not in json.loads((weight_entries["fp32"] / "export-info.json").read_text())
 
 
-def _export(source: Path, out: Path, mode: str, tolerance: QualityTolerance) -> None:
+def _export(source: Path, out: Path, mode: str, tolerance: QualityTolerance, **options: Any) -> None:
     export_hf(source, "text-generation", out, mode, progress=False, weights=mode, quality_plan=QUALITY_PLAN,
-              quality_tolerance=tolerance)  # fmt: skip
+              quality_tolerance=tolerance, **options)  # fmt: skip
 
 
 def test_a_tiny_threshold_refuses_int4_and_writes_nothing(tiny_llama: Path, tmp_path: Path) -> None:
@@ -78,6 +78,16 @@ def test_a_tiny_threshold_refuses_int4_and_writes_nothing(tiny_llama: Path, tmp_
     message = str(err.value)
     assert "greedy agreement" in message and "perplexity" in message and "--weights int8" in message
     assert not (tmp_path / "int4").exists()
+
+
+def test_allow_quality_loss_writes_the_entry_with_the_misses_and_a_warning(
+    tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    strict = QualityTolerance(prefix_tokens=16, min_prefix_share=1.0, max_perplexity_increase=0.0)
+    _export(tiny_llama, tmp_path, "int4", strict, allow_quality_loss=True)
+    quality = json.loads((tmp_path / "int4" / "export-info.json").read_text())["quality"]
+    assert len(quality["misses"]) == 2 and quality["tolerance"]["min_prefix_share"] == 1.0
+    assert "WARNING: --weights int4 missed the quality tolerance" in capsys.readouterr().err  # said under --quiet too
 
 
 def _broken(real: Any) -> Any:

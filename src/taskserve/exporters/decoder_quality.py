@@ -109,11 +109,12 @@ class DecoderQuality:
         return data
 
 
-# Chosen by measurement on SmolLM2-135M-Instruct (docs/export.md, benchmarks/results/quantization-*).
-TOLERANCES = {
-    "int8": QualityTolerance(prefix_tokens=32, min_prefix_share=0.75, max_perplexity_increase=0.02),
-    "int4": QualityTolerance(prefix_tokens=32, min_prefix_share=0.5, max_perplexity_increase=0.10),
-}
+# One bar for both modes: what may be served in place of float32. Chosen by measurement on
+# SmolLM2-135M-Instruct (docs/export.md, benchmarks/results/quantization-SmolLM2-135M-Instruct.md):
+# perplexity catches a quantization that hurts the model; greedy agreement is what users see,
+# and drifts even at int8 on a model this small, whose two best tokens are often close.
+ACCEPTED = QualityTolerance(prefix_tokens=32, min_prefix_share=0.25, max_perplexity_increase=0.05)
+TOLERANCES = {"int8": ACCEPTED, "int4": ACCEPTED}
 
 
 def misses(quality: DecoderQuality, tolerance: QualityTolerance) -> list[str]:
@@ -312,12 +313,12 @@ def measure(
 
 def check_export(
     exported: ExportedModel, name: str, mode: str, fp32_dir: Path, quantized_dir: Path, plan: QualityPlan,
-    tolerance: QualityTolerance | None = None,
+    tolerance: QualityTolerance | None = None, allow_loss: bool = False,
 ) -> tuple[dict[str, Any], str]:  # fmt: skip
     """The export pipeline's check of a ``--weights mode`` engine decoder (graphs in ``fp32_dir``
-    and ``quantized_dir``): the measurements for export-info.json and the table; raises
-    ValidationFailed, so nothing is written, when ``tolerance`` (default: ``TOLERANCES[mode]``)
-    is missed."""
+    and ``quantized_dir``): the measurements for export-info.json (``misses`` lists what the
+    tolerance found missing) and the table. When ``tolerance`` (default: ``TOLERANCES[mode]``)
+    is missed it raises ValidationFailed, so nothing is written, unless ``allow_loss``."""
     tolerance = tolerance or TOLERANCES[mode]
     if exported.generation is None or "tokenizer.json" not in exported.extra_files:
         raise ExportError(f"--weights {mode}: the quality check needs an engine decoder with its tokenizer.json")
@@ -328,9 +329,9 @@ def check_export(
     measured = measure(fp32_dir / file, quantized_dir / file, config, model_dir, plan, max_positions)
     table = quality_table(mode, measured, tolerance)
     missed = misses(measured, tolerance)
-    if missed:
+    if missed and not allow_loss:
         raise ValidationFailed(
             f"--weights {mode} moves the model too far from float32: {'; '.join(missed)}.\n{table}\n"
-            "Export with --weights int8, or without --weights (float32)."
+            "Export with --weights int8 or without --weights (float32); --allow-quality-loss writes it anyway."
         )
     return measured.to_dict(tolerance), table

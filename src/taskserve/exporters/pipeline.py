@@ -60,6 +60,8 @@ class ExportOptions:
     # what it must meet (None: decoder_quality.TOLERANCES[weights]).
     quality_plan: decoder_quality.QualityPlan = field(default_factory=decoder_quality.QualityPlan)
     quality_tolerance: decoder_quality.QualityTolerance | None = None
+    # Write the entry (with a warning and the misses in export-info.json) when it misses the tolerance.
+    allow_quality_loss: bool = False
     fp16: bool = False
     tensorrt: bool = False
     trt_workspace_mb: int = 2048
@@ -174,6 +176,13 @@ def run_export(source: Source, options: ExportOptions, description: str) -> Expo
             print(summary, file=stream)
             if result is not None and result.quality_table:
                 print(f"--weights {options.weights} against float32:\n{result.quality_table}", file=stream)
+    if result is not None and result.quality and result.quality["misses"]:
+        # --allow-quality-loss wrote it: said even under --quiet.
+        print(
+            f"WARNING: --weights {options.weights} missed the quality tolerance and was written anyway "
+            f"(--allow-quality-loss): {'; '.join(result.quality['misses'])}",
+            file=stream,
+        )
     assert result is not None  # reached only when _run returned
     result.summary = summary
     return result
@@ -253,8 +262,9 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
             )
             if exported.generation is not None and exported.task == "text-generation":
                 quality, quality_table = decoder_quality.check_export(
-                    exported, options.name, mode, current, work / mode, options.quality_plan, options.quality_tolerance
-                )
+                    exported, options.name, mode, current, work / mode, options.quality_plan, options.quality_tolerance,
+                    options.allow_quality_loss,
+                )  # fmt: skip
                 rec.detail += (
                     f"; greedy {quality['prefix_matches']}/{quality['prompts']} prompts equal over "
                     f"{min(quality['tolerance']['prefix_tokens'], quality['new_tokens'])} tokens, "
