@@ -135,3 +135,20 @@ def test_agreed_prefix_and_misses() -> None:
 def test_the_text_and_tolerances_ship_with_the_package() -> None:
     assert len(TEXT_FILE.read_text(encoding="utf-8").split()) > 2000
     assert set(TOLERANCES) == {"int4", "int8"}
+
+
+def test_the_report_puts_the_entries_side_by_side(weight_entries: dict[str, Path], tmp_path: Path) -> None:
+    from taskserve.exporters.quality_report import main
+
+    out = tmp_path / "results" / "quantization-tiny"
+    entries = [str(weight_entries["int8"]), str(weight_entries["int4"])]
+    assert main([str(out), *entries, "--command", "taskserve-export x"]) == 0
+    data = json.loads(out.with_name("quantization-tiny.json").read_text())
+    assert list(data["weights"]) == ["int8", "int4"] and data["commands"] == ["taskserve-export x"]
+    for mode in ("int8", "int4"):
+        info = json.loads((weight_entries[mode] / "export-info.json").read_text())["quality"]
+        assert data["weights"][mode]["agreed"] == info["agreed"]
+    md = out.with_name("quantization-tiny.md").read_text()
+    assert "| measure | float32 | int8 | int4 |" in md and "taskserve-export x" in md
+    with pytest.raises(SystemExit):
+        main([str(out), str(weight_entries["fp32"])])  # no quality block: nothing to report
