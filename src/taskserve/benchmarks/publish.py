@@ -68,6 +68,11 @@ def steps(repo: Path) -> list[Step]:
         Step(f"doors-{GENERATION_MODEL}", 7, ("doors", "--model-repository", str(repo), "--model", GENERATION_MODEL,
                                               "--streams", "1,8,32", "--repeats", "4", "--quiet",
                                               "--name", f"doors-{GENERATION_MODEL}")),  # fmt: skip
+        # --weights int8/int4 against float32 through the engine's runner (quality only: load-independent).
+        Step(f"quantization-{GENERATION_MODEL}", 10, ("quantization", "--source", str(SMOLLM2_SOURCE),
+                                                      "--model", GENERATION_MODEL,
+                                                      "--name", f"quantization-{GENERATION_MODEL}"),
+             prepare=_smollm2_source),  # fmt: skip
         Step("image-generation-tiny-sd", 6, ("image-generation", "--size", "64", "--steps", "50", "--requests", "8",
                                              "--repeats", "3", "--concurrency", "4",
                                              "--name", "image-generation-tiny-sd")),  # fmt: skip
