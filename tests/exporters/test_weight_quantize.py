@@ -18,21 +18,14 @@ from taskserve.exporters.weight_quantize import BLOCK_SIZE, _small_matmuls, _unt
 from taskserve.server.repository.config import load_model_config
 from taskserve.server.runtimes.generation import StepRow
 from taskserve.server.runtimes.onnx_decoder import OnnxDecoderRunner
-from tests.support.tiny_hf_models import tiny_causal_lm
 
 PROMPT = np.asarray([5, 9, 23, 44, 12, 7, 3, 61, 8], np.int64)
 
 
 @pytest.fixture(scope="module")
-def entries(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def entries(weight_entries: dict[str, Path]) -> dict[str, Path]:
     """One 128-wide tiny Llama (wide enough for 32-row blocks) exported as fp32, int8 and int4."""
-    source = tiny_causal_lm(tmp_path_factory.mktemp("wq-source") / "llama", "llama", hidden_size=128)
-    repo = tmp_path_factory.mktemp("wq-repo")
-    for mode in ("fp32", "int8", "int4"):
-        flags = [] if mode == "fp32" else ["--weights", mode]
-        args = ["hf", str(source), "--task", "text-generation", "--out", str(repo), "--name", mode, "--quiet", *flags]
-        assert main(args) == 0
-    return {mode: repo / mode for mode in ("fp32", "int8", "int4")}
+    return weight_entries
 
 
 def _graph(entry: Path) -> onnx.ModelProto:

@@ -14,6 +14,7 @@ Subcommands:
   doors       the OpenAI HTTP door vs typed gRPC on a generation model (1/8/32 streams, same client logic)
   embedding-doors  a sentence-embedding model through v2 gRPC, v2 REST, typed gRPC and /v1/embeddings
   image-generation  diffusion: step-level batching, server vs diffusers' pipeline in-process
+  quantization  --weights int8/int4 quality against float32 on a real decoder (exporter's check)
 
 Results go to benchmarks/results/<name>.json, .md and .png.
 """
@@ -98,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     from taskserve.benchmarks.image_generation_bench import build_parser as add_image_generation
 
     add_image_generation(sub)
+    from taskserve.benchmarks.quantization_bench import build_parser as add_quantization
+
+    add_quantization(sub)
     sub.add_parser("echo-server", help="bare grpc.aio v2 echo server (latency floor)", add_help=False)
     sub.add_parser("export", help="export benchmarks (taskserve.benchmarks.export_bench)", add_help=False)
     return parser
@@ -159,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             from taskserve.benchmarks.image_generation_bench import run_image_generation
 
             runs, paths = run_image_generation(args)
+        elif args.command == "quantization":
+            from taskserve.benchmarks.quantization_bench import run_quantization
+
+            runs, paths = run_quantization(args)
         elif args.command == "in-process":
             from taskserve.benchmarks.inprocess_cli import run_in_process_cli
 

@@ -73,6 +73,11 @@ def steps(repo: Path) -> list[Step]:
                                              "--concurrency", "1,8,32", "--repeats", "2", "--window", "3",
                                              "--max-windows", "4", "--quiet",
                                              "--name", f"embedding-doors-{MODEL}")),  # fmt: skip
+        # --weights int8/int4 against float32 through the engine's runner (quality only: load-independent).
+        Step(f"quantization-{GENERATION_MODEL}", 10, ("quantization", "--source", str(SMOLLM2_SOURCE),
+                                                      "--model", GENERATION_MODEL,
+                                                      "--name", f"quantization-{GENERATION_MODEL}"),
+             prepare=_smollm2_source),  # fmt: skip
         Step("image-generation-tiny-sd", 6, ("image-generation", "--size", "64", "--steps", "50", "--requests", "8",
                                              "--repeats", "3", "--concurrency", "4",
                                              "--name", "image-generation-tiny-sd")),  # fmt: skip

@@ -48,6 +48,11 @@ def _common(p: argparse.ArgumentParser, name_required: bool = False) -> None:
         help="weight-only blockwise quantization for CPU (MatMulNBits): smaller, faster decoding; "
         "the generation engine's graphs take it",
     )  # fmt: skip
+    p.add_argument(
+        "--allow-quality-loss", action="store_true",
+        help="--weights on a decoder: write the entry, with a warning, even when it misses the quality tolerance "
+        "against float32 (docs/export.md); without it such an export fails",
+    )  # fmt: skip
     p.add_argument("--fp16", action="store_true", help="half precision (GPU); with --tensorrt an fp16 engine")
     p.add_argument(
         "--tensorrt", action="store_true",
@@ -143,6 +148,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "optimize": not args.no_optimize,
         "quantize": args.quantize,
         "weights": args.weights,
+        "allow_quality_loss": args.allow_quality_loss,
         "fp16": args.fp16,
         "tensorrt": args.tensorrt,
         "format": args.format,

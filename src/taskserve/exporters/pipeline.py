@@ -14,6 +14,7 @@ from typing import Any, TextIO, TypeVar
 
 import numpy as np
 
+from taskserve.exporters import decoder_quality
 from taskserve.exporters import tensorrt as trt_build
 from taskserve.exporters.entry_config import ENGINE_FILE, LABELS_FILE, build_config, encoder_config
 from taskserve.exporters.errors import ExportError, UsageError, ValidationFailed
@@ -55,6 +56,12 @@ class ExportOptions:
     quantize: str | None = None  # "int8"
     # Weight-only blockwise quantization (weight_quantize.py): "int4" or "int8".
     weights: str | None = None
+    # --weights on an engine decoder: how much the quality check against float32 computes, and
+    # what it must meet (None: decoder_quality.TOLERANCES[weights]).
+    quality_plan: decoder_quality.QualityPlan = field(default_factory=decoder_quality.QualityPlan)
+    quality_tolerance: decoder_quality.QualityTolerance | None = None
+    # Write the entry (with a warning and the misses in export-info.json) when it misses the tolerance.
+    allow_quality_loss: bool = False
     fp16: bool = False
     tensorrt: bool = False
     trt_workspace_mb: int = 2048
@@ -104,6 +111,9 @@ class ExportResult:
     diffs: list[OutputDiff] = field(default_factory=list)
     accuracy: list[AccuracyChange] = field(default_factory=list)
     summary: str = ""
+    # --weights on an engine decoder: the quality check against float32 (decoder_quality.py).
+    quality: dict[str, Any] | None = None
+    quality_table: str = ""
 
 
 def _native_engines() -> bool:
@@ -164,6 +174,15 @@ def run_export(source: Source, options: ExportOptions, description: str) -> Expo
         summary = steps.summary()
         if options.progress:
             print(summary, file=stream)
+            if result is not None and result.quality_table:
+                print(f"--weights {options.weights} against float32:\n{result.quality_table}", file=stream)
+    if result is not None and result.quality and result.quality["misses"]:
+        # --allow-quality-loss wrote it: said even under --quiet.
+        print(
+            f"WARNING: --weights {options.weights} missed the quality tolerance and was written anyway "
+            f"(--allow-quality-loss): {'; '.join(result.quality['misses'])}",
+            file=stream,
+        )
     assert result is not None  # reached only when _run returned
     result.summary = summary
     return result
@@ -226,6 +245,8 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
         steps.skip("optimize", "--no-optimize")
     fp32_outputs: list[dict[str, np.ndarray]] | None = None
     accuracy: list[AccuracyChange] = []
+    quality: dict[str, Any] | None = None
+    quality_table = ""
 
     if options.quantize:
         with steps.step("quantize") as rec:
@@ -242,11 +263,21 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
             counts = _stage(current, work / mode, files, lambda s, d: quantize_weights(s, d, mode))
             fp32_outputs = run_cases(current, cases)
             accuracy = accuracy_change(fp32_outputs, run_cases(work / mode, cases))
-            current = work / mode
             rec.detail = (
                 f"{mode} weights (MatMulNBits, blocks of {WEIGHT_BLOCK}), {sum(counts)} nodes; "
                 f"vs fp32: {accuracy_summary(accuracy)}"
             )
+            if exported.generation is not None and exported.task == "text-generation":
+                quality, quality_table = decoder_quality.check_export(
+                    exported, options.name, mode, current, work / mode, options.quality_plan, options.quality_tolerance,
+                    options.allow_quality_loss,
+                )  # fmt: skip
+                rec.detail += (
+                    f"; greedy {quality['prefix_matches']}/{quality['prompts']} prompts equal over "
+                    f"{min(quality['tolerance']['prefix_tokens'], quality['new_tokens'])} tokens, "
+                    f"perplexity {quality['perplexity_increase']:+.2%}"
+                )
+            current = work / mode
 
     if options.fp16 and not options.tensorrt:
         with steps.step("fp16") as rec:
@@ -309,6 +340,7 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
             },
             "validation": {"tolerance": tolerance, "max_abs_diff": max(d.max_abs_diff for d in diffs)},
             "accuracy": [vars(a) for a in accuracy],
+            **({"quality": quality} if quality is not None else {}),
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "tags": dict(options.tags),
         }
@@ -323,7 +355,8 @@ def _run(source: Source, options: ExportOptions, description: str, steps: Steps,
             options.out, options.name, options.version, config, version_files, model_files, info
         )
         rec.detail = str(entry)
-    return ExportResult(entry, exported.task, config, diffs, accuracy)
+    return ExportResult(entry, exported.task, config, diffs, accuracy, quality=quality, quality_table=quality_table)
+
 
 
 def _model_files(exported: ExportedModel, work: Path) -> dict[str, Path]:
