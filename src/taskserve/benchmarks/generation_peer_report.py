@@ -64,7 +64,7 @@ def _best(pts: Mapping[str, Mapping[int, Point]], names: Sequence[str], load: in
 
 
 def _why_not(pts: Mapping[str, Mapping[int, Point]], names: Sequence[str], load: int) -> str:
-    reasons = [f"{n}: {'; '.join(pts[n][load]['excluded_because'])}" for n in names if load in pts.get(n, {})]
+    reasons = [r for n in names if load in pts.get(n, {}) for r in pts[n][load]["excluded_because"]]
     return "; ".join(reasons) or f"no run of {', '.join(names)} at {load} streams"
 
 
