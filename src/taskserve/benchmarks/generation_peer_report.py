@@ -163,8 +163,11 @@ def plot(path: Path, title: str, figures: Mapping[str, Any]) -> None:
         for ax, (metric, _) in zip(axes, panels, strict=True):
             ys = [float(loads[str(x)][metric]) for x in xs]
             ax.plot(xs, ys, "o-" if server in OURS else "s--", color=f"C{i}", label=server)
+    loads = sorted({int(k) for by_load in figures["points"].values() for k in by_load})
     for ax, (_, label) in zip(axes, panels, strict=True):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(loads, [str(n) for n in loads])
+        ax.minorticks_off()
         ax.set_xlabel("concurrent streams")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
