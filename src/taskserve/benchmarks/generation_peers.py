@@ -339,6 +339,9 @@ def run_generation_peers(args: argparse.Namespace) -> tuple[list[RunResult], dic
         shutil.rmtree(work, ignore_errors=True)
     figures, verdicts = summarize(runs, usable, servers_mod.usable_cores())
     notes += verdicts
+    if runs:
+        idle = max(float(r.extra["others_cores_busy"]) for r in runs)
+        notes.append(f"the other servers' CPU use while one was measured: at most {idle:.2f} cores (idle: near 0)")
     machine = {**machine_info(), "cpu_flags": cpu_flags()}
     config = {
         "mode": "generation-peers", "model": args.model, "streams": streams, "new_tokens": args.new_tokens,
