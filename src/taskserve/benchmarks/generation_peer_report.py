@@ -64,8 +64,10 @@ def _best(pts: Mapping[str, Mapping[int, Point]], names: Sequence[str], load: in
 
 
 def _why_not(pts: Mapping[str, Mapping[int, Point]], names: Sequence[str], load: int) -> str:
-    reasons = [r for n in names if load in pts.get(n, {}) for r in pts[n][load]["excluded_because"]]
-    return "; ".join(reasons) or f"no run of {', '.join(names)} at {load} streams"
+    reasons = [
+        r for n in names for r in (pts[n][load]["excluded_because"] if load in pts.get(n, {}) else [f"{n}: not run"])
+    ]
+    return "; ".join(reasons)
 
 
 def _verdict(name: str, value: float | None, goal: float, higher: bool, why: str) -> tuple[dict[str, Any], str]:
