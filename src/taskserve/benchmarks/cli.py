@@ -10,7 +10,8 @@ Subcommands:
   layouts     one config for every load: c=1 p50 vs a bare session, c=32 vs narrow instances
   echo-server a bare grpc.aio v2 server answering with the request's bytes
   export      export benchmarks (taskserve.benchmarks.export_bench)
-  generation  the generation engine: 1/8/32 streams, context length, TTFT, vs transformers generate
+  generation  the generation engine: 1/8/32 streams, context length, TTFT, vs transformers generate;
+              with --peer llama.cpp[,vllm]: against the peers' OpenAI servers, one load client
   doors       the OpenAI HTTP door vs typed gRPC on a generation model (1/8/32 streams, same client logic)
   embedding-doors  a sentence-embedding model through v2 gRPC, v2 REST, typed gRPC and /v1/embeddings
   image-generation  diffusion: step-level batching, server vs diffusers' pipeline in-process
@@ -143,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
             from taskserve.benchmarks.layout_bench import run_layouts
 
             runs, paths = run_layouts(args)
+        elif args.command == "generation" and args.peer:
+            from taskserve.benchmarks.generation_peers import run_generation_peers
+
+            runs, paths = run_generation_peers(args)
         elif args.command == "generation":
             from taskserve.benchmarks.generation_bench import run_generation
 

@@ -93,7 +93,9 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--busy-streams", type=int, default=8, help="streams decoding during the busy TTFT probes")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--timeout", type=float, default=600.0, help="per-stream deadline, seconds")
-    p.add_argument("--name", help="results file name (default generation-<model>)")
+    p.add_argument(
+        "--name", help="results file name (default generation-<model>; with --peer generation-peers-<model>)"
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default benchmarks/results)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--prefix-cache", choices=("on", "off"), default="on",
@@ -108,8 +110,15 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser(sub: Any) -> None:
-    p = sub.add_parser("generation", help="generation engine targets: streams, context length, TTFT, vs transformers")
+    from taskserve.benchmarks.generation_peers import add_peer_args
+
+    p = sub.add_parser(
+        "generation",
+        help="generation engine targets: streams, context length, TTFT, vs transformers; "
+        "with --peer: against llama.cpp / vLLM's OpenAI servers",
+    )
     add_generation_args(p)
+    add_peer_args(p)
     add_allow_dirty(p)
 
 

@@ -28,6 +28,8 @@ SMOLLM2_SOURCE = Path("build/bench/smollm2-source")
 SUPERSEDED = (f"peers-{MODEL}-kserve-1-thread",)
 # Measured on a GPU machine (benchmarks/gpu/device_check.sh), not by make bench.
 GPU_PREFIX = "gpu-"
+# vLLM joins the generation peers when its opt-in environment exists (PEERS_VLLM=1 make peers).
+VLLM_PYTHON = Path(__file__).resolve().parents[3] / ".venv-vllm" / "bin" / "python"
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,10 @@ def _smollm2_source() -> None:
         from taskserve.exporters import smollm2
 
         smollm2.materialize(SMOLLM2_SOURCE)
+
+
+def _generation_peers() -> str:
+    return "llama.cpp,vllm" if VLLM_PYTHON.is_file() else "llama.cpp"
 
 
 def steps(repo: Path) -> list[Step]:
@@ -68,6 +74,13 @@ def steps(repo: Path) -> list[Step]:
         Step(f"doors-{GENERATION_MODEL}", 7, ("doors", "--model-repository", str(repo), "--model", GENERATION_MODEL,
                                               "--streams", "1,8,32", "--repeats", "4", "--quiet",
                                               "--name", f"doors-{GENERATION_MODEL}")),  # fmt: skip
+        # llama.cpp's server (and vLLM's, when installed) against taskserve's door: make peers builds them.
+        Step(f"generation-peers-{GENERATION_MODEL}", 35, ("generation", "--peer", _generation_peers(),
+                                                          "--model-repository", str(repo), "--model", GENERATION_MODEL,
+                                                          "--source", str(SMOLLM2_SOURCE), "--streams", "1,8,32",
+                                                          "--repeats", "2", "--quiet",
+                                                          "--name", f"generation-peers-{GENERATION_MODEL}"),
+             prepare=_smollm2_source),  # fmt: skip
         # The same sentence-embedding model through v2 gRPC, v2 REST, typed gRPC and /v1/embeddings.
         Step(f"embedding-doors-{MODEL}", 6, ("embedding-doors", "--model-repository", str(repo), "--model", MODEL,
                                              "--concurrency", "1,8,32", "--repeats", "2", "--window", "3",
