@@ -18,7 +18,7 @@ from typing import Any
 
 from taskserve.benchmarks.stats import RunResult
 
-OURS = ("taskserve", "taskserve-int4")
+OURS = ("taskserve", "taskserve-int8", "taskserve-int4")
 METRICS = ("tokens_per_s", "ttft_p50_ms", "ttft_p90_ms", "itl_p50_ms", "itl_p99_ms", "cores_busy")
 # Flags that decide which kernels the servers can use (AMX, VNNI, BF16, AVX-512).
 FLAG_PREFIXES = ("avx", "amx", "fma", "f16c", "sse4")

