@@ -19,7 +19,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _check(tmp_path: Path, task: str, options: dict[str, Any]) -> None:
-    config = ModelConfig.model_validate({"name": "m", "task": task, "max_batch_size": 4, "task_options": options})
+    # A text-generation entry runs on the generation engine: its config carries a generation: block.
+    shape: dict[str, Any] = (
+        {"max_batch_size": 0, "generation": {}} if task == "text-generation" else {"max_batch_size": 4}
+    )
+    config = ModelConfig.model_validate({"name": "m", "task": task, **shape, "task_options": options})
     check_options(tmp_path, config)
 
 
