@@ -172,7 +172,9 @@ def test_cli_peer_mode_and_server_choice() -> None:
                                       "--servers", "taskserve,llama.cpp-f16"])  # fmt: skip
     assert args.peer == ["llama.cpp"] and server_names(args) == ["taskserve", "llama.cpp-f16"]
     args = build_parser().parse_args(["generation", "--model-repository", "/r", "--peer", "llama.cpp,vllm"])
-    assert server_names(args) == ["taskserve", "taskserve-int8", "taskserve-int4", "llama.cpp-q4_1", "llama.cpp-f16", "vllm"]
+    assert server_names(args) == [
+        "taskserve", "taskserve-int8", "taskserve-int4", "llama.cpp-q4_1", "llama.cpp-f16", "vllm"
+    ]  # fmt: skip
     with pytest.raises(ValueError, match="unknown --peer"):
         server_names(build_parser().parse_args(["generation", "--model-repository", "/r", "--peer", "tgi"]))
     with pytest.raises(ValueError, match="not among"):
@@ -187,3 +189,12 @@ def test_results_json_holds_the_checks(tmp_path: Path) -> None:
     paths = write_results("g", [run], config={}, machine={}, out_dir=tmp_path)
     doc = json.loads(paths["json"].read_text())
     assert doc["runs"][0]["equal_work"] == "yes" and doc["runs"][0]["generated_per_request"] == "8"
+
+
+def test_requests_per_run_caps_one_stream_runs_but_feeds_every_stream() -> None:
+    from taskserve.benchmarks.generation_peers import requests_per_run
+
+    assert requests_per_run(32, 1, 0) == 32  # default: every prompt
+    assert requests_per_run(32, 1, 8) == 8
+    assert requests_per_run(32, 8, 8) == 32 and requests_per_run(32, 32, 8) == 32
+    assert requests_per_run(4, 8, 1) == 4 and requests_per_run(32, 8, 1) == 8

@@ -110,6 +110,9 @@ def add_peer_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument("--servers", help=f"only these of {', '.join(SERVERS)} (default: all the peers allow)")
     g.add_argument("--prompts", type=int, default=32, help="requests per run: the chat prompts (default 32)")
+    g.add_argument("--requests-per-stream", type=int, default=0,
+                   help="send at most this many requests per stream in a run (the first prompts, the same on "
+                   "every server): keeps one-stream runs short; 0 (default): every prompt in every run")  # fmt: skip
     g.add_argument("--repeats", type=int, default=2, help="alternating rounds per stream count (default 2)")
     g.add_argument("--tolerance", type=float, default=0.10, help="tokens/s spread of a server's repeats "
                    "that still counts as stable (default 0.10)")  # fmt: skip
@@ -289,6 +292,14 @@ def server_names(args: argparse.Namespace) -> list[str]:
     return names
 
 
+def requests_per_run(prompts: int, streams: int, per_stream: int) -> int:
+    """Requests in one run at ``streams`` streams: every prompt, or at most ``per_stream`` per
+    stream (never fewer than the streams, so every stream has one)."""
+    if per_stream <= 0:
+        return prompts
+    return min(prompts, max(streams, per_stream * streams))
+
+
 def measure(
     servers: Sequence[HttpServer], prompts: Sequence[Prompt], streams: Sequence[int], args: argparse.Namespace,
     say: Callable[[str], None],
@@ -297,15 +308,18 @@ def measure(
     pids = [s.pid for s in servers]
     bodies = {s.name: bodies_for(s, prompts, args.new_tokens) for s in servers}
     for n in streams:
+        count = requests_per_run(len(prompts), n, args.requests_per_stream)
         for s in servers:  # unmeasured: every server meets this stream count once before it counts
             asyncio.run(run_streams(s.completions_url, bodies[s.name][:n], n, args.timeout))
         for repeat in range(args.repeats):
             for s in servers if repeat % 2 == 0 else servers[::-1]:
                 before = cpu_seconds(pids)
-                wall, results = asyncio.run(run_streams(s.completions_url, bodies[s.name], n, args.timeout))
+                wall, results = asyncio.run(run_streams(s.completions_url, bodies[s.name][:count], n, args.timeout))
                 busy = cores_busy(before, cpu_seconds(pids), wall)
                 others = sum(v for pid, v in busy.items() if pid != s.pid)
-                run = window_run(s.name, n, repeat, wall, results, prompts, args.new_tokens, busy[s.pid], others)
+                run = window_run(
+                    s.name, n, repeat, wall, results, prompts[:count], args.new_tokens, busy[s.pid], others
+                )
                 runs.append(run)
                 say(
                     f"{s.name:15s} {n:3d} streams rep {repeat}: {run.extra['tokens_per_s']:8.1f} tokens/s, "
@@ -350,7 +364,8 @@ def run_generation_peers(args: argparse.Namespace) -> tuple[list[RunResult], dic
     machine = {**machine_info(), "cpu_flags": cpu_flags()}
     config = {
         "mode": "generation-peers", "model": args.model, "streams": streams, "new_tokens": args.new_tokens,
-        "prompts": len(prompts), "prompt_tokens": sorted({len(p.ids) for p in prompts}), "repeats": args.repeats,
+        "prompts": len(prompts), "requests_per_stream": args.requests_per_stream or "all",
+        "prompt_tokens": sorted({len(p.ids) for p in prompts}), "repeats": args.repeats,
         "stability_tolerance": args.tolerance, "decoding": "greedy (temperature 0)",
         "client": "one asyncio client (httpx), streamed /v1/completions, a new connection per request",
         "prompt_form": {s.name: s.prompt_form for s in servers},
