@@ -78,9 +78,14 @@ def steps(repo: Path) -> list[Step]:
         Step(f"generation-peers-{GENERATION_MODEL}", 35, ("generation", "--peer", _generation_peers(),
                                                           "--model-repository", str(repo), "--model", GENERATION_MODEL,
                                                           "--source", str(SMOLLM2_SOURCE), "--streams", "1,8,32",
-                                                          "--repeats", "2", "--quiet",
+                                                          "--requests-per-stream", "8", "--repeats", "2", "--quiet",
                                                           "--name", f"generation-peers-{GENERATION_MODEL}"),
              prepare=_smollm2_source),  # fmt: skip
+        # The prefix cache: 32 requests sharing a 500-token system prompt, TTFT with the cache off / on.
+        Step(f"generation-prefix-cache-{GENERATION_MODEL}", 3, (
+            "generation", "--model-repository", str(repo), "--model", GENERATION_MODEL, "--shared-prefix-tokens", "500",
+            "--shared-prefix-streams", "32", "--new-tokens", "16", "--quiet",
+            "--name", f"generation-prefix-cache-{GENERATION_MODEL}")),  # fmt: skip
         # The same sentence-embedding model through v2 gRPC, v2 REST, typed gRPC and /v1/embeddings.
         Step(f"embedding-doors-{MODEL}", 6, ("embedding-doors", "--model-repository", str(repo), "--model", MODEL,
                                              "--concurrency", "1,8,32", "--repeats", "2", "--window", "3",
