@@ -136,6 +136,8 @@ async def test_a_swapped_out_version_serves_its_leases_then_stops(robust_reposit
         await until(lambda: manager.get("simple") is not old, "the new version to serve")
         # The old one still serves the request it accepted; the reload waits for it.
         assert (await old.scheduler.submit(request)).outputs
+        # The reload is blocked on the lease, not merely not finished yet.
+        await until(lambda: old.leases.awaited, "the reload to wait for the old version's lease")
         assert not reload.done()
         old.leases.give_back()
         await asyncio.wait_for(reload, 30)

@@ -29,6 +29,11 @@ class Leases:
     def held(self) -> int:
         return self._held
 
+    @property
+    def awaited(self) -> bool:
+        """A swap or unload is waiting for the leases to be given back (tests and logs read it)."""
+        return self._released is not None and not self._released.is_set()
+
     def take(self) -> None:
         self._held += 1
 
