@@ -28,10 +28,13 @@ BITS = {"int4": 4, "int8": 8}
 # small models for little speed.
 BLOCK_SIZE = 32
 # accuracy_level 4: the CPU kernel quantizes activations to int8 per block and runs integer
-# dot products (VNNI where present); lower levels compute in fp32 after dequantizing. ONNX
-# Runtime's CPU kernel takes that path only with integer zero points: with float ones (int4
-# here) it dequantizes the weights to fp32 and runs an fp32 MatMul whatever the level says.
+# dot products (VNNI where present); lower levels compute in fp32 after dequantizing.
 ACCURACY_LEVEL = 4
+# The Q4_1-style int4 blocks ask for fp32 activations (level 1): with int8 activations the
+# codes 0..15, all of one sign, turn the activations' rounding into a bias per block, which
+# costs more greedy agreement than int8 weights do. ONNX Runtime's CPU kernel computes float
+# zero points in fp32 at any level (it dequantizes the weights, then an fp32 MatMul).
+Q4_ACCURACY_LEVEL = 1
 # Too small to pay for the block bookkeeping (and MatMulNBits needs K and N of at least a block).
 _MIN_ELEMENTS = 16 * 1024
 
@@ -105,8 +108,9 @@ def _ggml_int4(model: onnx.ModelProto, head_bits: int = 8) -> onnx.ModelProto:
         weight = numpy_helper.to_array(inits[node.input[1]])
         bits = head_bits if node.output[0] in outputs else 4
         tensors, quantized = matmul_nbits(
-            f"{node.name}_Q{bits}", node.input[0], node.output[0], weight, bits, BLOCK_SIZE, ACCURACY_LEVEL
-        )
+            f"{node.name}_Q{bits}", node.input[0], node.output[0], weight, bits, BLOCK_SIZE,
+            Q4_ACCURACY_LEVEL if bits == 4 else ACCURACY_LEVEL,
+        )  # fmt: skip
         graph.initializer.extend(tensors)
         graph.node.remove(node)
         graph.node.insert(index, quantized)
