@@ -1,6 +1,9 @@
 """Weight-only quantization (``taskserve-export --weights int4|int8``): every constant-weight
 MatMul becomes ONNX Runtime's blockwise ``MatMulNBits`` (weights in 4 or 8 bits with one fp32
-scale per block of ``BLOCK_SIZE`` input rows; activations stay float).
+scale per block of ``BLOCK_SIZE`` input rows; activations stay float). int8 is symmetric
+(ONNX Runtime's quantizer); ``--weights int4`` is ggml's Q4_1 scheme (asymmetric, float zero points,
+``ggml_blocks``), which gives back weights already on a Q4_1 grid exactly, with the LM head
+(the MatMul that writes a graph output) in Q8_0-style int8, as ggml's Q4_1 files keep it.
 
 Decoding reads every weight once per step, so a step costs roughly the bytes of the weights:
 int4 reads about an eighth of fp32. A constant-weight ``Gemm(x, W, transB=1)`` (the engine
@@ -17,6 +20,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from taskserve.exporters.errors import ExportError
+from taskserve.exporters.ggml_blocks import matmul_nbits
 from taskserve.exporters.quiet import quiet
 
 BITS = {"int4": 4, "int8": 8}
@@ -26,6 +30,11 @@ BLOCK_SIZE = 32
 # accuracy_level 4: the CPU kernel quantizes activations to int8 per block and runs integer
 # dot products (VNNI where present); lower levels compute in fp32 after dequantizing.
 ACCURACY_LEVEL = 4
+# The Q4_1-style int4 blocks ask for fp32 activations (level 1): with int8 activations the
+# codes 0..15, all of one sign, turn the activations' rounding into a bias per block, which
+# costs more greedy agreement than int8 weights do. ONNX Runtime's CPU kernel computes float
+# zero points in fp32 at any level (it dequantizes the weights, then an fp32 MatMul).
+Q4_ACCURACY_LEVEL = 1
 # Too small to pay for the block bookkeeping (and MatMulNBits needs K and N of at least a block).
 _MIN_ELEMENTS = 16 * 1024
 
@@ -67,21 +76,13 @@ def _small_matmuls(model: onnx.ModelProto) -> list[str]:
     return small
 
 
-def quantize_weights(src: Path, dst: Path, mode: str) -> int:
-    """Write ``src`` with its constant-weight MatMuls as ``mode`` (int4 or int8) MatMulNBits;
-    return how many nodes were quantized."""
+def _symmetric(model: onnx.ModelProto, bits: int) -> onnx.ModelProto:
+    """ONNX Runtime's quantizer: symmetric blocks (scale max|w| / 2^(bits-1), integer zero point)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    if mode not in BITS:
-        raise ExportError(f"unknown --weights {mode!r}; use one of {sorted(BITS)}")
-    model = onnx.load(str(src))
-    for i, node in enumerate(model.graph.node):
-        if not node.name:  # the quantizer addresses nodes by name
-            node.name = f"{node.op_type}_{i}"
-    _untie_gemms(model)
     quantizer = MatMulNBitsQuantizer(
         model,
-        bits=BITS[mode],
+        bits=bits,
         block_size=BLOCK_SIZE,
         is_symmetric=True,
         accuracy_level=ACCURACY_LEVEL,
@@ -90,6 +91,49 @@ def quantize_weights(src: Path, dst: Path, mode: str) -> int:
     with quiet():  # it logs every node it quantizes
         quantizer.process()
     quantized: onnx.ModelProto = quantizer.model.model
+    return quantized
+
+
+def _ggml_int4(model: onnx.ModelProto, head_bits: int = 8) -> onnx.ModelProto:
+    """Every large constant-weight MatMul as a Q4_1-style int4 MatMulNBits, the head (whose
+    output is a graph output: the logits) as ``head_bits``."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    inits = {t.name: t for t in graph.initializer}
+    small = set(_small_matmuls(model))
+    replaced: set[str] = set()
+    for index, node in enumerate(list(graph.node)):
+        if node.op_type != "MatMul" or node.input[1] not in inits or node.name in small:
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        bits = head_bits if node.output[0] in outputs else 4
+        tensors, quantized = matmul_nbits(
+            f"{node.name}_Q{bits}", node.input[0], node.output[0], weight, bits, BLOCK_SIZE,
+            Q4_ACCURACY_LEVEL if bits == 4 else ACCURACY_LEVEL,
+        )  # fmt: skip
+        graph.initializer.extend(tensors)
+        graph.node.remove(node)
+        graph.node.insert(index, quantized)
+        replaced.add(node.input[1])
+    used = {name for n in graph.node for name in n.input}
+    for name in replaced - used:  # a weight shared with another node keeps its float copy
+        graph.initializer.remove(inits[name])
+    if replaced and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
+def quantize_weights(src: Path, dst: Path, mode: str) -> int:
+    """Write ``src`` with its constant-weight MatMuls as ``mode`` (int4 or int8) MatMulNBits;
+    return how many nodes were quantized."""
+    if mode not in BITS:
+        raise ExportError(f"unknown --weights {mode!r}; use one of {sorted(BITS)}")
+    model = onnx.load(str(src))
+    for i, node in enumerate(model.graph.node):
+        if not node.name:  # the quantizer addresses nodes by name
+            node.name = f"{node.op_type}_{i}"
+    _untie_gemms(model)
+    quantized = _ggml_int4(model) if mode == "int4" else _symmetric(model, BITS[mode])
     count = int(sum(n.op_type == "MatMulNBits" for n in quantized.graph.node))
     if count == 0:
         raise ExportError(

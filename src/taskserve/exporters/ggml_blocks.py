@@ -1,0 +1,86 @@
+"""ggml's block formats as ONNX Runtime ``MatMulNBits`` weights (``--weights int4``): blocks of
+``block`` consecutive weights along a MatMul's input dimension K (one column of ``W`` in
+``x @ W``), as ggml lays them out along a tensor's input dimension.
+
+- **Q4_1-style int4** (``quantize_q4``): 4-bit codes ``q`` in 0..15, a float scale and a float
+  zero point per block, ``w ≈ scale * (q - zero_point)``, scale ``(max - min) / 15`` and zero
+  point ``-min / scale``: a block's smallest weight gets code 0, its largest code 15. That is
+  ggml's Q4_1 (``d * q + m``), so a matrix already on such a grid (a model dequantized from a
+  Q4_1 GGUF) comes back exactly, up to float rounding; a symmetric scale (``max|w| / 8``,
+  integer zero point 8) cannot follow a block that is not centred on 0. For other weights it
+  is the usual min/max asymmetric int4. The zero point must be a float (MatMulNBits'
+  unpacked ``zero_points``, in the scales' type): an integer one rounds ``-min / scale`` and
+  moves every weight of the block by up to half a step.
+- **Q8_0-style int8** (``quantize_q8``): codes ``q`` in -127..127 stored with MatMulNBits'
+  default zero point 128, scale ``max|w| / 127``: ggml's Q8_0 (``d * q``), exact for a
+  matrix on that grid (such as a Q4_1 GGUF's token embedding, which ggml keeps in Q8_0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+Q4_LEVELS = 15  # codes 0..15
+Q8_LEVELS = 127  # codes -127..127, stored + 128
+
+
+def _columns(weight: np.ndarray, block: int) -> np.ndarray:
+    """``weight`` (K, N) as (N, blocks, block), each block contiguous along K (MatMulNBits'
+    layout). A last partial block is padded with its own last row, which leaves its min, max
+    and max|w| as they are."""
+    k, n = weight.shape
+    blocks = -(-k // block)
+    padded = np.pad(weight.astype(np.float32), ((0, blocks * block - k), (0, 0)), mode="edge")
+    return np.ascontiguousarray(padded.T).reshape(n, blocks, block)
+
+
+def quantize_q4(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``weight`` (K, N) as MatMulNBits' inputs: packed codes (N, K/block, block/2) uint8, low
+    nibble first; scales and float zero points (N, K/block) float32."""
+    cols = _columns(weight, block)
+    low, high = cols.min(axis=2), cols.max(axis=2)
+    scale = (high - low) / np.float32(Q4_LEVELS)
+    scale[scale == 0] = 1  # a constant block: code 0 and zero point -value give it back
+    zero_point = (-low / scale).astype(np.float32)
+    codes = np.clip(np.rint((cols - low[..., None]) / scale[..., None]), 0, Q4_LEVELS).astype(np.uint8)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return packed, scale.astype(np.float32), zero_point
+
+
+def dequantize_q4(packed: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, k: int) -> np.ndarray:
+    """The (K, N) float32 matrix MatMulNBits computes with (``quantize_q4``'s inverse)."""
+    codes = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(*packed.shape[:2], -1).astype(np.float32)
+    cols = (codes - zero_point[..., None]) * scale[..., None]
+    return np.ascontiguousarray(cols.reshape(cols.shape[0], -1)[:, :k].T)
+
+
+def quantize_q8(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """``weight`` (K, N) as MatMulNBits' 8-bit codes (N, K/block, block) uint8 (code + 128)
+    and scales (N, K/block) float32."""
+    cols = _columns(weight, block)
+    scale = np.abs(cols).max(axis=2) / np.float32(Q8_LEVELS)
+    scale[scale == 0] = 1
+    codes = np.clip(np.rint(cols / scale[..., None]), -Q8_LEVELS, Q8_LEVELS) + 128
+    return codes.astype(np.uint8), scale.astype(np.float32)
+
+
+def matmul_nbits(
+    name: str, activations: str, output: str, weight: np.ndarray, bits: int, block: int, accuracy_level: int
+) -> tuple[list[onnx.TensorProto], onnx.NodeProto]:
+    """The MatMulNBits node computing ``activations @ weight`` with ``weight`` as Q4_1-style
+    int4 (``bits`` 4) or Q8_0-style int8 (``bits`` 8), and its initializers."""
+    k, n = weight.shape
+    if bits == 4:
+        packed, scale, zero_point = quantize_q4(weight, block)
+        arrays = {"q4": packed, "scales": scale, "zero_points": zero_point}
+    else:
+        codes, scale = quantize_q8(weight, block)
+        arrays = {"q8": codes, "scales": scale}
+    inits = [numpy_helper.from_array(a, f"{name}.{suffix}") for suffix, a in arrays.items()]
+    node = helper.make_node(
+        "MatMulNBits", [activations, *(t.name for t in inits)], [output], name=name, domain="com.microsoft",
+        K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level,
+    )  # fmt: skip
+    return inits, node
