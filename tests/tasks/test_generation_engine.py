@@ -231,3 +231,16 @@ def test_an_engine_graph_under_cuda_warns_that_its_attention_stays_on_the_cpu(
     assert len(warnings) == 1 and "--format torch" in warnings[0] and "GroupQueryAttention" in warnings[0]
     quiet.close()
     faked.close()
+
+
+def test_the_engine_session_spins_unless_the_config_says_otherwise(tmp_path: Path) -> None:
+    """The engine's session is the one model computing while it steps: its threads spin-wait
+    between operators by default; an explicit runtime.allow_spinning in config.yaml still decides."""
+    from taskserve.server.repository.config import ModelConfig
+    from taskserve.server.runtimes.onnx_decoder import OnnxDecoderRunner
+
+    base = {"name": "m", "task": "text-generation", "max_batch_size": 0, "generation": {}}
+    unset = OnnxDecoderRunner(tmp_path / "model.onnx", ModelConfig.model_validate(base))
+    assert unset.config.runtime.allow_spinning is True
+    off = ModelConfig.model_validate({**base, "runtime": {"allow_spinning": False}})
+    assert OnnxDecoderRunner(tmp_path / "model.onnx", off).config.runtime.allow_spinning is False

@@ -64,9 +64,14 @@ class OnnxDecoderRunner(SlotCacheRunner):
     def __init__(self, model_path: Path, config: ModelConfig, gpu: int | None = None) -> None:
         if config.generation is None:
             raise RuntimeFailure(f"model {config.name!r} has no generation block; it is not an engine model")
+        self._settings = config.generation
+        if "allow_spinning" not in config.runtime.model_fields_set:
+            # The engine's session runs its steps back to back on its own thread and is the one
+            # model computing: spin-waiting threads skip a wake-up per operator (hundreds per step).
+            # An explicit runtime.allow_spinning in config.yaml still decides.
+            config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"allow_spinning": True})})
         self.config = config
         self.runtime = OnnxRuntime(model_path, config, gpu)
-        self._settings = config.generation
         self._session: Any = None
         self._keys: list[np.ndarray] = []
         self._values: list[np.ndarray] = []
