@@ -80,10 +80,15 @@ def test_matmulnbits_computes_a_q4_1_matrix_exactly_and_symmetric_int4_does_not(
     source = _one_matmul(weight, tmp_path / "fp32.onnx")
     assert quantize_weights(source, tmp_path / "int4.onnx", "int4") == 1
     quantized = onnx.load(str(tmp_path / "int4.onnx"))
-    (node,) = quantized.graph.node[:1]
+    (node,) = [n for n in quantized.graph.node if n.op_type == "MatMulNBits"]
     attributes = {a.name: a.i for a in node.attribute}
-    # fp32 activations: what ONNX Runtime's kernel computes with float zero points anyway.
-    assert node.op_type == "MatMulNBits" and attributes["bits"] == 4 and attributes["accuracy_level"] == 1
+    # fp32 activations: int8 ones cost the Q4_1 grid its exactness.
+    assert attributes["bits"] == 4 and attributes["accuracy_level"] == 1
+    # An integer (uint8) zero point keeps ONNX Runtime's packed 4-bit kernel: with a float one it
+    # dequantizes the whole matrix on every call. The block minimums are a MatMul of their own.
+    inits = {t.name: t for t in quantized.graph.initializer}
+    assert inits[node.input[3]].data_type == onnx.TensorProto.UINT8
+    assert [n.op_type for n in quantized.graph.node][:4] == ["MatMulNBits", "MatMul", "MatMul", "Add"]
     served = _run(tmp_path / "int4.onnx", x)
     assert np.abs(served - expected).max() < tolerance, np.abs(served - expected).max()
 

@@ -68,19 +68,44 @@ def quantize_q8(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]
 
 def matmul_nbits(
     name: str, activations: str, output: str, weight: np.ndarray, bits: int, block: int, accuracy_level: int
-) -> tuple[list[onnx.TensorProto], onnx.NodeProto]:
-    """The MatMulNBits node computing ``activations @ weight`` with ``weight`` as Q4_1-style
-    int4 (``bits`` 4) or Q8_0-style int8 (``bits`` 8), and its initializers."""
+) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+    """The nodes computing ``activations @ weight`` with ``weight`` as Q4_1-style int4 (``bits``
+    4) or Q8_0-style int8 (``bits`` 8), and their initializers.
+
+    int4 is written split, ``x @ W = x @ (scale * q) + (x summed per block) @ block_min``: a
+    MatMulNBits with the codes and an all-zero integer zero point, plus the block minimums as a
+    small float MatMul (K/block rows). The same numbers as one MatMulNBits with float zero
+    points, but ONNX Runtime's CPU kernel takes float zero points only on a fallback that
+    dequantizes the whole matrix to float32 on every call; integer zero points keep it on its
+    packed 4-bit kernel."""
     k, n = weight.shape
-    if bits == 4:
-        packed, scale, zero_point = quantize_q4(weight, block)
-        arrays = {"q4": packed, "scales": scale, "zero_points": zero_point}
-    else:
+    if bits != 4:
         codes, scale = quantize_q8(weight, block)
-        arrays = {"q8": codes, "scales": scale}
+        inits = [numpy_helper.from_array(codes, f"{name}.q8"), numpy_helper.from_array(scale, f"{name}.scales")]
+        node = helper.make_node(
+            "MatMulNBits", [activations, *(t.name for t in inits)], [output], name=name, domain="com.microsoft",
+            K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level,
+        )  # fmt: skip
+        return inits, [node]
+    packed, scale, zero_point = quantize_q4(weight, block)
+    blocks = packed.shape[1]
+    selector = np.zeros((k, blocks), np.float32)  # sums each block of x's K entries
+    selector[np.arange(k), np.arange(k) // block] = 1
+    block_min = np.ascontiguousarray((-zero_point * scale).T, np.float32)  # (blocks, N)
+    arrays = {
+        "q4": packed, "scales": scale, "zero_points": np.zeros((n, (blocks + 1) // 2), np.uint8),
+        "block_sum": selector, "block_min": block_min,
+    }  # fmt: skip
     inits = [numpy_helper.from_array(a, f"{name}.{suffix}") for suffix, a in arrays.items()]
-    node = helper.make_node(
-        "MatMulNBits", [activations, *(t.name for t in inits)], [output], name=name, domain="com.microsoft",
-        K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level,
-    )  # fmt: skip
-    return inits, node
+    nodes = [
+        helper.make_node(
+            "MatMulNBits", [activations, f"{name}.q4", f"{name}.scales", f"{name}.zero_points"], [f"{name}.codes_out"],
+            name=name, domain="com.microsoft", K=k, N=n, bits=4, block_size=block, accuracy_level=accuracy_level,
+        ),
+        helper.make_node("MatMul", [activations, f"{name}.block_sum"], [f"{name}.sums"], name=f"{name}_block_sum"),
+        helper.make_node(
+            "MatMul", [f"{name}.sums", f"{name}.block_min"], [f"{name}.mins_out"], name=f"{name}_block_min"
+        ),
+        helper.make_node("Add", [f"{name}.codes_out", f"{name}.mins_out"], [output], name=f"{name}_add"),
+    ]  # fmt: skip
+    return inits, nodes

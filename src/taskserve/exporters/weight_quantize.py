@@ -102,7 +102,7 @@ def _ggml_int4(model: onnx.ModelProto, head_bits: int = 8) -> onnx.ModelProto:
     inits = {t.name: t for t in graph.initializer}
     small = set(_small_matmuls(model))
     replaced: set[str] = set()
-    for index, node in enumerate(list(graph.node)):
+    for node in list(graph.node):
         if node.op_type != "MatMul" or node.input[1] not in inits or node.name in small:
             continue
         weight = numpy_helper.to_array(inits[node.input[1]])
@@ -112,8 +112,10 @@ def _ggml_int4(model: onnx.ModelProto, head_bits: int = 8) -> onnx.ModelProto:
             Q4_ACCURACY_LEVEL if bits == 4 else ACCURACY_LEVEL,
         )  # fmt: skip
         graph.initializer.extend(tensors)
+        at = list(graph.node).index(node)
         graph.node.remove(node)
-        graph.node.insert(index, quantized)
+        for offset, new_node in enumerate(quantized):
+            graph.node.insert(at + offset, new_node)
         replaced.add(node.input[1])
     used = {name for n in graph.node for name in n.input}
     for name in replaced - used:  # a weight shared with another node keeps its float copy
