@@ -104,12 +104,15 @@ def start_taskserve_http(
 ) -> HttpServer:
     """taskserve on a repository holding only ``model_dir`` (linked), sized for ``slots`` streams,
     with its HTTP door on; the prompt goes as text (the door's completions take no token ids)."""
-    repo = write_engine_repository(model_dir, model, work / name, slots, positions)
+    # The prefix cache off, as the peers' prompt caches are: the repeats send the same prompts,
+    # and a cached prompt would skip work the peers do.
+    repo = write_engine_repository(model_dir, model, work / name, slots, positions, prefix_caching=False)
     port = free_port()
     process = spawn_taskserve(repo, work, name=name, extra_args=("--http-port", str(port)))
     return HttpServer(
         name, process, f"http://127.0.0.1:{port}", model, "text",
-        settings=f"{name}: {model_dir.name} entry, max_num_seqs >= {slots}, default threads (every core)",
+        settings=f"{name}: {model_dir.name} entry, max_num_seqs >= {slots}, default threads (every core), "
+        "prefix cache off",
     )  # fmt: skip
 
 

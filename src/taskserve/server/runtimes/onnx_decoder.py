@@ -6,8 +6,12 @@ Per layer one key and one value buffer of shape (max_slots, kv heads, max_model_
 head size), bound with ``IOBinding`` as both the graph's ``past_*`` input and its
 ``present_*`` output: the attention kernel (``GroupQueryAttention``) writes the new
 tokens' keys/values in place and reads only each row's own positions, so a step
-copies nothing else. The buffers come from ``np.zeros``, whose pages the OS maps on
-first write: memory grows with the positions actually used. A slot range is bound by
+copies nothing else. The buffers are anonymous memory maps (``lazy_zeros``), whose pages
+the OS maps on first write, 4 KiB at a time: memory grows with the positions actually used,
+and a first write into a fresh slot costs little. (``np.zeros`` asks for transparent huge
+pages on arrays this large, and then a first write into a fresh slot, such as a prefix
+copy, made the kernel zero a 2 MiB page for every layer and head it touched: a quarter
+of a second on SmolLM2.) A slot range is bound by
 address (an offset into the buffer), so a step creates no per-layer OrtValues.
 
 The graph is float32, and ONNX Runtime's CUDA ``GroupQueryAttention`` takes float16 and
@@ -40,6 +44,7 @@ into calls where the padding would exceed the real tokens. Graphs exported befor
 from __future__ import annotations
 
 import logging
+import mmap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -58,6 +63,13 @@ log = logging.getLogger(__name__)
 MAX_POSITIONS_KEY = "taskserve.max_positions"
 # The graph input naming the positions whose logits it returns (flat indices into batch x sequence).
 LOGITS_INDEX = "logits_index"
+
+
+def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """A zeroed float32 array over an anonymous memory map: no huge-page advice, so its pages
+    are mapped (and zeroed) 4 KiB at a time as they are first written."""
+    size = int(np.prod(shape)) * np.dtype(np.float32).itemsize
+    return np.frombuffer(mmap.mmap(-1, max(size, 1)), np.float32, int(np.prod(shape))).reshape(shape)
 
 
 class OnnxDecoderRunner(SlotCacheRunner):
@@ -111,8 +123,8 @@ class OnnxDecoderRunner(SlotCacheRunner):
         # Graphs since batched prefill return the logits of the positions this input names.
         self._indexed = LOGITS_INDEX in names
         cache = (self._slots, kv_heads, self._positions, head_dim)
-        self._keys = [np.zeros(cache, np.float32) for _ in layers]
-        self._values = [np.zeros(cache, np.float32) for _ in layers]
+        self._keys = [lazy_zeros(cache) for _ in layers]
+        self._values = [lazy_zeros(cache) for _ in layers]
         self._lengths = np.zeros(self._slots, np.int64)
         self._session = session
         if onnx_providers.uses_cuda(self.runtime.providers):
