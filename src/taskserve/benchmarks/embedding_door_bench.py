@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import shutil
-import statistics
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -37,6 +36,7 @@ from taskserve.benchmarks.loadgen import Call
 from taskserve.benchmarks.machine import machine_info
 from taskserve.benchmarks.payloads import Payload, build_payload
 from taskserve.benchmarks.peer_servers import free_port, spawn_taskserve, write_entry_variant
+from taskserve.benchmarks.peer_summary import paired_point
 from taskserve.benchmarks.report import write_results
 from taskserve.benchmarks.stats import RunResult
 from taskserve.benchmarks.sweep import SweepTarget, run_sweep
@@ -159,12 +159,10 @@ def door_ratios(runs: Sequence[RunResult]) -> dict[str, dict[str, float | int | 
                 for (lo, _), p in sorted(by_point.items())
                 if lo == load and top in p and bottom in p
             ]
-            usable = [(a, b) for a, b in pairs if a.unusable is None and b.unusable is None]
-            ratio = statistics.median(a.items_per_s / b.items_per_s for a, b in usable) if usable else None
+            point = paired_point(pairs)
             out[f"{top} / {bottom} @ {load:g}"] = {
-                "ratio": None if ratio is None else round(ratio, 3), "usable_repeats": len(usable),
-                "repeats": len(pairs), "equal_work": equal,
-                "failed": sum(a.failed + b.failed for a, b in pairs),
+                "ratio": point.throughput_ratio_paired_median, "usable_repeats": point.usable_repeats,
+                "repeats": point.repeats, "equal_work": equal, "failed": point.taskserve_failed + point.peer_failed,
             }  # fmt: skip
     return out
 

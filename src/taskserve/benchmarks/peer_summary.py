@@ -46,7 +46,9 @@ class PeerPoint:
     peer_p99_ms: float | None = None
 
 
-def _point(pairs: list[tuple[RunResult, RunResult]]) -> PeerPoint:
+def paired_point(pairs: list[tuple[RunResult, RunResult]]) -> PeerPoint:
+    """The first server of each pair (taskserve, or any numerator) against the second, over
+    the repeats: figures from the pairs whose two runs are both usable (``RunResult.unusable``)."""
     usable = [(a, b) for a, b in pairs if a.unusable is None and b.unusable is None]
     excluded = tuple(sorted({why for a, b in pairs for why in (a.unusable, b.unusable) if why}))
     counts = (
@@ -80,7 +82,7 @@ def peer_ratios(runs: list[RunResult]) -> dict[str, PeerPoint]:
             points = [servers for (lo, _), servers in sorted(by_point.items()) if lo == load]
             pairs = [(p[OURS], p[peer]) for p in points if OURS in p and peer in p]
             if pairs:
-                out[f"{peer} @ {load:g}"] = _point(pairs)
+                out[f"{peer} @ {load:g}"] = paired_point(pairs)
     return out
 
 
