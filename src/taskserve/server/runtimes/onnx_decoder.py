@@ -10,8 +10,7 @@ copies nothing else. The buffers are anonymous memory maps (``lazy_zeros``), who
 the OS maps on first write, 4 KiB at a time: memory grows with the positions actually used,
 and a first write into a fresh slot costs little. (``np.zeros`` asks for transparent huge
 pages on arrays this large, and then a first write into a fresh slot, such as a prefix
-copy, made the kernel zero a 2 MiB page for every layer and head it touched: a quarter
-of a second on SmolLM2.) A slot range is bound by
+copy, made the kernel zero a 2 MiB page for every layer and head it touched.) A slot range is bound by
 address (an offset into the buffer), so a step creates no per-layer OrtValues.
 
 The graph is float32, and ONNX Runtime's CUDA ``GroupQueryAttention`` takes float16 and
