@@ -1,6 +1,7 @@
 """``taskserve-export hf DIR --task text-generation``: every decoder family the exporter takes
 (Llama with heads of 8, rotated by graph ops; Llama with heads of 16, rotated inside
-GroupQueryAttention; GPT-2, learned positions) is written as the generation engine's entry,
+GroupQueryAttention; Qwen2, whose query/key/value projections have biases; GPT-2, learned
+positions) is written as the generation engine's entry,
 loads on the engine's runner and gives transformers' logits there; a decoder the engine's
 graph cannot express, or a text-generation graph from elsewhere, is refused at export."""
 
@@ -19,8 +20,10 @@ from taskserve.server.runtimes.generation import StepRow
 from taskserve.server.runtimes.onnx_decoder import OnnxDecoderRunner
 from tests.support.tiny_hf_models import tiny_causal_lm
 
-# Entry name -> (architecture, hidden size): heads of 8, of 16, and GPT-2's 16 without rotary.
-FAMILIES = {"llama-h8": ("llama", 32), "llama-h16": ("llama", 64), "gpt2": ("gpt2", 32)}
+# Entry name -> (architecture, hidden size): heads of 8, of 16 (Llama, Qwen2), and GPT-2's 16 without rotary.
+FAMILIES = {
+    "llama-h8": ("llama", 32), "llama-h16": ("llama", 64), "qwen2-h16": ("qwen2", 64), "gpt2": ("gpt2", 32)
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

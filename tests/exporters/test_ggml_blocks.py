@@ -1,7 +1,7 @@
-"""``--weights int4`` uses ggml's Q4_1 scheme (asymmetric blocks of 32 along K, float zero
-points): weights already on a Q4_1 grid (``d * q + m``, as a model dequantized from a Q4_1
-GGUF has them) come back exactly, through the quantizer and through ONNX Runtime's
-MatMulNBits, where the symmetric int4 scheme cannot follow them."""
+"""``--weights int4`` uses ggml's Q4_1 scheme (asymmetric blocks of 32 along K): weights already
+on a Q4_1 grid (``d * q + m``, as a model dequantized from a Q4_1 GGUF has them) come back
+exactly, through the quantizer and through ONNX Runtime's MatMulNBits (integer zero points and
+a float residual term), where the symmetric int4 scheme cannot follow them."""
 
 from __future__ import annotations
 
@@ -73,28 +73,34 @@ def test_a_q8_0_block_round_trips_through_the_quantizer() -> None:
 def test_matmulnbits_computes_a_q4_1_matrix_exactly_and_symmetric_int4_does_not(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     weight = _q4_1_grid(rng, K, N)
-    x = rng.standard_normal((8, K)).astype(np.float32)
-    expected = x @ weight
-    tolerance = 1e-5 * np.abs(expected).max()  # float rounding of a 128-term dot product
-
     source = _one_matmul(weight, tmp_path / "fp32.onnx")
     assert quantize_weights(source, tmp_path / "int4.onnx", "int4") == 1
     quantized = onnx.load(str(tmp_path / "int4.onnx"))
     (node,) = [n for n in quantized.graph.node if n.op_type == "MatMulNBits"]
     attributes = {a.name: a.i for a in node.attribute}
-    # fp32 activations: int8 ones cost the Q4_1 grid its exactness.
-    assert attributes["bits"] == 4 and attributes["accuracy_level"] == 1
+    # int8 activations (the integer kernel), as llama.cpp's Q4_1 x Q8_1 dot product.
+    assert attributes["bits"] == 4 and attributes["accuracy_level"] == 4
     # An integer (uint8) zero point keeps ONNX Runtime's packed 4-bit kernel: with a float one it
-    # dequantizes the whole matrix on every call. The block minimums are a MatMul of their own.
+    # dequantizes the whole matrix on every call. What rounding it loses is a MatMul of its own.
     inits = {t.name: t for t in quantized.graph.initializer}
     assert inits[node.input[3]].data_type == onnx.TensorProto.UINT8
     assert [n.op_type for n in quantized.graph.node][:4] == ["MatMulNBits", "MatMul", "MatMul", "Add"]
-    served = _run(tmp_path / "int4.onnx", x)
-    assert np.abs(served - expected).max() < tolerance, np.abs(served - expected).max()
 
-    # The previous scheme (symmetric, integer zero point 8) on the same matrix: off by far more.
-    symmetric = _run(_symmetric(onnx.load(str(source)), 4), x)
-    assert np.abs(symmetric - expected).max() > 100 * tolerance
+    # The matrix the graph computes with is the Q4_1 matrix: rows of the identity (which int8
+    # activations hold exactly) read it back up to float rounding.
+    eye = np.eye(K, dtype=np.float32)
+    np.testing.assert_allclose(_run(tmp_path / "int4.onnx", eye), weight, rtol=0, atol=1e-6)
+    # The previous scheme (symmetric, integer zero point 8) cannot follow the same grid.
+    symmetric = _run(_symmetric(onnx.load(str(source)), 4), eye)
+    assert np.abs(symmetric - weight).max() > 100 * 1e-6
+
+    # General activations: only their int8 rounding moves the result (a 128-term dot product of
+    # errors of at most half a step of max|x|/127 per block).
+    x = rng.standard_normal((8, K)).astype(np.float32)
+    expected = x @ weight
+    error = np.abs(_run(tmp_path / "int4.onnx", x) - expected).max()
+    assert error < 0.02 * np.abs(expected).max(), error
+    assert error < np.abs(_run(_symmetric(onnx.load(str(source)), 4), x) - expected).max()
 
 
 @pytest.mark.parametrize("k", [96, 80])

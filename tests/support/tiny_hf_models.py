@@ -209,7 +209,7 @@ def byte_level_tokenizer(vocab_size: int = 400) -> Any:
 
 
 def tiny_causal_lm(directory: Path, architecture: str = "llama", seed: int = 0, hidden_size: int = 32) -> Path:
-    """A 2-layer, 32-wide decoder (``llama`` with grouped-query attention, or ``gpt2``) with a
+    """A 2-layer, 32-wide decoder (``llama`` with grouped-query attention, ``qwen2``, or ``gpt2``) with a
     byte-level tokenizer, a chat template and a generation config; 128 positions.
     ``hidden_size`` 64 gives the llama heads of 16, the smallest ONNX Runtime's
     GroupQueryAttention (the generation engine's graph) takes."""
@@ -231,6 +231,14 @@ def tiny_causal_lm(directory: Path, architecture: str = "llama", seed: int = 0, 
             **special,
         )  # fmt: skip
         model: Any = transformers.LlamaForCausalLM(config)
+    elif architecture == "qwen2":  # llama's shape with query/key/value biases, untied head
+        config = transformers.Qwen2Config(
+            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+            initializer_range=0.2, use_sliding_window=False,
+            **special,
+        )  # fmt: skip
+        model = transformers.Qwen2ForCausalLM(config)
     elif architecture == "gpt2":
         config = transformers.GPT2Config(
             vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128, initializer_range=0.2,
@@ -238,7 +246,7 @@ def tiny_causal_lm(directory: Path, architecture: str = "llama", seed: int = 0, 
         )
         model = transformers.GPT2LMHeadModel(config)
     else:
-        raise ValueError(f"unknown architecture {architecture!r}; use llama or gpt2")
+        raise ValueError(f"unknown architecture {architecture!r}; use llama, qwen2 or gpt2")
     model.eval().save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     transformers.GenerationConfig(**special).save_pretrained(directory)

@@ -67,6 +67,45 @@ def test_resident_cache_steps_equal_one_forward_pass(runner: OnnxDecoderRunner, 
     runner.release(2)
 
 
+def test_steps_over_the_same_slots_reuse_one_cache_binding_and_old_ranges_are_dropped(
+    task_repository: Path, tiny_sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Binding every layer's cache buffers is the costly part of a call: a slot range keeps its
+    binding across steps (results unchanged), and only the most recent ranges are kept."""
+    import taskserve.server.runtimes.onnx_decoder as onnx_decoder
+
+    monkeypatch.setattr(onnx_decoder, "BINDINGS_KEPT", 2)
+    entry = task_repository / MODEL
+    config = load_model_config(entry)
+    runner = OnnxDecoderRunner(entry / "1" / config.default_model_filename, config)
+    runner.load()
+    made: list[int] = []
+    session = runner.runtime.session
+    new_binding = session.io_binding
+
+    def counted() -> object:
+        made.append(1)
+        return new_binding()
+
+    monkeypatch.setattr(session, "io_binding", counted)
+    ids = [5, 9, 23, 44, 12, 7, 3, 61, 8]
+    reference = _full_logits(tiny_sources[MODEL], ids)
+    try:
+        np.testing.assert_allclose(runner.step([StepRow(0, np.asarray(ids[:4]), 0)])[0], reference[3], atol=1e-4)
+        for position in range(4, len(ids)):  # decode steps over slot 0: the prefill's binding again
+            got = runner.step([StepRow(0, np.asarray(ids[position : position + 1]), position)])
+            np.testing.assert_allclose(got[0], reference[position], atol=1e-4)
+        assert len(made) == 1
+        for slot in (1, 2):  # two more ranges: the first one's binding is dropped
+            runner.step([StepRow(slot, np.asarray(ids[:2]), 0)])
+        assert len(made) == 3 and list(runner._bindings) == [(1, 2), (2, 3)]
+        runner.release(0)
+        np.testing.assert_allclose(runner.step([StepRow(0, np.asarray(ids[:4]), 0)])[0], reference[3], atol=1e-4)
+        assert len(made) == 4
+    finally:
+        runner.close()
+
+
 def test_first_chunks_of_several_sequences_run_as_one_call_and_equal_one_row_at_a_time(
     runner: OnnxDecoderRunner, task_repository: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

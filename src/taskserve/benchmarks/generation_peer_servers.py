@@ -221,10 +221,3 @@ def export_quantized(source: Path, model: str, repo: Path, weights: str, slots: 
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-5:])
         raise RuntimeError(f"the {weights} export failed (exit {done.returncode}): {tail}")
     return entry
-    argv = [sys.executable, "-m", "taskserve.exporters.cli", "hf", str(source), "--task", "text-generation",
-            "--weights", "int4", "--max-batch-size", "16", "--out", str(repo), "--name", model, "--quiet"]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
-    if done.returncode != 0:
-        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-5:])
-        raise RuntimeError(f"the int4 export failed (exit {done.returncode}): {tail}")
-    return entry

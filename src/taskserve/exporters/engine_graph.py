@@ -15,6 +15,10 @@ This graph instead
   ``seqlens_k[b] + 1 - sequence ... seqlens_k[b]``), so rows of different lengths share
   a call without masks or position ids; rotary embeddings run inside the attention kernel
   where it can (heads of a multiple of 16), as graph ops otherwise;
+- computes a layer's query, key and value projections as one MatMul (and the MLP's gate and
+  up projections as one), whose result GroupQueryAttention takes packed, and adds each
+  residual inside the next norm (``Skip(Simplified)LayerNormalization``): fewer, larger
+  operators, where a one-row decode step pays for every operator it runs;
 - returns ``logits`` only for the positions ``logits_index`` names (flat indices into
   batch x sequence, shape (rows,)): one per row that samples, so a call whose rows are
   padded on the right to the longest chunk still gets each row's last real token, and
@@ -96,6 +100,7 @@ def build_decoder_graph(model: Any, path: Path, max_positions: int) -> None:
     state = {k: v.detach().to(torch.float32).cpu().numpy() for k, v in model.state_dict().items()}
 
     inits: list[onnx.TensorProto] = []
+    consts: set[str] = set()
     nodes: list[onnx.NodeProto] = []
 
     def weight(name: str, array: np.ndarray, dtype: Any = np.float32) -> str:
@@ -128,8 +133,34 @@ def build_decoder_graph(model: Any, path: Path, max_positions: int) -> None:
         w, b = weight(f"{prefix}.weight", state[f"{prefix}.weight"]), weight(f"{prefix}.bias", state[f"{prefix}.bias"])
         return node("LayerNormalization", [x, w, b], out, axis=-1, epsilon=float(config.layer_norm_epsilon))
 
+    def linears(x: str, prefixes: list[str], out: str) -> str:
+        """Torch Linears reading the same input as one MatMul, their outputs side by side."""
+        w = np.concatenate([state[f"{p}.weight"].T for p in prefixes], axis=1)
+        biases = [state.get(f"{p}.bias") for p in prefixes]
+        if all(b is None for b in biases):
+            return dense(x, w, None, out)
+        shapes = [state[f"{p}.weight"].shape[0] for p in prefixes]
+        b = np.concatenate([np.zeros(n, np.float32) if v is None else v for v, n in zip(biases, shapes, strict=True)])
+        return dense(x, w, b, out)
+
+    def skip_norm(x: str, skip: str, prefix: str, out: str, total: str) -> tuple[str, str]:
+        """``norm(x + skip)`` and ``x + skip`` in one node (the residual sum and the next norm)."""
+        w = weight(f"{prefix}.weight", state[f"{prefix}.weight"])
+        if gpt2:
+            b = weight(f"{prefix}.bias", state[f"{prefix}.bias"])
+            eps = float(config.layer_norm_epsilon)
+            op, inputs = "SkipLayerNormalization", [x, skip, w, b]
+        else:
+            eps = float(config.rms_norm_eps)
+            op, inputs = "SkipSimplifiedLayerNormalization", [x, skip, w]
+        nodes.append(helper.make_node(op, inputs, [out, "", "", total], domain="com.microsoft", epsilon=eps))
+        return out, total
+
     def const(name: str, value: list[int]) -> str:
-        return weight(name, np.asarray(value), np.int64)
+        """An int64 constant, written once however many nodes read it."""
+        if name not in consts:
+            consts.add(weight(name, np.asarray(value), np.int64))
+        return name
 
     # Positions of the new tokens, (batch, sequence): seqlens_k + 1 - sequence + [0, sequence).
     node("Shape", ["input_ids"], "seq_len1", start=1, end=2)
@@ -187,11 +218,20 @@ def build_decoder_graph(model: Any, path: Path, max_positions: int) -> None:
     ]
     graph_outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", int(config.vocab_size)])]
 
-    def attention(i: int, q: str, k: str, v: str) -> str:
+    def attention(i: int, qkv: str) -> str:
+        """Attention over ``qkv``, the query, key and value projections side by side (one
+        MatMul): packed into GroupQueryAttention as they are where the kernel rotates (or
+        nothing rotates), split for the graph's own rotation otherwise."""
         for kind in ("key", "value"):
             graph_inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", TensorProto.FLOAT, cache_shape))
             graph_outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", TensorProto.FLOAT, cache_shape))
-        inputs = [rotate(q, heads, f"l{i}_qr"), rotate(k, kv_heads, f"l{i}_kr"), v]
+        if in_kernel_rotary or gpt2:
+            inputs = [qkv, "", ""]
+        else:
+            q, k, v = f"l{i}_q", f"l{i}_k", f"l{i}_v"
+            widths = const("qkv_widths", [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])
+            nodes.append(helper.make_node("Split", [qkv, widths], [q, k, v], axis=-1))
+            inputs = [rotate(q, heads, f"l{i}_qr"), rotate(k, kv_heads, f"l{i}_kr"), v]
         inputs += [f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_sequence_length"]
         if in_kernel_rotary:
             inputs += [cos, sin]
@@ -217,37 +257,38 @@ def build_decoder_graph(model: Any, path: Path, max_positions: int) -> None:
         node("Gather", [table, "positions"], "pos_embeds")
         x = node("Add", ["tok_embeds", "pos_embeds"], "x0")
         activation = GPT2_ACTIVATIONS[getattr(config, "activation_function", "gelu_new")]
+        h = layer_norm(x, "transformer.h.0.ln_1", "l0_h")
         for i in range(layers):
             p = f"transformer.h.{i}"
-            h = layer_norm(x, f"{p}.ln_1", f"l{i}_h")
-            q, k, v = (
-                conv1d(h, f"{p}.attn.c_attn", f"l{i}_{n}", slice(j * hidden, (j + 1) * hidden))
-                for j, n in enumerate("qkv")
-            )
-            o = conv1d(attention(i, q, k, v), f"{p}.attn.c_proj", f"l{i}_o")
-            r1 = node("Add", [x, o], f"l{i}_r1")
-            h2 = layer_norm(r1, f"{p}.ln_2", f"l{i}_h2")
+            o = conv1d(attention(i, conv1d(h, f"{p}.attn.c_attn", f"l{i}_qkv")), f"{p}.attn.c_proj", f"l{i}_o")
+            h2, r1 = skip_norm(x, o, f"{p}.ln_2", f"l{i}_h2", f"l{i}_r1")
             act = node(activation, [conv1d(h2, f"{p}.mlp.c_fc", f"l{i}_fc")], f"l{i}_act", domain="com.microsoft")
-            x = node("Add", [r1, conv1d(act, f"{p}.mlp.c_proj", f"l{i}_d")], f"l{i}_out")
+            d = conv1d(act, f"{p}.mlp.c_proj", f"l{i}_d")
+            if i + 1 < layers:
+                h, x = skip_norm(r1, d, f"transformer.h.{i + 1}.ln_1", f"l{i + 1}_h", f"l{i}_out")
+            else:
+                x = node("Add", [r1, d], f"l{i}_out")
         head_weight = state.get("lm_head.weight")
         tied = head_weight is None or np.array_equal(head_weight, state["transformer.wte.weight"])
     else:
         embed = weight("embed_tokens", state["model.embed_tokens.weight"])
         x = node("Gather", [embed, "input_ids"], "x0")
+        h = rms_norm(x, "model.layers.0.input_layernorm", "l0_h")
         for i in range(layers):
             p = f"model.layers.{i}"
-            h = rms_norm(x, f"{p}.input_layernorm", f"l{i}_h")
-            q = linear(h, f"{p}.self_attn.q_proj", f"l{i}_q")
-            k = linear(h, f"{p}.self_attn.k_proj", f"l{i}_k")
-            v = linear(h, f"{p}.self_attn.v_proj", f"l{i}_v")
-            o = linear(attention(i, q, k, v), f"{p}.self_attn.o_proj", f"l{i}_o")
-            r1 = node("Add", [x, o], f"l{i}_r1")
-            h2 = rms_norm(r1, f"{p}.post_attention_layernorm", f"l{i}_h2")
-            g = linear(h2, f"{p}.mlp.gate_proj", f"l{i}_g")
-            u = linear(h2, f"{p}.mlp.up_proj", f"l{i}_u")
+            qkv = linears(h, [f"{p}.self_attn.{n}_proj" for n in "qkv"], f"l{i}_qkv")
+            o = linear(attention(i, qkv), f"{p}.self_attn.o_proj", f"l{i}_o")
+            h2, r1 = skip_norm(x, o, f"{p}.post_attention_layernorm", f"l{i}_h2", f"l{i}_r1")
+            gate_up = linears(h2, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], f"l{i}_gu")
+            g, u = f"l{i}_g", f"l{i}_u"
+            widths = const("gate_up_widths", [int(config.intermediate_size)] * 2)
+            nodes.append(helper.make_node("Split", [gate_up, widths], [g, u], axis=-1))
             silu = node("Mul", [g, node("Sigmoid", [g], f"l{i}_gs")], f"l{i}_silu")
             d = linear(node("Mul", [silu, u], f"l{i}_m"), f"{p}.mlp.down_proj", f"l{i}_d")
-            x = node("Add", [r1, d], f"l{i}_out")
+            if i + 1 < layers:
+                h, x = skip_norm(r1, d, f"model.layers.{i + 1}.input_layernorm", f"l{i + 1}_h", f"l{i}_out")
+            else:
+                x = node("Add", [r1, d], f"l{i}_out")
         head_weight = state.get("lm_head.weight")
         tied = head_weight is None or bool(config.tie_word_embeddings)
     # Only the positions logits_index names reach the norm and the vocabulary projection.

@@ -72,12 +72,18 @@ def matmul_nbits(
     """The nodes computing ``activations @ weight`` with ``weight`` as Q4_1-style int4 (``bits``
     4) or Q8_0-style int8 (``bits`` 8), and their initializers.
 
-    int4 is written split, ``x @ W = x @ (scale * q) + (x summed per block) @ block_min``: a
-    MatMulNBits with the codes and an all-zero integer zero point, plus the block minimums as a
-    small float MatMul (K/block rows). The same numbers as one MatMulNBits with float zero
-    points, but ONNX Runtime's CPU kernel takes float zero points only on a fallback that
-    dequantizes the whole matrix to float32 on every call; integer zero points keep it on its
-    packed 4-bit kernel."""
+    int4 is written as ONNX Runtime's packed 4-bit kernel can take it: its zero points must be
+    integers (with float ones it dequantizes the whole matrix on every call). A Q4_1 block
+    ``scale * (q - z)`` has a float ``z``; with ``zi`` the nearest integer code,
+    ``x @ W = MatMulNBits(x; q, scale, zi) + (x summed per block) @ residual``, where
+    ``residual = scale * (zi - z)`` (at most half a step per block and column) is a small
+    float MatMul over the block sums. The same numbers as the Q4_1 matrix, exactly.
+
+    ``accuracy_level`` 4 quantizes the activations to int8 per block inside MatMulNBits (integer
+    dot products, VNNI where present), as llama.cpp's Q4_1 x Q8_1 dot product does; the residual
+    term then sees the activations unquantized. (An integer zero point of 0, codes 0..15 and the
+    block minimums as the float term instead, moves results several times further under int8
+    activations: the whole minimum rides on the rounded activations' error.)"""
     k, n = weight.shape
     if bits != 4:
         codes, scale = quantize_q8(weight, block)
@@ -89,12 +95,14 @@ def matmul_nbits(
         return inits, [node]
     packed, scale, zero_point = quantize_q4(weight, block)
     blocks = packed.shape[1]
+    codes_zero = np.clip(np.rint(zero_point), 0, Q4_LEVELS).astype(np.uint8)
+    residual = np.ascontiguousarray((scale * (codes_zero - zero_point)).T, np.float32)  # (blocks, N)
+    pairs = np.pad(codes_zero, ((0, 0), (0, blocks % 2)))  # two 4-bit zero points a byte, low first
     selector = np.zeros((k, blocks), np.float32)  # sums each block of x's K entries
     selector[np.arange(k), np.arange(k) // block] = 1
-    block_min = np.ascontiguousarray((-zero_point * scale).T, np.float32)  # (blocks, N)
     arrays = {
-        "q4": packed, "scales": scale, "zero_points": np.zeros((n, (blocks + 1) // 2), np.uint8),
-        "block_sum": selector, "block_min": block_min,
+        "q4": packed, "scales": scale, "zero_points": (pairs[:, 0::2] | (pairs[:, 1::2] << 4)).astype(np.uint8),
+        "block_sum": selector, "residual": residual,
     }  # fmt: skip
     inits = [numpy_helper.from_array(a, f"{name}.{suffix}") for suffix, a in arrays.items()]
     nodes = [
@@ -104,8 +112,8 @@ def matmul_nbits(
         ),
         helper.make_node("MatMul", [activations, f"{name}.block_sum"], [f"{name}.sums"], name=f"{name}_block_sum"),
         helper.make_node(
-            "MatMul", [f"{name}.sums", f"{name}.block_min"], [f"{name}.mins_out"], name=f"{name}_block_min"
+            "MatMul", [f"{name}.sums", f"{name}.residual"], [f"{name}.residual_out"], name=f"{name}_residual"
         ),
-        helper.make_node("Add", [f"{name}.codes_out", f"{name}.mins_out"], [output], name=f"{name}_add"),
+        helper.make_node("Add", [f"{name}.codes_out", f"{name}.residual_out"], [output], name=f"{name}_add"),
     ]  # fmt: skip
     return inits, nodes

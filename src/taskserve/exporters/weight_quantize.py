@@ -1,9 +1,10 @@
 """Weight-only quantization (``taskserve-export --weights int4|int8``): every constant-weight
 MatMul becomes ONNX Runtime's blockwise ``MatMulNBits`` (weights in 4 or 8 bits with one fp32
-scale per block of ``BLOCK_SIZE`` input rows; activations stay float). int8 is symmetric
-(ONNX Runtime's quantizer); ``--weights int4`` is ggml's Q4_1 scheme (asymmetric, float zero points,
-``ggml_blocks``), which gives back weights already on a Q4_1 grid exactly, with the LM head
-(the MatMul that writes a graph output) in Q8_0-style int8, as ggml's Q4_1 files keep it.
+scale per block of ``BLOCK_SIZE`` input rows; the kernel quantizes the activations to int8 per
+block and runs integer dot products, as llama.cpp's quantized matrices do). int8 is symmetric
+(ONNX Runtime's quantizer); ``--weights int4`` is ggml's Q4_1 scheme (asymmetric, ``ggml_blocks``),
+which gives back weights already on a Q4_1 grid exactly, with the LM head (the MatMul that
+writes a graph output) in Q8_0-style int8, as ggml's Q4_1 files keep it.
 
 Decoding reads every weight once per step, so a step costs roughly the bytes of the weights:
 int4 reads about an eighth of fp32. A constant-weight ``Gemm(x, W, transB=1)`` (the engine
@@ -30,11 +31,9 @@ BLOCK_SIZE = 32
 # accuracy_level 4: the CPU kernel quantizes activations to int8 per block and runs integer
 # dot products (VNNI where present); lower levels compute in fp32 after dequantizing.
 ACCURACY_LEVEL = 4
-# The Q4_1-style int4 blocks ask for fp32 activations (level 1): with int8 activations the
-# codes 0..15, all of one sign, turn the activations' rounding into a bias per block, which
-# costs more greedy agreement than int8 weights do. ONNX Runtime's CPU kernel computes float
-# zero points in fp32 at any level (it dequantizes the weights, then an fp32 MatMul).
-Q4_ACCURACY_LEVEL = 1
+# The Q4_1-style int4 blocks too: their integer codes and zero points run on the same int8
+# kernel (ggml_blocks.matmul_nbits keeps the grid exact with a small float residual term).
+Q4_ACCURACY_LEVEL = ACCURACY_LEVEL
 # Too small to pay for the block bookkeeping (and MatMulNBits needs K and N of at least a block).
 _MIN_ELEMENTS = 16 * 1024
 

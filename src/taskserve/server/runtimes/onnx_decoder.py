@@ -11,7 +11,8 @@ the OS maps on first write, 4 KiB at a time: memory grows with the positions act
 and a first write into a fresh slot costs little. (``np.zeros`` asks for transparent huge
 pages on arrays this large, and then a first write into a fresh slot, such as a prefix
 copy, made the kernel zero a 2 MiB page for every layer and head it touched.) A slot range is bound by
-address (an offset into the buffer), so a step creates no per-layer OrtValues.
+address (an offset into the buffer), so a step creates no per-layer OrtValues, and a
+range's binding is kept for the steps after it (``_cache_binding``).
 
 The graph is float32, and ONNX Runtime's CUDA ``GroupQueryAttention`` takes float16 and
 bfloat16 only: under the CUDA provider that node would run on the CPU anyway, so the
@@ -42,6 +43,7 @@ into calls where the padding would exceed the real tokens. Graphs exported befor
 
 from __future__ import annotations
 
+import collections
 import logging
 import mmap
 from collections.abc import Sequence
@@ -62,6 +64,8 @@ log = logging.getLogger(__name__)
 MAX_POSITIONS_KEY = "taskserve.max_positions"
 # The graph input naming the positions whose logits it returns (flat indices into batch x sequence).
 LOGITS_INDEX = "logits_index"
+# Slot ranges whose cache binding is kept (``_cache_binding``): the decode range and a few prefill ones.
+BINDINGS_KEPT = 8
 
 
 def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
@@ -86,6 +90,7 @@ class OnnxDecoderRunner(SlotCacheRunner):
         self._session: Any = None
         self._keys: list[np.ndarray] = []
         self._values: list[np.ndarray] = []
+        self._bindings: collections.OrderedDict[tuple[int, int], Any] = collections.OrderedDict()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -125,6 +130,7 @@ class OnnxDecoderRunner(SlotCacheRunner):
         self._keys = [lazy_zeros(cache) for _ in layers]
         self._values = [lazy_zeros(cache) for _ in layers]
         self._lengths = np.zeros(self._slots, np.int64)
+        self._bindings.clear()  # bound to the buffers just replaced
         self._session = session
         if onnx_providers.uses_cuda(self.runtime.providers):
             log.warning(
@@ -140,6 +146,7 @@ class OnnxDecoderRunner(SlotCacheRunner):
 
     def close(self) -> None:
         self._session = None
+        self._bindings.clear()
         self._keys, self._values = [], []
         self.runtime.close()
 
@@ -231,29 +238,42 @@ class OnnxDecoderRunner(SlotCacheRunner):
             index.append(row.slot - lo)
         return self._run(lo, hi, tokens, totals, np.asarray(index, np.int64))
 
-    def _run(self, lo: int, hi: int, tokens: np.ndarray, totals: np.ndarray, index: np.ndarray) -> np.ndarray:
-        """One model call over slots [lo, hi): ``tokens`` (rows, n) new tokens, ``totals`` the
-        positions each row holds afterwards; returns the logits at ``index`` (flat indices
-        into rows x n), one row each."""
-        session = self._session
-        binding = session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, np.int64))
-        binding.bind_cpu_input("seqlens_k", (totals - 1).astype(np.int32))
-        binding.bind_cpu_input("total_sequence_length", np.asarray(int(totals.max()), np.int32))
-        if self._indexed:
-            binding.bind_cpu_input(LOGITS_INDEX, np.ascontiguousarray(index, np.int64))
-        # Slots [lo, hi) are a contiguous view of every buffer: bind it by address, as the past
-        # input and the present output both, so the kernel updates the cache in place.
+    def _cache_binding(self, lo: int, hi: int) -> Any:
+        """An IOBinding with slots [lo, hi) of every cache buffer bound by address, as the past
+        input and the present output both, so the kernel updates the cache in place. Binding
+        them is hundreds of calls into ONNX Runtime (the GIL held throughout), and consecutive
+        steps mostly span the same slots, so the few most recent ranges keep their binding; a
+        call rebinds only its own small inputs and its logits."""
+        binding = self._bindings.get((lo, hi))
+        if binding is not None:
+            self._bindings.move_to_end((lo, hi))
+            return binding
+        binding = self._session.io_binding()
         for layer, (keys, values) in enumerate(zip(self._keys, self._values, strict=True)):
             for kind, buffer in (("key", keys), ("value", values)):
                 view = buffer[lo:hi]
                 shape, address = list(view.shape), view.ctypes.data
                 binding.bind_input(f"past_{kind}.{layer}", "cpu", 0, np.float32, shape, address)
                 binding.bind_output(f"present_{kind}.{layer}", "cpu", 0, np.float32, shape, address)
+        self._bindings[(lo, hi)] = binding
+        if len(self._bindings) > BINDINGS_KEPT:
+            self._bindings.popitem(last=False)
+        return binding
+
+    def _run(self, lo: int, hi: int, tokens: np.ndarray, totals: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """One model call over slots [lo, hi): ``tokens`` (rows, n) new tokens, ``totals`` the
+        positions each row holds afterwards; returns the logits at ``index`` (flat indices
+        into rows x n), one row each."""
+        binding = self._cache_binding(lo, hi)
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, np.int64))
+        binding.bind_cpu_input("seqlens_k", (totals - 1).astype(np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.asarray(int(totals.max()), np.int32))
+        if self._indexed:
+            binding.bind_cpu_input(LOGITS_INDEX, np.ascontiguousarray(index, np.int64))
         logits = np.empty((len(index) if self._indexed else hi - lo, self._vocab), np.float32)
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         try:
-            session.run_with_iobinding(binding)
+            self._session.run_with_iobinding(binding)
         except Exception as err:
             raise RuntimeFailure(f"onnxruntime failed on model {self.config.name!r}: {err}") from err
         # A graph without logits_index returns each row's last position (its calls have no padding).
