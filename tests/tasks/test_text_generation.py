@@ -257,7 +257,7 @@ def test_errors_map_to_statuses(channel: grpc.Channel) -> None:
 
 def test_deadline_ends_the_generation(channel: grpc.Channel) -> None:
     with pytest.raises(grpc.RpcError) as err:
-        _stream(channel, "tiny-llama", timeout=0.05, prompt="The cat", max_new_tokens=120)
+        _stream(channel, "tiny-llama", timeout=0.002, prompt="The cat", max_new_tokens=120)
     assert _code(err) == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
@@ -290,7 +290,7 @@ def test_sync_client_streams_and_collects(task_server: ServerThread) -> None:
         with pytest.raises(InvalidArgument, match="prompt is empty"):
             client.text.generate_text(" ", model="tiny-llama")
         with pytest.raises(DeadlineExceeded):
-            client.text.generate_text("The cat", model="tiny-llama", max_new_tokens=120, timeout=0.05)
+            client.text.generate_text("The cat", model="tiny-llama", max_new_tokens=120, timeout=0.002)
         with pytest.raises(ValueError, match="either prompt or messages"):
             client.text.generate(model="tiny-llama")
         with pytest.raises(TypeError, match="list of strings"):

@@ -1,23 +1,30 @@
-"""The generation engine's asyncio driver: a thin loop around the synchronous core.
+"""The generation engine's driver: a thin loop around the synchronous core.
 
 ``engine_core.EngineCore`` decides (admission, token budget, chunked prefill, slots,
 finishing); ``runtimes/generation.py``'s ``DecoderRunner`` computes; this module only
-moves between them: plan on the event loop, run the step (the model call and the
-sampling, ``DecoderRunner.sample``) on the runner's own thread, update the core, deliver the tokens
-to each sequence's stream, record the metrics. The engine knows nothing of tokenizers or
-gRPC: the task turns tokens into text, decides on stop strings and cancels the stream
-when it has seen enough.
+moves between them. The loop runs on a thread of its own: plan, run the step (the model
+call and the sampling, ``DecoderRunner.sample``), update the core, plan the next, and hand
+each step's tokens to the event loop, which delivers them to the sequences' streams. The
+next step so starts as soon as the core has seen the last one's tokens, while the event
+loop writes them out; a loop that planned on the event loop would start each step only
+after a round trip through it, with the streams' own work (detokenizing, writing) in the
+way. The engine knows nothing of tokenizers or gRPC: the task turns tokens into text,
+decides on stop strings and cancels the stream when it has seen enough.
+
+The core is shared by the two threads under one lock: the event loop adds and cancels
+sequences (so a cancelled stream's slot is free when ``cancel`` returns); the engine
+thread plans and updates.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from taskserve.server.errors import ModelNotReady, RuntimeFailure, TaskServeError
 from taskserve.server.metrics import ModelMetrics
@@ -82,8 +89,8 @@ class GenerationScheduler(GenerationEngine):
     """Continuous batching over a ``DecoderRunner``. Owns the runner: ``stop`` closes it.
 
     ``generate``, ``inflight_count``, ``stop`` and the streams' ``cancel`` are called on the
-    event loop that ran ``start``; the core is touched only there. The runner runs on one
-    thread of its own, never concurrently.
+    event loop that ran ``start``; deliveries happen there too. The runner runs on the
+    engine's thread only, never concurrently.
     """
 
     def __init__(
@@ -105,12 +112,17 @@ class GenerationScheduler(GenerationEngine):
         )
         self._metrics = metrics
         self._deliveries: dict[int, _Delivery] = {}
-        self._work = asyncio.Event()
+        # Guards the core; the engine thread waits on it for work.
+        self._lock = threading.Condition()
+        self._work = False  # a sequence was added or cancelled since the last plan
+        self._exit = False  # the engine thread leaves at its next look
+        # Bumped by every generate: an idle report from the thread counts only if none came since.
+        self._generation = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._stopping = False
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{name}")
         # Steps run so far (tests and benchmarks read it).
         self.iterations = 0
 
@@ -127,95 +139,155 @@ class GenerationScheduler(GenerationEngine):
     def generate(self, request: SequenceRequest) -> GenerationStream:
         if self._stopping:
             raise ModelNotReady(f"model {self.name!r} is stopping; retry on another replica")
-        seq_id = self.core.add(request)
+        with self._lock:
+            seq_id = self.core.add(request)
+            self._generation += 1
+            self._work = True
+            self._lock.notify()
         delivery = _Delivery(asyncio.Queue(), time.monotonic())
         self._deliveries[seq_id] = delivery
         self._idle.clear()
-        self._work.set()
         return GenerationStream(self, seq_id, delivery)
 
     @property
     def idle(self) -> bool:
-        """No sequence unfinished and no step in flight (set by the loop once the last step's
-        results are in). Safe to read from any thread."""
+        """No sequence unfinished and no step in flight (set once the last step's results are
+        delivered). Safe to read from any thread."""
         return self._idle.is_set()
 
     @property
     def running_count(self) -> int:
-        return self.core.num_running
+        with self._lock:
+            return self.core.num_running
 
     @property
     def waiting_count(self) -> int:
-        return self.core.num_waiting
+        with self._lock:
+            return self.core.num_waiting
 
     # -- Lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"engine-{self.name}")
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
+            self._thread.start()
 
     def inflight_count(self) -> int:
-        return self.core.num_unfinished
+        with self._lock:
+            return self.core.num_unfinished
 
     async def stop(self, drain: bool = True) -> None:
         if self._stopping:
             return
         self._stopping = True
-        if drain and self._task is not None and not self._task.done():
-            # Until the work is done, or the loop is (a loop that died would never set idle).
-            idle = asyncio.ensure_future(self._idle.wait())
-            await asyncio.wait({idle, self._task}, return_when=asyncio.FIRST_COMPLETED)
-            idle.cancel()
-        self._deliver(self.core.abort_all(ModelNotReady(f"model {self.name!r} was unloaded; retry")))
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        await asyncio.get_running_loop().run_in_executor(self._thread, self.runner.close)
-        self._thread.shutdown(wait=False)
+        thread = self._thread
+        if drain and thread is not None and thread.is_alive():
+            await self._idle.wait()  # the thread reports idle when it ends too
+        with self._lock:
+            self._exit = True  # a step in flight is not recorded: its sequences end here
+            aborted = self.core.abort_all(ModelNotReady(f"model {self.name!r} was unloaded; retry"))
+            self._lock.notify()
+        self._deliver(aborted)
+        if thread is not None:
+            await asyncio.to_thread(thread.join)
+            self._thread = None
+        await asyncio.to_thread(self.runner.close)
 
-    # -- the loop ------------------------------------------------------------------------
+    # -- the engine thread ---------------------------------------------------------------
 
     def _cancel(self, seq_id: int) -> None:
-        self.core.cancel(seq_id)
+        with self._lock:
+            self.core.cancel(seq_id)
+            self._work = True  # the freed slot may admit a waiting sequence
+            self._lock.notify()
         self._end(seq_id, None)
-        self._work.set()  # the freed slot may admit a waiting sequence
 
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _post(self, callback: Any, *args: Any) -> None:
+        """Run ``callback(*args)`` on the event loop (in the order posted)."""
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop closed under a stopping server: nobody is listening
+            pass
+
+    def _run(self) -> None:
+        try:
+            self._steps()
+        except BaseException:
+            log.exception("model %r: the generation engine's thread failed", self.name)
+            with self._lock:
+                aborted = self.core.abort_all(RuntimeFailure(f"model {self.name!r}: the generation engine failed"))
+                self._exit = True
+            self._post(self._deliver, aborted)
+            self._post(self._idle.set)
+
+    def _steps(self) -> None:
         while True:
-            plan = self.core.schedule(time.monotonic())
-            self._deliver(plan.ended)
-            self._publish_gauges()
-            if plan.prefix_reused and self._metrics is not None:
-                self._metrics.prefix_cache_lookups(plan.prefix_reused)
+            with self._lock:
+                if self._exit:
+                    return
+                self._work = False
+                plan = self.core.schedule(time.monotonic())
+                released = () if plan.rows else tuple(self.core.take_released_slots())
+                gauges = self._gauges()
+                generation, unfinished = self._generation, self.core.num_unfinished
+            if plan.ended:
+                self._post(self._deliver, plan.ended)
+            self._publish(gauges, plan.prefix_reused)
+            if released:  # nothing to run: reset them now (an encoder-decoder's slot holds memory)
+                _release(self.runner, released)
+                continue
             if not plan.rows:
-                released = self.core.take_released_slots()
-                if released:  # nothing to run: reset them now (an encoder-decoder's slot holds memory)
-                    await loop.run_in_executor(self._thread, _release, self.runner, released)
-                    continue
-                if self.core.num_unfinished == 0:
-                    self._idle.set()
-                self._work.clear()
-                await self._work.wait()
+                if unfinished == 0:
+                    self._post(self._report_idle, generation)
+                with self._lock:
+                    while not (self._work or self._exit):
+                        self._lock.wait()
                 continue
             started = time.perf_counter_ns()
             try:
-                sampled = await loop.run_in_executor(self._thread, _execute, self.runner, plan)
-            except asyncio.CancelledError:
-                raise
+                sampled = _execute(self.runner, plan)
             except Exception as err:  # noqa: BLE001 - every sequence in the step learns why
                 failure = err if isinstance(err, TaskServeError) else RuntimeFailure(f"generation step failed: {err}")
                 log.exception("model %r: generation step failed", self.name)
-                self._deliver(self.core.fail(plan, failure))
+                with self._lock:
+                    outputs = [] if self._exit else self.core.fail(plan, failure)
+                self._post(self._deliver, outputs)
                 continue
+            with self._lock:
+                if self._exit:
+                    return
+                outputs = self.core.update(plan, sampled)
+            self._post(self._deliver, outputs)
             self.iterations += 1
             if self._metrics is not None:
                 # One iteration is one execution of len(rows) rows in the v2 statistics and batch metrics.
                 rows = len(plan.rows)
                 self._metrics.batch_executed(rows, rows, 0, time.perf_counter_ns() - started, 0)
-            self._deliver(self.core.update(plan, sampled))
+
+    def _gauges(self) -> tuple[int, int, float, int]:
+        """What the gauges show, read under the lock: running, waiting, cache occupancy, cached prefixes."""
+        core, limits = self.core, self.core.limits
+        occupancy = core.cached_positions / (limits.max_num_seqs * limits.max_model_len)
+        return core.num_running, core.num_waiting, occupancy, core.num_cached_prefixes
+
+    def _publish(self, gauges: tuple[int, int, float, int], prefix_reused: Sequence[int]) -> None:
+        if self._metrics is None:
+            return
+        running, waiting, occupancy, cached = gauges
+        self._metrics.generation_state(running, waiting, occupancy)
+        if self.core.limits.prefix_caching:
+            self._metrics.prefix_cache_state(cached)
+        if prefix_reused:
+            self._metrics.prefix_cache_lookups(prefix_reused)
+
+    # -- on the event loop ---------------------------------------------------------------
+
+    def _report_idle(self, generation: int) -> None:
+        """The thread found nothing to do: idle, unless a sequence was added since it looked."""
+        if generation == self._generation:
+            self._idle.set()
 
     def _deliver(self, outputs: Sequence[SequenceOutput]) -> None:
         now = time.monotonic()
@@ -240,15 +312,6 @@ class GenerationScheduler(GenerationEngine):
         if delivery is not None and not delivery.ended:
             delivery.ended = True
             delivery.queue.put_nowait(_END if error is None else error)
-
-    def _publish_gauges(self) -> None:
-        if self._metrics is None:
-            return
-        limits = self.core.limits
-        occupancy = self.core.cached_positions / (limits.max_num_seqs * limits.max_model_len)
-        self._metrics.generation_state(self.core.num_running, self.core.num_waiting, occupancy)
-        if limits.prefix_caching:
-            self._metrics.prefix_cache_state(self.core.num_cached_prefixes)
 
 
 def _release(runner: DecoderRunner, slots: Sequence[int]) -> None:
