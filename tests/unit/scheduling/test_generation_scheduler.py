@@ -1,4 +1,4 @@
-"""The generation engine's asyncio driver over its core, with a fake runner whose next
+"""The generation engine's driver (its thread) over its core, with a fake runner whose next
 token is the last input token plus one: tokens reach the streams, slots go back to the
 runner on stop, cancel and deadline, decode rows share steps, the runner is never called
 concurrently. The scheduling decisions themselves are tested synchronously in
