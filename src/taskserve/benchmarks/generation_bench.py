@@ -259,9 +259,13 @@ def run_generation(args: argparse.Namespace) -> tuple[list[RunResult], dict[str,
                     )  # fmt: skip
                     say(f"context {timing.prompt_tokens:5d} tokens: {timing.decode_tokens_per_s:8.1f} tokens/s decode")
                 measured["context_1000_vs_100_tokens_per_s"] = context[args.long_context] / context[args.short_context]
-                ttft_prompt = prompt_of(tokenizer, args.ttft_prompt)
-                idle = [stream_once(client, args.model, ttft_prompt, 1) for _ in range(args.ttft_samples)]
-                busy = _ttft_while_busy(client, args, tokenizer, ttft_prompt)
+                # Every probe a prompt of its own: with the prefix cache on, a repeated prompt would
+                # skip its prefill, and TTFT would measure one token's step instead.
+                idle = [
+                    stream_once(client, args.model, prompt_of(tokenizer, args.ttft_prompt, salt=1 + k), 1)
+                    for k in range(args.ttft_samples)
+                ]
+                busy = _ttft_while_busy(client, args, tokenizer)
                 idle_p50 = statistics.median(t.first_s for t in idle)
                 busy_p50 = statistics.median(t.first_s for t in busy)
                 runs.append(_run_result("ttft-idle", 0, idle, sum(t.total_s for t in idle), ttft_p50_s=idle_p50))
@@ -271,7 +275,7 @@ def run_generation(args: argparse.Namespace) -> tuple[list[RunResult], dict[str,
                 )  # fmt: skip
                 measured["ttft_p50_busy_vs_idle"] = busy_p50 / idle_p50
                 say(f"TTFT p50: idle {idle_p50 * 1e3:.0f} ms, {args.busy_streams} busy {busy_p50 * 1e3:.0f} ms")
-                short_prompt = prompt_of(tokenizer, args.short_context)
+                short_prompt = prompt_of(tokenizer, args.short_context, salt=3)  # not the context run's (cached)
                 server_one = stream_once(client, args.model, short_prompt, args.new_tokens)
                 server_tps = server_one.tokens / server_one.total_s
                 runs.append(
@@ -305,10 +309,9 @@ def run_generation(args: argparse.Namespace) -> tuple[list[RunResult], dict[str,
     return runs, paths
 
 
-def _ttft_while_busy(
-    client: TaskServeClient, args: argparse.Namespace, tokenizer: Path, prompt: str
-) -> list[StreamTiming]:
-    """TTFT probes one after another while ``busy_streams`` streams keep decoding."""
+def _ttft_while_busy(client: TaskServeClient, args: argparse.Namespace, tokenizer: Path) -> list[StreamTiming]:
+    """TTFT probes (each a prompt of its own) one after another while ``busy_streams`` streams
+    keep decoding."""
     stop = threading.Event()
     started = threading.Barrier(args.busy_streams + 1)
 
@@ -323,7 +326,10 @@ def _ttft_while_busy(
         started.wait()
         time.sleep(0.5)  # the background streams are decoding
         try:
-            return [stream_once(client, args.model, prompt, 1) for _ in range(args.ttft_samples)]
+            return [
+                stream_once(client, args.model, prompt_of(tokenizer, args.ttft_prompt, salt=50 + k), 1)
+                for k in range(args.ttft_samples)
+            ]
         finally:
             stop.set()
             for f in futures:
