@@ -81,6 +81,14 @@ def steps(repo: Path) -> list[Step]:
                                                           "--requests-per-stream", "8", "--repeats", "2", "--quiet",
                                                           "--name", f"generation-peers-{GENERATION_MODEL}"),
              prepare=_smollm2_source),  # fmt: skip
+        # One stream again with four repeats: int4 / llama.cpp Q4_1 (issue 21's goal) sits within the
+        # machine's drift between minutes, which two repeats cannot tell from a verdict.
+        Step(f"generation-peers-{GENERATION_MODEL}-one-stream", 4, (
+            "generation", "--peer", "llama.cpp", "--model-repository", str(repo), "--model", GENERATION_MODEL,
+            "--source", str(SMOLLM2_SOURCE), "--streams", "1", "--requests-per-stream", "8", "--repeats", "4",
+            "--servers", "taskserve-int4,taskserve-int8,llama.cpp-q4_1", "--quiet",
+            "--name", f"generation-peers-{GENERATION_MODEL}-one-stream"),
+             prepare=_smollm2_source),  # fmt: skip
         # The prefix cache: 32 requests sharing a 500-token system prompt, TTFT with the cache off / on.
         Step(f"generation-prefix-cache-{GENERATION_MODEL}", 3, (
             "generation", "--model-repository", str(repo), "--model", GENERATION_MODEL, "--shared-prefix-tokens", "500",
