@@ -221,3 +221,26 @@ async def test_stop_without_drain_ends_every_stream_and_is_idempotent() -> None:
     assert engine.inflight_count() == 0
     with pytest.raises(ModelNotReady):
         engine.generate(_request([1], 2))
+
+
+async def test_a_failure_of_the_engine_thread_ends_every_stream_and_refuses_new_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug outside a step (here in planning) must not leave streams waiting forever."""
+    from taskserve.server.errors import RuntimeFailure
+
+    runner = FakeRunner(step_s=0.002)
+    engine = await _engine(runner, max_num_seqs=1, max_num_batched_tokens=16)
+    stream = asyncio.ensure_future(_collect(engine, _request([1], 200)))
+    assert await asyncio.to_thread(runner.stepped.wait, 10)
+
+    def broken(now: float) -> object:
+        raise AssertionError("a planning bug")
+
+    monkeypatch.setattr(engine.core, "schedule", broken)
+    with pytest.raises(RuntimeFailure, match="generation engine failed"):
+        await asyncio.wait_for(stream, 10)
+    with pytest.raises(RuntimeFailure, match="reload the model"):
+        engine.generate(_request([1], 2))
+    assert engine.idle and engine.inflight_count() == 0
+    await engine.stop()  # still closes the runner

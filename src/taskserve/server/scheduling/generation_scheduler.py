@@ -123,6 +123,7 @@ class GenerationScheduler(GenerationEngine):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._failed = False  # the engine thread died: new sequences are refused until a reload
         # Steps run so far (tests and benchmarks read it).
         self.iterations = 0
 
@@ -139,6 +140,10 @@ class GenerationScheduler(GenerationEngine):
     def generate(self, request: SequenceRequest) -> GenerationStream:
         if self._stopping:
             raise ModelNotReady(f"model {self.name!r} is stopping; retry on another replica")
+        if self._failed:
+            raise RuntimeFailure(
+                f"model {self.name!r}: the generation engine failed (see the server log); reload the model"
+            )
         with self._lock:
             seq_id = self.core.add(request)
             self._generation += 1
@@ -216,6 +221,7 @@ class GenerationScheduler(GenerationEngine):
             self._steps()
         except BaseException:
             log.exception("model %r: the generation engine's thread failed", self.name)
+            self._failed = True
             with self._lock:
                 aborted = self.core.abort_all(RuntimeFailure(f"model {self.name!r}: the generation engine failed"))
                 self._exit = True
