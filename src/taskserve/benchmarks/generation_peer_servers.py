@@ -171,6 +171,8 @@ def vllm_model_dir(source: Path, work: Path) -> Path:
     tokenizer saved from the GGUF conversion loads as a LlamaTokenizer in transformers 5 and
     garbles text, so it is named a PreTrainedTokenizerFast, and generation ends at <|im_end|>."""
     out = work / "vllm-model"
+    if (out / "tokenizer_config.json").is_file():  # made for another vLLM server of the run
+        return out
     out.mkdir(parents=True)
     for item in source.iterdir():
         if item.name != "tokenizer_config.json":
