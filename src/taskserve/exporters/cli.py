@@ -46,8 +46,8 @@ def _common(p: argparse.ArgumentParser, name_required: bool = False) -> None:
     p.add_argument(
         "--weights", choices=["int4", "int8"],
         help="weight-only blockwise quantization for CPU (MatMulNBits), blocks of 32: int4 is ggml's Q4_1 "
-        "scheme (asymmetric, float zero points; the LM head 8-bit), int8 symmetric; the generation engine's "
-        "graphs take it (docs/export.md)",
+        "scheme (asymmetric, kept exact on ONNX Runtime's int8-activation kernel; the LM head 8-bit), int8 "
+        "symmetric; the generation engine's graphs take it (docs/export.md)",
     )  # fmt: skip
     p.add_argument(
         "--allow-quality-loss", action="store_true",

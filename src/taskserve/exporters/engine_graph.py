@@ -120,9 +120,9 @@ def build_decoder_graph(model: Any, path: Path, max_positions: int) -> None:
         """A torch Linear (weight (out, in))."""
         return dense(x, state[f"{prefix}.weight"].T, state.get(f"{prefix}.bias"), out)
 
-    def conv1d(x: str, prefix: str, out: str, cols: slice = slice(None)) -> str:
-        """A GPT-2 Conv1D (weight (in, out)), or the columns ``cols`` of it."""
-        return dense(x, state[f"{prefix}.weight"][:, cols], state[f"{prefix}.bias"][cols], out)
+    def conv1d(x: str, prefix: str, out: str) -> str:
+        """A GPT-2 Conv1D (weight (in, out))."""
+        return dense(x, state[f"{prefix}.weight"], state[f"{prefix}.bias"], out)
 
     def rms_norm(x: str, prefix: str, out: str) -> str:
         w = weight(f"{prefix}.weight", state[f"{prefix}.weight"])

@@ -8,9 +8,9 @@
   ggml's Q4_1 (``d * q + m``), so a matrix already on such a grid (a model dequantized from a
   Q4_1 GGUF) comes back exactly, up to float rounding; a symmetric scale (``max|w| / 8``,
   integer zero point 8) cannot follow a block that is not centred on 0. For other weights it
-  is the usual min/max asymmetric int4. The zero point must be a float (MatMulNBits'
-  unpacked ``zero_points``, in the scales' type): an integer one rounds ``-min / scale`` and
-  moves every weight of the block by up to half a step.
+  is the usual min/max asymmetric int4. The zero point is a float: rounded to an integer it
+  would move every weight of the block by up to half a step, which is why ``matmul_nbits``
+  writes the rounded one together with a residual term that gives that half step back.
 - **Q8_0-style int8** (``quantize_q8``): codes ``q`` in -127..127 stored with MatMulNBits'
   default zero point 128, scale ``max|w| / 127``: ggml's Q8_0 (``d * q``), exact for a
   matrix on that grid (such as a Q4_1 GGUF's token embedding, which ggml keeps in Q8_0).

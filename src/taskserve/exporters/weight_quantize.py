@@ -31,9 +31,8 @@ BLOCK_SIZE = 32
 # accuracy_level 4: the CPU kernel quantizes activations to int8 per block and runs integer
 # dot products (VNNI where present); lower levels compute in fp32 after dequantizing.
 ACCURACY_LEVEL = 4
-# The Q4_1-style int4 blocks too: their integer codes and zero points run on the same int8
-# kernel (ggml_blocks.matmul_nbits keeps the grid exact with a small float residual term).
-Q4_ACCURACY_LEVEL = ACCURACY_LEVEL
+# int4 and int8 alike: the Q4_1-style blocks run on the same int8 kernel (ggml_blocks.matmul_nbits
+# keeps their grid exact with a small float residual term).
 # Too small to pay for the block bookkeeping (and MatMulNBits needs K and N of at least a block).
 _MIN_ELEMENTS = 16 * 1024
 
@@ -107,9 +106,8 @@ def _ggml_int4(model: onnx.ModelProto, head_bits: int = 8) -> onnx.ModelProto:
         weight = numpy_helper.to_array(inits[node.input[1]])
         bits = head_bits if node.output[0] in outputs else 4
         tensors, quantized = matmul_nbits(
-            f"{node.name}_Q{bits}", node.input[0], node.output[0], weight, bits, BLOCK_SIZE,
-            Q4_ACCURACY_LEVEL if bits == 4 else ACCURACY_LEVEL,
-        )  # fmt: skip
+            f"{node.name}_Q{bits}", node.input[0], node.output[0], weight, bits, BLOCK_SIZE, ACCURACY_LEVEL
+        )
         graph.initializer.extend(tensors)
         at = list(graph.node).index(node)
         graph.node.remove(node)
