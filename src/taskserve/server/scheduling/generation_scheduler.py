@@ -225,8 +225,7 @@ class GenerationScheduler(GenerationEngine):
             with self._lock:
                 aborted = self.core.abort_all(RuntimeFailure(f"model {self.name!r}: the generation engine failed"))
                 self._exit = True
-            self._post(self._deliver, aborted)
-            self._post(self._idle.set)
+            self._post(self._end_all, aborted)
 
     def _steps(self) -> None:
         while True:
@@ -294,6 +293,12 @@ class GenerationScheduler(GenerationEngine):
         """The thread found nothing to do: idle, unless a sequence was added since it looked."""
         if generation == self._generation:
             self._idle.set()
+
+    def _end_all(self, aborted: Sequence[SequenceOutput]) -> None:
+        """On the event loop, after a failure of the thread: idle before any stream learns why, so
+        a caller that saw its stream end never finds the engine busy."""
+        self._idle.set()
+        self._deliver(aborted)
 
     def _deliver(self, outputs: Sequence[SequenceOutput]) -> None:
         now = time.monotonic()
