@@ -173,7 +173,8 @@ def test_cli_peer_mode_and_server_choice() -> None:
     assert args.peer == ["llama.cpp"] and server_names(args) == ["taskserve", "llama.cpp-f16"]
     args = build_parser().parse_args(["generation", "--model-repository", "/r", "--peer", "llama.cpp,vllm"])
     assert server_names(args) == [
-        "taskserve", "taskserve-int8", "taskserve-int4", "llama.cpp-q4_1", "llama.cpp-f16", "vllm", "vllm-bf16"
+        "taskserve", "taskserve-int8", "taskserve-int4", "llama.cpp-q4_1", "llama.cpp-f16", "vllm", "vllm-bf16",
+        "vllm-bf16-b256",
     ]  # fmt: skip
     with pytest.raises(ValueError, match="unknown --peer"):
         server_names(build_parser().parse_args(["generation", "--model-repository", "/r", "--peer", "tgi"]))

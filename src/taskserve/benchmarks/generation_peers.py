@@ -54,10 +54,15 @@ from taskserve.benchmarks.stats import RunResult, Window
 
 PEERS = ("llama.cpp", "vllm")
 SERVERS = (
-    "taskserve", "taskserve-int8", "taskserve-int4", "llama.cpp-q4_1", "llama.cpp-f16", "vllm", "vllm-bf16"
+    "taskserve", "taskserve-int8", "taskserve-int4", "llama.cpp-q4_1", "llama.cpp-f16", "vllm", "vllm-bf16",
+    "vllm-bf16-b256",
 )  # fmt: skip
-# vLLM's servers and the --dtype each runs with.
-VLLM_DTYPES = {"vllm": "float32", "vllm-bf16": "bfloat16"}
+# vLLM's servers: the --dtype each runs with, and its --max-num-batched-tokens (None: vLLM's
+# default, 2048 on a CPU). 256 is taskserve's own per-step budget: the TTFT of prompts that
+# arrive together depends on it, so vLLM is measured at it too.
+VLLM_SETTINGS: dict[str, tuple[str, int | None]] = {
+    "vllm": ("float32", None), "vllm-bf16": ("bfloat16", None), "vllm-bf16-b256": ("bfloat16", 256),
+}  # fmt: skip
 OURS = ("taskserve", "taskserve-int8", "taskserve-int4")
 # taskserve's quantized variants: server name -> --weights mode.
 QUANTIZED = {"taskserve-int8": "int8", "taskserve-int4": "int4"}
@@ -263,11 +268,12 @@ def start_servers(
                 q4 = package_dir() / GGUF_FILE
                 gguf = q4 if name == "llama.cpp-q4_1" else servers_mod.f16_gguf(q4, args.llama_cpp_dir)
                 started.append(servers_mod.start_llama_cpp(name, gguf, args.model, work, slots, args.llama_cpp_dir))
-            elif name in VLLM_DTYPES:
+            elif name in VLLM_SETTINGS:
                 if args.source is None:
                     raise ValueError("--peer vllm needs --source (SmolLM2 as a transformers folder)")
+                dtype, batched_tokens = VLLM_SETTINGS[name]
                 started.append(servers_mod.start_vllm(
-                    name, args.source, args.model, work, slots, positions, args.vllm_venv, VLLM_DTYPES[name]
+                    name, args.source, args.model, work, slots, positions, args.vllm_venv, dtype, batched_tokens
                 ))  # fmt: skip
         for server in started:
             server.wait_ready(args.startup_timeout)
@@ -287,7 +293,7 @@ def server_names(args: argparse.Namespace) -> list[str]:
     if "llama.cpp" in args.peer:
         names += ["llama.cpp-q4_1", "llama.cpp-f16"]
     if "vllm" in args.peer:
-        names += list(VLLM_DTYPES)
+        names += list(VLLM_SETTINGS)
     if args.servers:
         wanted = [n.strip() for n in args.servers.split(",") if n.strip()]
         bad = sorted(set(wanted) - set(names))
