@@ -47,6 +47,7 @@ from taskserve.benchmarks.peer_servers import PeerProcess, link_tree, spawn_task
 from taskserve.benchmarks.report import DEFAULT_OUT, write_results
 from taskserve.benchmarks.stats import RunResult, Window
 from taskserve.clients import ClientOptions, TaskServeClient
+from taskserve.server.repository.config import GenerationConfig
 
 # (goal, True when higher is better), from issue 12.
 TARGETS = {
@@ -122,6 +123,10 @@ def build_parser(sub: Any) -> None:
     add_allow_dirty(p)
 
 
+# The server's per-step token budget where an entry sets none.
+DEFAULT_BUDGET = GenerationConfig().max_num_batched_tokens
+
+
 def write_engine_repository(
     model_dir: Path, model: str, root: Path, streams: int, positions: int, prefix_caching: bool | None = None
 ) -> Path:
@@ -138,7 +143,7 @@ def write_engine_repository(
     if not isinstance(generation, dict):
         raise ValueError(f"{model_dir} is not a generation-engine entry (no generation block); re-export it")
     generation["max_num_seqs"] = max(int(generation.get("max_num_seqs", 16)), streams)
-    generation["max_num_batched_tokens"] = max(int(generation.get("max_num_batched_tokens", 512)), streams)
+    generation["max_num_batched_tokens"] = max(int(generation.get("max_num_batched_tokens", DEFAULT_BUDGET)), streams)
     generation["max_model_len"] = max(int(generation.get("max_model_len", 2048)), positions)
     if prefix_caching is not None:
         generation["prefix_caching"] = prefix_caching
