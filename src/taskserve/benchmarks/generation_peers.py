@@ -58,8 +58,8 @@ SERVERS = (
     "vllm-bf16-b256",
 )  # fmt: skip
 # vLLM's servers: the --dtype each runs with, and its --max-num-batched-tokens (None: vLLM's
-# default, 2048 on a CPU). 256 is taskserve's own per-step budget: the TTFT of prompts that
-# arrive together depends on it, so vLLM is measured at it too.
+# default, 2048 on a CPU). The TTFT of prompts that arrive together depends on the per-step
+# budget, and vLLM's best first tokens came at 256, so it is measured there too.
 VLLM_SETTINGS: dict[str, tuple[str, int | None]] = {
     "vllm": ("float32", None), "vllm-bf16": ("bfloat16", None), "vllm-bf16-b256": ("bfloat16", 256),
 }  # fmt: skip

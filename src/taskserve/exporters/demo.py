@@ -26,7 +26,7 @@ from taskserve.exporters.repository_entry import check_writable, dump_yaml, entr
 log = logging.getLogger("taskserve.exporters.demo")
 
 # Bump when a demo entry's recipe changes, so existing repositories get rebuilt.
-RECIPE_VERSION = 7
+RECIPE_VERSION = 8
 ENTRY_NAMES = {
     "minilm": "all-MiniLM-L6-v2",
     "efficientnet-lite0": "efficientnet-lite0",

@@ -171,8 +171,9 @@ class GenerationConfig(_Frozen):
     # Sequences decoding at once; each holds one cache slot of max_model_len positions.
     max_num_seqs: int = Field(default=16, ge=1, le=1024)
     # Tokens one iteration computes: one per running sequence plus prefill chunks. Smaller
-    # steps start prompts that arrive together sooner, at a little throughput (docs/generation.md).
-    max_num_batched_tokens: int = Field(default=256, ge=1, le=1_000_000)
+    # steps start prompts that arrive together sooner and stall decoding streams more often
+    # (docs/generation.md, "Configuration").
+    max_num_batched_tokens: int = Field(default=512, ge=1, le=1_000_000)
     # Positions one slot holds (prompt plus generated); at most what the graph's rotary table covers.
     max_model_len: int = Field(default=2048, ge=2, le=1_000_000)
     # Largest piece of one prompt computed in one iteration; 0: up to max_num_batched_tokens.
