@@ -123,8 +123,13 @@ def build_parser(sub: Any) -> None:
     add_allow_dirty(p)
 
 
-# The server's per-step token budget where an entry sets none.
-DEFAULT_BUDGET = GenerationConfig().max_num_batched_tokens
+def room_for_streams(generation: dict[str, Any], streams: int) -> None:
+    """Raise an entry's ``generation`` block (in place) to ``streams`` sequences at once and a
+    per-step budget that holds a token of each; what it leaves unset counts as the server's default."""
+    defaults = GenerationConfig()
+    generation["max_num_seqs"] = max(int(generation.get("max_num_seqs", defaults.max_num_seqs)), streams)
+    budget = int(generation.get("max_num_batched_tokens", defaults.max_num_batched_tokens))
+    generation["max_num_batched_tokens"] = max(budget, streams)
 
 
 def write_engine_repository(
@@ -142,8 +147,7 @@ def write_engine_repository(
     generation = config.get("generation")
     if not isinstance(generation, dict):
         raise ValueError(f"{model_dir} is not a generation-engine entry (no generation block); re-export it")
-    generation["max_num_seqs"] = max(int(generation.get("max_num_seqs", 16)), streams)
-    generation["max_num_batched_tokens"] = max(int(generation.get("max_num_batched_tokens", DEFAULT_BUDGET)), streams)
+    room_for_streams(generation, streams)
     generation["max_model_len"] = max(int(generation.get("max_model_len", 2048)), positions)
     if prefix_caching is not None:
         generation["prefix_caching"] = prefix_caching

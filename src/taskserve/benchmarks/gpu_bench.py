@@ -32,7 +32,7 @@ import grpc.aio
 import numpy as np
 import yaml
 
-from taskserve.benchmarks.generation_bench import DEFAULT_BUDGET
+from taskserve.benchmarks.generation_bench import room_for_streams
 from taskserve.benchmarks.loadgen import Call, WindowPlan, run_closed_loop
 from taskserve.benchmarks.peer_servers import PeerProcess, link_tree, spawn_taskserve
 from taskserve.benchmarks.stats import LatencySummary, Window
@@ -122,9 +122,7 @@ def decode_entry(source: Path, dest: Path, streams: int, cuda_graphs: bool = Fal
             link_tree(item, dest / item.name)
     generation = config.get("generation")
     if generation is not None:
-        generation["max_num_seqs"] = max(int(generation.get("max_num_seqs", 16)), streams)
-        budget = int(generation.get("max_num_batched_tokens", DEFAULT_BUDGET))
-        generation["max_num_batched_tokens"] = max(budget, streams)
+        room_for_streams(generation, streams)
     (dest / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return config
 
